@@ -1,0 +1,110 @@
+"""Base config: every option of a kto-jax run, with its default and meaning.
+
+Other configs import `get_config()` from here and change what differs. Override any
+field on the command line: `kto-jax train --config=configs/base.py --config.optim.lr=1e-6`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---- model: the policy, loaded from a Hugging Face checkpoint ----
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""                 # HF directory (config.json + safetensors) or a llama.cpp .gguf file
+    c.model.param_dtype = "float32"   # dtype the trained (master) weights are stored in
+    c.model.dtype = "bfloat16"        # compute dtype of activations and matmuls
+    c.model.remat_policy = "none"     # "none" | "full" | "dots" | "dots_no_batch": what each layer's backward recomputes
+    c.model.attention_impl = "auto"   # "auto" | "xla" | "cudnn": backend of jax.nn.dot_product_attention
+
+    # ---- reference: pi_ref of the paper, frozen for the whole run ----
+    c.reference = ml_collections.ConfigDict()
+    c.reference.source = "model"      # "model" (frozen copy of the initial policy) | "precomputed" (log-probs in the data) | "none"
+    c.reference.param_dtype = "bfloat16"  # dtype of the frozen reference weights ("float32" for exactness)
+
+    # ---- loss: which HALO and its hyperparameters (docs/losses.md) ----
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | dpo | ipo | orpo | simpo | slic | sft | csft | ppo_offline
+    c.loss.beta = 0.1                 # beta: KL-penalty strength / reward scale (paper default 0.1)
+    c.loss.desirable_weight = 1.0     # lambda_D of eq. 8
+    c.loss.undesirable_weight = 1.0   # lambda_U of eq. 8
+    c.loss.auto_weights = False       # set lambda_D/lambda_U from eq. 9 so lambda_D n_D / (lambda_U n_U) lies in [1, 4/3]
+    c.loss.dynamic_desirable_weight = 0.0  # >0: extra lambda_D while r - z0 < 0 (the paper's section 4.2 suggestion); 0 disables
+    c.loss.label_smoothing = 0.0      # DPO: >0 is conservative DPO (cDPO)
+    c.loss.ipo_tau = 0.1              # IPO: regularisation tau (the loss targets a margin of 1/(2 tau))
+    c.loss.simpo_gamma = 0.5          # SimPO: target reward margin gamma
+    c.loss.orpo_lambda = 0.1          # ORPO: weight of the odds-ratio term against the NLL
+    c.loss.slic_delta = 1.0           # SLiC: hinge margin delta
+    c.loss.slic_lambda_reg = 0.1      # SLiC: weight of the NLL regulariser on desirable outputs
+    c.loss.ppo_clip_low = 0.25        # offline PPO: lower clip of the probability ratio (App. C)
+    c.loss.ppo_clip_high = 4.0        # offline PPO: upper clip of the probability ratio (App. C)
+    c.loss.ppo_kl_coef = 0.1          # offline PPO: weight of the KL penalty (mean token log-ratio)
+
+    # ---- data: feedback files and how they become batches (docs/data.md) ----
+    c.data = ml_collections.ConfigDict()
+    c.data.train_path = ""            # JSONL / JSON / Parquet file, HF load_from_disk dir, or hub id
+    c.data.eval_path = ""             # separate eval file; empty: split eval_fraction off train
+    c.data.format = "auto"            # auto | unpaired | paired | scored (conversational variants are detected)
+    c.data.eval_fraction = 0.05       # share of train rows held out when eval_path is empty
+    c.data.seed = 0                   # seed for shuffling, splits, subsampling and one_y_per_x
+    c.data.max_length = 1024          # prompt + completion tokens
+    c.data.max_prompt_length = 512    # prompt tokens; longer prompts lose their left end
+    c.data.on_overlong = "drop"       # "drop" (counted and reported) | "error": a prompt that leaves no room for a completion
+    c.data.desirable_fraction = 1.0   # keep this share of desirable examples (paper section 4.3: 0.1 drops 90%)
+    c.data.undesirable_fraction = 1.0 # keep this share of undesirable examples
+    c.data.one_y_per_x = False        # paired data: keep one of chosen/rejected per prompt, at random
+    c.data.score_threshold = 0.0      # scored data: desirable iff score > threshold
+    c.data.score_weighting = False    # scored data: weight each example by |score - threshold|
+    c.data.bucket_lengths = (256, 512, 1024)  # padded total lengths; multiples of 128 suit flash attention
+    c.data.worker_count = 0           # grain worker processes (0: in the main process)
+    c.data.prefetch = 2               # batches prepared ahead
+    c.data.num_epochs = 1             # passes over the training data
+
+    # ---- optim: optax optimizer and schedule ----
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"            # "adamw" | "rmsprop"
+    c.optim.lr = 5e-6                 # peak learning rate (paper: 5e-6 for KTO, 5e-7 for DPO)
+    c.optim.schedule = "constant"     # after warmup: "constant" | "cosine" (to 0 at the last step)
+    c.optim.warmup_steps = 10         # linear warmup from 0
+    c.optim.weight_decay = 0.0        # AdamW decoupled weight decay
+    c.optim.b1 = 0.9                  # AdamW beta1
+    c.optim.b2 = 0.999                # AdamW beta2 (RMSProp decay)
+    c.optim.eps = 1e-8                # AdamW / RMSProp epsilon
+    c.optim.max_grad_norm = 1.0       # global-norm clipping; 0 disables
+
+    # ---- train: batch shape and loop ----
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 32    # examples per optimizer step (paper: 32)
+    c.train.micro_batch_size = 8      # examples per microbatch; >= 2 (z0 and the KL pairs need two); accumulation = global / micro
+    c.train.num_steps = 0             # optimizer steps; 0: data.num_epochs over the training set
+    c.train.seed = 0                  # seed of parameter-free randomness (e.g. the value head of offline PPO)
+    c.train.log_every = 10            # steps between metrics.jsonl lines
+    c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables
+    c.train.export_at_end = True      # write an HF checkpoint to WORKDIR/hf at the end
+
+    # ---- mesh: device layout (docs/training.md) ----
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                  # data-parallel replicas; -1 fills the devices left
+    c.mesh.fsdp = 1                   # parameter/optimizer-state sharding (ZeRO-3 style)
+    c.mesh.tensor = 1                 # tensor (model) parallelism over heads and mlp
+    # Logical axis name -> mesh axes. Layers name logical axes only; this table is the one place they meet the mesh.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("length", None),
+    )
+
+    # ---- checkpoint: Orbax training state ----
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100    # save every N steps (and on SIGTERM, and at the end)
+    c.checkpoint.keep = 3             # keep the last K checkpoints
+    c.checkpoint.async_save = True    # save in the background while training continues
+
+    return c

@@ -1,0 +1,51 @@
+"""The `kto-jax` console script: a thin dispatcher to subcommand modules.
+
+Each subcommand is `module:function` taking the remaining argv and returning an
+exit code; modules load lazily so `kto-jax --help` stays fast. A `UserError`
+becomes a clear message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from kto_jax.errors import UserError
+
+SUBCOMMANDS = {
+    # name: (module:function, one-line help)
+}
+
+USAGE = "usage: kto-jax <command> [options]\n\ncommands:\n"
+
+
+def _usage() -> str:
+    width = max((len(n) for n in SUBCOMMANDS), default=0)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return USAGE + "\n".join(lines) + "\n\nRun 'kto-jax <command> --help' for a command's options.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        sys.stderr.write(f"kto-jax: unknown command {name!r}.\n\n{_usage()}")
+        return 2
+    target, _ = SUBCOMMANDS[name]
+    module_name, func_name = target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as err:
+        sys.stderr.write(f"kto-jax {name}: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"kto-jax {name}: interrupted.\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

