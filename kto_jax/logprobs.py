@@ -1,0 +1,182 @@
+"""Completion log-probs log pi(y|x) from a causal LM, computed in vocabulary chunks.
+
+A sequence is the concatenation of a left-padded prompt [P] and a right-padded
+completion [C], so T = P + C and completion token j is predicted by the hidden state
+at position P + j - 1. Only those C positions go through the LM head.
+
+The LM head is applied in chunks of `vocab_chunk` columns with an online
+log-sum-exp, so no [batch, C, vocab] float32 tensor is ever alive: the forward keeps
+one [batch, C, vocab_chunk] block at a time, and the custom VJP recomputes the
+blocks in the backward instead of saving them (residuals: the hidden states, the
+head weight and the per-token log-normaliser). Everything is accumulated in float32
+whatever the compute dtype of the hidden states.
+
+The last chunk overlaps the one before it when `vocab_chunk` does not divide the
+vocabulary; its already-counted columns are masked out, so no padded copy of the
+head weight is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_VOCAB_CHUNK = 8192
+
+
+def _chunk_start(k: jax.Array, chunk: int, vocab: int) -> jax.Array:
+    """First column of chunk k; the last chunk is shifted left to stay in range."""
+    return jnp.minimum(k * chunk, vocab - chunk)
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array, k: jax.Array, chunk: int):
+    """Float32 logits of chunk k, [B, C, chunk], with columns of earlier chunks at -inf."""
+    vocab = w.shape[1]
+    start = _chunk_start(k, chunk, vocab)
+    w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+    logits = jnp.einsum("bcd,dv->bcv", h, w_c, preferred_element_type=jnp.float32)
+    fresh = start + jnp.arange(chunk) >= k * chunk
+    return jnp.where(fresh, logits, -jnp.inf), start
+
+
+def _logsumexp_chunked(h: jax.Array, w: jax.Array, chunk: int) -> jax.Array:
+    """log sum_v exp(h . w_v), [B, C] float32, by an online max/sum over vocab chunks."""
+    n_chunks = -(-w.shape[1] // chunk)
+
+    def body(carry, k):
+        m, s = carry
+        logits, _ = _chunk_logits(h, w, k, chunk)
+        m_new = jnp.maximum(m, logits.max(-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+        return (m_new, s), None
+
+    shape = h.shape[:-1]
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
+    (m, s), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return m + jnp.log(s)
+
+
+def _label_logits(h: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+    """h . w[:, label] for every position, [B, C] float32."""
+    w_lab = jnp.take(w, labels, axis=1)  # [D, B, C]
+    return jnp.einsum("bcd,dbc->bc", h, w_lab, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _label_logps(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> jax.Array:
+    return _label_logits(h, w, labels) - _logsumexp_chunked(h, w, chunk)
+
+
+def _label_logps_fwd(h, w, labels, chunk):
+    lse = _logsumexp_chunked(h, w, chunk)
+    return _label_logits(h, w, labels) - lse, (h, w, labels, lse)
+
+
+def _label_logps_bwd(chunk, residuals, g):
+    """d log p(label) / d logit_v = 1[v = label] - softmax_v, applied chunk by chunk."""
+    h, w, labels, lse = residuals
+    g = g.astype(jnp.float32)
+    n_chunks = -(-w.shape[1] // chunk)
+
+    def body(carry, k):
+        dh, dw = carry
+        logits, start = _chunk_logits(h, w, k, chunk)
+        gp = (g[..., None] * jnp.exp(logits - lse[..., None])).astype(h.dtype)  # [B, C, chunk]
+        w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+        dh = dh - jnp.einsum("bcv,dv->bcd", gp, w_c, preferred_element_type=jnp.float32)
+        dw_c = jnp.einsum("bcd,bcv->dv", h, gp, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, old - dw_c, start, axis=1)
+        return (dh, dw), None
+
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    w_lab = jnp.take(w, labels, axis=1).astype(jnp.float32)  # [D, B, C]
+    dh = dh + g[..., None] * jnp.moveaxis(w_lab, 0, -1)
+    gh = (g[..., None] * h.astype(jnp.float32)).reshape(-1, h.shape[-1])  # [B*C, D]
+    dw = dw.at[:, labels.reshape(-1)].add(gh.T)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_label_logps.defvjp(_label_logps_fwd, _label_logps_bwd)
+
+
+def token_logps_from_hidden(hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, *,
+                            vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jax.Array:
+    """log softmax(hidden @ lm_head)[label] per position, without [B, C, V] float32 logits.
+
+    Args:
+      hidden: [B, C, D] hidden states that predict `labels` (any float dtype).
+      lm_head: [D, V] output projection; cast to `hidden.dtype` for the matmuls.
+      labels: int [B, C] token ids to score.
+      vocab_chunk: columns of the head per chunk; clipped to V.
+
+    Returns:
+      float32 [B, C] token log-probs (not masked).
+    """
+    chunk = max(1, min(int(vocab_chunk), lm_head.shape[1]))
+    return _label_logps(hidden, lm_head.astype(hidden.dtype), labels.astype(jnp.int32), chunk)
+
+
+class CompletionLogps(NamedTuple):
+    """Per-token results of one forward over (prompt, completion) pairs.
+
+    token_logps: float32 [B, C], log pi(y_j | x, y_<j), 0 on completion padding.
+    mask:        float32 [B, C], 1 on real completion tokens.
+    hidden:      [B, C, D] hidden states that predicted each completion token (for
+                 the offline-PPO value head).
+    """
+    token_logps: jax.Array
+    mask: jax.Array
+    hidden: jax.Array
+
+    @property
+    def logps(self) -> jax.Array:
+        """float32 [B]: log pi(y|x), the sum over real completion tokens."""
+        return self.token_logps.sum(-1)
+
+    @property
+    def token_counts(self) -> jax.Array:
+        """float32 [B]: number of real completion tokens."""
+        return self.mask.sum(-1)
+
+
+def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                     completion_ids: jax.Array, completion_mask: jax.Array, *,
+                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> CompletionLogps:
+    """Runs the model on concat(prompt, completion) and scores the completion tokens.
+
+    Args:
+      model: a kto_jax causal LM with `hidden_states(ids, positions, mask)` -> [B, T, D]
+        and `lm_head_weight()` -> [D, V].
+      prompt_ids, prompt_mask: int [B, P], left-padded (the last column is a real token).
+      completion_ids, completion_mask: int [B, C], right-padded.
+      vocab_chunk: vocabulary columns per LM-head chunk.
+
+    Returns:
+      CompletionLogps with [B, C] token log-probs, mask and hidden states.
+    """
+    from kto_jax.models.transformer import positions_from_mask
+
+    p = prompt_ids.shape[1]
+    c = completion_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    hidden = model.hidden_states(ids, positions_from_mask(mask), mask)
+    hidden = jax.lax.slice_in_dim(hidden, p - 1, p + c - 1, axis=1)  # [B, C, D]
+    cmask = completion_mask.astype(jnp.float32)
+    tok = token_logps_from_hidden(hidden, model.lm_head_weight(), completion_ids,
+                                  vocab_chunk=vocab_chunk)
+    return CompletionLogps(jnp.where(cmask > 0, tok, 0.0), cmask, hidden)
+
+
+def sequence_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                   completion_ids: jax.Array, completion_mask: jax.Array, *,
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """float32 log pi(y|x) [B] and completion token counts [B]; see `completion_logps`."""
+    out = completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                           vocab_chunk=vocab_chunk)
+    return out.logps, out.token_counts
