@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.ppo_clip_low = 0.25        # offline PPO: lower clip of the probability ratio (App. C)
     c.loss.ppo_clip_high = 4.0        # offline PPO: upper clip of the probability ratio (App. C)
     c.loss.ppo_kl_coef = 0.1          # offline PPO: weight of the KL penalty (mean token log-ratio)
+    c.loss.ppo_critic_coef = 0.01     # offline PPO: weight of the value-head MSE loss (HALOs critic_coef)
+    c.loss.ppo_gamma = 0.99           # offline PPO: discount of the dummy +1/-1 terminal reward
+    c.loss.ppo_lam = 0.95             # offline PPO: GAE lambda
 
     # ---- data: feedback files and how they become batches (docs/data.md) ----
     c.data = ml_collections.ConfigDict()

@@ -1,0 +1,30 @@
+"""The HALO loss family: pure JAX functions on per-sequence log-probs (docs/losses.md).
+
+The train step uses `get_loss(config.loss.name)`; see kto_jax/losses/registry.py for
+the contract. The functions below are the public per-loss API.
+"""
+
+from kto_jax.losses.common import add_metrics, summarize_metrics
+from kto_jax.losses.kto import (apo_zero_unpaired_loss, kto_concave_loss, kto_family_loss,
+                                kto_loss, kto_no_z0_loss, kto_reference_free_loss,
+                                kto_risk_neutral_loss, reference_point, v_concave, v_kto,
+                                v_linear)
+from kto_jax.losses.ppo import (gae, init_value_head, ppo_offline_loss, terminal_rewards,
+                                value_head_apply)
+from kto_jax.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss, slic_loss
+from kto_jax.losses.registry import LOSS_NAMES, HaloLoss, get_loss
+from kto_jax.losses.sft import (BAD_TOKEN, GOOD_TOKEN, add_control_token, csft_loss,
+                                csft_sampling_prompt, sft_desirable_loss, sft_loss)
+from kto_jax.losses.weights import (balanced_weights, resolve_weights, weight_ratio,
+                                    weight_ratio_in_range, weight_ratio_warning)
+
+__all__ = [
+    "add_metrics", "summarize_metrics", "apo_zero_unpaired_loss", "kto_concave_loss",
+    "kto_family_loss", "kto_loss", "kto_no_z0_loss", "kto_reference_free_loss",
+    "kto_risk_neutral_loss", "reference_point", "v_concave", "v_kto", "v_linear", "gae",
+    "init_value_head", "ppo_offline_loss", "terminal_rewards", "value_head_apply", "dpo_loss",
+    "ipo_loss", "orpo_loss", "simpo_loss", "slic_loss", "LOSS_NAMES", "HaloLoss", "get_loss",
+    "BAD_TOKEN", "GOOD_TOKEN", "add_control_token", "csft_loss", "csft_sampling_prompt",
+    "sft_desirable_loss", "sft_loss", "balanced_weights", "resolve_weights", "weight_ratio",
+    "weight_ratio_in_range", "weight_ratio_warning",
+]

@@ -1,0 +1,225 @@
+"""Kahneman-Tversky Optimization (paper section 4.1, eq. 8) and its variants.
+
+All functions take per-sequence log-probs, shape [M] for the M examples of one
+microbatch: `policy_logps[i] = log pi_theta(y_i | x_i)` summed over completion
+tokens, and `*_kl_logps[i] = log pi(y_{i+1 mod M} | x_i)` for the mismatched KL
+pairs. The shared pieces are plain functions: the reference point z0
+(`reference_point`) and the value functions (`v_kto`, `v_concave`, `v_linear`);
+`kto_family_loss` combines a reward, a reference point and a value function, and
+each named loss (`kto_loss`, `kto_no_z0_loss`, ...) is one such combination
+(Tables 2 and 5 of the paper).
+
+With u = beta (r - z0) for a desirable y and u = beta (z0 - r) for an undesirable
+one, an example costs lambda_y (ceiling - v(u)) * weight, where ceiling = sup v
+(1 for the logistic value, so the cost is lambda_y (1 - sigma(u)) as in eq. 8; 0
+for the concave and linear values). The loss is the sum of costs over valid
+examples divided by the number of valid examples (the authors' code and TRL).
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kto_jax.losses.common import Array, as_mask, f32, masked_mean, masked_sum
+
+ValueFn = Callable[[Array], Array]
+
+
+def v_kto(u: Array) -> Array:
+    """Logistic value sigma(u): concave in gains, convex in losses (section 4.1)."""
+    return jax.nn.sigmoid(u)
+
+
+def v_concave(u: Array) -> Array:
+    """log sigma(u): concave everywhere, as DPO's implied value (Table 2 'concave')."""
+    return jax.nn.log_sigmoid(u)
+
+
+def v_linear(u: Array) -> Array:
+    """Identity value: risk neutral (Table 2 'risk-neutral')."""
+    return u
+
+
+def reference_point(policy_kl_logps: Array, reference_kl_logps: Array,
+                    mask: Optional[Array] = None) -> Array:
+    """z0 = max(0, mean_i log pi_theta(y_j|x_i) / pi_ref(y_j|x_i)), j = i+1 mod M (section 4.1).
+
+    The mean runs over the valid KL pairs of the microbatch (`mask`, [M]). No
+    gradient flows through z0 (it only sets where the loss saturates). Under jit
+    with the M axis sharded, the mean is over the whole (global) microbatch.
+    """
+    m = as_mask(mask, policy_kl_logps)
+    log_ratio = f32(policy_kl_logps) - f32(reference_kl_logps)
+    return jax.lax.stop_gradient(jnp.maximum(masked_mean(log_ratio, m), 0.0))
+
+
+def _example_costs(r: Array, z0: Array, desirable: Array, beta: float,
+                   value_fn: ValueFn, ceiling: float, desirable_weight: float,
+                   undesirable_weight: float, dynamic_desirable_weight: float) -> Array:
+    """Per-example cost lambda_y (ceiling - v(u_y)) of eq. 8, plus the optional dynamic lambda_D term."""
+    u = jnp.where(desirable, beta * (r - z0), beta * (z0 - r))
+    lam = jnp.where(desirable, desirable_weight, undesirable_weight)
+    cost = lam * (ceiling - value_fn(u))
+    if dynamic_desirable_weight:
+        # Section 4.2: a larger lambda_D while r - z0 < 0. The extra delta (v(0) - v(u))
+        # makes the desirable slope (lambda_D + delta) v'(u) in the loss regime and keeps
+        # the cost continuous at u = 0; the gain regime is unchanged.
+        extra = dynamic_desirable_weight * (value_fn(jnp.zeros_like(u)) - value_fn(u))
+        cost = cost + jnp.where(desirable & (u < 0), extra, 0.0)
+    return cost
+
+
+def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,
+                    ceiling: float, beta: float = 0.1, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0, mask: Optional[Array] = None,
+                    weight: Optional[Array] = None, dynamic_desirable_weight: float = 0.0,
+                    policy_logps: Optional[Array] = None) -> tuple[Array, dict]:
+    """KTO-style loss for implied rewards `r` [M] against a scalar reference point `z0`.
+
+    Args:
+      r: log pi_theta(y|x) - log pi_ref(y|x), [M].
+      z0: reference point (scalar, no gradient expected).
+      desirable: bool [M]; mask: valid examples [M]; weight: per-example weight [M].
+      policy_logps: [M], only for the `logps/*` metrics (defaults to r).
+
+    Returns:
+      (loss, metrics): loss = sum of weighted costs / number of valid examples.
+    """
+    r = f32(r)
+    m = as_mask(mask, r)
+    desirable = jnp.asarray(desirable).astype(bool)
+    w = jnp.ones_like(r) if weight is None else f32(weight)
+    cost = w * _example_costs(r, z0, desirable, beta, value_fn, ceiling, desirable_weight,
+                              undesirable_weight, dynamic_desirable_weight)
+    n = jnp.sum(m)
+    loss_sum = masked_sum(cost, m)
+    loss = loss_sum / jnp.maximum(n, 1.0)
+    d_mask = m * desirable
+    u_mask = m * (~desirable)
+    rewards = jax.lax.stop_gradient(beta * r)
+    logps = jax.lax.stop_gradient(r if policy_logps is None else f32(policy_logps))
+    metrics = {
+        "loss_sum": jax.lax.stop_gradient(loss_sum),
+        "loss_denominator": n,
+        "num_examples": n,
+        "count/desirable": jnp.sum(d_mask),
+        "count/undesirable": jnp.sum(u_mask),
+        "rewards/desirable_sum": masked_sum(rewards, d_mask),
+        "rewards/undesirable_sum": masked_sum(rewards, u_mask),
+        "logps/desirable_sum": masked_sum(logps, d_mask),
+        "logps/undesirable_sum": masked_sum(logps, u_mask),
+        "kl_sum": jax.lax.stop_gradient(f32(z0)) * n,
+    }
+    return loss, metrics
+
+
+def kto_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
+             reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             mask: Optional[Array] = None, weight: Optional[Array] = None,
+             kl_mask: Optional[Array] = None,
+             dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """The default KTO loss, eq. 8, with the microbatch estimate of z0 (section 4.1).
+
+    desirable: lambda_D (1 - sigma(beta (r - z0))); undesirable: lambda_U (1 - sigma(beta (z0 - r))),
+    r = policy_logps - reference_logps, z0 = `reference_point` over `kl_mask` (default `mask`).
+    `weight` scales each example's cost (scored data); `dynamic_desirable_weight` > 0
+    enables the section 4.2 dynamic lambda_D (see `_example_costs`).
+    """
+    z0 = reference_point(policy_kl_logps, reference_kl_logps, mask if kl_mask is None else kl_mask)
+    r = f32(policy_logps) - f32(reference_logps)
+    return kto_family_loss(r, z0, desirable, value_fn=v_kto, ceiling=1.0, beta=beta,
+                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                           mask=mask, weight=weight, dynamic_desirable_weight=dynamic_desirable_weight,
+                           policy_logps=policy_logps)
+
+
+def kto_no_z0_loss(policy_logps: Array, reference_logps: Array, desirable: Array, *,
+                   beta: float = 0.1, desirable_weight: float = 1.0,
+                   undesirable_weight: float = 1.0, mask: Optional[Array] = None,
+                   weight: Optional[Array] = None,
+                   dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """KTO with a constant reference point z0 = 0 (Tables 2 and 5, 'no z0'); no KL forward needed."""
+    r = f32(policy_logps) - f32(reference_logps)
+    return kto_family_loss(r, jnp.float32(0.0), desirable, value_fn=v_kto, ceiling=1.0, beta=beta,
+                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                           mask=mask, weight=weight, dynamic_desirable_weight=dynamic_desirable_weight,
+                           policy_logps=policy_logps)
+
+
+def apo_zero_unpaired_loss(policy_logps: Array, reference_logps: Array, desirable: Array, *,
+                           beta: float = 0.1, desirable_weight: float = 1.0,
+                           undesirable_weight: float = 1.0, mask: Optional[Array] = None,
+                           weight: Optional[Array] = None) -> tuple[Array, dict]:
+    """TRL's `apo_zero_unpaired` (APO-zero, D'Oosterlinck et al. 2024, eq. 7, unpaired).
+
+    desirable: lambda_D (1 - sigma(beta r)); undesirable: lambda_U sigma(beta r). Since
+    sigma(beta r) = 1 - sigma(-beta r) this equals `kto_no_z0_loss` exactly.
+    """
+    return kto_no_z0_loss(policy_logps, reference_logps, desirable, beta=beta,
+                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                          mask=mask, weight=weight)
+
+
+def _kto_with_value(value_fn: ValueFn, ceiling: float, policy_logps, reference_logps,
+                    policy_kl_logps, reference_kl_logps, desirable, *, beta, desirable_weight,
+                    undesirable_weight, mask, weight, kl_mask,
+                    dynamic_desirable_weight) -> tuple[Array, dict]:
+    z0 = reference_point(policy_kl_logps, reference_kl_logps, mask if kl_mask is None else kl_mask)
+    r = f32(policy_logps) - f32(reference_logps)
+    return kto_family_loss(r, z0, desirable, value_fn=value_fn, ceiling=ceiling, beta=beta,
+                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                           mask=mask, weight=weight, dynamic_desirable_weight=dynamic_desirable_weight,
+                           policy_logps=policy_logps)
+
+
+def kto_concave_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
+                     reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
+                     desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                     mask: Optional[Array] = None, weight: Optional[Array] = None,
+                     kl_mask: Optional[Array] = None,
+                     dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """KTO with v = log sigma (Table 2 'concave'): cost lambda_y * -log sigma(u_y)."""
+    return _kto_with_value(v_concave, 0.0, policy_logps, reference_logps, policy_kl_logps,
+                           reference_kl_logps, desirable, beta=beta,
+                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                           mask=mask, weight=weight, kl_mask=kl_mask,
+                           dynamic_desirable_weight=dynamic_desirable_weight)
+
+
+def kto_risk_neutral_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
+                          reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
+                          desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                          mask: Optional[Array] = None, weight: Optional[Array] = None,
+                          kl_mask: Optional[Array] = None,
+                          dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """KTO with the identity value (Table 2 'risk-neutral'): cost -lambda_y u_y (unbounded)."""
+    return _kto_with_value(v_linear, 0.0, policy_logps, reference_logps, policy_kl_logps,
+                           reference_kl_logps, desirable, beta=beta,
+                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                           mask=mask, weight=weight, kl_mask=kl_mask,
+                           dynamic_desirable_weight=dynamic_desirable_weight)
+
+
+def kto_reference_free_loss(policy_logps: Array, policy_kl_logps: Array, desirable: Array, *,
+                            beta: float = 0.1, desirable_weight: float = 1.0,
+                            undesirable_weight: float = 1.0, mask: Optional[Array] = None,
+                            weight: Optional[Array] = None, kl_mask: Optional[Array] = None,
+                            dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """KTO with a uniform pi_ref (section 4.3 'no pi_ref'; the paper uses lambda_D = 1.75).
+
+    A uniform pi_ref gives every y the same log pi_ref(y|x) = -log|Y| = -c. Then
+    r = log pi_theta(y|x) + c and the KL estimate is mean_i log pi_theta(y_j|x_i) + c;
+    with |Y| = V^L the constant c dwarfs any log-prob, so the clamp at 0 never binds
+    and c cancels: r - z0 = log pi_theta(y|x) - mean_i log pi_theta(y_j|x_i), i.e. the
+    log-prob minus an estimate of -H(pi_theta) (no gradient through it). Rewards in
+    the metrics are beta * log pi_theta(y|x).
+    """
+    m = as_mask(mask if kl_mask is None else kl_mask, policy_kl_logps)
+    z0 = jax.lax.stop_gradient(masked_mean(f32(policy_kl_logps), m))
+    loss, metrics = kto_family_loss(f32(policy_logps), z0, desirable, value_fn=v_kto, ceiling=1.0,
+                                    beta=beta, desirable_weight=desirable_weight,
+                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
+                                    dynamic_desirable_weight=dynamic_desirable_weight)
+    return loss, metrics

@@ -1,0 +1,201 @@
+"""The one loss interface of the train step: `get_loss(config.loss.name) -> HaloLoss`.
+
+Contract between the losses and the step (kto_jax/train/step.py)
+-----------------------------------------------------------------
+A `HaloLoss` says what the step must compute and how to call the loss:
+
+  name               config.loss.name
+  paired             True: paired batch layout (chosen/rejected arrays, kto_jax/batch.py);
+                     False: unpaired layout (completion + desirable).
+  uses_reference     the step provides reference log-probs (frozen model or precomputed).
+  uses_kl            the step runs the KL forwards on the mismatched pairs
+                     (x_i, y_{i+1 mod M}) = completion arrays rolled by one within the
+                     microbatch, for the policy (stop_gradient on params) and the reference.
+  uses_token_logps   the step provides per-token log-probs [M, C] (offline PPO).
+  uses_value_head    the train state holds value-head params (`init_value_head`) and the
+                     step provides `values` [M, C] from `value_head_apply` on the policy's
+                     final hidden states (offline PPO).
+  stat_keys          the keys of `stats` this loss reads (a subset of the lists below).
+
+`loss(stats, hparams) -> (loss, metrics)` with `hparams = config.loss` (ConfigDict)
+and `stats` a dict of arrays for ONE microbatch (shape [M] unless noted), float32
+log-probs summed over completion tokens:
+
+  unpaired: policy_logps, policy_token_counts, reference_logps, policy_kl_logps,
+            reference_kl_logps, desirable (bool), weight, valid (bool),
+            kl_valid (bool, optional: valid & rolled valid, i.e. both rows of the KL
+            pair are real; default valid)
+  paired:   policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+            reference_rejected_logps, chosen_token_counts, rejected_token_counts, valid
+  PPO:      the unpaired keys plus policy_token_logps [M, C], reference_token_logps
+            [M, C], completion_mask [M, C], values [M, C] (values[:, t] = V of the state
+            before completion token t; right-padded like the completion).
+
+`loss` is a mean over this microbatch: loss == metrics["loss_sum"] / max(metrics["loss_denominator"], 1).
+`metrics` holds only additive float32 scalars (sums and counts, see
+kto_jax.losses.common), always including `loss_sum`, `loss_denominator` and
+`num_examples` (valid examples, or pairs). `loss_denominator` equals `num_examples`
+for every sequence-level loss and is the valid completion-token count for the
+token-mean losses (sft, csft, ppo_offline). Gradient accumulation is exact when the
+step weights microbatch i by its denominator: total = sum_i loss_i * d_i / sum_i d_i
+with d_i = metrics_i["loss_denominator"]. Sum metrics over microbatches, steps and
+hosts, then call `summarize_metrics`.
+
+`config.loss.auto_weights` is resolved before the step, from the training set's
+class counts (`kto_jax.losses.weights.resolve_weights`); losses read only
+desirable_weight / undesirable_weight.
+"""
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import ml_collections
+
+from kto_jax.errors import UserError
+from kto_jax.losses import kto, ppo, preference, sft
+
+Array = jax.Array
+Stats = Mapping[str, Array]
+LossFn = Callable[[Stats, ml_collections.ConfigDict], tuple[Array, dict]]
+
+UNPAIRED_SEQ = ("policy_logps", "reference_logps", "desirable", "weight", "valid")
+KL_KEYS = ("policy_kl_logps", "reference_kl_logps")
+PAIRED_REF = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+              "reference_rejected_logps", "valid")
+PAIRED_FREE = ("policy_chosen_logps", "policy_rejected_logps", "valid")
+COUNTS = ("chosen_token_counts", "rejected_token_counts")
+
+
+@dataclasses.dataclass(frozen=True)
+class HaloLoss:
+    """A named loss with what the step must feed it (see the module docstring)."""
+    name: str
+    fn: LossFn
+    paired: bool
+    uses_reference: bool
+    uses_kl: bool
+    stat_keys: tuple[str, ...]
+    uses_token_logps: bool = False
+    uses_value_head: bool = False
+
+    def __call__(self, stats: Stats, hparams: ml_collections.ConfigDict) -> tuple[Array, dict]:
+        missing = [k for k in self.stat_keys if k not in stats]
+        if missing:
+            raise KeyError(f"loss {self.name!r} needs stats {missing}; got {sorted(stats)}")
+        return self.fn(stats, hparams)
+
+
+def _kl_mask(s: Stats) -> Array:
+    return s.get("kl_valid", s["valid"])
+
+
+def _kto_kwargs(s: Stats, h) -> dict:
+    return dict(beta=h.beta, desirable_weight=h.desirable_weight,
+                undesirable_weight=h.undesirable_weight, mask=s["valid"], weight=s["weight"],
+                dynamic_desirable_weight=h.get("dynamic_desirable_weight", 0.0))
+
+
+def _kto_with_kl(fn):
+    def call(s: Stats, h) -> tuple[Array, dict]:
+        return fn(s["policy_logps"], s["reference_logps"], s["policy_kl_logps"],
+                  s["reference_kl_logps"], s["desirable"], kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
+    return call
+
+
+def _kto_no_z0(s: Stats, h):
+    return kto.kto_no_z0_loss(s["policy_logps"], s["reference_logps"], s["desirable"], **_kto_kwargs(s, h))
+
+
+def _apo_zero_unpaired(s: Stats, h):
+    kw = _kto_kwargs(s, h)
+    kw.pop("dynamic_desirable_weight")
+    return kto.apo_zero_unpaired_loss(s["policy_logps"], s["reference_logps"], s["desirable"], **kw)
+
+
+def _kto_reference_free(s: Stats, h):
+    return kto.kto_reference_free_loss(s["policy_logps"], s["policy_kl_logps"], s["desirable"],
+                                       kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
+
+
+def _dpo(s: Stats, h):
+    return preference.dpo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
+                               s["reference_chosen_logps"], s["reference_rejected_logps"],
+                               beta=h.beta, label_smoothing=h.label_smoothing, mask=s["valid"])
+
+
+def _ipo(s: Stats, h):
+    return preference.ipo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
+                               s["reference_chosen_logps"], s["reference_rejected_logps"],
+                               s["chosen_token_counts"], s["rejected_token_counts"],
+                               tau=h.ipo_tau, mask=s["valid"])
+
+
+def _simpo(s: Stats, h):
+    return preference.simpo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
+                                 s["chosen_token_counts"], s["rejected_token_counts"],
+                                 beta=h.beta, gamma=h.simpo_gamma, mask=s["valid"])
+
+
+def _orpo(s: Stats, h):
+    return preference.orpo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
+                                s["chosen_token_counts"], s["rejected_token_counts"],
+                                lam=h.orpo_lambda, mask=s["valid"])
+
+
+def _slic(s: Stats, h):
+    return preference.slic_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
+                                delta=h.slic_delta, lambda_reg=h.slic_lambda_reg, mask=s["valid"])
+
+
+def _sft(s: Stats, h):
+    return sft.sft_desirable_loss(s["policy_logps"], s["policy_token_counts"], s["desirable"],
+                                  mask=s["valid"])
+
+
+def _csft(s: Stats, h):
+    return sft.csft_loss(s["policy_logps"], s["policy_token_counts"], s["desirable"], mask=s["valid"])
+
+
+def _ppo_offline(s: Stats, h):
+    return ppo.ppo_offline_loss(s["policy_token_logps"], s["reference_token_logps"], s["values"],
+                                s["completion_mask"], s["desirable"], clip_low=h.ppo_clip_low,
+                                clip_high=h.ppo_clip_high, kl_coef=h.ppo_kl_coef,
+                                critic_coef=h.ppo_critic_coef, gamma=h.ppo_gamma, lam=h.ppo_lam,
+                                mask=s["valid"])
+
+
+_SFT_KEYS = ("policy_logps", "policy_token_counts", "desirable", "valid")
+_PPO_KEYS = ("policy_token_logps", "reference_token_logps", "completion_mask", "values",
+             "desirable", "valid")
+
+_LOSSES = {
+    "kto": HaloLoss("kto", _kto_with_kl(kto.kto_loss), False, True, True, UNPAIRED_SEQ + KL_KEYS),
+    "kto_no_z0": HaloLoss("kto_no_z0", _kto_no_z0, False, True, False, UNPAIRED_SEQ),
+    "kto_concave": HaloLoss("kto_concave", _kto_with_kl(kto.kto_concave_loss), False, True, True,
+                            UNPAIRED_SEQ + KL_KEYS),
+    "kto_risk_neutral": HaloLoss("kto_risk_neutral", _kto_with_kl(kto.kto_risk_neutral_loss), False,
+                                 True, True, UNPAIRED_SEQ + KL_KEYS),
+    "kto_reference_free": HaloLoss("kto_reference_free", _kto_reference_free, False, False, True,
+                                   ("policy_logps", "policy_kl_logps", "desirable", "weight", "valid")),
+    "apo_zero_unpaired": HaloLoss("apo_zero_unpaired", _apo_zero_unpaired, False, True, False,
+                                  UNPAIRED_SEQ),
+    "dpo": HaloLoss("dpo", _dpo, True, True, False, PAIRED_REF),
+    "ipo": HaloLoss("ipo", _ipo, True, True, False, PAIRED_REF + COUNTS),
+    "orpo": HaloLoss("orpo", _orpo, True, False, False, PAIRED_FREE + COUNTS),
+    "simpo": HaloLoss("simpo", _simpo, True, False, False, PAIRED_FREE + COUNTS),
+    "slic": HaloLoss("slic", _slic, True, False, False, PAIRED_FREE),
+    "sft": HaloLoss("sft", _sft, False, False, False, _SFT_KEYS),
+    "csft": HaloLoss("csft", _csft, False, False, False, _SFT_KEYS),
+    "ppo_offline": HaloLoss("ppo_offline", _ppo_offline, False, True, False, _PPO_KEYS,
+                            uses_token_logps=True, uses_value_head=True),
+}
+
+LOSS_NAMES = tuple(_LOSSES)
+
+
+def get_loss(name: str) -> HaloLoss:
+    """The registered loss called `name` (config.loss.name)."""
+    if name not in _LOSSES:
+        raise UserError(f"unknown loss {name!r} in --config.loss.name; choose one of: {', '.join(LOSS_NAMES)}")
+    return _LOSSES[name]
