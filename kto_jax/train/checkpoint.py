@@ -1,0 +1,233 @@
+"""Orbax training checkpoints: train state, data-iterator state and resolved config.
+
+One `CheckpointManager` under WORKDIR/checkpoints holds, per saved step, three items:
+
+  state   the train-state pytree (params, optimizer state, step, RNG), saved
+          asynchronously straight from its sharded device buffers;
+  data    the grain iterator state, one JSON file per process (each process reads
+          its own shard, so each has its own position);
+  config  the resolved run config as JSON.
+
+A resume restores `state` onto the shardings of an *abstract* target
+(`jax.ShapeDtypeStruct`s carrying `.sharding`), so no process ever holds the
+whole model, and moves the data iterator to exactly the next example. Orbax
+writes each step to a temporary directory and renames it when complete, so a
+SIGKILL during a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kto_jax.errors import UserError
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+class IteratorSnapshot:
+    """The state of a data iterator frozen at save time, in grain's checkpoint protocol.
+
+    grain's `CheckpointHandler` asks its item for `get_state()` (bytes) when the
+    write happens; snapshotting first means an async save can never record a
+    position the training loop has already moved past. On restore it receives the
+    saved bytes through `set_state`, which `apply_to` then hands to the live iterator.
+    """
+
+    def __init__(self, state: Any = None):
+        self._state = state
+
+    @classmethod
+    def of(cls, iterator: Any) -> "IteratorSnapshot":
+        return cls(iterator.get_state())
+
+    def get_state(self) -> bytes:
+        state = self._state
+        if isinstance(state, bytes):
+            return state
+        if isinstance(state, str):
+            return state.encode()
+        return json.dumps(state, sort_keys=True).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._state = state
+
+    def start_prefetch(self) -> None:
+        """Part of grain's restore protocol; the live iterator prefetches, not the snapshot."""
+
+    def apply_to(self, iterator: Any) -> None:
+        """Moves `iterator` to the snapshot's position (dict states as JSON, else bytes)."""
+        raw = self.get_state()
+        try:
+            current = iterator.get_state()
+        except Exception:  # an iterator that cannot report a state before its first element
+            current = None
+        if isinstance(current, (bytes, str)):
+            iterator.set_state(raw if isinstance(current, bytes) else raw.decode())
+        else:
+            iterator.set_state(json.loads(raw.decode()))
+
+
+def _to_storable(state: Any) -> Any:
+    """Typed PRNG keys become their uint32 key data: Orbax stores plain arrays."""
+    def leaf(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(x)
+        return x
+    return jax.tree.map(leaf, state)
+
+
+def _abstract_storable(abstract_state: Any) -> Any:
+    """The storable counterpart of an abstract state (key leaves -> uint32 key data)."""
+    def leaf(x):
+        if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, x)
+            sharding = getattr(x, "sharding", None)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_data_sharding(sharding))
+        return x
+    return jax.tree.map(leaf, abstract_state)
+
+
+def _key_data_sharding(sharding):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,)
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
+
+
+def _from_storable(restored: Any, abstract_state: Any) -> Any:
+    def leaf(x, target):
+        if hasattr(target, "dtype") and jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(x, impl=_key_impl(target))
+        return x
+    return jax.tree.map(leaf, restored, abstract_state)
+
+
+def _key_impl(target):
+    if isinstance(target, jax.Array):
+        return jax.random.key_impl(target)
+    # An abstract key has no public accessor for its PRNG implementation.
+    return target.dtype._impl  # pylint: disable=protected-access
+
+
+def abstract_like(state: Any) -> Any:
+    """`ShapeDtypeStruct`s (with shardings) describing a concrete state: a restore target."""
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+    return jax.tree.map(leaf, state)
+
+
+class Checkpointer:
+    """Saves and restores a run's training state under `directory`.
+
+    Args:
+      directory: where step directories go (created if missing).
+      every_steps: `maybe_save` writes when `step % every_steps == 0`.
+      keep: how many of the most recent checkpoints to keep.
+      async_save: write in a background thread while training continues.
+    """
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(every_steps), 1),
+            max_to_keep=max(int(keep), 1),
+            enable_async_checkpointing=bool(async_save),
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.directory = os.path.abspath(directory)
+        self.every_steps = max(int(every_steps), 1)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=(STATE, DATA, CONFIG))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any, config_json: str, *,
+             force: bool = False) -> bool:
+        """Saves `step` if it is due (or `force`); returns whether a save started.
+
+        The device buffers are copied before this returns, so the caller may donate
+        `state` to the next step at once; the write itself may still be running.
+        """
+        if not force and step % self.every_steps != 0:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(_to_storable(state)),
+            DATA: grain.checkpoint.CheckpointSave(IteratorSnapshot.of(data_iterator)),
+            CONFIG: ocp.args.JsonSave(json.loads(config_json)),
+        })
+        return bool(self._manager.save(int(step), args=args, force=True))
+
+    def restore(self, abstract_state: Any, data_iterator: Any = None, *,
+                step: int | None = None) -> tuple[Any, int]:
+        """Restores the state (onto `abstract_state`'s shardings) and the iterator position.
+
+        Args:
+          abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` (or concrete
+            arrays, whose shapes/shardings are used) matching the saved state.
+          data_iterator: the live iterator to move to the saved position, or None.
+          step: which checkpoint; the latest when None.
+
+        Returns:
+          (state, step).
+        """
+        step = self._resolve_step(step)
+        target = _abstract_storable(abstract_like(abstract_state))
+        items = {STATE: ocp.args.StandardRestore(target)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(IteratorSnapshot())
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            restored[DATA].apply_to(data_iterator)
+        return _from_storable(restored[STATE], abstract_state), step
+
+    def restore_config(self, step: int | None = None) -> dict:
+        """The resolved config saved with a checkpoint, as a plain dict."""
+        step = self._resolve_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG: ocp.args.JsonRestore()}))
+        return dict(restored[CONFIG])
+
+    def state_metadata(self, step: int | None = None) -> Any:
+        """The saved state's tree of shapes and dtypes, without reading arrays."""
+        step = self._resolve_step(step)
+        return self._manager.item_metadata(step)[STATE]
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self._manager.all_steps()
+        if step is None:
+            step = self._manager.latest_step()
+        if step is None or step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {self.directory}; "
+                            f"saved steps: {sorted(steps) or 'none'}.")
+        return int(step)
+
+    def wait(self) -> None:
+        """Blocks until every pending async save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def numpy_state(state: Any) -> Any:
+    """Host copies of every array in `state` (for tests and small exports)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x,
+                        _to_storable(state))

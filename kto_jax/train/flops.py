@@ -1,0 +1,128 @@
+"""FLOP counts of the model and of one train step, and model FLOPs utilisation (MFU).
+
+Conventions (those of the PaLM paper, App. B, which MaxText and most reports use):
+- a multiply-add is 2 FLOPs;
+- a forward pass costs F(T) = T * (2 * N_matmul + 4 * L * H * hd * T) for a
+  sequence of T tokens, where N_matmul counts the parameters of every matmul
+  (attention projections, SwiGLU MLP, lm_head; not the embedding lookup) and the
+  second term is QK^T plus AV over the full T x T score matrix (no causal
+  discount, so MFU is comparable with other reports);
+- a backward pass costs two forwards; rematerialisation is not counted (model
+  FLOPs, not hardware FLOPs).
+
+A step's FLOPs add up, per example, the forwards each loss needs: the policy on
+(x, y) with its backward, the policy's KL forward on (x, y_{i+1}) without one,
+and the reference forwards (none when the reference is precomputed or absent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
+# Matched by substring against `jax.devices()[0].device_kind`, first match wins.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12),        # Trillium (v6e, "TPU v6 lite")
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),   # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),        # v5p reports itself as "TPU v5"
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("TPU v2", 45e12),
+    ("GB200", 2500e12),
+    ("B200", 2250e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),          # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("V100", 125e12),          # fp16 tensor cores (no bf16)
+)
+
+# Losses on pairs (x, y_w, y_l): two sequences per example.
+PAIRED_LOSSES = frozenset({"dpo", "ipo", "orpo", "simpo", "slic"})
+# Unpaired losses that estimate z0 from the mismatched pairs (x_i, y_{i+1}).
+KL_LOSSES = frozenset({"kto", "kto_concave", "kto_risk_neutral", "kto_reference_free"})
+# Losses that never look at pi_ref.
+REFERENCE_FREE_LOSSES = frozenset({"sft", "csft", "orpo", "simpo", "slic", "kto_reference_free"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """The sizes that determine a decoder's FLOPs (HF config.json field names in comments)."""
+    hidden: int          # hidden_size
+    intermediate: int    # intermediate_size
+    layers: int          # num_hidden_layers
+    heads: int           # num_attention_heads
+    kv_heads: int        # num_key_value_heads
+    head_dim: int        # head_dim (default hidden_size // num_attention_heads)
+    vocab: int           # vocab_size
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any) -> "ModelDims":
+        """Reads a transformers config (object or config.json dict)."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        heads = int(get("num_attention_heads"))
+        head_dim = get("head_dim", None) or int(get("hidden_size")) // heads
+        return cls(hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
+                   layers=int(get("num_hidden_layers")), heads=heads,
+                   kv_heads=int(get("num_key_value_heads", None) or heads),
+                   head_dim=int(head_dim), vocab=int(get("vocab_size")))
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: projections, MLP, lm_head."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate  # SwiGLU: gate, up, down
+        return self.layers * (attention + mlp) + self.hidden * self.vocab
+
+
+def forward_flops(dims: ModelDims, seq_len: int) -> float:
+    """FLOPs of one forward pass over one sequence of `seq_len` tokens."""
+    dense = 2.0 * dims.matmul_params() * seq_len
+    attention = 4.0 * dims.layers * dims.heads * dims.head_dim * seq_len * seq_len
+    return dense + attention
+
+
+def forward_passes(loss_name: str, reference_source: str) -> tuple[int, int]:
+    """(policy forwards with backward, forwards without) per sequence of an example.
+
+    For paired losses both numbers are per example and count chosen and rejected.
+    """
+    sequences = 2 if loss_name in PAIRED_LOSSES else 1
+    uses_reference = reference_source == "model" and loss_name not in REFERENCE_FREE_LOSSES
+    kl = loss_name in KL_LOSSES
+    with_backward = sequences
+    without_backward = int(kl) * (1 + int(uses_reference)) + sequences * int(uses_reference)
+    return with_backward, without_backward
+
+
+def step_flops(dims: ModelDims, *, loss_name: str, reference_source: str,
+               global_batch: int, seq_len: int) -> float:
+    """Model FLOPs of one optimizer step over `global_batch` examples of `seq_len` tokens.
+
+    `seq_len` is the padded prompt + completion length, the shape the step runs on.
+    """
+    grad_passes, fwd_passes = forward_passes(loss_name, reference_source)
+    per_example = forward_flops(dims, seq_len) * (3 * grad_passes + fwd_passes)
+    return per_example * global_batch
+
+
+def peak_flops_per_device(device_kind: str, platform: str) -> float | None:
+    """The bf16 peak of one device, or None when unknown (CPUs: no meaningful peak)."""
+    if platform == "cpu":
+        return None
+    for key, peak in PEAK_FLOPS:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def mfu(flops: float, seconds: float, num_devices: int, peak_per_device: float | None) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the devices' summed peak; 0 if unknown."""
+    if not peak_per_device or seconds <= 0 or num_devices <= 0:
+        return 0.0
+    return flops / seconds / (num_devices * peak_per_device)

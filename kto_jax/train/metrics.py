@@ -1,0 +1,136 @@
+"""Run logging: WORKDIR/metrics.jsonl, TensorBoard under WORKDIR/tb, a tqdm progress bar.
+
+Only process 0 logs (every process computes the same, globally reduced metrics).
+metrics.jsonl holds one JSON object per logged train step; evaluations go to
+WORKDIR/eval_metrics.jsonl, with the same `step` key. Floats are written with
+Python's shortest round-trip repr, so two runs' files compare exactly. On a
+resume from step s, lines with step > s (written after the checkpoint the run
+resumes from) are dropped first, so a killed-and-resumed run leaves the same file
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_METRICS_FILE = "eval_metrics.jsonl"
+TB_DIR = "tb"
+
+# Keys every metrics.jsonl line carries (issue 5); the trainer may add more.
+REQUIRED_KEYS = ("step", "loss", "kl", "rewards/desirable", "rewards/undesirable",
+                 "rewards/margins", "logps/desirable", "logps/undesirable", "grad_norm",
+                 "lr", "tokens_per_s", "mfu", "skipped_updates")
+# Keys that measure wall-clock time: they differ between otherwise identical runs.
+TIMING_KEYS = ("tokens_per_s", "mfu", "step_time_s", "nonpad_tokens_per_s")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file, in order ([] if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drops every line whose step is > `step` (also a torn last line from a SIGKILL)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record))
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    """numpy / jax scalars -> Python numbers (JSON and TensorBoard take those)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class MetricsLogger:
+    """Writes metrics to metrics.jsonl, TensorBoard and a progress bar.
+
+    Args:
+      workdir: the run directory.
+      total_steps: the run's last step, for the bar's ETA.
+      start_step: the step the run starts (or resumes) from.
+      enabled: False on processes other than 0, which then log nothing.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self._paths = {name: os.path.join(workdir, name) for name in (METRICS_FILE, EVAL_METRICS_FILE)}
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        for path in self._paths.values():
+            truncate_after(path, start_step)
+        self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                              dynamic_ncols=True, mininterval=0.5 if interactive else 30.0,
+                              file=sys.stderr)
+
+    def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Appends one train line, writes TensorBoard scalars, refreshes the bar's postfix."""
+        if not self.enabled:
+            return
+        record = self._write(METRICS_FILE, step, metrics, prefix="train/")
+        postfix = {"loss": f"{record.get('loss', float('nan')):.4f}"}
+        if "tokens_per_s" in record:
+            postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Appends one eval line (keys as given) and writes them under eval/ in TensorBoard."""
+        if not self.enabled:
+            return
+        record = self._write(EVAL_METRICS_FILE, step, metrics, prefix="eval/")
+        self._bar.write(f"eval @ step {step}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)))
+
+    def _write(self, name: str, step: int, metrics: Mapping[str, Any], prefix: str) -> dict:
+        record = {"step": int(step)}
+        record.update({k: _clean(v) for k, v in metrics.items() if k != "step"})
+        with open(self._paths[name], "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(prefix + key, value, global_step=step)
+        return record
+
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar on by `steps` optimizer steps."""
+        if self.enabled:
+            self._bar.update(steps)
+
+    def message(self, text: str) -> None:
+        """A line on stderr that does not break the progress bar (process 0 only)."""
+        if self.enabled:
+            self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._tb.flush()
+        self._tb.close()
+        self._bar.close()
