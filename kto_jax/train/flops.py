@@ -43,14 +43,6 @@ PEAK_FLOPS = (
     ("V100", 125e12),          # fp16 tensor cores (no bf16)
 )
 
-# Losses on pairs (x, y_w, y_l): two sequences per example.
-PAIRED_LOSSES = frozenset({"dpo", "ipo", "orpo", "simpo", "slic"})
-# Unpaired losses that estimate z0 from the mismatched pairs (x_i, y_{i+1}).
-KL_LOSSES = frozenset({"kto", "kto_concave", "kto_risk_neutral", "kto_reference_free"})
-# Losses that never look at pi_ref.
-REFERENCE_FREE_LOSSES = frozenset({"sft", "csft", "orpo", "simpo", "slic", "kto_reference_free"})
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelDims:
     """The sizes that determine a decoder's FLOPs (HF config.json field names in comments)."""
@@ -87,26 +79,28 @@ def forward_flops(dims: ModelDims, seq_len: int) -> float:
     return dense + attention
 
 
-def forward_passes(loss_name: str, reference_source: str) -> tuple[int, int]:
-    """(policy forwards with backward, forwards without) per sequence of an example.
+def forward_passes(loss: Any, reference_source: str) -> tuple[int, int]:
+    """(forwards with a backward, forwards without) per example of one step.
 
-    For paired losses both numbers are per example and count chosen and rejected.
+    Args:
+      loss: a `kto_jax.losses.registry.HaloLoss` (reads `paired`, `uses_kl`,
+        `uses_reference`): paired losses run two sequences per example; KL losses
+        add the mismatched pair (x_i, y_{i+1}) for the policy and the reference.
+      reference_source: config.reference.source; only "model" runs reference forwards.
     """
-    sequences = 2 if loss_name in PAIRED_LOSSES else 1
-    uses_reference = reference_source == "model" and loss_name not in REFERENCE_FREE_LOSSES
-    kl = loss_name in KL_LOSSES
-    with_backward = sequences
-    without_backward = int(kl) * (1 + int(uses_reference)) + sequences * int(uses_reference)
-    return with_backward, without_backward
+    sequences = 2 if loss.paired else 1
+    reference = int(loss.uses_reference and reference_source == "model")
+    kl = int(loss.uses_kl)
+    return sequences, kl * (1 + reference) + sequences * reference
 
 
-def step_flops(dims: ModelDims, *, loss_name: str, reference_source: str,
+def step_flops(dims: ModelDims, *, loss: Any, reference_source: str,
                global_batch: int, seq_len: int) -> float:
     """Model FLOPs of one optimizer step over `global_batch` examples of `seq_len` tokens.
 
     `seq_len` is the padded prompt + completion length, the shape the step runs on.
     """
-    grad_passes, fwd_passes = forward_passes(loss_name, reference_source)
+    grad_passes, fwd_passes = forward_passes(loss, reference_source)
     per_example = forward_flops(dims, seq_len) * (3 * grad_passes + fwd_passes)
     return per_example * global_batch
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from kto_jax.losses.registry import get_loss
 from kto_jax.train import flops
 
 
@@ -36,19 +37,21 @@ def test_forward_flops_by_hand():
 @pytest.mark.parametrize("loss,reference,expected", [
     ("kto", "model", (1, 3)),          # KL forward of policy + reference on (x,y) and (x,y')
     ("kto", "precomputed", (1, 1)),    # only the policy's KL forward
+    ("kto_reference_free", "model", (1, 1)),
     ("kto_no_z0", "model", (1, 1)),
     ("dpo", "model", (2, 2)),
     ("dpo", "precomputed", (2, 0)),
     ("sft", "model", (1, 0)),
     ("simpo", "none", (2, 0)),
+    ("ppo_offline", "model", (1, 1)),
 ])
 def test_forward_passes(loss, reference, expected):
-    assert flops.forward_passes(loss, reference) == expected
+    assert flops.forward_passes(get_loss(loss), reference) == expected
 
 
 def test_step_flops_and_mfu():
     f = flops.forward_flops(DIMS, 32)
-    step = flops.step_flops(DIMS, loss_name="kto", reference_source="model", global_batch=8,
+    step = flops.step_flops(DIMS, loss=get_loss("kto"), reference_source="model", global_batch=8,
                             seq_len=32)
     assert step == 8 * f * (3 + 3)
     assert flops.mfu(step, 2.0, 4, 1e12) == pytest.approx(step / 2.0 / 4e12)
