@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.micro_batch_size = 8      # examples per microbatch; >= 2 (z0 and the KL pairs need two); accumulation = global / micro
     c.train.num_steps = 0             # optimizer steps; 0: data.num_epochs over the training set
     c.train.seed = 0                  # seed of parameter-free randomness (e.g. the value head of offline PPO)
+    c.train.logprob_vocab_chunk = 8192  # vocabulary columns per LM-head chunk when computing log-probs (memory vs speed)
     c.train.log_every = 10            # steps between metrics.jsonl lines
     c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables
     c.train.export_at_end = True      # write an HF checkpoint to WORKDIR/hf at the end
