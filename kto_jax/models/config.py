@@ -1,0 +1,356 @@
+"""ModelConfig: the shape and numerics of one decoder-only transformer.
+
+One frozen (hashable) dataclass covers every supported Hugging Face architecture;
+what differs between families is a handful of switches (q/k/v bias, q/k RMSNorm,
+tied embeddings, RoPE scaling). `from_hf` reads a transformers `config.json` dict,
+`to_hf` writes one back that transformers loads to the same architecture.
+Named presets (`llama32_1b()`, ...) give real model shapes without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kto_jax.errors import UserError
+
+# HF `architectures[0]` -> HF `model_type`.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_MODEL_TYPE_TO_ARCH = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of one decoder-only transformer (hashable: usable as a jit static)."""
+
+    architecture: str = "LlamaForCausalLM"  # HF architectures[0]
+    vocab_size: int = 256                   # HF vocab_size
+    hidden_size: int = 64                   # HF hidden_size (D)
+    intermediate_size: int = 128            # HF intermediate_size (F, SwiGLU width)
+    num_layers: int = 2                     # HF num_hidden_layers (L)
+    num_heads: int = 4                      # HF num_attention_heads (H)
+    num_kv_heads: int = 2                   # HF num_key_value_heads (K, GQA groups)
+    head_dim: int = 16                      # HF head_dim (default hidden_size // num_attention_heads)
+    rms_norm_eps: float = 1e-5              # HF rms_norm_eps
+    rope_theta: float = 10000.0             # HF rope_theta (v5: rope_parameters.rope_theta)
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling as sorted (key, value) pairs
+    max_position_embeddings: int = 2048     # HF max_position_embeddings
+    tie_word_embeddings: bool = False       # HF tie_word_embeddings: lm_head = embed^T
+    attention_bias: bool = False            # bias on q/k/v projections (Qwen2: always)
+    qk_norm: bool = False                   # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None       # Mistral sliding_window: a query sees the last W keys
+    bos_token_id: int | None = None         # HF bos_token_id
+    eos_token_id: int | tuple[int, ...] | None = None  # HF eos_token_id (a list becomes a tuple)
+    pad_token_id: int | None = None         # HF pad_token_id
+    param_dtype: str = "float32"            # dtype the weights are stored in
+    dtype: str = "float32"                  # compute dtype of activations and matmuls
+    remat_policy: str = "none"              # "none" | "full" | "dots" | "dots_no_batch"
+    attention_impl: str = "auto"            # "auto" | "xla" | "cudnn" for jax.nn.dot_product_attention
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ---- checks ----
+    def validate(self) -> None:
+        """Raise UserError on an unsupported architecture, rope type or option."""
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"unsupported model architecture {self.architecture!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (docs/models.md says how to add one)")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UserError(
+                f"unsupported rope_scaling rope_type {self.rope_type!r}; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_kv_heads})")
+
+    # ---- derived ----
+    @property
+    def rope_type(self) -> str:
+        """'default' without scaling, else rope_scaling's rope_type (or legacy 'type')."""
+        scaling = self.rope_scaling_dict
+        return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (e.g. dtypes, remat policy)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- HF conversion ----
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from a transformers config.json dict (v4 or v5 style).
+
+        `overrides` set our own fields (param_dtype, dtype, remat_policy, attention_impl).
+        """
+        arch = _architecture_of(hf)
+        hidden_act = hf.get("hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise UserError(f"unsupported hidden_act {hidden_act!r} in {arch}; only silu (SwiGLU) is supported")
+        if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")
+                                  and arch != "Qwen3ForCausalLM"):
+            raise UserError(f"{arch} with attention_bias/mlp_bias=true is not supported "
+                            "(its o_proj/MLP biases have no slot in our layout)")
+        rope_theta, rope_scaling = _rope_of(hf)
+        heads = hf["num_attention_heads"]
+        fields = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=_sliding_window_of(arch, hf),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers loads to this architecture and shape."""
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling_dict,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+            hf["attention_bias"] = self.attention_bias
+        if self.architecture == "LlamaForCausalLM":
+            hf["mlp_bias"] = False
+        if self.architecture == "MistralForCausalLM":
+            hf["sliding_window"] = self.sliding_window
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            hf["use_sliding_window"] = False
+            hf["sliding_window"] = None
+        return hf
+
+
+def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"model {name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _architecture_of(hf: dict[str, Any]) -> str:
+    archs = hf.get("architectures") or []
+    if archs:
+        arch = archs[0]
+    elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
+        arch = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
+    else:
+        arch = f"model_type={hf.get('model_type')!r}"
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"unsupported model architecture {arch!r}; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)} (docs/models.md says how to add one)")
+    return arch
+
+
+def _rope_of(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`)."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {}) or dict(params)
+    theta = hf.get("rope_theta", params.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UserError(f"unsupported rope_scaling rope_type {rope_type!r}; supported: "
+                        f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return float(theta), None
+    scaling["rope_type"] = rope_type
+    scaling.pop("type", None)
+    return float(theta), scaling
+
+
+def _sliding_window_of(arch: str, hf: dict[str, Any]) -> int | None:
+    if arch == "MistralForCausalLM":
+        return hf.get("sliding_window")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
+        raise UserError(f"{arch} with use_sliding_window=true is not supported "
+                        "(per-layer sliding windows); set it to false")
+    return None
+
+
+# ---- presets: real model shapes without a checkpoint (values from each model's config.json) ----
+
+def _llama3_rope(factor: float) -> dict[str, Any]:
+    # HF rope_scaling of Llama 3.1 / 3.2: rope_type llama3, low/high_freq_factor 1/4, original 8192.
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """A 2-layer Llama-shaped toy (vocab 256, D 64, GQA 4/2) for tests and demos."""
+    return ModelConfig(**{"architecture": "LlamaForCausalLM", "bos_token_id": 1,
+                          "eos_token_id": 2, "pad_token_id": 0, **overrides})
+
+
+def llama2_7b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Llama-2-7b-hf."""
+    return ModelConfig(**{
+        "architecture": "LlamaForCausalLM",
+        "vocab_size": 32000, "hidden_size": 4096,           # vocab_size, hidden_size
+        "intermediate_size": 11008, "num_layers": 32,       # intermediate_size, num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 32, "head_dim": 128,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0,        # rms_norm_eps, rope_theta
+        "max_position_embeddings": 4096,                    # max_position_embeddings
+        "bos_token_id": 1, "eos_token_id": 2, **overrides})
+
+
+def llama3_8b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Meta-Llama-3-8B (no rope scaling; 3.1 is `llama31_8b`)."""
+    return ModelConfig(**{
+        "architecture": "LlamaForCausalLM",
+        "vocab_size": 128256, "hidden_size": 4096,          # vocab_size, hidden_size
+        "intermediate_size": 14336, "num_layers": 32,       # intermediate_size, num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0,       # rms_norm_eps, rope_theta
+        "max_position_embeddings": 8192,                    # max_position_embeddings
+        "bos_token_id": 128000, "eos_token_id": 128001, **overrides})
+
+
+def llama31_8b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Llama-3.1-8B: llama3 rope scaling, factor 8, 128k context."""
+    return llama3_8b(**{"rope_scaling": _llama3_rope(8.0),        # rope_scaling
+                        "max_position_embeddings": 131072, **overrides})
+
+
+def llama3_70b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Meta-Llama-3-70B (`llama31_70b` adds the 3.1 rope scaling)."""
+    return llama3_8b(**{"hidden_size": 8192, "intermediate_size": 28672,  # hidden_size, intermediate_size
+                        "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,  # num_hidden_layers, heads
+                        **overrides})
+
+
+def llama31_70b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Llama-3.1-70B."""
+    return llama3_70b(**{"rope_scaling": _llama3_rope(8.0),
+                         "max_position_embeddings": 131072, **overrides})
+
+
+def llama32_1b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Llama-3.2-1B: tied embeddings, llama3 rope scaling factor 32."""
+    return llama3_8b(**{"hidden_size": 2048, "intermediate_size": 8192,  # hidden_size, intermediate_size
+                        "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,  # num_hidden_layers, heads
+                        "head_dim": 64,                                  # head_dim
+                        "rope_scaling": _llama3_rope(32.0),              # rope_scaling
+                        "max_position_embeddings": 131072,
+                        "tie_word_embeddings": True, **overrides})       # tie_word_embeddings
+
+
+def llama32_3b(**overrides: Any) -> ModelConfig:
+    """meta-llama/Llama-3.2-3B."""
+    return llama32_1b(**{"hidden_size": 3072, "intermediate_size": 8192, "num_layers": 28,
+                         "num_heads": 24, "num_kv_heads": 8, "head_dim": 128, **overrides})
+
+
+def mistral_7b(**overrides: Any) -> ModelConfig:
+    """mistralai/Mistral-7B-v0.1: 4096-token sliding window."""
+    return ModelConfig(**{
+        "architecture": "MistralForCausalLM",
+        "vocab_size": 32000, "hidden_size": 4096,           # vocab_size, hidden_size
+        "intermediate_size": 14336, "num_layers": 32,       # intermediate_size, num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0,        # rms_norm_eps, rope_theta
+        "sliding_window": 4096,                             # sliding_window
+        "max_position_embeddings": 32768,
+        "bos_token_id": 1, "eos_token_id": 2, **overrides})
+
+
+def qwen25_0_5b(**overrides: Any) -> ModelConfig:
+    """Qwen/Qwen2.5-0.5B: q/k/v bias, tied embeddings."""
+    return ModelConfig(**{
+        "architecture": "Qwen2ForCausalLM",
+        "vocab_size": 151936, "hidden_size": 896,           # vocab_size, hidden_size
+        "intermediate_size": 4864, "num_layers": 24,        # intermediate_size, num_hidden_layers
+        "num_heads": 14, "num_kv_heads": 2, "head_dim": 64,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,      # rms_norm_eps, rope_theta
+        "max_position_embeddings": 32768, "attention_bias": True,
+        "tie_word_embeddings": True,                        # tie_word_embeddings
+        "bos_token_id": 151643, "eos_token_id": 151643, **overrides})
+
+
+def qwen25_3b(**overrides: Any) -> ModelConfig:
+    """Qwen/Qwen2.5-3B (the paper's Table 1 Qwen)."""
+    return qwen25_0_5b(**{"hidden_size": 2048, "intermediate_size": 11008, "num_layers": 36,
+                          "num_heads": 16, "num_kv_heads": 2, "head_dim": 128, **overrides})
+
+
+def qwen3_0_6b(**overrides: Any) -> ModelConfig:
+    """Qwen/Qwen3-0.6B: q/k RMSNorm, explicit head_dim 128 (> hidden/heads)."""
+    return ModelConfig(**{
+        "architecture": "Qwen3ForCausalLM",
+        "vocab_size": 151936, "hidden_size": 1024,          # vocab_size, hidden_size
+        "intermediate_size": 3072, "num_layers": 28,        # intermediate_size, num_hidden_layers
+        "num_heads": 16, "num_kv_heads": 8, "head_dim": 128,  # num_attention_heads, num_key_value_heads, head_dim
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,      # rms_norm_eps, rope_theta
+        "max_position_embeddings": 40960, "qk_norm": True,
+        "tie_word_embeddings": True,                        # tie_word_embeddings
+        "bos_token_id": 151643, "eos_token_id": 151645, **overrides})
+
+
+PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama3_8b, llama31_8b, llama3_70b, llama31_70b,
+                                   llama32_1b, llama32_3b, mistral_7b, qwen25_0_5b, qwen25_3b,
+                                   qwen3_0_6b)}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset (see PRESETS), with `overrides` applied."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,267 @@
+"""One Flax NNX decoder-only transformer for every supported HF architecture.
+
+Llama 2/3/3.1/3.2, Mistral, Qwen2 and Qwen3 differ only by ModelConfig switches:
+grouped-query attention with RoPE (optionally llama3-scaled), RMSNorm, SwiGLU MLP,
+optional q/k/v bias (Qwen2), optional q/k RMSNorm (Qwen3), tied or untied lm_head.
+
+The L decoder layers are stored stacked: every layer parameter has a leading
+'layers' axis of size L and the forward pass runs them with one `jax.lax.scan`, so
+an 8B or 70B program compiles as fast as a 1-layer one. Each parameter carries its
+logical axis names in the `out_sharding` metadata (never mesh axis names);
+`kto_jax.sharding` maps them to the mesh.
+
+Interface (other modules code against exactly this):
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    hidden = model.hidden_states(input_ids, positions, attention_mask)  # [B,T,D], compute dtype
+    w = model.lm_head_weight()                                          # [D,V], compute dtype
+    logits = model(input_ids, positions, attention_mask)                # [B,T,V] float32
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kto_jax.models.config import ModelConfig
+
+Array = jax.Array
+_INIT_STD = 0.02  # HF initializer_range
+
+# Layer parameter name -> logical axes (after the leading 'layers' axis). Names mirror HF.
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "input_layernorm": ("embed",),
+    "q_proj": ("embed", "heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "post_attention_layernorm": ("embed",),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """RoPE positions for rows with left and/or right padding.
+
+    Args:
+      attention_mask: int [B, T], 1 on real tokens, 0 on padding (either side).
+    Returns:
+      int32 [B, T]: 0, 1, 2, ... over the real tokens of each row, counted from the
+      first real token; left padding gets 0, right padding repeats the last position.
+    """
+    mask = jnp.asarray(attention_mask, jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each present layer parameter, without the leading 'layers' axis."""
+    d, f, h, k, hd = (config.hidden_size, config.intermediate_size, config.num_heads,
+                      config.num_kv_heads, config.head_dim)
+    shapes = {
+        "input_layernorm": (d,), "q_proj": (d, h, hd), "k_proj": (d, k, hd), "v_proj": (d, k, hd),
+        "o_proj": (h, hd, d), "post_attention_layernorm": (d,),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+    if config.attention_bias:
+        shapes.update(q_bias=(h, hd), k_bias=(k, hd), v_bias=(k, hd))
+    if config.qk_norm:
+        shapes.update(q_norm=(hd,), k_norm=(hd,))
+    return shapes
+
+
+def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
+    # eager_sharding=False: the names are logical, they meet the mesh only in kto_jax.sharding.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _init_value(name: str, shape: tuple[int, ...], dtype, key: Array) -> Array:
+    if name.endswith(("layernorm", "_norm")):
+        return jnp.ones(shape, dtype)
+    if name.endswith("_bias"):
+        return jnp.zeros(shape, dtype)
+    return (_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All L decoder layers' parameters, stacked along a leading 'layers' axis."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.param_dtype)
+        for name, shape in layer_param_shapes(config).items():
+            value = _init_value(name, (config.num_layers, *shape), dtype, rngs.params())
+            setattr(self, name, _param(value, ("layers", *LAYER_AXES[name])))
+
+    def arrays(self) -> dict[str, Array]:
+        """{name: [L, ...] array} of the present parameters (the scan's xs)."""
+        return {name: getattr(self, name)[...] for name in LAYER_AXES if hasattr(self, name)}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only causal LM; see the module docstring for the interface."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.param_dtype)
+        v, d = config.vocab_size, config.hidden_size
+        self.embed_tokens = _param(_init_value("embed", (v, d), dtype, rngs.params()), ("vocab", "embed"))
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.norm = _param(jnp.ones((d,), dtype), ("embed",))
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
+
+    def hidden_states(self, input_ids: Array, positions: Array, attention_mask: Array) -> Array:
+        """Final-norm hidden states.
+
+        Args:
+          input_ids: int32 [B, T] token ids (padding ids are arbitrary but in range).
+          positions: int32 [B, T] RoPE positions, e.g. `positions_from_mask(attention_mask)`.
+          attention_mask: int [B, T], 1 on real tokens, 0 on padding; padding may sit on
+            the left and on the right of the same row.
+        Returns:
+          [B, T, D] in the compute dtype; rows at padded positions are meaningless.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
+        cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
+        mask = attention_mask_4d(attention_mask)                               # [B, 1, T, T]
+        impl = _attention_implementation(cfg.attention_impl)
+
+        def layer(h: Array, p: dict[str, Array]) -> tuple[Array, None]:
+            return decoder_layer(p, h, cos, sin, mask, cfg, impl), None
+
+        layer = _remat(layer, cfg.remat_policy)
+        h, _ = jax.lax.scan(layer, h, self.layers.arrays())
+        return rms_norm(h, self.norm[...], cfg.rms_norm_eps)
+
+    def lm_head_weight(self) -> Array:
+        """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
+        w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(jnp.dtype(self.config.dtype))
+
+    def __call__(self, input_ids: Array, positions: Array, attention_mask: Array) -> Array:
+        """[B, T, V] float32 logits = hidden_states @ lm_head_weight (float32 accumulation)."""
+        hidden = self.hidden_states(input_ids, positions, attention_mask)
+        return jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(),
+                          preferred_element_type=jnp.float32)
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves and no allocation (for loaders and AOT)."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+# ---- pure layer math ----
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm over the last axis, normalised in float32 then scaled in x's dtype (as HF)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Array:
+    """float32 [head_dim/2] inverse frequencies, with 'linear' or 'llama3' scaling applied."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    scaling = config.rope_scaling_dict or {}
+    if config.rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if config.rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """cos and sin, float32 [B, T, head_dim/2], of positions * inv_freq."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate [B, T, N, hd] by RoPE in HF's half-split layout (x1 = first half, x2 = second)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention_mask_4d(attention_mask: Array) -> Array:
+    """bool [B, 1, T, T]: query t may see key s iff s is a real token or s == t.
+
+    Causality (and a sliding window) is added by dot_product_attention itself. The
+    diagonal keeps padded query rows from being fully masked (no NaN anywhere).
+    """
+    valid = attention_mask.astype(bool)                       # [B, T]
+    t = attention_mask.shape[-1]
+    eye = jnp.eye(t, dtype=bool)
+    return (valid[:, None, None, :] | eye[None, None]).astype(bool)
+
+
+def decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: Array,
+                  cfg: ModelConfig, impl: str | None) -> Array:
+    """One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). h: [B, T, D]."""
+    h = h + attention(p, rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps), cos, sin, mask, cfg, impl)
+    return h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps))
+
+
+def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
+              cfg: ModelConfig, impl: str | None) -> Array:
+    """Causal grouped-query attention of x [B, T, D] -> [B, T, D]."""
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"].astype(dt))    # [B, T, H, hd]
+    k = jnp.einsum("btd,dnh->btnh", x, p["k_proj"].astype(dt))    # [B, T, K, hd]
+    v = jnp.einsum("btd,dnh->btnh", x, p["v_proj"].astype(dt))    # [B, T, K, hd]
+    if cfg.attention_bias:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, is_causal=True,
+                                       local_window_size=window, implementation=impl)
+    return jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(dt))
+
+
+def swiglu(p: dict[str, Array], x: Array) -> Array:
+    """down(silu(gate(x)) * up(x)) for x [B, T, D]."""
+    dt = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+
+
+def _attention_implementation(name: str) -> str | None:
+    """'auto' -> None (XLA on CPU/TPU, jax's own choice elsewhere); else the name."""
+    return None if name == "auto" else name
+
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+    """Wrap a scan body in jax.checkpoint: 'full' saves nothing, 'dots*' save matmul outputs."""
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy], prevent_cse=False)
