@@ -48,18 +48,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_path = ""            # JSONL / JSON / Parquet file, HF load_from_disk dir, or hub id
     c.data.eval_path = ""             # separate eval file; empty: split eval_fraction off train
+    c.data.train_split = "train"      # split read from a DatasetDict directory or hub id given as train_path
+    c.data.eval_split = "test"        # split read from a DatasetDict directory or hub id given as eval_path
     c.data.format = "auto"            # auto | unpaired | paired | scored (conversational variants are detected)
     c.data.eval_fraction = 0.05       # share of train rows held out when eval_path is empty
     c.data.seed = 0                   # seed for shuffling, splits, subsampling and one_y_per_x
     c.data.max_length = 1024          # prompt + completion tokens
     c.data.max_prompt_length = 512    # prompt tokens; longer prompts lose their left end
-    c.data.on_overlong = "drop"       # "drop" (counted and reported) | "error": a prompt that leaves no room for a completion
+    c.data.max_completion_length = 0  # cap on completion tokens (also the largest completion bucket); 0: what remains of max_length
+    c.data.on_overlong = "drop"       # "drop" (counted and reported) | "error": a prompt longer than max_length tokens
+    c.data.on_prefix_mismatch = "drop"  # "drop" (reported per example) | "error": a chat template that renders the prompt differently once the completion follows
     c.data.desirable_fraction = 1.0   # keep this share of desirable examples (paper section 4.3: 0.1 drops 90%)
     c.data.undesirable_fraction = 1.0 # keep this share of undesirable examples
     c.data.one_y_per_x = False        # paired data: keep one of chosen/rejected per prompt, at random
     c.data.score_threshold = 0.0      # scored data: desirable iff score > threshold
     c.data.score_weighting = False    # scored data: weight each example by |score - threshold|
-    c.data.bucket_lengths = (256, 512, 1024)  # padded total lengths; multiples of 128 suit flash attention
+    c.data.bucket_lengths = (256, 512, 1024)  # padded lengths of the prompt axis P and the completion axis C (capped by max_prompt_length / max_length); multiples of 128 suit flash attention
+    c.data.bucket_window = 1          # >1: sort each window of this many global batches by length bucket before cutting batches (less padding, less class mixing)
+    c.data.drop_remainder = False     # train: drop each epoch's last partial batch instead of padding it with filler rows (valid=False)
     c.data.worker_count = 0           # grain worker processes (0: in the main process)
     c.data.prefetch = 2               # batches prepared ahead
     c.data.num_epochs = 1             # passes over the training data
