@@ -1,0 +1,140 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Layers name logical axes only ('vocab', 'embed', 'mlp', 'heads', 'kv_heads',
+'head_dim', 'layers', 'batch', 'length'); `config.mesh.rules` maps each to a mesh
+axis of ('data', 'fsdp', 'tensor'), a tuple of them, or None (replicated), as
+MaxText does. A one-device mesh is just a mesh whose axes all have size 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from kto_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolve ('data', 'fsdp', 'tensor') sizes; one -1 takes the devices left over.
+
+    Raises UserError when the sizes do not multiply to `num_devices`.
+    """
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    unknown = [i for i, s in enumerate(shape) if s == -1]
+    if len(unknown) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise UserError(f"mesh sizes {dict(zip(MESH_AXES, shape))}: use positive sizes and at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise UserError(f"mesh sizes {dict(zip(MESH_AXES, shape))} do not divide the {num_devices} devices; "
+                            f"make config.mesh.fsdp * config.mesh.tensor a divisor of {num_devices}")
+        shape[unknown[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise UserError(f"mesh sizes {dict(zip(MESH_AXES, shape))} need {math.prod(shape)} devices but "
+                        f"{num_devices} are present; set one of config.mesh.data/fsdp/tensor to -1")
+    return tuple(shape)
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes ('data', 'fsdp', 'tensor') of Auto type, sizes from `mesh_cfg`.
+
+    Args:
+      mesh_cfg: config.mesh (or any mapping/object with data, fsdp, tensor sizes).
+      devices: devices to use; default all of `jax.devices()`.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = {a: _get(mesh_cfg, a, -1 if a == "data" else 1) for a in MESH_AXES}
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_of(mesh_cfg_or_rules: Any) -> tuple[tuple[str, Any], ...]:
+    """The rule table from config.mesh (its `rules`) or from a bare sequence of pairs."""
+    rules = _get(mesh_cfg_or_rules, "rules", None)
+    if rules is None and not isinstance(mesh_cfg_or_rules, Mapping):
+        rules = mesh_cfg_or_rules
+    return tuple((str(name), tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules or ())
+
+
+def logical_to_mesh(logical_axes: Iterable[str | None], rules: Rules,
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec of an array whose dims carry `logical_axes`.
+
+    A logical name without a rule, or mapped to None, is replicated. A mesh axis
+    is used by at most one dim (the first that asks). With `shape` and `mesh`, a
+    mesh axis whose size does not divide the dim is dropped (that dim is
+    replicated) instead of failing, e.g. 2 kv_heads on tensor=4.
+    """
+    table = dict(rules_of(rules))
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if shape is not None and mesh is not None:
+            axes = _dividing_axes(axes, shape[i], mesh)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _dividing_axes(axes: tuple[str, ...], dim: int, mesh: Mesh) -> tuple[str, ...]:
+    kept: list[str] = []
+    for a in axes:
+        if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+            kept.append(a)
+    return tuple(kept)
+
+
+def _logical_axes_of(var: nnx.Variable) -> tuple[str | None, ...]:
+    axes = var.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * len(np.shape(var.get_value()))
+
+
+def partition_specs(state: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
+    """The state's tree with each Variable's value replaced by its PartitionSpec."""
+    def spec(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(logical_to_mesh(_logical_axes_of(x), rules, np.shape(x.get_value()), mesh))
+        return PartitionSpec()
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def named_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """The state's tree with each Variable's value replaced by its NamedSharding on `mesh`.
+
+    `state` is an NNX state (concrete or from `nnx.eval_shape`); the result has the
+    same tree structure, so it serves as jit in/out shardings.
+    """
+    specs = partition_specs(state, rules, mesh)
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def sharding_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: Rules) -> NamedSharding:
+    """NamedSharding of one array with the given logical axes and shape."""
+    return NamedSharding(mesh, logical_to_mesh(logical_axes, rules, shape, mesh))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Move every Variable of `model` onto its logical sharding (in place); returns the model."""
+    state = nnx.state(model)
+    shardings = named_shardings(state, mesh, rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
