@@ -38,14 +38,21 @@ def as_mask(mask: Optional[Array], like: Array) -> Array:
     return jnp.asarray(mask).astype(jnp.float32)
 
 
+def zero_masked(x: Array, mask: Array) -> Array:
+    """`x` with masked entries replaced by 0 BEFORE any math, so NaN/inf in padded rows
+    cannot leak into values or gradients (a `where` after the math still passes
+    0 * NaN = NaN to the gradient)."""
+    return jnp.where(mask > 0, x, jnp.zeros_like(x))
+
+
 def masked_sum(x: Array, mask: Array) -> Array:
     """Sum of `x` where `mask` is 1; masked entries never propagate NaN or inf."""
     return jnp.sum(jnp.where(mask > 0, x, 0.0))
 
 
 def masked_mean(x: Array, mask: Array) -> Array:
-    """Mean of `x` over `mask`; 0 when the mask is empty."""
-    return masked_sum(x, mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    """Mean of `x` over `mask`; 0 when the mask is empty. Safe for NaN in masked entries."""
+    return masked_sum(zero_masked(x, mask), mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def f32(x) -> Array:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses.common import Array, as_mask, f32, masked_mean, masked_sum
+from kto_jax.losses.common import Array, as_mask, f32, masked_mean, masked_sum, zero_masked
 
 ValueFn = Callable[[Array], Array]
 
@@ -86,10 +86,10 @@ def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,
     Returns:
       (loss, metrics): loss = sum of weighted costs / number of valid examples.
     """
-    r = f32(r)
     m = as_mask(mask, r)
+    r = zero_masked(f32(r), m)
     desirable = jnp.asarray(desirable).astype(bool)
-    w = jnp.ones_like(r) if weight is None else f32(weight)
+    w = jnp.ones_like(r) if weight is None else zero_masked(f32(weight), m)
     cost = w * _example_costs(r, z0, desirable, beta, value_fn, ceiling, desirable_weight,
                               undesirable_weight, dynamic_desirable_weight)
     n = jnp.sum(m)
@@ -98,7 +98,7 @@ def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,
     d_mask = m * desirable
     u_mask = m * (~desirable)
     rewards = jax.lax.stop_gradient(beta * r)
-    logps = jax.lax.stop_gradient(r if policy_logps is None else f32(policy_logps))
+    logps = jax.lax.stop_gradient(r if policy_logps is None else zero_masked(f32(policy_logps), m))
     metrics = {
         "loss_sum": jax.lax.stop_gradient(loss_sum),
         "loss_denominator": n,

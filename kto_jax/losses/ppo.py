@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses.common import Array, as_mask, f32, masked_sum
+from kto_jax.losses.common import Array, as_mask, f32, masked_sum, zero_masked
 
 
 def init_value_head(rng: Array, hidden_size: int) -> dict:
@@ -115,12 +115,13 @@ def ppo_offline_loss(policy_token_logps: Array, reference_token_logps: Array, va
       (loss, metrics); loss = (token sums) / number of valid completion tokens.
     """
     tm = f32(completion_mask) * as_mask(mask, f32(desirable))[:, None]
-    logp, ref_logp, values = f32(policy_token_logps), f32(reference_token_logps), f32(values)
+    logp, ref_logp, values = (zero_masked(f32(x), tm) for x in
+                              (policy_token_logps, reference_token_logps, values))
     rewards = terminal_rewards(desirable, tm)
     adv, returns = gae(rewards, jax.lax.stop_gradient(values), tm, gamma, lam)
     adv = jax.lax.stop_gradient(_normalize(adv, tm))
     log_ratio = logp - jax.lax.stop_gradient(ref_logp)
-    ratio = jnp.exp(jnp.where(tm > 0, log_ratio, 0.0))
+    ratio = jnp.exp(log_ratio)
     policy_term = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, clip_low, clip_high))
     kl_term = -log_ratio
     critic_term = 0.5 * jnp.square(values - jax.lax.stop_gradient(returns))

@@ -12,7 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses.common import Array, as_mask, f32, masked_sum
+from kto_jax.losses.common import Array, as_mask, f32, masked_sum, zero_masked
 
 
 def pair_metrics(cost: Array, chosen_rewards: Array, rejected_rewards: Array,
@@ -29,9 +29,14 @@ def pair_metrics(cost: Array, chosen_rewards: Array, rejected_rewards: Array,
         "rewards/desirable_sum": sg(masked_sum(chosen_rewards, mask)),
         "rewards/undesirable_sum": sg(masked_sum(rejected_rewards, mask)),
         "rewards/accuracies_sum": sg(masked_sum((chosen_rewards > rejected_rewards).astype(jnp.float32), mask)),
-        "logps/desirable_sum": sg(masked_sum(f32(chosen_logps), mask)),
-        "logps/undesirable_sum": sg(masked_sum(f32(rejected_logps), mask)),
+        "logps/desirable_sum": sg(masked_sum(chosen_logps, mask)),
+        "logps/undesirable_sum": sg(masked_sum(rejected_logps, mask)),
     }
+
+
+def _clean(mask: Array, *xs: Array) -> tuple[Array, ...]:
+    """float32 copies of `xs` with invalid pairs zeroed (no NaN from filler rows)."""
+    return tuple(zero_masked(f32(x), mask) for x in xs)
 
 
 def _mean_loss(cost: Array, mask: Array) -> Array:
@@ -49,12 +54,13 @@ def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     Rewards: beta * (log pi - log ref) per side.
     """
     m = as_mask(mask, policy_chosen_logps)
-    chosen_rewards = beta * (f32(policy_chosen_logps) - f32(reference_chosen_logps))
-    rejected_rewards = beta * (f32(policy_rejected_logps) - f32(reference_rejected_logps))
+    pw, pl, rw, rl = _clean(m, policy_chosen_logps, policy_rejected_logps,
+                            reference_chosen_logps, reference_rejected_logps)
+    chosen_rewards = beta * (pw - rw)
+    rejected_rewards = beta * (pl - rl)
     h = chosen_rewards - rejected_rewards
     cost = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
-    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, policy_chosen_logps,
-                           policy_rejected_logps, m)
+    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
     return _mean_loss(cost, m), metrics
 
 
@@ -68,10 +74,12 @@ def ipo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     Rewards: rho per side.
     """
     m = as_mask(mask, policy_chosen_logps)
-    rho_w = (f32(policy_chosen_logps) - f32(reference_chosen_logps)) / jnp.maximum(f32(chosen_token_counts), 1.0)
-    rho_l = (f32(policy_rejected_logps) - f32(reference_rejected_logps)) / jnp.maximum(f32(rejected_token_counts), 1.0)
+    pw, pl, rw, rl, nw, nl = _clean(m, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                    reference_rejected_logps, chosen_token_counts, rejected_token_counts)
+    rho_w = (pw - rw) / jnp.maximum(nw, 1.0)
+    rho_l = (pl - rl) / jnp.maximum(nl, 1.0)
     cost = jnp.square(rho_w - rho_l - 1.0 / (2.0 * tau))
-    metrics = pair_metrics(cost, rho_w, rho_l, policy_chosen_logps, policy_rejected_logps, m)
+    metrics = pair_metrics(cost, rho_w, rho_l, pw, pl, m)
     return _mean_loss(cost, m), metrics
 
 
@@ -85,11 +93,12 @@ def simpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     Rewards: beta/|y| log pi(y) per side.
     """
     m = as_mask(mask, policy_chosen_logps)
-    chosen_rewards = beta * f32(policy_chosen_logps) / jnp.maximum(f32(chosen_token_counts), 1.0)
-    rejected_rewards = beta * f32(policy_rejected_logps) / jnp.maximum(f32(rejected_token_counts), 1.0)
+    pw, pl, nw, nl = _clean(m, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
+                            rejected_token_counts)
+    chosen_rewards = beta * pw / jnp.maximum(nw, 1.0)
+    rejected_rewards = beta * pl / jnp.maximum(nl, 1.0)
     cost = -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards - gamma)
-    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, policy_chosen_logps,
-                           policy_rejected_logps, m)
+    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
     return _mean_loss(cost, m), metrics
 
 
@@ -110,12 +119,14 @@ def orpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     a mean over pairs. Rewards: lam * a_y per side (as TRL logs them).
     """
     m = as_mask(mask, policy_chosen_logps)
-    a_w = f32(policy_chosen_logps) / jnp.maximum(f32(chosen_token_counts), 1.0)
-    a_l = f32(policy_rejected_logps) / jnp.maximum(f32(rejected_token_counts), 1.0)
+    pw, pl, nw, nl = _clean(m, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
+                            rejected_token_counts)
+    a_w = pw / jnp.maximum(nw, 1.0)
+    a_l = pl / jnp.maximum(nl, 1.0)
     log_odds = (a_w - log1mexp(a_w)) - (a_l - log1mexp(a_l))
     ratio_cost = -jax.nn.log_sigmoid(log_odds)
     cost = -a_w + lam * ratio_cost
-    metrics = pair_metrics(cost, lam * a_w, lam * a_l, policy_chosen_logps, policy_rejected_logps, m)
+    metrics = pair_metrics(cost, lam * a_w, lam * a_l, pw, pl, m)
     metrics["nll/desirable_sum"] = jax.lax.stop_gradient(masked_sum(-a_w, m))
     metrics["orpo/log_odds_sum"] = jax.lax.stop_gradient(masked_sum(log_odds, m))
     return _mean_loss(cost, m), metrics
@@ -132,7 +143,7 @@ def slic_loss(policy_chosen_logps: Array, policy_rejected_logps: Array, *,
     Rewards: log pi(y) per side.
     """
     m = as_mask(mask, policy_chosen_logps)
-    lw, ll = f32(policy_chosen_logps), f32(policy_rejected_logps)
+    lw, ll = _clean(m, policy_chosen_logps, policy_rejected_logps)
     cost = jnp.maximum(0.0, delta - lw + ll) + lambda_reg * (-lw)
     metrics = pair_metrics(cost, lw, ll, lw, ll, m)
     return _mean_loss(cost, m), metrics

@@ -14,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kto_jax.losses.common import Array, as_mask, f32, masked_sum
+from kto_jax.losses.common import Array, as_mask, f32, masked_sum, zero_masked
 
 GOOD_TOKEN = "<|good|>"
 BAD_TOKEN = "<|bad|>"
@@ -38,9 +38,9 @@ def sft_loss(policy_logps: Array, token_counts: Array, *,
     The denominator is the token count, so the step must weight microbatches by
     `metrics['loss_denominator']` (tokens here) for the token mean to be exact.
     """
-    logps = f32(policy_logps)
-    m = as_mask(mask, logps)
-    tokens = masked_sum(f32(token_counts), m)
+    m = as_mask(mask, f32(policy_logps))
+    logps = zero_masked(f32(policy_logps), m)
+    tokens = masked_sum(zero_masked(f32(token_counts), m), m)
     nll_sum = masked_sum(-logps, m)
     loss = nll_sum / jnp.maximum(tokens, 1.0)
     metrics = {
@@ -58,7 +58,7 @@ def sft_desirable_loss(policy_logps: Array, token_counts: Array, desirable: Arra
     d = as_mask(mask, f32(policy_logps)) * jnp.asarray(desirable).astype(jnp.float32)
     loss, metrics = sft_loss(policy_logps, token_counts, mask=d)
     metrics["count/desirable"] = jnp.sum(d)
-    metrics["logps/desirable_sum"] = jax.lax.stop_gradient(masked_sum(f32(policy_logps), d))
+    metrics["logps/desirable_sum"] = jax.lax.stop_gradient(masked_sum(zero_masked(f32(policy_logps), d), d))
     return loss, metrics
 
 
@@ -68,7 +68,7 @@ def csft_loss(policy_logps: Array, token_counts: Array, desirable: Array, *,
     m = as_mask(mask, f32(policy_logps))
     des = jnp.asarray(desirable).astype(jnp.float32)
     loss, metrics = sft_loss(policy_logps, token_counts, mask=m)
-    logps = jax.lax.stop_gradient(f32(policy_logps))
+    logps = jax.lax.stop_gradient(zero_masked(f32(policy_logps), m))
     metrics.update({
         "count/desirable": jnp.sum(m * des),
         "count/undesirable": jnp.sum(m * (1.0 - des)),
