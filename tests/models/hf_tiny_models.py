@@ -1,0 +1,63 @@
+"""Tiny random transformers models (float32, CPU) of every supported architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+               max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# name -> (config class, extra config fields)
+HF_CASES = {
+    "llama2": (transformers.LlamaConfig, dict(rope_theta=10000.0)),
+    # Llama 3.1/3.2: llama3 rope scaling (original 256 so every branch of the formula is hit
+    # at head_dim 16) and tied embeddings as in Llama 3.2 1B/3B.
+    "llama32_tied": (transformers.LlamaConfig, dict(
+        rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256})),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=4, head_dim=16)),
+    "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, rope_theta=1000000.0,
+                                             tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A randomly initialised float32 model; norms and biases are randomised too."""
+    config_cls, extra = HF_CASES[name]
+    config = config_cls(**{**_COMMON, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model.eval()
+
+
+def padded_batch() -> tuple[np.ndarray, np.ndarray]:
+    """ids, mask int32 [3, 12]: left-padded rows of lengths 12, 8, 5; row 2 is also right-padded."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 256, size=(3, 12)).astype(np.int32)
+    mask = np.zeros((3, 12), np.int32)
+    mask[0, :] = 1
+    mask[1, 4:] = 1
+    mask[2, 5:10] = 1
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.ndarray,
+              positions: np.ndarray) -> np.ndarray:
+    """transformers' float32 logits with explicit position_ids and attention_mask."""
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                    position_ids=torch.from_numpy(positions).long())
+    return out.logits.float().numpy()

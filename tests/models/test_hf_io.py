@@ -1,0 +1,160 @@
+"""HF import/export: logit parity with transformers, exact export round trip, sharded load, errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from hf_tiny_models import HF_CASES, hf_logits, make_hf_model, padded_batch
+from safetensors.numpy import load_file, save_file
+
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.models import from_pretrained, positions_from_mask, save_pretrained
+
+BASE_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+              ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (transformers model, its save_pretrained directory); qwen2 is saved sharded."""
+    out = {}
+    for name in HF_CASES:
+        model = make_hf_model(name)
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path, max_shard_size="100KB" if name == "qwen2" else "5GB")
+        out[name] = (model, path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = padded_batch()
+    return ids, mask, np.asarray(positions_from_mask(mask))
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_float32_logits_match_transformers(checkpoints, batch, name):
+    hf_model, path = checkpoints[name]
+    ids, mask, pos = batch
+    model, config = from_pretrained(path)
+    assert config.architecture == hf_model.config.architectures[0]
+    got = np.asarray(model(ids, pos, mask))
+    want = hf_logits(hf_model, ids, mask, pos)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_sharded_index_checkpoint_was_exercised(checkpoints):
+    path = checkpoints["qwen2"][1]
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    assert not os.path.exists(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_export_reloads_in_transformers_with_identical_tensors(checkpoints, tmp_path, name):
+    hf_model, path = checkpoints[name]
+    model, _ = from_pretrained(path)
+    save_pretrained(model, str(tmp_path), max_shard_bytes=60_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert type(reloaded) is type(hf_model)
+    want, got = hf_model.state_dict(), reloaded.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_mesh_logits_equal_one_device_logits(checkpoints, batch):
+    ids, mask, pos = batch
+    path = checkpoints["llama2"][1]
+    one, _ = from_pretrained(path)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    sharded, _ = from_pretrained(path, mesh=mesh, rules=BASE_RULES)
+    q = sharded.layers.q_proj[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)
+    with jax.set_mesh(mesh):
+        got = np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, c))(sharded, ids, pos, mask))
+    np.testing.assert_allclose(got, np.asarray(one(ids, pos, mask)), atol=1e-5)
+
+
+def test_bf16_params_load_as_rounded_fp32(checkpoints):
+    path = checkpoints["llama2"][1]
+    model, config = from_pretrained(path, param_dtype="bfloat16", dtype="bfloat16")
+    assert config.param_dtype == "bfloat16" and model.embed_tokens[...].dtype == jax.numpy.bfloat16
+    want = checkpoints["llama2"][0].model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens[...], np.float32), want)
+
+
+# ---- errors ----
+
+def _copy(path, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def _edit_tensors(directory, edit):
+    file = directory / "model.safetensors"
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _edit_config(directory, **changes):
+    cfg = json.load(open(directory / "config.json"))
+    cfg.update(changes)
+    json.dump(cfg, open(directory / "config.json", "w"))
+
+
+def test_unsupported_architecture_is_named(checkpoints, tmp_path):
+    d = _copy(checkpoints["llama2"][1], tmp_path)
+    _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(UserError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        from_pretrained(str(d))
+
+
+def test_unsupported_rope_type_is_named(checkpoints, tmp_path):
+    d = _copy(checkpoints["llama2"][1], tmp_path)
+    _edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
+    with pytest.raises(UserError, match="'yarn'.*llama3"):
+        from_pretrained(str(d))
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    d = _copy(checkpoints["llama2"][1], tmp_path)
+    _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(UserError, match=r"missing 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(str(d))
+
+
+def test_extra_tensor_is_named(checkpoints, tmp_path):
+    d = _copy(checkpoints["llama2"][1], tmp_path)
+    _edit_tensors(d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((2, 2), np.float32)}))
+    with pytest.raises(UserError, match=r"unexpected 1 tensor.*model\.layers\.2\.mlp\.up_proj"):
+        from_pretrained(str(d))
+
+
+def test_shape_mismatch_is_named(checkpoints, tmp_path):
+    d = _copy(checkpoints["llama2"][1], tmp_path)
+    _edit_config(d, intermediate_size=96)
+    with pytest.raises(UserError, match=r"gate_proj\.weight.*\(128, 64\).*\(96, 64\)"):
+        from_pretrained(str(d))
+
+
+def test_missing_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        from_pretrained(str(tmp_path))
+    _edit = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+             "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    json.dump(_edit, open(tmp_path / "config.json", "w"))
+    with pytest.raises(UserError, match="model.safetensors"):
+        from_pretrained(str(tmp_path))
