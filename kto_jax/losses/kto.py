@@ -61,13 +61,11 @@ def _example_costs(r: Array, z0: Array, desirable: Array, beta: float,
     u = jnp.where(desirable, beta * (r - z0), beta * (z0 - r))
     lam = jnp.where(desirable, desirable_weight, undesirable_weight)
     cost = lam * (ceiling - value_fn(u))
-    if dynamic_desirable_weight:
-        # Section 4.2: a larger lambda_D while r - z0 < 0. The extra delta (v(0) - v(u))
-        # makes the desirable slope (lambda_D + delta) v'(u) in the loss regime and keeps
-        # the cost continuous at u = 0; the gain regime is unchanged.
-        extra = dynamic_desirable_weight * (value_fn(jnp.zeros_like(u)) - value_fn(u))
-        cost = cost + jnp.where(desirable & (u < 0), extra, 0.0)
-    return cost
+    # Section 4.2: a larger lambda_D while r - z0 < 0. The extra delta (v(0) - v(u)) makes
+    # the desirable slope (lambda_D + delta) v'(u) in the loss regime and keeps the cost
+    # continuous at u = 0; the gain regime is unchanged. delta = 0 adds exactly 0.
+    extra = dynamic_desirable_weight * (value_fn(jnp.zeros_like(u)) - value_fn(u))
+    return cost + jnp.where(desirable & (u < 0), extra, 0.0)
 
 
 def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,

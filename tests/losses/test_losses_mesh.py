@@ -1,7 +1,6 @@
 """z0 and the KTO loss on an 8-device mesh (data=4, fsdp=2) equal their single-device values."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
