@@ -1,0 +1,132 @@
+"""AOT compile for TPU topologies on this CPU host (kto_jax/aot.py), with libtpu.
+
+The programs are a two-layer MLP train step (forward, backward, SGD update with the
+parameters donated), sharded over a (data, fsdp) mesh: the same shape of program
+as the real KTO step, small enough to compile in about a second.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kto_jax import aot
+from kto_jax.errors import UserError
+
+pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed: pip install 'kto-jax[tpu]'")
+
+MESH = {"data": 2, "fsdp": 2}
+
+
+def mlp_train_step(params, x):
+    """One SGD step on mean((tanh(x w1) w2 - x)^2); x is [batch, seq, embed]."""
+
+    def loss_fn(p):
+        hidden = jnp.tanh(x @ p["w1"])
+        return jnp.mean((hidden @ p["w2"] - x) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return jax.tree.map(lambda w, g: w - 0.01 * g, params, grads), loss
+
+
+def mlp_builder(embed, hidden, batch, seq):
+    """build(mesh) for aot: abstract params sharded over fsdp, batch over (data, fsdp)."""
+
+    def build(mesh):
+        w = NamedSharding(mesh, P("fsdp", None))
+        params = {"w1": jax.ShapeDtypeStruct((embed, hidden), jnp.float32, sharding=w),
+                  "w2": jax.ShapeDtypeStruct((hidden, embed), jnp.float32, sharding=w)}
+        x = jax.ShapeDtypeStruct((batch, seq, embed), jnp.float32,
+                                 sharding=NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+        return jax.jit(mlp_train_step, donate_argnums=0), (params, x)
+
+    return build
+
+
+@pytest.mark.parametrize("name,chips,grid,per_host,cloud,hbm_gib", [
+    ("v5p-32", 16, (2, 2, 4), (2, 2, 1), "v5p-32", 95),
+    ("v5p-128", 64, (4, 4, 4), (2, 2, 1), "v5p-128", 95),
+    ("v5e-32", 32, (4, 8), (2, 2, 1), "v5litepod-32", 16),
+    ("v5litepod-16", 16, (4, 4), (2, 2, 1), "v5litepod-16", 16),
+    ("v5e-4", 4, (2, 2), (2, 2, 1), "v5litepod-4", 16),
+    ("v4-8", 4, (2, 2, 1), (2, 2, 1), "v4-8", 32),
+    ("v6e-8", 8, (2, 4), (2, 4, 1), "v6e-8", 32),
+    ("v6e-256", 256, (16, 16), (2, 2, 1), "v6e-256", 32),
+])
+def test_parse_topology_matches_cloud_tpu_shapes(name, chips, grid, per_host, cloud, hbm_gib):
+    tpu = aot.parse_topology(name)
+    assert (tpu.num_chips, tpu.topology, tpu.chips_per_host) == (chips, grid, per_host)
+    assert tpu.accelerator_type == cloud
+    assert tpu.hbm_bytes == hbm_gib * 2**30
+
+
+def test_parse_topology_multislice_and_bad_names():
+    tpu = aot.parse_topology("2xv5p-16")
+    assert (tpu.num_slices, tpu.num_chips, tpu.num_devices, tpu.libtpu_topology_name) == (2, 8, 16, "v5p:2x2x2")
+    for bad in ["v5p", "tpu-8", "v7x-8", "v5p-6", "v5p-4", "v5e-2", "v5e-512", "v4-7", "0xv4-8"]:
+        with pytest.raises(UserError, match="--topology"):
+            aot.parse_topology(bad)
+
+
+def test_missing_libtpu_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` raise ImportError
+    with pytest.raises(UserError, match=r"kto-jax\[tpu\]"):
+        aot.topology_devices(aot.parse_topology("v4-8"))
+
+
+def test_mesh_sizes_must_cover_the_slice():
+    devices = aot.topology_devices(aot.parse_topology("v5e-4"))
+    assert dict(aot.topology_mesh(devices, {"data": -1, "fsdp": 2}).shape) == {"data": 2, "fsdp": 2}
+    for bad in [{"data": 3, "fsdp": -1}, {"data": 2, "fsdp": 4}, {"data": -1, "fsdp": -1}]:
+        with pytest.raises(UserError, match="mesh"):
+            aot.topology_mesh(devices, bad)
+
+
+def test_small_train_step_fits_with_exact_argument_bytes():
+    embed, hidden, batch, seq = 512, 2048, 8, 256
+    report = aot.compile_for_topology("v5e-4", mlp_builder(embed, hidden, batch, seq), MESH)
+    param_bytes = 2 * embed * hidden * 4 // MESH["fsdp"]          # per device: fsdp halves
+    batch_bytes = batch * seq * embed * 4 // (MESH["data"] * MESH["fsdp"])
+    assert report.argument_bytes == param_bytes + batch_bytes
+    assert report.alias_bytes == param_bytes                      # donated params reused in place
+    assert report.output_bytes >= param_bytes + 4                 # new params + scalar loss
+    assert report.generated_code_bytes > 0 and report.peak_bytes > 0
+    assert report.total_bytes == (report.argument_bytes + report.output_bytes - report.alias_bytes
+                                  + report.temp_bytes + report.generated_code_bytes)
+    assert report.fits and report.error is None
+    text = str(report)
+    assert "v5e-4" in text and "fits" in text and "does not fit" not in text and "temporaries" in text
+
+
+def test_too_large_program_is_reported_not_raised():
+    # w1 and w2 alone: 2 * 32768 * 131072 * 4 B / 2 = 16 GiB per chip > 16 GiB HBM of a v5e.
+    report = aot.compile_for_topology("v5e-4", mlp_builder(32768, 131072, 4, 128), MESH)
+    assert not report.fits
+    assert report.error is not None and "RESOURCE_EXHAUSTED" in report.error
+    assert "does not fit" in str(report)
+
+
+def test_verdict_compares_total_with_chip_hbm():
+    # The same small program "fits" on a v4 and not on a pretend chip with 1 MiB of HBM.
+    report = aot.compile_for_topology("v4-8", mlp_builder(512, 2048, 8, 256), MESH)
+    assert report.fits
+    tiny_chip = aot.CompileReport(**{**report.__dict__, "tpu": aot.dataclasses.replace(report.tpu, hbm_bytes=2**20)})
+    assert not tiny_chip.fits and "does not fit" in tiny_chip.verdict
+
+
+def test_find_max_microbatch_stops_at_the_hbm_boundary():
+    # Activations grow by ~4.5 GiB per example per chip (seq 65536): 1, 2 fit a v5e's
+    # 16 GiB, 4 does not, and bisection settles 3. 4 chips (data=2 x fsdp=2) share the batch.
+    def build(mesh, per_chip):
+        return mlp_builder(1024, 8192, per_chip * 4, 65536)(mesh)
+
+    search = aot.find_max_microbatch("v5e-4", build, MESH, limit=64, powers_of_two=False)
+    assert sorted(search.reports) == [1, 2, 3, 4] and search.best == 3
+    best = search.best
+    assert best is not None and search.reports[best].fits
+    larger = [size for size in search.reports if size > best]
+    assert larger and all(not search.reports[size].fits for size in larger)
+    assert best + 1 in search.reports                               # bisection closed the gap
+    assert str(best) in str(search)
