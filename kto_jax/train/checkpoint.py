@@ -109,6 +109,13 @@ def _from_storable(restored: Any, abstract_state: Any) -> Any:
     return jax.tree.map(leaf, restored, abstract_state)
 
 
+def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore args placing every array on the sharding its target names."""
+    return ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
+
+
 def _key_impl(target):
     if isinstance(target, jax.Array):
         return jax.random.key_impl(target)
@@ -167,7 +174,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(_to_storable(state)),
+            STATE: ocp.args.PyTreeSave(_to_storable(state)),
             DATA: grain.checkpoint.CheckpointSave(IteratorSnapshot.of(data_iterator)),
             CONFIG: ocp.args.JsonSave(json.loads(config_json)),
         })
@@ -188,13 +195,24 @@ class Checkpointer:
         """
         step = self._resolve_step(step)
         target = _abstract_storable(abstract_like(abstract_state))
-        items = {STATE: ocp.args.StandardRestore(target)}
+        items = {STATE: _pytree_restore(target)}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(IteratorSnapshot())
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if data_iterator is not None:
             restored[DATA].apply_to(data_iterator)
         return _from_storable(restored[STATE], abstract_state), step
+
+    def restore_subtree(self, name: str, abstract: Any, *, step: int | None = None) -> tuple[Any, int]:
+        """Restores only the top-level field `name` of the saved state (e.g. "params" to export).
+
+        The rest of the state (optimizer moments: twice the parameters) is never read.
+        """
+        step = self._resolve_step(step)
+        target = {name: _abstract_storable(abstract_like(abstract))}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE: _pytree_restore(target, partial=True)}))
+        return _from_storable(restored[STATE][name], abstract), step
 
     def restore_config(self, step: int | None = None) -> dict:
         """The resolved config saved with a checkpoint, as a plain dict."""

@@ -60,6 +60,8 @@ def test_round_trip_restores_state_shardings_iterator_and_config(tmp_path):
     for want in expected_next:
         np.testing.assert_array_equal(next(it2), want)
     assert ckpt.restore_config() == {"optim": {"lr": 1e-6}}
+    params, step = ckpt.restore_subtree("params", abstract["params"])
+    _assert_equal(params, state["params"])
     ckpt.close()
 
 
