@@ -61,3 +61,14 @@ def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.nda
         out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
                     position_ids=torch.from_numpy(positions).long())
     return out.logits.float().numpy()
+
+
+def base_config():
+    """configs/base.py's get_config(), loaded by path (configs/ is not a package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
+    spec = importlib.util.spec_from_file_location("kto_base_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -10,15 +10,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_tiny_models import HF_CASES, hf_logits, make_hf_model, padded_batch
+from hf_tiny_models import HF_CASES, base_config, hf_logits, make_hf_model, padded_batch
 from safetensors.numpy import load_file, save_file
 
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import from_pretrained, positions_from_mask, save_pretrained
 
-BASE_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-              ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +74,11 @@ def test_mesh_logits_equal_one_device_logits(checkpoints, batch):
     ids, mask, pos = batch
     path = checkpoints["llama2"][1]
     one, _ = from_pretrained(path)
-    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    sharded, _ = from_pretrained(path, mesh=mesh, rules=BASE_RULES)
+    mesh_cfg = base_config().mesh
+    mesh_cfg.fsdp, mesh_cfg.tensor = 4, 2
+    mesh = shd.make_mesh(mesh_cfg)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    sharded, _ = from_pretrained(path, mesh=mesh, rules=mesh_cfg.rules)
     q = sharded.layers.q_proj[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)

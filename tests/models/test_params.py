@@ -1,0 +1,88 @@
+"""The HF <-> kto-jax param table covers the model one-to-one and its transforms invert."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from kto_jax.models import params as table
+from kto_jax.models.config import PRESETS, ModelConfig
+from kto_jax.models.transformer import abstract_model
+
+CONFIGS = {
+    "llama2": ModelConfig(),
+    "llama32_tied": ModelConfig(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256}),
+    "mistral": ModelConfig(architecture="MistralForCausalLM", sliding_window=4),
+    "qwen2": ModelConfig(architecture="Qwen2ForCausalLM", attention_bias=True),
+    "qwen3": ModelConfig(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=32,
+                         tie_word_embeddings=True),
+}
+
+
+def _flat_params(config):
+    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_table_covers_the_abstract_state_one_to_one(name):
+    config = CONFIGS[name]
+    rows = table.param_table(config)
+    flat = _flat_params(config)
+    paths = [row.path for row in rows]
+    assert len(paths) == len(set(paths))
+    assert set(paths) == set(flat)
+    hf_names = [n for row in rows for n in row.hf_names(config.num_layers)]
+    assert len(hf_names) == len(set(hf_names))
+    for row in rows:  # stacked rows are exactly the params with a leading 'layers' axis
+        assert row.stacked == (row.path[0] == "layers")
+        if row.stacked:
+            assert flat[row.path].shape[0] == config.num_layers
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transforms_round_trip_and_match_hf_shapes(name):
+    config = CONFIGS[name]
+    flat = _flat_params(config)
+    rng = np.random.default_rng(0)
+    for row in table.param_table(config):
+        shape = flat[row.path].shape[1:] if row.stacked else flat[row.path].shape
+        hf = rng.normal(size=table.hf_shape(row.transform, shape)).astype(np.float32)
+        ours = table.to_ours(row.transform, hf, shape)
+        assert ours.shape == shape
+        np.testing.assert_array_equal(table.to_hf(row.transform, ours), hf)
+
+
+def test_table_row_sets_follow_the_features():
+    assert {r.path[-1] for r in table.param_table(CONFIGS["qwen2"])} >= {"q_bias", "k_bias", "v_bias"}
+    assert {r.path[-1] for r in table.param_table(CONFIGS["qwen3"])} >= {"q_norm", "k_norm"}
+    assert "lm_head" not in {r.path[-1] for r in table.param_table(CONFIGS["qwen3"])}
+    assert "lm_head" in {r.path[-1] for r in table.param_table(CONFIGS["llama2"])}
+
+
+def test_heads_layouts_by_hand():
+    # HF q_proj [N*hd, D]: row n*hd + h is head n, dim h; ours [D, N, hd].
+    n, hd, d = 3, 2, 4
+    hf = np.arange(n * hd * d, dtype=np.float32).reshape(n * hd, d)
+    ours = table.to_ours(table.HEADS_IN, hf, (d, n, hd))
+    assert ours[1, 2, 0] == hf[2 * hd + 0, 1]
+    # HF o_proj [D, H*hd]: column n*hd + h; ours [H, hd, D].
+    hf_o = np.arange(d * n * hd, dtype=np.float32).reshape(d, n * hd)
+    ours_o = table.to_ours(table.HEADS_OUT, hf_o, (n, hd, d))
+    assert ours_o[2, 1, 3] == hf_o[3, 2 * hd + 1]
+
+
+def test_ignorable_names():
+    tied = CONFIGS["qwen3"]
+    assert table.ignorable_hf_name("lm_head.weight", tied)
+    assert not table.ignorable_hf_name("lm_head.weight", CONFIGS["llama2"])
+    assert table.ignorable_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq", CONFIGS["llama2"])
+
+
+@pytest.mark.parametrize("name", ["llama31_70b", "qwen25_0_5b"])
+def test_presets_build_abstractly_with_the_published_parameter_count(name):
+    config = PRESETS[name]()
+    total = sum(int(np.prod(x.shape)) for x in _flat_params(config).values())
+    # Llama-3.1-70B: 70.55B parameters; Qwen2.5-0.5B: 0.49B (tied head).
+    want = {"llama31_70b": 70.55e9, "qwen25_0_5b": 0.494e9}[name]
+    assert abs(total - want) / want < 0.01
