@@ -59,7 +59,7 @@ def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.nda
     """transformers' float32 logits with explicit position_ids and attention_mask."""
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                    position_ids=torch.from_numpy(positions).long())
+                    position_ids=torch.tensor(np.asarray(positions), dtype=torch.long))
     return out.logits.float().numpy()
 
 
@@ -72,3 +72,13 @@ def base_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over 'w0'..'w252' plus <pad>/<s>/</s>/<unk>, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": 4 + i for i in range(252)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")

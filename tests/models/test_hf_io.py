@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_tiny_models import HF_CASES, base_config, hf_logits, make_hf_model, padded_batch
+from hf_tiny_models import HF_CASES, base_config, hf_logits, make_hf_model, padded_batch, tiny_tokenizer
 from safetensors.numpy import load_file, save_file
 
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
-from kto_jax.models import from_pretrained, positions_from_mask, save_pretrained
+from kto_jax.models import from_pretrained, load_tokenizer, positions_from_mask, save_pretrained
 
 
 
@@ -95,6 +95,16 @@ def test_bf16_params_load_as_rounded_fp32(checkpoints):
     np.testing.assert_array_equal(np.asarray(model.embed_tokens[...], np.float32), want)
 
 
+def test_tokenizer_is_saved_alongside_and_reloads(checkpoints, tmp_path):
+    model, _ = from_pretrained(checkpoints["llama2"][1])
+    tokenizer = tiny_tokenizer()
+    save_pretrained(model, str(tmp_path), tokenizer=tokenizer)
+    reloaded = load_tokenizer(str(tmp_path))
+    text = "w5 w17 w250 unknown"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"] == [9, 21, 254, 3]
+    assert (reloaded.pad_token_id, reloaded.eos_token_id) == (0, 2)
+
+
 # ---- errors ----
 
 def _copy(path, tmp_path):
@@ -159,3 +169,5 @@ def test_missing_files_are_user_errors(tmp_path):
     json.dump(_edit, open(tmp_path / "config.json", "w"))
     with pytest.raises(UserError, match="model.safetensors"):
         from_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="tokenizer"):
+        load_tokenizer(str(tmp_path))
