@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0           # grain worker processes (0: in the main process)
     c.data.prefetch = 2               # batches prepared ahead
     c.data.num_epochs = 1             # passes over the training data
+    c.data.reference_logps_path = ""  # reference.source="precomputed": directory written by `kto-jax precompute-ref` (docs/performance.md)
 
     # ---- optim: optax optimizer and schedule ----
     c.optim = ml_collections.ConfigDict()
