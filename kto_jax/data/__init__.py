@@ -1,0 +1,41 @@
+"""Feedback data: TRL-format files -> checked, balanced, tokenized, static-shape batches.
+
+The one entry point the trainer calls:
+
+    from kto_jax.data import build_datasets
+    train_iter_factory, eval_batches, summary = build_datasets(config, tokenizer)
+
+    it = train_iter_factory()              # config.data.num_epochs; forever=True for endless
+    it.set_state(saved_state)              # optional: resume at exactly the next batch
+    for batch in it: ...                   # dict of numpy arrays [A, M_local, ...]
+    saved_state = it.get_state()           # JSON-able; grain's checkpoint protocol
+    for batch in eval_batches(): ...       # one pass; None when there is no eval split
+    lam_d, lam_u = summary.desirable_weight, summary.undesirable_weight  # eq. 9 if auto_weights
+    print(summary)                         # what was read, dropped and why; lengths; λ advice
+
+Batches follow kto_jax/batch.py: unpaired keys (prompt_ids/mask left-padded to
+P, completion_ids/mask right-padded to C, desirable, weight, valid) for the
+unpaired losses, paired keys (prompt, chosen, rejected, valid) when
+`get_loss(config.loss.name).paired`. A = global_batch_size / micro_batch_size;
+each process yields rows [p*M/n, (p+1)*M/n) of every microbatch, so the
+processes' slices concatenated along axis 1 in process order are the global
+batch, identical to a single-process run with the same seed. Feed them to
+`jax.make_array_from_process_local_data` with the batch axis sharded so that
+process p's devices hold that block.
+
+The last partial batch of an epoch is padded with filler rows (valid=False,
+weight 0, copies of real rows) spread so each microbatch keeps about the same
+number of real rows; `data.drop_remainder=True` drops it instead (reported).
+
+Modules: readers (files -> rows), formats (TRL formats -> examples), imbalance
+(fractions, eq. 9), tokenize (chat template, truncation, prefix guarantee),
+batching (plans, buckets, padding), iterator (the grain pipeline and its
+state), pipeline (build_datasets), summary, cli (`kto-jax data inspect`).
+See docs/data.md.
+"""
+
+from kto_jax.data.iterator import FeedbackIterator
+from kto_jax.data.pipeline import Datasets, build_datasets
+from kto_jax.data.summary import DataSummary, SplitSummary
+
+__all__ = ["build_datasets", "Datasets", "DataSummary", "SplitSummary", "FeedbackIterator"]

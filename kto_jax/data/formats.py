@@ -1,0 +1,246 @@
+"""TRL's dataset formats: detect them, validate every row, normalise to examples.
+
+Formats (TRL's names), each as plain text or as conversational message lists
+(`[{"role": ..., "content": ...}, ...]`):
+  unpaired  prompt, completion, label (bool)        -> one example
+  paired    prompt, chosen, rejected                -> a `Pair`; for unpaired losses
+            two examples (chosen desirable, rejected undesirable), or one of the
+            two at random with `one_y_per_x`. Conversational pairs may omit the
+            prompt: it is then the messages chosen and rejected share (TRL's
+            "implicit prompt").
+  scored    prompt, completion, score (number)      -> desirable iff score > threshold,
+            weight |score - threshold| when score weighting is on.
+Every problem in every row is collected and raised as one `UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from kto_jax.data.readers import Problems, RowSet
+from kto_jax.errors import UserError
+
+FORMATS = {
+    "unpaired": ("prompt", "completion", "label"),
+    "paired": ("prompt", "chosen", "rejected"),
+    "scored": ("prompt", "completion", "score"),
+}
+_EXPECTED = "; ".join(f"{name} ({', '.join(cols)})" for name, cols in FORMATS.items())
+
+Text = str | list  # plain text, or a list of {role, content} messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One normalised unpaired example: {prompt, completion, label, weight}."""
+    prompt: Text
+    completion: Text
+    label: bool          # desirable (thumbs up) or undesirable
+    weight: float
+    where: str           # source location, e.g. "train.jsonl:12"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One preference pair, kept together for the paired losses (DPO, IPO, ...)."""
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+
+def detect_format(rows: RowSet, configured: str = "auto") -> tuple[str, bool]:
+    """Decides the format from the columns (or checks the configured one).
+
+    Returns:
+      (format, conversational): format in FORMATS; conversational is True when the
+      prompt (or chosen) values are message lists.
+    """
+    columns = set(rows.columns)
+    if not rows.records:
+        raise UserError(f"{rows.source}: no records found; the dataset is empty.")
+    if configured == "auto":
+        fmt = _format_from_columns(columns, rows.source)
+    elif configured in FORMATS:
+        fmt = configured
+        missing = [c for c in FORMATS[fmt] if c not in columns]
+        if missing and not _implicit_prompt(fmt, columns, rows):
+            raise UserError(f"{rows.source}: data.format={fmt} needs columns "
+                            f"{', '.join(FORMATS[fmt])}; missing {', '.join(missing)} "
+                            f"(columns found: {', '.join(sorted(columns))}).")
+    else:
+        raise UserError(f"data.format={configured!r} is not a format; use auto or one of "
+                        f"{', '.join(FORMATS)} (conversational variants are detected).")
+    first = rows.records[0]
+    probe = first.get("prompt") if "prompt" in columns else first.get("chosen")
+    return fmt, isinstance(probe, list)
+
+
+def _format_from_columns(columns: set[str], source: str) -> str:
+    matches = [name for name, cols in FORMATS.items() if set(cols) <= columns]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UserError(f"{source}: the columns {', '.join(sorted(columns))} fit several "
+                        f"formats ({', '.join(matches)}); set data.format to one of them.")
+    if {"chosen", "rejected"} <= columns:
+        return "paired"  # implicit prompt; checked to be conversational when normalising
+    raise UserError(f"{source}: cannot tell the data format from the columns "
+                    f"{', '.join(sorted(columns)) or '(none)'}. Expected one of: {_EXPECTED}; "
+                    "each as text or as conversational lists of {role, content} messages. "
+                    "Rename the columns or set data.format.")
+
+
+def _implicit_prompt(fmt: str, columns: set[str], rows: RowSet) -> bool:
+    return fmt == "paired" and {"chosen", "rejected"} <= columns and "prompt" not in columns
+
+
+def normalise_unpaired(rows: RowSet, fmt: str, conversational: bool, *,
+                       score_threshold: float = 0.0, score_weighting: bool = False
+                       ) -> list[Example]:
+    """Validates unpaired or scored rows and returns one `Example` per row."""
+    problems, out = Problems(), []
+    for i, record in enumerate(rows.records):
+        where = rows.where(i)
+        prompt = _text_field(record, "prompt", conversational, where, problems)
+        completion = _text_field(record, "completion", conversational, where, problems)
+        if fmt == "unpaired":
+            label, weight = _label_field(record, where, problems), 1.0
+        else:
+            score = _score_field(record, where, problems)
+            label = None if score is None else score > score_threshold
+            weight = abs(score - score_threshold) if (score_weighting and score is not None) else 1.0
+        if prompt is not None and completion is not None and label is not None:
+            out.append(Example(prompt, completion, bool(label), float(weight), where))
+    problems.raise_if_any(f"{rows.source}: invalid {fmt} rows")
+    return out
+
+
+def normalise_pairs(rows: RowSet, conversational: bool) -> list[Pair]:
+    """Validates paired rows (prompt, chosen, rejected) and returns one `Pair` per row."""
+    problems, out = Problems(), []
+    implicit = "prompt" not in set(rows.columns)
+    if implicit and not conversational:
+        raise UserError(f"{rows.source}: paired rows without a prompt column are only "
+                        "understood when chosen/rejected are message lists (the prompt is "
+                        "their shared leading messages); add a prompt column.")
+    for i, record in enumerate(rows.records):
+        where = rows.where(i)
+        chosen = _text_field(record, "chosen", conversational, where, problems)
+        rejected = _text_field(record, "rejected", conversational, where, problems)
+        if implicit:
+            prompt, chosen, rejected = _split_implicit(chosen, rejected, where, problems)
+        else:
+            prompt = _text_field(record, "prompt", conversational, where, problems)
+        if prompt is not None and chosen is not None and rejected is not None:
+            out.append(Pair(prompt, chosen, rejected, where))
+    problems.raise_if_any(f"{rows.source}: invalid paired rows")
+    return out
+
+
+def unpair(pairs: list[Pair], *, one_y_per_x: bool, seed: int) -> list[Example]:
+    """Pairs -> unpaired examples: chosen desirable, rejected undesirable.
+
+    With `one_y_per_x`, only one of the two is kept per prompt, each with
+    probability 1/2 from a seeded generator (the paper's one-y-per-x setting, §4.3).
+    """
+    keep_chosen = np.random.default_rng([seed, 1]).random(len(pairs)) < 0.5
+    out = []
+    for pair, chosen_only in zip(pairs, keep_chosen):
+        if not one_y_per_x or chosen_only:
+            out.append(Example(pair.prompt, pair.chosen, True, 1.0, pair.where))
+        if not one_y_per_x or not chosen_only:
+            out.append(Example(pair.prompt, pair.rejected, False, 1.0, pair.where))
+    return out
+
+
+def _split_implicit(chosen, rejected, where: str, problems: Problems):
+    """Shared leading messages of chosen and rejected become the prompt."""
+    if chosen is None or rejected is None:
+        return None, None, None
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        problems.add(where, "chosen and rejected share no leading prompt messages (or one is a "
+                            "prefix of the other); add an explicit prompt column")
+        return None, None, None
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _text_field(record: dict, name: str, conversational: bool, where: str,
+                problems: Problems) -> Text | None:
+    value = record.get(name)
+    if value is None:
+        problems.add(where, f"missing field {name!r}")
+        return None
+    if conversational:
+        return _messages_field(value, name, where, problems)
+    if isinstance(value, list):
+        problems.add(where, f"field {name!r} is a message list but the first row's prompt is "
+                            "text; use one style for every row and field")
+        return None
+    if not isinstance(value, str):
+        problems.add(where, f"field {name!r} must be text, got {type(value).__name__} "
+                            f"{_short(value)}")
+        return None
+    if not value.strip():
+        problems.add(where, f"empty field {name!r}")
+        return None
+    return value
+
+
+def _messages_field(value, name: str, where: str, problems: Problems) -> list | None:
+    if not isinstance(value, list):
+        problems.add(where, f"field {name!r} must be a list of {{role, content}} messages like "
+                            f"the first row's, got {type(value).__name__}")
+        return None
+    if not value:
+        problems.add(where, f"empty field {name!r} (no messages)")
+        return None
+    for k, msg in enumerate(value):
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
+                and isinstance(msg.get("content"), str)):
+            problems.add(where, f"field {name!r} message {k} must be {{'role': str, 'content': "
+                                f"str}}, got {_short(msg)}")
+            return None
+    if not any(msg["content"].strip() for msg in value):
+        problems.add(where, f"empty field {name!r} (every message content is empty)")
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _label_field(record: dict, where: str, problems: Problems) -> bool | None:
+    value = record.get("label")
+    if value is None:
+        problems.add(where, "missing field 'label'")
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        problems.add(where, f"field 'label' must be a bool (true/false), got "
+                            f"{type(value).__name__} {_short(value)}")
+        return None
+    return bool(value)
+
+
+def _score_field(record: dict, where: str, problems: Problems) -> float | None:
+    value = record.get("score")
+    if value is None:
+        problems.add(where, "missing field 'score'")
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        problems.add(where, f"field 'score' must be a number, got {type(value).__name__} "
+                            f"{_short(value)}")
+        return None
+    if not math.isfinite(float(value)):
+        problems.add(where, f"field 'score' must be finite, got {value}")
+        return None
+    return float(value)
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,195 @@
+"""The grain pipeline over global batch indices, and its checkpointable iterator.
+
+  MapDataset.range(start, stop)      global batch indices (epoch-major)
+    .map(PlanBatch)                  global shuffle + length grouping + shape, per epoch
+    .map(ShardRows)                  this process's rows of every microbatch
+    .map(PadRows)                    static-shape numpy arrays (kto_jax/batch.py)
+    .to_iter_dataset(ReadOptions)    thread prefetch of `data.prefetch` batches
+    .mp_prefetch(...)                `data.worker_count` worker processes (if > 0)
+
+`FeedbackIterator` counts the batches it has handed out; its state is
+{"next_batch": k, "fingerprint": ...}. `set_state` rebuilds the pipeline from
+index k, so a restore continues at exactly the next batch whatever the worker
+count, and refuses a state recorded on different data or batching settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+
+from kto_jax.data import batching
+from kto_jax.data.tokenize import TokenizedSplit
+from kto_jax.errors import UserError
+
+TRAIN_STREAM, EVAL_STREAM = 3, 5   # random streams of one seed: train and eval plans differ
+_FOREVER = 2 ** 62
+_PLAN_CACHE = 2
+
+
+class PlanBatch:
+    """Global batch index -> `PlannedBatch` (plans are cached per epoch)."""
+
+    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, seed: int,
+                 stream: int):
+        self.prompt_lengths = split.prompt_lengths
+        self.completion_lengths = split.completion_lengths
+        self.layout, self.seed, self.stream = layout, seed, stream
+        self.per_epoch = batching.batches_per_epoch(len(split), layout)
+        self._plans: dict[int, list] = {}
+
+    def __call__(self, index: int) -> batching.PlannedBatch:
+        epoch, position = divmod(int(index), self.per_epoch)
+        if epoch not in self._plans:
+            if len(self._plans) >= _PLAN_CACHE:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = batching.plan_epoch(
+                self.prompt_lengths, self.completion_lengths, self.layout, seed=self.seed,
+                epoch=epoch, stream=self.stream)
+        return self._plans[epoch][position]
+
+
+class ShardRows:
+    """`PlannedBatch` -> (planned, example ids [A, M_local], valid [A, M_local])."""
+
+    def __init__(self, layout: batching.BatchLayout):
+        self.layout = layout
+
+    def __call__(self, planned: batching.PlannedBatch):
+        rows, valid = batching.local_rows(planned, self.layout)
+        return planned, rows, valid
+
+
+class PadRows:
+    """(planned, rows, valid) -> the batch dict of numpy arrays."""
+
+    def __init__(self, split: TokenizedSplit, pad_id: int):
+        self.split, self.pad_id = split, pad_id
+
+    def __call__(self, item) -> dict:
+        planned, rows, valid = item
+        return batching.pad_rows(self.split, rows, valid, planned, self.pad_id)
+
+
+def build_pipeline(split: TokenizedSplit, layout: batching.BatchLayout, *, seed: int,
+                   stream: int, start: int, stop: int, prefetch: int,
+                   worker_count: int) -> grain.IterDataset:
+    """The grain dataset of batches [start, stop) for this process."""
+    ds = (grain.MapDataset.range(start, stop)
+          .map(PlanBatch(split, layout, seed, stream))
+          .map(ShardRows(layout))
+          .map(PadRows(split, layout.pad_id)))
+    read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    it = ds.to_iter_dataset(read)
+    if worker_count > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
+    return it
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; our CLI parses its own FlagValues."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class FeedbackIterator(grain.DatasetIterator):
+    """Batches of one process, with an exact, worker-count independent state."""
+
+    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, *, seed: int,
+                 stream: int, num_batches: int, prefetch: int, worker_count: int,
+                 fingerprint: str):
+        super().__init__()
+        self._args = dict(split=split, layout=layout, seed=seed, stream=stream,
+                          prefetch=prefetch, worker_count=worker_count)
+        self.num_batches = num_batches
+        self.fingerprint = fingerprint
+        self.batches_per_epoch = batching.batches_per_epoch(len(split), layout)
+        self._next = 0
+        self._inner = None
+
+    @property
+    def next_batch(self) -> int:
+        """Global index of the batch the next `next()` returns."""
+        return self._next
+
+    @property
+    def epoch(self) -> int:
+        return self._next // self.batches_per_epoch
+
+    def __next__(self) -> dict:
+        if self._next >= self.num_batches:
+            raise StopIteration
+        if self._inner is None:
+            self.start_prefetch()
+        batch = next(self._inner)
+        self._next += 1
+        return batch
+
+    def start_prefetch(self) -> None:
+        if self._inner is None:
+            self._inner = iter(build_pipeline(start=self._next, stop=self.num_batches,
+                                              **self._args))
+        if hasattr(self._inner, "start_prefetch"):
+            self._inner.start_prefetch()
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_batch": self._next, "fingerprint": self.fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"the saved data-iterator state was recorded on other data or batching "
+                f"settings (fingerprint {state.get('fingerprint')!r}, now {self.fingerprint!r}); "
+                "resume with the same data files, tokenizer, data.* and train batch sizes, or "
+                "start a new workdir.")
+        self.close()
+        self._closed = False
+        self._next = int(state["next_batch"])
+
+    def close(self) -> None:
+        if self._inner is not None and hasattr(self._inner, "close"):
+            self._inner.close()
+        self._inner = None
+
+
+class TrainFactory:
+    """`train_iter_factory(num_epochs=None, *, forever=False)`.
+
+    num_epochs=None means config.data.num_epochs; forever=True repeats without end
+    (each epoch reshuffled), for runs that stop at train.num_steps.
+    """
+
+    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, data_config,
+                 fingerprint: str):
+        self.split, self.layout, self.fingerprint = split, layout, fingerprint
+        self.seed, self.num_epochs = data_config.seed, data_config.num_epochs
+        self.prefetch, self.worker_count = data_config.prefetch, data_config.worker_count
+        self.batches_per_epoch = batching.batches_per_epoch(len(split), layout)
+
+    def __call__(self, num_epochs: int | None = None, *, forever: bool = False
+                 ) -> FeedbackIterator:
+        epochs = self.num_epochs if num_epochs is None else num_epochs
+        total = _FOREVER if forever else self.batches_per_epoch * int(epochs)
+        return FeedbackIterator(self.split, self.layout, seed=self.seed, stream=TRAIN_STREAM,
+                                num_batches=total, prefetch=self.prefetch,
+                                worker_count=self.worker_count, fingerprint=self.fingerprint)
+
+
+class EvalBatches:
+    """`eval_batches()`: one pass over the eval split; the same batches every call."""
+
+    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, data_config):
+        import dataclasses  # pylint: disable=import-outside-toplevel
+        self.split = split
+        self.layout = dataclasses.replace(layout, drop_remainder=False)
+        self.seed, self.prefetch = data_config.seed, data_config.prefetch
+        self.num_batches = batching.batches_per_epoch(len(split), self.layout)
+
+    def __call__(self) -> FeedbackIterator:
+        return FeedbackIterator(self.split, self.layout, seed=self.seed, stream=EVAL_STREAM,
+                                num_batches=self.num_batches, prefetch=self.prefetch,
+                                worker_count=0, fingerprint="eval")

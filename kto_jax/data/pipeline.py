@@ -1,0 +1,272 @@
+"""`build_datasets`: config + tokenizer -> train iterator factory, eval batches, summary.
+
+Preparation (once, identically on every process, before any batch):
+  read rows -> detect the format -> split off eval rows (seeded) -> validate and
+  normalise -> (train) keep data.*_fraction of each class -> tokenize, truncate,
+  drop overlong / template-mismatched examples -> summary and λ advice.
+Every process prepares the whole dataset: that is what lets all processes agree,
+without communicating, on n_D and n_U (hence eq. 9's λ), on what was dropped, and
+on each global batch's members and padded shape.
+
+Batches (a grain pipeline of small named transforms, per global batch index):
+  MapDataset.range -> PlanBatch (global shuffle per epoch, optional length
+  grouping, batch cut, bucket shape) -> ShardRows (this process's rows of each
+  microbatch) -> PadRows (static arrays) -> to_iter_dataset (thread prefetch) ->
+  mp_prefetch (data.worker_count processes).
+A batch is a pure function of its global index, so the iterator state is just
+the index of the next batch (plus a fingerprint of the data that refuses a
+resume onto different data or batching).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from kto_jax.data import batching, formats, imbalance, tokenize
+from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, FeedbackIterator, TrainFactory
+from kto_jax.data.readers import RowSet, read_rows
+from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
+from kto_jax.errors import UserError
+
+log = logging.getLogger("kto_jax.data")
+
+
+class Datasets(NamedTuple):
+    """What `build_datasets` returns (unpack it as a 3-tuple).
+
+    train_iter_factory(num_epochs=None, *, forever=False) -> FeedbackIterator:
+        a fresh iterator over this process's training batches from the first
+        batch, for num_epochs (default config.data.num_epochs) or forever.
+        Restore a position with `it.set_state(saved)`.
+    eval_batches() -> iterator over this process's eval batches (one pass, the
+        same batches every call), or None when there is no eval split.
+    summary: a `DataSummary`.
+    """
+    train_iter_factory: Callable[..., "FeedbackIterator"]
+    eval_batches: Callable[[], Iterator[dict]] | None
+    summary: DataSummary
+
+
+def build_datasets(config, tokenizer, *, process_index: int | None = None,
+                   process_count: int | None = None) -> Datasets:
+    """Reads, validates, tokenizes and plans the data of a run.
+
+    Args:
+      config: the run's ConfigDict (uses config.data, config.train.global_batch_size,
+        config.train.micro_batch_size, config.loss).
+      tokenizer: a Hugging Face tokenizer (chat template needed for conversational data).
+      process_index, process_count: default jax.process_index() / jax.process_count().
+
+    Returns:
+      `Datasets(train_iter_factory, eval_batches, summary)`. Batches are dicts of
+      numpy arrays shaped [A, M / process_count, ...] as kto_jax/batch.py describes.
+
+    Raises:
+      UserError: any bad input (files, formats, fields, config values), or a split
+        left empty by filtering.
+    """
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+        process_index, process_count = jax.process_index(), jax.process_count()
+    d, paired = config.data, _loss_is_paired(config.loss.name)
+    _check_config(config, paired, process_count)
+    train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
+    fmt, conversational = formats.detect_format(train_rows, d.format)
+    train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
+    layout = _layout(config, tokenizer, process_index, process_count)
+    train, train_summary = _prepare_split("train", train_rows, train_rows.source, fmt,
+                                          conversational, config, paired, tokenizer, layout)
+    evaluation, eval_summary = None, None
+    if eval_rows is not None:
+        eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
+        if eval_conv != conversational:
+            raise UserError(f"{eval_rows.source}: eval rows are "
+                            f"{'conversational' if eval_conv else 'text'} but train rows are not.")
+        evaluation, eval_summary = _prepare_split("eval", eval_rows, eval_note, eval_fmt,
+                                                  eval_conv, config, paired, tokenizer, layout)
+    summary = _summarize(config, fmt, conversational, paired, train_summary, eval_summary,
+                         eval_note, layout, _fingerprint(config, train, layout))
+    for warning in summary.warnings:
+        log.warning(warning)
+    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
+                    None if evaluation is None else EvalBatches(evaluation, layout, d), summary)
+
+
+def _loss_is_paired(name: str) -> bool:
+    from kto_jax.losses import get_loss  # pylint: disable=import-outside-toplevel
+    return get_loss(name).paired
+
+
+def _check_config(config, paired: bool, process_count: int) -> None:
+    d, t = config.data, config.train
+    problems = []
+    if not 0 < d.max_prompt_length < d.max_length:
+        problems.append(f"need 0 < data.max_prompt_length ({d.max_prompt_length}) < "
+                        f"data.max_length ({d.max_length})")
+    if not 0 <= d.max_completion_length <= d.max_length:
+        problems.append(f"data.max_completion_length={d.max_completion_length} must be 0 (off) "
+                        f"or at most data.max_length={d.max_length}")
+    for key in ("on_overlong", "on_prefix_mismatch"):
+        if d[key] not in ("drop", "error"):
+            problems.append(f"data.{key}={d[key]!r} must be \"drop\" or \"error\"")
+    for key in ("desirable_fraction", "undesirable_fraction"):
+        if not 0.0 <= d[key] <= 1.0:
+            problems.append(f"data.{key}={d[key]} must lie in [0, 1]")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        problems.append(f"data.eval_fraction={d.eval_fraction} must lie in [0, 1)")
+    if d.bucket_window < 1 or d.worker_count < 0 or d.prefetch < 0 or d.num_epochs < 1:
+        problems.append("data.bucket_window and data.num_epochs must be >= 1, data.worker_count "
+                        "and data.prefetch >= 0")
+    if t.micro_batch_size < 1 or t.global_batch_size % t.micro_batch_size:
+        problems.append(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                        f"train.micro_batch_size={t.micro_batch_size}")
+    elif t.micro_batch_size % process_count:
+        problems.append(f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the "
+                        f"number of processes ({process_count}): each feeds an equal share")
+    if paired and (d.one_y_per_x or d.desirable_fraction < 1 or d.undesirable_fraction < 1):
+        problems.append(f"loss.name={config.loss.name} trains on pairs: data.one_y_per_x and "
+                        "data.*_fraction apply to unpaired losses only")
+    if problems:
+        raise UserError("invalid data config: " + "; ".join(problems) + ".")
+
+
+def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
+    """Train rows, eval rows (separate file or a seeded share of train) and a note."""
+    if d.eval_path:
+        return rows, read_rows(d.eval_path, split=d.eval_split,
+                               config_key="data.eval_path"), d.eval_path
+    n = len(rows.records)
+    n_eval = int(round(n * d.eval_fraction))
+    if n_eval == 0:
+        return rows, None, (f"none (data.eval_fraction={d.eval_fraction} of {n} rows and no "
+                            "data.eval_path)")
+    if n_eval >= n:
+        raise UserError(f"data.eval_fraction={d.eval_fraction} leaves no training rows out of {n}.")
+    perm = np.random.default_rng([d.seed, 0]).permutation(n)
+    note = f"{n_eval} rows held out of {rows.source} (data.eval_fraction={d.eval_fraction}, seed {d.seed})"
+    return rows.subset(np.sort(perm[n_eval:])), rows.subset(np.sort(perm[:n_eval])), note
+
+
+def _layout(config, tokenizer, process_index: int, process_count: int) -> batching.BatchLayout:
+    d, t = config.data, config.train
+    max_completion = d.max_completion_length or d.max_length
+    prompt_buckets, completion_buckets = batching.bucket_sizes(
+        d.bucket_lengths, d.max_prompt_length, max_completion)
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return batching.BatchLayout(
+        accumulation=t.global_batch_size // t.micro_batch_size, micro_batch=t.micro_batch_size,
+        process_index=process_index, process_count=process_count,
+        prompt_buckets=prompt_buckets, completion_buckets=completion_buckets, pad_id=int(pad_id),
+        window=d.bucket_window, drop_remainder=d.drop_remainder)
+
+
+def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout):
+    """Rows -> TokenizedSplit and its SplitSummary (fractions on train only)."""
+    d = config.data
+    if fmt == "paired":
+        items = formats.normalise_pairs(rows, conversational)
+        if not paired:
+            items = formats.unpair(items, one_y_per_x=d.one_y_per_x and name == "train",
+                                   seed=d.seed)
+    elif paired:
+        raise UserError(f"loss.name={config.loss.name} needs paired data (prompt, chosen, "
+                        f"rejected), but {rows.source} is {fmt}; use an unpaired loss such as kto.")
+    else:
+        items = formats.normalise_unpaired(rows, fmt, conversational,
+                                           score_threshold=d.score_threshold,
+                                           score_weighting=d.score_weighting)
+    n_examples, subsampled = len(items), {}
+    if name == "train" and not paired:
+        labels = np.array([e.label for e in items], bool)
+        keep = imbalance.subsample_classes(labels, d.desirable_fraction, d.undesirable_fraction,
+                                           d.seed)
+        kept_labels = labels[keep]
+        subsampled = {"desirable": int(labels.sum() - kept_labels.sum()),
+                      "undesirable": int((~labels).sum() - (~kept_labels).sum())}
+        items = [items[i] for i in keep]
+    split, report = tokenize.tokenize_split(
+        items, tokenizer, conversational=conversational, max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length, on_overlong=d.on_overlong,
+        on_prefix_mismatch=d.on_prefix_mismatch)
+    split = _cap_completions(split, d.max_completion_length, report)
+    if len(split) == 0:
+        raise UserError(_empty_message(name, len(rows.records), n_examples, subsampled, report))
+    return split, _split_summary(name, source, len(rows.records), n_examples, subsampled, report,
+                                 split, layout, d.seed)
+
+
+def _cap_completions(split, cap: int, report) -> tokenize.TokenizedSplit:
+    """Applies data.max_completion_length (0 = off) on top of the max_length budget."""
+    if not cap or all(int(c.lengths.max(initial=0)) <= cap for c in split.completions):
+        return split
+    sides = []
+    for ragged in split.completions:
+        report.completions_truncated += int((ragged.lengths > cap).sum())
+        sides.append(tokenize.Ragged.from_lists([ragged[i][:cap] for i in range(len(ragged))]))
+    return dataclasses.replace(split, completions=tuple(sides))
+
+
+def _empty_message(name, rows, examples, subsampled, report) -> str:
+    reasons = [f"{n} {cls} removed by data.{cls}_fraction" for cls, n in subsampled.items() if n]
+    reasons += [f"{n} dropped: {reason}" for reason, n in report.dropped_count.items()]
+    return (f"the {name} split is empty after filtering: {rows} rows -> {examples} examples; "
+            f"{'; '.join(reasons) or 'nothing survived'}. Check data.max_length, "
+            "data.*_fraction and the chat template.")
+
+
+def _split_summary(name, source, rows, examples, subsampled, report, split, layout, seed):
+    train = name == "train"
+    plan = batching.plan_epoch(
+        split.prompt_lengths, split.completion_lengths,
+        layout if train else dataclasses.replace(layout, drop_remainder=False), seed=seed,
+        epoch=0, stream=TRAIN_STREAM if train else EVAL_STREAM)
+    totals = split.prompt_lengths + sum(c.lengths for c in split.completions)
+    n_desirable = 0 if split.paired else int(split.label.sum())
+    return SplitSummary(
+        name=name, source=source, rows=rows, examples=examples, subsampled=subsampled,
+        tokens=report, kept=len(split), n_desirable=n_desirable,
+        n_undesirable=0 if split.paired else len(split) - n_desirable, paired=split.paired,
+        lengths=length_percentiles(split.prompt_lengths, split.completion_lengths, totals),
+        batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, layout))
+
+
+def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note, layout,
+               fingerprint) -> DataSummary:
+    lam_d, lam_u = config.loss.desirable_weight, config.loss.undesirable_weight
+    n_d, n_u = train.n_desirable, train.n_undesirable
+    recommended = None if paired else imbalance.balanced_weights(n_d, n_u)
+    warnings = []
+    if not paired and config.loss.auto_weights and recommended is not None:
+        lam_d, lam_u = recommended
+    if not paired and config.loss.name.startswith("kto"):
+        warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
+        if warning:
+            warnings.append(warning)
+    if not paired and config.loss.auto_weights and config.loss.name.startswith("kto") is False:
+        warnings.append(f"loss.auto_weights has no effect on loss {config.loss.name}, which does "
+                        "not use lambda_D / lambda_U.")
+    return DataSummary(
+        format=fmt, conversational=conversational, paired=paired, loss=config.loss.name,
+        train=train, eval=evaluation, eval_note=eval_note, desirable_weight=float(lam_d),
+        undesirable_weight=float(lam_u), recommended_weights=recommended,
+        weight_ratio=None if paired else imbalance.weight_ratio(lam_d, lam_u, n_d, n_u),
+        batch_shape=(layout.accumulation, layout.micro_batch, layout.local_micro_batch),
+        fingerprint=fingerprint, warnings=warnings)
+
+
+def _fingerprint(config, split: tokenize.TokenizedSplit, layout: batching.BatchLayout) -> str:
+    """Hash of everything a batch depends on, except which process reads it."""
+    h = hashlib.sha256()
+    for array in (split.prompts.flat, split.prompts.offsets, split.label, split.weight):
+        h.update(np.ascontiguousarray(array).tobytes())
+    for ragged in split.completions:
+        h.update(ragged.flat.tobytes())
+        h.update(ragged.offsets.tobytes())
+    shape = dataclasses.replace(layout, process_index=0, process_count=1)
+    h.update(repr((shape, config.data.seed)).encode())
+    return h.hexdigest()[:16]

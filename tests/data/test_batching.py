@@ -1,0 +1,140 @@
+"""Batch plans and assembly: buckets, padding sides, fillers, process shards."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.data import batching
+from kto_jax.data.tokenize import Ragged, TokenizedSplit
+
+
+def make_split(n, seed=0, paired=False, max_p=30, max_c=60):
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(5, 100, rng.integers(1, max_p + 1))) for _ in range(n)]
+    sides = [[list(rng.integers(5, 100, rng.integers(1, max_c + 1))) for _ in range(n)]
+             for _ in range(2 if paired else 1)]
+    return TokenizedSplit(Ragged.from_lists(prompts), tuple(Ragged.from_lists(s) for s in sides),
+                          np.arange(n) % 3 == 0, np.linspace(0.5, 2.0, n).astype(np.float32),
+                          [f"f:{i}" for i in range(n)])
+
+
+def make_layout(a=2, m=4, index=0, count=1, **kw):
+    return batching.BatchLayout(accumulation=a, micro_batch=m, process_index=index,
+                                process_count=count, prompt_buckets=(16, 32),
+                                completion_buckets=(16, 32, 64), pad_id=0, **kw)
+
+
+def test_bucket_sizes_are_capped_by_the_limits():
+    assert batching.bucket_sizes((16, 32, 64), 32, 64) == ((16, 32), (16, 32, 64))
+    assert batching.bucket_sizes((48,), 24, 48) == ((24,), (48,))
+    assert batching.bucket_sizes((128, 256), 100, 300) == ((100,), (128, 256, 300))
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_plan_covers_each_example_once_with_the_smallest_fitting_shape(window):
+    split, layout = make_split(53), make_layout(window=window)
+    plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout, seed=1,
+                               epoch=0)
+    assert len(plan) == batching.batches_per_epoch(53, layout) == 7
+    assert sorted(np.concatenate([b.indices for b in plan])) == list(range(53))
+    assert [len(b.indices) for b in plan] == [8] * 6 + [5]
+    for b in plan:
+        p, c = split.prompt_lengths[b.indices].max(), split.completion_lengths[b.indices].max()
+        assert b.prompt_len == min(x for x in (16, 32) if x >= p)
+        assert b.completion_len == min(x for x in (16, 32, 64) if x >= c)
+
+
+def test_plan_is_seeded_and_reshuffled_each_epoch():
+    split, layout = make_split(40), make_layout()
+    def order(seed, epoch):
+        plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
+                                   seed=seed, epoch=epoch)
+        return np.concatenate([b.indices for b in plan])
+    assert np.array_equal(order(0, 0), order(0, 0))
+    assert not np.array_equal(order(0, 0), order(0, 1))
+    assert not np.array_equal(order(0, 0), order(1, 0))
+
+
+def test_length_grouping_reduces_padding():
+    split = make_split(400, seed=2)
+    effs = {}
+    for window in (1, 8):
+        layout = make_layout(window=window)
+        plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout, seed=0,
+                                   epoch=0)
+        effs[window] = batching.plan_stats(split, plan, layout)["efficiency"]
+    assert effs[8] > effs[1] + 0.05
+
+
+def test_drop_remainder():
+    layout = make_layout(drop_remainder=True)
+    split = make_split(21)
+    plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout, seed=0,
+                               epoch=0)
+    assert batching.batches_per_epoch(21, layout) == len(plan) == 2
+    assert all(len(b.indices) == 8 for b in plan)
+
+
+def test_padding_sides_masks_and_fields():
+    split, layout = make_split(8), make_layout()
+    planned = batching.PlannedBatch(np.arange(8)[::-1].copy(), 32, 64)
+    batch = batching.assemble(split, planned, layout)
+    assert tuple(batch) == UNPAIRED_KEYS
+    assert batch["prompt_ids"].shape == (2, 4, 32) and batch["completion_ids"].shape == (2, 4, 64)
+    for slot in range(8):
+        a, m = divmod(slot, 4)
+        ex = 7 - slot
+        prompt, completion = list(split.prompts[ex]), list(split.completions[0][ex])
+        assert list(batch["prompt_ids"][a, m, 32 - len(prompt):]) == prompt        # left-padded
+        assert batch["prompt_mask"][a, m].tolist() == [0] * (32 - len(prompt)) + [1] * len(prompt)
+        assert list(batch["completion_ids"][a, m, :len(completion)]) == completion  # right-padded
+        assert batch["completion_mask"][a, m].sum() == len(completion)
+        assert batch["completion_mask"][a, m, :len(completion)].all()
+        assert batch["desirable"][a, m] == split.label[ex]
+        assert batch["weight"][a, m] == split.weight[ex]
+    assert batch["valid"].all()
+    assert batch["prompt_ids"].dtype == np.int32 and batch["weight"].dtype == np.float32
+
+
+def test_partial_batch_spreads_real_rows_and_fills_with_weightless_copies():
+    split, layout = make_split(5), make_layout()
+    batch = batching.assemble(split, batching.PlannedBatch(np.arange(5), 32, 64), layout)
+    assert batch["valid"].tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert batch["weight"][~batch["valid"]].tolist() == [0.0] * 3
+    # real example k sits in microbatch k % A at row k // A
+    assert list(batch["prompt_ids"][1, 0][batch["prompt_mask"][1, 0] == 1]) == list(split.prompts[1])
+    assert batch["prompt_mask"][~batch["valid"]].sum(axis=-1).min() > 0   # fillers copy real rows
+
+
+def test_paired_batches_keep_chosen_and_rejected_together():
+    split, layout = make_split(8, paired=True), make_layout()
+    batch = batching.assemble(split, batching.PlannedBatch(np.arange(8), 32, 64), layout)
+    assert tuple(batch) == PAIRED_KEYS
+    assert list(batch["rejected_ids"][0, 1, :len(split.completions[1][1])]) == list(
+        split.completions[1][1])
+
+
+@pytest.mark.parametrize("n_real", [8, 5])
+def test_process_shards_concatenate_to_the_global_batch(n_real):
+    split = make_split(8)
+    planned = batching.PlannedBatch(np.arange(n_real), 32, 64)
+    whole = batching.assemble(split, planned, make_layout())
+    parts = [batching.assemble(split, planned, make_layout(index=i, count=2)) for i in range(2)]
+    for key in whole:
+        assert parts[0][key].shape[1] == 2
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), whole[key])
+
+
+def test_plan_stats_counts_padding_and_shapes():
+    split, layout = make_split(8), make_layout()
+    planned = batching.PlannedBatch(np.arange(8), 32, 64)
+    stats = batching.plan_stats(split, [planned], layout)
+    real = split.prompt_lengths.sum() + split.completions[0].lengths.sum()
+    assert stats["efficiency"] == pytest.approx(real / (8 * (32 + 64)))
+    assert stats["shapes"] == {(32, 64): 1} and stats["filler_rows"] == 0
+    layout4 = dataclasses.replace(layout, accumulation=1)
+    single = batching.plan_stats(split, [batching.PlannedBatch(np.array([1, 2, 4, 5]), 32, 64)],
+                                 layout4)
+    assert single["single_class_batches"] == 1                            # all undesirable

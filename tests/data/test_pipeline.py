@@ -1,0 +1,213 @@
+"""build_datasets end to end: formats, determinism across processes, resume, errors."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.data import build_datasets
+from kto_jax.errors import UserError
+
+from conftest import base_config, conversation, paired_rows, unpaired_rows, write_jsonl
+
+
+def build(tokenizer, path, count=1, index=0, **overrides):
+    config = base_config(**{"data.train_path": path, **overrides})
+    return build_datasets(config, tokenizer, process_index=index, process_count=count)
+
+
+def collect(iterator):
+    return [{k: v.copy() for k, v in b.items()} for b in iterator]
+
+
+def prompts(batches):
+    return {tuple(b["prompt_ids"][a, m][b["prompt_mask"][a, m] == 1])
+            for b in batches for a, m in zip(*np.nonzero(b["valid"]))}
+
+
+def assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def unpaired_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("d") / "u.jsonl", unpaired_rows(45, seed=1))
+
+
+def test_unpaired_text_end_to_end(tokenizer, unpaired_file):
+    train, evaluation, summary = build(tokenizer, unpaired_file, **{"data.num_epochs": 2})
+    batches = collect(train())
+    assert len(batches) == 2 * 6 and evaluation is None
+    for b in batches:
+        assert tuple(b) == UNPAIRED_KEYS
+        assert b["prompt_ids"].shape[:2] == (2, 4) and b["prompt_ids"].shape[2] in (16, 32)
+        assert b["completion_ids"].shape[2] in (16, 32, 64)
+    assert sum(int(b["valid"].sum()) for b in batches) == 2 * 45
+    assert summary.n_desirable == 23 and summary.n_undesirable == 22
+    for epoch in (batches[:6], batches[6:]):             # both classes mixed into the batches
+        assert sum(int(b["desirable"][b["valid"]].any() and (~b["desirable"][b["valid"]]).any())
+                   for b in epoch) >= 4
+
+
+def test_same_seed_same_global_batches_on_one_and_two_processes(tokenizer, unpaired_file):
+    overrides = {"data.num_epochs": 2, "data.bucket_window": 2}
+    single = collect(build(tokenizer, unpaired_file, **overrides).train_iter_factory())
+    assert_batches_equal(single, collect(build(tokenizer, unpaired_file, **overrides)[0]()))
+    shards = [collect(build(tokenizer, unpaired_file, count=2, index=i, **overrides)[0]())
+              for i in range(2)]
+    joined = [{k: np.concatenate([s0[k], s1[k]], axis=1) for k in s0}
+              for s0, s1 in zip(*shards)]
+    assert_batches_equal(single, joined)
+    other = collect(build(tokenizer, unpaired_file, **{**overrides, "data.seed": 1})[0]())
+    assert not all(np.array_equal(a["prompt_ids"], b["prompt_ids"]) if a["prompt_ids"].shape ==
+                   b["prompt_ids"].shape else False for a, b in zip(single, other))
+
+
+def test_iterator_state_resumes_at_the_next_batch(tokenizer, unpaired_file):
+    train, _, _ = build(tokenizer, unpaired_file, **{"data.num_epochs": 3, "data.prefetch": 2})
+    reference = collect(train())
+    it = train()
+    head = collect(next(it) for _ in range(7))
+    state = json.loads(json.dumps(it.get_state()))          # what the checkpoint stores
+    assert state["next_batch"] == 7 and it.epoch == 1
+    resumed = train()
+    resumed.set_state(state)
+    assert_batches_equal(head + collect(resumed), reference)
+    it.set_state({**state, "next_batch": 2})                # rewinding a live iterator works too
+    assert_batches_equal(collect(it), reference[2:])
+
+
+def test_worker_processes_yield_the_same_batches_and_state(tokenizer, unpaired_file):
+    overrides = {"data.num_epochs": 2}
+    reference = collect(build(tokenizer, unpaired_file, **overrides)[0]())
+    train, _, _ = build(tokenizer, unpaired_file, **{**overrides, "data.worker_count": 1,
+                                                       "data.prefetch": 2})
+    it = train()
+    head = collect(next(it) for _ in range(5))
+    state = it.get_state()
+    it.close()
+    resumed = train()
+    resumed.set_state(state)
+    assert_batches_equal(head + collect(resumed), reference)
+
+
+def test_state_from_other_data_is_refused(tokenizer, unpaired_file, tmp_path):
+    it = build(tokenizer, unpaired_file)[0]()
+    next(it)
+    other = write_jsonl(tmp_path / "o.jsonl", unpaired_rows(45, seed=2))
+    with pytest.raises(UserError, match="recorded on other data or batching settings"):
+        build(tokenizer, other)[0]().set_state(it.get_state())
+    with pytest.raises(UserError, match="recorded on other data"):
+        build(tokenizer, unpaired_file, **{"data.bucket_lengths": (32, 64)})[0]().set_state(
+            it.get_state())
+
+
+def test_forever_keeps_reshuffling(tokenizer, unpaired_file):
+    train, _, _ = build(tokenizer, unpaired_file)
+    it = train(forever=True)
+    batches = collect(next(it) for _ in range(6 * 3 + 1))
+    assert it.epoch == 3
+    assert sum(int(b["valid"].sum()) for b in batches[:18]) == 3 * 45
+
+
+def test_paired_data_for_unpaired_and_paired_losses(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", paired_rows(20))
+    _, _, summary = build(tokenizer, path)
+    assert (summary.n_desirable, summary.n_undesirable) == (20, 20) and summary.train.kept == 40
+    _, _, one = build(tokenizer, path, **{"data.one_y_per_x": True})
+    assert one.train.kept == 20 and 0 < one.n_desirable < 20
+    train, _, paired = build(tokenizer, path, **{"loss.name": "dpo"})
+    assert paired.paired and paired.train.kept == 20
+    batches = collect(train())
+    assert tuple(batches[0]) == PAIRED_KEYS
+    assert sum(int(b["valid"].sum()) for b in batches) == 20
+
+
+def test_scored_and_conversational_formats(tokenizer, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(16):
+        prompt, answer = conversation(rng)
+        rows.append({"prompt": prompt, "completion": answer, "score": float(i)})
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    over = {"data.max_length": 128, "data.max_prompt_length": 64, "data.score_threshold": 9.5,
+            "data.score_weighting": True}
+    train, _, summary = build(tokenizer, path, **over)
+    assert summary.format == "scored" and summary.conversational
+    assert (summary.n_desirable, summary.n_undesirable) == (6, 10)
+    weights = np.concatenate([b["weight"][b["valid"]] for b in train()])
+    assert sorted(weights.tolist()) == sorted(abs(i - 9.5) for i in range(16))
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": conversation(rng)[1]}
+             for r in rows]
+    _, _, paired = build(tokenizer, write_jsonl(tmp_path / "cp.jsonl", pairs), **over)
+    assert paired.format == "paired" and paired.conversational and paired.train.kept == 32
+
+
+def test_fractions_and_auto_weights(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "b.jsonl", unpaired_rows(100, desirable_every=2))
+    _, _, summary = build(tokenizer, path, **{"data.desirable_fraction": 0.1})
+    assert (summary.n_desirable, summary.n_undesirable) == (5, 50)
+    assert summary.train.subsampled == {"desirable": 45, "undesirable": 0}
+    assert summary.recommended_weights == pytest.approx((4 / 3 * 10, 1.0))
+    assert (summary.desirable_weight, summary.undesirable_weight) == (1.0, 1.0)
+    assert any("outside" in w and "[1, 4/3]" in w for w in summary.warnings)
+    _, _, auto = build(tokenizer, path, **{"data.desirable_fraction": 0.1,
+                                            "loss.auto_weights": True})
+    assert auto.desirable_weight == pytest.approx(40 / 3) and auto.undesirable_weight == 1.0
+    assert auto.weight_ratio == pytest.approx(4 / 3) and not auto.warnings
+
+
+def test_eval_split_by_fraction_and_by_file(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", paired_rows(40, seed=3))
+    train, evaluation, summary = build(tokenizer, path, **{"data.eval_fraction": 0.25})
+    assert (summary.train.rows, summary.eval.rows) == (30, 10)
+    assert summary.eval.kept == 20                             # both sides of each eval pair
+    first, second = collect(evaluation()), collect(evaluation())
+    assert_batches_equal(first, second)
+    assert sum(int(b["valid"].sum()) for b in first) == 20
+    assert not prompts(collect(train())) & prompts(first)      # rows go to one split only
+    eval_file = write_jsonl(tmp_path / "e.jsonl", paired_rows(6, seed=4))
+    _, evaluation, summary = build(tokenizer, path, **{"data.eval_path": eval_file})
+    assert summary.train.rows == 40 and summary.eval.rows == 6 and summary.eval.source == eval_file
+
+
+def test_overlong_drop_is_reported_or_raised(tokenizer, tmp_path):
+    rows = unpaired_rows(20)
+    rows[3]["prompt"] = " ".join(["star"] * 200)
+    path = write_jsonl(tmp_path / "o.jsonl", rows)
+    _, _, summary = build(tokenizer, path)
+    assert summary.train.kept == 19
+    text = str(summary)
+    assert "dropped 1: prompt longer than data.max_length" in text and f"{path}:4" in text
+    with pytest.raises(UserError, match=rf"prompt longer than data.max_length=64 tokens \(e.g. {path}:4"):
+        build(tokenizer, path, **{"data.on_overlong": "error"})
+
+
+def test_empty_after_filtering(tokenizer, tmp_path):
+    rows = [{"prompt": " ".join(["star"] * 200), "completion": "x", "label": True}] * 3
+    with pytest.raises(UserError, match="train split is empty after filtering: 3 rows -> 3 "
+                                        "examples; 3 dropped: prompt longer"):
+        build(tokenizer, write_jsonl(tmp_path / "x.jsonl", rows))
+    with pytest.raises(UserError, match="removed by data.desirable_fraction"):
+        build(tokenizer, write_jsonl(tmp_path / "y.jsonl", unpaired_rows(4, desirable_every=1)),
+              **{"data.desirable_fraction": 0.0})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.name": "dpo"}, "loss.name=dpo needs paired data"),
+    ({"train.micro_batch_size": 3, "train.global_batch_size": 9}, "must be a multiple of the "
+                                                                  "number of processes"),
+    ({"train.global_batch_size": 6}, "must be a multiple of train.micro_batch_size"),
+    ({"data.max_prompt_length": 64}, "need 0 < data.max_prompt_length"),
+    ({"data.on_overlong": "skip"}, "data.on_overlong='skip' must be"),
+    ({"data.desirable_fraction": 1.5}, "data.desirable_fraction=1.5 must lie in"),
+])
+def test_config_errors(tokenizer, unpaired_file, overrides, message):
+    with pytest.raises(UserError, match=message):
+        build(tokenizer, unpaired_file, count=2, **overrides)
