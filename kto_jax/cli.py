@@ -14,6 +14,7 @@ from kto_jax.errors import UserError
 
 SUBCOMMANDS = {
     # name: (module:function, one-line help)
+    "data": ("kto_jax.data.cli:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
 }
 
 USAGE = "usage: kto-jax <command> [options]\n\ncommands:\n"
