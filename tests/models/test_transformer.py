@@ -16,6 +16,11 @@ def model():
     return Transformer(tiny(), rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def forward(m, ids, pos, mask):
+    return m(ids, pos, mask)
+
+
 def _batch():
     # row 0: left-padded prompt; row 1: right padding; row 2: both sides
     ids = np.array([[0, 0, 5, 6, 7, 8, 9, 10],
@@ -43,15 +48,19 @@ def test_interface_shapes_and_dtypes(model):
 
 
 def test_padding_does_not_change_real_token_logits(model):
-    """Logits of the real tokens equal those of the same tokens with no padding at all."""
+    """Each row's real-token logits are the same wherever its padding sits (left, right, split)."""
     ids, pos, mask = _batch()
-    logits = model(ids, pos, mask)
-    for row in range(3):
+    logits = forward(model, ids, pos, mask)
+    moved_ids, moved_mask = np.zeros_like(ids), np.zeros_like(mask)
+    starts = [2, 0, 1]  # row 0 -> right-padded by 2, row 1 -> left-padded by 3, row 2 -> 1 + 3
+    for row, start in enumerate(starts):
         real = np.nonzero(np.asarray(mask[row]))[0]
-        sub = ids[row:row + 1, real]
-        ones = jnp.ones_like(sub)
-        alone = model(sub, positions_from_mask(ones), ones)
-        np.testing.assert_allclose(logits[row, real], alone[0], atol=2e-5)
+        moved_ids[row, start:start + len(real)] = ids[row, real]
+        moved_mask[row, start:start + len(real)] = 1
+    moved = forward(model, jnp.asarray(moved_ids), positions_from_mask(moved_mask), jnp.asarray(moved_mask))
+    for row, start in enumerate(starts):
+        real = np.nonzero(np.asarray(mask[row]))[0]
+        np.testing.assert_allclose(logits[row, real], moved[row, start:start + len(real)], atol=2e-5)
 
 
 def test_tied_lm_head_is_embedding_transpose():
@@ -60,29 +69,39 @@ def test_tied_lm_head_is_embedding_transpose():
     np.testing.assert_array_equal(m.lm_head_weight(), m.embed_tokens[...].T)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
-def test_remat_policies_keep_values_and_gradients(model, policy):
+def test_remat_keeps_values_and_gradients(model):
     ids, pos, mask = _batch()
-    remat = Transformer(tiny(remat_policy=policy), rngs=nnx.Rngs(0))
+    remat = Transformer(tiny(remat_policy="dots_no_batch"), rngs=nnx.Rngs(0))
 
     def loss(m):
         return jnp.sum(m(ids, pos, mask) * mask[..., None]) / 100.0
 
     grad = nnx.jit(nnx.grad(loss))
-    g_ref, g = grad(model), grad(remat)
-    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(remat))):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_bf16_compute_with_fp32_params():
+@pytest.mark.parametrize("policy,saved", [("none", None), ("full", "policy=None"),
+                                          ("dots", "only_if_no_batch_dims=False"),
+                                          ("dots_no_batch", "only_if_no_batch_dims=True")])
+def test_remat_policy_reaches_jax_checkpoint(policy, saved):
+    ids, pos, mask = _batch()
+    graphdef, state = nnx.split(abstract_model(tiny(remat_policy=policy)))
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, pos, mask))(state))
+    assert ("remat" in jaxpr) == (saved is not None)
+    if saved:
+        assert saved in jaxpr
+
+
+def test_bf16_compute_with_fp32_params(model):
     cfg = tiny(dtype="bfloat16", param_dtype="float32")
     m = Transformer(cfg, rngs=nnx.Rngs(0))
     ids, pos, mask = _batch()
     assert m.embed_tokens[...].dtype == jnp.float32
     assert m.hidden_states(ids, pos, mask).dtype == jnp.bfloat16
-    logits = m(ids, pos, mask)
+    logits = forward(m, ids, pos, mask)
     assert logits.dtype == jnp.float32
-    ref = Transformer(tiny(), rngs=nnx.Rngs(0))(ids, pos, mask)
+    ref = forward(model, ids, pos, mask)
     np.testing.assert_allclose(logits, ref, atol=0.05)
 
 
