@@ -211,4 +211,5 @@ def plan_stats(split: TokenizedSplit, plan: list[PlannedBatch], layout: BatchLay
         single_class += int(not split.paired and (labels.all() or not labels.any()))
     return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
-            "filler_rows": sum(layout.global_batch - len(b.indices) for b in plan)}
+            "filler_rows": sum(layout.global_batch - len(b.indices) for b in plan),
+            "remainder_dropped": len(split) - sum(len(b.indices) for b in plan)}

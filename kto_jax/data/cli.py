@@ -48,18 +48,9 @@ def _define_flags(flag_values) -> None:
 
 
 def load_tokenizer(path: str):
-    """The run's tokenizer: the models package's loader when present, else transformers'."""
+    """The run's tokenizer (`kto_jax.models.load_tokenizer`: HF directory or .gguf file)."""
     if not path:
         raise UserError("config.model.path is empty: data inspect needs the model's tokenizer; "
                         "pass --config.model.path=DIR or --tokenizer=DIR.")
-    try:
-        from kto_jax.models import load_tokenizer as models_loader  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        models_loader = None
-    if models_loader is not None:
-        return models_loader(path)
-    import transformers  # pylint: disable=import-outside-toplevel
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {err}") from None
+    from kto_jax.models import load_tokenizer as models_loader  # pylint: disable=import-outside-toplevel
+    return models_loader(path)

@@ -77,6 +77,9 @@ class SplitSummary:
         plural = "es" * (self.batches_per_epoch != 1)
         out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; shapes PxC (batches): "
                f"{shapes}; padding efficiency {100 * plan['efficiency']:.1f}%"]
+        if plan["remainder_dropped"]:
+            out.append(f"  {plan['remainder_dropped']} examples of each epoch's last partial "
+                       "batch are skipped (data.drop_remainder; a different set each epoch)")
         if plan["filler_rows"]:
             out.append(f"  {plan['filler_rows']} filler rows (valid=False) pad the last batch")
         if not self.paired and plan["single_class_batches"]:

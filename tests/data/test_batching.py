@@ -138,3 +138,11 @@ def test_plan_stats_counts_padding_and_shapes():
     single = batching.plan_stats(split, [batching.PlannedBatch(np.array([1, 2, 4, 5]), 32, 64)],
                                  layout4)
     assert single["single_class_batches"] == 1                            # all undesirable
+
+
+def test_plan_stats_reports_the_dropped_remainder():
+    split, layout = make_split(21), make_layout(drop_remainder=True)
+    plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout, seed=0,
+                               epoch=0)
+    stats = batching.plan_stats(split, plan, layout)
+    assert stats["remainder_dropped"] == 5 and stats["filler_rows"] == 0

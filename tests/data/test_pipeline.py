@@ -211,3 +211,29 @@ def test_empty_after_filtering(tokenizer, tmp_path):
 def test_config_errors(tokenizer, unpaired_file, overrides, message):
     with pytest.raises(UserError, match=message):
         build(tokenizer, unpaired_file, count=2, **overrides)
+
+
+def test_every_source_kind_gives_the_same_batches(tokenizer, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = random.Random(5)
+    rows = []
+    for i in range(12):
+        prompt, answer = conversation(rng)
+        rows.append({"prompt": prompt, "completion": answer, "label": i % 2 == 0})
+    paths = {"jsonl": write_jsonl(tmp_path / "c.jsonl", rows), "json": str(tmp_path / "c.json"),
+             "parquet": str(tmp_path / "c.parquet"), "datasets": str(tmp_path / "c_dir")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+    pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
+    datasets.Dataset.from_list(rows).save_to_disk(paths["datasets"])
+    over = {"data.max_length": 128, "data.max_prompt_length": 64}
+    results = {kind: build(tokenizer, path, **over) for kind, path in paths.items()}
+    reference = collect(results["jsonl"].train_iter_factory())
+    assert results["jsonl"].summary.conversational and results["jsonl"].summary.format == "unpaired"
+    for kind in ("json", "parquet", "datasets"):
+        assert_batches_equal(collect(results[kind].train_iter_factory()), reference)
+    plain = write_jsonl(tmp_path / "plain.jsonl", unpaired_rows(4))
+    with pytest.raises(UserError, match="eval rows are text but train rows are not"):
+        build(tokenizer, paths["jsonl"], **{**over, "data.eval_path": plain})
