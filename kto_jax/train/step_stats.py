@@ -1,0 +1,162 @@
+"""From one microbatch to the `stats` a HALO loss reads: the forwards of the train step.
+
+Pure functions, called inside the jitted step (kto_jax/train/step.py) once per
+microbatch. A microbatch is the batch of kto_jax/batch.py without its leading
+accumulation axis: arrays [M, ...], M sharded over ('data', 'fsdp').
+
+What runs, per microbatch (section 4.1 of the paper; DESIGN.md "data path"):
+- the policy on (x_i, y_i), with gradient;
+- the KL batch (x_i, y_{i+1 mod M}): the completion arrays rolled by one along M,
+  built ONCE here and given to the policy and the reference alike;
+- the policy on the KL batch with `stop_gradient` on its PARAMETERS, so autodiff
+  sees constants and no backward pass is built for it;
+- the frozen reference on (x, y) and (x, y_kl) in one forward of 2M rows, unless
+  its log-probs are precomputed in the batch or the loss is reference-free;
+- for offline PPO, the value head on the policy's (detached) hidden states.
+
+Two completions of the same prompts go through one forward by interleaving them
+along M ([M, 2, ...] -> [2M, ...]), which keeps every row on the device that owns
+its prompt under the M sharding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kto_jax.errors import UserError
+from kto_jax.logprobs import CompletionLogps, completion_logps
+from kto_jax.losses.ppo import value_head_apply
+from kto_jax.losses.registry import HaloLoss
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+def kl_completions(completion_ids: Array, completion_mask: Array) -> tuple[Array, Array]:
+    """The mismatched completions of the KL pairs: row i gets y_{i+1 mod M}.
+
+    Args:
+      completion_ids, completion_mask: int [M, C], one microbatch (never the full batch,
+        so under accumulation every pair stays within its microbatch).
+    """
+    return jnp.roll(completion_ids, -1, axis=0), jnp.roll(completion_mask, -1, axis=0)
+
+
+def _interleave(a: Array, b: Array) -> Array:
+    """[M, ...] x 2 -> [2M, ...] with rows a_0, b_0, a_1, b_1, ..."""
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def _deinterleave(x: Array) -> tuple[Array, Array]:
+    x = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+    return x[:, 0], x[:, 1]
+
+
+def forward(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
+            completion_ids: Array, completion_mask: Array, vocab_chunk: int) -> CompletionLogps:
+    """Completion log-probs of the model `nnx.merge(graphdef, params)`; see kto_jax.logprobs."""
+    model = nnx.merge(graphdef, params)
+    return completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                            vocab_chunk=vocab_chunk)
+
+
+def forward_two(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
+                ids_a: Array, mask_a: Array, ids_b: Array, mask_b: Array,
+                vocab_chunk: int) -> tuple[CompletionLogps, CompletionLogps]:
+    """Two completions [M, C] of the same prompts [M, P] in one forward of 2M rows."""
+    out = forward(graphdef, params, _interleave(prompt_ids, prompt_ids),
+                  _interleave(prompt_mask, prompt_mask), _interleave(ids_a, ids_b),
+                  _interleave(mask_a, mask_b), vocab_chunk)
+    halves = [_deinterleave(x) for x in out]
+    return CompletionLogps(*[h[0] for h in halves]), CompletionLogps(*[h[1] for h in halves])
+
+
+def frozen(params: Any) -> Any:
+    """The parameters as constants for autodiff: applied BEFORE a no-backward forward."""
+    return jax.tree.map(jax.lax.stop_gradient, params)
+
+
+def _precomputed(mb: Batch, keys: tuple[str, ...]) -> list[Array]:
+    missing = [k for k in keys if k not in mb]
+    if missing:
+        raise UserError(f"config.reference.source='precomputed' but the batch has no {missing}: "
+                        "precompute the reference log-probs in the data (kto_jax/batch.py), or set "
+                        "config.reference.source='model'.")
+    return [mb[k].astype(jnp.float32) for k in keys]
+
+
+def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
+                   value_head: Any, mb: Batch, *, reference_source: str,
+                   vocab_chunk: int) -> dict[str, Array]:
+    """The stats of an unpaired loss (KTO family, SFT, CSFT, offline PPO) for one microbatch.
+
+    Args:
+      params: policy nnx.Param state (differentiated by the caller).
+      reference: frozen reference params, or None (precomputed / reference-free).
+      value_head: value-head params (offline PPO), else None.
+      mb: one microbatch of the unpaired layout, arrays [M, ...].
+    """
+    x, xm = mb["prompt_ids"], mb["prompt_mask"]
+    y, ym = mb["completion_ids"], mb["completion_mask"]
+    valid = mb["valid"].astype(bool)
+    pol = forward(graphdef, params, x, xm, y, ym, vocab_chunk)
+    stats = {"policy_logps": pol.logps, "policy_token_counts": pol.token_counts,
+             "desirable": mb["desirable"].astype(bool), "weight": mb["weight"].astype(jnp.float32),
+             "valid": valid, "kl_valid": valid & jnp.roll(valid, -1, axis=0)}
+    if loss.uses_kl:
+        y_kl, ym_kl = kl_completions(y, ym)  # built once, shared by policy and reference
+        stats["policy_kl_logps"] = forward(graphdef, frozen(params), x, xm, y_kl, ym_kl,
+                                           vocab_chunk).logps
+    if loss.uses_reference and reference_source == "precomputed":
+        keys = ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
+        stats.update(zip(keys, _precomputed(mb, keys)))
+    elif loss.uses_reference:
+        ref_params = frozen(reference)
+        if loss.uses_kl:
+            ref, ref_kl = forward_two(graphdef, ref_params, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
+            stats["reference_kl_logps"] = ref_kl.logps
+        else:
+            ref = forward(graphdef, ref_params, x, xm, y, ym, vocab_chunk)
+        stats["reference_logps"] = ref.logps
+        if loss.uses_token_logps:
+            stats["reference_token_logps"] = ref.token_logps
+    if loss.uses_token_logps:
+        stats["policy_token_logps"] = pol.token_logps
+        stats["completion_mask"] = pol.mask
+    if loss.uses_value_head:
+        stats["values"] = value_head_apply(value_head, pol.hidden)  # detached inside
+    return stats
+
+
+def paired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
+                 mb: Batch, *, reference_source: str, vocab_chunk: int) -> dict[str, Array]:
+    """The stats of a paired loss (DPO, IPO, ORPO, SimPO, SLiC) for one microbatch [M, ...]."""
+    x, xm = mb["prompt_ids"], mb["prompt_mask"]
+    yw, ywm, yl, ylm = mb["chosen_ids"], mb["chosen_mask"], mb["rejected_ids"], mb["rejected_mask"]
+    chosen, rejected = forward_two(graphdef, params, x, xm, yw, ywm, yl, ylm, vocab_chunk)
+    stats = {"policy_chosen_logps": chosen.logps, "policy_rejected_logps": rejected.logps,
+             "chosen_token_counts": chosen.token_counts,
+             "rejected_token_counts": rejected.token_counts, "valid": mb["valid"].astype(bool)}
+    keys = ("reference_chosen_logps", "reference_rejected_logps")
+    if loss.uses_reference and reference_source == "precomputed":
+        stats.update(zip(keys, _precomputed(mb, keys)))
+    elif loss.uses_reference:
+        ref_w, ref_l = forward_two(graphdef, frozen(reference), x, xm, yw, ywm, yl, ylm, vocab_chunk)
+        stats.update(zip(keys, (ref_w.logps, ref_l.logps)))
+    return stats
+
+
+def matched_tokens(mb: Batch, paired: bool) -> Array:
+    """Real tokens of the matched (x, y) sequences of valid rows: the throughput count."""
+    valid = mb["valid"].astype(jnp.float32)
+    prompt = mb["prompt_mask"].astype(jnp.float32).sum(-1)
+    if paired:
+        comp = (mb["chosen_mask"].astype(jnp.float32).sum(-1)
+                + mb["rejected_mask"].astype(jnp.float32).sum(-1) + prompt)
+    else:
+        comp = mb["completion_mask"].astype(jnp.float32).sum(-1)
+    return jnp.sum(valid * (prompt + comp))
