@@ -191,24 +191,16 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items = [items[i] for i in keep]
     split, report = tokenize.tokenize_split(
         items, tokenizer, conversational=conversational, max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length, on_overlong=d.on_overlong,
-        on_prefix_mismatch=d.on_prefix_mismatch)
-    split = _cap_completions(split, d.max_completion_length, report)
+        max_prompt_length=d.max_prompt_length, max_completion_length=d.max_completion_length,
+        on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
     if len(split) == 0:
         raise UserError(_empty_message(name, len(rows.records), n_examples, subsampled, report))
+    if name == "train" and d.drop_remainder and len(split) < layout.global_batch:
+        raise UserError(f"only {len(split)} training examples, fewer than one global batch of "
+                        f"{layout.global_batch}, and data.drop_remainder=True drops them all; "
+                        "set data.drop_remainder=False or lower train.global_batch_size.")
     return split, _split_summary(name, source, len(rows.records), n_examples, subsampled, report,
                                  split, layout, d.seed)
-
-
-def _cap_completions(split, cap: int, report) -> tokenize.TokenizedSplit:
-    """Applies data.max_completion_length (0 = off) on top of the max_length budget."""
-    if not cap or all(int(c.lengths.max(initial=0)) <= cap for c in split.completions):
-        return split
-    sides = []
-    for ragged in split.completions:
-        report.completions_truncated += int((ragged.lengths > cap).sum())
-        sides.append(tokenize.Ragged.from_lists([ragged[i][:cap] for i in range(len(ragged))]))
-    return dataclasses.replace(split, completions=tuple(sides))
 
 
 def _empty_message(name, rows, examples, subsampled, report) -> str:
@@ -243,11 +235,12 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
     warnings = []
     if not paired and config.loss.auto_weights and recommended is not None:
         lam_d, lam_u = recommended
-    if not paired and config.loss.name.startswith("kto"):
+    uses_lambda = not paired and config.loss.name.startswith("kto")  # eq. 8's lambda_D, lambda_U
+    if uses_lambda:
         warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
         if warning:
             warnings.append(warning)
-    if not paired and config.loss.auto_weights and config.loss.name.startswith("kto") is False:
+    elif config.loss.auto_weights:
         warnings.append(f"loss.auto_weights has no effect on loss {config.loss.name}, which does "
                         "not use lambda_D / lambda_U.")
     return DataSummary(

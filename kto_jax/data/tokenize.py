@@ -12,7 +12,7 @@ exists), the example is reported with the reason and dropped, or raised with
 Lengths: a prompt longer than `max_length` tokens is overlong (dropped and counted,
 or an error with `data.on_overlong="error"`); other prompts lose their LEFT end
 down to `max_prompt_length`; completions lose their right end down to what remains
-of `max_length`. Every drop and truncation is counted in a `TokenReport`.
+of `max_length` (and to `max_completion_length` when set). Every drop and truncation is counted in a `TokenReport`.
 """
 
 from __future__ import annotations
@@ -52,9 +52,6 @@ class Ragged:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
-
-    def take(self, indices) -> "Ragged":
-        return Ragged.from_lists([self[int(i)] for i in indices])
 
 
 @dataclasses.dataclass
@@ -108,9 +105,12 @@ class TokenReport:
 
 
 def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: int,
-                   max_prompt_length: int, on_overlong: str = "drop",
-                   on_prefix_mismatch: str = "drop") -> tuple[TokenizedSplit, TokenReport]:
+                   max_prompt_length: int, max_completion_length: int = 0,
+                   on_overlong: str = "drop", on_prefix_mismatch: str = "drop"
+                   ) -> tuple[TokenizedSplit, TokenReport]:
     """Tokenizes `Example`s or `Pair`s, applying the truncation and drop rules above.
+
+    `max_completion_length` > 0 caps completions further (0: only max_length).
 
     Returns:
       (split, report): the kept examples as token ids, and what was dropped/truncated.
@@ -135,7 +135,8 @@ def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: 
                           for side in completion_ids]
     if conversational:
         _note_boundary(tokenizer, texts, prompt_ids, completion_ids, report)
-    rows = _truncate_all(items, kept, prompt_ids, completion_ids, max_length, max_prompt_length, report)
+    limits = (max_length, max_prompt_length, max_completion_length or max_length)
+    rows = _truncate_all(items, kept, prompt_ids, completion_ids, limits, report)
     if on_overlong == "error" and report.dropped_count.get(OVERLONG):
         raise UserError(_overlong_message(report, max_length))
     return _build_split(items, rows, paired), report
@@ -224,8 +225,9 @@ def _note_boundary(tokenizer, texts, prompt_ids, completion_ids, report) -> None
             report.boundary_retokenized += 1
 
 
-def _truncate_all(items, kept, prompt_ids, completion_ids, max_length, max_prompt_length, report):
+def _truncate_all(items, kept, prompt_ids, completion_ids, limits, report):
     """Applies the length rules; returns (item index, prompt ids, completion id lists)."""
+    max_length, max_prompt_length, max_completion_length = limits
     rows = []
     for j, i in enumerate(kept):
         prompt = prompt_ids[j]
@@ -235,7 +237,7 @@ def _truncate_all(items, kept, prompt_ids, completion_ids, max_length, max_promp
         if len(prompt) > max_prompt_length:
             prompt = prompt[len(prompt) - max_prompt_length:]  # keep the end, nearest the answer
             report.prompts_truncated += 1
-        budget = max_length - len(prompt)
+        budget = min(max_length - len(prompt), max_completion_length)
         sides = []
         for side in completion_ids:
             ids = side[j]

@@ -207,6 +207,7 @@ def test_empty_after_filtering(tokenizer, tmp_path):
     ({"data.max_prompt_length": 64}, "need 0 < data.max_prompt_length"),
     ({"data.on_overlong": "skip"}, "data.on_overlong='skip' must be"),
     ({"data.desirable_fraction": 1.5}, "data.desirable_fraction=1.5 must lie in"),
+    ({"data.drop_remainder": True, "train.global_batch_size": 64}, "fewer than one global batch"),
 ])
 def test_config_errors(tokenizer, unpaired_file, overrides, message):
     with pytest.raises(UserError, match=message):

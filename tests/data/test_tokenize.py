@@ -42,6 +42,14 @@ def test_prompt_loses_its_left_end_and_completion_its_right_end(tokenizer):
     assert (report.prompts_truncated, report.completions_truncated) == (1, 1)
 
 
+def test_max_completion_length_caps_completions(tokenizer):
+    ex = Example("a cat", words(40), True, 1.0, "f:1")
+    split, report = tokenize.tokenize_split([ex], tokenizer, conversational=False,
+                                            max_completion_length=10, **LIMITS)
+    assert list(split.completions[0][0]) == ids(tokenizer, words(40))[:10]
+    assert report.completions_truncated == 1
+
+
 def test_overlong_prompts_are_dropped_and_counted_or_raise(tokenizer):
     items = [Example(words(80), "yes", True, 1.0, "f:1"), Example("a cat", "yes", False, 1.0, "f:2")]
     split, report = tokenize.tokenize_split(items, tokenizer, conversational=False, **LIMITS)
@@ -120,4 +128,3 @@ def test_ragged_round_trip():
     ragged = tokenize.Ragged.from_lists(seqs)
     assert [list(ragged[i]) for i in range(4)] == seqs
     assert list(ragged.lengths) == [3, 0, 1, 2]
-    assert [list(x) for x in (ragged.take([3, 0])[0], ragged.take([3, 0])[1])] == [[5, 6], [1, 2, 3]]
