@@ -54,8 +54,8 @@ class SplitSummary:
             if n:
                 out.append(f"  dropped {n} {cls} examples (data.{cls}_fraction)")
         for reason, n in self.tokens.dropped_count.items():
-            where = ", ".join(self.tokens.dropped[reason])
-            out.append(f"  dropped {n}: {reason} (e.g. {where})")
+            out.append(f"  dropped {n}: {reason}, e.g.")
+            out.extend(f"    {example}" for example in self.tokens.dropped[reason])
         if self.tokens.prompts_truncated:
             out.append(f"  truncated {self.tokens.prompts_truncated} prompts from the left to "
                        "data.max_prompt_length")

@@ -90,7 +90,10 @@ class TokenizedSplit:
 
 @dataclasses.dataclass
 class TokenReport:
-    """What tokenization dropped, truncated or noticed, with example locations."""
+    """What tokenization dropped, truncated or noticed.
+
+    `dropped[reason]` lists the first few dropped examples as "location: why".
+    """
     dropped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     dropped_count: dict[str, int] = dataclasses.field(default_factory=dict)
     prompts_truncated: int = 0
@@ -164,7 +167,7 @@ def _render_all(items, tokenizer, conversational, paired, report, on_prefix_mism
             texts.append(rendered)
             kept.append(i)
         else:
-            report.drop(PREFIX_MISMATCH, item.where)
+            report.drop(PREFIX_MISMATCH, f"{item.where}: {reason}")
             problems.append(f"  {item.where}: {reason}")
     if problems and on_prefix_mismatch == "error":
         raise UserError(f"{len(problems)} conversational examples have no prompt/completion "
@@ -232,7 +235,7 @@ def _truncate_all(items, kept, prompt_ids, completion_ids, limits, report):
     for j, i in enumerate(kept):
         prompt = prompt_ids[j]
         if len(prompt) > max_length:
-            report.drop(OVERLONG, f"{items[i].where} ({len(prompt)} tokens)")
+            report.drop(OVERLONG, f"{items[i].where}: {len(prompt)} prompt tokens")
             continue
         if len(prompt) > max_prompt_length:
             prompt = prompt[len(prompt) - max_prompt_length:]  # keep the end, nearest the answer

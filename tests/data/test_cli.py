@@ -27,7 +27,8 @@ def test_inspect_prints_the_summary(capsys, tmp_path, tokenizer_dir):
     assert "format: unpaired (text)" in out
     assert "train: " in out and "54 rows -> 54 examples -> 53 kept" in out
     assert "n_D = " in out and "undesirable" in out
-    assert f"dropped 1: prompt longer than data.max_length (e.g. {path}:6" in out
+    assert "dropped 1: prompt longer than data.max_length, e.g." in out
+    assert f"    {path}:6: " in out and " prompt tokens" in out
     assert "p50" in out and "padding efficiency" in out
     assert "eq. 9 recommends lambda_D=" in out
     assert "eval: " in out and "6 rows" in out

@@ -184,7 +184,7 @@ def test_overlong_drop_is_reported_or_raised(tokenizer, tmp_path):
     _, _, summary = build(tokenizer, path)
     assert summary.train.kept == 19
     text = str(summary)
-    assert "dropped 1: prompt longer than data.max_length" in text and f"{path}:4" in text
+    assert f"dropped 1: prompt longer than data.max_length, e.g.\n    {path}:4: " in text
     with pytest.raises(UserError, match=rf"prompt longer than data.max_length=64 tokens \(e.g. {path}:4"):
         build(tokenizer, path, **{"data.on_overlong": "error"})
 

@@ -55,7 +55,8 @@ def test_overlong_prompts_are_dropped_and_counted_or_raise(tokenizer):
     split, report = tokenize.tokenize_split(items, tokenizer, conversational=False, **LIMITS)
     assert len(split) == 1 and split.where == ["f:2"]
     assert report.dropped_count == {tokenize.OVERLONG: 1}
-    assert report.dropped[tokenize.OVERLONG][0].startswith("f:1 (")
+    assert report.dropped[tokenize.OVERLONG][0].startswith("f:1: ")
+    assert report.dropped[tokenize.OVERLONG][0].endswith(" prompt tokens")
     with pytest.raises(UserError, match=r"1 example\(s\) have a prompt longer than "
                                         r"data.max_length=64 tokens \(e.g. f:1"):
         tokenize.tokenize_split(items, tokenizer, conversational=False, on_overlong="error",
@@ -96,7 +97,8 @@ def test_template_that_rewrites_the_prompt_is_reported_per_example(tokenizer):
     items = [Example(prompt, answer, True, 1.0, "f:7")]
     split, report = tokenize.tokenize_split(items, tok, conversational=True, **WIDE)
     assert len(split) == 0
-    assert report.dropped == {tokenize.PREFIX_MISMATCH: ["f:7"]}
+    (listed,) = report.dropped[tokenize.PREFIX_MISMATCH]
+    assert listed.startswith("f:7: the rendered prompt is not a prefix of the rendered conversation")
     with pytest.raises(UserError, match=r"f:7: the rendered prompt is not a prefix of the rendered "
                                         r"conversation \(they differ at character 0"):
         tokenize.tokenize_split(items, tok, conversational=True, on_prefix_mismatch="error",
