@@ -47,7 +47,7 @@ class Datasets(NamedTuple):
         same batches every call), or None when there is no eval split.
     summary: a `DataSummary`.
     """
-    train_iter_factory: Callable[..., "FeedbackIterator"]
+    train_iter_factory: Callable[..., FeedbackIterator]
     eval_batches: Callable[[], Iterator[dict]] | None
     summary: DataSummary
 

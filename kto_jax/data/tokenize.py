@@ -22,7 +22,7 @@ import itertools
 
 import numpy as np
 
-from kto_jax.data.formats import Example, Pair
+from kto_jax.data.formats import Pair
 from kto_jax.errors import UserError
 
 _CHUNK = 1024
