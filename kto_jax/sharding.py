@@ -62,6 +62,11 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def single_device_mesh() -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh of size 1 on the first device."""
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
 def rules_of(mesh_cfg_or_rules: Any) -> tuple[tuple[str, Any], ...]:
     """The rule table from config.mesh (its `rules`) or from a bare sequence of pairs."""
     rules = _get(mesh_cfg_or_rules, "rules", None)

@@ -76,7 +76,7 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
     config = ModelConfig.from_hf(hf_config, **config_fields)
     rows = table.param_table(config)
     check_tensor_names(rows, source.names(), config)
-    mesh = mesh if mesh is not None else single_device_mesh()
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
     graphdef, state = nnx.split(abstract_model(config))
     shardings = dict(nnx.to_flat_state(shd.named_shardings(state, mesh, shd.rules_of(rules))))
     variables = dict(nnx.to_flat_state(state))
@@ -87,11 +87,6 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
         value = _read_param(row, source, var.get_value().shape, config)
         var.set_value(_place(value, shardings[row.path].get_value()))
     return nnx.merge(graphdef, state), config
-
-
-def single_device_mesh() -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh of size 1 on the first device."""
-    return shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def check_tensor_names(rows: tuple[table.ParamRow, ...], names: set[str], config: ModelConfig) -> None:

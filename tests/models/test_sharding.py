@@ -69,3 +69,16 @@ def test_shard_model_moves_parameters():
     mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     model = shd.shard_model(Transformer(tiny(), rngs=nnx.Rngs(0)), mesh, RULES)
     assert model.layers.gate_proj[...].sharding.spec == P(None, "fsdp", "tensor")
+
+
+def test_init_model_creates_parameters_on_their_shardings():
+    import numpy as np
+    from kto_jax.models import Transformer, init_model
+    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    model = init_model(tiny(), mesh=mesh, rules=RULES, seed=3)
+    q = model.layers.q_proj[...]
+    assert q.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(None, "fsdp", "tensor", None)), q.ndim)
+    assert model.embed_tokens[...].sharding.spec == P("tensor", "fsdp")
+    eager = Transformer(tiny(), rngs=nnx.Rngs(3))
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(eager))):
+        np.testing.assert_allclose(a, b, atol=1e-7)
