@@ -45,8 +45,8 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling as sorted (key, value) pairs
     max_position_embeddings: int = 2048     # HF max_position_embeddings
     tie_word_embeddings: bool = False       # HF tie_word_embeddings: lm_head = embed^T
-    attention_bias: bool = False            # bias on q/k/v projections (Qwen2: always)
-    qk_norm: bool = False                   # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    attention_bias: bool = False            # bias on q/k/v projections (Qwen2 only, where it is always on)
+    qk_norm: bool = False                   # RMSNorm over head_dim on q and k before RoPE (Qwen3 only, always on)
     sliding_window: int | None = None       # Mistral sliding_window: a query sees the last W keys
     bos_token_id: int | None = None         # HF bos_token_id
     eos_token_id: int | tuple[int, ...] | None = None  # HF eos_token_id (a list becomes a tuple)
@@ -78,6 +78,12 @@ class ModelConfig:
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
+        if self.attention_bias != (self.architecture == "Qwen2ForCausalLM"):
+            raise UserError(f"attention_bias={self.attention_bias} does not match {self.architecture}: "
+                            "q/k/v biases belong to Qwen2ForCausalLM (always) and no other architecture")
+        if self.qk_norm != (self.architecture == "Qwen3ForCausalLM"):
+            raise UserError(f"qk_norm={self.qk_norm} does not match {self.architecture}: "
+                            "q/k RMSNorm belongs to Qwen3ForCausalLM (always) and no other architecture")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_kv_heads})")
@@ -112,8 +118,7 @@ class ModelConfig:
         hidden_act = hf.get("hidden_act", "silu")
         if hidden_act not in ("silu", "swish"):
             raise UserError(f"unsupported hidden_act {hidden_act!r} in {arch}; only silu (SwiGLU) is supported")
-        if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")
-                                  and arch != "Qwen3ForCausalLM"):
+        if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
             raise UserError(f"{arch} with attention_bias/mlp_bias=true is not supported "
                             "(its o_proj/MLP biases have no slot in our layout)")
         rope_theta, rope_scaling = _rope_of(hf)
@@ -132,7 +137,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            attention_bias=arch == "Qwen2ForCausalLM",
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=_sliding_window_of(arch, hf),
             bos_token_id=hf.get("bos_token_id"),
@@ -166,7 +171,7 @@ class ModelConfig:
             "torch_dtype": self.param_dtype,
         }
         if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
-            hf["attention_bias"] = self.attention_bias
+            hf["attention_bias"] = False
         if self.architecture == "LlamaForCausalLM":
             hf["mlp_bias"] = False
         if self.architecture == "MistralForCausalLM":

@@ -50,6 +50,19 @@ def test_unsupported_hf_configs_are_named(change, match):
         ModelConfig.from_hf(hf)
 
 
+def test_qwen3_attention_bias_is_rejected():
+    hf = {**PRESETS["qwen3_0_6b"]().to_hf(), "attention_bias": True}
+    with pytest.raises(UserError, match="attention_bias"):
+        ModelConfig.from_hf(hf)
+
+
+def test_switches_must_match_the_architecture():
+    with pytest.raises(UserError, match="qk_norm"):
+        ModelConfig(architecture="LlamaForCausalLM", qk_norm=True)
+    with pytest.raises(UserError, match="attention_bias"):
+        ModelConfig(architecture="Qwen2ForCausalLM")
+
+
 def test_qwen_sliding_window_is_rejected():
     hf = {**PRESETS["qwen25_0_5b"]().to_hf(), "use_sliding_window": True, "sliding_window": 4096}
     with pytest.raises(UserError, match="use_sliding_window"):
