@@ -20,7 +20,7 @@ Interface (other modules code against exactly this):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +155,40 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(),
                           preferred_element_type=jnp.float32)
 
+    def cached_hidden_states(self, input_ids: Array, positions: Array, new_mask: Array,
+                             cache: "KVCache", index: Array) -> tuple[Array, "KVCache"]:
+        """Final-norm hidden states of T new tokens written at cache slots [index, index + T).
+
+        The generation path (kto_jax.generate): the same layers as `hidden_states`,
+        attending to everything already in `cache` plus the new tokens, causally.
+
+        Args:
+          input_ids: int32 [B, T] new tokens (a left-padded prompt at index 0, then one
+            token per decode step).
+          positions: int32 [B, T] their RoPE positions.
+          new_mask: int [B, T], 1 on real tokens; recorded in cache.mask.
+          cache: a `KVCache` of S >= index + T slots (`init_kv_cache`).
+          index: int32 scalar, the slot of the first new token.
+        Returns:
+          ([B, T, D] hidden states in the compute dtype, the updated cache).
+        """
+        cfg = self.config
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
+        cos, sin = rope_cos_sin(positions, cfg)
+        kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_mask.astype(bool), index, axis=1)
+        mask = cached_attention_mask(kv_mask, index, input_ids.shape[1], cfg.sliding_window)
+        impl = None  # jax's choice: cuDNN flash attention rejects one-token queries and arbitrary masks
+
+        def layer(carry, xs):
+            h, k_all, v_all = carry
+            p, i = xs
+            h, k_all, v_all = cached_decoder_layer(p, h, cos, sin, mask, k_all, v_all, i, index, cfg, impl)
+            return (h, k_all, v_all), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), (self.layers.arrays(), layers))
+        return rms_norm(h, self.norm[...], cfg.rms_norm_eps), KVCache(k_all, v_all, kv_mask)
+
 
 def abstract_model(config: ModelConfig) -> Transformer:
     """The model with ShapeDtypeStruct leaves and no allocation (for loaders and AOT)."""
@@ -225,6 +259,16 @@ def decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: A
 def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
               cfg: ModelConfig, impl: str | None) -> Array:
     """Causal grouped-query attention of x [B, T, D] -> [B, T, D]."""
+    q, k, v = project_qkv(p, x, cos, sin, cfg)
+    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, is_causal=True,
+                                       local_window_size=window, implementation=impl)
+    return project_out(p, out)
+
+
+def project_qkv(p: dict[str, Array], x: Array, cos: Array, sin: Array,
+                cfg: ModelConfig) -> tuple[Array, Array, Array]:
+    """q [B, T, H, hd], k and v [B, T, K, hd] of x [B, T, D]: bias, q/k-norm and RoPE applied."""
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"].astype(dt))    # [B, T, H, hd]
     k = jnp.einsum("btd,dnh->btnh", x, p["k_proj"].astype(dt))    # [B, T, K, hd]
@@ -233,11 +277,12 @@ def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, is_causal=True,
-                                       local_window_size=window, implementation=impl)
-    return jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(dt))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def project_out(p: dict[str, Array], out: Array) -> Array:
+    """The output projection of attention heads [B, T, H, hd] -> [B, T, D]."""
+    return jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype))
 
 
 def swiglu(p: dict[str, Array], x: Array) -> Array:
@@ -246,6 +291,63 @@ def swiglu(p: dict[str, Array], x: Array) -> Array:
     gate = jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt))
     up = jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt))
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+
+
+# ---- KV cache (generation) ----
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S slots; slot order is the token order.
+
+    k, v: [L, B, S, K, hd] in the compute dtype (RoPE already applied to k).
+    mask: bool [B, S], True on slots that hold a real token (False: padding or unwritten).
+    """
+    k: Array
+    v: Array
+    mask: Array
+
+
+def init_kv_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows, in the compute dtype."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
+
+
+def cached_attention_mask(kv_mask: Array, index: Array, num_new: int,
+                          sliding_window: int | None) -> Array:
+    """bool [B, 1, T, S]: the new token at slot index + t sees slot s iff s <= index + t
+    and s holds a real token (or s is the query itself, so padded queries see something),
+    and, with a sliding window W, s > index + t - W.
+    """
+    query = index + jnp.arange(num_new)[:, None]          # [T, 1] slot of each new token
+    key = jnp.arange(kv_mask.shape[1])[None, :]           # [1, S]
+    causal = key <= query
+    if sliding_window:
+        causal &= key > query - sliding_window
+    visible = kv_mask[:, None, None, :] | (key == query)[None, None]
+    return visible & causal[None, None]
+
+
+def cached_decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: Array,
+                         k_all: Array, v_all: Array, layer: Array, index: Array,
+                         cfg: ModelConfig, impl: str | None) -> tuple[Array, Array, Array]:
+    """`decoder_layer` for new tokens h [B, T, D] against the cache of layer `layer`.
+
+    Writes this layer's new keys/values into k_all, v_all [L, B, S, K, hd] at slots
+    [index, index + T) (in place inside the scan carry), then attends over all S slots
+    with `mask` ([B, 1, T, S], from `cached_attention_mask`).
+    """
+    x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
+    q, k, v = project_qkv(p, x, cos, sin, cfg)
+    start = (layer, 0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+    keys = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False).astype(q.dtype)
+    values = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False).astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=cfg.head_dim ** -0.5,
+                                       implementation=impl)
+    h = h + project_out(p, out)
+    return h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)), k_all, v_all
 
 
 def _attention_implementation(name: str) -> str | None:
