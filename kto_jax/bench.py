@@ -1,0 +1,299 @@
+"""The KTO step benchmark: the performance issue's workload, built and timed on any backend.
+
+Workload (issue 7, the TRL anchor in /work/shared/bench/trl_kto_bench.py):
+  - a model shape by name (`MODEL_SHAPES`), random init, float32 master weights and
+    bfloat16 compute;
+  - a synthetic fixed-length batch: every prompt has `prompt_len` real tokens
+    (left-padded to a multiple of `bucket`), every completion `completion_len`
+    (right-padded likewise), labels alternate desirable / undesirable;
+  - global batch = micro_batch x accum (8 x 4 = 32), the KTO loss, AdamW.
+
+The parameters and optimizer state are created by one jitted initialiser whose
+outputs carry the train state's shardings, so an 8B model is born sharded and
+never sits on one device. The step is the trainer's own `make_train_step`.
+
+Figures (one JSON line, `BenchResult.to_json`):
+  matched tokens/s = global_batch * (prompt_len + completion_len) / median s/step:
+      the real (unpadded) tokens of the matched (x, y) sequences the policy trains
+      on, exactly how TRL's benchmark counts `tokens_per_s` (its KL batch is not
+      counted). The padded shape the step runs on is reported as `padded_seq`.
+  model TFLOP/s and MFU: `kto_jax.train.flops` (PaLM convention: full T x T
+      attention, the padded length), divided by the device's bf16 peak; and the
+      same with TRL's convention (`trl_*`: causal attention halved, the unpadded
+      length, TRL's parameter count) so the figures line up with TRL's 40%.
+  peak memory: the device allocator's peak where it reports one (GPU, TPU), else
+      the process's peak resident set size (CPU), and XLA's compiled estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
+from kto_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, preset
+from kto_jax.models.transformer import Transformer, abstract_model
+from kto_jax.train import flops as flops_lib
+from kto_jax.train import step as step_lib
+from kto_jax.train.optimizer import make_optimizer
+
+# Bench name -> (kto_jax.models.config preset, overrides). `tiny` is the TRL anchor's tiny shape.
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": ("tiny", {"vocab_size": 6000, "tie_word_embeddings": True}),
+    "qwen-0.5b": ("qwen25_0_5b", {}),
+    "llama-1b": ("llama32_1b", {}),
+    "llama-8b": ("llama3_8b", {}),
+}
+REFERENCE_MODES = {"on_the_fly": "model", "precomputed": "precomputed"}
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """Everything that defines one benchmark run (all reported in the JSON line)."""
+    model: str = "llama-1b"
+    prompt_len: int = 512          # real prompt tokens per example
+    completion_len: int = 511      # real completion tokens per example
+    bucket: int = 128              # padded lengths are multiples of this (cuDNN wants 64 | T)
+    micro_batch: int = 8
+    accum: int = 4
+    steps: int = 10                # timed steps
+    warmup: int = 3                # untimed steps first (the first one compiles)
+    reference: str = "on_the_fly"  # "on_the_fly" | "precomputed"
+    attention: str = "auto"        # ModelConfig.attention_impl
+    remat: str = "none"            # ModelConfig.remat_policy
+    loss: str = "kto"
+    dtype: str = "bfloat16"        # compute dtype
+    param_dtype: str = "float32"   # master weights
+    reference_dtype: str = "bfloat16"
+    vocab_chunk: int = 8192        # LM-head columns per log-softmax chunk
+    fsdp: int = 1                  # mesh sizes; data takes the remaining devices
+    tensor: int = 1
+    seed: int = 0
+
+    def check(self) -> None:
+        """UserError for an option the benchmark cannot run."""
+        if self.model not in MODEL_SHAPES:
+            raise UserError(f"--model {self.model!r}: choose one of {', '.join(MODEL_SHAPES)}")
+        if self.reference not in REFERENCE_MODES:
+            raise UserError(f"--reference {self.reference!r}: choose one of {', '.join(REFERENCE_MODES)}")
+        if self.attention not in ATTENTION_IMPLS or self.remat not in REMAT_POLICIES:
+            raise UserError(f"--attention must be one of {ATTENTION_IMPLS} and --remat one of "
+                            f"{REMAT_POLICIES}")
+        if min(self.prompt_len, self.completion_len, self.bucket, self.accum, self.steps) < 1:
+            raise UserError("--prompt-len, --completion-len, --bucket, --accum and --steps must be >= 1")
+        if self.warmup < 0:
+            raise UserError("--warmup must be >= 0")
+        get_loss(self.loss)  # UserError for an unknown loss name
+        if get_loss(self.loss).paired:
+            raise UserError(f"--loss {self.loss!r} is paired; the benchmark runs unpaired losses "
+                            "(kto and its variants, sft, csft)")
+
+    @property
+    def padded_prompt(self) -> int:
+        return round_up(self.prompt_len, self.bucket)
+
+    @property
+    def padded_completion(self) -> int:
+        return round_up(self.completion_len, self.bucket)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+# ---------------------------------------------------------------- building the workload
+
+def model_config(opts: BenchOptions) -> ModelConfig:
+    name, overrides = MODEL_SHAPES[opts.model]
+    return preset(name, **overrides, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                  remat_policy=opts.remat, attention_impl=opts.attention)
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """configs/base.py of this checkout (configs are files, not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "base.py")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run the benchmark from a kto-jax checkout.")
+    spec = importlib.util.spec_from_file_location("kto_jax_configs_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_config(opts: BenchOptions) -> ml_collections.ConfigDict:
+    """The run config of the workload: base config with the benchmark's choices."""
+    c = _base_config()
+    c.loss.name = opts.loss
+    c.reference.source = REFERENCE_MODES[opts.reference] if get_loss(opts.loss).uses_reference else "none"
+    c.reference.param_dtype = opts.reference_dtype
+    c.train.micro_batch_size, c.train.global_batch_size = opts.micro_batch, opts.global_batch
+    c.train.logprob_vocab_chunk = opts.vocab_chunk
+    c.model.dtype, c.model.param_dtype = opts.dtype, opts.param_dtype
+    c.model.remat_policy, c.model.attention_impl = opts.remat, opts.attention
+    c.optim.warmup_steps, c.optim.schedule = 0, "constant"  # as TRL's anchor
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, opts.fsdp, opts.tensor
+    return c
+
+
+def synthetic_batch(opts: BenchOptions, vocab_size: int) -> dict[str, np.ndarray]:
+    """The fixed-length batch [A, M, ...] of kto_jax/batch.py (left-padded prompts)."""
+    rng = np.random.default_rng(opts.seed)
+    a, m = opts.accum, opts.micro_batch
+    p, c = opts.padded_prompt, opts.padded_completion
+    prompt_mask = np.zeros((a, m, p), np.int32)
+    prompt_mask[..., p - opts.prompt_len:] = 1
+    completion_mask = np.zeros((a, m, c), np.int32)
+    completion_mask[..., :opts.completion_len] = 1
+    tokens = lambda n: rng.integers(3, vocab_size, (a, m, n), dtype=np.int32)
+    desirable = (np.arange(a * m) % 2 == 0).reshape(a, m)  # balanced, as TRL's anchor
+    return {"prompt_ids": tokens(p) * prompt_mask, "prompt_mask": prompt_mask,
+            "completion_ids": tokens(c) * completion_mask, "completion_mask": completion_mask,
+            "desirable": desirable, "weight": np.ones((a, m), np.float32),
+            "valid": np.ones((a, m), bool)}
+
+
+def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, mesh, seed: int):
+    """(graphdef, state, shardings): random params and optimizer state, created sharded."""
+    def build():
+        model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+        return step_lib.create_train_state(config, model, tx)[1]
+
+    graphdef, _ = step_lib.split_model(abstract_model(model_cfg))
+    abstract = jax.eval_shape(build)
+    shardings = step_lib.train_state_shardings(abstract, tx, mesh, config.mesh.rules)
+    with jax.set_mesh(mesh):
+        state = jax.jit(build, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+# ---------------------------------------------------------------- measuring
+
+def peak_memory() -> tuple[float | None, str]:
+    """(GiB, source): the first device's allocator peak, else this process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / GiB, "device peak_bytes_in_use (device 0)"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib * 1024 / GiB, "host peak RSS (no device allocator stats)"
+
+
+def trl_step_flops(model_cfg: ModelConfig, n_params: int, units: int, global_batch: int,
+                   seq: int) -> float:
+    """A step's FLOPs as TRL's anchor counts them (causal attention halved, unpadded seq)."""
+    n_embed = model_cfg.vocab_size * model_cfg.hidden_size
+    matmul = n_params - (0 if model_cfg.tie_word_embeddings else n_embed)
+    per_token = 2 * matmul + 2 * 2 * model_cfg.num_layers * seq * model_cfg.hidden_size / 2
+    return units * per_token * global_batch * seq
+
+
+def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], float]:
+    """Runs warmup then timed steps, each ended by block_until_ready; (state, times, loss)."""
+    times, metrics = [], None
+    for i in range(opts.warmup + opts.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= opts.warmup:
+            times.append(time.perf_counter() - start)
+    loss = float(metrics["loss_sum"]) / max(float(metrics["loss_denominator"]), 1.0)
+    return state, times, loss
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Builds the workload, times it and returns the JSON line's fields."""
+    from kto_jax import reference_store  # pylint: disable=import-outside-toplevel
+
+    opts.check()
+    model_cfg = model_config(opts)
+    config = run_config(opts)
+    mesh = shd.make_mesh(config.mesh)
+    tx, schedule = make_optimizer(config.optim, opts.warmup + opts.steps)
+    t0 = time.perf_counter()
+    graphdef, state, shardings = init_state(config, model_cfg, tx, mesh, opts.seed)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    batch_sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
+    batch = jax.device_put(synthetic_batch(opts, model_cfg.vocab_size), batch_sharding)
+    if config.reference.source == "precomputed":
+        batch = dict(batch, **reference_store.bench_reference_logps(config, graphdef, state, batch, mesh))
+    step = step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, times, loss = time_steps(compiled, state, batch, opts)
+    return summarize(opts, model_cfg, config, state, times, loss, compiled, init_s, compile_s)
+
+
+def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: list[float],
+              loss: float, compiled, init_s: float, compile_s: float) -> dict[str, Any]:
+    """The JSON line's fields from the measured step times."""
+    device = jax.devices()[0]
+    n_devices = jax.device_count()
+    step_s = statistics.median(times)
+    seq, padded = opts.prompt_len + opts.completion_len, opts.padded_prompt + opts.padded_completion
+    tokens = opts.global_batch * seq
+    loss_obj = get_loss(opts.loss)
+    grad_passes, fwd_passes = flops_lib.forward_passes(loss_obj, config.reference.source)
+    dims = flops_lib.ModelDims.from_hf_config(model_cfg.to_hf())
+    flops = flops_lib.step_flops(dims, loss=loss_obj, reference_source=config.reference.source,
+                                 global_batch=opts.global_batch, seq_len=padded)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    trl_flops = trl_step_flops(model_cfg, n_params, 3 * grad_passes + fwd_passes,
+                               opts.global_batch, seq)
+    peak = flops_lib.peak_flops_per_device(device.device_kind, device.platform)
+    mem_gib, mem_source = peak_memory()
+    xla_mem = compiled.memory_analysis()
+    xla_gib = None if xla_mem is None else (
+        xla_mem.argument_size_in_bytes + xla_mem.output_size_in_bytes - xla_mem.alias_size_in_bytes
+        + xla_mem.temp_size_in_bytes) / GiB
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("steps", "warmup")}
+    return {
+        "bench": "kto-jax", "jax": jax.__version__, "platform": device.platform,
+        "device": device.device_kind, "num_devices": n_devices, "host": platform.node(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": opts.model, "params": n_params,
+        "seq": seq, "padded_seq": padded, "global_batch": opts.global_batch,
+        "steps": len(times), "warmup": opts.warmup, "median_step_s": round(step_s, 4),
+        "min_step_s": round(min(times), 4), "max_step_s": round(max(times), 4),
+        "tokens_per_s": round(tokens / step_s, 1),
+        "model_tflops_per_s": _sig(flops / step_s / 1e12),
+        "mfu": None if peak is None else round(flops_lib.mfu(flops, step_s, n_devices, peak), 4),
+        "trl_model_tflops_per_s": _sig(trl_flops / step_s / 1e12),
+        "trl_mfu": None if peak is None else round(flops_lib.mfu(trl_flops, step_s, n_devices, peak), 4),
+        "peak_tflops_per_device": None if peak is None else peak / 1e12,
+        "peak_mem_gib": round(mem_gib, 3), "peak_mem_source": mem_source,
+        "xla_mem_gib": None if xla_gib is None else round(xla_gib, 3),
+        "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
+        "loss": round(loss, 6), "options": options,
+    }
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits (TFLOP/s spans 1e-3 on CPU to 1e3)."""
+    return float(f"{x:.{digits}g}")
+
+
+def to_json(result: dict[str, Any]) -> str:
+    """The one JSON line the command prints."""
+    return json.dumps(result, sort_keys=False)

@@ -1,0 +1,56 @@
+"""`kto-jax bench [--model llama-1b] [--reference on_the_fly|precomputed] [...]`.
+
+Times the KTO train step on the performance issue's workload (random-init model of
+a named shape, 512 + 511 tokens padded to multiples of 128, 8 x 4 accumulation,
+bf16 compute) and prints ONE JSON line: device, median s/step, matched tokens/s,
+model TFLOP/s, MFU, peak memory and the options used. The same command runs on
+CPU, GPU and TPU; see docs/performance.md for the definitions and recorded figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from kto_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from kto_jax.bench import MODEL_SHAPES, REFERENCE_MODES, BenchOptions  # pylint: disable=import-outside-toplevel
+    d = BenchOptions()
+    p = argparse.ArgumentParser(prog="kto-jax bench", description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, choices=sorted(MODEL_SHAPES))
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="real prompt tokens")
+    p.add_argument("--completion-len", type=int, default=d.completion_len, help="real completion tokens")
+    p.add_argument("--bucket", type=int, default=d.bucket, help="padded lengths are multiples of this")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--accum", type=int, default=d.accum, help="microbatches per step")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--reference", default=d.reference, choices=sorted(REFERENCE_MODES))
+    p.add_argument("--attention", default=d.attention, choices=("auto", "xla", "cudnn"))
+    p.add_argument("--remat", default=d.remat, choices=("none", "full", "dots", "dots_no_batch"))
+    p.add_argument("--loss", default=d.loss)
+    p.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--reference-dtype", default=d.reference_dtype, choices=("bfloat16", "float32"))
+    p.add_argument("--vocab-chunk", type=int, default=d.vocab_chunk)
+    p.add_argument("--fsdp", type=int, default=d.fsdp, help="mesh fsdp size (data takes the rest)")
+    p.add_argument("--tensor", type=int, default=d.tensor, help="mesh tensor size")
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from kto_jax import bench  # pylint: disable=import-outside-toplevel
+    fields = {f.name for f in dataclasses.fields(bench.BenchOptions)}
+    opts = bench.BenchOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        result = bench.run_bench(opts)
+    except ValueError as err:  # e.g. cuDNN refusing a shape: name the option to change
+        raise UserError(f"the step did not build with {opts}: {err}") from err
+    sys.stdout.write(bench.to_json(result) + "\n")
+    sys.stdout.flush()
+    return 0
