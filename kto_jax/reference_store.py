@@ -1,0 +1,334 @@
+"""Precomputed reference log-probs: computed once, stored next to the data, attached to batches.
+
+Why: with `config.reference.source="model"` every train step runs the frozen
+reference on (x, y) and on the KL pairs (x_i, y_{i+1}), a third of a KTO step's
+FLOPs. `kto-jax precompute-ref` runs those forwards once and stores the results;
+a run with `reference.source="precomputed"` and `data.reference_logps_path=DIR`
+reads them instead (kto_jax/batch.py: `reference_logps`, `reference_kl_logps`,
+or `reference_chosen_logps`, `reference_rejected_logps` for paired losses).
+
+The KL pairs are the catch. Row i of a microbatch is paired with row i+1 mod M of
+the SAME microbatch (a roll inside the step), so log pi_ref(y_{i+1}|x_i) depends
+on which examples share a microbatch, in which order: on the seed, the epoch, the
+batch sizes, the bucketing window and the data. The data pipeline makes every
+batch a pure function of its global index (kto_jax/data/batching.py), so the
+store is keyed by *slot*, not by example: for global batch k of a split it holds
+[A, M] arrays in the global layout, computed by the same forward the step uses
+(`step_stats.forward` / `forward_two`, KL batch rolled within each microbatch).
+
+Files in DIR:
+  meta.json        version, loss, keys, batch sizes, the data fingerprint and a
+                   summary of the config that produced it;
+  train.npz        per key float32 [N, A, M]; `row_checksum` uint32 [N, A, M, 2];
+  eval.npz         the same for the eval split (when there is one).
+
+Safety: every attached batch is checked row by row against `row_checksum`, a
+hash of the row's prompt and completion tokens; a store made for other data,
+another seed or batch layout, or fewer steps fails loudly (UserError) at the
+first mismatching batch instead of training on wrong numbers.
+
+Limits: the store belongs to one schedule. Changing data.seed, the batch sizes,
+data.bucket_*, data.num_epochs / train.num_steps beyond the stored batches, the
+data or the tokenizer means recomputing. It pays off when several runs share
+that schedule (sweeps over beta, lambda, lr); for a single run it moves the
+reference cost out of the step rather than removing it. Losses that need
+per-token reference log-probs (offline PPO) cannot use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kto_jax.batch import PAIRED_KEYS, PRECOMPUTED_PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.errors import UserError
+from kto_jax.losses.registry import HaloLoss, get_loss
+from kto_jax.train import step_stats
+
+Array = jax.Array
+STORE_VERSION = 1
+META_FILE = "meta.json"
+CHECKSUM = "row_checksum"
+SPLITS = ("train", "eval")
+
+
+def reference_keys(loss: HaloLoss) -> tuple[str, ...]:
+    """The batch keys a loss reads when its reference log-probs are precomputed."""
+    if loss.paired:
+        return PRECOMPUTED_PAIRED_KEYS
+    return ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
+
+
+# ---------------------------------------------------------------- computing (inside jit)
+
+def microbatch_reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any,
+                               mb: Mapping[str, Array], vocab_chunk: int) -> dict[str, Array]:
+    """float32 [M] reference log-probs of one microbatch, exactly as the step computes them.
+
+    Mirrors `step_stats.unpaired_stats` / `paired_stats` with reference_source='model':
+    the same forwards, the KL batch rolled by one WITHIN this microbatch.
+    """
+    ref = step_stats.frozen(reference)
+    x, xm = mb["prompt_ids"], mb["prompt_mask"]
+    if loss.paired:
+        chosen, rejected = step_stats.forward_two(
+            graphdef, ref, x, xm, mb["chosen_ids"], mb["chosen_mask"], mb["rejected_ids"],
+            mb["rejected_mask"], vocab_chunk)
+        return dict(zip(PRECOMPUTED_PAIRED_KEYS, (chosen.logps, rejected.logps)))
+    y, ym = mb["completion_ids"], mb["completion_mask"]
+    if not loss.uses_kl:
+        return {"reference_logps": step_stats.forward(graphdef, ref, x, xm, y, ym, vocab_chunk).logps}
+    y_kl, ym_kl = step_stats.kl_completions(y, ym)
+    matched, kl = step_stats.forward_two(graphdef, ref, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
+    return {"reference_logps": matched.logps, "reference_kl_logps": kl.logps}
+
+
+def batch_reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any,
+                          batch: Mapping[str, Array], vocab_chunk: int) -> dict[str, Array]:
+    """float32 [A, M] per key for a batch [A, M, ...]: a `lax.scan` over its microbatches."""
+    inputs = {k: batch[k] for k in (PAIRED_KEYS if loss.paired else UNPAIRED_KEYS)}
+
+    def body(_, mb):
+        return None, microbatch_reference_logps(loss, graphdef, reference, mb, vocab_chunk)
+
+    return jax.lax.scan(body, None, inputs)[1]
+
+
+def make_reference_fn(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int, mesh: Mesh,
+                      reference_shardings: Any, batch_sharding: NamedSharding
+                      ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
+    """`fn(reference_params, batch) -> {key: [A, M]}`, jitted; outputs replicated on every device."""
+    def fn(reference, batch):
+        return batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk)
+
+    return jax.jit(fn, in_shardings=(reference_shardings, batch_sharding),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def bench_reference_logps(config, graphdef: nnx.GraphDef, state, batch: Mapping[str, Array],
+                          mesh: Mesh) -> dict[str, Array]:
+    """The benchmark's precomputed keys: the policy's initial params as pi_ref, on the batch's sharding."""
+    from kto_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+    from kto_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+    loss = get_loss(config.loss.name)
+    dtype = jnp.dtype(config.reference.param_dtype)
+    reference = jax.tree.map(lambda x: x.astype(dtype), state.params)
+    sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
+    fn = make_reference_fn(loss, graphdef, int(config.train.logprob_vocab_chunk), mesh,
+                           shd.named_shardings(reference, mesh, config.mesh.rules), sharding)
+    with jax.set_mesh(mesh):
+        out = fn(reference, batch)
+    return {k: jax.device_put(v, sharding) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- row checksums (host)
+
+_HASH_CONSTANTS = ((2654435761, 2246822519), (3266489917, 668265263))
+
+
+def row_checksums(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """uint32 [A, M, 2]: two position-weighted hashes of each row's real tokens.
+
+    Covers the prompt and every completion side (completion, or chosen and rejected);
+    padding contributes nothing, so it is the same for any padded length.
+    """
+    sides = ["prompt"] + (["chosen", "rejected"] if "chosen_ids" in batch else ["completion"])
+    out = []
+    for mult, add in _HASH_CONSTANTS:
+        h = np.zeros(np.shape(batch["prompt_ids"])[:2], np.uint32)
+        for s, side in enumerate(sides):
+            ids = np.asarray(batch[f"{side}_ids"]).astype(np.uint32)
+            mask = np.asarray(batch[f"{side}_mask"]).astype(np.uint32)
+            # Right-aligned positions for the left-padded prompt, left-aligned for completions.
+            n = ids.shape[-1]
+            pos = np.arange(n, dtype=np.uint32)
+            if side == "prompt":
+                pos = (n - 1 - pos).astype(np.uint32)
+            weight = (pos * np.uint32(mult) + np.uint32(add + s)) | np.uint32(1)
+            with np.errstate(over="ignore"):
+                h = h * np.uint32(31) + ((ids + np.uint32(1)) * mask * weight).sum(-1, dtype=np.uint32)
+        out.append(h)
+    return np.stack(out, -1)
+
+
+# ---------------------------------------------------------------- the store on disk
+
+def write_store(out_dir: str, meta: dict[str, Any], splits: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Writes meta.json and one .npz per split (atomically: temp file, then rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split, arrays in splits.items():
+        tmp = os.path.join(out_dir, f".{split}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, os.path.join(out_dir, f"{split}.npz"))
+    meta = dict(meta, version=STORE_VERSION, splits={
+        s: {"num_batches": int(next(iter(a.values())).shape[0])} | meta.get("splits", {}).get(s, {})
+        for s, a in splits.items()})
+    tmp = os.path.join(out_dir, f".{META_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(out_dir, META_FILE))
+
+
+class ReferenceStore:
+    """A loaded store: `meta` and, per split, {key: array [N, A, M(, 2)]}."""
+
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise UserError(f"data.reference_logps_path={path!r} holds no {META_FILE}: write it with "
+                            "`kto-jax precompute-ref --config=... --out=DIR`.")
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if self.meta.get("version") != STORE_VERSION:
+            raise UserError(f"{meta_path}: store version {self.meta.get('version')} is not "
+                            f"{STORE_VERSION}; recompute it with this kto-jax.")
+        self.path = path
+        self.splits = {}
+        for split in self.meta.get("splits", {}):
+            with np.load(os.path.join(path, f"{split}.npz")) as z:
+                self.splits[split] = {k: z[k] for k in z.files}
+
+    def check_compatible(self, config, loss: HaloLoss, fingerprint: str) -> None:
+        """UserError when the store was made for another loss family, batch layout or data."""
+        m, problems = self.meta, []
+        missing = [k for k in reference_keys(loss) if k not in m.get("keys", ())]
+        if missing:
+            problems.append(f"it lacks {missing} (made for loss {m.get('loss')!r})")
+        sizes = (int(config.train.global_batch_size), int(config.train.micro_batch_size))
+        if tuple(m.get("batch", ())) != sizes:
+            problems.append(f"it was made for global/micro batch {m.get('batch')}, the run uses {list(sizes)}")
+        if m.get("fingerprint") != fingerprint:
+            problems.append(f"its data fingerprint {m.get('fingerprint')!r} is not this run's "
+                            f"{fingerprint!r} (other data, tokenizer, seed or bucketing)")
+        if problems:
+            raise UserError(f"precomputed reference log-probs in {self.path}: " + "; ".join(problems)
+                            + ". Recompute with `kto-jax precompute-ref` and this run's config.")
+
+    def rows(self, split: str, index: int, batch: Mapping[str, np.ndarray], process_index: int,
+             process_count: int) -> dict[str, np.ndarray]:
+        """This process's [A, M_local] reference arrays for global batch `index`, checked."""
+        arrays = self.splits.get(split)
+        if arrays is None:
+            raise UserError(f"{self.path} has no precomputed {split} batches; rerun "
+                            "`kto-jax precompute-ref` with the run's config (eval split included).")
+        total = arrays[CHECKSUM].shape[0]
+        if index >= total:
+            raise UserError(f"{self.path} covers {total} {split} batches but the run reached batch "
+                            f"{index}: precompute with the run's train.num_steps / data.num_epochs.")
+        m_local = arrays[CHECKSUM].shape[2] // process_count
+        lo = process_index * m_local
+        if not np.array_equal(arrays[CHECKSUM][index, :, lo:lo + m_local], row_checksums(batch)):
+            raise UserError(f"{self.path}: {split} batch {index} holds other examples than the "
+                            "store was computed on (data, tokenizer, seed or batch settings "
+                            "changed); recompute with `kto-jax precompute-ref`.")
+        return {k: v[index, :, lo:lo + m_local] for k, v in arrays.items() if k != CHECKSUM}
+
+
+# ---------------------------------------------------------------- attaching to the data
+
+class ReferenceLogpsIterator:
+    """Wraps a data iterator (kto_jax.data.FeedbackIterator): adds the stored keys to each batch.
+
+    The global batch index is the wrapped iterator's `next_batch`, so a resumed
+    iterator (`set_state`) keeps reading the right slots.
+    """
+
+    def __init__(self, inner, store: ReferenceStore, split: str, process_index: int,
+                 process_count: int):
+        self._inner, self._store, self._split = inner, store, split
+        self._process = (process_index, process_count)
+
+    def __iter__(self) -> "ReferenceLogpsIterator":
+        return self
+
+    def __next__(self) -> dict:
+        index = self._inner.next_batch
+        batch = next(self._inner)
+        return dict(batch, **self._store.rows(self._split, index, batch, *self._process))
+
+    def get_state(self):
+        return self._inner.get_state()
+
+    def set_state(self, state) -> None:
+        self._inner.set_state(state)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def attach_to_datasets(config, data, process_index: int | None = None,
+                       process_count: int | None = None):
+    """`data` (kto_jax.data.Datasets) with precomputed reference keys on every batch.
+
+    A no-op unless config.reference.source == "precomputed" and the loss uses a
+    reference. Call it right after `build_datasets`.
+    """
+    loss = get_loss(config.loss.name)
+    if config.reference.source != "precomputed" or not loss.uses_reference:
+        return data
+    path = config.data.reference_logps_path
+    if not path:
+        raise UserError("config.reference.source='precomputed' needs data.reference_logps_path=DIR, "
+                        "written by `kto-jax precompute-ref --config=... --out=DIR`.")
+    store = ReferenceStore(path)
+    store.check_compatible(config, loss, data.summary.fingerprint)
+    proc = (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+    train = _AttachingFactory(data.train_iter_factory, store, "train", proc)
+    evaluation = None if data.eval_batches is None else _AttachingFactory(
+        data.eval_batches, store, "eval", proc)
+    return type(data)(train, evaluation, data.summary)
+
+
+class _AttachingFactory:
+    """An iterator factory whose iterators carry the stored keys; other attributes pass through."""
+
+    def __init__(self, inner, store: ReferenceStore, split: str, proc: tuple[int, int]):
+        self._inner, self._store, self._split, self._proc = inner, store, split, proc
+
+    def __call__(self, *args, **kwargs) -> ReferenceLogpsIterator:
+        return ReferenceLogpsIterator(self._inner(*args, **kwargs), self._store, self._split,
+                                      *self._proc)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+# ---------------------------------------------------------------- the precompute pass
+
+def _gather_rows(local: np.ndarray) -> np.ndarray:
+    """[A, M_local, ...] of every process -> [A, M, ...] in process order (the global layout)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    stacked = np.asarray(multihost_utils.process_allgather(local))  # [P, A, M_local, ...]
+    return np.concatenate(list(stacked), axis=1)
+
+
+def compute_split(batches: Iterator[dict], num_batches: int, fn, reference, sharding: NamedSharding,
+                  keys: tuple[str, ...], log: Callable[[str], None], name: str) -> dict[str, np.ndarray]:
+    """Runs `fn` over `num_batches` host batches; {key: [N, A, M], row_checksum: [N, A, M, 2]}."""
+    from kto_jax.train.batches import to_global  # pylint: disable=import-outside-toplevel
+
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys + (CHECKSUM,)}
+    start = time.perf_counter()
+    for k in range(num_batches):
+        local = next(batches)
+        inputs = {key: v for key, v in local.items() if key in UNPAIRED_KEYS + PAIRED_KEYS}
+        result = fn(reference, to_global(inputs, sharding))
+        for key in keys:
+            out[key].append(np.asarray(result[key], np.float32))
+        out[CHECKSUM].append(_gather_rows(row_checksums(local)))
+        if (k + 1) % 50 == 0 or k + 1 == num_batches:
+            log(f"{name}: {k + 1}/{num_batches} batches, {time.perf_counter() - start:.1f} s")
+    return {k: np.stack(v) for k, v in out.items()}

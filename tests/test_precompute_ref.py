@@ -1,0 +1,248 @@
+"""Precomputed reference log-probs: the step trained on them equals the on-the-fly step, and
+the store (`kto-jax precompute-ref`) attaches the right values to the right batch slots."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.base import get_config
+from kto_jax import reference_store as rs
+from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
+from kto_jax.models.config import tiny
+from kto_jax.models.transformer import Transformer
+from kto_jax.sharding import make_mesh
+from kto_jax.train import step as S
+from kto_jax.train import step_stats
+from kto_jax.train.optimizer import make_optimizer
+
+MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+             num_kv_heads=1, head_dim=16)
+A, M, P, C = 2, 4, 6, 5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_config(source, loss="kto"):
+    cfg = get_config()
+    cfg.loss.name = loss
+    cfg.reference.source = source
+    cfg.reference.param_dtype = "float32"
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = M, A * M
+    cfg.train.logprob_vocab_chunk = 40
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 0
+    return cfg
+
+
+def make_batch(seed):
+    rng = np.random.default_rng(seed)
+    shape = (A, M)
+
+    def padded(length, right):
+        n = rng.integers(1, length + 1, shape)[..., None]
+        pos = np.arange(length)[None, None]
+        mask = (pos < n) if right else (pos >= length - n)
+        return (rng.integers(1, MODEL.vocab_size, shape + (length,)) * mask).astype(np.int32), \
+            mask.astype(np.int32)
+
+    (x, xm), (y, ym) = padded(P, False), padded(C, True)
+    desirable = np.array([[True, False, True, True], [False, True, False, False]])
+    return dict(prompt_ids=x, prompt_mask=xm, completion_ids=y, completion_mask=ym,
+                desirable=desirable, weight=np.ones(shape, np.float32), valid=np.ones(shape, bool))
+
+
+@pytest.fixture(scope="module")
+def states():
+    """Policy state for both sources; pi_ref = the policy with a 3x sharper head (z0 > 0)."""
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model = Transformer(MODEL, rngs=nnx.Rngs(0))
+    cfg = make_config("model")
+    tx, schedule = make_optimizer(cfg.optim, 10)
+    graphdef, state = S.create_train_state(cfg, model, tx)
+    ref = jax.tree.map(jnp.copy, state.params)
+    ref["lm_head"] = ref["lm_head"].replace(ref["lm_head"][...] * 3.0)
+    state = state.replace(reference_params=ref)
+    return dict(mesh=mesh, graphdef=graphdef, state=state, tx=tx, schedule=schedule)
+
+
+def run_step(states, source, batch):
+    cfg = make_config(source)
+    state = jax.tree.map(lambda x: x.copy(), states["state"])
+    if source == "precomputed":
+        state = state.replace(reference_params=None)
+    shardings = S.train_state_shardings(state, states["tx"], states["mesh"], cfg.mesh.rules)
+    step = S.make_train_step(cfg, states["graphdef"], states["tx"], states["schedule"],
+                             states["mesh"], shardings)
+    return step(jax.device_put(state, shardings), batch)
+
+
+def test_step_on_precomputed_reference_equals_the_on_the_fly_step(states):
+    """Same loss, z0 (kl_sum), rewards and parameter update, to float32 rounding."""
+    batch = make_batch(0)
+    stored = jax.jit(lambda ref, b: rs.batch_reference_logps(
+        get_loss("kto"), states["graphdef"], ref, b, 40))(states["state"].reference_params, batch)
+    assert set(stored) == {"reference_logps", "reference_kl_logps"}
+    assert stored["reference_kl_logps"].shape == (A, M)
+    new_fly, m_fly = run_step(states, "model", batch)
+    new_pre, m_pre = run_step(states, "precomputed", dict(batch, **stored))
+    assert float(m_fly["kl_sum"]) > 0.01  # z0 > 0: the KL pairs take part in the loss
+    for key in ("loss_sum", "kl_sum", "loss_denominator", "grad_norm"):
+        np.testing.assert_allclose(m_pre[key], m_fly[key], rtol=2e-6, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(new_pre.params), jax.tree.leaves(new_fly.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_stored_kl_logps_pair_rows_within_each_microbatch(states):
+    """reference_kl_logps[a, i] = log pi_ref(y_{a, i+1 mod M} | x_{a, i}), by a direct forward."""
+    batch = {k: jnp.asarray(v) for k, v in make_batch(1).items()}
+    ref = states["state"].reference_params
+    stored = rs.batch_reference_logps(get_loss("kto"), states["graphdef"], ref, batch, 40)
+    for a in range(A):
+        for i in range(M):
+            j = (i + 1) % M
+            want = step_stats.forward(states["graphdef"], ref, batch["prompt_ids"][a, i:i + 1],
+                                      batch["prompt_mask"][a, i:i + 1],
+                                      batch["completion_ids"][a, j:j + 1],
+                                      batch["completion_mask"][a, j:j + 1], 40).logps[0]
+            np.testing.assert_allclose(stored["reference_kl_logps"][a, i], want, rtol=1e-5)
+
+
+def test_row_checksums_see_tokens_not_padding():
+    b = make_batch(2)
+    h = rs.row_checksums(b)
+    assert h.shape == (A, M, 2) and h.dtype == np.uint32
+    wider = dict(b, prompt_ids=np.pad(b["prompt_ids"], ((0, 0), (0, 0), (3, 0))),
+                 prompt_mask=np.pad(b["prompt_mask"], ((0, 0), (0, 0), (3, 0))),
+                 completion_ids=np.pad(b["completion_ids"], ((0, 0), (0, 0), (0, 2))),
+                 completion_mask=np.pad(b["completion_mask"], ((0, 0), (0, 0), (0, 2))))
+    np.testing.assert_array_equal(rs.row_checksums(wider), h)
+    changed = {k: v.copy() for k, v in b.items()}
+    changed["completion_ids"][1, 2, 0] += 1
+    diff = rs.row_checksums(changed) != h
+    assert diff[1, 2].all() and diff.sum() == 2
+    swapped = {k: v.copy() for k, v in b.items()}
+    for key in ("completion_ids", "completion_mask"):
+        swapped[key][0, [0, 1]] = swapped[key][0, [1, 0]]
+    assert (rs.row_checksums(swapped)[0, :2] != h[0, :2]).any()
+
+
+class _FakeIterator:
+    def __init__(self, batches):
+        self.batches, self.next_batch = batches, 0
+
+    def __next__(self):
+        batch = self.batches[self.next_batch]
+        self.next_batch += 1
+        return batch
+
+    def get_state(self):
+        return {"next_batch": self.next_batch}
+
+    def set_state(self, state):
+        self.next_batch = state["next_batch"]
+
+
+def test_store_round_trip_slices_rows_per_process_and_refuses_other_batches(tmp_path):
+    batches = [make_batch(10 + k) for k in range(3)]
+    logps = np.arange(3 * A * M, dtype=np.float32).reshape(3, A, M)
+    rs.write_store(str(tmp_path), {"loss": "kto", "keys": ["reference_logps", "reference_kl_logps"],
+                                   "fingerprint": "f", "batch": [A * M, M]},
+                   {"train": {"reference_logps": logps, "reference_kl_logps": -logps,
+                              rs.CHECKSUM: np.stack([rs.row_checksums(b) for b in batches])}})
+    store = rs.ReferenceStore(str(tmp_path))
+    assert json.load(open(tmp_path / "meta.json"))["splits"]["train"]["num_batches"] == 3
+    # process 1 of 2 holds rows [2, 4) of every microbatch
+    local = [{k: v[:, 2:] for k, v in b.items()} for b in batches]
+    it = rs.ReferenceLogpsIterator(_FakeIterator(local), store, "train", 1, 2)
+    it.set_state({"next_batch": 1})  # a resumed iterator reads slot 1 next
+    got = next(it)
+    np.testing.assert_array_equal(got["reference_logps"], logps[1][:, 2:])
+    np.testing.assert_array_equal(got["reference_kl_logps"], -logps[1][:, 2:])
+    assert it.get_state() == {"next_batch": 2}
+    shuffled = rs.ReferenceLogpsIterator(_FakeIterator([batches[1]]), store, "train", 0, 1)
+    with pytest.raises(UserError, match="batch 0 holds other examples"):
+        next(shuffled)
+    beyond = rs.ReferenceLogpsIterator(_FakeIterator(batches + batches), store, "train", 0, 1)
+    beyond._inner.next_batch = 3
+    with pytest.raises(UserError, match="covers 3 train batches"):
+        next(beyond)
+    with pytest.raises(UserError, match="no precomputed eval"):
+        store.rows("eval", 0, batches[0], 0, 1)
+    cfg = make_config("precomputed")
+    store.check_compatible(cfg, get_loss("kto"), "f")
+    with pytest.raises(UserError, match="fingerprint"):
+        store.check_compatible(cfg, get_loss("kto"), "g")
+    cfg.train.micro_batch_size = 2
+    with pytest.raises(UserError, match="global/micro batch"):
+        store.check_compatible(cfg, get_loss("kto"), "f")
+    with pytest.raises(UserError, match="lacks"):
+        store.check_compatible(make_config("precomputed"), get_loss("dpo"), "f")
+    with pytest.raises(UserError, match="holds no meta.json"):
+        rs.ReferenceStore(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- end to end through the CLI
+
+def _train_fixtures():
+    """tests/train/conftest.py's writers of a tiny HF Llama, its tokenizer and feedback rows."""
+    path = os.path.join(ROOT, "tests", "train", "conftest.py")
+    spec = importlib.util.spec_from_file_location("kto_jax_train_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+    import random
+    fx = _train_fixtures()
+    root = tmp_path_factory.mktemp("precompute")
+    model_dir, data = str(root / "model"), str(root / "feedback.jsonl")
+    rng = random.Random(0)
+    fx.write_tokenizer(model_dir, [fx._sentence(rng, 3, 12) + " ?" for _ in range(400)])
+    fx.write_tiny_llama(model_dir, vocab_size=len(AutoTokenizer.from_pretrained(model_dir)))
+    fx.write_feedback(data, n=40, seed=1)
+    argv = [f"--config={ROOT}/configs/tiny_cpu.py", f"--config.model.path={model_dir}",
+            f"--config.data.train_path={data}", "--config.train.num_steps=5",
+            "--config.mesh.data=4", "--config.mesh.tensor=2"]
+    return dict(root=root, argv=argv)
+
+
+def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run):
+    """The store's values for every train batch the run reads equal the on-the-fly reference
+    forward of that batch (same KL pairing), and the attached batches pass the row checks."""
+    from kto_jax.cli import main as cli_main
+    from kto_jax.config import load_config
+    from kto_jax.models import load_tokenizer
+    from kto_jax.train import run as run_lib
+
+    out = str(tiny_run["root"] / "ref")
+    assert cli_main(["precompute-ref", *tiny_run["argv"], f"--out={out}"]) == 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["splits"]["train"]["num_batches"] == 5 and "eval" in meta["splits"]
+    config, _, _ = load_config([*tiny_run["argv"], "--config.reference.source=precomputed",
+                                f"--config.data.reference_logps_path={out}"])
+    data, _ = run_lib.prepare_data(config, load_tokenizer(config.model.path))
+    data = rs.attach_to_datasets(config, data)
+    mesh = make_mesh(config.mesh)
+    model, _ = run_lib.load_policy(config, mesh)
+    graphdef, params = S.split_model(model)
+    loss = get_loss("kto")
+    direct = jax.jit(lambda p, b: rs.batch_reference_logps(loss, graphdef, p, b, 8192))
+    it = data.train_iter_factory(forever=True)
+    for _ in range(5):
+        batch = next(it)
+        want = direct(params, {k: v for k, v in batch.items() if not k.startswith("reference")})
+        for key in ("reference_logps", "reference_kl_logps"):
+            np.testing.assert_allclose(batch[key], want[key], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="covers 5 train batches"):
+        next(it)
+    evaluation = next(iter(data.eval_batches()))
+    assert evaluation["reference_logps"].shape == evaluation["valid"].shape
