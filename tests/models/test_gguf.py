@@ -202,7 +202,7 @@ def assert_tokenizers_match(ours, theirs):
 # ---- the tiny file: permutation, layout and quantisation against the original HF weights ----
 
 def test_tiny_tensors_equal_original_hf_weights(tiny):
-    config, state_dict, path = tiny
+    _, state_dict, path = tiny
     _, source, _ = kgguf.open_gguf(path)
 
     def tolerance(name, want):
@@ -229,6 +229,23 @@ def test_tiny_matches_transformers_gguf_loader(tiny):
     assert hf_config["rms_norm_eps"] == pytest.approx(config.rms_norm_eps, rel=1e-6)
     assert_tokenizers_match(tokenizer, transformers_gguf_tokenizer(path))
     assert tokenizer("hello")["input_ids"][0] == tokenizer.bos_token_id  # add_bos_token from the file
+
+
+def test_tiny_from_pretrained_logits_match_transformers(tiny):
+    import jax.numpy as jnp
+
+    from kto_jax.models import from_pretrained, positions_from_mask
+
+    _, _, path = tiny
+    ids = np.random.default_rng(1).integers(0, 280, size=(2, 7))
+    mask = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # left padding, different lengths
+    with torch.no_grad():
+        reference = transformers_gguf_model(path)
+        expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             position_ids=torch.tensor(np.asarray(positions_from_mask(mask)))).logits.numpy()
+    model, _ = from_pretrained(str(path))
+    logits = np.asarray(model(jnp.asarray(ids), positions_from_mask(mask), jnp.asarray(mask)))
+    np.testing.assert_allclose(logits[mask == 1], expected[mask == 1], rtol=0, atol=1e-4)
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -336,7 +353,7 @@ def test_missing_and_non_gguf_files(tmp_path):
 
 
 def test_non_llama_architecture_named(tmp_path):
-    config, state_dict = tiny_llama(300)
+    config, _ = tiny_llama(300)
     write_llama_gguf(tmp_path / "q.gguf", config, {}, arch="qwen2")
     with pytest.raises(UserError, match=r"'qwen2' model .* architecture 'llama' only"):
         kgguf.open_gguf(tmp_path / "q.gguf")
@@ -353,7 +370,7 @@ def test_quantisation_gguf_cannot_dequantise(tmp_path):
 
 
 def test_unsupported_tokenizer_and_tensor_named(tmp_path):
-    config, state_dict = tiny_llama(300)
+    config, _ = tiny_llama(300)
     write_llama_gguf(tmp_path / "spm.gguf", config, {}, tokenizer_model="llama")
     with pytest.raises(UserError, match="'llama' tokenizer .* byte-level BPE"):
         kgguf.open_gguf(tmp_path / "spm.gguf")
