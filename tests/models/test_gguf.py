@@ -331,10 +331,12 @@ def test_smollm2_config_matches_transformers(smollm2):
 
 
 @needs_smollm2
-def test_smollm2_tokenizer_matches_transformers(smollm2):
+def test_smollm2_tokenizer_matches_transformers(smollm2, tmp_path):
     _, (_, _, tokenizer), _, reference = smollm2
     assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
     assert_tokenizers_match(tokenizer, reference)
+    tokenizer.save_pretrained(tmp_path)  # exported next to a checkpoint, it reloads to the same tokenizer
+    assert_tokenizers_match(transformers.AutoTokenizer.from_pretrained(tmp_path), reference)
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert tokenizer("<|im_start|>user")["input_ids"][0] == 1  # a special token stays whole
 
