@@ -42,6 +42,7 @@ def test_make_mesh_from_config_and_one_device():
 
 
 def test_logical_to_mesh():
+    assert shd.rules_of(base_config().mesh) == shd.rules_of(RULES)  # config.mesh or its rules
     assert shd.logical_to_mesh(("layers", "embed", "heads", "head_dim"), RULES) == P(None, "fsdp", "tensor", None)
     assert shd.logical_to_mesh(("batch", "length"), RULES) == P(("data", "fsdp"), None)
     assert shd.logical_to_mesh(("heads", "mlp"), RULES) == P("tensor", None)  # a mesh axis is used once
@@ -64,14 +65,7 @@ def test_named_shardings_of_a_model_state():
     assert flat[("layers", "o_proj")].get_value().spec == P(None, "tensor", None, "fsdp")
 
 
-def test_shard_model_moves_parameters():
-    from kto_jax.models.transformer import Transformer
-    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    model = shd.shard_model(Transformer(tiny(), rngs=nnx.Rngs(0)), mesh, RULES)
-    assert model.layers.gate_proj[...].sharding.spec == P(None, "fsdp", "tensor")
-
-
-def test_init_model_creates_parameters_on_their_shardings():
+def test_init_model_and_shard_model_place_parameters_on_their_shardings():
     import numpy as np
     from kto_jax.models import Transformer, init_model
     mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
@@ -79,6 +73,7 @@ def test_init_model_creates_parameters_on_their_shardings():
     q = model.layers.q_proj[...]
     assert q.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(None, "fsdp", "tensor", None)), q.ndim)
     assert model.embed_tokens[...].sharding.spec == P("tensor", "fsdp")
-    eager = Transformer(tiny(), rngs=nnx.Rngs(3))
+    eager = shd.shard_model(Transformer(tiny(), rngs=nnx.Rngs(3)), mesh, RULES)
+    assert eager.layers.gate_proj[...].sharding.spec == P(None, "fsdp", "tensor")
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(eager))):
         np.testing.assert_allclose(a, b, atol=1e-7)
