@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kto_jax.models.transformer import positions_from_mask
+
 DEFAULT_VOCAB_CHUNK = 8192
 
 
@@ -159,8 +161,6 @@ def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
     Returns:
       CompletionLogps with [B, C] token log-probs, mask and hidden states.
     """
-    from kto_jax.models.transformer import positions_from_mask
-
     p = prompt_ids.shape[1]
     c = completion_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)

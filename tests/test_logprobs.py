@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kto_jax.logprobs import completion_logps, sequence_logps, token_logps_from_hidden
+from kto_jax.models.config import tiny
+from kto_jax.models.transformer import Transformer, positions_from_mask
 
 
 def _naive_token_logps(h, w, labels):
@@ -26,7 +29,7 @@ def inputs():
     return h, w, labels, cot
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 10, 37, 4096])
+@pytest.mark.parametrize("chunk", [1, 10, 37, 4096])
 def test_token_logps_match_naive_values_and_grads(inputs, chunk):
     h, w, labels, cot = inputs
     got = token_logps_from_hidden(h, w, labels, vocab_chunk=chunk)
@@ -67,3 +70,35 @@ def test_no_full_vocab_float32_buffer_in_compiled_backward():
     hlo = fn.lower(h, w).compile().as_text()
     assert f"f32[{b},{c},{v}]" not in hlo
     assert f"f32[{b},{c},{chunk}]" in hlo
+
+
+def test_completion_logps_of_a_padded_batch_match_unpadded_rows():
+    """Left-padded prompt + right-padded completion: each real completion token is scored by
+    the position before it, exactly as in the same row run alone with no padding."""
+    model = Transformer(tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=2, num_kv_heads=1, head_dim=16), rngs=nnx.Rngs(0))
+    x = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]], np.int32)
+    y = np.array([[12, 13, 14], [15, 0, 0], [16, 17, 0]], np.int32)
+    xm, ym = (x != 0).astype(np.int32), (y != 0).astype(np.int32)
+    # every row has 5 real tokens, so the unpadded rows form one [3, 5] batch
+    prompts = [r[r != 0] for r in x]
+    comps = [r[r != 0] for r in y]
+    ids = np.stack([np.concatenate([p, c]) for p, c in zip(prompts, comps)])
+    ones = np.ones_like(ids)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params):
+        m = nnx.merge(graphdef, params)
+        return (completion_logps(m, x, xm, y, ym, vocab_chunk=40),
+                sequence_logps(m, x, xm, y, ym, vocab_chunk=40),
+                jax.nn.log_softmax(m(ids, positions_from_mask(ones), ones), -1))
+
+    out, (logps, counts), logp = run(params)
+    np.testing.assert_allclose(logps, out.logps)
+    np.testing.assert_array_equal(counts, [3, 1, 2])
+    for row, (prompt, comp) in enumerate(zip(prompts, comps)):
+        want = [logp[row, len(prompt) - 1 + j, tok] for j, tok in enumerate(comp)]
+        np.testing.assert_allclose(out.token_logps[row, :len(comp)], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.token_logps[row, len(comp):], 0.0)
+    assert out.hidden.shape == (3, 3, 32)

@@ -1,0 +1,75 @@
+"""Shared pieces of the train-step tests: a tiny model config, batches, naive log-probs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs.base import get_config
+from kto_jax.models.config import tiny
+from kto_jax.models.transformer import positions_from_mask
+
+MODEL = tiny(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+             num_kv_heads=1, head_dim=16)
+A, M, P, C = 2, 8, 5, 6
+
+
+def make_config(loss="kto", micro=M, accum=A, **loss_kw):
+    cfg = get_config()
+    cfg.loss.name = loss
+    for k, v in loss_kw.items():
+        cfg.loss[k] = v
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, micro * accum
+    cfg.train.logprob_vocab_chunk = 48  # 128 = 48 + 48 + 32: exercises the overlapping last chunk
+    cfg.reference.param_dtype = "float32"
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 0
+    cfg.optim.eps = 1e-3  # keeps Adam's first update linear in tiny gradients (exact comparisons)
+    return cfg
+
+
+def make_batch(seed, paired=False, accum=A, micro=M):
+    rng = np.random.default_rng(seed)
+    shape = (accum, micro)
+
+    def padded(length, right):
+        n = rng.integers(1, length + 1, shape)[..., None]
+        pos = np.arange(length)[None, None]
+        mask = (pos < n) if right else (pos >= length - n)
+        return (rng.integers(1, MODEL.vocab_size, shape + (length,)) * mask).astype(np.int32), \
+            mask.astype(np.int32)
+
+    x, xm = padded(P, right=False)
+    batch = dict(prompt_ids=x, prompt_mask=xm, valid=np.ones(shape, bool))
+    if paired:
+        (yw, ywm), (yl, ylm) = padded(C, True), padded(C, True)
+        return dict(batch, chosen_ids=yw, chosen_mask=ywm, rejected_ids=yl, rejected_mask=ylm)
+    y, ym = padded(C, True)
+    desirable = rng.random(shape) < 0.5
+    desirable[:, :2] = [True, False]  # both classes in every microbatch
+    return dict(batch, completion_ids=y, completion_mask=ym, desirable=desirable,
+                weight=np.ones(shape, np.float32))
+
+
+def sharper_reference(params):
+    """pi_ref = the policy with a 3x sharper head: log-ratios on random text are then positive
+    on average, so z0 > 0 and the KL pairs matter for the loss."""
+    ref = jax.tree.map(jnp.copy, params)
+    ref["lm_head"] = ref["lm_head"].replace(ref["lm_head"][...] * 3.0)
+    return ref
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def naive_logps(graphdef, params, x, xm, y, ym):
+    """log pi(y|x) [B] from the model's full float32 logits: the definition, no chunking."""
+    model = nnx.merge(graphdef, params)
+    ids, mask = jnp.concatenate([x, y], 1), jnp.concatenate([xm, ym], 1)
+    logits = model(ids, positions_from_mask(mask), mask)[:, P - 1:P + C - 1]
+    tok = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[..., None], -1)[..., 0]
+    return jnp.sum(tok * ym, -1)
+
+
+def fresh(state):
+    """A copy of the state: the step donates (invalidates) the one it is given."""
+    return jax.tree.map(lambda x: x.copy(), state)
