@@ -14,6 +14,8 @@ from kto_jax.errors import UserError
 
 SUBCOMMANDS = {
     # name: (module:function, one-line help)
+    "train": ("kto_jax.commands.train:main", "train a model: --config=configs/X.py --workdir=DIR"),
+    "export": ("kto_jax.commands.export:main", "write a run's checkpoint as a Hugging Face model"),
     "data": ("kto_jax.data.cli:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
     "bench": ("kto_jax.commands.bench:main", "time the KTO step on a named model shape; prints one JSON line"),
     "precompute-ref": ("kto_jax.commands.precompute_ref:main", "store the reference log-probs of a run's batches: --config=... --out=DIR"),

@@ -6,7 +6,8 @@ One `CheckpointManager` under WORKDIR/checkpoints holds, per saved step, three i
           asynchronously straight from its sharded device buffers;
   data    the grain iterator state, one JSON file per process (each process reads
           its own shard, so each has its own position);
-  config  the resolved run config as JSON.
+  config  the resolved run config as JSON;
+  meta    small JSON the loop needs to continue exactly (e.g. its metrics window).
 
 A resume restores `state` onto the shardings of an *abstract* target
 (`jax.ShapeDtypeStruct`s carrying `.sharding`), so no process ever holds the
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from kto_jax.errors import UserError
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
 
 
 class IteratorSnapshot:
@@ -140,20 +141,23 @@ class Checkpointer:
       every_steps: `maybe_save` writes when `step % every_steps == 0`.
       keep: how many of the most recent checkpoints to keep.
       async_save: write in a background thread while training continues.
+      read_only: only restore (export): never create, clean up or delete anything.
     """
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, every_steps: int = 1, keep: int = 1,
+                 async_save: bool = True, read_only: bool = False):
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(every_steps), 1),
-            max_to_keep=max(int(keep), 1),
+            max_to_keep=None if read_only else max(int(keep), 1),
             enable_async_checkpointing=bool(async_save),
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self.directory = os.path.abspath(directory)
         self.every_steps = max(int(every_steps), 1)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(STATE, DATA, CONFIG))
+                                              item_names=(STATE, DATA, CONFIG, META))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
@@ -163,7 +167,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any, config_json: str, *,
-             force: bool = False) -> bool:
+             meta: dict | None = None, force: bool = False) -> bool:
         """Saves `step` if it is due (or `force`); returns whether a save started.
 
         The device buffers are copied before this returns, so the caller may donate
@@ -177,6 +181,7 @@ class Checkpointer:
             STATE: ocp.args.PyTreeSave(_to_storable(state)),
             DATA: grain.checkpoint.CheckpointSave(IteratorSnapshot.of(data_iterator)),
             CONFIG: ocp.args.JsonSave(json.loads(config_json)),
+            META: ocp.args.JsonSave(meta or {}),
         })
         return bool(self._manager.save(int(step), args=args, force=True))
 
@@ -216,10 +221,17 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict:
         """The resolved config saved with a checkpoint, as a plain dict."""
+        return self._restore_json(CONFIG, step)
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The `meta` dict saved with a checkpoint."""
+        return self._restore_json(META, step)
+
+    def _restore_json(self, item: str, step: int | None) -> dict:
         step = self._resolve_step(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{CONFIG: ocp.args.JsonRestore()}))
-        return dict(restored[CONFIG])
+            **{item: ocp.args.JsonRestore()}))
+        return dict(restored[item] or {})
 
     def state_metadata(self, step: int | None = None) -> Any:
         """The saved state's tree of shapes and dtypes, without reading arrays."""

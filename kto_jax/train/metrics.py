@@ -79,15 +79,16 @@ class MetricsLogger:
         self._paths = {name: os.path.join(workdir, name) for name in (METRICS_FILE, EVAL_METRICS_FILE)}
         self._tb = None
         self._bar = None
+        self._interactive = False
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         for path in self._paths.values():
             truncate_after(path, start_step)
         self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
-        interactive = sys.stderr.isatty()
+        self._interactive = sys.stderr.isatty()
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                              dynamic_ncols=True, mininterval=0.5 if interactive else 30.0,
+                              dynamic_ncols=True, mininterval=0.5 if self._interactive else 30.0,
                               file=sys.stderr)
 
     def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -105,7 +106,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = self._write(EVAL_METRICS_FILE, step, metrics, prefix="eval/")
-        self._bar.write(f"eval @ step {step}: " + ", ".join(
+        self.message(f"eval @ step {step}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)))
 
     def _write(self, name: str, step: int, metrics: Mapping[str, Any], prefix: str) -> dict:
@@ -125,8 +126,13 @@ class MetricsLogger:
 
     def message(self, text: str) -> None:
         """A line on stderr that does not break the progress bar (process 0 only)."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._interactive:
             self._bar.write(text, file=sys.stderr)
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     def close(self) -> None:
         if not self.enabled:

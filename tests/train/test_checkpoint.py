@@ -44,7 +44,7 @@ def test_round_trip_restores_state_shardings_iterator_and_config(tmp_path):
     it = _iterator()
     next(it), next(it)
     ckpt = Checkpointer(str(tmp_path), every_steps=1, keep=2)
-    assert ckpt.save(3, state, it, json.dumps({"optim": {"lr": 1e-6}}))
+    assert ckpt.save(3, state, it, json.dumps({"optim": {"lr": 1e-6}}), meta={"window": {"a": 0.1}})
     expected_next = [next(it) for _ in range(3)]
     ckpt.close()
 
@@ -60,6 +60,7 @@ def test_round_trip_restores_state_shardings_iterator_and_config(tmp_path):
     for want in expected_next:
         np.testing.assert_array_equal(next(it2), want)
     assert ckpt.restore_config() == {"optim": {"lr": 1e-6}}
+    assert ckpt.restore_meta(3) == {"window": {"a": 0.1}}
     params, step = ckpt.restore_subtree("params", abstract["params"])
     _assert_equal(params, state["params"])
     ckpt.close()
@@ -76,6 +77,9 @@ def test_every_n_steps_keep_last_k_and_force(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7] and ckpt.latest_step() == 7
     ckpt.close()
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    assert reader.all_steps() == [6, 7] and reader.restore_meta() == {}
+    reader.close()
 
 
 def test_missing_step_is_a_user_error(tmp_path):

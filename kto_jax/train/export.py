@@ -1,0 +1,84 @@
+"""From a run to a Hugging Face checkpoint (`kto-jax export`, and the end of `kto-jax train`).
+
+At start-up the trainer writes WORKDIR/model/: the policy's HF config.json and its
+tokenizer. Export needs nothing else from the original model path: it builds the
+abstract model from that config, restores only the `params` of a checkpoint
+(never the optimizer moments) onto one device, and writes config.json, sharded
+safetensors with an index, and the tokenizer through
+`kto_jax.models.save_pretrained`, which transformers loads unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
+
+MODEL_DIR = "model"
+HF_DIR = "hf"
+
+
+def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) -> None:
+    """WORKDIR/model/config.json (HF layout) and the tokenizer files."""
+    out = os.path.join(workdir, MODEL_DIR)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model_config.to_hf(), f, indent=2, sort_keys=True)
+    tokenizer.save_pretrained(out)
+
+
+def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
+                  dtype: str | None = None) -> None:
+    """Writes the policy `params` (an nnx.Param state of `graphdef`) as an HF checkpoint."""
+    save_pretrained(nnx.merge(graphdef, params), out_dir, tokenizer=tokenizer, dtype=dtype or None)
+
+
+def _abstract_params(model_config: ModelConfig, mesh, rules) -> tuple[Any, Any]:
+    """(graphdef, params as ShapeDtypeStructs on their shardings over `mesh`)."""
+    graphdef, params = nnx.split(abstract_model(model_config), nnx.Param)
+    shardings = shd.named_shardings(params, mesh, shd.rules_of(rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            params, shardings)
+    return graphdef, abstract
+
+
+def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
+                      dtype: str | None = None) -> int:
+    """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step."""
+    from kto_jax.train.checkpoint import Checkpointer  # orbax: only when exporting
+    from kto_jax.train.run import CHECKPOINT_DIR
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"no checkpoint in {workdir!r} (expected {ckpt_dir}): is it the "
+                        "--workdir of a `kto-jax train` run?")
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        config = checkpointer.restore_config(step)
+        hf_config = _read_model_config(workdir)
+        model_config = ModelConfig.from_hf(hf_config, param_dtype=config["model"]["param_dtype"],
+                                           dtype=config["model"]["dtype"])
+        one_device = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+        graphdef, abstract = _abstract_params(model_config, one_device,
+                                              config["mesh"]["rules"])
+        params, step = checkpointer.restore_subtree("params", abstract, step=step)
+    finally:
+        checkpointer.close()
+    tokenizer = load_tokenizer(os.path.join(workdir, MODEL_DIR))
+    export_dtype = dtype or config.get("train", {}).get("export_dtype") or None
+    export_params(graphdef, params, out_dir, tokenizer, export_dtype)
+    return step
+
+
+def _read_model_config(workdir: str) -> dict:
+    path = os.path.join(workdir, MODEL_DIR, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: the workdir was not written by `kto-jax train`.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

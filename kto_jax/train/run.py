@@ -1,0 +1,213 @@
+"""Setting up a run: data, mesh, model, train state, steps, checkpoints, logging.
+
+`setup_run(config, workdir)` does everything before the first step and returns a
+`Run`. A workdir that holds a checkpoint resumes: the train state is restored
+onto its target shardings, the data iterator moves to the next unseen batch and
+the metrics window picks up where it was saved, so the rest of the run is the
+same computation as if it had never stopped.
+
+Order matters for memory: the policy is read from the HF checkpoint straight onto
+the mesh (`kto_jax.models.from_pretrained`), the frozen reference is a copy of it
+(config.reference), and on a resume the fresh policy and optimizer buffers are
+dropped before the checkpoint's are read, so at most one train state is alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from kto_jax import sharding as shd
+from kto_jax.config import config_to_json
+from kto_jax.data.pipeline import Datasets, build_datasets
+from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
+from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
+from kto_jax.train import flops as flops_lib
+from kto_jax.train import step as step_lib
+from kto_jax.train.checkpoint import Checkpointer, abstract_like
+from kto_jax.train.export import write_model_source
+from kto_jax.train.metrics import MetricsLogger
+from kto_jax.train.optimizer import make_optimizer
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the step loop, evaluation and the final export need."""
+    config: ml_collections.ConfigDict
+    config_json: str
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model_config: ModelConfig
+    tokenizer: Any
+    graphdef: Any
+    state: step_lib.TrainState
+    train_step: Callable
+    eval_step: Callable
+    batch_sharding: jax.sharding.NamedSharding
+    data: Datasets
+    train_iter: Any
+    num_steps: int
+    start_step: int
+    window: dict | None          # saved metrics window (host floats) to continue, or None
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    flop_dims: flops_lib.ModelDims
+    peak_flops: float | None
+
+    @property
+    def is_complete(self) -> bool:
+        return self.start_step >= self.num_steps
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """UserError for a missing model or data path, before anything heavy starts."""
+    if not config.model.path:
+        raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
+                        "checkpoint directory) or a llama.cpp .gguf file.")
+    if not os.path.exists(config.model.path):
+        raise UserError(f"config.model.path={config.model.path!r} does not exist.")
+    if not config.data.train_path:
+        raise UserError("config.data.train_path is empty: pass --config.data.train_path=FILE "
+                        "(JSONL / JSON / Parquet, or a datasets directory).")
+
+
+def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Datasets, int]:
+    """The datasets, with eq. 9 weights written back into the config, and the step count."""
+    data = build_datasets(config, tokenizer)
+    config.loss.desirable_weight = float(data.summary.desirable_weight)
+    config.loss.undesirable_weight = float(data.summary.undesirable_weight)
+    num_steps = int(config.train.num_steps)
+    if num_steps <= 0:
+        num_steps = data.summary.train.batches_per_epoch * int(config.data.num_epochs)
+    if num_steps <= 0:
+        raise UserError("the training split gives no full batch: lower "
+                        "config.train.global_batch_size or add data.")
+    return data, num_steps
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh) -> tuple[Any, ModelConfig]:
+    """The policy from config.model.path, each tensor placed on its sharding."""
+    m = config.model
+    return from_pretrained(m.path, mesh=mesh, rules=config.mesh, param_dtype=m.param_dtype,
+                           dtype=m.dtype, remat_policy=m.remat_policy,
+                           attention_impl=m.attention_impl)
+
+
+def initial_state(config, model, tx, mesh) -> tuple[Any, step_lib.TrainState, Any]:
+    """(graphdef, state on its shardings, shardings) of a fresh run.
+
+    The state is built inside one jit whose outputs land on their shardings, so
+    the optimizer moments and the reference copy are created where they live
+    (with several processes, no process could place host values on the others).
+    """
+    graphdef, params = step_lib.split_model(model)
+
+    def create(params):
+        return step_lib.create_train_state(config, nnx.merge(graphdef, params), tx)[1]
+
+    shardings = step_lib.train_state_shardings(jax.eval_shape(create, params), tx, mesh,
+                                               config.mesh.rules)
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
+    return graphdef, state, shardings
+
+
+def saved_state(state: step_lib.TrainState) -> step_lib.TrainState:
+    """What a checkpoint holds: the state without the frozen reference (rebuilt on resume)."""
+    return state.replace(reference_params=None)
+
+
+def resume_state(checkpointer: Checkpointer, state: step_lib.TrainState, train_iter: Any
+                 ) -> tuple[step_lib.TrainState, int, dict | None]:
+    """The latest checkpoint's state on `state`'s shardings, its step and metrics window."""
+    reference = state.reference_params
+    abstract = abstract_like(saved_state(state))
+    del state  # free the fresh policy and optimizer buffers before reading the saved ones
+    restored, step = checkpointer.restore(abstract, train_iter)
+    meta = checkpointer.restore_meta(step)
+    return restored.replace(reference_params=reference), step, meta.get("window")
+
+
+def warn_config_changes(checkpointer: Checkpointer, config_json: str, logger: MetricsLogger) -> None:
+    """Names the config fields that differ from the checkpoint's (a resume keeps going anyway)."""
+    saved = _flatten(checkpointer.restore_config())
+    now = _flatten(json.loads(config_json))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        logger.message("warning: resuming with config changes since the checkpoint: "
+                       + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, tokenizer) -> None:
+    """WORKDIR/config.json and WORKDIR/model/ (HF config + tokenizer, for `kto-jax export`)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(config_json + "\n")
+    write_model_source(workdir, model_config, tokenizer)
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Builds (or restores) everything a run needs; see the module docstring."""
+    check_paths(config)
+    workdir = os.path.abspath(workdir)
+    tokenizer = load_tokenizer(config.model.path)
+    data, num_steps = prepare_data(config, tokenizer)
+    config_json = config_to_json(config)
+    mesh = shd.make_mesh(config.mesh)
+    tx, schedule = make_optimizer(config.optim, num_steps)
+    ck = config.checkpoint
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), every_steps=ck.every_steps,
+                                keep=ck.keep, async_save=ck.async_save)
+    model, model_config = load_policy(config, mesh)
+    graphdef, state, shardings = initial_state(config, model, tx, mesh)
+    del model
+    forever = int(config.train.num_steps) > 0
+    train_iter = data.train_iter_factory(forever=forever)
+    start_step, window = 0, None
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
+        state, start_step, window = resume_state(checkpointer, state, train_iter)
+    logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step,
+                           enabled=jax.process_index() == 0)
+    if resuming:
+        logger.message(f"resuming from step {start_step} of {num_steps} in {workdir}")
+        warn_config_changes(checkpointer, config_json, logger)
+    for line in data.summary.lines():
+        logger.message(line)
+    write_run_files(workdir, config_json, model_config, tokenizer)
+    device = jax.devices()[0]
+    return Run(
+        config=config, config_json=config_json, workdir=workdir, mesh=mesh,
+        model_config=model_config, tokenizer=tokenizer, graphdef=graphdef, state=state,
+        train_step=step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings),
+        eval_step=step_lib.make_eval_step(config, graphdef, mesh, shardings),
+        batch_sharding=step_lib.batch_sharding(mesh, config.mesh.rules), data=data,
+        train_iter=train_iter, num_steps=num_steps, start_step=start_step, window=window,
+        checkpointer=checkpointer, logger=logger,
+        flop_dims=flops_lib.ModelDims.from_hf_config(model_config.to_hf()),
+        peak_flops=flops_lib.peak_flops_per_device(device.device_kind, device.platform))
+
+
+def loss_of(run: Run):
+    return get_loss(run.config.loss.name)

@@ -1,0 +1,55 @@
+"""`train(config, workdir)`: setup, the step loop, the final checkpoint and HF export.
+
+  setup     kto_jax/train/run.py       data, mesh, model, state (or resume), steps
+  loop      kto_jax/train/loop.py      steps, metrics windows, periodic eval, checkpoints
+  eval      kto_jax/train/evaluate.py  held-out loss, rewards, margins
+  export    kto_jax/train/export.py    WORKDIR/hf, loadable by transformers
+
+Re-running the same command on the same workdir resumes from the latest
+checkpoint; a finished run only (re)writes a missing export. SIGTERM (TPU
+preemption) makes every process stop after the same step, save a checkpoint,
+wait for it and return 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from kto_jax.train.distributed import PreemptionGuard
+from kto_jax.train.export import HF_DIR, export_params
+from kto_jax.train.loop import MetricsWindow, run_loop, save_checkpoint
+from kto_jax.train.run import Run, setup_run
+
+
+def finish(run: Run) -> None:
+    """The last checkpoint, then the HF export to WORKDIR/hf (config.train.export_at_end)."""
+    save_checkpoint(run, run.num_steps, MetricsWindow(), force=True)
+    run.checkpointer.wait()
+    out = os.path.join(run.workdir, HF_DIR)
+    if run.config.train.export_at_end and not os.path.exists(os.path.join(out, "config.json")):
+        export_params(run.graphdef, run.state.params, out, run.tokenizer,
+                      run.config.train.export_dtype or None)
+        run.logger.message(f"exported the policy to {out}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Trains (or resumes) the run of `config` in `workdir`; returns the exit code (0)."""
+    with PreemptionGuard() as guard:
+        run = setup_run(config, workdir)
+        try:
+            with jax.set_mesh(run.mesh):
+                outcome = run_loop(run, guard)
+                if outcome == "preempted":
+                    run.checkpointer.wait()
+                    run.logger.message(f"SIGTERM: saved step {run.checkpointer.latest_step()} "
+                                       f"to {run.checkpointer.directory}; re-run the same "
+                                       "command to resume.")
+                    return 0
+                finish(run)
+        finally:
+            run.checkpointer.close()
+            run.logger.close()
+    return 0

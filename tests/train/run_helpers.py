@@ -1,0 +1,82 @@
+"""Helpers for trainer tests: tiny model and data writers, CLI subprocess plumbing.
+
+Nothing comes from a hub: the tokenizer is a byte-level BPE trained here on the
+helpers' own sentences (vocab < 512), the model a 2-layer Llama (hidden 32)
+initialised by transformers with a fixed torch seed and saved with
+`save_pretrained`, which is what `--config.model.path` of configs/tiny_cpu.py expects.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+WORDS = ("the cat dog sat ran on a mat log red blue big small happy sad tree house car "
+         "road sun moon star sky good bad fast slow yes no what why how when where who").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def write_tokenizer(out_dir: str, corpus: list[str]) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1,
+                            special_tokens=["<pad>", "<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(out_dir)
+
+
+def write_tiny_llama(out_dir: str, vocab_size: int, seed: int = 0) -> None:
+    import torch
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
+
+
+def write_feedback(path: str, n: int, seed: int) -> None:
+    """Unpaired feedback rows {prompt, completion, label}, both classes well mixed."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            row = {"prompt": sentence(rng, 2, 6) + " ?", "completion": sentence(rng, 2, 8),
+                   "label": bool(i % 3)}
+            f.write(json.dumps(row) + "\n")
+
+
+# ---- running `kto-jax train` in subprocesses ----
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny_cpu.py")
+NUM_STEPS = 12  # long enough that a kill after the first checkpoint lands mid-run
+
+
+def cli_env(cache_dir: str, devices: int = 4, **extra: str) -> dict:
+    """Environment of a CLI subprocess: `devices` CPU devices, a shared compilation cache."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONPATH=REPO)
+    env.update(extra)
+    return env
+
+
+def train_argv(workdir: str, model_dir: str, data_file: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kto_jax.cli", "train", f"--config={TINY_CONFIG}",
+            f"--workdir={workdir}", f"--config.model.path={model_dir}",
+            f"--config.data.train_path={data_file}", f"--config.train.num_steps={NUM_STEPS}",
+            *extra]
+
+
+def run_cli(argv: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -1,0 +1,119 @@
+"""`kto-jax train` end to end on tiny_cpu: outputs, export, SIGKILL resume, SIGTERM.
+
+Every run is a real `python -m kto_jax.cli` subprocess on 4 CPU devices; they share a
+persistent compilation cache, so only the first one pays for XLA compiles.
+"""
+
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from run_helpers import NUM_STEPS, REPO, cli_env, run_cli, train_argv
+from kto_jax.train.metrics import REQUIRED_KEYS, TIMING_KEYS, read_jsonl
+
+
+def _metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+            for r in read_jsonl(os.path.join(workdir, name))]
+
+
+def _tensors(hf_dir: str) -> dict:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        out.update(load_file(path))
+    return out
+
+
+def _committed_steps(workdir: str) -> list[int]:
+    """Checkpoint steps whose directories Orbax has finished (renamed from their tmp name)."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.01)
+
+
+def test_run_writes_metrics_tensorboard_checkpoints_and_export(reference_run):
+    lines = read_jsonl(os.path.join(reference_run, "metrics.jsonl"))
+    assert [r["step"] for r in lines] == list(range(1, NUM_STEPS + 1))
+    for record in lines:
+        assert set(REQUIRED_KEYS) <= set(record)
+        assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+        assert record["tokens_per_s"] > 0 and record["mfu"] == 0.0  # CPU: no peak, mfu 0
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["rewards/margins"] > 0  # desirable rewards pulled above undesirable
+    evals = read_jsonl(os.path.join(reference_run, "eval_metrics.jsonl"))
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    assert all(math.isfinite(r["loss"]) and "rewards/margins" in r for r in evals)
+    assert glob.glob(os.path.join(reference_run, "tb", "events.out.tfevents.*"))
+    assert _committed_steps(reference_run) == [10, 12]  # every 2 steps, keep 2
+
+    transformers = pytest.importorskip("transformers")
+    hf = os.path.join(reference_run, "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    ids = tokenizer("the cat sat ?", return_tensors="pt").input_ids
+    assert np.isfinite(model(ids).logits.detach().numpy()).all()
+
+
+def test_export_command_writes_the_same_weights(reference_run, compile_cache, tmp_path):
+    out = str(tmp_path / "exported")
+    proc = run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", reference_run,
+                    "--out", out, "--step", str(NUM_STEPS)], cli_env(compile_cache))
+    assert f"exported step {NUM_STEPS}" in proc.stdout
+    a, b = _tensors(out), _tensors(os.path.join(reference_run, "hf"))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_metrics(
+        reference_run, tiny_model_dir, feedback_file, compile_cache, tmp_path):
+    workdir = str(tmp_path / "killed")
+    argv = train_argv(workdir, tiny_model_dir, feedback_file)
+    env = cli_env(compile_cache)
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _committed_steps(workdir), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    assert killed_at < NUM_STEPS and not os.path.exists(os.path.join(workdir, "hf"))
+
+    proc = run_cli(argv, env)
+    assert "resuming from step" in proc.stderr
+    assert _metrics(workdir) == _metrics(reference_run)
+    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(reference_run, "eval_metrics.jsonl")
+    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(reference_run, "hf"))
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_model_dir, feedback_file, compile_cache,
+                                                 tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = subprocess.Popen(train_argv(workdir, tiny_model_dir, feedback_file),
+                            env=cli_env(compile_cache), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: read_jsonl(os.path.join(workdir, "metrics.jsonl")), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in err
+    last_logged = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]["step"]
+    assert last_logged < NUM_STEPS
+    assert _committed_steps(workdir)[-1] == last_logged  # the step it stopped after
