@@ -13,9 +13,10 @@ API (what the trainer and the AOT compiler call):
     metrics = eval_step(state, batch)
     summarize_metrics(jax.device_get(metrics))         # kto_jax.losses; host side
 
-`create_train_state` also works under `jax.eval_shape` on `abstract_model(cfg)`, so the
-AOT compiler can lower `train_step` with abstract arguments (`batch_sharding(mesh,
-rules)` gives the batch's sharding; every batch array is [A, M, ...]).
+`abstract_train_state(config, abstract_model(cfg), tx)` gives the same state as
+ShapeDtypeStructs without allocating, so the AOT compiler can lower `train_step` with
+abstract arguments (`batch_sharding(mesh, rules)` gives the batch's sharding; every
+batch array is [A, M, ...]).
 
 TrainState (a pytree):
   params            nnx.Param state of the policy (`nnx.split(model, nnx.Param)`)
@@ -56,6 +57,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.errors import UserError
 from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK
 from kto_jax.losses.ppo import init_value_head
@@ -118,6 +120,20 @@ def check_step_config(config: ml_collections.ConfigDict, loss: HaloLoss) -> None
                         "cannot carry: set config.reference.source='model'.")
 
 
+def check_batch(batch: Batch, loss: HaloLoss) -> None:
+    """UserError (at trace time) for a batch whose layout or microbatch size the loss cannot use."""
+    keys = PAIRED_KEYS if loss.paired else UNPAIRED_KEYS
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        layout = "paired (chosen/rejected)" if loss.paired else "unpaired (completion + label)"
+        raise UserError(f"loss {loss.name!r} trains on {layout} batches, but the batch lacks "
+                        f"{missing}: use data of that kind (config.data.format) or another "
+                        "config.loss.name.")
+    if loss.uses_kl and batch["valid"].shape[1] < 2:
+        raise UserError(f"loss {loss.name!r} needs microbatches of at least 2 examples for z0 "
+                        f"(the KL pairs), got {batch['valid'].shape[1]}.")
+
+
 # ---------------------------------------------------------------- state
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -133,27 +149,41 @@ def _copy_as(params: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
-                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """The initial TrainState of a run: policy params, optimizer state, reference, value head.
-
-    The policy params stay where the model put them; place the state with
-    `jax.device_put(state, train_state_shardings(...))`. Works under `jax.eval_shape`.
-    """
+def init_train_state(config: ml_collections.ConfigDict, params: Any,
+                     tx: optax.GradientTransformation, hidden_size: int) -> TrainState:
+    """The initial TrainState around policy `params` (nnx.Param state); pure, so it also runs
+    under `jax.eval_shape` (see `abstract_train_state`)."""
     settings = StepSettings.from_config(config)
     loss = settings.loss
-    graphdef, params = split_model(model)
     key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
-    value_head = None
-    if loss.uses_value_head:
-        value_head = init_value_head(head_key, int(model.config.hidden_size))
+    value_head = init_value_head(head_key, hidden_size) if loss.uses_value_head else None
     reference = None
     if loss.uses_reference and settings.reference_source == "model":
         reference = _copy_as(params, config.reference.param_dtype)
-    state = TrainState(params=params, opt_state=tx.init((params, value_head)),
-                       step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
-                       rng=key, value_head=value_head, reference_params=reference)
-    return graphdef, state
+    return TrainState(params=params, opt_state=tx.init((params, value_head)),
+                      step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
+                      rng=key, value_head=value_head, reference_params=reference)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, initial TrainState) of a run: policy params, optimizer state, reference, value head.
+
+    The state's arrays stay where the model's params are; place the whole state with
+    `jax.device_put(state, train_state_shardings(...))`.
+    """
+    graphdef, params = split_model(model)
+    return graphdef, init_train_state(config, params, tx, int(model.config.hidden_size))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+                         tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, TrainState of ShapeDtypeStructs), allocating nothing: for AOT lowering and
+    Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`."""
+    graphdef, params = split_model(model)
+    init = functools.partial(init_train_state, config, tx=tx,
+                             hidden_size=int(model.config.hidden_size))
+    return graphdef, jax.eval_shape(init, params)
 
 
 def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
@@ -236,6 +266,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                settings: StepSettings, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_shardings: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` ([A, M, ...]); pure, so it can be jitted as is."""
+    check_batch(batch, settings.loss)
     trainable = (state.params, state.value_head)
     grads, loss, metrics, tokens = accumulate_gradients(
         trainable, state.reference_params, batch, graphdef=graphdef, settings=settings,
@@ -260,6 +291,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
 def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
               settings: StepSettings) -> dict:
     """The loss's additive metrics on `batch` ([A, M, ...]) summed over microbatches, plus tokens."""
+    check_batch(batch, settings.loss)
     trainable = (state.params, state.value_head)
 
     def body(_, mb):

@@ -17,7 +17,7 @@ from step_testlib import (A, M, MODEL, fresh, make_batch, make_config, naive_log
 
 from kto_jax.errors import UserError
 from kto_jax.losses import kto_loss, summarize_metrics
-from kto_jax.models.transformer import Transformer
+from kto_jax.models.transformer import Transformer, abstract_model
 from kto_jax.sharding import make_mesh
 from kto_jax.train import step as S
 from kto_jax.train import step_stats
@@ -222,3 +222,30 @@ def test_step_on_an_8_device_mesh_matches_one_device(setup):
         np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, atol=1e-6, err_msg=key)
     for a, b in zip(jax.tree.leaves(eight_state.params), jax.tree.leaves(one_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_abstract_state_lowers_on_a_mesh_with_the_state_donated():
+    """What the AOT compiler does: an abstract state (nothing allocated; the reference in the
+    default bfloat16), abstract sharded inputs, `lower`. Every state buffer is donated."""
+    cfg = make_config()
+    cfg.reference.param_dtype = "bfloat16"
+    tx, schedule = make_optimizer(cfg.optim, 10)
+    graphdef, state = S.abstract_train_state(cfg, abstract_model(MODEL), tx)
+    assert {x.dtype for x in jax.tree.leaves(state.reference_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+
+    def abstract(batch):
+        sharding = S.batch_sharding(mesh, cfg.mesh.rules)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+
+    lowered = step.lower(state, abstract(make_batch(0)))
+    state_info, batch_info = lowered.args_info[0]
+    assert all(i.donated for i in jax.tree.leaves(state_info))
+    assert not any(i.donated for i in jax.tree.leaves(batch_info))
+    with pytest.raises(UserError, match="unpaired .* lacks"):
+        step.lower(state, abstract(make_batch(0, paired=True)))
