@@ -18,7 +18,6 @@ crash: XLA's RESOURCE_EXHAUSTED compile error is caught and reported.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import os
 import re
@@ -30,6 +29,7 @@ import jax
 from jax.sharding import Mesh
 
 from kto_jax.errors import UserError
+from kto_jax.train.distributed import has_tpu_chips
 
 GiB = 1024**3
 
@@ -121,10 +121,6 @@ def parse_topology(name: str) -> TpuSlice:
                     chips_per_host=per_host, hbm_bytes=hbm, num_slices=slices)
 
 
-def _on_tpu_host() -> bool:
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
     """Compile-only devices of the slice, from libtpu. Needs the `tpu` extra.
 
@@ -136,7 +132,7 @@ def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
         import libtpu  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as err:
         raise UserError("compiling for a TPU topology needs libtpu: pip install 'kto-jax[tpu]'") from err
-    if not _on_tpu_host():
+    if not has_tpu_chips():
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
@@ -244,12 +240,13 @@ def compile_on_mesh(tpu: TpuSlice, mesh: Mesh, build: BuildFn) -> CompileReport:
     """Lower and compile `build(mesh)`'s program on `mesh` (compile-only TPU devices).
 
     `build` returns `(fn, abstract_args)`: a jitted function (a plain one is jitted here)
-    and its arguments as `jax.ShapeDtypeStruct`s with shardings on `mesh`.
+    and its arguments as `jax.ShapeDtypeStruct`s with shardings on `mesh`. As in the
+    trainer, `build` runs outside and the lowering inside `jax.set_mesh(mesh)`.
     """
     report = CompileReport(tpu=tpu, mesh_shape=dict(mesh.shape))
+    fn, args = build(mesh)
+    fn = fn if hasattr(fn, "lower") else jax.jit(fn)
     with jax.set_mesh(mesh):
-        fn, args = build(mesh)
-        fn = fn if hasattr(fn, "lower") else jax.jit(fn)
         start = time.perf_counter()
         lowered = fn.lower(*args)
         report.lower_seconds = time.perf_counter() - start

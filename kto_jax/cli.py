@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": ("kto_jax.commands.train:main", "train a model: --config=configs/X.py --workdir=DIR"),
     "export": ("kto_jax.commands.export:main", "write a run's checkpoint as a Hugging Face model"),
     "data": ("kto_jax.data.cli:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
+    "compile": ("kto_jax.commands.compile:main", "compile the train step for a TPU slice on this machine; per-chip memory and fit: --config=... --topology=v5p-32"),
     "bench": ("kto_jax.commands.bench:main", "time the KTO step on a named model shape; prints one JSON line"),
     "precompute-ref": ("kto_jax.commands.precompute_ref:main", "store the reference log-probs of a run's batches: --config=... --out=DIR"),
 }

@@ -130,3 +130,69 @@ def test_find_max_microbatch_stops_at_the_hbm_boundary():
     assert larger and all(not search.reports[size].fits for size in larger)
     assert best + 1 in search.reports                               # bisection closed the gap
     assert str(best) in str(search)
+
+
+# ---- the real train step: `kto-jax compile` on configs/tiny_cpu.py ------------------------
+
+def _tiny_cpu(**mesh):
+    from kto_jax.config import load_config
+
+    overrides = [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
+    config, _, _ = load_config(["--config=configs/tiny_cpu.py", *overrides])
+    return config
+
+
+def test_fsdp_shards_the_real_train_state_across_chips():
+    """Per-chip arguments of the KTO train step with fsdp=4: a quarter of the state.
+
+    The state is params, Adam's two moments and the float32 reference: four float32
+    copies of the parameters. Widths are multiples of 128 * 4 so every fsdp shard fills
+    whole TPU tiles and the byte counts are exact up to the small batch and counters.
+    (The replicated layout, data=4, is compiled by the microbatch-search test below.)
+    """
+    from kto_jax.commands.compile import train_step_program
+    from kto_jax.models import preset
+
+    c = preset("tiny", vocab_size=1024, hidden_size=512, intermediate_size=1024, num_heads=4,
+               num_kv_heads=2, head_dim=128, param_dtype="float32", dtype="float32")
+    mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+    config = _tiny_cpu(**mesh)
+    report = aot.compile_for_topology("v5e-4", lambda m: train_step_program(config, c, m, 24, 48), mesh)
+    n_params = (2 * c.vocab_size * c.hidden_size + c.hidden_size
+                + c.num_layers * (2 * c.hidden_size + c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+                                  + 3 * c.hidden_size * c.intermediate_size))
+    shard_bytes = 4 * n_params * 4 // 4                             # (params, mu, nu, reference) / fsdp
+    assert report.fits and report.mesh_shape == mesh
+    assert shard_bytes <= report.argument_bytes <= shard_bytes + 2**20  # + batch, step counters, key
+    assert 3 * shard_bytes // 4 <= report.alias_bytes <= report.argument_bytes  # params + moments donated
+
+
+def test_compile_command_finds_the_largest_microbatch(capsys):
+    from kto_jax import cli
+
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=tiny",
+                   "--find_microbatch", "--max_microbatch=2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "sequences 24+48 tokens" in out                          # data.max_prompt_length + max_length
+    assert out.count("verdict: fits") == 2 and "per-chip microbatch 2" in out
+    assert "largest per-chip microbatch that fits: 2" in out
+
+
+def test_compile_command_reports_a_model_too_large_for_the_slice(capsys):
+    from kto_jax import cli
+
+    # Llama-3 70B's float32 params alone are 70 GB per chip on 4 chips with data parallelism.
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=llama3_70b"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "does not fit" in out and "RESOURCE_EXHAUSTED" in out
+
+
+def test_compile_command_needs_an_architecture(capsys):
+    from kto_jax import cli
+
+    rc = cli.main(["compile", "--config=configs/llama3_8b_kto.py", "--topology=v5p-32"])
+    assert rc == 2 and "--model=PRESET" in capsys.readouterr().err
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5p-6", "--model=tiny"])
+    assert rc == 2 and "--topology 'v5p-6'" in capsys.readouterr().err
