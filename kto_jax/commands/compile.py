@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
-from flax import nnx
 from jax.sharding import Mesh
 
 from kto_jax import aot
@@ -33,7 +32,7 @@ from kto_jax.config import load_config
 from kto_jax.data import batching
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
-from kto_jax.models import PRESETS, ModelConfig, Transformer, preset
+from kto_jax.models import PRESETS, ModelConfig, abstract_model, preset
 from kto_jax.train import step as step_lib
 from kto_jax.train.optimizer import make_optimizer
 
@@ -108,8 +107,7 @@ def train_step_program(config: ml_collections.ConfigDict, model_config: ModelCon
     """(jitted train step, (abstract TrainState, abstract batch)) on `mesh`: nothing allocated."""
     steps = max(int(config.train.num_steps), int(config.optim.warmup_steps) + 1)
     tx, schedule = make_optimizer(config.optim, steps)
-    graphdef, state = nnx.eval_shape(
-        lambda: step_lib.create_train_state(config, Transformer(model_config, rngs=nnx.Rngs(0)), tx))
+    graphdef, state = step_lib.abstract_train_state(config, abstract_model(model_config), tx)
     shardings = step_lib.train_state_shardings(state, tx, mesh, config.mesh.rules)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   state, shardings)
