@@ -34,72 +34,71 @@ def _chunk_start(k: jax.Array, chunk: int, vocab: int) -> jax.Array:
     return jnp.minimum(k * chunk, vocab - chunk)
 
 
-def _chunk_logits(h: jax.Array, w: jax.Array, k: jax.Array, chunk: int):
-    """Float32 logits of chunk k, [B, C, chunk], with columns of earlier chunks at -inf."""
+def _chunk_logits(h: jax.Array, w: jax.Array, labels: jax.Array, k: jax.Array, chunk: int):
+    """Chunk k of the logits: (float32 [B, C, chunk] logits with columns of earlier chunks at
+    -inf, bool [B, C, chunk] one-hot of the labels among this chunk's fresh columns, start)."""
     vocab = w.shape[1]
     start = _chunk_start(k, chunk, vocab)
     w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
     logits = jnp.einsum("bcd,dv->bcv", h, w_c, preferred_element_type=jnp.float32)
-    fresh = start + jnp.arange(chunk) >= k * chunk
-    return jnp.where(fresh, logits, -jnp.inf), start
+    cols = start + jnp.arange(chunk)
+    fresh = cols >= k * chunk
+    onehot = (cols == labels[..., None]) & fresh
+    return jnp.where(fresh, logits, -jnp.inf), onehot, start
 
 
-def _logsumexp_chunked(h: jax.Array, w: jax.Array, chunk: int) -> jax.Array:
-    """log sum_v exp(h . w_v), [B, C] float32, by an online max/sum over vocab chunks."""
+def _forward_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int):
+    """(label logit, log sum_v exp(logit_v)), both [B, C] float32, by an online max/sum over
+    vocab chunks; the label logit is picked from the chunk that holds it (no gather of w)."""
     n_chunks = -(-w.shape[1] // chunk)
 
     def body(carry, k):
-        m, s = carry
-        logits, _ = _chunk_logits(h, w, k, chunk)
+        m, s, label_logit = carry
+        logits, onehot, _ = _chunk_logits(h, w, labels, k, chunk)
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
-        return (m_new, s), None
+        label_logit = label_logit + jnp.where(onehot, logits, 0.0).sum(-1)
+        return (m_new, s, label_logit), None
 
     shape = h.shape[:-1]
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
-    (m, s), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    return m + jnp.log(s)
-
-
-def _label_logits(h: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-    """h . w[:, label] for every position, [B, C] float32."""
-    w_lab = jnp.take(w, labels, axis=1)  # [D, B, C]
-    return jnp.einsum("bcd,dbc->bc", h, w_lab, preferred_element_type=jnp.float32)
+    zeros = jnp.zeros(shape, jnp.float32)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), zeros, zeros)
+    (m, s, label_logit), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return label_logit, m + jnp.log(s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _label_logps(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> jax.Array:
-    return _label_logits(h, w, labels) - _logsumexp_chunked(h, w, chunk)
+    label_logit, lse = _forward_chunked(h, w, labels, chunk)
+    return label_logit - lse
 
 
 def _label_logps_fwd(h, w, labels, chunk):
-    lse = _logsumexp_chunked(h, w, chunk)
-    return _label_logits(h, w, labels) - lse, (h, w, labels, lse)
+    label_logit, lse = _forward_chunked(h, w, labels, chunk)
+    return label_logit - lse, (h, w, labels, lse)
 
 
 def _label_logps_bwd(chunk, residuals, g):
-    """d log p(label) / d logit_v = 1[v = label] - softmax_v, applied chunk by chunk."""
+    """d log p(label) / d logit_v = 1[v = label] - softmax_v, applied chunk by chunk: the
+    logits are recomputed, and dh, dw are chunk-local matmuls (no scatter into dw)."""
     h, w, labels, lse = residuals
     g = g.astype(jnp.float32)
     n_chunks = -(-w.shape[1] // chunk)
 
     def body(carry, k):
         dh, dw = carry
-        logits, start = _chunk_logits(h, w, k, chunk)
-        gp = (g[..., None] * jnp.exp(logits - lse[..., None])).astype(h.dtype)  # [B, C, chunk]
+        logits, onehot, start = _chunk_logits(h, w, labels, k, chunk)
+        dlogits = onehot.astype(jnp.float32) - jnp.exp(logits - lse[..., None])
+        gp = (g[..., None] * dlogits).astype(h.dtype)  # [B, C, chunk]
         w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-        dh = dh - jnp.einsum("bcv,dv->bcd", gp, w_c, preferred_element_type=jnp.float32)
+        dh = dh + jnp.einsum("bcv,dv->bcd", gp, w_c, preferred_element_type=jnp.float32)
         dw_c = jnp.einsum("bcd,bcv->dv", h, gp, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
-        dw = jax.lax.dynamic_update_slice_in_dim(dw, old - dw_c, start, axis=1)
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
         return (dh, dw), None
 
     init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
     (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    w_lab = jnp.take(w, labels, axis=1).astype(jnp.float32)  # [D, B, C]
-    dh = dh + g[..., None] * jnp.moveaxis(w_lab, 0, -1)
-    gh = (g[..., None] * h.astype(jnp.float32)).reshape(-1, h.shape[-1])  # [B*C, D]
-    dw = dw.at[:, labels.reshape(-1)].add(gh.T)
     return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 
