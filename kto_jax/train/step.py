@@ -35,8 +35,11 @@ Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; p
 microbatch the stats of kto_jax/train/step_stats.py (KL batch rolled within the
 microbatch, its own z0) and the loss's gradient, weighted by the loss's true
 denominator (`loss_denominator`: examples, or tokens for token-mean losses), so the
-accumulated gradient is that of sum_a loss_sum_a / sum_a denominator_a. A non-finite
-loss or gradient leaves params and optimizer state unchanged and counts a skip.
+accumulated gradient is that of sum_a loss_sum_a / sum_a denominator_a. The policy and
+the value head share one optimizer, so global-norm clipping sees both (the value head's
+gradient never reaches the policy: it reads detached hidden states). A non-finite loss
+or gradient leaves params and optimizer state unchanged and counts a skip; `step`
+still advances, the schedule (indexed by applied updates) does not.
 
 metrics (jax scalars): the loss's additive metrics summed over microbatches (pass
 several steps' sums, added key-wise, to `summarize_metrics`), plus `tokens` (real
