@@ -19,7 +19,6 @@ SIGKILL during a save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -28,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kto_jax.errors import UserError
+from kto_jax.train import paths
 
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
 
@@ -154,7 +154,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
         )
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.resolve(directory)
         self.every_steps = max(int(every_steps), 1)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(STATE, DATA, CONFIG, META))

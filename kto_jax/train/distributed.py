@@ -103,6 +103,14 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(gathered).any())
 
 
+def agree(flag: bool) -> bool:
+    """Process 0's value of a host-side flag, on every process (so all take the same branch)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(int(flag), np.int32)))
+
+
 class PreemptionGuard:
     """Records SIGTERM instead of dying, so the loop can checkpoint and exit 0.
 

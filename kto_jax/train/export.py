@@ -20,6 +20,7 @@ from flax import nnx
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
+from kto_jax.train import paths
 
 MODEL_DIR = "model"
 HF_DIR = "hf"
@@ -27,17 +28,24 @@ HF_DIR = "hf"
 
 def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) -> None:
     """WORKDIR/model/config.json (HF layout) and the tokenizer files."""
-    out = os.path.join(workdir, MODEL_DIR)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model_config.to_hf(), f, indent=2, sort_keys=True)
-    tokenizer.save_pretrained(out)
+    with paths.staged_dir(paths.join(workdir, MODEL_DIR)) as out:
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model_config.to_hf(), f, indent=2, sort_keys=True)
+        tokenizer.save_pretrained(out)
 
 
 def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
                   dtype: str | None = None) -> None:
-    """Writes the policy `params` (an nnx.Param state of `graphdef`) as an HF checkpoint."""
-    save_pretrained(nnx.merge(graphdef, params), out_dir, tokenizer=tokenizer, dtype=dtype or None)
+    """Writes the policy `params` (an nnx.Param state of `graphdef`) as an HF checkpoint.
+
+    Every process takes part (the weights are gathered); process 0 writes.
+    """
+    model = nnx.merge(graphdef, params)
+    if jax.process_index() != 0:
+        save_pretrained(model, os.devnull, tokenizer=None, dtype=dtype or None)
+        return
+    with paths.staged_dir(out_dir) as local:
+        save_pretrained(model, local, tokenizer=tokenizer, dtype=dtype or None)
 
 
 def _abstract_params(model_config: ModelConfig, mesh, rules) -> tuple[Any, Any]:
@@ -54,8 +62,8 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
     """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step."""
     from kto_jax.train.checkpoint import Checkpointer  # orbax: only when exporting
     from kto_jax.train.run import CHECKPOINT_DIR
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = paths.join(workdir, CHECKPOINT_DIR)
+    if not paths.exists(ckpt_dir):
         raise UserError(f"no checkpoint in {workdir!r} (expected {ckpt_dir}): is it the "
                         "--workdir of a `kto-jax train` run?")
     checkpointer = Checkpointer(ckpt_dir, read_only=True)
@@ -70,15 +78,15 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
         params, step = checkpointer.restore_subtree("params", abstract, step=step)
     finally:
         checkpointer.close()
-    tokenizer = load_tokenizer(os.path.join(workdir, MODEL_DIR))
+    with paths.local_copy(paths.join(workdir, MODEL_DIR)) as model_dir:
+        tokenizer = load_tokenizer(model_dir)
     export_dtype = dtype or config.get("train", {}).get("export_dtype") or None
     export_params(graphdef, params, out_dir, tokenizer, export_dtype)
     return step
 
 
 def _read_model_config(workdir: str) -> dict:
-    path = os.path.join(workdir, MODEL_DIR, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, MODEL_DIR, "config.json")
+    if not paths.exists(path):
         raise UserError(f"{path} is missing: the workdir was not written by `kto-jax train`.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))

@@ -12,12 +12,13 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Mapping
 
 import tqdm
 from tensorboardX import SummaryWriter
+
+from kto_jax.train import paths
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
@@ -33,34 +34,38 @@ TIMING_KEYS = ("tokens_per_s", "mfu", "step_time_s", "nonpad_tokens_per_s")
 
 def read_jsonl(path: str) -> list[dict]:
     """The JSON objects of a .jsonl file, in order ([] if it does not exist)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def truncate_after(path: str, step: int) -> None:
     """Drops every line whose step is > `step` (also a torn last line from a SIGKILL)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record))
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    for line in paths.read_text(path).splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(json.dumps(record) + "\n")
+    paths.write_text(path, "".join(kept))
 
 
 def _clean(value: Any) -> Any:
     """numpy / jax scalars -> Python numbers (JSON and TensorBoard take those)."""
     return value.item() if hasattr(value, "item") else value
+
+
+def _summary_writer(logdir: str) -> SummaryWriter | None:
+    """TensorBoard writer; None (with a warning) where the store needs a missing client."""
+    try:
+        return SummaryWriter(logdir)
+    except ImportError as err:  # gs:// without google-cloud-storage
+        sys.stderr.write(f"warning: no TensorBoard events in {logdir}: {err}\n")
+        return None
 
 
 class MetricsLogger:
@@ -76,16 +81,16 @@ class MetricsLogger:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True):
         self.enabled = enabled
-        self._paths = {name: os.path.join(workdir, name) for name in (METRICS_FILE, EVAL_METRICS_FILE)}
+        self._paths = {name: paths.join(workdir, name) for name in (METRICS_FILE, EVAL_METRICS_FILE)}
         self._tb = None
         self._bar = None
         self._interactive = False
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         for path in self._paths.values():
             truncate_after(path, start_step)
-        self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+        self._tb = _summary_writer(paths.join(workdir, TB_DIR))
         self._interactive = sys.stderr.isatty()
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                               dynamic_ncols=True, mininterval=0.5 if self._interactive else 30.0,
@@ -112,10 +117,9 @@ class MetricsLogger:
     def _write(self, name: str, step: int, metrics: Mapping[str, Any], prefix: str) -> dict:
         record = {"step": int(step)}
         record.update({k: _clean(v) for k, v in metrics.items() if k != "step"})
-        with open(self._paths[name], "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(self._paths[name], json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if self._tb is not None and key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(prefix + key, value, global_step=step)
         return record
 
@@ -137,6 +141,6 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._tb.flush()
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
         self._bar.close()

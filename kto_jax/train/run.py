@@ -30,6 +30,7 @@ from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
 from kto_jax.train import flops as flops_lib
+from kto_jax.train import paths
 from kto_jax.train import step as step_lib
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
 from kto_jax.train.export import write_model_source
@@ -161,23 +162,22 @@ def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, t
     """WORKDIR/config.json and WORKDIR/model/ (HF config + tokenizer, for `kto-jax export`)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(config_json + "\n")
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, CONFIG_FILE), config_json + "\n")
     write_model_source(workdir, model_config, tokenizer)
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds (or restores) everything a run needs; see the module docstring."""
     check_paths(config)
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(config.model.path)
     data, num_steps = prepare_data(config, tokenizer)
     config_json = config_to_json(config)
     mesh = shd.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, num_steps)
     ck = config.checkpoint
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), every_steps=ck.every_steps,
+    checkpointer = Checkpointer(paths.join(workdir, CHECKPOINT_DIR), every_steps=ck.every_steps,
                                 keep=ck.keep, async_save=ck.async_save)
     model, model_config = load_policy(config, mesh)
     graphdef, state, shardings = initial_state(config, model, tx, mesh)

@@ -13,12 +13,11 @@ wait for it and return 0.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 
-from kto_jax.train.distributed import PreemptionGuard
+from kto_jax.train import paths
+from kto_jax.train.distributed import PreemptionGuard, agree
 from kto_jax.train.export import HF_DIR, export_params
 from kto_jax.train.loop import MetricsWindow, run_loop, save_checkpoint
 from kto_jax.train.run import Run, setup_run
@@ -28,8 +27,9 @@ def finish(run: Run) -> None:
     """The last checkpoint, then the HF export to WORKDIR/hf (config.train.export_at_end)."""
     save_checkpoint(run, run.num_steps, MetricsWindow(), force=True)
     run.checkpointer.wait()
-    out = os.path.join(run.workdir, HF_DIR)
-    if run.config.train.export_at_end and not os.path.exists(os.path.join(out, "config.json")):
+    out = paths.join(run.workdir, HF_DIR)
+    exported = agree(paths.exists(paths.join(out, "config.json")))
+    if run.config.train.export_at_end and not exported:
         export_params(run.graphdef, run.state.params, out, run.tokenizer,
                       run.config.train.export_dtype or None)
         run.logger.message(f"exported the policy to {out}")
@@ -52,4 +52,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
         finally:
             run.checkpointer.close()
             run.logger.close()
+            run.train_iter.close()
     return 0
