@@ -24,6 +24,7 @@ def _sibling(name: str):
 
 def get_config() -> ml_collections.ConfigDict:
     c = _sibling("base").get_config()
+    c.model.preset = "llama3_8b"      # architecture for `kto-jax compile` without a checkpoint
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"

@@ -23,5 +23,6 @@ def _sibling(name: str):
 
 def get_config() -> ml_collections.ConfigDict:
     c = _sibling("llama3_8b_kto").get_config()
+    c.model.preset = "mistral_7b"     # architecture for `kto-jax compile` without a checkpoint
     c.loss.beta = 0.10
     return c

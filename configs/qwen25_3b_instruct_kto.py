@@ -21,6 +21,7 @@ def _sibling(name: str):
 
 def get_config() -> ml_collections.ConfigDict:
     c = _sibling("llama3_8b_kto").get_config()
+    c.model.preset = "qwen25_3b"      # architecture for `kto-jax compile` without a checkpoint
     c.loss.beta = 0.50
     c.model.remat_policy = "dots"
     return c

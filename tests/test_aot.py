@@ -192,7 +192,25 @@ def test_compile_command_reports_a_model_too_large_for_the_slice(capsys):
 def test_compile_command_needs_an_architecture(capsys):
     from kto_jax import cli
 
-    rc = cli.main(["compile", "--config=configs/llama3_8b_kto.py", "--topology=v5p-32"])
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5p-32"])   # no path, no preset
     assert rc == 2 and "--model=PRESET" in capsys.readouterr().err
     rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5p-6", "--model=tiny"])
     assert rc == 2 and "--topology 'v5p-6'" in capsys.readouterr().err
+
+
+def test_architecture_comes_from_flag_then_checkpoint_then_preset(tmp_path):
+    import json
+
+    from kto_jax.commands.compile import model_config_of
+    from kto_jax.config import load_config
+    from kto_jax.models import preset
+
+    config, _, _ = load_config(["--config=configs/mistral_7b_kto.py"])
+    recipe = model_config_of(config, None)                          # config.model.preset
+    assert (recipe.architecture, recipe.sliding_window, recipe.remat_policy) == ("MistralForCausalLM", 4096, "full")
+    assert model_config_of(config, "llama3_70b").num_layers == 80  # --model wins
+    checkpoint = preset("qwen25_0_5b")
+    (tmp_path / "config.json").write_text(json.dumps(checkpoint.to_hf()))
+    config.model.path = str(tmp_path)                               # a checkpoint's config.json beats the preset
+    from_path = model_config_of(config, None)
+    assert from_path == checkpoint.replace(dtype="bfloat16", remat_policy="full")

@@ -6,7 +6,8 @@ prints each chip's memory and whether the program fits its HBM. Exit code 0: fit
 1: does not fit; 2: bad input.
 
 The architecture comes from --model (a preset: llama3_8b, llama3_70b, mistral_7b,
-qwen25_3b, ...) or from config.json in config.model.path. The batch is the largest
+qwen25_3b, ...), else config.json in config.model.path, else config.model.preset
+(the paper's recipes in configs/ set it). The batch is the largest
 the data pipeline can emit: prompts padded to data.max_prompt_length and completions
 to data.max_completion_length (or data.max_length), unless --prompt_len /
 --completion_len say otherwise. --find_microbatch searches the largest per-chip
@@ -41,7 +42,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("topology", None, "TPU slice: v5p-32, v5e-16 (v5litepod-16), v4-8, v6e-8, 2xv5p-32.",
                         flag_values=fv)
     flags.DEFINE_string("model", None, f"Architecture preset ({', '.join(PRESETS)}); default: "
-                        "config.json in config.model.path.", flag_values=fv)
+                        "config.json in config.model.path, else config.model.preset.", flag_values=fv)
     flags.DEFINE_integer("prompt_len", None, "Padded prompt length P (default: data.max_prompt_length).",
                          flag_values=fv)
     flags.DEFINE_integer("completion_len", None, "Padded completion length C (default: "
@@ -53,19 +54,23 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def model_config_of(config: ml_collections.ConfigDict, preset_name: str | None) -> ModelConfig:
-    """The architecture to compile, with the run's dtypes, remat policy and attention."""
+    """The architecture to compile, with the run's dtypes, remat policy and attention.
+
+    First --model, then config.json in config.model.path, then config.model.preset.
+    """
     m = config.model
     ours = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
                 attention_impl=m.attention_impl)
-    if preset_name:
-        return preset(preset_name, **ours)
     hf_config = os.path.join(m.path, "config.json") if m.path else ""
-    if not os.path.isfile(hf_config):
-        raise UserError(f"no architecture to compile: config.model.path={m.path!r} holds no config.json. "
-                        f"Pass --model=PRESET (one of {', '.join(PRESETS)}) or "
-                        "--config.model.path=HF_DIR (only its config.json is read).")
-    with open(hf_config, encoding="utf-8") as f:
-        return ModelConfig.from_hf(json.load(f), **ours)
+    if not preset_name and os.path.isfile(hf_config):
+        with open(hf_config, encoding="utf-8") as f:
+            return ModelConfig.from_hf(json.load(f), **ours)
+    preset_name = preset_name or m.get("preset", "")
+    if not preset_name:
+        raise UserError(f"no architecture to compile: config.model.path={m.path!r} holds no config.json "
+                        f"and config.model.preset is empty. Pass --model=PRESET (one of {', '.join(PRESETS)}) "
+                        "or --config.model.path=HF_DIR (only its config.json is read).")
+    return preset(preset_name, **ours)
 
 
 def sequence_lengths(config: ml_collections.ConfigDict, prompt_len: int | None,
@@ -148,7 +153,7 @@ def main(argv: list[str]) -> int:
     model_config = model_config_of(config, fv["model"].value)
     prompt_len, completion_len = sequence_lengths(config, fv["prompt_len"].value, fv["completion_len"].value)
     mesh_axes = _mesh_axes(config)
-    print(f"model {fv['model'].value or config.model.path} ({model_config.num_layers} layers, hidden "
+    print(f"model {fv['model'].value or config.model.path or config.model.preset} ({model_config.num_layers} layers, hidden "
           f"{model_config.hidden_size}), loss {config.loss.name}, reference {config.reference.source}, "
           f"sequences {prompt_len}+{completion_len} tokens, topology {tpu.name}", flush=True)
     if fv["find_microbatch"].value:
