@@ -108,6 +108,8 @@ def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,
         "logps/desirable_sum": masked_sum(logps, d_mask),
         "logps/undesirable_sum": masked_sum(logps, u_mask),
         "kl_sum": jax.lax.stop_gradient(f32(z0)) * n,
+        # reward accuracy of unpaired data: r on its label's side of the reference point
+        "rewards/accuracies_sum": masked_sum(jnp.where(desirable, r > z0, r < z0).astype(jnp.float32), m),
     }
     return loss, metrics
 
