@@ -22,17 +22,32 @@ from kto_jax.train.export import HF_DIR, export_params
 from kto_jax.train.loop import MetricsWindow, run_loop, save_checkpoint
 from kto_jax.train.run import Run, setup_run
 
+EXPORT_MARKER = "hf.step"  # the step WORKDIR/hf holds
+
+
+def _exported_step(workdir: str) -> int | None:
+    marker = paths.join(workdir, EXPORT_MARKER)
+    return int(paths.read_text(marker)) if paths.exists(marker) else None
+
 
 def finish(run: Run) -> None:
-    """The last checkpoint, then the HF export to WORKDIR/hf (config.train.export_at_end)."""
-    save_checkpoint(run, run.num_steps, MetricsWindow(), force=True)
+    """The last checkpoint, then the HF export to WORKDIR/hf (config.train.export_at_end).
+
+    WORKDIR/hf.step records the step exported, so a re-run of a finished run leaves
+    hf/ alone and a run extended to more steps replaces it.
+    """
+    if not run.is_complete:  # a finished run re-run (or one shortened since) saves nothing new
+        save_checkpoint(run, run.num_steps, MetricsWindow(), force=True)
     run.checkpointer.wait()
-    out = paths.join(run.workdir, HF_DIR)
-    exported = agree(paths.exists(paths.join(out, "config.json")))
-    if run.config.train.export_at_end and not exported:
+    final_step = max(run.start_step, run.num_steps)
+    up_to_date = agree(_exported_step(run.workdir) == final_step)
+    if run.config.train.export_at_end and not up_to_date:
+        out = paths.join(run.workdir, HF_DIR)
         export_params(run.graphdef, run.state.params, out, run.tokenizer,
                       run.config.train.export_dtype or None)
-        run.logger.message(f"exported the policy to {out}")
+        if jax.process_index() == 0:
+            paths.write_text(paths.join(run.workdir, EXPORT_MARKER), f"{final_step}\n")
+        run.logger.message(f"exported the policy at step {final_step} to {out}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:

@@ -82,7 +82,7 @@ def test_export_command_writes_the_same_weights(reference_run, compile_cache, tm
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
 
 
-def test_sigkill_then_resume_gives_bitwise_identical_metrics(
+def test_sigkill_then_resume_gives_bitwise_identical_metrics_and_rerun_is_a_no_op(
         reference_run, tiny_model_dir, feedback_file, compile_cache, tmp_path):
     workdir = str(tmp_path / "killed")
     argv = train_argv(workdir, tiny_model_dir, feedback_file)
@@ -101,6 +101,12 @@ def test_sigkill_then_resume_gives_bitwise_identical_metrics(
     assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(reference_run, "eval_metrics.jsonl")
     a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(reference_run, "hf"))
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+    before = os.path.getmtime(os.path.join(workdir, "hf", "config.json"))
+    proc = run_cli(argv, env)  # the same command on a finished run: nothing new
+    assert f"resuming from step {NUM_STEPS}" in proc.stderr
+    assert _metrics(workdir) == _metrics(reference_run)
+    assert os.path.getmtime(os.path.join(workdir, "hf", "config.json")) == before
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_model_dir, feedback_file, compile_cache,
