@@ -119,14 +119,17 @@ class Transformer(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
 
-    def hidden_states(self, input_ids: Array, positions: Array, attention_mask: Array) -> Array:
+    def hidden_states(self, input_ids: Array, positions: Array, attention_mask: Array | None) -> Array:
         """Final-norm hidden states.
 
         Args:
           input_ids: int32 [B, T] token ids (padding ids are arbitrary but in range).
           positions: int32 [B, T] RoPE positions, e.g. `positions_from_mask(attention_mask)`.
           attention_mask: int [B, T], 1 on real tokens, 0 on padding; padding may sit on
-            the left and on the right of the same row.
+            the left and on the right of the same row. None when every row's real tokens
+            come first (right padding only): attention is then causal alone, with no
+            [B, 1, T, T] mask, the form flash-attention kernels run fastest (a real query
+            never sees a later, padded key).
         Returns:
           [B, T, D] in the compute dtype; rows at padded positions are meaningless.
         """
@@ -134,8 +137,8 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
         cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
-        mask = attention_mask_4d(attention_mask)                               # [B, 1, T, T]
-        impl = _attention_implementation(cfg.attention_impl)
+        mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
+        impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
 
         def layer(h: Array, p: dict[str, Array]) -> tuple[Array, None]:
             return decoder_layer(p, h, cos, sin, mask, cfg, impl), None
@@ -262,7 +265,8 @@ def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array
     q, k, v = project_qkv(p, x, cos, sin, cfg)
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, is_causal=True,
-                                       local_window_size=window, implementation=impl)
+                                       local_window_size=window,
+                                       implementation=resolve_attention_impl(impl, q, mask))
     return project_out(p, out)
 
 
@@ -350,9 +354,23 @@ def cached_decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, 
     return h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)), k_all, v_all
 
 
-def _attention_implementation(name: str) -> str | None:
-    """'auto' -> None (XLA on CPU/TPU, jax's own choice elsewhere); else the name."""
-    return None if name == "auto" else name
+def resolve_attention_impl(name: str | None, q: Array, mask: Array | None = None) -> str | None:
+    """The `implementation` for jax.nn.dot_product_attention of query q [B, T, H, hd].
+
+    'auto' picks cuDNN flash attention on GPUs where it applies: causal attention with
+    no explicit mask (cuDNN would turn a mask into a [B, 1, T, T] bias it reads per
+    head), 16-bit q, head_dim a multiple of 8 up to 128, T a multiple of 64 (cuDNN
+    refuses e.g. T=1023). Otherwise None, which is XLA's attention (CPU, TPU). jax's
+    own None never picks cuDNN, and XLA's attention materialises [B, H, T, T] scores:
+    1.8x slower on an H200 (DESIGN.md "Performance facts"). 'xla' and 'cudnn' pass through.
+    """
+    if name != "auto":
+        return name
+    hd, t = q.shape[-1], q.shape[1]
+    if (jax.default_backend() == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and hd % 8 == 0 and hd <= 128 and t % 64 == 0):
+        return "cudnn"
+    return None
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {

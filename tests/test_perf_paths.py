@@ -1,0 +1,46 @@
+"""The fast paths the step takes are exact: mask-free causal attention on left-aligned rows,
+and the attention backend 'auto' resolves to (cuDNN flash attention on GPUs only)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kto_jax.models import transformer as T
+from kto_jax.models.config import tiny
+
+MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=8)
+
+
+def test_mask_free_hidden_states_equal_masked_ones_on_right_padded_rows():
+    """With real tokens first, causal attention alone gives the masked result at every real
+    position (a real query's keys are all real)."""
+    model = T.Transformer(MODEL, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    lengths = np.array([7, 3, 10, 1])
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(1, 96, (4, 10)).astype(np.int32) * mask
+    pos = T.positions_from_mask(mask)
+    masked = model.hidden_states(ids, pos, mask)
+    free = model.hidden_states(ids, pos, None)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(free)[real], np.asarray(masked)[real], rtol=1e-5, atol=1e-5)
+
+
+def _q(t, hd=64, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct((2, t, 4, hd), dtype)
+
+
+def test_auto_attention_is_cudnn_only_on_gpu_for_shapes_cudnn_takes(monkeypatch):
+    assert T.resolve_attention_impl("auto", _q(1024)) is None  # CPU: XLA
+    assert T.resolve_attention_impl("xla", _q(1024)) == "xla"
+    assert T.resolve_attention_impl("cudnn", _q(1023)) == "cudnn"  # explicit choice passes
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert T.resolve_attention_impl("auto", _q(1024)) == "cudnn"
+    assert T.resolve_attention_impl("auto", _q(1024, hd=128)) == "cudnn"
+    for q in (_q(1023), _q(1024, dtype=jnp.float32), _q(1024, hd=256), _q(1024, hd=36)):
+        assert T.resolve_attention_impl("auto", q) is None, q
+    mask = jnp.ones((2, 1, 1024, 1024), bool)
+    assert T.resolve_attention_impl("auto", _q(1024), mask) is None
