@@ -43,7 +43,10 @@ from kto_jax.sharding import logical_to_mesh, single_device_mesh
 Array = jax.Array
 Prompt = str | list  # plain text, or a list of {"role", "content"} messages
 
-DEFAULT_RULES = (("batch", ("data", "fsdp")), ("kv_heads", "tensor"))
+# Inference sharding (the training table of configs/base.py without fsdp): batch over the
+# data axes, heads / mlp / vocab over 'tensor'; with tensor=1 the weights are replicated.
+DEFAULT_RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("kv_heads", "tensor"),
+                 ("mlp", "tensor"), ("vocab", "tensor"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,3 +169,30 @@ def test_temperature_sampling_follows_softmax_and_is_seeded():
     top1 = gen.SamplingSettings(max_new_tokens=N_NEW, temperature=0.7, top_k=1)
     greedy = gen.SamplingSettings(max_new_tokens=N_NEW)
     assert sampler.generate_ids(PROMPTS, top1, seed=5) == sampler.generate_ids(PROMPTS, greedy)
+
+
+def test_sample_cli_on_a_tiny_chat_model(tmp_path):
+    """`kto-jax sample` (8-device data mesh) writes the same greedy completions as a
+    one-device Sampler; message lists go through the chat template, strings do not."""
+    pytest.importorskip("torch")
+    import json
+
+    from kto_jax import cli
+    from kto_jax.models import from_pretrained, load_tokenizer
+    from tiny_chat_model import write_prompts, write_tiny_chat_model
+    model_dir = write_tiny_chat_model(str(tmp_path / "model"))
+    prompts = write_prompts(str(tmp_path / "p.jsonl"), 5)
+    out = str(tmp_path / "out.jsonl")
+    assert cli.main(["sample", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"),
+                     "--out", out, "--max_new_tokens", "6", "--batch_size", "3"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["id"] for r in rows] == list(range(5)) and [r["prompt"] for r in rows] == prompts
+    model, _ = from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    expected = gen.Sampler(model, tok, batch_size=8).generate(prompts, gen.SamplingSettings(max_new_tokens=6))
+    assert [r["completion"] for r in rows] == [g.text for g in expected]
+    assert [r["num_tokens"] for r in rows] == [len(g.token_ids) for g in expected]
+    rendered = gen.render_prompt(tok, prompts[0])
+    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
+    assert gen.render_prompt(tok, "plain ?") == "plain ?"
+    assert gen.render_prompt(tok, "plain ?", chat=True).endswith("<|im_start|>assistant\n")
