@@ -1,8 +1,10 @@
 """Completion log-probs log pi(y|x) from a causal LM, computed in vocabulary chunks.
 
 A sequence is the concatenation of a left-padded prompt [P] and a right-padded
-completion [C], so T = P + C and completion token j is predicted by the hidden state
-at position P + j - 1. Only those C positions go through the LM head.
+completion [C], T = P + C. Each row is rotated so its real tokens come first
+(`left_aligned`): the model then needs causal attention only, no [B, 1, T, T] mask,
+and completion token j of a row whose prompt has n real tokens is predicted by the
+hidden state at position n + j - 1. Only those C positions go through the LM head.
 
 The LM head is applied in chunks of `vocab_chunk` columns with an online
 log-sum-exp, so no [batch, C, vocab] float32 tensor is ever alive: the forward keeps
@@ -145,6 +147,30 @@ class CompletionLogps(NamedTuple):
         return self.mask.sum(-1)
 
 
+def left_aligned(prompt_ids: jax.Array, prompt_mask: jax.Array, completion_ids: jax.Array,
+                 completion_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """concat(prompt, completion) with each row rotated left by its prompt padding.
+
+    A left-padded prompt [B, P] and a right-padded completion [B, C] put padding on
+    both sides of a row's real tokens, which only a [B, 1, T, T] attention mask can
+    express. Rotated, every row is its real prompt, its real completion, then all of
+    its padding: causal attention alone is then exact for every real query (its keys
+    are all real), so the model runs mask-free (cuDNN flash attention on GPUs,
+    kto_jax/models/transformer.py `resolve_attention_impl`).
+
+    Returns:
+      (ids, mask) int [B, P + C], and first int32 [B]: the position of each row's first
+      completion token, i.e. its real prompt length (prompts need at least one token).
+    """
+    t = prompt_ids.shape[1] + completion_ids.shape[1]
+    first = prompt_mask.astype(jnp.int32).sum(-1)
+    pad = prompt_ids.shape[1] - first                     # left padding of each row
+    index = (jnp.arange(t, dtype=jnp.int32)[None] + pad[:, None]) % t
+    ids = jnp.take_along_axis(jnp.concatenate([prompt_ids, completion_ids], 1), index, 1)
+    mask = jnp.take_along_axis(jnp.concatenate([prompt_mask, completion_mask], 1), index, 1)
+    return ids, mask, first
+
+
 def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
                      completion_ids: jax.Array, completion_mask: jax.Array, *,
                      vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> CompletionLogps:
@@ -160,12 +186,12 @@ def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
     Returns:
       CompletionLogps with [B, C] token log-probs, mask and hidden states.
     """
-    p = prompt_ids.shape[1]
     c = completion_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
-    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    hidden = model.hidden_states(ids, positions_from_mask(mask), mask)
-    hidden = jax.lax.slice_in_dim(hidden, p - 1, p + c - 1, axis=1)  # [B, C, D]
+    ids, mask, first = left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    hidden = model.hidden_states(ids, positions_from_mask(mask), None)  # causal only, no mask
+    # Completion token j is predicted by the hidden state at position first + j - 1.
+    hidden = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, c, axis=0))(
+        hidden, first - 1)  # [B, C, D]
     cmask = completion_mask.astype(jnp.float32)
     tok = token_logps_from_hidden(hidden, model.lm_head_weight(), completion_ids,
                                   vocab_chunk=vocab_chunk)

@@ -44,3 +44,33 @@ def test_auto_attention_is_cudnn_only_on_gpu_for_shapes_cudnn_takes(monkeypatch)
         assert T.resolve_attention_impl("auto", q) is None, q
     mask = jnp.ones((2, 1, 1024, 1024), bool)
     assert T.resolve_attention_impl("auto", _q(1024), mask) is None
+
+
+def test_left_aligned_rotates_each_row_by_its_prompt_padding():
+    from kto_jax.logprobs import left_aligned
+    x = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], np.int32)
+    y = np.array([[12, 13, 0], [15, 0, 0], [16, 17, 18]], np.int32)
+    ids, mask, first = left_aligned(x, (x != 0).astype(np.int32), y, (y != 0).astype(np.int32))
+    np.testing.assert_array_equal(ids, [[5, 6, 12, 13, 0, 0, 0], [7, 8, 9, 10, 15, 0, 0],
+                                        [11, 16, 17, 18, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, np.asarray(ids) != 0)
+    np.testing.assert_array_equal(first, [2, 4, 1])
+
+
+def test_completion_logps_run_the_model_without_an_attention_mask():
+    """The step's forwards hand the model no [B, 1, T, T] mask (what lets cuDNN run mask-free)."""
+    from kto_jax.logprobs import completion_logps
+    model = T.Transformer(MODEL, rngs=nnx.Rngs(0))
+    seen = []
+    original = T.Transformer.hidden_states
+
+    def spy(self, ids, pos, mask):
+        seen.append(mask)
+        return original(self, ids, pos, mask)
+
+    x = np.array([[0, 3, 4], [5, 6, 7]], np.int32)
+    y = np.array([[8, 9], [10, 0]], np.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T.Transformer, "hidden_states", spy)
+        completion_logps(model, x, (x != 0).astype(np.int32), y, (y != 0).astype(np.int32))
+    assert seen == [None]
