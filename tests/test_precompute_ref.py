@@ -1,7 +1,6 @@
 """Precomputed reference log-probs: the step trained on them equals the on-the-fly step, and
 the store (`kto-jax precompute-ref`) attaches the right values to the right batch slots."""
 
-import importlib.util
 import json
 import os
 
@@ -188,27 +187,38 @@ def test_store_round_trip_slices_rows_per_process_and_refuses_other_batches(tmp_
 
 # ---------------------------------------------------------------- end to end through the CLI
 
-def _train_fixtures():
-    """tests/train/conftest.py's writers of a tiny HF Llama, its tokenizer and feedback rows."""
-    path = os.path.join(ROOT, "tests", "train", "conftest.py")
-    spec = importlib.util.spec_from_file_location("kto_jax_train_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+WORDS = "the cat dog sat ran on a mat red blue big small happy sad good bad yes no why how".split()
+
+
+def _sentence(rng, lo, hi):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    pytest.importorskip("torch")
-    from transformers import AutoTokenizer
+    """A tiny random HF Llama (hidden 32, vocab < 320) with a BPE tokenizer, and feedback rows."""
+    torch = pytest.importorskip("torch")
     import random
-    fx = _train_fixtures()
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
     root = tmp_path_factory.mktemp("precompute")
     model_dir, data = str(root / "model"), str(root / "feedback.jsonl")
     rng = random.Random(0)
-    fx.write_tokenizer(model_dir, [fx._sentence(rng, 3, 12) + " ?" for _ in range(400)])
-    fx.write_tiny_llama(model_dir, vocab_size=len(AutoTokenizer.from_pretrained(model_dir)))
-    fx.write_feedback(data, n=40, seed=1)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([_sentence(rng, 3, 12) + " ?" for _ in range(300)], vocab_size=300,
+                            min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                               eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(model_dir)
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": _sentence(rng, 2, 6) + " ?",
+                                "completion": _sentence(rng, 2, 8), "label": bool(i % 3)}) + "\n")
     argv = [f"--config={ROOT}/configs/tiny_cpu.py", f"--config.model.path={model_dir}",
             f"--config.data.train_path={data}", "--config.train.num_steps=5",
             "--config.mesh.data=4", "--config.mesh.tensor=2"]
