@@ -207,17 +207,23 @@ def trl_step_flops(model_cfg: ModelConfig, n_params: int, units: int, global_bat
     return units * per_token * global_batch * seq
 
 
-def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], float]:
-    """Runs warmup then timed steps, each ended by block_until_ready; (state, times, loss)."""
-    times, metrics = [], None
+def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], list[float], float]:
+    """Runs warmup then timed steps, each ended by block_until_ready.
+
+    Returns (state, wall seconds per step, process CPU seconds per step, last loss).
+    CPU seconds (all threads of this process) are what a step costs on a shared CPU
+    host, where wall time mostly measures the neighbours' load.
+    """
+    times, cpu, metrics = [], [], None
     for i in range(opts.warmup + opts.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= opts.warmup:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     loss = float(metrics["loss_sum"]) / max(float(metrics["loss_denominator"]), 1.0)
-    return state, times, loss
+    return state, times, cpu, loss
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -242,8 +248,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    state, times, loss = time_steps(compiled, state, batch, opts)
-    return summarize(opts, model_cfg, config, state, times, loss, compiled, init_s, compile_s)
+    state, times, cpu, loss = time_steps(compiled, state, batch, opts)
+    result = summarize(opts, model_cfg, config, state, times, loss, compiled, init_s, compile_s)
+    result["median_cpu_s"] = round(statistics.median(cpu), 4)
+    return result
 
 
 def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: list[float],
