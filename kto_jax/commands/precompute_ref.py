@@ -47,6 +47,9 @@ def precompute(config, out_dir: str) -> dict:
     if not loss.uses_reference or loss.uses_token_logps:
         raise UserError(f"loss {loss.name!r} has no sequence-level reference log-probs to precompute.")
     run_lib.check_paths(config)
+    # The run's own config may already say "precomputed": the batches are the same either way,
+    # and the store does not exist yet.
+    config.reference.source = "model"
     data, num_steps = run_lib.prepare_data(config, load_tokenizer(config.model.path))
     mesh = shd.make_mesh(config.mesh)
     model, _ = run_lib.load_policy(config, mesh)
