@@ -298,13 +298,15 @@ class MicrobatchSearch:
 
 def find_max_microbatch(topology: str | TpuSlice, build: Callable[[Mesh, int], tuple[Callable[..., Any], Sequence[Any]]],
                         mesh_axes: Mapping[str, int] | None = None, *, start: int = 1, limit: int = 256,
-                        powers_of_two: bool = True) -> MicrobatchSearch:
+                        powers_of_two: bool = True,
+                        on_report: Callable[[int, CompileReport], None] | None = None) -> MicrobatchSearch:
     """Largest per-chip microbatch in [start, limit] whose program fits the slice's HBM.
 
     `build(mesh, size)` returns `(fn, abstract_args)` for `size` examples per chip (the
     caller scales it by the batch-sharding degree). Sizes double from `start` until one
     does not fit; with `powers_of_two=False` the gap to that size is then bisected.
     Memory grows with the microbatch, so the first failure bounds the search.
+    `on_report(size, report)` sees each compile as it finishes (they can take minutes).
     """
     tpu = parse_topology(topology) if isinstance(topology, str) else topology
     mesh = topology_mesh(topology_devices(tpu), mesh_axes or {"data": -1}, tpu.num_slices)
@@ -312,6 +314,8 @@ def find_max_microbatch(topology: str | TpuSlice, build: Callable[[Mesh, int], t
 
     def fits(size: int) -> bool:
         reports[size] = compile_on_mesh(tpu, mesh, lambda m: build(m, size))
+        if on_report is not None:
+            on_report(size, reports[size])
         return reports[size].fits
 
     best, size = None, start

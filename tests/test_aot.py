@@ -122,8 +122,11 @@ def test_find_max_microbatch_stops_at_the_hbm_boundary():
     def build(mesh, per_chip):
         return mlp_builder(1024, 8192, per_chip * 4, 65536)(mesh)
 
-    search = aot.find_max_microbatch("v5e-4", build, MESH, limit=64, powers_of_two=False)
+    seen = []
+    search = aot.find_max_microbatch("v5e-4", build, MESH, limit=64, powers_of_two=False,
+                                     on_report=lambda size, report: seen.append((size, report.fits)))
     assert sorted(search.reports) == [1, 2, 3, 4] and search.best == 3
+    assert seen == [(1, True), (2, True), (4, False), (3, True)]     # doubling, then bisection
     best = search.best
     assert best is not None and search.reports[best].fits
     larger = [size for size in search.reports if size > best]

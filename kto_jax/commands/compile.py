@@ -161,9 +161,11 @@ def main(argv: list[str]) -> int:
             cfg = with_microbatch(config, per_chip * batch_shards(config, mesh))
             return train_step_program(cfg, model_config, mesh, prompt_len, completion_len)
 
-        search = aot.find_max_microbatch(tpu, build, mesh_axes, limit=fv["max_microbatch"].value)
-        for size, report in sorted(search.reports.items()):
-            print(f"\n--- per-chip microbatch {size}\n{report}")
+        def show(size: int, report: aot.CompileReport) -> None:
+            print(f"\n--- per-chip microbatch {size}\n{report}", flush=True)
+
+        search = aot.find_max_microbatch(tpu, build, mesh_axes, limit=fv["max_microbatch"].value,
+                                         on_report=show)
         print(f"\n{search}")
         return 0 if search.best is not None else 1
 
