@@ -132,7 +132,8 @@ def resume_state(checkpointer: Checkpointer, state: step_lib.TrainState, train_i
     """The latest checkpoint's state on `state`'s shardings, its step and metrics window."""
     reference = state.reference_params
     abstract = abstract_like(saved_state(state))
-    del state  # free the fresh policy and optimizer buffers before reading the saved ones
+    for leaf in jax.tree.leaves(saved_state(state)):
+        leaf.delete()  # free the fresh policy and optimizer buffers before reading the saved ones
     restored, step = checkpointer.restore(abstract, train_iter)
     meta = checkpointer.restore_meta(step)
     return restored.replace(reference_params=reference), step, meta.get("window")
