@@ -6,23 +6,13 @@ For the one-y-per-x variant of Table 3 add --config.data.one_y_per_x=True.
 --config.model.path: a local Mistral-7B-v0.1 HF directory.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _sibling(name: str):
-    """Loads configs/<name>.py by path: configs are files, not an importable package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kto_jax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from kto_jax.config import config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _sibling("llama3_8b_kto").get_config()
+    c = config_file("llama3_8b_kto")
     c.model.preset = "mistral_7b"     # architecture for `kto-jax compile` without a checkpoint
     c.loss.beta = 0.10
     return c

@@ -7,23 +7,13 @@ beta 0.5: the paper's range [0.1, 1.0] for small models trained with KTO
 directly, without SFT first (section 4.2).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _sibling(name: str):
-    """Loads configs/<name>.py by path: configs are files, not an importable package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kto_jax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from kto_jax.config import config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _sibling("base").get_config()
+    c = config_file("base")
     c.model.path = _smollm2_path()
     c.model.dtype = "float32"         # CPU-friendly; set "bfloat16" on accelerators
     c.reference.param_dtype = "float32"

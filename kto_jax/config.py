@@ -7,6 +7,7 @@ a value of the wrong type is an error that names the key, not a silent new field
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -87,3 +88,24 @@ def _flag_error_message(err: Exception, argv: list[str]) -> str:
 def config_to_json(config: ml_collections.ConfigDict) -> str:
     """The resolved config as stable JSON, stored with checkpoints and in the workdir."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_file(name_or_path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, by path or by name in this checkout's configs/.
+
+    Configs are files, not an importable package; recipes build on each other with
+    `config_file("base")`, and library code that needs the documented defaults
+    (benchmarks, tests) starts from the same file.
+    """
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name_or_path}.py")
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found: kto-jax reads configs/ from its source "
+                        "checkout (install it with `pip install -e .`).")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"kto_jax_configs_{stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import transformers
 
+from kto_jax.config import config_file
+
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -64,14 +66,8 @@ def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.nda
 
 
 def base_config():
-    """configs/base.py's get_config(), loaded by path (configs/ is not a package)."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "base.py"
-    spec = importlib.util.spec_from_file_location("kto_base_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """configs/base.py's get_config()."""
+    return config_file("base")
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
