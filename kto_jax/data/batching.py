@@ -1,9 +1,10 @@
 """Global batch plans and static-shape batch assembly (layout: kto_jax/batch.py).
 
 A *plan* fixes, for one epoch, which examples form each global batch and the
-padded shape (P, C) of that batch. It depends only on the token lengths, the
-seed and the epoch, so every process computes the same plan without talking to
-the others, and a batch is a pure function of its global index (exact resume).
+padded shape (P, C) of that batch. It depends only on the token lengths (the
+same on every process: all-gathered at start-up, kto_jax/data/shards.py), the
+seed and the epoch, so every process computes the same plan, and a batch is a
+pure function of its global index (exact resume).
 
 Planning one epoch:
   1. a global permutation of the examples (seed, epoch);
@@ -150,6 +151,8 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned
              pad_id: int) -> dict:
     """Static-shape numpy arrays [A, M_local, ...] for the given example ids.
 
+    `split` is a `TokenizedSplit`, or the `shards.RowTokens` of these rows (its
+    prompts/completions are dicts id -> ids; label and weight global arrays).
     Prompts are left-padded to P, completions right-padded to C; keys follow
     kto_jax/batch.py (UNPAIRED_KEYS, or PAIRED_KEYS when the split holds pairs).
     Filler rows (valid=False) carry weight 0.
@@ -191,14 +194,16 @@ def _pad(ragged, rows: np.ndarray, length: int, pad_id: int, *, left: bool
     return ids, mask
 
 
-def plan_stats(split: TokenizedSplit, plan: list[PlannedBatch], layout: BatchLayout) -> dict:
+def plan_stats(split, plan: list[PlannedBatch], layout: BatchLayout) -> dict:
     """Padding efficiency and shape counts of a plan, over the whole global batches.
+
+    `split`: a `TokenizedSplit` or `shards.ShardedSplit` (lengths and labels only).
 
     efficiency = real tokens / padded tokens, where a batch's padded tokens are
     G * (P + C) (G * (P + 2C) for pairs) and filler rows count as padding.
     """
-    sides = len(split.completions)
-    lengths = split.prompt_lengths + sum(c.lengths for c in split.completions)
+    sides = len(split.side_lengths)
+    lengths = split.total_lengths
     real = padded = 0
     shapes: dict[tuple[int, int], int] = {}
     single_class = 0

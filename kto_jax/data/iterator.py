@@ -3,6 +3,7 @@
   MapDataset.range(start, stop)      global batch indices (epoch-major)
     .map(PlanBatch)                  global shuffle + length grouping + shape, per epoch
     .map(ShardRows)                  this process's rows of every microbatch
+    .map(TokenizeRows)               their tokens: cached from start-up, else tokenized now
     .map(PadRows)                    static-shape numpy arrays (kto_jax/batch.py)
     .to_iter_dataset(ReadOptions)    thread prefetch of `data.prefetch` batches
     .mp_prefetch(...)                `data.worker_count` worker processes (if > 0)
@@ -20,7 +21,7 @@ from typing import Any
 import grain
 
 from kto_jax.data import batching
-from kto_jax.data.tokenize import TokenizedSplit
+from kto_jax.data.shards import ShardedSplit
 from kto_jax.errors import UserError
 
 TRAIN_STREAM, EVAL_STREAM = 3, 5   # random streams of one seed: train and eval plans differ
@@ -31,7 +32,7 @@ _PLAN_CACHE = 2
 class PlanBatch:
     """Global batch index -> `PlannedBatch` (plans are cached per epoch)."""
 
-    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, seed: int,
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, seed: int,
                  stream: int):
         self.prompt_lengths = split.prompt_lengths
         self.completion_lengths = split.completion_lengths
@@ -61,25 +62,41 @@ class ShardRows:
         return planned, rows, valid
 
 
-class PadRows:
-    """(planned, rows, valid) -> the batch dict of numpy arrays."""
+class TokenizeRows:
+    """(planned, rows, valid) -> (planned, rows, valid, tokens of those rows).
 
-    def __init__(self, split: TokenizedSplit, pad_id: int):
-        self.split, self.pad_id = split, pad_id
+    Phase 2 of kto_jax/data/shards.py: only this process's rows are tokenized, and
+    those of its start-up slice come from the cache.
+    """
+
+    def __init__(self, split: ShardedSplit):
+        self.split = split
+
+    def __call__(self, item):
+        planned, rows, valid = item
+        return planned, rows, valid, self.split.row_tokens(rows)
+
+
+class PadRows:
+    """(planned, rows, valid, tokens) -> the batch dict of numpy arrays."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
 
     def __call__(self, item) -> dict:
-        planned, rows, valid = item
-        return batching.pad_rows(self.split, rows, valid, planned, self.pad_id)
+        planned, rows, valid, tokens = item
+        return batching.pad_rows(tokens, rows, valid, planned, self.pad_id)
 
 
-def build_pipeline(split: TokenizedSplit, layout: batching.BatchLayout, *, seed: int,
+def build_pipeline(split: ShardedSplit, layout: batching.BatchLayout, *, seed: int,
                    stream: int, start: int, stop: int, prefetch: int,
                    worker_count: int) -> grain.IterDataset:
     """The grain dataset of batches [start, stop) for this process."""
     ds = (grain.MapDataset.range(start, stop)
           .map(PlanBatch(split, layout, seed, stream))
           .map(ShardRows(layout))
-          .map(PadRows(split, layout.pad_id)))
+          .map(TokenizeRows(split))
+          .map(PadRows(layout.pad_id)))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     it = ds.to_iter_dataset(read)
     if worker_count > 0:
@@ -99,7 +116,7 @@ def _absl_flags_parsed() -> None:
 class FeedbackIterator(grain.DatasetIterator):
     """Batches of one process, with an exact, worker-count independent state."""
 
-    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, *, seed: int,
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, *, seed: int,
                  stream: int, num_batches: int, prefetch: int, worker_count: int,
                  fingerprint: str):
         super().__init__()
@@ -163,7 +180,7 @@ class TrainFactory:
     (each epoch reshuffled), for runs that stop at train.num_steps.
     """
 
-    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, data_config,
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, data_config,
                  fingerprint: str):
         self.split, self.layout, self.fingerprint = split, layout, fingerprint
         self.seed, self.num_epochs = data_config.seed, data_config.num_epochs
@@ -182,7 +199,7 @@ class TrainFactory:
 class EvalBatches:
     """`eval_batches()`: one pass over the eval split; the same batches every call."""
 
-    def __init__(self, split: TokenizedSplit, layout: batching.BatchLayout, data_config):
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, data_config):
         import dataclasses  # pylint: disable=import-outside-toplevel
         self.split = split
         self.layout = dataclasses.replace(layout, drop_remainder=False)

@@ -1,18 +1,22 @@
 """`build_datasets`: config + tokenizer -> train iterator factory, eval batches, summary.
 
-Preparation (once, identically on every process, before any batch):
-  read rows -> detect the format -> split off eval rows (seeded) -> validate and
-  normalise -> (train) keep data.*_fraction of each class -> tokenize, truncate,
-  drop overlong / template-mismatched examples -> summary and λ advice.
-Every process prepares the whole dataset: that is what lets all processes agree,
-without communicating, on n_D and n_U (hence eq. 9's λ), on what was dropped, and
-on each global batch's members and padded shape.
+Preparation (once, at start-up):
+  read rows (every process reads and normalises the whole file: JSONL/JSON have no
+  random access) -> detect the format -> split off eval rows (seeded) -> validate
+  and normalise -> (train) keep data.*_fraction of each class -> phase 1 of
+  kto_jax/data/shards.py: this process tokenizes its 1/n slice of the examples
+  (truncation, overlong / template-mismatch drops) and the per-example statistics
+  are all-gathered -> summary and λ advice.
+The gathered statistics are the same on every process, so all agree on n_D and
+n_U (hence eq. 9's λ), on what was dropped, on the errors, and on each global
+batch's members and padded shape, while each tokenized only 1/n of the data.
 
 Batches (a grain pipeline of small named transforms, per global batch index):
   MapDataset.range -> PlanBatch (global shuffle per epoch, optional length
   grouping, batch cut, bucket shape) -> ShardRows (this process's rows of each
-  microbatch) -> PadRows (static arrays) -> to_iter_dataset (thread prefetch) ->
-  mp_prefetch (data.worker_count processes).
+  microbatch) -> TokenizeRows (phase 2: their tokens, from the start-up cache or
+  tokenized now) -> PadRows (static arrays) -> to_iter_dataset (thread prefetch)
+  -> mp_prefetch (data.worker_count processes).
 A batch is a pure function of its global index, so the iterator state is just
 the index of the next batch (plus a fingerprint of the data that refuses a
 resume onto different data or batching).
@@ -27,7 +31,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from kto_jax.data import batching, formats, imbalance, tokenize
+from kto_jax.data import batching, formats, imbalance, shards, tokenize
 from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, FeedbackIterator, TrainFactory
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
@@ -53,7 +57,8 @@ class Datasets(NamedTuple):
 
 
 def build_datasets(config, tokenizer, *, process_index: int | None = None,
-                   process_count: int | None = None) -> Datasets:
+                   process_count: int | None = None,
+                   allgather: shards.AllGather | None = None) -> Datasets:
     """Reads, validates, tokenizes and plans the data of a run.
 
     Args:
@@ -61,6 +66,9 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
         config.train.micro_batch_size, config.loss).
       tokenizer: a Hugging Face tokenizer (chat template needed for conversational data).
       process_index, process_count: default jax.process_index() / jax.process_count().
+      allgather: gathers each process's statistics rows, [R, K] -> [process_count, R, K]
+        in process order; default `multihost_utils.process_allgather` (tests
+        substitute an in-process one). Unused with one process.
 
     Returns:
       `Datasets(train_iter_factory, eval_batches, summary)`. Batches are dicts of
@@ -80,7 +88,8 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
     layout = _layout(config, tokenizer, process_index, process_count)
     train, train_summary = _prepare_split("train", train_rows, train_rows.source, fmt,
-                                          conversational, config, paired, tokenizer, layout)
+                                          conversational, config, paired, tokenizer, layout,
+                                          allgather)
     evaluation, eval_summary = None, None
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
@@ -88,7 +97,8 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
             raise UserError(f"{eval_rows.source}: eval rows are "
                             f"{'conversational' if eval_conv else 'text'} but train rows are not.")
         evaluation, eval_summary = _prepare_split("eval", eval_rows, eval_note, eval_fmt,
-                                                  eval_conv, config, paired, tokenizer, layout)
+                                                  eval_conv, config, paired, tokenizer, layout,
+                                                  allgather)
     summary = _summarize(config, fmt, conversational, paired, train_summary, eval_summary,
                          eval_note, layout, _fingerprint(config, train, layout))
     for warning in summary.warnings:
@@ -165,8 +175,9 @@ def _layout(config, tokenizer, process_index: int, process_count: int) -> batchi
         window=d.bucket_window, drop_remainder=d.drop_remainder)
 
 
-def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout):
-    """Rows -> TokenizedSplit and its SplitSummary (fractions on train only)."""
+def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
+                   allgather):
+    """Rows -> ShardedSplit and its SplitSummary (fractions on train only)."""
     d = config.data
     if fmt == "paired":
         items = formats.normalise_pairs(rows, conversational)
@@ -189,10 +200,11 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         subsampled = {"desirable": int(labels.sum() - kept_labels.sum()),
                       "undesirable": int((~labels).sum() - (~kept_labels).sum())}
         items = [items[i] for i in keep]
-    split, report = tokenize.tokenize_split(
-        items, tokenizer, conversational=conversational, max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length, max_completion_length=d.max_completion_length,
-        on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
+    spec = tokenize.TokenSpec(tokenizer, conversational, d.max_length, d.max_prompt_length,
+                              d.max_completion_length)
+    split, report = shards.tokenize_sharded(
+        items, spec, process_index=layout.process_index, process_count=layout.process_count,
+        allgather=allgather, on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
     if len(split) == 0:
         raise UserError(_empty_message(name, len(rows.records), n_examples, subsampled, report))
     if name == "train" and d.drop_remainder and len(split) < layout.global_batch:
@@ -217,7 +229,7 @@ def _split_summary(name, source, rows, examples, subsampled, report, split, layo
         split.prompt_lengths, split.completion_lengths,
         layout if train else dataclasses.replace(layout, drop_remainder=False), seed=seed,
         epoch=0, stream=TRAIN_STREAM if train else EVAL_STREAM)
-    totals = split.prompt_lengths + sum(c.lengths for c in split.completions)
+    totals = split.total_lengths
     n_desirable = 0 if split.paired else int(split.label.sum())
     return SplitSummary(
         name=name, source=source, rows=rows, examples=examples, subsampled=subsampled,
@@ -252,14 +264,16 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
         fingerprint=fingerprint, warnings=warnings)
 
 
-def _fingerprint(config, split: tokenize.TokenizedSplit, layout: batching.BatchLayout) -> str:
-    """Hash of everything a batch depends on, except which process reads it."""
+def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayout) -> str:
+    """Hash of everything a batch depends on, except which process reads it.
+
+    The tokens enter through each example's gathered CRC and lengths, so every
+    process computes the same value without holding every example's tokens.
+    """
     h = hashlib.sha256()
-    for array in (split.prompts.flat, split.prompts.offsets, split.label, split.weight):
+    for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
+                  split.weight):
         h.update(np.ascontiguousarray(array).tobytes())
-    for ragged in split.completions:
-        h.update(ragged.flat.tobytes())
-        h.update(ragged.offsets.tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
     return h.hexdigest()[:16]

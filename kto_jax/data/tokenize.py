@@ -13,12 +13,19 @@ Lengths: a prompt longer than `max_length` tokens is overlong (dropped and count
 or an error with `data.on_overlong="error"`); other prompts lose their LEFT end
 down to `max_prompt_length`; completions lose their right end down to what remains
 of `max_length` (and to `max_completion_length` when set). Every drop and truncation is counted in a `TokenReport`.
+
+`tokenize_items` never raises on the data: it records one int64 statistics row per
+example (drop code, lengths, truncations, a CRC of the ids), and
+`report_from_stats` turns the rows into the report and applies the error
+policies. Between the two the pipeline all-gathers the rows of every process's
+slice (kto_jax/data/shards.py); `tokenize_split` is the two in one process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import zlib
 
 import numpy as np
 
@@ -83,9 +90,17 @@ class TokenizedSplit:
         return self.prompts.lengths
 
     @property
+    def side_lengths(self) -> tuple[np.ndarray, ...]:
+        return tuple(c.lengths for c in self.completions)
+
+    @property
     def completion_lengths(self) -> np.ndarray:
         """Per example, the longest completion (chosen or rejected for pairs)."""
-        return np.max(np.stack([c.lengths for c in self.completions]), axis=0)
+        return np.max(np.stack(self.side_lengths), axis=0)
+
+    @property
+    def total_lengths(self) -> np.ndarray:
+        return self.prompt_lengths + sum(self.side_lengths)
 
 
 @dataclasses.dataclass
@@ -114,6 +129,8 @@ def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: 
     """Tokenizes `Example`s or `Pair`s, applying the truncation and drop rules above.
 
     `max_completion_length` > 0 caps completions further (0: only max_length).
+    The single-process composition of `tokenize_items` and `report_from_stats`
+    (the pipeline runs them per process with an all-gather in between).
 
     Returns:
       (split, report): the kept examples as token ids, and what was dropped/truncated.
@@ -123,56 +140,131 @@ def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: 
         mismatches with on_prefix_mismatch="error"; conversational data with a
         tokenizer that has no chat template.
     """
-    report = TokenReport()
-    paired = bool(items) and isinstance(items[0], Pair)
-    texts, kept = _render_all(items, tokenizer, conversational, paired, report,
-                              on_prefix_mismatch)
-    prompt_ids = _encode(tokenizer, [t[0] for t in texts])
-    if not conversational:
-        prefix = _prefix_ids(tokenizer)
-        prompt_ids = [prefix + ids for ids in prompt_ids]
-    completion_ids = [_encode(tokenizer, [t[k] for t in texts]) for k in range(1, 2 + paired)]
-    if not conversational and tokenizer.eos_token_id is not None:
-        eos = tokenizer.eos_token_id
-        completion_ids = [[ids if ids[-1:] == [eos] else ids + [eos] for ids in side]
-                          for side in completion_ids]
-    if conversational:
-        _note_boundary(tokenizer, texts, prompt_ids, completion_ids, report)
-    limits = (max_length, max_prompt_length, max_completion_length or max_length)
-    rows = _truncate_all(items, kept, prompt_ids, completion_ids, limits, report)
-    if on_overlong == "error" and report.dropped_count.get(OVERLONG):
-        raise UserError(_overlong_message(report, max_length))
-    return _build_split(items, rows, paired), report
+    spec = TokenSpec(tokenizer, conversational, max_length, max_prompt_length,
+                     max_completion_length)
+    stats, tokens = tokenize_items(items, spec)
+    report = report_from_stats(items, stats, spec, on_overlong=on_overlong,
+                               on_prefix_mismatch=on_prefix_mismatch)
+    kept = np.flatnonzero(stats[:, CODE] == KEPT)
+    return build_split([items[i] for i in kept], [tokens[i] for i in kept]), report
 
 
 OVERLONG = "prompt longer than data.max_length"
 PREFIX_MISMATCH = "chat template renders the prompt differently once the completion follows"
 
+# Per-example statistics: one int64 row per example, columns below. Small enough to
+# all-gather across processes, and all that the summary, the batch plans and the
+# errors need, so processes that tokenized different examples agree on them.
+KEPT, DROP_PREFIX, DROP_OVERLONG = 0, 1, 2                       # CODE values
+CODE, RAW_PROMPT, PROMPT, SIDE0, SIDE1, PROMPT_CUT, SIDES_CUT, BOUNDARY, HASH = range(9)
+N_STATS = 9
 
-def _render_all(items, tokenizer, conversational, paired, report, on_prefix_mismatch):
-    """Per item: (prompt_text, completion_text[, rejected_text]); drops template mismatches."""
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """How to tokenize: the tokenizer, the data kind and the length limits (0: no cap)."""
+    tokenizer: object
+    conversational: bool
+    max_length: int
+    max_prompt_length: int
+    max_completion_length: int = 0
+
+
+def tokenize_items(items: list, spec: TokenSpec, *, note_boundary: bool = True
+                   ) -> tuple[np.ndarray, list]:
+    """Per item: a statistics row and its tokens; drops are recorded, never raised.
+
+    Deterministic: the same item always gives the same row and tokens, which is what
+    lets a process re-tokenize another process's example at batch time.
+
+    Returns:
+      (stats, tokens): int64 [len(items), N_STATS] (columns above; SIDE1 is 0 for
+      unpaired items, HASH a CRC of the kept token ids), and per item
+      (prompt ids, [completion ids per side]) or None when dropped.
+
+    Raises:
+      UserError: conversational data with a tokenizer that has no chat template.
+    """
+    tokenizer, conversational = spec.tokenizer, spec.conversational
+    paired = bool(items) and isinstance(items[0], Pair)
+    texts, reasons = _render_all(items, tokenizer, conversational, paired)
+    kept = [i for i, r in enumerate(reasons) if r is None]
+    prompt_ids = _encode(tokenizer, [texts[i][0] for i in kept])
+    if not conversational:
+        prefix = _prefix_ids(tokenizer)
+        prompt_ids = [prefix + ids for ids in prompt_ids]
+    completion_ids = [_encode(tokenizer, [texts[i][k] for i in kept]) for k in range(1, 2 + paired)]
+    if not conversational and tokenizer.eos_token_id is not None:
+        eos = tokenizer.eos_token_id
+        completion_ids = [[ids if ids[-1:] == [eos] else ids + [eos] for ids in side]
+                          for side in completion_ids]
+    boundary = np.zeros(len(kept), bool)
+    if conversational and note_boundary:
+        boundary = _boundary_retokenized(tokenizer, [texts[i] for i in kept], prompt_ids,
+                                         completion_ids)
+    stats = np.zeros((len(items), N_STATS), np.int64)
+    stats[:, CODE] = DROP_PREFIX
+    tokens: list = [None] * len(items)
+    limits = (spec.max_length, spec.max_prompt_length,
+              spec.max_completion_length or spec.max_length)
+    for j, i in enumerate(kept):
+        stats[i, BOUNDARY] = boundary[j]
+        tokens[i] = _truncate(stats[i], prompt_ids[j], [side[j] for side in completion_ids], limits)
+    return stats, tokens
+
+
+def report_from_stats(items: list, stats: np.ndarray, spec: TokenSpec, *, on_overlong: str,
+                      on_prefix_mismatch: str) -> TokenReport:
+    """The `TokenReport` of `items` from their statistics rows; raises on error policies.
+
+    The few listed prefix mismatches are rendered again for their reason (cheap:
+    chat templates only), so the report does not depend on who tokenized what.
+    """
+    report = TokenReport()
+    codes = stats[:, CODE]
+    mismatched = np.flatnonzero(codes == DROP_PREFIX)
+    listed = mismatched[:20 if on_prefix_mismatch == "error" else _LISTED]
+    paired = bool(items) and isinstance(items[0], Pair)
+    reasons = {int(i): _mismatch_reason(items[i], spec.tokenizer, paired) for i in listed}
+    for i in mismatched:
+        report.drop(PREFIX_MISMATCH, f"{items[i].where}: {reasons.get(int(i), '')}")
+    if len(mismatched) and on_prefix_mismatch == "error":
+        raise UserError(f"{len(mismatched)} conversational examples have no prompt/completion "
+                        "split (data.on_prefix_mismatch=\"error\"):\n" + "\n".join(
+                            f"  {items[i].where}: {reasons[int(i)]}" for i in listed))
+    for i in np.flatnonzero(codes == DROP_OVERLONG):
+        report.drop(OVERLONG, f"{items[i].where}: {stats[i, RAW_PROMPT]} prompt tokens")
+    if on_overlong == "error" and report.dropped_count.get(OVERLONG):
+        raise UserError(_overlong_message(report, spec.max_length))
+    kept = codes == KEPT
+    report.prompts_truncated = int(stats[kept, PROMPT_CUT].sum())
+    report.completions_truncated = int(stats[kept, SIDES_CUT].sum())
+    report.boundary_retokenized = int(stats[kept, BOUNDARY].sum())
+    return report
+
+
+def _render_all(items, tokenizer, conversational, paired):
+    """Per item: (prompt_text, completion_text[, rejected_text]) and None, or None and why not."""
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise UserError("the data is conversational (message lists) but the tokenizer has no "
                         "chat template; use a model whose tokenizer_config.json defines one, "
                         "or convert the data to plain prompt/completion text.")
-    texts, kept, problems = [], [], []
-    for i, item in enumerate(items):
+    texts, reasons = [], []
+    for item in items:
         sides = (item.chosen, item.rejected) if paired else (item.completion,)
         if not conversational:
             texts.append((item.prompt, *sides))
-            kept.append(i)
+            reasons.append(None)
             continue
         rendered, reason = _render_conversation(tokenizer, item.prompt, sides)
-        if reason is None:
-            texts.append(rendered)
-            kept.append(i)
-        else:
-            report.drop(PREFIX_MISMATCH, f"{item.where}: {reason}")
-            problems.append(f"  {item.where}: {reason}")
-    if problems and on_prefix_mismatch == "error":
-        raise UserError(f"{len(problems)} conversational examples have no prompt/completion "
-                        "split (data.on_prefix_mismatch=\"error\"):\n" + "\n".join(problems[:20]))
-    return texts, kept
+        texts.append(rendered)
+        reasons.append(reason)
+    return texts, reasons
+
+
+def _mismatch_reason(item, tokenizer, paired: bool) -> str:
+    sides = (item.chosen, item.rejected) if paired else (item.completion,)
+    return _render_conversation(tokenizer, item.prompt, sides)[1] or ""
 
 
 def _render_conversation(tokenizer, prompt: list, sides: tuple) -> tuple[tuple | None, str | None]:
@@ -220,36 +312,45 @@ def _prefix_ids(tokenizer) -> list[int]:
     return []
 
 
-def _note_boundary(tokenizer, texts, prompt_ids, completion_ids, report) -> None:
-    """Counts examples whose full rendering tokenizes across the prompt/completion seam."""
+def _boundary_retokenized(tokenizer, texts, prompt_ids, completion_ids) -> np.ndarray:
+    """Per example: does its full rendering tokenize across the prompt/completion seam?"""
     full = _encode(tokenizer, [t[0] + t[1] for t in texts])
-    for ids, p, c in zip(full, prompt_ids, completion_ids[0]):
-        if ids != p + c:
-            report.boundary_retokenized += 1
+    return np.array([ids != p + c for ids, p, c in zip(full, prompt_ids, completion_ids[0])], bool)
 
 
-def _truncate_all(items, kept, prompt_ids, completion_ids, limits, report):
-    """Applies the length rules; returns (item index, prompt ids, completion id lists)."""
+def _truncate(row: np.ndarray, prompt: list, sides: list, limits) -> tuple:
+    """Applies the length rules to one example, filling its statistics `row` in place.
+
+    Returns (prompt ids, [completion ids]) as int32 arrays, or None when the prompt is overlong.
+    """
     max_length, max_prompt_length, max_completion_length = limits
-    rows = []
-    for j, i in enumerate(kept):
-        prompt = prompt_ids[j]
-        if len(prompt) > max_length:
-            report.drop(OVERLONG, f"{items[i].where}: {len(prompt)} prompt tokens")
-            continue
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[len(prompt) - max_prompt_length:]  # keep the end, nearest the answer
-            report.prompts_truncated += 1
-        budget = min(max_length - len(prompt), max_completion_length)
-        sides = []
-        for side in completion_ids:
-            ids = side[j]
-            if len(ids) > budget:
-                ids = ids[:budget]
-                report.completions_truncated += 1
-            sides.append(ids)
-        rows.append((i, prompt, sides))
-    return rows
+    row[RAW_PROMPT] = len(prompt)
+    if len(prompt) > max_length:
+        row[CODE] = DROP_OVERLONG
+        return None
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length:]  # keep the end, nearest the answer
+        row[PROMPT_CUT] = 1
+    budget = min(max_length - len(prompt), max_completion_length)
+    out = []
+    for k, ids in enumerate(sides):
+        if len(ids) > budget:
+            ids = ids[:budget]
+            row[SIDES_CUT] += 1
+        row[SIDE0 + k] = len(ids)
+        out.append(np.asarray(ids, np.int32))
+    row[CODE], row[PROMPT] = KEPT, len(prompt)
+    prompt = np.asarray(prompt, np.int32)
+    row[HASH] = _token_hash(prompt, out)
+    return prompt, out
+
+
+def _token_hash(prompt: np.ndarray, sides: list) -> int:
+    """CRC-32 of an example's kept ids (feeds the data fingerprint without the tokens)."""
+    h = zlib.crc32(prompt.tobytes())
+    for ids in sides:
+        h = zlib.crc32(b"|" + ids.tobytes(), h)
+    return h
 
 
 def _overlong_message(report: TokenReport, max_length: int) -> str:
@@ -259,15 +360,15 @@ def _overlong_message(report: TokenReport, max_length: int) -> str:
             "those prompts, or set data.on_overlong=\"drop\" to drop and count them.")
 
 
-def _build_split(items, rows, paired: bool) -> TokenizedSplit:
-    index = [r[0] for r in rows]
-    sides = 2 if paired else 1
-    completions = tuple(Ragged.from_lists([r[2][k] for r in rows]) for k in range(sides))
+def build_split(items: list, tokens: list) -> TokenizedSplit:
+    """A `TokenizedSplit` of kept items and their (prompt ids, [completion ids]) tokens."""
+    paired = bool(items) and isinstance(items[0], Pair)
+    completions = tuple(Ragged.from_lists([t[1][k] for t in tokens]) for k in range(1 + paired))
     if paired:
-        label = np.ones(len(rows), bool)
-        weight = np.ones(len(rows), np.float32)
+        label = np.ones(len(items), bool)
+        weight = np.ones(len(items), np.float32)
     else:
-        label = np.array([items[i].label for i in index], bool)
-        weight = np.array([items[i].weight for i in index], np.float32)
-    return TokenizedSplit(Ragged.from_lists([r[1] for r in rows]), completions, label, weight,
-                          [items[i].where for i in index])
+        label = np.array([e.label for e in items], bool)
+        weight = np.array([e.weight for e in items], np.float32)
+    return TokenizedSplit(Ragged.from_lists([t[0] for t in tokens]), completions, label, weight,
+                          [e.where for e in items])
