@@ -2,12 +2,14 @@
 
 import json
 import random
+import re
+import threading
 
 import numpy as np
 import pytest
 
 from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
-from kto_jax.data import build_datasets
+from kto_jax.data import build_datasets, tokenize
 from kto_jax.errors import UserError
 
 from conftest import base_config, conversation, paired_rows, unpaired_rows, write_jsonl
@@ -16,6 +18,58 @@ from conftest import base_config, conversation, paired_rows, unpaired_rows, writ
 def build(tokenizer, path, count=1, index=0, **overrides):
     config = base_config(**{"data.train_path": path, **overrides})
     return build_datasets(config, tokenizer, process_index=index, process_count=count)
+
+
+class SimulatedProcesses:
+    """`count` data processes as threads of this one; their all-gather meets at a barrier.
+
+    `run(fn)` calls fn(index, allgather) in one thread per process and returns the
+    results in process order (an exception raised by fn is returned, not raised).
+    `encoded[(index, phase)]` lists the texts each process's tokenizer encoded while
+    `phase(name)` was set in its thread.
+    """
+
+    def __init__(self, count: int, monkeypatch):
+        self.count = count
+        self.barrier = threading.Barrier(count, timeout=120)
+        self.slots = [None] * count
+        self.local = threading.local()
+        self.encoded: dict = {}
+        real_encode = tokenize._encode
+
+        def counting_encode(tokenizer, texts):
+            key = (getattr(self.local, "index", None), getattr(self.local, "phase", None))
+            self.encoded.setdefault(key, []).extend(texts)
+            return real_encode(tokenizer, texts)
+        monkeypatch.setattr(tokenize, "_encode", counting_encode)
+
+    def phase(self, name: str) -> None:
+        self.local.phase = name
+
+    def _allgather(self, index):
+        def allgather(x):
+            self.slots[index] = np.array(x)
+            self.barrier.wait()
+            out = np.stack(self.slots)
+            self.barrier.wait()                  # everyone has read before the next gather
+            return out
+        return allgather
+
+    def run(self, fn):
+        results = [None] * self.count
+
+        def target(index):
+            self.local.index = index
+            try:
+                results[index] = fn(index, self._allgather(index))
+            except Exception as e:  # pylint: disable=broad-except
+                results[index] = e
+        threads = [threading.Thread(target=target, args=(i,)) for i in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
 
 
 def collect(iterator):
@@ -55,14 +109,46 @@ def test_unpaired_text_end_to_end(tokenizer, unpaired_file):
                    for b in epoch) >= 4
 
 
-def test_same_seed_same_global_batches_on_one_and_two_processes(tokenizer, unpaired_file):
+def test_same_seed_same_global_batches_on_one_and_two_processes(tokenizer, unpaired_file,
+                                                                monkeypatch):
     overrides = {"data.num_epochs": 2, "data.bucket_window": 2}
-    single = collect(build(tokenizer, unpaired_file, **overrides).train_iter_factory())
+    rows = [json.loads(line) for line in open(unpaired_file, encoding="utf-8")]
+    one = SimulatedProcesses(1, monkeypatch)
+
+    def process(index, allgather, count):
+        sim = one if count == 1 else two
+        sim.phase("start-up")
+        config = base_config(**{"data.train_path": unpaired_file, **overrides})
+        data = build_datasets(config, tokenizer, process_index=index, process_count=count,
+                              allgather=allgather)
+        sim.phase("batches")
+        return data.summary, collect(data.train_iter_factory())
+    (summary, single), = one.run(lambda i, g: process(i, g, 1))
+    assert len(one.encoded[0, "start-up"]) == 2 * 45     # each prompt and completion once
+    assert (0, "batches") not in one.encoded             # one process: every batch row cached
     assert_batches_equal(single, collect(build(tokenizer, unpaired_file, **overrides)[0]()))
-    shards = [collect(build(tokenizer, unpaired_file, count=2, index=i, **overrides)[0]())
-              for i in range(2)]
+    two = SimulatedProcesses(2, monkeypatch)
+    results = two.run(lambda i, g: process(i, g, 2))
+    for index, result in enumerate(results):
+        assert not isinstance(result, Exception), result
+        per_process = "rows of each microbatch per process"   # the one line that differs
+        assert ([line for line in result[0].lines() if per_process not in line]
+                == [line for line in summary.lines() if per_process not in line])
+        assert result[0].fingerprint == summary.fingerprint
+        lo, hi = 45 * index // 2, 45 * (index + 1) // 2
+        start_up = two.encoded[index, "start-up"]        # phase 1: prompts, then completions
+        assert start_up == ([r["prompt"] for r in rows[lo:hi]]
+                            + [r["completion"] for r in rows[lo:hi]])
+        own_prompts = {tokenizer.decode(b["prompt_ids"][a, m][b["prompt_mask"][a, m] == 1],
+                                        skip_special_tokens=True)
+                       for b in result[1] for a, m in np.ndindex(b["valid"].shape)}
+        later = set(two.encoded.get((index, "batches"), []))   # phase 2: prompts + completions
+        later_prompts = later & {r["prompt"] for r in rows}
+        assert later_prompts and later_prompts <= own_prompts  # only its own batch rows ...
+        assert not later_prompts & {r["prompt"] for r in rows[lo:hi]}  # ... outside its slice
+        assert len(later) <= 2 * sum(b["valid"].size for b in result[1])
     joined = [{k: np.concatenate([s0[k], s1[k]], axis=1) for k in s0}
-              for s0, s1 in zip(*shards)]
+              for s0, s1 in zip(results[0][1], results[1][1])]
     assert_batches_equal(single, joined)
     other = collect(build(tokenizer, unpaired_file, **{**overrides, "data.seed": 1})[0]())
     assert not all(np.array_equal(a["prompt_ids"], b["prompt_ids"]) if a["prompt_ids"].shape ==
@@ -209,9 +295,13 @@ def test_empty_after_filtering(tokenizer, tmp_path):
     ({"data.desirable_fraction": 1.5}, "data.desirable_fraction=1.5 must lie in"),
     ({"data.drop_remainder": True, "train.global_batch_size": 64}, "fewer than one global batch"),
 ])
-def test_config_errors(tokenizer, unpaired_file, overrides, message):
-    with pytest.raises(UserError, match=message):
-        build(tokenizer, unpaired_file, count=2, **overrides)
+def test_config_errors(tokenizer, unpaired_file, overrides, message, monkeypatch):
+    config = base_config(**{"data.train_path": unpaired_file, **overrides})
+    results = SimulatedProcesses(2, monkeypatch).run(
+        lambda i, g: build_datasets(config, tokenizer, process_index=i, process_count=2,
+                                    allgather=g))
+    for result in results:                                   # raised on every process alike
+        assert isinstance(result, UserError) and re.search(message, str(result)), result
 
 
 def test_every_source_kind_gives_the_same_batches(tokenizer, tmp_path):
