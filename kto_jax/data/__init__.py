@@ -27,11 +27,20 @@ The last partial batch of an epoch is padded with filler rows (valid=False,
 weight 0, copies of real rows) spread so each microbatch keeps about the same
 number of real rows; `data.drop_remainder=True` drops it instead (reported).
 
+Order of work on each of n processes: read and normalise the whole file (JSONL
+and JSON have no random access); tokenize only this process's 1/n slice of the
+examples and all-gather small per-example statistics (lengths, drops, a CRC of
+the ids), so every process knows n_D/n_U, the drops and every batch's shape; then
+per epoch a seeded global shuffle into batches, this process's rows of each, and
+only those rows tokenized (cached when in its own slice; with one process all
+are), padded and prefetched.
+
 Modules: readers (files -> rows), formats (TRL formats -> examples), imbalance
-(fractions, eq. 9), tokenize (chat template, truncation, prefix guarantee),
-batching (plans, buckets, padding), iterator (the grain pipeline and its
-state), pipeline (build_datasets), summary, cli (`kto-jax data inspect`).
-See docs/data.md.
+(fractions, eq. 9), tokenize (chat template, truncation, prefix guarantee,
+per-example statistics), shards (per-process tokenization: all-gather, cache,
+batch-time tokens), batching (plans, buckets, padding), iterator (the grain
+pipeline and its state), pipeline (build_datasets), summary, cli
+(`kto-jax data inspect`). See docs/data.md.
 """
 
 from kto_jax.data.iterator import FeedbackIterator
