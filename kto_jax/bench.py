@@ -254,6 +254,35 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     return result
 
 
+def compile_for_tpu(opts: BenchOptions, topology: str) -> dict[str, Any]:
+    """The workload AOT-compiled for a TPU slice on this host (libtpu); per-chip memory as JSON.
+
+    No step runs: these are XLA's buffer sizes for the same program the TPU would
+    execute (kto_jax/aot.py), and whether it fits the chip's HBM.
+    """
+    from kto_jax import aot  # pylint: disable=import-outside-toplevel
+    from kto_jax.commands.compile import train_step_program  # pylint: disable=import-outside-toplevel
+
+    opts.check()
+    model_cfg, config = model_config(opts), run_config(opts)
+    mesh_axes = {"data": -1, "fsdp": opts.fsdp, "tensor": opts.tensor}
+    report = aot.compile_for_topology(topology, lambda mesh: train_step_program(
+        config, model_cfg, mesh, opts.padded_prompt, opts.padded_completion), mesh_axes)
+    gib = lambda n: round(n / GiB, 3)
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("steps", "warmup")}
+    return {
+        "bench": "kto-jax", "mode": "aot-compile", "jax": jax.__version__, "topology": topology,
+        "chips": report.tpu.num_devices, "hbm_gib_per_chip": gib(report.tpu.hbm_bytes),
+        "mesh": report.mesh_shape, "model": opts.model, "padded_seq": opts.padded_prompt + opts.padded_completion,
+        "global_batch": opts.global_batch, "fits": report.fits, "error": report.error,
+        "per_chip_gib": {"arguments": gib(report.argument_bytes), "outputs": gib(report.output_bytes),
+                         "aliased": gib(report.alias_bytes), "temporaries": gib(report.temp_bytes),
+                         "generated_code": gib(report.generated_code_bytes), "total": gib(report.total_bytes), "xla_peak": gib(report.peak_bytes)},
+        "compile_s": round(report.compile_seconds, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "options": options,
+    }
+
+
 def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: list[float],
               loss: float, compiled, init_s: float, compile_s: float) -> dict[str, Any]:
     """The JSON line's fields from the measured step times."""

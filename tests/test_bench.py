@@ -83,3 +83,19 @@ def test_bench_cli_prints_one_json_line_with_every_field(capsys, reference):
         units * (2 * r["params"] + 2 * 2 * 31 * 64) * 32 * 31 / r["median_step_s"] / 1e12, rel=0.02)
     assert np.isfinite(r["loss"]) and 0.3 < r["loss"] < 0.7  # random init: about sigmoid(0)=0.5
     assert r["peak_mem_gib"] > 0 and r["options"]["reference"] == reference
+
+
+def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
+    """--topology: the same workload compiled for TPU chips on this host; per-chip memory."""
+    pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed")
+    argv = ["bench", "--model", "tiny", "--topology", "v5e-4", "--prompt-len", "16",
+            "--completion-len", "15", "--bucket", "16"]
+    assert cli_main(argv) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["mode"] == "aot-compile" and r["chips"] == 4 and r["fits"] is True
+    assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["padded_seq"] == 32
+    mem = r["per_chip_gib"]
+    # donated state: the outputs reuse the arguments' buffers
+    assert mem["aliased"] == mem["arguments"] > 0
+    assert mem["total"] == pytest.approx(mem["arguments"] + mem["outputs"] - mem["aliased"]
+                                         + mem["temporaries"] + mem["generated_code"], abs=0.003)

@@ -4,7 +4,8 @@ Times the KTO train step on the performance issue's workload (random-init model 
 a named shape, 512 + 511 tokens padded to multiples of 128, 8 x 4 accumulation,
 bf16 compute) and prints ONE JSON line: device, median s/step, matched tokens/s,
 model TFLOP/s, MFU, peak memory and the options used. The same command runs on
-CPU, GPU and TPU; see docs/performance.md for the definitions and recorded figures.
+CPU, GPU and TPU; with --topology=v5p-8 it AOT-compiles for a TPU slice
+instead (per-chip memory, no timing). See docs/performance.md for the definitions and recorded figures.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", type=int, default=d.fsdp, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--tensor", type=int, default=d.tensor, help="mesh tensor size")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--topology", default=None,
+                   help="AOT-compile for this TPU slice (e.g. v5p-8, v5e-8) instead of running: "
+                        "per-chip memory and fit (needs libtpu, the tpu extra)")
     return p
 
 
@@ -48,7 +52,7 @@ def main(argv: list[str]) -> int:
     fields = {f.name for f in dataclasses.fields(bench.BenchOptions)}
     opts = bench.BenchOptions(**{k: v for k, v in vars(args).items() if k in fields})
     try:
-        result = bench.run_bench(opts)
+        result = bench.compile_for_tpu(opts, args.topology) if args.topology else bench.run_bench(opts)
     except ValueError as err:  # e.g. cuDNN refusing a shape: name the option to change
         raise UserError(f"the step did not build with {opts}: {err}") from err
     sys.stdout.write(bench.to_json(result) + "\n")
