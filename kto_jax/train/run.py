@@ -23,6 +23,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from kto_jax import reference_store
 from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
@@ -85,6 +86,8 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
 def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Datasets, int]:
     """The datasets, with eq. 9 weights written back into the config, and the step count."""
     data = build_datasets(config, tokenizer)
+    # reference.source="precomputed": every batch gets its stored reference log-probs (issue 7).
+    data = reference_store.attach_to_datasets(config, data)
     config.loss.desirable_weight = float(data.summary.desirable_weight)
     config.loss.undesirable_weight = float(data.summary.undesirable_weight)
     num_steps = int(config.train.num_steps)
