@@ -225,16 +225,23 @@ def tiny_run(tmp_path_factory):
     return dict(root=root, argv=argv)
 
 
-def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run):
+@pytest.fixture(scope="module")
+def store_dir(tiny_run):
+    """`kto-jax precompute-ref` on the tiny run's config."""
+    from kto_jax.cli import main as cli_main
+    out = str(tiny_run["root"] / "ref")
+    assert cli_main(["precompute-ref", *tiny_run["argv"], f"--out={out}"]) == 0
+    return out
+
+
+def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run, store_dir):
     """The store's values for every train batch the run reads equal the on-the-fly reference
     forward of that batch (same KL pairing), and the attached batches pass the row checks."""
-    from kto_jax.cli import main as cli_main
     from kto_jax.config import load_config
     from kto_jax.models import load_tokenizer
     from kto_jax.train import run as run_lib
 
-    out = str(tiny_run["root"] / "ref")
-    assert cli_main(["precompute-ref", *tiny_run["argv"], f"--out={out}"]) == 0
+    out = store_dir
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["splits"]["train"]["num_batches"] == 5 and "eval" in meta["splits"]
     config, _, _ = load_config([*tiny_run["argv"], "--config.reference.source=precomputed",
@@ -256,3 +263,36 @@ def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run):
         next(it)
     evaluation = next(iter(data.eval_batches()))
     assert evaluation["reference_logps"].shape == evaluation["valid"].shape
+
+
+def test_training_on_the_store_gives_the_on_the_fly_losses(tiny_run, store_dir):
+    """`kto-jax train` with reference.source=precomputed logs the same per-step losses, KL and
+    rewards as the run that computes the reference on the fly (float32 tiny_cpu config)."""
+    from kto_jax.cli import main as cli_main
+
+    def train(name, *extra):
+        workdir = str(tiny_run["root"] / name)
+        argv = ["train", *tiny_run["argv"], f"--workdir={workdir}", "--config.train.eval_every=3",
+                "--config.train.export_at_end=False", *extra]
+        assert cli_main(argv) == 0
+        lines = {}
+        for log in ("metrics.jsonl", "eval_metrics.jsonl"):
+            with open(os.path.join(workdir, log), encoding="utf-8") as f:
+                lines[log] = [json.loads(line) for line in f if line.strip()]
+        return lines
+
+    fly = train("fly")
+    pre = train("pre", "--config.reference.source=precomputed",
+                f"--config.data.reference_logps_path={store_dir}")
+    assert len(fly["metrics.jsonl"]) == len(pre["metrics.jsonl"]) == 5
+    assert len(fly["eval_metrics.jsonl"]) == len(pre["eval_metrics.jsonl"]) >= 1
+    for log in fly:
+        first = fly[log][0]
+        keys = [k for k in first if k.startswith(("loss", "kl", "rewards", "logps", "grad_norm"))
+                and isinstance(first[k], float)]
+        assert "loss" in keys and "rewards/desirable" in keys, first
+        for a, b in zip(fly[log], pre[log]):
+            for key in keys:
+                # rewards are beta * (log pi - log pi_ref) with log-probs near -50: a wrong or
+                # mispaired stored value would show up here by whole units, not 1e-6
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (log, key, a, b)
