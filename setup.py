@@ -49,6 +49,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["kto_jax", "kto_jax.*"]),
+    # The demo's bundled prompt sets (kto_jax/demo/data/*.jsonl).
+    package_data={"kto_jax.demo": ["data/*.jsonl"]},
+    include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["kto-jax=kto_jax.cli:main"]},

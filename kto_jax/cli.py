@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "compile": ("kto_jax.commands.compile:main", "compile the train step for a TPU slice on this machine; per-chip memory and fit: --config=... --topology=v5p-32"),
     "bench": ("kto_jax.commands.bench:main", "time the KTO step on a named model shape; prints one JSON line"),
     "precompute-ref": ("kto_jax.commands.precompute_ref:main", "store the reference log-probs of a run's batches: --config=... --out=DIR"),
+    "demo": ("kto_jax.commands.demo:main", "the README's first command: KTO-align SmolLM2-135M on rule-judged feedback, before/after table (~10 min on 2 CPU cores)"),
     "sample": ("kto_jax.commands.sample:main", "generate completions: --model HF_DIR|WORKDIR|GGUF --prompts FILE [--out FILE]"),
     "eval": ("kto_jax.commands.eval:main", "reward margins/accuracy and judged winrate (90% CI) on held-out feedback: --model ... --data FILE --judge SPEC"),
 }

@@ -72,6 +72,13 @@ class Generation:
     text: str
     token_ids: list[int]
     finished: bool      # True when the model emitted an end-of-sequence token
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the tokenized prompt
+    stop_token: int | None = None  # the end-of-sequence id it emitted, if finished
+
+    @property
+    def scored_ids(self) -> list[int]:
+        """The completion as the model produced it: token_ids plus the stop token, if any."""
+        return self.token_ids + ([self.stop_token] if self.stop_token is not None else [])
 
 
 # ---------------------------------------------------------------- pure math
@@ -277,9 +284,9 @@ class Sampler:
         return self._decoders[key]
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings,
-                     seed: int = 0) -> list[tuple[list[int], bool]]:
-        """(completion ids without the end token, finished) for each tokenized prompt."""
-        out: list[tuple[list[int], bool]] = []
+                     seed: int = 0) -> list[tuple[list[int], int | None]]:
+        """(completion ids without the end token, the end token or None) per tokenized prompt."""
+        out: list[tuple[list[int], int | None]] = []
         key = jax.random.key(seed)
         for start in range(0, len(prompt_ids), self.batch_size):
             rows = prompt_ids[start:start + self.batch_size]
@@ -292,7 +299,7 @@ class Sampler:
             for i in range(len(rows)):
                 seq = tokens[i, :lengths[i]].tolist()
                 finished = bool(seq) and seq[-1] in self.eos_ids
-                out.append((seq[:-1] if finished else seq, finished))
+                out.append((seq[:-1], seq[-1]) if finished else (seq, None))
         return out
 
     def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings,
@@ -300,5 +307,6 @@ class Sampler:
         """One completion per prompt (strings or message lists), in order."""
         encoded = encode_prompts(self.tokenizer, prompts, self.chat)
         results = self.generate_ids(encoded, settings, seed)
-        return [Generation(prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ids, done)
-                for prompt, (ids, done) in zip(prompts, results)]
+        return [Generation(prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ids,
+                           stop is not None, prompt_ids, stop)
+                for prompt, prompt_ids, (ids, stop) in zip(prompts, encoded, results)]

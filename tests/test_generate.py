@@ -84,7 +84,7 @@ def test_kv_cache_greedy_equals_full_forward(variant):
     sampler = gen.Sampler(model, _tokenizer(unused_eos), batch_size=4, prompt_multiple=8)
     out = sampler.generate_ids(PROMPTS, gen.SamplingSettings(max_new_tokens=N_NEW))
     assert [ids for ids, _ in out] == refs
-    assert not any(done for _, done in out)
+    assert all(stop is None for _, stop in out)
 
 
 def test_eos_stops_each_row_and_pads_after_it():
@@ -95,9 +95,9 @@ def test_eos_stops_each_row_and_pads_after_it():
     assert len(expected[0]) == 3
     sampler = gen.Sampler(model, _tokenizer(eos), batch_size=4, prompt_multiple=8)
     out = sampler.generate_ids(PROMPTS, gen.SamplingSettings(max_new_tokens=N_NEW))
-    for (ids, done), ref in zip(out, expected):
+    for (ids, stop), ref in zip(out, expected):
         finished = ref[-1] == eos
-        assert done == finished
+        assert stop == (eos if finished else None)
         assert ids == (ref[:-1] if finished else ref)
     # The raw decoder pads after EOS and reports lengths including the EOS token.
     ids, mask = gen.left_pad(PROMPTS, 8, 4, pad_id=0)

@@ -1,0 +1,163 @@
+"""The demo loop a KTO user runs, end to end, on a real model:
+
+  1. sample completions for the bundled training prompts (and the held-out ones);
+  2. label each thumbs-up / thumbs-down with the rule of kto_jax/demo/rule.py;
+  3. KTO-align on that feedback with the real trainer (`kto_jax.train.trainer.train`,
+     what `kto-jax train` runs, config configs/smollm2_135m_kto.py plus overrides
+     printed as the equivalent command line);
+  4. re-sample the HELD-OUT prompts with the aligned policy, same seed, and compare.
+
+Everything is seeded (sampling, data order), so a re-run prints the same numbers on
+the same machine type. Sizes: 'full' (SmolLM2-135M on a 2-core CPU in minutes) and
+'quick' (a smoke test, meant for tiny models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+import time
+from typing import Any, Callable
+
+from flax import nnx
+
+from kto_jax.demo import rule
+from kto_jax.errors import UserError
+from kto_jax.generate import Generation, Sampler, SamplingSettings
+
+TEMPERATURE = 1.0  # plain samples of the policy: the feedback is on-policy, and the KL estimate unbiased
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    train_prompts: int        # of the 80 bundled training prompts
+    samples_per_prompt: int   # completions per training prompt (the feedback set)
+    heldout_prompts: int      # of the 32 bundled held-out prompts
+    heldout_samples: int      # completions per held-out prompt, before and after
+    max_new_tokens: int       # generated tokens (the rule needs only the opening sentence)
+    batch_size: int           # examples per optimizer step (one microbatch)
+    lr: float                 # peak learning rate, after `warmup` steps
+    warmup: int
+    sample_batch: int         # prompts per generation batch
+
+    @property
+    def num_steps(self) -> int:
+        return max(1, self.train_prompts * self.samples_per_prompt // self.batch_size)
+
+
+SIZES = {
+    "full": DemoSize(80, 2, 32, 2, 40, 8, 2e-5, 2, 32),
+    "quick": DemoSize(16, 1, 8, 1, 8, 8, 1e-3, 1, 16),
+}
+
+
+@dataclasses.dataclass
+class Phase:
+    """Prints a numbered phase and its duration."""
+    log: Callable[[str], None]
+    timings: dict
+
+    def __call__(self, name: str):
+        return _PhaseTimer(self, name)
+
+
+class _PhaseTimer:
+    def __init__(self, phase: Phase, name: str):
+        self.phase, self.name = phase, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.phase.log(f"\n== {self.name}")
+        return self
+
+    def __exit__(self, *exc):
+        seconds = time.perf_counter() - self.start
+        self.phase.timings[self.name] = seconds
+        if exc[0] is None:
+            self.phase.log(f"   ({seconds:.0f}s)")
+
+
+def bundled_prompts(split: str, limit: int) -> list[str]:
+    """The first `limit` prompts of the bundled 'train' (80) or 'heldout' (32) set."""
+    text = importlib.resources.files("kto_jax.demo").joinpath("data", f"{split}_prompts.jsonl").read_text("utf-8")
+    prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    return prompts[:limit]
+
+
+def as_messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def repeat(prompts: list, k: int) -> list:
+    """Each prompt k times in a row (p0, p0, p1, p1, ...)."""
+    return [p for p in prompts for _ in range(k)]
+
+
+def write_feedback(path: str, generations: list[Generation]) -> tuple[int, int]:
+    """Unpaired conversational feedback rows {prompt, completion, label}; returns (n_up, n)."""
+    up = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for g in generations:
+            label = rule.passes(g.text)
+            up += label
+            f.write(json.dumps({"prompt": g.prompt, "completion": [{"role": "assistant", "content": g.text}],
+                                "label": label}) + "\n")
+    return up, len(generations)
+
+
+def config_path() -> str:
+    """configs/smollm2_135m_kto.py of the source checkout (the README installs with -e)."""
+    import kto_jax
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(kto_jax.__file__))),
+                        "configs", "smollm2_135m_kto.py")
+    if not os.path.isfile(path):
+        raise UserError(f"the demo reads {path}, which is missing: install kto-jax from a source "
+                        "checkout with `pip install -e .[demo]` as the README says")
+    return path
+
+
+def train_overrides(size: DemoSize, model_path: str, train_path: str, eval_path: str,
+                    seed: int) -> list[str]:
+    """The --config.* flags the demo adds to configs/smollm2_135m_kto.py."""
+    completion = size.max_new_tokens  # a completion cut at max_new_tokens keeps no end token
+    prompt_bucket = 64
+    return [f"--config.model.path={model_path}", f"--config.data.train_path={train_path}",
+            f"--config.data.eval_path={eval_path}", f"--config.data.seed={seed}",
+            f"--config.data.max_prompt_length={prompt_bucket}",
+            f"--config.data.max_completion_length={completion}",
+            f"--config.data.max_length={prompt_bucket + completion}",
+            "--config.data.bucket_lengths=(" + ",".join(map(str, sorted({completion, prompt_bucket}))) + ",)",
+            f"--config.train.num_steps={size.num_steps}",
+            f"--config.train.global_batch_size={size.batch_size}",
+            f"--config.train.micro_batch_size={size.batch_size}",
+            f"--config.optim.lr={size.lr}", f"--config.optim.warmup_steps={size.warmup}",
+            "--config.loss.auto_weights=True", "--config.train.log_every=1",
+            f"--config.train.eval_every={size.num_steps}",
+            f"--config.checkpoint.every_steps={size.num_steps}", "--config.checkpoint.async_save=False"]
+
+
+def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str, eval_path: str,
+                 seed: int, log: Callable[[str], None]) -> str:
+    """`kto-jax train` in-process on the feedback files; returns the run directory."""
+    from kto_jax.config import load_config
+    from kto_jax.train.trainer import train
+    run_dir = os.path.join(workdir, "run")
+    argv = [f"--config={config_path()}", *train_overrides(size, model_path, train_path, eval_path, seed)]
+    log("   the same as: kto-jax train " + " ".join(argv + [f"--workdir={run_dir}"]))
+    config, _, _ = load_config(argv)
+    train(config, run_dir)
+    return run_dir
+
+
+def load_policy_params(run_dir: str) -> Any:
+    """The aligned policy's nnx.Param state from the run's HF export (WORKDIR/run/hf)."""
+    from kto_jax.models import from_pretrained
+    policy, _ = from_pretrained(os.path.join(run_dir, "hf"))
+    return nnx.state(policy, nnx.Param)
+
+
+def sample(sampler: Sampler, prompts: list[str], k: int, size: DemoSize, seed: int) -> list[Generation]:
+    settings = SamplingSettings(max_new_tokens=size.max_new_tokens, temperature=TEMPERATURE)
+    return sampler.generate(repeat([as_messages(p) for p in prompts], k), settings, seed=seed)

@@ -1,0 +1,99 @@
+"""`run_demo(workdir)`: the four phases of kto_jax/demo/pipeline.py, timed and reported."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from kto_jax.demo import pipeline, report, rule
+from kto_jax.eval import stats
+from kto_jax.eval.logprob_scoring import SequenceScorer
+from kto_jax.generate import Sampler
+
+
+def default_model_path() -> str:
+    from kto_jax.models.gguf import smollm2_gguf_path
+    return str(smollm2_gguf_path())
+
+
+def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = None,
+             seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Sample, label, KTO-align, re-sample held-out prompts; returns the results dict."""
+    from kto_jax.models import from_pretrained, load_tokenizer
+    size = pipeline.SIZES[size_name]
+    model_path = model_path or default_model_path()
+    os.makedirs(workdir, exist_ok=True)
+    start, timings = time.perf_counter(), {}
+    phase = pipeline.Phase(log, timings)
+    with phase(f"0/4 load {model_path}"):
+        model, _ = from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
+        sampler = Sampler(model, tokenizer, batch_size=size.sample_batch, prompt_multiple=16)
+    train_prompts = pipeline.bundled_prompts("train", size.train_prompts)
+    heldout = pipeline.bundled_prompts("heldout", size.heldout_prompts)
+    with phase(f"1/4 sample {size.samples_per_prompt} completions for each of {len(train_prompts)} "
+               f"training prompts and {size.heldout_samples} for each of {len(heldout)} held-out "
+               f"prompts (temperature {pipeline.TEMPERATURE}, at most {size.max_new_tokens} tokens)"):
+        train_gens = pipeline.sample(sampler, train_prompts, size.samples_per_prompt, size, seed)
+        before = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1)
+    with phase(f"2/4 label them with the rule: {rule.DESCRIPTION}"):
+        train_path = os.path.join(workdir, "feedback_train.jsonl")
+        eval_path = os.path.join(workdir, "feedback_heldout.jsonl")
+        n_up, n_train = pipeline.write_feedback(train_path, train_gens)
+        pipeline.write_feedback(eval_path, before)
+        log(f"   training feedback: {n_up} thumbs-up, {n_train - n_up} thumbs-down -> {train_path}")
+    with phase(f"3/4 KTO-align on that feedback: {size.num_steps} steps of the real trainer"):
+        run_dir = pipeline.run_training(size, model_path, workdir, train_path, eval_path, seed, log)
+    with phase(f"4/4 re-sample the {len(heldout)} held-out prompts with the aligned policy (same seed)"):
+        reference_params = nnx.state(model, nnx.Param)
+        policy_params = pipeline.load_policy_params(run_dir)
+        sampler.set_params(policy_params)
+        after = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1)
+        kl = kl_estimate(model, tokenizer, after, policy_params, reference_params)
+    name = "SmolLM2-135M-Instruct" if model_path.endswith(".gguf") and "SmolLM2" in model_path \
+        else os.path.basename(model_path.rstrip("/"))
+    return finish(workdir, run_dir, name, size_name, size, before, after, kl, n_train,
+                  time.perf_counter() - start, timings, log)
+
+
+def kl_estimate(model, tokenizer, generations, policy_params, reference_params) -> float:
+    """mean over samples y ~ pi_theta of log pi_theta(y|x) - log pi_ref(y|x), in nats."""
+    scorer = SequenceScorer(model, tokenizer, batch_size=16, length_multiple=16)
+    prompts = [g.prompt_ids for g in generations]
+    completions = [g.scored_ids for g in generations]
+    policy, _ = scorer.logps_ids(prompts, completions, policy_params)
+    reference, _ = scorer.logps_ids(prompts, completions, reference_params)
+    return float(np.mean(policy - reference))
+
+
+def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_train, seconds,
+           timings, log) -> dict:
+    """Prints the table, examples and caveats; writes results.json and the plot."""
+    from kto_jax.train.metrics import EVAL_METRICS_FILE, read_jsonl
+    evals = read_jsonl(os.path.join(run_dir, EVAL_METRICS_FILE))
+    eval_metrics = evals[-1] if evals else {}
+    b_texts, a_texts = [g.text for g in before], [g.text for g in after]
+    rate_before = stats.rate(sum(map(rule.passes, b_texts)), len(b_texts))
+    rate_after = stats.rate(sum(map(rule.passes, a_texts)), len(a_texts))
+    plot = report.write_plot(run_dir, os.path.join(workdir, report.PLOT_FILE), model_name)
+    text = "\n\n".join([
+        report.table(rate_before, rate_after, kl, eval_metrics, b_texts, a_texts, size.num_steps),
+        report.verdict(rate_before, rate_after),
+        "Examples (held-out prompts; up/down = the rule's verdict):\n"
+        + report.examples([g.prompt for g in before], b_texts, a_texts),
+        report.caveats(model_name, size_name, len(a_texts), n_train, size.num_steps),
+        f"Wall time {seconds / 60:.1f} min. Workdir {workdir}: feedback_*.jsonl, run/ (checkpoint, "
+        f"metrics.jsonl, hf/), results.json" + (f", {report.PLOT_FILE}" if plot else
+                                               " (no plot: pip install matplotlib)") + "."])
+    log("\n" + text)
+    results = {"size": size_name, "rule": rule.DESCRIPTION, "steps": size.num_steps,
+               "pass_rate_before": rate_before.as_dict(), "pass_rate_after": rate_after.as_dict(),
+               "kl_after": kl, "heldout_eval": eval_metrics, "seconds": seconds, "phase_seconds": timings,
+               "report": text, "heldout": [{"prompt": b.prompt, "before": b.text, "after": a.text}
+                                           for b, a in zip(before, after)]}
+    report.write_results(os.path.join(workdir, "results.json"), results)
+    return results

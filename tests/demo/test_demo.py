@@ -1,0 +1,61 @@
+"""`kto-jax demo --size quick` on a tiny random chat model (the CI smoke test), and the rule."""
+
+import json
+import os
+
+import pytest
+
+from kto_jax import cli
+from kto_jax.demo import pipeline, rule
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("Photosynthesis turns light into sugar. It happens in leaves.", True),
+    ("Ah, gravity.", False),                                    # too short to be an answer
+    ("The answer to that question lies within the science at the source of the product "
+     "and its many parts.", False),                             # 19 words
+    ("Bees make honey from nectar", False),                     # the sentence never ends
+    ("Bees make honey from nectar\nThey store it.", True),      # a line break ends it
+    ("  Yes! Cats purr when content.", False),                  # "Yes!" is one word
+])
+def test_rule(text, ok):
+    assert rule.passes(text) is ok
+    assert rule.score("any prompt", text) == float(ok)
+
+
+def test_bundled_prompts_are_disjoint():
+    train = pipeline.bundled_prompts("train", 1000)
+    heldout = pipeline.bundled_prompts("heldout", 1000)
+    assert (len(train), len(heldout)) == (80, 32)
+    assert not set(train) & set(heldout)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tiny_chat_model import write_tiny_chat_model
+    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
+
+
+def test_demo_quick_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "demo")
+    assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 0
+    printed = capsys.readouterr().out
+    for phase in ("== 0/4", "== 1/4", "== 2/4", "== 3/4", "== 4/4"):
+        assert phase in printed
+    assert "judge pass rate, held-out (90% CI)" in printed and "What it does not show" in printed
+    assert "the same as: kto-jax train --config=" in printed
+    size = pipeline.SIZES["quick"]
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "feedback_heldout.jsonl"))]
+    assert len(rows) == size.heldout_prompts * size.heldout_samples == results["pass_rate_before"]["n"]
+    assert [r["label"] for r in rows] == [rule.passes(h["before"]) for h in results["heldout"]]
+    assert results["pass_rate_before"]["successes"] == sum(r["label"] for r in rows)
+    assert results["pass_rate_after"]["successes"] == sum(rule.passes(h["after"]) for h in results["heldout"])
+    metrics = [json.loads(line) for line in open(os.path.join(workdir, "run", "metrics.jsonl"))]
+    assert [m["step"] for m in metrics] == list(range(1, size.num_steps + 1))
+    assert results["heldout_eval"]["step"] == size.num_steps
+    assert os.path.isfile(os.path.join(workdir, "run", "hf", "config.json"))
+    assert os.path.getsize(os.path.join(workdir, "training_curves.png")) > 10_000
+    # A second demo into the same workdir is refused instead of mixing runs.
+    assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 2
