@@ -17,12 +17,13 @@ crash: XLA's RESOURCE_EXHAUSTED compile error is caught and reported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -121,27 +122,37 @@ def parse_topology(name: str) -> TpuSlice:
                     chips_per_host=per_host, hbm_bytes=hbm, num_slices=slices)
 
 
-def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
-    """Compile-only devices of the slice, from libtpu. Needs the `tpu` extra.
+@contextlib.contextmanager
+def _libtpu_env_off_tpu(tpu: TpuSlice) -> Iterator[None]:
+    """Defaults that keep libtpu from querying the GCE metadata server off a TPU VM.
 
-    Off a TPU VM, libtpu would query the GCE metadata server and log warnings about
-    the missing accelerator; the environment defaults below stop both. They only
-    describe this process's (absent) attached TPU; the target topology is explicit.
+    They describe this process's (absent) attached TPU, are read once when the plugin
+    starts, and are removed again afterwards so nothing else (e.g. jax's cluster
+    detection in a child process) mistakes this host for a TPU worker.
     """
+    defaults = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+                "TPU_ACCELERATOR_TYPE": tpu.accelerator_type, "TPU_WORKER_HOSTNAMES": "localhost"}
+    added = [] if has_tpu_chips() else [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
+    """Compile-only devices of the slice, from libtpu (the `tpu` extra); no TPU needed."""
     try:
         import libtpu  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as err:
         raise UserError("compiling for a TPU topology needs libtpu: pip install 'kto-jax[tpu]'") from err
-    if not has_tpu_chips():
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
-    desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=tpu.libtpu_topology_name, chip_config_name=tpu.chip_config_name,
-        chips_per_host_bounds=tpu.chips_per_host, num_slices=tpu.num_slices)
+    with _libtpu_env_off_tpu(tpu):
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=tpu.libtpu_topology_name, chip_config_name=tpu.chip_config_name,
+            chips_per_host_bounds=tpu.chips_per_host, num_slices=tpu.num_slices)
     return list(desc.devices)
 
 
