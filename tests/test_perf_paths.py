@@ -74,3 +74,33 @@ def test_completion_logps_run_the_model_without_an_attention_mask():
         mp.setattr(T.Transformer, "hidden_states", spy)
         completion_logps(model, x, (x != 0).astype(np.int32), y, (y != 0).astype(np.int32))
     assert seen == [None]
+
+
+def test_no_forward_of_the_step_materialises_full_vocab_logits():
+    """The compiled KTO step (policy with gradient, policy KL, both reference forwards) holds
+    no [rows, positions, vocab] tensor: every forward goes through the vocab-chunked head."""
+    from configs.base import get_config
+    from kto_jax import bench
+    from kto_jax.sharding import make_mesh
+    from kto_jax.train import step as S
+    from kto_jax.train.optimizer import make_optimizer
+
+    vocab, chunk = 520, 128
+    cfg = get_config()
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 4, 8
+    cfg.train.logprob_vocab_chunk = chunk
+    model_cfg = tiny(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_heads=2,
+                     num_kv_heads=1, head_dim=16, dtype="bfloat16")
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tx, schedule = make_optimizer(cfg.optim, 10)
+    graphdef, state, shardings = bench.init_state(cfg, model_cfg, tx, mesh, seed=0)
+    opts = bench.BenchOptions(prompt_len=12, completion_len=10, bucket=16, micro_batch=4, accum=2)
+    batch = bench.synthetic_batch(opts, vocab)
+    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    compiled = step.lower(state, batch).compile()
+    hlo = compiled.as_text()
+    import re
+    full = re.findall(rf"\w+\[\d+,\d+,{vocab}\]", hlo)
+    assert not full, sorted(set(full))
+    assert re.search(rf"f32\[\d+,16,{chunk}\]", hlo)  # the chunked head is there
+    assert compiled.memory_analysis().alias_size_in_bytes > 0  # the state is donated
