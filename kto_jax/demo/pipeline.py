@@ -41,10 +41,11 @@ class DemoSize:
     lr: float                 # peak learning rate, after `warmup` steps
     warmup: int
     sample_batch: int         # prompts per generation batch
+    steps: int = 0            # optimizer steps; 0: one pass over the training feedback
 
     @property
     def num_steps(self) -> int:
-        return max(1, self.train_prompts * self.samples_per_prompt // self.batch_size)
+        return self.steps or max(1, self.train_prompts * self.samples_per_prompt // self.batch_size)
 
 
 SIZES = {
@@ -139,12 +140,19 @@ def train_overrides(size: DemoSize, model_path: str, train_path: str, eval_path:
 
 
 def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str, eval_path: str,
-                 seed: int, log: Callable[[str], None]) -> str:
-    """`kto-jax train` in-process on the feedback files; returns the run directory."""
+                 seed: int, log: Callable[[str], None], extra: tuple[str, ...] = (),
+                 run_name: str = "run") -> str:
+    """`kto-jax train` in-process on the feedback files; returns the run directory.
+
+    `extra` are more --config.KEY=VALUE flags; they replace the demo's own for the same KEY.
+    """
     from kto_jax.config import load_config
     from kto_jax.train.trainer import train
-    run_dir = os.path.join(workdir, "run")
-    argv = [f"--config={config_path()}", *train_overrides(size, model_path, train_path, eval_path, seed)]
+    run_dir = os.path.join(workdir, run_name)
+    replaced = {flag.split("=", 1)[0] for flag in extra}
+    base = [f for f in train_overrides(size, model_path, train_path, eval_path, seed)
+            if f.split("=", 1)[0] not in replaced]
+    argv = [f"--config={config_path()}", *base, *extra]
     log("   the same as: kto-jax train " + " ".join(argv + [f"--workdir={run_dir}"]))
     config, _, _ = load_config(argv)
     train(config, run_dir)

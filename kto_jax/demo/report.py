@@ -55,10 +55,12 @@ def _rate(r: Rate) -> str:
     return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}] (n={r.n})"
 
 
-def examples(prompts: list[Any], before: list[str], after: list[str], count: int = 3) -> str:
-    """A few held-out prompts with their before/after completions and verdicts."""
+def examples(prompts: list[Any], before: list[str], after: list[str], count: int = 3,
+             stride: int = 1) -> str:
+    """The first sample of the first `count` held-out prompts (samples come `stride` per
+    prompt), before and after, with the rule's verdicts: a fixed choice, not a selection."""
     lines = []
-    for prompt, b, a in list(zip(prompts, before, after))[:count]:
+    for prompt, b, a in list(zip(prompts, before, after))[::stride][:count]:
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         lines.append(f"prompt: {text}")
         lines.append(f"  before [{'up' if rule.passes(b) else 'down'}]: {_one_line(b)}")

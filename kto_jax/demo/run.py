@@ -83,8 +83,8 @@ def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_t
     text = "\n\n".join([
         report.table(rate_before, rate_after, kl, eval_metrics, b_texts, a_texts, size.num_steps),
         report.verdict(rate_before, rate_after),
-        "Examples (held-out prompts; up/down = the rule's verdict):\n"
-        + report.examples([g.prompt for g in before], b_texts, a_texts),
+        "Examples (first sample of the first held-out prompts; up/down = the rule's verdict):\n"
+        + report.examples([g.prompt for g in before], b_texts, a_texts, stride=size.heldout_samples),
         report.caveats(model_name, size_name, len(a_texts), n_train, size.num_steps),
         f"Wall time {seconds / 60:.1f} min. Workdir {workdir}: feedback_*.jsonl, run/ (checkpoint, "
         f"metrics.jsonl, hf/), results.json" + (f", {report.PLOT_FILE}" if plot else
