@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # dtype the trained (master) weights are stored in
     c.model.dtype = "bfloat16"        # compute dtype of activations and matmuls
     c.model.remat_policy = "none"     # "none" | "full" | "dots" | "dots_no_batch": what each layer's backward recomputes
-    c.model.attention_impl = "auto"   # "auto" | "xla" | "cudnn": backend of jax.nn.dot_product_attention
+    c.model.attention_impl = "auto"   # "auto" (cuDNN on GPU, splash on TPU, else XLA) | "xla" | "cudnn" | "splash" (Pallas, TPU)
     c.model.preset = ""               # architecture preset (kto_jax.models.PRESETS) `kto-jax compile` uses when model.path has no config.json
 
     # ---- reference: pi_ref of the paper, frozen for the whole run ----

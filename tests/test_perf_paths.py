@@ -104,3 +104,54 @@ def test_no_forward_of_the_step_materialises_full_vocab_logits():
     assert not full, sorted(set(full))
     assert re.search(rf"f32\[\d+,16,{chunk}\]", hlo)  # the chunked head is there
     assert compiled.memory_analysis().alias_size_in_bytes > 0  # the state is donated
+
+
+@pytest.mark.parametrize("window", [None, 48])
+def test_splash_attention_matches_xla_causal_attention_values_and_grads(window):
+    """The TPU kernel (Pallas interpret mode here), sharded over rows and heads by the mesh,
+    equals XLA's causal (sliding-window) GQA attention, forward and backward."""
+    from kto_jax.models.splash_attention import splash_attention
+    from kto_jax.sharding import make_mesh
+    rng = np.random.default_rng(1)
+    b, t, h, k, hd = 4, 128, 4, 2, 16
+    q, kk, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                for s in ((b, t, h, hd), (b, t, k, hd), (b, t, k, hd)))
+    scale = hd ** -0.5
+    win = None if window is None else (window - 1, 0)
+
+    def ref(q, kk, v):
+        return jax.nn.dot_product_attention(q, kk, v, scale=scale, is_causal=True,
+                                            local_window_size=win)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a) * jnp.cos(jnp.arange(hd)))
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.set_mesh(mesh):
+        splash = jax.jit(lambda *a: splash_attention(*a, scale=scale, sliding_window=window))
+        np.testing.assert_allclose(splash(q, kk, v), ref(q, kk, v), rtol=1e-4, atol=1e-4)
+        got = jax.jit(jax.grad(loss(lambda *a: splash_attention(*a, scale=scale, sliding_window=window)),
+                               argnums=(0, 1, 2)))(q, kk, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, kk, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
+
+
+def test_auto_attention_is_splash_on_tpu_for_mask_free_block_multiples(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert T.resolve_attention_impl("auto", _q(1024)) == "splash"
+    assert T.resolve_attention_impl("auto", _q(1000)) is None
+    assert T.resolve_attention_impl("auto", _q(1024), jnp.ones((2, 1, 1024, 1024), bool)) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert T.resolve_attention_impl("splash", _q(1024)) == "splash"  # explicit: interpret mode
+    assert T.resolve_attention_impl("splash", _q(1024), jnp.ones((2, 1, 1024, 1024), bool)) is None
+
+
+def test_transformer_with_splash_attention_equals_xla():
+    ids = np.random.default_rng(2).integers(1, 96, (2, 128)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(128, dtype=np.int32), ids.shape)
+    out = {}
+    for impl in ("xla", "splash"):
+        model = T.Transformer(MODEL.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+        out[impl] = model.hidden_states(ids, pos, None)
+    np.testing.assert_allclose(out["splash"], out["xla"], rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
     p.add_argument("--reference", default=d.reference, choices=sorted(REFERENCE_MODES))
-    p.add_argument("--attention", default=d.attention, choices=("auto", "xla", "cudnn"))
+    p.add_argument("--attention", default=d.attention, choices=("auto", "xla", "cudnn", "splash"))
     p.add_argument("--remat", default=d.remat, choices=("none", "full", "dots", "dots_no_batch"))
     p.add_argument("--loss", default=d.loss)
     p.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32", "float16"))

@@ -24,7 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 _MODEL_TYPE_TO_ARCH = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,7 +54,7 @@ class ModelConfig:
     param_dtype: str = "float32"            # dtype the weights are stored in
     dtype: str = "float32"                  # compute dtype of activations and matmuls
     remat_policy: str = "none"              # "none" | "full" | "dots" | "dots_no_batch"
-    attention_impl: str = "auto"            # "auto" | "xla" | "cudnn" for jax.nn.dot_product_attention
+    attention_impl: str = "auto"            # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) | "splash" (Pallas, TPU)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
