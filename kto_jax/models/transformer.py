@@ -27,16 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kto_jax.models.config import ModelConfig
-from kto_jax.sharding import constrain
 from kto_jax.models.splash_attention import BLOCK as SPLASH_BLOCK, splash_attention
 
 Array = jax.Array
 _INIT_STD = 0.02  # HF initializer_range
-# Logical axes of activations (kto_jax.sharding.constrain: a no-op without a mesh and rules).
-ACT_EMBED = ("batch", "length", "embed")
-ACT_HEADS = ("batch", "length", "heads", "head_dim")
-ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
-ACT_MLP = ("batch", "length", "mlp")
 
 # Layer parameter name -> logical axes (after the leading 'layers' axis). Names mirror HF.
 LAYER_AXES: dict[str, tuple[str, ...]] = {
@@ -142,7 +136,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        h = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype), ACT_EMBED)
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
         cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
         mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
         impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
@@ -152,7 +146,7 @@ class Transformer(nnx.Module):
 
         layer = _remat(layer, cfg.remat_policy)
         h, _ = jax.lax.scan(layer, h, self.layers.arrays())
-        return constrain(rms_norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
+        return rms_norm(h, self.norm[...], cfg.rms_norm_eps)
 
     def lm_head_weight(self) -> Array:
         """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
@@ -262,10 +256,8 @@ def attention_mask_4d(attention_mask: Array) -> Array:
 def decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: Array,
                   cfg: ModelConfig, impl: str | None) -> Array:
     """One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). h: [B, T, D]."""
-    h = constrain(h, ACT_EMBED)
     h = h + attention(p, rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps), cos, sin, mask, cfg, impl)
-    h = constrain(h, ACT_EMBED)
-    return constrain(h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)), ACT_EMBED)
+    return h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps))
 
 
 def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
@@ -293,22 +285,20 @@ def project_qkv(p: dict[str, Array], x: Array, cos: Array, sin: Array,
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return constrain(q, ACT_HEADS), constrain(k, ACT_KV_HEADS), constrain(v, ACT_KV_HEADS)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def project_out(p: dict[str, Array], out: Array) -> Array:
     """The output projection of attention heads [B, T, H, hd] -> [B, T, D]."""
-    out = constrain(out, ACT_HEADS)
-    return constrain(jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype)), ACT_EMBED)
+    return jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype))
 
 
 def swiglu(p: dict[str, Array], x: Array) -> Array:
     """down(silu(gate(x)) * up(x)) for x [B, T, D]."""
     dt = x.dtype
-    gate = constrain(jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt)), ACT_MLP)
-    up = constrain(jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt)), ACT_MLP)
-    return constrain(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt)), ACT_EMBED)
+    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
 
 
 # ---- KV cache (generation) ----
