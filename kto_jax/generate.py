@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.errors import UserError
 from kto_jax.models.transformer import KVCache, Transformer, init_kv_cache, positions_from_mask
-from kto_jax.sharding import logical_to_mesh, single_device_mesh
+from kto_jax.sharding import activation_sharding, logical_to_mesh, single_device_mesh
 
 Array = jax.Array
 Prompt = str | list  # plain text, or a list of {"role", "content"} messages
@@ -280,6 +280,7 @@ class Sampler:
                                    pad_id=self.pad_id, cache_sharding=cache)
             out = (self._sharding(("batch", "length"), (b, settings.max_new_tokens)),
                    self._sharding(("batch",), (b,)))
+            fn = activation_sharding(fn, self.mesh, self._rules)  # activations follow the rules
             self._decoders[key] = (jax.jit(fn, out_shardings=out), rows)
         return self._decoders[key]
 

@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kto_jax.batch import PAIRED_KEYS, PRECOMPUTED_PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss, get_loss
+from kto_jax.sharding import activation_sharding
 from kto_jax.train import step_stats
 
 Array = jax.Array
@@ -103,11 +104,17 @@ def batch_reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any
 
 
 def make_reference_fn(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int, mesh: Mesh,
-                      reference_shardings: Any, batch_sharding: NamedSharding
+                      reference_shardings: Any, batch_sharding: NamedSharding, rules: Any = None
                       ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
-    """`fn(reference_params, batch) -> {key: [A, M]}`, jitted; outputs replicated on every device."""
+    """`fn(reference_params, batch) -> {key: [A, M]}`, jitted; outputs replicated on every device.
+
+    With `rules` (config.mesh.rules) the model's activations follow them (kto_jax.sharding.constrain).
+    """
     def fn(reference, batch):
         return batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk)
+
+    if rules is not None:
+        fn = activation_sharding(fn, mesh, rules)
 
     return jax.jit(fn, in_shardings=(reference_shardings, batch_sharding),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -124,7 +131,8 @@ def bench_reference_logps(config, graphdef: nnx.GraphDef, state, batch: Mapping[
     reference = jax.tree.map(lambda x: x.astype(dtype), state.params)
     sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
     fn = make_reference_fn(loss, graphdef, int(config.train.logprob_vocab_chunk), mesh,
-                           shd.named_shardings(reference, mesh, config.mesh.rules), sharding)
+                           shd.named_shardings(reference, mesh, config.mesh.rules), sharding,
+                           config.mesh.rules)
     with jax.set_mesh(mesh):
         out = fn(reference, batch)
     return {k: jax.device_put(v, sharding) for k, v in out.items()}

@@ -4,12 +4,22 @@ Layers name logical axes only ('vocab', 'embed', 'mlp', 'heads', 'kv_heads',
 'head_dim', 'layers', 'batch', 'length'); `config.mesh.rules` maps each to a mesh
 axis of ('data', 'fsdp', 'tensor'), a tuple of them, or None (replicated), as
 MaxText does. A one-device mesh is just a mesh whose axes all have size 1.
+
+Activations are named the same way: the model calls `constrain(x, ('batch',
+'length', 'embed'))`, which pins x to that layout on the mesh being traced for,
+so XLA gathers the fsdp-sharded weights (ZeRO-3) instead of the activations. The
+model stays mesh-agnostic: `constrain` is a no-op unless the caller traces under
+a mesh AND a rule table (`activation_sharding(fn, mesh, rules)` wraps a function
+to be jitted; the train step, reference and sampling programs use it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -143,3 +153,52 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     shardings = named_shardings(state, mesh, rules)
     nnx.update(model, jax.device_put(state, shardings))
     return model
+
+
+# ---- activations ----
+
+_ACTIVATION_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "kto_jax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules | None) -> Iterator[None]:
+    """While active (at trace time), `constrain` maps logical axes through `rules`."""
+    token = _ACTIVATION_RULES.set(None if rules is None else rules_of(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """x pinned to the sharding its logical axes get on the current mesh; else x unchanged.
+
+    A no-op outside `activation_rules` or without a mesh (`jax.set_mesh`), so the
+    model runs unchanged on one device and in eager tests. A mesh axis that does
+    not divide its dim is dropped (`logical_to_mesh` with the shape).
+    """
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, rules, x.shape, mesh))
+
+
+def activation_sharding(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """`fn` that, when traced, runs under `rules` and (if none is set) `mesh`'s abstract mesh.
+
+    Wrap the function given to `jax.jit`, so its activations follow the logical
+    rules whether or not the caller entered `jax.set_mesh(mesh)`.
+    """
+    rules = rules_of(rules)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        ambient = jax.sharding.get_abstract_mesh()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(activation_rules(rules))
+            if ambient.empty:
+                stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+            return fn(*args, **kwargs)
+    return traced

@@ -60,7 +60,8 @@ def precompute(config, out_dir: str) -> dict:
     del params
     sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
     fn = rs.make_reference_fn(loss, graphdef, int(config.train.logprob_vocab_chunk), mesh,
-                              shd.named_shardings(reference, mesh, config.mesh.rules), sharding)
+                              shd.named_shardings(reference, mesh, config.mesh.rules), sharding,
+                              config.mesh.rules)
     keys = rs.reference_keys(loss)
     splits = {}
     with jax.set_mesh(mesh):

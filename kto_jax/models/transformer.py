@@ -27,10 +27,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kto_jax.models.config import ModelConfig
+from kto_jax.sharding import constrain
 from kto_jax.models.splash_attention import BLOCK as SPLASH_BLOCK, splash_attention
 
 Array = jax.Array
 _INIT_STD = 0.02  # HF initializer_range
+# Logical axes of activations (kto_jax.sharding.constrain: a no-op without a mesh and rules).
+ACT_EMBED = ("batch", "length", "embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+ACT_MLP = ("batch", "length", "mlp")
 
 # Layer parameter name -> logical axes (after the leading 'layers' axis). Names mirror HF.
 LAYER_AXES: dict[str, tuple[str, ...]] = {
@@ -136,7 +142,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
+        h = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype), ACT_EMBED)
         cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
         mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
         impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
@@ -146,7 +152,7 @@ class Transformer(nnx.Module):
 
         layer = _remat(layer, cfg.remat_policy)
         h, _ = jax.lax.scan(layer, h, self.layers.arrays())
-        return rms_norm(h, self.norm[...], cfg.rms_norm_eps)
+        return constrain(rms_norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
 
     def lm_head_weight(self) -> Array:
         """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
@@ -256,8 +262,10 @@ def attention_mask_4d(attention_mask: Array) -> Array:
 def decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: Array,
                   cfg: ModelConfig, impl: str | None) -> Array:
     """One pre-norm decoder layer: h + attn(norm(h)), then + mlp(norm(.)). h: [B, T, D]."""
+    h = constrain(h, ACT_EMBED)
     h = h + attention(p, rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps), cos, sin, mask, cfg, impl)
-    return h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps))
+    h = constrain(h, ACT_EMBED)
+    return constrain(h + swiglu(p, rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)), ACT_EMBED)
 
 
 def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
@@ -285,20 +293,22 @@ def project_qkv(p: dict[str, Array], x: Array, cos: Array, sin: Array,
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return constrain(q, ACT_HEADS), constrain(k, ACT_KV_HEADS), constrain(v, ACT_KV_HEADS)
 
 
 def project_out(p: dict[str, Array], out: Array) -> Array:
     """The output projection of attention heads [B, T, H, hd] -> [B, T, D]."""
-    return jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype))
+    out = constrain(out, ACT_HEADS)
+    return constrain(jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype)), ACT_EMBED)
 
 
 def swiglu(p: dict[str, Array], x: Array) -> Array:
     """down(silu(gate(x)) * up(x)) for x [B, T, D]."""
     dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+    gate = constrain(jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt)), ACT_MLP)
+    up = constrain(jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt)), ACT_MLP)
+    return constrain(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt)), ACT_EMBED)
 
 
 # ---- KV cache (generation) ----

@@ -65,7 +65,7 @@ from kto_jax.errors import UserError
 from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK
 from kto_jax.losses.ppo import init_value_head
 from kto_jax.losses.registry import HaloLoss, get_loss
-from kto_jax.sharding import logical_to_mesh, named_shardings
+from kto_jax.sharding import activation_sharding, logical_to_mesh, named_shardings
 from kto_jax.train import step_stats
 
 Array = jax.Array
@@ -333,6 +333,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     fn = functools.partial(train_step, graphdef=graphdef, settings=settings, tx=tx,
                            schedule=schedule,
                            grad_shardings=(state_shardings.params, state_shardings.value_head))
+    fn = activation_sharding(fn, mesh, config.mesh.rules)  # activations follow the logical rules
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, config.mesh.rules)),
                    out_shardings=(state_shardings, replicated), donate_argnames="state")
@@ -343,7 +344,8 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
     """`eval_step` for config.loss.name, jitted with explicit shardings (nothing donated)."""
     settings = StepSettings.from_config(config)
     _check_batch_divisible(config, mesh)
-    fn = functools.partial(eval_step, graphdef=graphdef, settings=settings)
+    fn = activation_sharding(functools.partial(eval_step, graphdef=graphdef, settings=settings),
+                             mesh, config.mesh.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, config.mesh.rules)),
                    out_shardings=replicated)
