@@ -1,9 +1,9 @@
 """Implied-reward metrics of a policy on held-out feedback: margins and reward accuracy.
 
-The held-out file goes through the training data pipeline (same formats, chat
-template, truncation and batch layout) as one epoch, and every batch through the
-train step's own `eval_step` (kto_jax/train/step.py) with the policy's params and
-the frozen reference: the forwards on (x, y) and on the KL pairs (x_i, y_{i+1})
+The held-out file goes through the training data pipeline as the run's eval split
+(same formats, chat template, truncation, batch layout and order), and every batch
+through the train step's own `eval_step` (kto_jax/train/step.py) with the policy's and
+the frozen reference's params: the forwards on (x, y) and on the KL pairs (x_i, y_{i+1})
 within each microbatch, then the run's loss. Its additive metrics, summed over all
 batches and summarised once, give loss, kl (z0), rewards/desirable,
 rewards/undesirable, rewards/margins and the reward accuracy:
@@ -36,11 +36,12 @@ REWARD_LOSS_FALLBACK = "kto"
 
 
 def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
-    """The run's config reading `data_path` whole: no split, no subsampling, no eq. 9 re-fit."""
+    """The run's config with `data_path` as its eval split (read whole, in file order, as
+    the trainer's periodic evaluation reads data.eval_path), no subsampling, no eq. 9 re-fit."""
     c = copy.deepcopy(config)
     with c.unlocked():
         c.data.train_path = data_path
-        c.data.eval_path = ""
+        c.data.eval_path = data_path
         c.data.eval_fraction = 0.0
         c.data.desirable_fraction = c.data.undesirable_fraction = 1.0
         c.data.one_y_per_x = False
@@ -55,9 +56,10 @@ def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collect
 
 def feedback_batches(config: ml_collections.ConfigDict, tokenizer: Any, data_path: str
                      ) -> tuple[Iterable[dict], Any]:
-    """(one pass of batches [A, M, ...] over every row of data_path, the data summary)."""
+    """(the eval batches [A, M, ...] over every row of data_path, the data summary): the
+    same batches, hence the same per-microbatch z0, as the trainer's evaluation of that file."""
     data = build_datasets(eval_config(config, data_path), tokenizer)
-    return data.train_iter_factory(num_epochs=1), data.summary
+    return data.eval_batches(), data.summary
 
 
 def reward_metrics(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, policy: Any,
