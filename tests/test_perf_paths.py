@@ -34,7 +34,8 @@ def _q(t, hd=64, dtype=jnp.bfloat16):
 
 
 def test_auto_attention_is_cudnn_only_on_gpu_for_shapes_cudnn_takes(monkeypatch):
-    assert T.resolve_attention_impl("auto", _q(1024)) is None  # CPU: XLA
+    assert T.resolve_attention_impl("auto", _q(1024)) == "splash_on_tpu"  # CPU: XLA; TPU: splash
+    assert T.resolve_attention_impl("auto", _q(1000)) is None
     assert T.resolve_attention_impl("xla", _q(1024)) == "xla"
     assert T.resolve_attention_impl("cudnn", _q(1023)) == "cudnn"  # explicit choice passes
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -139,7 +140,7 @@ def test_splash_attention_matches_xla_causal_attention_values_and_grads(window):
 
 def test_auto_attention_is_splash_on_tpu_for_mask_free_block_multiples(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert T.resolve_attention_impl("auto", _q(1024)) == "splash"
+    assert T.resolve_attention_impl("auto", _q(1024)) == "splash_on_tpu"
     assert T.resolve_attention_impl("auto", _q(1000)) is None
     assert T.resolve_attention_impl("auto", _q(1024), jnp.ones((2, 1, 1024, 1024), bool)) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -148,10 +149,35 @@ def test_auto_attention_is_splash_on_tpu_for_mask_free_block_multiples(monkeypat
 
 
 def test_transformer_with_splash_attention_equals_xla():
+    """'splash' (the kernel, interpret mode here) and 'auto' (XLA when lowered for a CPU)."""
     ids = np.random.default_rng(2).integers(1, 96, (2, 128)).astype(np.int32)
     pos = np.broadcast_to(np.arange(128, dtype=np.int32), ids.shape)
     out = {}
-    for impl in ("xla", "splash"):
+    for impl in ("xla", "splash", "auto"):
         model = T.Transformer(MODEL.replace(attention_impl=impl), rngs=nnx.Rngs(0))
         out[impl] = model.hidden_states(ids, pos, None)
     np.testing.assert_allclose(out["splash"], out["xla"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["auto"], out["xla"], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_attention_compiled_for_a_tpu_slice_runs_the_splash_kernel():
+    """An AOT compile for TPU chips on this CPU host lowers 'auto' to the Mosaic kernel (what
+    a TPU would run), so `kto-jax compile` memory figures include flash attention."""
+    pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed")
+    from jax.sharding import NamedSharding, PartitionSpec
+    from kto_jax import aot
+
+    graphdef, params = nnx.split(T.abstract_model(MODEL))
+    tpu = aot.parse_topology("v5e-4")
+    mesh = aot.topology_mesh(aot.topology_devices(tpu), {"data": -1})
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())), params)
+    ids = jax.ShapeDtypeStruct((4, 128), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("data")))
+
+    def fn(params, ids):
+        model = nnx.merge(graphdef, params)
+        return model.hidden_states(ids, jnp.broadcast_to(jnp.arange(128), ids.shape), None)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(fn).lower(params, ids).as_text()
+    assert "tpu_custom_call" in hlo

@@ -13,14 +13,16 @@ On TPU the Mosaic kernel runs inside a `shard_map` over the ambient mesh (Mosaic
 kernels cannot be partitioned automatically): rows split over the mesh's 'data'
 and 'fsdp' axes, heads over 'tensor' when both head counts divide it. Lowered for
 any other platform (the CPU tests) the same kernel runs in Pallas interpret mode,
-so the numerics are testable anywhere; `jax.lax.platform_dependent` picks per
-lowering platform, which also makes an AOT compile for a TPU slice on a CPU host
-use the real kernel.
+so the numerics are testable anywhere, unless the caller passes a `fallback` (the
+model's 'auto' passes XLA attention). `jax.lax.platform_dependent` picks per
+lowering platform, so an AOT compile for a TPU slice on a CPU host (kto-jax
+compile, kto-jax bench --topology) uses the real kernel, as the TPU itself would.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec
@@ -69,16 +71,18 @@ def _specs(q: Array, k: Array) -> tuple[PartitionSpec, PartitionSpec] | None:
 
 
 def splash_attention(q: Array, k: Array, v: Array, *, scale: float,
-                     sliding_window: int | None = None) -> Array:
+                     sliding_window: int | None = None,
+                     fallback: Callable[[Array, Array, Array], Array] | None = None) -> Array:
     """softmax(scale q k^T + causal mask) v for q [B, T, H, hd], k and v [B, T, K, hd].
 
     Every query sees the keys at and before its own position (within the last
-    `sliding_window` positions if given); there is no padding mask.
+    `sliding_window` positions if given); there is no padding mask. Lowered for a
+    TPU this is the Mosaic kernel; for any other platform, `fallback(q, k, v)` (the
+    unscaled inputs) when given, else the same kernel in Pallas interpret mode.
     """
-    q = q * jax.numpy.asarray(scale, q.dtype)
-
     def run(interpret: bool):
         def fn(q, k, v):
+            q = q * jax.numpy.asarray(scale, q.dtype)
             return _local(q, k, v, sliding_window=sliding_window, interpret=interpret)
         specs = _specs(q, k)
         if specs is None:
@@ -86,4 +90,4 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float,
         return jax.shard_map(fn, in_specs=(specs[0], specs[1], specs[1]), out_specs=specs[0],
                              check_vma=False)
 
-    return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=run(True))
+    return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=fallback or run(True))

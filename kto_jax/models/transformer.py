@@ -19,6 +19,7 @@ Interface (other modules code against exactly this):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -273,12 +274,19 @@ def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array
     """Causal grouped-query attention of x [B, T, D] -> [B, T, D]."""
     q, k, v = project_qkv(p, x, cos, sin, cfg)
     impl = resolve_attention_impl(impl, q, mask)
-    if impl == "splash":
-        out = splash_attention(q, k, v, scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-        return project_out(p, out)
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, is_causal=True,
-                                       local_window_size=window, implementation=impl)
+
+    def dot_product_attention(q, k, v, implementation=impl):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5,
+                                            is_causal=True, local_window_size=window,
+                                            implementation=implementation)
+
+    if impl in ("splash", "splash_on_tpu"):
+        fallback = functools.partial(dot_product_attention, implementation=None)
+        out = splash_attention(q, k, v, scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+                               fallback=fallback if impl == "splash_on_tpu" else None)
+    else:
+        out = dot_product_attention(q, k, v)
     return project_out(p, out)
 
 
@@ -374,25 +382,26 @@ def resolve_attention_impl(name: str | None, q: Array, mask: Array | None = None
     'auto' picks cuDNN flash attention on GPUs where it applies: causal attention with
     no explicit mask (cuDNN would turn a mask into a [B, 1, T, T] bias it reads per
     head), 16-bit q, head_dim a multiple of 8 up to 128, T a multiple of 64 (cuDNN
-    refuses e.g. T=1023). On TPUs it picks the Pallas splash kernel for mask-free
-    calls with T a multiple of 128 (kto_jax/models/splash_attention.py). Otherwise
-    None, which is XLA's attention. jax's own None never picks cuDNN, and XLA's
-    attention materialises [B, H, T, T] scores: 1.8x slower on an H200 (DESIGN.md
-    "Performance facts"). 'xla' and 'cudnn' pass through; 'splash' with a mask
-    falls back to XLA (the kernel here is causal-only).
+    refuses e.g. T=1023). Elsewhere, mask-free calls with T a multiple of 128 get
+    'splash_on_tpu': the Pallas splash kernel when lowered for a TPU (a TPU run, or
+    an AOT compile for one on a CPU host), XLA's attention when lowered for anything
+    else (kto_jax/models/splash_attention.py). Otherwise None, XLA's attention.
+    jax's own None never picks cuDNN, and XLA's attention materialises [B, H, T, T]
+    scores: 1.8x slower on an H200 (DESIGN.md "Performance facts"). 'xla' and
+    'cudnn' pass through; 'splash' runs the kernel everywhere (Pallas interpret mode
+    off TPU) and falls back to XLA when given a mask (the kernel here is causal-only).
     """
     if name == "splash":
         return "splash" if mask is None else None
     if name != "auto":
         return name
+    if mask is not None:
+        return None
     hd, t = q.shape[-1], q.shape[1]
-    backend = jax.default_backend()
-    if (backend == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
-            and hd % 8 == 0 and hd <= 128 and t % 64 == 0):
-        return "cudnn"
-    if backend == "tpu" and mask is None and t % SPLASH_BLOCK == 0:
-        return "splash"
-    return None
+    if jax.default_backend() == "gpu":
+        cudnn = q.dtype in (jnp.bfloat16, jnp.float16) and hd % 8 == 0 and hd <= 128 and t % 64 == 0
+        return "cudnn" if cudnn else None
+    return "splash_on_tpu" if t % SPLASH_BLOCK == 0 else None
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
