@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -285,8 +285,12 @@ class Sampler:
         return self._decoders[key]
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings,
-                     seed: int = 0) -> list[tuple[list[int], int | None]]:
-        """(completion ids without the end token, the end token or None) per tokenized prompt."""
+                     seed: int = 0, progress: Callable[[int, int], None] | None = None
+                     ) -> list[tuple[list[int], int | None]]:
+        """(completion ids without the end token, the end token or None) per tokenized prompt.
+
+        `progress(done, total)` is called after each batch.
+        """
         out: list[tuple[list[int], int | None]] = []
         key = jax.random.key(seed)
         for start in range(0, len(prompt_ids), self.batch_size):
@@ -301,13 +305,15 @@ class Sampler:
                 seq = tokens[i, :lengths[i]].tolist()
                 finished = bool(seq) and seq[-1] in self.eos_ids
                 out.append((seq[:-1], seq[-1]) if finished else (seq, None))
+            if progress is not None:
+                progress(len(out), len(prompt_ids))
         return out
 
-    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings,
-                 seed: int = 0) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> list[Generation]:
         """One completion per prompt (strings or message lists), in order."""
         encoded = encode_prompts(self.tokenizer, prompts, self.chat)
-        results = self.generate_ids(encoded, settings, seed)
+        results = self.generate_ids(encoded, settings, seed, progress)
         return [Generation(prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ids,
                            stop is not None, prompt_ids, stop)
                 for prompt, prompt_ids, (ids, stop) in zip(prompts, encoded, results)]

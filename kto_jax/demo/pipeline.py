@@ -166,6 +166,15 @@ def load_policy_params(run_dir: str) -> Any:
     return nnx.state(policy, nnx.Param)
 
 
-def sample(sampler: Sampler, prompts: list[str], k: int, size: DemoSize, seed: int) -> list[Generation]:
+def sample(sampler: Sampler, prompts: list[str], k: int, size: DemoSize, seed: int,
+           log: Callable[[str], None] | None = None) -> list[Generation]:
+    """k completions per prompt (temperature 1, at most size.max_new_tokens tokens)."""
     settings = SamplingSettings(max_new_tokens=size.max_new_tokens, temperature=TEMPERATURE)
-    return sampler.generate(repeat([as_messages(p) for p in prompts], k), settings, seed=seed)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if log is not None:
+            log(f"   {done}/{total} completions ({time.perf_counter() - start:.0f}s)")
+
+    return sampler.generate(repeat([as_messages(p) for p in prompts], k), settings, seed=seed,
+                            progress=progress)

@@ -38,8 +38,8 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
     with phase(f"1/4 sample {size.samples_per_prompt} completions for each of {len(train_prompts)} "
                f"training prompts and {size.heldout_samples} for each of {len(heldout)} held-out "
                f"prompts (temperature {pipeline.TEMPERATURE}, at most {size.max_new_tokens} tokens)"):
-        train_gens = pipeline.sample(sampler, train_prompts, size.samples_per_prompt, size, seed)
-        before = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1)
+        train_gens = pipeline.sample(sampler, train_prompts, size.samples_per_prompt, size, seed, log)
+        before = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1, log)
     with phase(f"2/4 label them with the rule: {rule.DESCRIPTION}"):
         train_path = os.path.join(workdir, "feedback_train.jsonl")
         eval_path = os.path.join(workdir, "feedback_heldout.jsonl")
@@ -52,7 +52,7 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
         reference_params = nnx.state(model, nnx.Param)
         policy_params = pipeline.load_policy_params(run_dir)
         sampler.set_params(policy_params)
-        after = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1)
+        after = pipeline.sample(sampler, heldout, size.heldout_samples, size, seed + 1, log)
         kl = kl_estimate(model, tokenizer, after, policy_params, reference_params)
     name = "SmolLM2-135M-Instruct" if model_path.endswith(".gguf") and "SmolLM2" in model_path \
         else os.path.basename(model_path.rstrip("/"))
