@@ -21,7 +21,8 @@ def default_workdir() -> str:
 
 def main(argv: list[str]) -> int:
     from kto_jax.demo.pipeline import SIZES
-    parser = argparse.ArgumentParser(prog="kto-jax demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="kto-jax demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--workdir", default=None,
                         help="output directory (default: ./kto-jax-demo/<timestamp>)")

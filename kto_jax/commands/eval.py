@@ -40,7 +40,8 @@ def _config(args: argparse.Namespace, config_argv: list[str]):
 
 def main(argv: list[str]) -> int:
     from kto_jax.commands.sample import add_sampling_flags, sampling_settings
-    parser = argparse.ArgumentParser(prog="kto-jax eval", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="kto-jax eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="policy: train workdir, HF directory or .gguf file")
     parser.add_argument("--data", default=None, help="held-out feedback file (default: config.data.eval_path)")

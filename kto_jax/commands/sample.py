@@ -71,7 +71,9 @@ def read_prompt_rows(path: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kto-jax sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kto-jax sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="HF directory, .gguf file or train workdir")
     parser.add_argument("--prompts", required=True, help="JSONL file with a \"prompt\" field per line")
     parser.add_argument("--out", default="-", help="output JSONL file (default: stdout)")
