@@ -127,12 +127,11 @@ def kto_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array
     `weight` scales each example's cost (scored data); `dynamic_desirable_weight` > 0
     enables the section 4.2 dynamic lambda_D (see `_example_costs`).
     """
-    z0 = reference_point(policy_kl_logps, reference_kl_logps, mask if kl_mask is None else kl_mask)
-    r = f32(policy_logps) - f32(reference_logps)
-    return kto_family_loss(r, z0, desirable, value_fn=v_kto, ceiling=1.0, beta=beta,
+    return _kto_with_value(v_kto, 1.0, policy_logps, reference_logps, policy_kl_logps,
+                           reference_kl_logps, desirable, beta=beta,
                            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                           mask=mask, weight=weight, dynamic_desirable_weight=dynamic_desirable_weight,
-                           policy_logps=policy_logps)
+                           mask=mask, weight=weight, kl_mask=kl_mask,
+                           dynamic_desirable_weight=dynamic_desirable_weight)
 
 
 def kto_no_z0_loss(policy_logps: Array, reference_logps: Array, desirable: Array, *,
