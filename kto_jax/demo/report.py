@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Any
 
 from kto_jax.demo import rule
@@ -73,31 +74,36 @@ def _one_line(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 
 
+def _fill(text: str) -> str:
+    return textwrap.fill(text, 88, break_on_hyphens=False)
+
+
 def verdict(before: Rate, after: Rate) -> str:
     """One sentence on whether the change is outside the noise of the two intervals."""
     if after.low > before.high:
-        return ("The held-out pass rate rose and the two 90% intervals do not overlap: the "
+        return _fill("The held-out pass rate rose and the two 90% intervals do not overlap: the "
                 "change is larger than the sampling noise of this evaluation.")
     if after.rate > before.rate:
-        return ("The held-out pass rate rose, but the 90% intervals overlap: on this many "
+        return _fill("The held-out pass rate rose, but the 90% intervals overlap: on this many "
                 "held-out samples the change is not clearly outside the noise.")
     return "The held-out pass rate did not rise on this run."
 
 
 def caveats(model_name: str, size_name: str, n_heldout: int, n_feedback: int, steps: int) -> str:
-    return f"""What this demo does: {model_name} labelled {n_feedback} of its own samples
-(thumbs up/down by the rule "{rule.DESCRIPTION}"), took {steps} KTO
-steps of the real trainer on them, and was sampled again on {n_heldout} completions of
-prompts it never trained on, with the same seed as before training. The pass-rate
-row and its 90% intervals are the evidence of what changed; the line above the
-examples says whether the change is outside the noise; the KL row says how far the
-policy moved from the reference to get there.
-What it does not show: that the answers became better in general (the judge is a
-word-counting rule, which a model can satisfy with a bland opener: read the
-examples); anything about larger models, human feedback or the paper's benchmarks
-(docs/reproduction.md has the larger comparison); robustness across seeds (one
-seed: rerun with --seed to see the spread). Size '{size_name}'; the numbers vary a
-little across CPU types and library versions."""
+    does = (f"What this demo does: {model_name} labelled {n_feedback} of its own samples thumbs "
+            f"up/down with the rule \"{rule.DESCRIPTION}\", took {steps} KTO steps of the real "
+            f"trainer on them, and was sampled again on {n_heldout} completions of prompts it never "
+            "trained on, with the same seed as before training. The pass-rate row and its 90% "
+            "intervals are the evidence of what changed; the line above the examples says whether "
+            "the change is outside the noise; the KL row says how far the policy moved from the "
+            "reference to get there.")
+    does_not = ("What it does not show: that the answers became better in general (the judge is "
+                "a word-counting rule, which a model can satisfy with a bland or odd opener: read "
+                "the examples); anything about larger models, human feedback or the paper's "
+                "benchmarks (docs/reproduction.md has the larger comparison); robustness across "
+                f"seeds (one seed: rerun with --seed to see the spread). Size '{size_name}'; the "
+                "numbers vary a little across CPU types and library versions.")
+    return _fill(does) + "\n" + _fill(does_not)
 
 
 def write_plot(run_dir: str, out_path: str, model_name: str) -> str | None:
