@@ -2,7 +2,7 @@
 
 A workdir of `kto-jax train` holds WORKDIR/hf (the export written at the end of a
 run) and WORKDIR/checkpoints; when the export is missing (a run still going, or
-export_at_end=False) the latest checkpoint is exported to WORKDIR/hf-step-N first.
+export_at_end=False) the latest checkpoint is exported to WORKDIR/hf-latest first.
 A workdir's frozen reference is its config's model.path (WORKDIR/config.json).
 """
 
