@@ -13,12 +13,16 @@ chips. A leading `Kx` (e.g. `2xv5p-32`) asks for K slices joined over DCN.
 
 A program whose buffers exceed the chip's HBM is a verdict ("does not fit"), never a
 crash: XLA's RESOURCE_EXHAUSTED compile error is caught and reported.
+
+`compile_run_config` is `kto-jax compile`: a run config's real train step
+(kto_jax/step/program.py) compiled for a slice, or the largest microbatch that fits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -29,7 +33,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from kto_jax import sharding as shd
 from kto_jax.errors import UserError
+from kto_jax.step import program
 from kto_jax.train.distributed import has_tpu_chips
 
 GiB = 1024**3
@@ -339,3 +345,52 @@ def find_max_microbatch(topology: str | TpuSlice, build: Callable[[Mesh, int], t
             low, high = (mid, high) if fits(mid) else (low, mid)
         best = low
     return MicrobatchSearch(best=best, reports=reports)
+
+
+# ---------------------------------------------------------------- a run config's train step
+
+def config_mesh_axes(config) -> dict[str, int]:
+    """config.mesh's ('data', 'fsdp', 'tensor') sizes; data defaults to -1 (the rest)."""
+    return {axis: int(config.mesh.get(axis, -1 if axis == "data" else 1)) for axis in shd.MESH_AXES}
+
+
+def compile_run_config(config, topology: str, *, model: str | None = None,
+                       prompt_len: int | None = None, completion_len: int | None = None,
+                       find_microbatch: bool = False, max_microbatch: int = 64,
+                       log: Callable[[str], None] = functools.partial(print, flush=True)) -> bool:
+    """Compiles `config`'s train step for `topology` and logs each chip's memory; True if it fits.
+
+    The architecture is `model` (a preset) or `program.model_config_of`'s choice; sequences
+    are the data pipeline's largest buckets unless `prompt_len` / `completion_len` say
+    otherwise. With `find_microbatch`, searches the largest per-chip microbatch up to
+    `max_microbatch` (powers of two, the config's accumulation count) and is True when one fits.
+    """
+    tpu = parse_topology(topology)
+    model_config = program.model_config_of(config, model)
+    prompt_len, completion_len = program.sequence_lengths(config, prompt_len, completion_len)
+    mesh_axes = config_mesh_axes(config)
+    log(f"model {model or config.model.path or config.model.preset} ({model_config.num_layers} layers, hidden "
+        f"{model_config.hidden_size}), loss {config.loss.name}, reference {config.reference.source}, "
+        f"sequences {prompt_len}+{completion_len} tokens, topology {tpu.name}")
+    if find_microbatch:
+        def build(mesh: Mesh, per_chip: int):
+            cfg = program.with_microbatch(config, per_chip * shd.batch_shards(mesh, config.mesh.rules))
+            return program.train_step_program(cfg, model_config, mesh, prompt_len, completion_len)
+
+        def show(size: int, report: CompileReport) -> None:
+            log(f"\n--- per-chip microbatch {size}\n{report}")
+
+        search = find_max_microbatch(tpu, build, mesh_axes, limit=max_microbatch, on_report=show)
+        log(f"\n{search}")
+        return search.best is not None
+
+    def build_config(mesh: Mesh):
+        shards = shd.batch_shards(mesh, config.mesh.rules)
+        log(f"microbatch {config.train.micro_batch_size} = {config.train.micro_batch_size / shards:g} "
+            f"per chip over {shards} batch shards, {int(config.train.global_batch_size) // int(config.train.micro_batch_size)} "
+            "accumulation steps")
+        return program.train_step_program(config, model_config, mesh, prompt_len, completion_len)
+
+    report = compile_for_topology(tpu, build_config, mesh_axes)
+    log(str(report))
+    return report.fits

@@ -1,6 +1,6 @@
-"""The KTO step benchmark: the performance issue's workload, built and timed on any backend.
+"""The KTO step benchmark: one fixed workload, built and timed on any backend.
 
-Workload (issue 7, the TRL anchor in /work/shared/bench/trl_kto_bench.py):
+Workload (the one TRL's KTO trainer is timed on, so the figures compare; docs/performance.md):
   - a model shape by name (`MODEL_SHAPES`), random init, float32 master weights and
     bfloat16 compute;
   - a synthetic fixed-length batch: every prompt has `prompt_len` real tokens
@@ -9,15 +9,16 @@ Workload (issue 7, the TRL anchor in /work/shared/bench/trl_kto_bench.py):
   - global batch = micro_batch x accum (8 x 4 = 32), the KTO loss, AdamW.
 
 The parameters and optimizer state are created by one jitted initialiser whose
-outputs carry the train state's shardings, so an 8B model is born sharded and
-never sits on one device. The step is the trainer's own `make_train_step`.
+outputs carry the train state's shardings (`kto_jax.step.state.init_sharded_state`),
+so an 8B model is born sharded and never sits on one device. The step is the
+trainer's own `make_train_step`.
 
 Figures (one JSON line, `BenchResult.to_json`):
   matched tokens/s = global_batch * (prompt_len + completion_len) / median s/step:
       the real (unpadded) tokens of the matched (x, y) sequences the policy trains
       on, exactly how TRL's benchmark counts `tokens_per_s` (its KL batch is not
       counted). The padded shape the step runs on is reported as `padded_seq`.
-  model TFLOP/s and MFU: `kto_jax.train.flops` (PaLM convention: full T x T
+  model TFLOP/s and MFU: `kto_jax.step.flops` (PaLM convention: full T x T
       attention, the padded length), divided by the device's bf16 peak; and the
       same with TRL's convention (`trl_*`: causal attention halved, the unpadded
       length, TRL's parameter count) so the figures line up with TRL's 40%.
@@ -28,9 +29,7 @@ Figures (one JSON line, `BenchResult.to_json`):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
 import platform
 import resource
 import statistics
@@ -42,14 +41,20 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kto_jax import aot
 from kto_jax import sharding as shd
+from kto_jax.batch import as_batch, batch_shapes
+from kto_jax.config import config_file
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, preset
 from kto_jax.models.transformer import Transformer, abstract_model
-from kto_jax.train import flops as flops_lib
-from kto_jax.train import step as step_lib
-from kto_jax.train.optimizer import make_optimizer
+from kto_jax.step import flops as flops_lib
+from kto_jax.step import program
+from kto_jax.step import train_step as step_lib
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.state import (batch_sharding, init_sharded_state, reference_copy,
+                                split_model)
 
 # Bench name -> (kto_jax.models.config preset, overrides). `tiny` is the TRL anchor's tiny shape.
 MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -128,21 +133,9 @@ def model_config(opts: BenchOptions) -> ModelConfig:
                   remat_policy=opts.remat, attention_impl=opts.attention)
 
 
-def _base_config() -> ml_collections.ConfigDict:
-    """configs/base.py of this checkout (configs are files, not a package)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "base.py")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: run the benchmark from a kto-jax checkout.")
-    spec = importlib.util.spec_from_file_location("kto_jax_configs_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def run_config(opts: BenchOptions) -> ml_collections.ConfigDict:
-    """The run config of the workload: base config with the benchmark's choices."""
-    c = _base_config()
+    """The run config of the workload: configs/base.py with the benchmark's choices."""
+    c = config_file("base")
     c.loss.name = opts.loss
     c.reference.source = REFERENCE_MODES[opts.reference] if get_loss(opts.loss).uses_reference else "none"
     c.reference.param_dtype = opts.reference_dtype
@@ -160,30 +153,42 @@ def synthetic_batch(opts: BenchOptions, vocab_size: int) -> dict[str, np.ndarray
     rng = np.random.default_rng(opts.seed)
     a, m = opts.accum, opts.micro_batch
     p, c = opts.padded_prompt, opts.padded_completion
-    prompt_mask = np.zeros((a, m, p), np.int32)
+    shapes = batch_shapes(False, accumulation=a, micro_batch=m, prompt_len=p, completion_len=c)
+    prompt_mask = np.zeros(*shapes["prompt_mask"])
     prompt_mask[..., p - opts.prompt_len:] = 1
-    completion_mask = np.zeros((a, m, c), np.int32)
+    completion_mask = np.zeros(*shapes["completion_mask"])
     completion_mask[..., :opts.completion_len] = 1
-    tokens = lambda n: rng.integers(3, vocab_size, (a, m, n), dtype=np.int32)
+    tokens = lambda key: rng.integers(3, vocab_size, shapes[key][0], dtype=shapes[key][1])
     desirable = (np.arange(a * m) % 2 == 0).reshape(a, m)  # balanced, as TRL's anchor
-    return {"prompt_ids": tokens(p) * prompt_mask, "prompt_mask": prompt_mask,
-            "completion_ids": tokens(c) * completion_mask, "completion_mask": completion_mask,
-            "desirable": desirable, "weight": np.ones((a, m), np.float32),
-            "valid": np.ones((a, m), bool)}
+    return as_batch({"prompt_ids": tokens("prompt_ids") * prompt_mask, "prompt_mask": prompt_mask,
+                     "completion_ids": tokens("completion_ids") * completion_mask,
+                     "completion_mask": completion_mask, "desirable": desirable,
+                     "weight": np.ones(*shapes["weight"]), "valid": np.ones(*shapes["valid"])},
+                    paired=False)
 
 
 def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, mesh, seed: int):
     """(graphdef, state, shardings): random params and optimizer state, created sharded."""
-    def build():
-        model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
-        return step_lib.create_train_state(config, model, tx)[1]
-
-    graphdef, _ = step_lib.split_model(abstract_model(model_cfg))
-    abstract = jax.eval_shape(build)
-    shardings = step_lib.train_state_shardings(abstract, tx, mesh, config.mesh.rules)
-    with jax.set_mesh(mesh):
-        state = jax.jit(build, out_shardings=shardings)()
+    graphdef, _ = split_model(abstract_model(model_cfg))
+    state, shardings = init_sharded_state(
+        config, tx, mesh, model_cfg.hidden_size,
+        lambda: split_model(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1])
     return graphdef, state, shardings
+
+
+def precomputed_reference_logps(config: ml_collections.ConfigDict, graphdef, state, batch,
+                                mesh) -> dict[str, jax.Array]:
+    """The batch's precomputed reference keys, with the policy's initial params as pi_ref,
+    computed by the step's reference forward and placed on the batch's sharding."""
+    reference = reference_copy(state.params, config.reference.param_dtype)
+    fn = step_lib.make_reference_step(get_loss(config.loss.name), graphdef,
+                                      int(config.train.logprob_vocab_chunk), mesh,
+                                      shd.named_shardings(reference, mesh, config.mesh.rules),
+                                      config.mesh.rules)
+    with jax.set_mesh(mesh):
+        out = fn(reference, batch)
+    sharding = batch_sharding(mesh, config.mesh.rules)
+    return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- measuring
@@ -227,8 +232,6 @@ def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float]
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Builds the workload, times it and returns the JSON line's fields."""
-    from kto_jax import reference_store  # pylint: disable=import-outside-toplevel
-
     opts.check()
     model_cfg = model_config(opts)
     config = run_config(opts)
@@ -238,10 +241,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     graphdef, state, shardings = init_state(config, model_cfg, tx, mesh, opts.seed)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    batch_sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
-    batch = jax.device_put(synthetic_batch(opts, model_cfg.vocab_size), batch_sharding)
+    batch = jax.device_put(synthetic_batch(opts, model_cfg.vocab_size),
+                           batch_sharding(mesh, config.mesh.rules))
     if config.reference.source == "precomputed":
-        batch = dict(batch, **reference_store.bench_reference_logps(config, graphdef, state, batch, mesh))
+        batch = dict(batch, **precomputed_reference_logps(config, graphdef, state, batch, mesh))
     step = step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
@@ -259,13 +262,10 @@ def compile_for_tpu(opts: BenchOptions, topology: str) -> dict[str, Any]:
     No step runs: these are XLA's buffer sizes for the same program the TPU would
     execute (kto_jax/aot.py), and whether it fits the chip's HBM.
     """
-    from kto_jax import aot  # pylint: disable=import-outside-toplevel
-    from kto_jax.commands.compile import train_step_program  # pylint: disable=import-outside-toplevel
-
     opts.check()
     model_cfg, config = model_config(opts), run_config(opts)
     mesh_axes = {"data": -1, "fsdp": opts.fsdp, "tensor": opts.tensor}
-    report = aot.compile_for_topology(topology, lambda mesh: train_step_program(
+    report = aot.compile_for_topology(topology, lambda mesh: program.train_step_program(
         config, model_cfg, mesh, opts.padded_prompt, opts.padded_completion), mesh_axes)
     gib = lambda n: round(n / GiB, 3)
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("steps", "warmup")}

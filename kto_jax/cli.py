@@ -1,8 +1,9 @@
 """The `kto-jax` console script: a thin dispatcher to subcommand modules.
 
-Each subcommand is `module:function` taking the remaining argv and returning an
-exit code; modules load lazily so `kto-jax --help` stays fast. A `UserError`
-becomes a clear message and exit code 2, never a traceback.
+Each subcommand is `module:function` in kto_jax/commands/ taking the remaining argv
+and returning an exit code; modules load lazily so `kto-jax --help` stays fast. A
+`UserError` becomes a clear message and exit code 2, never a traceback; a SystemExit
+(a command's --help, an argparse error) becomes its code, so `main` always returns one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ SUBCOMMANDS = {
     # name: (module:function, one-line help)
     "train": ("kto_jax.commands.train:main", "train a model: --config=configs/X.py --workdir=DIR"),
     "export": ("kto_jax.commands.export:main", "write a run's checkpoint as a Hugging Face model"),
-    "data": ("kto_jax.data.cli:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
+    "data": ("kto_jax.commands.data:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
     "compile": ("kto_jax.commands.compile:main", "compile the train step for a TPU slice on this machine; per-chip memory and fit: --config=... --topology=v5p-32"),
     "bench": ("kto_jax.commands.bench:main", "time the KTO step on a named model shape; prints one JSON line"),
     "precompute-ref": ("kto_jax.commands.precompute_ref:main", "store the reference log-probs of a run's batches: --config=... --out=DIR"),
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         sys.stderr.write(f"kto-jax {name}: error: {err}\n")
         return 2
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        sys.stderr.write(f"{done.code}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"kto-jax {name}: interrupted.\n")
         return 130

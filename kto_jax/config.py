@@ -85,9 +85,15 @@ def _flag_error_message(err: Exception, argv: list[str]) -> str:
     return f"bad flag: {text}"
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-    """The resolved config as stable JSON, stored with checkpoints and in the workdir."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+def config_to_json(config: ml_collections.ConfigDict, **sections: ml_collections.ConfigDict) -> str:
+    """The resolved config as stable JSON, stored with checkpoints and in the workdir.
+
+    `sections` replace whole top-level sections, e.g. `loss=settings.hparams`: the loss
+    settings the run trains with (its resolved lambda weights), not the config's.
+    """
+    record = config.to_dict()
+    record.update({name: section.to_dict() for name, section in sections.items()})
+    return json.dumps(record, indent=2, sort_keys=True, default=str)
 
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kto_jax.data.tokenize import prefix_ids
 from kto_jax.errors import UserError
 from kto_jax.models.transformer import KVCache, Transformer, init_kv_cache, positions_from_mask
-from kto_jax.sharding import activation_sharding, logical_to_mesh, single_device_mesh
+from kto_jax.sharding import activation_sharding, batch_shards, logical_to_mesh, single_device_mesh
 
 Array = jax.Array
 Prompt = str | list  # plain text, or a list of {"role", "content"} messages
@@ -188,8 +189,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, chat: bool = False) -> str:
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = False) -> list[list[int]]:
     """Token ids of each prompt, as the data pipeline tokenizes training prompts."""
-    from kto_jax.data.tokenize import _prefix_ids  # the pipeline's own rule for plain text
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids(tokenizer)  # the pipeline's own rule for plain text
     out = []
     for prompt in prompts:
         templated = not isinstance(prompt, str) or chat
@@ -224,13 +224,6 @@ def eos_token_ids(model_config: Any, tokenizer: Any, extra: Sequence[int] = ()) 
 
 
 # ---------------------------------------------------------------- the sampler
-
-def batch_shards(mesh: Mesh, rules: Any) -> int:
-    """How many ways the 'batch' logical rule splits a batch on `mesh`."""
-    spec = logical_to_mesh(("batch",), rules)[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
 
 class Sampler:
     """Generates completions from a kto-jax Transformer for lists of prompts.

@@ -108,6 +108,17 @@ def logical_to_mesh(logical_axes: Iterable[str | None], rules: Rules,
     return PartitionSpec(*spec)
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the 'batch' logical rule splits a batch's example axis on `mesh`."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the 'batch' logical rule maps to (empty: replicated)."""
+    spec = logical_to_mesh(("batch",), rules)[0]
+    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+
 def _dividing_axes(axes: tuple[str, ...], dim: int, mesh: Mesh) -> tuple[str, ...]:
     kept: list[str] = []
     for a in axes:

@@ -151,7 +151,7 @@ def test_fsdp_shards_the_real_train_state_across_chips():
     whole TPU tiles and the byte counts are exact up to the small batch and counters.
     (The replicated layout, data=4, is compiled by the microbatch-search test below.)
     """
-    from kto_jax.commands.compile import train_step_program
+    from kto_jax.step.program import train_step_program
     from kto_jax.models import preset
 
     c = preset("tiny", vocab_size=1024, hidden_size=512, intermediate_size=1024, num_heads=4,
@@ -202,7 +202,7 @@ def test_compile_command_needs_an_architecture(capsys):
 def test_architecture_comes_from_flag_then_checkpoint_then_preset(tmp_path):
     import json
 
-    from kto_jax.commands.compile import model_config_of
+    from kto_jax.step.program import model_config_of
     from kto_jax.config import load_config
     from kto_jax.models import preset
 

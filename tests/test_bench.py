@@ -10,7 +10,7 @@ from kto_jax import bench
 from kto_jax.cli import main as cli_main
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
-from kto_jax.train import flops as flops_lib
+from kto_jax.step import flops as flops_lib
 
 FIELDS = ("bench", "jax", "platform", "device", "num_devices", "date", "model", "params", "seq",
           "padded_seq", "global_batch", "steps", "warmup", "median_step_s", "tokens_per_s",

@@ -83,8 +83,8 @@ def test_no_forward_of_the_step_materialises_full_vocab_logits():
     from configs.base import get_config
     from kto_jax import bench
     from kto_jax.sharding import make_mesh
-    from kto_jax.train import step as S
-    from kto_jax.train.optimizer import make_optimizer
+    from kto_jax import step as S
+    from kto_jax.step.optimizer import make_optimizer
 
     vocab, chunk = 520, 128
     cfg = get_config()

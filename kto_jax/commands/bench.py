@@ -1,6 +1,6 @@
 """`kto-jax bench [--model llama-1b] [--reference on_the_fly|precomputed] [...]`.
 
-Times the KTO train step on the performance issue's workload (random-init model of
+Times the KTO train step on the benchmark's workload (kto_jax/bench.py: random-init model of
 a named shape, 512 + 511 tokens padded to multiples of 128, 8 x 4 accumulation,
 bf16 compute) and prints ONE JSON line: device, median s/step, matched tokens/s,
 model TFLOP/s, MFU, peak memory and the options used. The same command runs on

@@ -3,6 +3,7 @@
 Runs the data preparation of a training run without a model and prints the
 resolved summary: rows read and examples per class, what was dropped and why,
 length percentiles, the buckets' padding efficiency and the eq. 9 λ advice.
+The tokenizer comes from config.model.path unless --tokenizer is given.
 """
 
 from __future__ import annotations
@@ -10,28 +11,27 @@ from __future__ import annotations
 import logging
 import sys
 
+from absl import flags
+
+from kto_jax.commands.preamble import HELP_FLAGS, config_command_help, parse_config_command
 from kto_jax.errors import UserError
 
-USAGE = """usage: kto-jax data inspect --config=configs/X.py [--config.KEY=VALUE ...] [--tokenizer=PATH]
 
-Prints what the training run would read from config.data: rows, examples per class,
-drops and their reasons, token-length percentiles, bucket shapes and padding
-efficiency, and the lambda_D / lambda_U recommendation of eq. 9.
-The tokenizer comes from config.model.path unless --tokenizer is given.
-"""
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: config.model.path).",
+                        flag_values=flag_values)
 
 
 def main(argv: list[str]) -> int:
     """Entry point of `kto-jax data`; returns the exit code."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
+    if not argv or argv[0] in HELP_FLAGS + ("help",):
+        sys.stdout.write(config_command_help(__doc__, _define_flags))
         return 0
     if argv[0] != "inspect":
-        raise UserError(f"unknown data command {argv[0]!r}; the only one is 'inspect'.\n{USAGE}")
-    from kto_jax.config import load_config  # pylint: disable=import-outside-toplevel
-    config, rest, flag_values = load_config(argv[1:], extra_flags=_define_flags)
-    if rest:
-        raise UserError(f"unexpected arguments {rest}; see 'kto-jax data --help'.")
+        raise UserError(f"unknown data command {argv[0]!r}; the only one is 'inspect' "
+                        "(see 'kto-jax data --help').")
+    config, flag_values = parse_config_command(argv[1:], prog="kto-jax data inspect", doc=__doc__,
+                                               define_flags=_define_flags)
     tokenizer = load_tokenizer(flag_values["tokenizer"].value or config.model.path)
     from kto_jax.data.pipeline import build_datasets  # pylint: disable=import-outside-toplevel
     logging.getLogger("kto_jax.data").setLevel(logging.ERROR)  # warnings are in the summary
@@ -39,12 +39,6 @@ def main(argv: list[str]) -> int:
     _, _, summary = build_datasets(config, tokenizer, process_index=0, process_count=1)
     sys.stdout.write(str(summary) + "\n")
     return 0
-
-
-def _define_flags(flag_values) -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: config.model.path).",
-                        flag_values=flag_values)
 
 
 def load_tokenizer(path: str):

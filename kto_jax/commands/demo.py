@@ -10,9 +10,10 @@ under ./kto-jax-demo). About 10 minutes on 2 CPU cores for --size full.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
+
+from kto_jax.commands.preamble import command_parser
 
 
 def default_workdir() -> str:
@@ -21,9 +22,7 @@ def default_workdir() -> str:
 
 def main(argv: list[str]) -> int:
     from kto_jax.demo.pipeline import SIZES
-    parser = argparse.ArgumentParser(prog="kto-jax demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = command_parser("kto-jax demo", __doc__)
     parser.add_argument("--workdir", default=None,
                         help="output directory (default: ./kto-jax-demo/<timestamp>)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 
+from kto_jax.commands.preamble import command_parser, parse_config_command
 from kto_jax.errors import UserError
 
 
@@ -27,11 +28,7 @@ def _config(args: argparse.Namespace, config_argv: list[str]):
     from kto_jax.eval.loading import is_workdir, workdir_config
     from kto_jax.eval.report import config_from_dict
     if config_argv:
-        from kto_jax.config import load_config
-        config, rest, _ = load_config(config_argv)
-        if rest:
-            raise UserError(f"unexpected arguments {rest}")
-        return config
+        return parse_config_command(config_argv, prog="kto-jax eval", doc=__doc__)[0]
     if is_workdir(args.model):
         return config_from_dict(workdir_config(args.model))
     raise UserError("pass --config=configs/X.py (the run's config: loss, beta, lengths, mesh) "
@@ -40,9 +37,7 @@ def _config(args: argparse.Namespace, config_argv: list[str]):
 
 def main(argv: list[str]) -> int:
     from kto_jax.commands.sample import add_sampling_flags, sampling_settings
-    parser = argparse.ArgumentParser(prog="kto-jax eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = command_parser("kto-jax eval", __doc__, config_overrides=True)
     parser.add_argument("--model", required=True, help="policy: train workdir, HF directory or .gguf file")
     parser.add_argument("--data", default=None, help="held-out feedback file (default: config.data.eval_path)")
     parser.add_argument("--reference", default=None, help="reference model (default: config.model.path)")

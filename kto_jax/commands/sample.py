@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+from kto_jax.commands.preamble import command_parser
 from kto_jax.errors import UserError
 
 
@@ -71,9 +72,7 @@ def read_prompt_rows(path: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kto-jax sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = command_parser("kto-jax sample", __doc__)
     parser.add_argument("--model", required=True, help="HF directory, .gguf file or train workdir")
     parser.add_argument("--prompts", required=True, help="JSONL file with a \"prompt\" field per line")
     parser.add_argument("--out", default="-", help="output JSONL file (default: stdout)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from kto_jax.config import load_config
+from kto_jax.commands.preamble import parse_config_command
 from kto_jax.errors import UserError
 
 
@@ -27,13 +27,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help", "--helpfull") for a in argv):
-        print(__doc__.strip())
-        return 0
-    config, rest, fv = load_config(argv, extra_flags=_define_flags)
-    if rest:
-        raise UserError(f"unexpected arguments {rest}: kto-jax train takes only flags "
-                        "(--config=..., --workdir=..., --config.KEY=VALUE).")
+    config, fv = parse_config_command(argv, prog="kto-jax train", doc=__doc__,
+                                      define_flags=_define_flags)
     workdir = fv["workdir"].value
     if not workdir:
         raise UserError("missing --workdir=DIR: the directory for checkpoints and metrics "

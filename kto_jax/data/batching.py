@@ -28,6 +28,7 @@ import dataclasses
 
 import numpy as np
 
+from kto_jax.batch import as_batch
 from kto_jax.data.tokenize import TokenizedSplit
 
 
@@ -153,8 +154,8 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned
 
     `split` is a `TokenizedSplit`, or the `shards.RowTokens` of these rows (its
     prompts/completions are dicts id -> ids; label and weight global arrays).
-    Prompts are left-padded to P, completions right-padded to C; keys follow
-    kto_jax/batch.py (UNPAIRED_KEYS, or PAIRED_KEYS when the split holds pairs).
+    Prompts are left-padded to P, completions right-padded to C; keys and dtypes are
+    those of kto_jax/batch.py (`as_batch`: unpaired, or paired when the split holds pairs).
     Filler rows (valid=False) carry weight 0.
     """
     batch = {}
@@ -168,7 +169,7 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned
         batch["desirable"] = split.label[rows]
         batch["weight"] = np.where(valid, split.weight[rows], 0.0).astype(np.float32)
     batch["valid"] = valid.copy()
-    return batch
+    return as_batch(batch, split.paired)
 
 
 def assemble(split: TokenizedSplit, planned: PlannedBatch, layout: BatchLayout) -> dict:

@@ -36,6 +36,7 @@ from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, Feedba
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
 from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
 
 log = logging.getLogger("kto_jax.data")
 
@@ -81,7 +82,7 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
     if process_index is None or process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
         process_index, process_count = jax.process_index(), jax.process_count()
-    d, paired = config.data, _loss_is_paired(config.loss.name)
+    d, paired = config.data, get_loss(config.loss.name).paired
     _check_config(config, paired, process_count)
     train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
     fmt, conversational = formats.detect_format(train_rows, d.format)
@@ -105,11 +106,6 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
         log.warning(warning)
     return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
                     None if evaluation is None else EvalBatches(evaluation, layout, d), summary)
-
-
-def _loss_is_paired(name: str) -> bool:
-    from kto_jax.losses import get_loss  # pylint: disable=import-outside-toplevel
-    return get_loss(name).paired
 
 
 def _check_config(config, paired: bool, process_count: int) -> None:
@@ -247,7 +243,7 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
     warnings = []
     if not paired and config.loss.auto_weights and recommended is not None:
         lam_d, lam_u = recommended
-    uses_lambda = not paired and config.loss.name.startswith("kto")  # eq. 8's lambda_D, lambda_U
+    uses_lambda = not paired and get_loss(config.loss.name).uses_lambda_weights  # eq. 8's λ
     if uses_lambda:
         warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
         if warning:

@@ -21,7 +21,7 @@ import numpy as np
 
 from kto_jax.data import tokenize
 from kto_jax.data.formats import Pair
-from kto_jax.data.tokenize import TokenReport, TokenSpec, TokenizedSplit
+from kto_jax.data.tokenize import SplitLengths, TokenReport, TokenSpec, TokenizedSplit
 
 AllGather = Callable[[np.ndarray], np.ndarray]   # [R, K] per process -> [n, R, K], process order
 
@@ -81,7 +81,7 @@ class RowTokens(NamedTuple):
 
 
 @dataclasses.dataclass
-class ShardedSplit:
+class ShardedSplit(SplitLengths):
     """The kept examples of a split: global statistics, this process's tokens.
 
     Attributes:
@@ -105,19 +105,6 @@ class ShardedSplit:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @property
-    def paired(self) -> bool:
-        return len(self.side_lengths) == 2
-
-    @property
-    def completion_lengths(self) -> np.ndarray:
-        """Per example, the longest completion (chosen or rejected for pairs)."""
-        return np.max(np.stack(self.side_lengths), axis=0)
-
-    @property
-    def total_lengths(self) -> np.ndarray:
-        return self.prompt_lengths + sum(self.side_lengths)
 
     def row_tokens(self, rows: np.ndarray) -> RowTokens:
         """Tokens of the example ids in `rows` (any shape): cached, else tokenized now.

@@ -61,8 +61,27 @@ class Ragged:
         return np.diff(self.offsets)
 
 
+class SplitLengths:
+    """What a split's `prompt_lengths` and `side_lengths` (int [N] each) tell about it."""
+    prompt_lengths: np.ndarray
+    side_lengths: tuple[np.ndarray, ...]
+
+    @property
+    def paired(self) -> bool:
+        return len(self.side_lengths) == 2
+
+    @property
+    def completion_lengths(self) -> np.ndarray:
+        """Per example, the longest completion (chosen or rejected for pairs)."""
+        return np.max(np.stack(self.side_lengths), axis=0)
+
+    @property
+    def total_lengths(self) -> np.ndarray:
+        return self.prompt_lengths + sum(self.side_lengths)
+
+
 @dataclasses.dataclass
-class TokenizedSplit:
+class TokenizedSplit(SplitLengths):
     """Token ids of one split, ready for batching.
 
     Attributes:
@@ -82,25 +101,12 @@ class TokenizedSplit:
         return len(self.prompts)
 
     @property
-    def paired(self) -> bool:
-        return len(self.completions) == 2
-
-    @property
     def prompt_lengths(self) -> np.ndarray:
         return self.prompts.lengths
 
     @property
     def side_lengths(self) -> tuple[np.ndarray, ...]:
         return tuple(c.lengths for c in self.completions)
-
-    @property
-    def completion_lengths(self) -> np.ndarray:
-        """Per example, the longest completion (chosen or rejected for pairs)."""
-        return np.max(np.stack(self.side_lengths), axis=0)
-
-    @property
-    def total_lengths(self) -> np.ndarray:
-        return self.prompt_lengths + sum(self.side_lengths)
 
 
 @dataclasses.dataclass
@@ -191,7 +197,7 @@ def tokenize_items(items: list, spec: TokenSpec, *, note_boundary: bool = True
     kept = [i for i, r in enumerate(reasons) if r is None]
     prompt_ids = _encode(tokenizer, [texts[i][0] for i in kept])
     if not conversational:
-        prefix = _prefix_ids(tokenizer)
+        prefix = prefix_ids(tokenizer)
         prompt_ids = [prefix + ids for ids in prompt_ids]
     completion_ids = [_encode(tokenizer, [texts[i][k] for i in kept]) for k in range(1, 2 + paired)]
     if not conversational and tokenizer.eos_token_id is not None:
@@ -302,7 +308,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def _prefix_ids(tokenizer) -> list[int]:
+def prefix_ids(tokenizer) -> list[int]:
     """Special tokens the tokenizer itself puts before plain text (e.g. Llama's BOS)."""
     with_special = list(tokenizer("a")["input_ids"])
     plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])

@@ -162,7 +162,8 @@ def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str,
 def load_policy_params(run_dir: str) -> Any:
     """The aligned policy's nnx.Param state from the run's HF export (WORKDIR/run/hf)."""
     from kto_jax.models import from_pretrained
-    policy, _ = from_pretrained(os.path.join(run_dir, "hf"))
+    from kto_jax.train.workdir import HF_DIR
+    policy, _ = from_pretrained(os.path.join(run_dir, HF_DIR))
     return nnx.state(policy, nnx.Param)
 
 

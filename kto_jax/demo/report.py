@@ -114,7 +114,8 @@ def write_plot(run_dir: str, out_path: str, model_name: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from kto_jax.train.metrics import EVAL_METRICS_FILE, METRICS_FILE, read_jsonl
+    from kto_jax.train.metrics import read_jsonl
+    from kto_jax.train.workdir import EVAL_METRICS_FILE, METRICS_FILE
     train = read_jsonl(os.path.join(run_dir, METRICS_FILE))
     evals = read_jsonl(os.path.join(run_dir, EVAL_METRICS_FILE))
     steps = [r["step"] for r in train]

@@ -95,7 +95,8 @@ def prepare_data(sampler: Sampler, size: DemoSize, workdir: str, seed: int, log)
 def evaluate_run(sampler: Sampler, model, tokenizer, reference_params, run_dir: str, data: dict,
                  size: DemoSize, seed: int) -> dict:
     """Held-out pass rate, KL and the trainer's held-out eval line of one trained run."""
-    from kto_jax.train.metrics import EVAL_METRICS_FILE, read_jsonl
+    from kto_jax.train.metrics import read_jsonl
+    from kto_jax.train.workdir import EVAL_METRICS_FILE
     params = pipeline.load_policy_params(run_dir)
     sampler.set_params(params)
     after = pipeline.sample(sampler, data["heldout"], size.heldout_samples, size, seed + 1)

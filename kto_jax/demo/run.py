@@ -73,7 +73,8 @@ def kl_estimate(model, tokenizer, generations, policy_params, reference_params) 
 def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_train, seconds,
            timings, log) -> dict:
     """Prints the table, examples and caveats; writes results.json and the plot."""
-    from kto_jax.train.metrics import EVAL_METRICS_FILE, read_jsonl
+    from kto_jax.train.metrics import read_jsonl
+    from kto_jax.train.workdir import EVAL_METRICS_FILE
     evals = read_jsonl(os.path.join(run_dir, EVAL_METRICS_FILE))
     eval_metrics = evals[-1] if evals else {}
     b_texts, a_texts = [g.text for g in before], [g.text for g in after]

@@ -15,6 +15,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from kto_jax.errors import UserError
+from kto_jax.train import workdir as layout
 
 
 def resolve_model_path(path: str) -> str:
@@ -26,12 +27,12 @@ def resolve_model_path(path: str) -> str:
     if os.path.isfile(os.path.join(path, "config.json")) and not is_workdir(path):
         return path
     if is_workdir(path):
-        from kto_jax.train.export import HF_DIR, export_checkpoint
-        exported = os.path.join(path, HF_DIR)
+        from kto_jax.train.export import export_checkpoint
+        exported = os.path.join(path, layout.HF_DIR)
         if os.path.isfile(os.path.join(exported, "config.json")):
             return exported
-        if os.path.isdir(os.path.join(path, "checkpoints")):
-            out = os.path.join(path, "hf-latest")
+        if os.path.isdir(os.path.join(path, layout.CHECKPOINT_DIR)):
+            out = os.path.join(path, layout.HF_LATEST_DIR)
             step = export_checkpoint(path, out)
             print(f"exported checkpoint step {step} of {path} to {out}")
             return out
@@ -41,12 +42,13 @@ def resolve_model_path(path: str) -> str:
 
 def is_workdir(path: str) -> bool:
     """True for a `kto-jax train` run directory (it holds the run's config.json and model/)."""
-    return os.path.isdir(os.path.join(path, "model")) and os.path.isfile(os.path.join(path, "config.json"))
+    return (os.path.isdir(os.path.join(path, layout.MODEL_DIR))
+            and os.path.isfile(os.path.join(path, layout.CONFIG_FILE)))
 
 
 def workdir_config(path: str) -> dict:
     """The resolved config a run saved in WORKDIR/config.json, as a dict."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    with open(os.path.join(path, layout.CONFIG_FILE), encoding="utf-8") as f:
         return json.load(f)
 
 

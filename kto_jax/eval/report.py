@@ -68,8 +68,8 @@ def evaluate(config: ml_collections.ConfigDict, *, policy_path: str, reference_p
 def policy_reward_metrics(config: ml_collections.ConfigDict, policy: nnx.Module, reference: nnx.Module,
                           tokenizer: Any, data_path: str, mesh) -> dict:
     """`rewards.reward_metrics` of two loaded models over every row of data_path."""
+    from kto_jax.step.state import batch_sharding
     from kto_jax.train import batches as batches_lib
-    from kto_jax.train.step import batch_sharding
     c = rewards.eval_config(config, data_path)
     batches, _ = rewards.feedback_batches(config, tokenizer, data_path)
     graphdef, policy_params = nnx.split(policy, nnx.Param)

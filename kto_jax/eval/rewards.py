@@ -2,7 +2,7 @@
 
 The held-out file goes through the training data pipeline as the run's eval split
 (same formats, chat template, truncation, batch layout and order), and every batch
-through the train step's own `eval_step` (kto_jax/train/step.py) with the policy's and
+through the train step's own `eval_step` (kto_jax/step/train_step.py) with the policy's and
 the frozen reference's params: the forwards on (x, y) and on the KL pairs (x_i, y_{i+1})
 within each microbatch, then the run's loss. Its additive metrics, summed over all
 batches and summarised once, give loss, kl (z0), rewards/desirable,
@@ -30,7 +30,9 @@ from flax import nnx
 from kto_jax.data import build_datasets
 from kto_jax.losses import add_metrics, summarize_metrics
 from kto_jax.losses.registry import get_loss
-from kto_jax.train.step import StepSettings, TrainState, eval_step
+from kto_jax.step.settings import StepSettings
+from kto_jax.step.state import TrainState
+from kto_jax.step.train_step import eval_step
 
 REWARD_LOSS_FALLBACK = "kto"
 

@@ -1,7 +1,7 @@
 """The one loss interface of the train step: `get_loss(config.loss.name) -> HaloLoss`.
 
-Contract between the losses and the step (kto_jax/train/step.py)
------------------------------------------------------------------
+Contract between the losses and the step (kto_jax/step/train_step.py)
+----------------------------------------------------------------------
 A `HaloLoss` says what the step must compute and how to call the loss:
 
   name               config.loss.name
@@ -15,6 +15,8 @@ A `HaloLoss` says what the step must compute and how to call the loss:
   uses_value_head    the train state holds value-head params (`init_value_head`) and the
                      step provides `values` [M, C] from `value_head_apply` on the policy's
                      final hidden states (offline PPO).
+  uses_lambda_weights  the loss weighs desirable / undesirable examples by lambda_D /
+                     lambda_U (eq. 8), so eq. 9's advice and loss.auto_weights apply to it.
   stat_keys          the keys of `stats` this loss reads (a subset of the lists below).
 
 `loss(stats, hparams) -> (loss, metrics)` with `hparams = config.loss` (ConfigDict)
@@ -42,8 +44,8 @@ with d_i = metrics_i["loss_denominator"]. Sum metrics over microbatches, steps a
 hosts, then call `summarize_metrics`.
 
 `config.loss.auto_weights` is resolved before the step, from the training set's
-class counts (`kto_jax.losses.weights.resolve_weights`); losses read only
-desirable_weight / undesirable_weight.
+class counts (the data summary's eq. 9 weights, which the step's settings carry:
+kto_jax/step/settings.py); losses read only desirable_weight / undesirable_weight.
 """
 
 import dataclasses
@@ -67,7 +69,7 @@ PAIRED_FREE = ("policy_chosen_logps", "policy_rejected_logps", "valid")
 COUNTS = ("chosen_token_counts", "rejected_token_counts")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HaloLoss:
     """A named loss with what the step must feed it (see the module docstring)."""
     name: str
@@ -78,6 +80,7 @@ class HaloLoss:
     stat_keys: tuple[str, ...]
     uses_token_logps: bool = False
     uses_value_head: bool = False
+    uses_lambda_weights: bool = False
 
     def __call__(self, stats: Stats, hparams: ml_collections.ConfigDict) -> tuple[Array, dict]:
         missing = [k for k in self.stat_keys if k not in stats]
@@ -169,27 +172,39 @@ _SFT_KEYS = ("policy_logps", "policy_token_counts", "desirable", "valid")
 _PPO_KEYS = ("policy_token_logps", "reference_token_logps", "completion_mask", "values",
              "desirable", "valid")
 
-_LOSSES = {
-    "kto": HaloLoss("kto", _kto_with_kl(kto.kto_loss), False, True, True, UNPAIRED_SEQ + KL_KEYS),
-    "kto_no_z0": HaloLoss("kto_no_z0", _kto_no_z0, False, True, False, UNPAIRED_SEQ),
-    "kto_concave": HaloLoss("kto_concave", _kto_with_kl(kto.kto_concave_loss), False, True, True,
-                            UNPAIRED_SEQ + KL_KEYS),
-    "kto_risk_neutral": HaloLoss("kto_risk_neutral", _kto_with_kl(kto.kto_risk_neutral_loss), False,
-                                 True, True, UNPAIRED_SEQ + KL_KEYS),
-    "kto_reference_free": HaloLoss("kto_reference_free", _kto_reference_free, False, False, True,
-                                   ("policy_logps", "policy_kl_logps", "desirable", "weight", "valid")),
-    "apo_zero_unpaired": HaloLoss("apo_zero_unpaired", _apo_zero_unpaired, False, True, False,
-                                  UNPAIRED_SEQ),
-    "dpo": HaloLoss("dpo", _dpo, True, True, False, PAIRED_REF),
-    "ipo": HaloLoss("ipo", _ipo, True, True, False, PAIRED_REF + COUNTS),
-    "orpo": HaloLoss("orpo", _orpo, True, False, False, PAIRED_FREE + COUNTS),
-    "simpo": HaloLoss("simpo", _simpo, True, False, False, PAIRED_FREE + COUNTS),
-    "slic": HaloLoss("slic", _slic, True, False, False, PAIRED_FREE),
-    "sft": HaloLoss("sft", _sft, False, False, False, _SFT_KEYS),
-    "csft": HaloLoss("csft", _csft, False, False, False, _SFT_KEYS),
-    "ppo_offline": HaloLoss("ppo_offline", _ppo_offline, False, True, False, _PPO_KEYS,
-                            uses_token_logps=True, uses_value_head=True),
-}
+def _kto_family(name: str, fn: LossFn, *, uses_reference: bool = True, uses_kl: bool = True,
+                stat_keys: tuple[str, ...] = UNPAIRED_SEQ + KL_KEYS) -> HaloLoss:
+    """An unpaired loss weighing its classes by lambda_D / lambda_U (`_kto_kwargs`)."""
+    return HaloLoss(name=name, fn=fn, paired=False, uses_reference=uses_reference,
+                    uses_kl=uses_kl, stat_keys=stat_keys, uses_lambda_weights=True)
+
+
+def _paired(name: str, fn: LossFn, *, uses_reference: bool, stat_keys: tuple[str, ...]) -> HaloLoss:
+    return HaloLoss(name=name, fn=fn, paired=True, uses_reference=uses_reference, uses_kl=False,
+                    stat_keys=stat_keys)
+
+
+_LOSS_LIST = (
+    _kto_family("kto", _kto_with_kl(kto.kto_loss)),
+    _kto_family("kto_no_z0", _kto_no_z0, uses_kl=False, stat_keys=UNPAIRED_SEQ),
+    _kto_family("kto_concave", _kto_with_kl(kto.kto_concave_loss)),
+    _kto_family("kto_risk_neutral", _kto_with_kl(kto.kto_risk_neutral_loss)),
+    _kto_family("kto_reference_free", _kto_reference_free, uses_reference=False,
+                stat_keys=("policy_logps", "policy_kl_logps", "desirable", "weight", "valid")),
+    _kto_family("apo_zero_unpaired", _apo_zero_unpaired, uses_kl=False, stat_keys=UNPAIRED_SEQ),
+    _paired("dpo", _dpo, uses_reference=True, stat_keys=PAIRED_REF),
+    _paired("ipo", _ipo, uses_reference=True, stat_keys=PAIRED_REF + COUNTS),
+    _paired("orpo", _orpo, uses_reference=False, stat_keys=PAIRED_FREE + COUNTS),
+    _paired("simpo", _simpo, uses_reference=False, stat_keys=PAIRED_FREE + COUNTS),
+    _paired("slic", _slic, uses_reference=False, stat_keys=PAIRED_FREE),
+    HaloLoss(name="sft", fn=_sft, paired=False, uses_reference=False, uses_kl=False,
+             stat_keys=_SFT_KEYS),
+    HaloLoss(name="csft", fn=_csft, paired=False, uses_reference=False, uses_kl=False,
+             stat_keys=_SFT_KEYS),
+    HaloLoss(name="ppo_offline", fn=_ppo_offline, paired=False, uses_reference=True, uses_kl=False,
+             stat_keys=_PPO_KEYS, uses_token_logps=True, uses_value_head=True),
+)
+_LOSSES = {loss.name: loss for loss in _LOSS_LIST}
 
 LOSS_NAMES = tuple(_LOSSES)
 

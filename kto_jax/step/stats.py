@@ -1,6 +1,6 @@
 """From one microbatch to the `stats` a HALO loss reads: the forwards of the train step.
 
-Pure functions, called inside the jitted step (kto_jax/train/step.py) once per
+Pure functions, called inside the jitted step (kto_jax/step/train_step.py) once per
 microbatch. A microbatch is the batch of kto_jax/batch.py without its leading
 accumulation axis: arrays [M, ...], M sharded over ('data', 'fsdp').
 
@@ -10,8 +10,9 @@ What runs, per microbatch (section 4.1 of the paper; DESIGN.md "data path"):
   built ONCE here and given to the policy and the reference alike;
 - the policy on the KL batch with `stop_gradient` on its PARAMETERS, so autodiff
   sees constants and no backward pass is built for it;
-- the frozen reference on (x, y) and (x, y_kl) in one forward of 2M rows, unless
-  its log-probs are precomputed in the batch or the loss is reference-free;
+- the frozen reference on (x, y) and (x, y_kl) in one forward of 2M rows
+  (`reference_logps`, which `kto-jax precompute-ref` runs too), unless its
+  log-probs are precomputed in the batch or the loss is reference-free;
 - for offline PPO, the value head on the policy's (detached) hidden states.
 
 Two completions of the same prompts go through one forward by interleaving them
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS
 from kto_jax.errors import UserError
 from kto_jax.logprobs import CompletionLogps, completion_logps
 from kto_jax.losses.ppo import value_head_apply
@@ -80,13 +82,56 @@ def frozen(params: Any) -> Any:
     return jax.tree.map(jax.lax.stop_gradient, params)
 
 
-def _precomputed(mb: Batch, keys: tuple[str, ...]) -> list[Array]:
+def reference_keys(loss: HaloLoss) -> tuple[str, ...]:
+    """The keys of `reference_logps` a loss reads, i.e. what a precomputed batch must carry."""
+    if loss.paired:
+        return PRECOMPUTED_PAIRED_KEYS
+    return ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
+
+
+def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
+                    vocab_chunk: int, kl: tuple[Array, Array] | None = None) -> dict[str, Array]:
+    """The reference forward of one microbatch: float32 [M] log pi_ref per `reference_keys(loss)`.
+
+    Paired: the chosen and rejected completions in one forward of 2M rows. Unpaired: the
+    matched (x, y) and, for a loss with z0, the KL pairs (x_i, y_{i+1 mod M}) rolled WITHIN
+    this microbatch, in one forward of 2M rows; `kl` passes the rolled completions when the
+    caller has built them already. Per-token log-probs [M, C] come too when the loss reads
+    them (`reference_token_logps`). The train step and `kto-jax precompute-ref` both call
+    this, so stored values are the ones the step would compute.
+    """
+    ref = frozen(reference)
+    x, xm = mb["prompt_ids"], mb["prompt_mask"]
+    if loss.paired:
+        chosen, rejected = forward_two(graphdef, ref, x, xm, mb["chosen_ids"], mb["chosen_mask"],
+                                       mb["rejected_ids"], mb["rejected_mask"], vocab_chunk)
+        return dict(zip(PRECOMPUTED_PAIRED_KEYS, (chosen.logps, rejected.logps)))
+    y, ym = mb["completion_ids"], mb["completion_mask"]
+    if loss.uses_kl:
+        y_kl, ym_kl = kl if kl is not None else kl_completions(y, ym)
+        matched, mismatched = forward_two(graphdef, ref, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
+        out = {"reference_logps": matched.logps, "reference_kl_logps": mismatched.logps}
+    else:
+        matched = forward(graphdef, ref, x, xm, y, ym, vocab_chunk)
+        out = {"reference_logps": matched.logps}
+    if loss.uses_token_logps:
+        out["reference_token_logps"] = matched.token_logps
+    return out
+
+
+def _reference_stats(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
+                     reference_source: str, vocab_chunk: int,
+                     kl: tuple[Array, Array] | None = None) -> dict[str, Array]:
+    """The reference stats of a loss that uses them: precomputed in the batch, or forwarded."""
+    if reference_source != "precomputed":
+        return reference_logps(loss, graphdef, reference, mb, vocab_chunk, kl)
+    keys = reference_keys(loss)
     missing = [k for k in keys if k not in mb]
     if missing:
         raise UserError(f"config.reference.source='precomputed' but the batch has no {missing}: "
                         "precompute the reference log-probs in the data (kto_jax/batch.py), or set "
                         "config.reference.source='model'.")
-    return [mb[k].astype(jnp.float32) for k in keys]
+    return {k: mb[k].astype(jnp.float32) for k in keys}
 
 
 def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
@@ -107,23 +152,13 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
     stats = {"policy_logps": pol.logps, "policy_token_counts": pol.token_counts,
              "desirable": mb["desirable"].astype(bool), "weight": mb["weight"].astype(jnp.float32),
              "valid": valid, "kl_valid": valid & jnp.roll(valid, -1, axis=0)}
+    kl = None
     if loss.uses_kl:
-        y_kl, ym_kl = kl_completions(y, ym)  # built once, shared by policy and reference
-        stats["policy_kl_logps"] = forward(graphdef, frozen(params), x, xm, y_kl, ym_kl,
-                                           vocab_chunk).logps
-    if loss.uses_reference and reference_source == "precomputed":
-        keys = ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
-        stats.update(zip(keys, _precomputed(mb, keys)))
-    elif loss.uses_reference:
-        ref_params = frozen(reference)
-        if loss.uses_kl:
-            ref, ref_kl = forward_two(graphdef, ref_params, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
-            stats["reference_kl_logps"] = ref_kl.logps
-        else:
-            ref = forward(graphdef, ref_params, x, xm, y, ym, vocab_chunk)
-        stats["reference_logps"] = ref.logps
-        if loss.uses_token_logps:
-            stats["reference_token_logps"] = ref.token_logps
+        kl = kl_completions(y, ym)  # built once, shared by policy and reference
+        stats["policy_kl_logps"] = forward(graphdef, frozen(params), x, xm, *kl, vocab_chunk).logps
+    if loss.uses_reference:
+        stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source,
+                                      vocab_chunk, kl))
     if loss.uses_token_logps:
         stats["policy_token_logps"] = pol.token_logps
         stats["completion_mask"] = pol.mask
@@ -141,12 +176,8 @@ def paired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference:
     stats = {"policy_chosen_logps": chosen.logps, "policy_rejected_logps": rejected.logps,
              "chosen_token_counts": chosen.token_counts,
              "rejected_token_counts": rejected.token_counts, "valid": mb["valid"].astype(bool)}
-    keys = ("reference_chosen_logps", "reference_rejected_logps")
-    if loss.uses_reference and reference_source == "precomputed":
-        stats.update(zip(keys, _precomputed(mb, keys)))
-    elif loss.uses_reference:
-        ref_w, ref_l = forward_two(graphdef, frozen(reference), x, xm, yw, ywm, yl, ylm, vocab_chunk)
-        stats.update(zip(keys, (ref_w.logps, ref_l.logps)))
+    if loss.uses_reference:
+        stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source, vocab_chunk))
     return stats
 
 

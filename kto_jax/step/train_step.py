@@ -3,36 +3,22 @@
 API (what the trainer and the AOT compiler call):
 
     loss = get_loss(config.loss.name)                  # kto_jax.losses
-    tx, schedule = make_optimizer(config.optim, num_steps)   # kto_jax.train.optimizer
-    graphdef, state = create_train_state(config, model, tx)  # model: kto_jax Transformer
-    shardings = train_state_shardings(state, tx, mesh, config.mesh.rules)
-    state = jax.device_put(state, shardings)           # no-op when already placed
-    train_step = make_train_step(config, graphdef, tx, schedule, mesh, shardings)
+    tx, schedule = make_optimizer(config.optim, num_steps)   # kto_jax.step.optimizer
+    settings = StepSettings.from_config(config, lambda_weights)   # kto_jax.step.settings
+    state, shardings = init_sharded_state(config, tx, mesh, hidden_size, make_params, ...)
+    train_step = make_train_step(config, graphdef, tx, schedule, mesh, shardings, settings)
     state, metrics = train_step(state, batch)          # `state` is donated
-    eval_step = make_eval_step(config, graphdef, mesh, shardings)
+    eval_step = make_eval_step(config, graphdef, mesh, shardings, settings)
     metrics = eval_step(state, batch)
     summarize_metrics(jax.device_get(metrics))         # kto_jax.losses; host side
 
-`abstract_train_state(config, abstract_model(cfg), tx)` gives the same state as
-ShapeDtypeStructs without allocating, so the AOT compiler can lower `train_step` with
-abstract arguments (`batch_sharding(mesh, rules)` gives the batch's sharding; every
-batch array is [A, M, ...]).
-
-TrainState (a pytree):
-  params            nnx.Param state of the policy (`nnx.split(model, nnx.Param)`)
-  opt_state         optax state of the trainable pair (params, value_head)
-  step              int32: train_step calls so far (skipped ones included)
-  skipped_updates   int32: steps whose update was skipped for a non-finite loss/gradient
-  rng               typed PRNG key (no randomness is consumed by the step today)
-  value_head        offline PPO's value-head params (kto_jax.losses.init_value_head), else None
-  reference_params  frozen pi_ref (a copy of the initial policy in
-                    config.reference.param_dtype) when config.reference.source == 'model'
-                    and the loss uses a reference, else None. It never changes: a
-                    checkpoint may drop it (`state.replace(reference_params=None)`) and
-                    rebuild it from the model path.
+The state (TrainState, its shardings, `abstract_train_state` for AOT lowering) is
+kto_jax/step/state.py; `batch_sharding(mesh, rules)` gives the batch's sharding, and
+every batch array is [A, M, ...] (kto_jax/batch.py). `make_reference_step` jits the
+reference forward alone over a batch: what `kto-jax precompute-ref` stores.
 
 Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; per
-microbatch the stats of kto_jax/train/step_stats.py (KL batch rolled within the
+microbatch the stats of kto_jax/step/stats.py (KL batch rolled within the
 microbatch, its own z0) and the loss's gradient, weighted by the loss's true
 denominator (`loss_denominator`: examples, or tokens for token-mean losses), so the
 accumulated gradient is that of sum_a loss_sum_a / sum_a denominator_a. The policy and
@@ -49,7 +35,6 @@ tokens of the matched sequences, additive) and the per-step values `grad_norm`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -57,70 +42,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.errors import UserError
-from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK
-from kto_jax.losses.ppo import init_value_head
-from kto_jax.losses.registry import HaloLoss, get_loss
-from kto_jax.sharding import activation_sharding, logical_to_mesh, named_shardings
-from kto_jax.train import step_stats
+from kto_jax.losses.registry import HaloLoss
+from kto_jax.sharding import activation_sharding, batch_axes, batch_shards
+from kto_jax.step import stats as step_stats
+from kto_jax.step.settings import StepSettings
+from kto_jax.step.state import TrainState, batch_sharding
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-REFERENCE_SOURCES = ("model", "precomputed", "none")
-
-
-@struct.dataclass
-class TrainState:
-    """Everything the step updates; see the module docstring."""
-    params: Any
-    opt_state: Any
-    step: Array
-    skipped_updates: Array
-    rng: Array
-    value_head: Any = None
-    reference_params: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """The static (hashable) part of the step, from the config."""
-    loss: HaloLoss
-    hparams: ml_collections.FrozenConfigDict
-    reference_source: str
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "StepSettings":
-        loss = get_loss(config.loss.name)
-        check_step_config(config, loss)
-        chunk = int(config.train.logprob_vocab_chunk)
-        return cls(loss, ml_collections.FrozenConfigDict(config.loss), config.reference.source, chunk)
-
-
-def check_step_config(config: ml_collections.ConfigDict, loss: HaloLoss) -> None:
-    """UserError for a batch shape or reference source the chosen loss cannot train with."""
-    micro, total = int(config.train.micro_batch_size), int(config.train.global_batch_size)
-    if loss.uses_kl and micro < 2:
-        raise UserError(
-            f"config.train.micro_batch_size={micro}: loss {loss.name!r} estimates z0 from the "
-            "mismatched pairs (x_i, y_{i+1}) within a microbatch, which needs at least 2 "
-            "examples. Set --config.train.micro_batch_size=2 or more.")
-    if micro < 1 or total % micro:
-        raise UserError(f"config.train.global_batch_size={total} must be a positive multiple of "
-                        f"config.train.micro_batch_size={micro}.")
-    source = config.reference.source
-    if source not in REFERENCE_SOURCES:
-        raise UserError(f"config.reference.source={source!r} is not one of {REFERENCE_SOURCES}.")
-    if loss.uses_reference and source == "none":
-        raise UserError(f"loss {loss.name!r} needs a reference model: set "
-                        "config.reference.source to 'model' or 'precomputed'.")
-    if loss.uses_token_logps and source == "precomputed":
-        raise UserError(f"loss {loss.name!r} needs per-token reference log-probs, which the data "
-                        "cannot carry: set config.reference.source='model'.")
 
 
 def check_batch(batch: Batch, loss: HaloLoss) -> None:
@@ -135,85 +69,6 @@ def check_batch(batch: Batch, loss: HaloLoss) -> None:
     if loss.uses_kl and batch["valid"].shape[1] < 2:
         raise UserError(f"loss {loss.name!r} needs microbatches of at least 2 examples for z0 "
                         f"(the KL pairs), got {batch['valid'].shape[1]}.")
-
-
-# ---------------------------------------------------------------- state
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, nnx.Param state); a model must hold nothing but nnx.Param variables."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"model holds non-Param state the step would drop: {rest}")
-    return graphdef, params
-
-
-def _copy_as(params: Any, dtype: str) -> Any:
-    """A fresh copy of every leaf in `dtype` (never aliasing the policy's buffers)."""
-    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
-
-
-def init_train_state(config: ml_collections.ConfigDict, params: Any,
-                     tx: optax.GradientTransformation, hidden_size: int) -> TrainState:
-    """The initial TrainState around policy `params` (nnx.Param state); pure, so it also runs
-    under `jax.eval_shape` (see `abstract_train_state`)."""
-    settings = StepSettings.from_config(config)
-    loss = settings.loss
-    key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
-    value_head = init_value_head(head_key, hidden_size) if loss.uses_value_head else None
-    reference = None
-    if loss.uses_reference and settings.reference_source == "model":
-        reference = _copy_as(params, config.reference.param_dtype)
-    return TrainState(params=params, opt_state=tx.init((params, value_head)),
-                      step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
-                      rng=key, value_head=value_head, reference_params=reference)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
-                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """(graphdef, initial TrainState) of a run: policy params, optimizer state, reference, value head.
-
-    The state's arrays stay where the model's params are; place the whole state with
-    `jax.device_put(state, train_state_shardings(...))`.
-    """
-    graphdef, params = split_model(model)
-    return graphdef, init_train_state(config, params, tx, int(model.config.hidden_size))
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
-                         tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """(graphdef, TrainState of ShapeDtypeStructs), allocating nothing: for AOT lowering and
-    Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`."""
-    graphdef, params = split_model(model)
-    init = functools.partial(init_train_state, config, tx=tx,
-                             hidden_size=int(model.config.hidden_size))
-    return graphdef, jax.eval_shape(init, params)
-
-
-def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
-                          rules) -> TrainState:
-    """NamedShardings for every leaf of `state` (concrete or abstract).
-
-    Params and the frozen reference follow their logical axes through `rules`
-    (config.mesh.rules); optimizer moments follow their params; counters, the key and
-    the small value head are replicated.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = named_shardings(state.params, mesh, rules)
-    head = jax.tree.map(lambda _: replicated, state.value_head)
-    trainable = (params, head)
-    # Optimizer leaves shaped like a param get its sharding; step counts are replicated.
-    opt = optax.tree_map_params(
-        tx, lambda _, s: s, state.opt_state, trainable,
-        transform_non_params=lambda _: replicated)
-    return TrainState(params=params, opt_state=opt, step=replicated, skipped_updates=replicated,
-                      rng=replicated, value_head=head,
-                      reference_params=None if state.reference_params is None else
-                      named_shardings(state.reference_params, mesh, rules))
-
-
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Sharding of every batch array [A, M, ...]: A unsharded, M over the 'batch' rule's axes."""
-    return NamedSharding(mesh, PartitionSpec(None, *logical_to_mesh(("batch",), rules)))
 
 
 # ---------------------------------------------------------------- the math
@@ -306,29 +161,39 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     return dict(jax.tree.map(lambda x: x.sum(0), metrics), tokens=tokens.sum())
 
 
+def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss, graphdef: nnx.GraphDef,
+                   vocab_chunk: int) -> dict[str, Array]:
+    """float32 [A, M] per key of `stats.reference_keys(loss)` for a batch [A, M, ...]: the step's
+    own reference forward (`stats.reference_logps`), a `lax.scan` over its microbatches."""
+    inputs = {k: batch[k] for k in (PAIRED_KEYS if loss.paired else UNPAIRED_KEYS)}
+
+    def body(_, mb):
+        return None, step_stats.reference_logps(loss, graphdef, reference, mb, vocab_chunk)
+
+    return jax.lax.scan(body, None, inputs)[1]
+
+
 # ---------------------------------------------------------------- jit wiring
 
 def _check_batch_divisible(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    axes = logical_to_mesh(("batch",), config.mesh.rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    shards = 1
-    for name in axes:
-        shards *= mesh.shape[name]
+    shards = batch_shards(mesh, config.mesh.rules)
     if int(config.train.micro_batch_size) % shards:
         raise UserError(f"config.train.micro_batch_size={config.train.micro_batch_size} must be a "
                         f"multiple of the {shards} devices the batch is split over (mesh axes "
-                        f"{axes}); change the micro batch size or config.mesh.")
+                        f"{batch_axes(config.mesh.rules)}); change the micro batch size or config.mesh.")
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
-                    state_shardings: TrainState) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    state_shardings: TrainState, settings: StepSettings | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` for config.loss.name, jitted with explicit shardings; `state` is donated.
 
+    `settings` default to `StepSettings.from_config(config)` (the config's own lambda weights).
     Raises UserError at build time for a configuration the loss cannot train with
     (e.g. a microbatch of 1 for a loss that needs z0).
     """
-    settings = StepSettings.from_config(config)
+    settings = settings or StepSettings.from_config(config)
     _check_batch_divisible(config, mesh)
     fn = functools.partial(train_step, graphdef=graphdef, settings=settings, tx=tx,
                            schedule=schedule,
@@ -340,12 +205,27 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                   state_shardings: TrainState) -> Callable[[TrainState, Batch], dict]:
+                   state_shardings: TrainState, settings: StepSettings | None = None
+                   ) -> Callable[[TrainState, Batch], dict]:
     """`eval_step` for config.loss.name, jitted with explicit shardings (nothing donated)."""
-    settings = StepSettings.from_config(config)
+    settings = settings or StepSettings.from_config(config)
     _check_batch_divisible(config, mesh)
     fn = activation_sharding(functools.partial(eval_step, graphdef=graphdef, settings=settings),
                              mesh, config.mesh.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, config.mesh.rules)),
                    out_shardings=replicated)
+
+
+def make_reference_step(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int, mesh: Mesh,
+                        reference_shardings: Any, rules: Any = None
+                        ) -> Callable[[Any, Batch], dict[str, Array]]:
+    """`reference_step` as `fn(reference_params, batch) -> {key: [A, M]}`, jitted; the batch on
+    `batch_sharding(mesh, rules)`, outputs replicated on every device. With `rules`
+    (config.mesh.rules) the model's activations follow them (kto_jax.sharding.constrain).
+    """
+    fn = functools.partial(reference_step, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk)
+    if rules is not None:
+        fn = activation_sharding(fn, mesh, rules)
+    return jax.jit(fn, in_shardings=(reference_shardings, batch_sharding(mesh, rules)),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -21,14 +21,12 @@ from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
 from kto_jax.train import paths
-
-MODEL_DIR = "model"
-HF_DIR = "hf"
+from kto_jax.train import workdir as layout
 
 
 def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) -> None:
     """WORKDIR/model/config.json (HF layout) and the tokenizer files."""
-    with paths.staged_dir(paths.join(workdir, MODEL_DIR)) as out:
+    with paths.staged_dir(layout.path(workdir, layout.MODEL_DIR)) as out:
         with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
             json.dump(model_config.to_hf(), f, indent=2, sort_keys=True)
         tokenizer.save_pretrained(out)
@@ -61,8 +59,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
                       dtype: str | None = None) -> int:
     """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step."""
     from kto_jax.train.checkpoint import Checkpointer  # orbax: only when exporting
-    from kto_jax.train.run import CHECKPOINT_DIR
-    ckpt_dir = paths.join(workdir, CHECKPOINT_DIR)
+    ckpt_dir = layout.path(workdir, layout.CHECKPOINT_DIR)
     if not paths.exists(ckpt_dir):
         raise UserError(f"no checkpoint in {workdir!r} (expected {ckpt_dir}): is it the "
                         "--workdir of a `kto-jax train` run?")
@@ -78,7 +75,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
         params, step = checkpointer.restore_subtree("params", abstract, step=step)
     finally:
         checkpointer.close()
-    with paths.local_copy(paths.join(workdir, MODEL_DIR)) as model_dir:
+    with paths.local_copy(layout.path(workdir, layout.MODEL_DIR)) as model_dir:
         tokenizer = load_tokenizer(model_dir)
     export_dtype = dtype or config.get("train", {}).get("export_dtype") or None
     export_params(graphdef, params, out_dir, tokenizer, export_dtype)
@@ -86,7 +83,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
 
 
 def _read_model_config(workdir: str) -> dict:
-    path = paths.join(workdir, MODEL_DIR, "config.json")
+    path = layout.path(workdir, layout.MODEL_DIR, "config.json")
     if not paths.exists(path):
         raise UserError(f"{path} is missing: the workdir was not written by `kto-jax train`.")
     return json.loads(paths.read_text(path))

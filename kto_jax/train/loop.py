@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kto_jax.losses.common import summarize_metrics
+from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
-from kto_jax.train import flops as flops_lib
 from kto_jax.train.distributed import PreemptionGuard
 from kto_jax.train.evaluate import maybe_evaluate
 from kto_jax.train.metrics import REQUIRED_KEYS
-from kto_jax.train.run import Run, loss_of, saved_state
+from kto_jax.train.run import Run, saved_state
 
 LAST_VALUE_KEYS = ("lr", "skipped_updates")  # per-step values: the window reports its last
 WINDOW_STEPS = "window_steps"
@@ -78,7 +78,7 @@ class Throughput:
     """Padded tokens and model FLOPs per second between log lines (process-local clock)."""
 
     def __init__(self, run: Run):
-        self._run, self._loss = run, loss_of(run)
+        self._run, self._loss = run, run.settings.loss
         self._num_devices = jax.device_count()
         self.reset()
 

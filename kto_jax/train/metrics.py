@@ -19,12 +19,9 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from kto_jax.train import paths
+from kto_jax.train.workdir import EVAL_METRICS_FILE, METRICS_FILE, TB_DIR
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_METRICS_FILE = "eval_metrics.jsonl"
-TB_DIR = "tb"
-
-# Keys every metrics.jsonl line carries (issue 5); the trainer may add more.
+# Keys every metrics.jsonl line carries; the trainer may add more.
 REQUIRED_KEYS = ("step", "loss", "kl", "rewards/desirable", "rewards/undesirable",
                  "rewards/margins", "logps/desirable", "logps/undesirable", "grad_norm",
                  "lr", "tokens_per_s", "mfu", "skipped_updates")

@@ -13,8 +13,9 @@ on which examples share a microbatch, in which order: on the seed, the epoch, th
 batch sizes, the bucketing window and the data. The data pipeline makes every
 batch a pure function of its global index (kto_jax/data/batching.py), so the
 store is keyed by *slot*, not by example: for global batch k of a split it holds
-[A, M] arrays in the global layout, computed by the same forward the step uses
-(`step_stats.forward` / `forward_two`, KL batch rolled within each microbatch).
+[A, M] arrays in the global layout, computed by the step's own reference forward
+(`kto_jax.step.stats.reference_logps`, KL batch rolled within each microbatch;
+kto_jax/train/precompute.py runs it).
 
 Files in DIR:
   meta.json        version, loss, keys, batch sizes, the data fingerprint and a
@@ -43,99 +44,19 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from kto_jax.batch import PAIRED_KEYS, PRECOMPUTED_PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss, get_loss
-from kto_jax.sharding import activation_sharding
-from kto_jax.train import step_stats
+from kto_jax.step.stats import reference_keys
+from kto_jax.train.batches import to_global
 
-Array = jax.Array
 STORE_VERSION = 1
 META_FILE = "meta.json"
 CHECKSUM = "row_checksum"
 SPLITS = ("train", "eval")
-
-
-def reference_keys(loss: HaloLoss) -> tuple[str, ...]:
-    """The batch keys a loss reads when its reference log-probs are precomputed."""
-    if loss.paired:
-        return PRECOMPUTED_PAIRED_KEYS
-    return ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
-
-
-# ---------------------------------------------------------------- computing (inside jit)
-
-def microbatch_reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any,
-                               mb: Mapping[str, Array], vocab_chunk: int) -> dict[str, Array]:
-    """float32 [M] reference log-probs of one microbatch, exactly as the step computes them.
-
-    Mirrors `step_stats.unpaired_stats` / `paired_stats` with reference_source='model':
-    the same forwards, the KL batch rolled by one WITHIN this microbatch.
-    """
-    ref = step_stats.frozen(reference)
-    x, xm = mb["prompt_ids"], mb["prompt_mask"]
-    if loss.paired:
-        chosen, rejected = step_stats.forward_two(
-            graphdef, ref, x, xm, mb["chosen_ids"], mb["chosen_mask"], mb["rejected_ids"],
-            mb["rejected_mask"], vocab_chunk)
-        return dict(zip(PRECOMPUTED_PAIRED_KEYS, (chosen.logps, rejected.logps)))
-    y, ym = mb["completion_ids"], mb["completion_mask"]
-    if not loss.uses_kl:
-        return {"reference_logps": step_stats.forward(graphdef, ref, x, xm, y, ym, vocab_chunk).logps}
-    y_kl, ym_kl = step_stats.kl_completions(y, ym)
-    matched, kl = step_stats.forward_two(graphdef, ref, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
-    return {"reference_logps": matched.logps, "reference_kl_logps": kl.logps}
-
-
-def batch_reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any,
-                          batch: Mapping[str, Array], vocab_chunk: int) -> dict[str, Array]:
-    """float32 [A, M] per key for a batch [A, M, ...]: a `lax.scan` over its microbatches."""
-    inputs = {k: batch[k] for k in (PAIRED_KEYS if loss.paired else UNPAIRED_KEYS)}
-
-    def body(_, mb):
-        return None, microbatch_reference_logps(loss, graphdef, reference, mb, vocab_chunk)
-
-    return jax.lax.scan(body, None, inputs)[1]
-
-
-def make_reference_fn(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int, mesh: Mesh,
-                      reference_shardings: Any, batch_sharding: NamedSharding, rules: Any = None
-                      ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
-    """`fn(reference_params, batch) -> {key: [A, M]}`, jitted; outputs replicated on every device.
-
-    With `rules` (config.mesh.rules) the model's activations follow them (kto_jax.sharding.constrain).
-    """
-    def fn(reference, batch):
-        return batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk)
-
-    if rules is not None:
-        fn = activation_sharding(fn, mesh, rules)
-
-    return jax.jit(fn, in_shardings=(reference_shardings, batch_sharding),
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def bench_reference_logps(config, graphdef: nnx.GraphDef, state, batch: Mapping[str, Array],
-                          mesh: Mesh) -> dict[str, Array]:
-    """The benchmark's precomputed keys: the policy's initial params as pi_ref, on the batch's sharding."""
-    from kto_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-    from kto_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-
-    loss = get_loss(config.loss.name)
-    dtype = jnp.dtype(config.reference.param_dtype)
-    reference = jax.tree.map(lambda x: x.astype(dtype), state.params)
-    sharding = step_lib.batch_sharding(mesh, config.mesh.rules)
-    fn = make_reference_fn(loss, graphdef, int(config.train.logprob_vocab_chunk), mesh,
-                           shd.named_shardings(reference, mesh, config.mesh.rules), sharding,
-                           config.mesh.rules)
-    with jax.set_mesh(mesh):
-        out = fn(reference, batch)
-    return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- row checksums (host)
@@ -325,9 +246,10 @@ def _gather_rows(local: np.ndarray) -> np.ndarray:
 
 def compute_split(batches: Iterator[dict], num_batches: int, fn, reference, sharding: NamedSharding,
                   keys: tuple[str, ...], log: Callable[[str], None], name: str) -> dict[str, np.ndarray]:
-    """Runs `fn` over `num_batches` host batches; {key: [N, A, M], row_checksum: [N, A, M, 2]}."""
-    from kto_jax.train.batches import to_global  # pylint: disable=import-outside-toplevel
+    """Runs `fn` over `num_batches` host batches; {key: [N, A, M], row_checksum: [N, A, M, 2]}.
 
+    `fn(reference, batch)` is the jitted reference step (`make_reference_step`).
+    """
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys + (CHECKSUM,)}
     start = time.perf_counter()
     for k in range(num_batches):

@@ -10,6 +10,10 @@ Order matters for memory: the policy is read from the HF checkpoint straight ont
 the mesh (`kto_jax.models.from_pretrained`), the frozen reference is a copy of it
 (config.reference), and on a resume the fresh policy and optimizer buffers are
 dropped before the checkpoint's are read, so at most one train state is alive.
+
+The run's config is never rewritten: the lambda weights it trains with (eq. 9's when
+config.loss.auto_weights) live in `Run.settings` (kto_jax/step/settings.py), and the
+config recorded in the workdir and the checkpoints (`Run.config_json`) carries them.
 """
 
 from __future__ import annotations
@@ -21,38 +25,35 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-from flax import nnx
 
-from kto_jax import reference_store
 from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
 from kto_jax.errors import UserError
-from kto_jax.losses.registry import get_loss
 from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
-from kto_jax.train import flops as flops_lib
-from kto_jax.train import paths
-from kto_jax.train import step as step_lib
+from kto_jax.step import flops as flops_lib
+from kto_jax.step import train_step as step_lib
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.settings import StepSettings
+from kto_jax.step.state import TrainState, batch_sharding, init_sharded_state, split_model
+from kto_jax.train import paths, reference_store, workdir as layout
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
 from kto_jax.train.export import write_model_source
 from kto_jax.train.metrics import MetricsLogger
-from kto_jax.train.optimizer import make_optimizer
-
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass
 class Run:
     """Everything the step loop, evaluation and the final export need."""
     config: ml_collections.ConfigDict
-    config_json: str
+    config_json: str             # the config the run trains with (settings' lambda weights)
+    settings: StepSettings
     workdir: str
     mesh: jax.sharding.Mesh
     model_config: ModelConfig
     tokenizer: Any
     graphdef: Any
-    state: step_lib.TrainState
+    state: TrainState
     train_step: Callable
     eval_step: Callable
     batch_sharding: jax.sharding.NamedSharding
@@ -84,12 +85,10 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
 
 
 def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Datasets, int]:
-    """The datasets, with eq. 9 weights written back into the config, and the step count."""
+    """The datasets and the step count; `data.summary` holds the lambda weights to train with."""
     data = build_datasets(config, tokenizer)
-    # reference.source="precomputed": every batch gets its stored reference log-probs (issue 7).
+    # reference.source="precomputed": every batch gets its stored reference log-probs.
     data = reference_store.attach_to_datasets(config, data)
-    config.loss.desirable_weight = float(data.summary.desirable_weight)
-    config.loss.undesirable_weight = float(data.summary.undesirable_weight)
     num_steps = int(config.train.num_steps)
     if num_steps <= 0:
         num_steps = data.summary.train.batches_per_epoch * int(config.data.num_epochs)
@@ -107,31 +106,28 @@ def load_policy(config: ml_collections.ConfigDict, mesh) -> tuple[Any, ModelConf
                            attention_impl=m.attention_impl)
 
 
-def initial_state(config, model, tx, mesh) -> tuple[Any, step_lib.TrainState, Any]:
-    """(graphdef, state on its shardings, shardings) of a fresh run.
+def step_settings(config: ml_collections.ConfigDict, data: Datasets) -> StepSettings:
+    """The step's settings with the lambda weights of the data summary (eq. 9 if auto_weights)."""
+    return StepSettings.from_config(config, lambda_weights=(data.summary.desirable_weight,
+                                                            data.summary.undesirable_weight))
 
-    The state is built inside one jit whose outputs land on their shardings, so
-    the optimizer moments and the reference copy are created where they live
-    (with several processes, no process could place host values on the others).
-    """
-    graphdef, params = step_lib.split_model(model)
 
-    def create(params):
-        return step_lib.create_train_state(config, nnx.merge(graphdef, params), tx)[1]
-
-    shardings = step_lib.train_state_shardings(jax.eval_shape(create, params), tx, mesh,
-                                               config.mesh.rules)
-    state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
+def initial_state(config, model, tx, mesh) -> tuple[Any, TrainState, Any]:
+    """(graphdef, state on its shardings, shardings) of a fresh run: the loaded policy's
+    buffers become the state's params (`init_sharded_state`, donated)."""
+    graphdef, params = split_model(model)
+    state, shardings = init_sharded_state(config, tx, mesh, int(model.config.hidden_size),
+                                          lambda p: p, params, donate=True)
     return graphdef, state, shardings
 
 
-def saved_state(state: step_lib.TrainState) -> step_lib.TrainState:
+def saved_state(state: TrainState) -> TrainState:
     """What a checkpoint holds: the state without the frozen reference (rebuilt on resume)."""
     return state.replace(reference_params=None)
 
 
-def resume_state(checkpointer: Checkpointer, state: step_lib.TrainState, train_iter: Any
-                 ) -> tuple[step_lib.TrainState, int, dict | None]:
+def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
+                 ) -> tuple[TrainState, int, dict | None]:
     """The latest checkpoint's state on `state`'s shardings, its step and metrics window."""
     reference = state.reference_params
     abstract = abstract_like(saved_state(state))
@@ -167,7 +163,7 @@ def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, t
     if jax.process_index() != 0:
         return
     paths.makedirs(workdir)
-    paths.write_text(paths.join(workdir, CONFIG_FILE), config_json + "\n")
+    paths.write_text(layout.path(workdir, layout.CONFIG_FILE), config_json + "\n")
     write_model_source(workdir, model_config, tokenizer)
 
 
@@ -177,11 +173,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(config.model.path)
     data, num_steps = prepare_data(config, tokenizer)
-    config_json = config_to_json(config)
+    settings = step_settings(config, data)
+    config_json = config_to_json(config, loss=settings.hparams)
     mesh = shd.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, num_steps)
     ck = config.checkpoint
-    checkpointer = Checkpointer(paths.join(workdir, CHECKPOINT_DIR), every_steps=ck.every_steps,
+    checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINT_DIR), every_steps=ck.every_steps,
                                 keep=ck.keep, async_save=ck.async_save)
     model, model_config = load_policy(config, mesh)
     graphdef, state, shardings = initial_state(config, model, tx, mesh)
@@ -202,16 +199,14 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     write_run_files(workdir, config_json, model_config, tokenizer)
     device = jax.devices()[0]
     return Run(
-        config=config, config_json=config_json, workdir=workdir, mesh=mesh,
+        config=config, config_json=config_json, settings=settings, workdir=workdir, mesh=mesh,
         model_config=model_config, tokenizer=tokenizer, graphdef=graphdef, state=state,
-        train_step=step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings),
-        eval_step=step_lib.make_eval_step(config, graphdef, mesh, shardings),
-        batch_sharding=step_lib.batch_sharding(mesh, config.mesh.rules), data=data,
+        train_step=step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings,
+                                            settings),
+        eval_step=step_lib.make_eval_step(config, graphdef, mesh, shardings, settings),
+        batch_sharding=batch_sharding(mesh, config.mesh.rules), data=data,
         train_iter=train_iter, num_steps=num_steps, start_step=start_step, window=window,
         checkpointer=checkpointer, logger=logger,
         flop_dims=flops_lib.ModelDims.from_hf_config(model_config.to_hf()),
         peak_flops=flops_lib.peak_flops_per_device(device.device_kind, device.platform))
 
-
-def loss_of(run: Run):
-    return get_loss(run.config.loss.name)

@@ -17,16 +17,15 @@ import jax
 import ml_collections
 
 from kto_jax.train import paths
+from kto_jax.train import workdir as layout
 from kto_jax.train.distributed import PreemptionGuard, agree
-from kto_jax.train.export import HF_DIR, export_params
+from kto_jax.train.export import export_params
 from kto_jax.train.loop import MetricsWindow, run_loop, save_checkpoint
 from kto_jax.train.run import Run, setup_run
 
-EXPORT_MARKER = "hf.step"  # the step WORKDIR/hf holds
-
 
 def _exported_step(workdir: str) -> int | None:
-    marker = paths.join(workdir, EXPORT_MARKER)
+    marker = layout.path(workdir, layout.EXPORT_MARKER)  # the step WORKDIR/hf holds
     return int(paths.read_text(marker)) if paths.exists(marker) else None
 
 
@@ -42,11 +41,11 @@ def finish(run: Run) -> None:
     final_step = max(run.start_step, run.num_steps)
     up_to_date = agree(_exported_step(run.workdir) == final_step)
     if run.config.train.export_at_end and not up_to_date:
-        out = paths.join(run.workdir, HF_DIR)
+        out = layout.path(run.workdir, layout.HF_DIR)
         export_params(run.graphdef, run.state.params, out, run.tokenizer,
                       run.config.train.export_dtype or None)
         if jax.process_index() == 0:
-            paths.write_text(paths.join(run.workdir, EXPORT_MARKER), f"{final_step}\n")
+            paths.write_text(layout.path(run.workdir, layout.EXPORT_MARKER), f"{final_step}\n")
         run.logger.message(f"exported the policy at step {final_step} to {out}")
 
 

@@ -30,13 +30,6 @@ def test_bundled_prompts_are_disjoint():
     assert not set(train) & set(heldout)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    pytest.importorskip("torch")
-    from tiny_chat_model import write_tiny_chat_model
-    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
-
-
 def test_demo_quick_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     workdir = str(tmp_path / "demo")
     assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 0

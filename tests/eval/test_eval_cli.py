@@ -11,13 +11,6 @@ from kto_jax.eval import winrate
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cpu.py")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    pytest.importorskip("torch")
-    from tiny_chat_model import write_tiny_chat_model
-    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
-
-
 def test_eval_cli_rewards_and_winrate(tiny_dir, tmp_path, capsys):
     from tiny_chat_model import longer_wins, write_unpaired_feedback
     data = str(tmp_path / "heldout.jsonl")

@@ -25,13 +25,6 @@ BETA = 0.2
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    pytest.importorskip("torch")
-    from tiny_chat_model import write_tiny_chat_model
-    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
-
-
-@pytest.fixture(scope="module")
 def models(tiny_dir):
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     reference, _ = from_pretrained(tiny_dir, mesh=mesh)

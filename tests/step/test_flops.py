@@ -3,7 +3,7 @@
 import pytest
 
 from kto_jax.losses.registry import get_loss
-from kto_jax.train import flops
+from kto_jax.step import flops
 
 
 DIMS = flops.ModelDims(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,

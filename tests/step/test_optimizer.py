@@ -6,7 +6,7 @@ import pytest
 
 from configs.base import get_config
 from kto_jax.errors import UserError
-from kto_jax.train.optimizer import make_optimizer, make_schedule
+from kto_jax.step.optimizer import make_optimizer, make_schedule
 
 
 def _optim(**kw):

@@ -15,13 +15,13 @@ from flax import nnx
 from step_testlib import (A, M, MODEL, fresh, make_batch, make_config, naive_logps,
                           sharper_reference)
 
+from kto_jax import step as S
 from kto_jax.errors import UserError
-from kto_jax.losses import kto_loss, summarize_metrics
+from kto_jax.losses import get_loss, kto_loss, summarize_metrics
 from kto_jax.models.transformer import Transformer, abstract_model
 from kto_jax.sharding import make_mesh
-from kto_jax.train import step as S
-from kto_jax.train import step_stats
-from kto_jax.train.optimizer import make_optimizer
+from kto_jax.step import stats as step_stats
+from kto_jax.step.optimizer import make_optimizer
 
 
 def hand_kto(graphdef, params, reference, batch, hp):
@@ -124,7 +124,7 @@ def test_no_gradient_through_kl_and_reference_forwards(setup):
     its log-probs have an identically zero gradient w.r.t. the params, as do the reference's."""
     mb = {k: jnp.asarray(v[0]) for k, v in make_batch(3).items()}
     state, g = setup["state"], setup["graphdef"]
-    loss = S.get_loss("kto")
+    loss = get_loss("kto")
 
     keys = ("policy_kl_logps", "reference_kl_logps", "reference_logps", "policy_logps")
 

@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 from step_testlib import MODEL, make_batch, make_config, naive_logps, sharper_reference
 
+from kto_jax import step as S
 from kto_jax.losses import summarize_metrics
 from kto_jax.models.transformer import Transformer
 from kto_jax.sharding import make_mesh
-from kto_jax.train import step as S
-from kto_jax.train.optimizer import make_optimizer
+from kto_jax.step.optimizer import make_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 from kto_jax.config import load_config
 from kto_jax.losses.registry import get_loss
-from kto_jax.train.optimizer import make_optimizer
-from kto_jax.train.step import check_step_config
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.settings import check_step_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "configs")

@@ -11,15 +11,19 @@ import pytest
 from flax import nnx
 
 from configs.base import get_config
-from kto_jax import reference_store as rs
+from step_testlib import make_batch as make_step_batch
+from step_testlib import sharper_reference
+
+from kto_jax import step as S
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models.config import tiny
 from kto_jax.models.transformer import Transformer
 from kto_jax.sharding import make_mesh
-from kto_jax.train import step as S
-from kto_jax.train import step_stats
-from kto_jax.train.optimizer import make_optimizer
+from kto_jax.step import stats as step_stats
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.train_step import reference_step
+from kto_jax.train import reference_store as rs
 
 MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
              num_kv_heads=1, head_dim=16)
@@ -39,20 +43,14 @@ def make_config(source, loss="kto"):
 
 
 def make_batch(seed):
-    rng = np.random.default_rng(seed)
-    shape = (A, M)
-
-    def padded(length, right):
-        n = rng.integers(1, length + 1, shape)[..., None]
-        pos = np.arange(length)[None, None]
-        mask = (pos < n) if right else (pos >= length - n)
-        return (rng.integers(1, MODEL.vocab_size, shape + (length,)) * mask).astype(np.int32), \
-            mask.astype(np.int32)
-
-    (x, xm), (y, ym) = padded(P, False), padded(C, True)
     desirable = np.array([[True, False, True, True], [False, True, False, False]])
-    return dict(prompt_ids=x, prompt_mask=xm, completion_ids=y, completion_mask=ym,
-                desirable=desirable, weight=np.ones(shape, np.float32), valid=np.ones(shape, bool))
+    return make_step_batch(seed, accum=A, micro=M, prompt_len=P, completion_len=C,
+                           vocab_size=MODEL.vocab_size, desirable=desirable)
+
+
+def batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk):
+    """The step's reference forward over a batch [A, M, ...], as `kto-jax precompute-ref` runs it."""
+    return reference_step(reference, batch, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +61,7 @@ def states():
     cfg = make_config("model")
     tx, schedule = make_optimizer(cfg.optim, 10)
     graphdef, state = S.create_train_state(cfg, model, tx)
-    ref = jax.tree.map(jnp.copy, state.params)
-    ref["lm_head"] = ref["lm_head"].replace(ref["lm_head"][...] * 3.0)
-    state = state.replace(reference_params=ref)
+    state = state.replace(reference_params=sharper_reference(state.params))
     return dict(mesh=mesh, graphdef=graphdef, state=state, tx=tx, schedule=schedule)
 
 
@@ -83,7 +79,7 @@ def run_step(states, source, batch):
 def test_step_on_precomputed_reference_equals_the_on_the_fly_step(states):
     """Same loss, z0 (kl_sum), rewards and parameter update, to float32 rounding."""
     batch = make_batch(0)
-    stored = jax.jit(lambda ref, b: rs.batch_reference_logps(
+    stored = jax.jit(lambda ref, b: batch_reference_logps(
         get_loss("kto"), states["graphdef"], ref, b, 40))(states["state"].reference_params, batch)
     assert set(stored) == {"reference_logps", "reference_kl_logps"}
     assert stored["reference_kl_logps"].shape == (A, M)
@@ -100,7 +96,7 @@ def test_stored_kl_logps_pair_rows_within_each_microbatch(states):
     """reference_kl_logps[a, i] = log pi_ref(y_{a, i+1 mod M} | x_{a, i}), by a direct forward."""
     batch = {k: jnp.asarray(v) for k, v in make_batch(1).items()}
     ref = states["state"].reference_params
-    stored = rs.batch_reference_logps(get_loss("kto"), states["graphdef"], ref, batch, 40)
+    stored = batch_reference_logps(get_loss("kto"), states["graphdef"], ref, batch, 40)
     for a in range(A):
         for i in range(M):
             j = (i + 1) % M
@@ -252,7 +248,7 @@ def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run, store_d
     model, _ = run_lib.load_policy(config, mesh)
     graphdef, params = S.split_model(model)
     loss = get_loss("kto")
-    direct = jax.jit(lambda p, b: rs.batch_reference_logps(loss, graphdef, p, b, 8192))
+    direct = jax.jit(lambda p, b: batch_reference_logps(loss, graphdef, p, b, 8192))
     it = data.train_iter_factory(forever=True)
     for _ in range(5):
         batch = next(it)

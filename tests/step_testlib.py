@@ -1,4 +1,5 @@
-"""Shared pieces of the train-step tests: a tiny model config, batches, naive log-probs."""
+"""Shared pieces of the train-step tests (tests/step/, and the reference store's in
+tests/train/): a tiny model config, batches, a sharper reference, naive log-probs."""
 
 import functools
 
@@ -8,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from configs.base import get_config
+from kto_jax.batch import as_batch
 from kto_jax.models.config import tiny
 from kto_jax.models.transformer import positions_from_mask
 
@@ -29,7 +31,10 @@ def make_config(loss="kto", micro=M, accum=A, **loss_kw):
     return cfg
 
 
-def make_batch(seed, paired=False, accum=A, micro=M):
+def make_batch(seed, paired=False, accum=A, micro=M, prompt_len=P, completion_len=C,
+               vocab_size=MODEL.vocab_size, desirable=None):
+    """A batch of kto_jax/batch.py with random tokens and lengths; `desirable` (bool [accum,
+    micro]) defaults to random labels with both classes in every microbatch."""
     rng = np.random.default_rng(seed)
     shape = (accum, micro)
 
@@ -37,19 +42,21 @@ def make_batch(seed, paired=False, accum=A, micro=M):
         n = rng.integers(1, length + 1, shape)[..., None]
         pos = np.arange(length)[None, None]
         mask = (pos < n) if right else (pos >= length - n)
-        return (rng.integers(1, MODEL.vocab_size, shape + (length,)) * mask).astype(np.int32), \
+        return (rng.integers(1, vocab_size, shape + (length,)) * mask).astype(np.int32), \
             mask.astype(np.int32)
 
-    x, xm = padded(P, right=False)
+    x, xm = padded(prompt_len, right=False)
     batch = dict(prompt_ids=x, prompt_mask=xm, valid=np.ones(shape, bool))
     if paired:
-        (yw, ywm), (yl, ylm) = padded(C, True), padded(C, True)
-        return dict(batch, chosen_ids=yw, chosen_mask=ywm, rejected_ids=yl, rejected_mask=ylm)
-    y, ym = padded(C, True)
-    desirable = rng.random(shape) < 0.5
-    desirable[:, :2] = [True, False]  # both classes in every microbatch
-    return dict(batch, completion_ids=y, completion_mask=ym, desirable=desirable,
-                weight=np.ones(shape, np.float32))
+        (yw, ywm), (yl, ylm) = padded(completion_len, True), padded(completion_len, True)
+        return as_batch(dict(batch, chosen_ids=yw, chosen_mask=ywm, rejected_ids=yl,
+                             rejected_mask=ylm), paired=True)
+    y, ym = padded(completion_len, True)
+    if desirable is None:
+        desirable = rng.random(shape) < 0.5
+        desirable[:, :2] = [True, False]  # both classes in every microbatch
+    return as_batch(dict(batch, completion_ids=y, completion_mask=ym, desirable=desirable,
+                         weight=np.ones(shape, np.float32)), paired=False)
 
 
 def sharper_reference(params):

@@ -1,0 +1,36 @@
+"""The pure train step: jittable functions of (state, batch), and what describes them.
+
+Nothing here reads files (but an HF config.json for an AOT program's architecture),
+writes logs or holds a run; kto_jax/train/ drives these functions (docs/architecture.md).
+
+  settings     StepSettings: the static part of the step (loss, hparams with the
+               resolved lambda weights, reference source); check_step_config
+  state        TrainState, its shardings, `reference_copy`, `init_sharded_state`
+  stats        the forwards of one microbatch, and `reference_logps`: THE reference forward
+  train_step   train_step / eval_step / reference_step and their jitted builders
+  optimizer    the optax chain and schedule of config.optim
+  flops        model FLOPs of a step, MFU
+  program      the train step of a config as an abstract (AOT) program
+
+The names below are the package's API (`from kto_jax import step`); the pure step
+functions themselves are `step.train_step.train_step` / `eval_step` / `reference_step`,
+and `program` and `flops` are imported by name. The batch layout the step reads is kto_jax/batch.py,
+below both the data pipeline that writes it and this package.
+"""
+
+from kto_jax.step.optimizer import make_optimizer, make_schedule
+from kto_jax.step.settings import REFERENCE_SOURCES, StepSettings, check_step_config
+from kto_jax.step.state import (TrainState, abstract_train_state, batch_sharding,
+                                create_train_state, init_sharded_state, init_train_state,
+                                reference_copy, split_model, train_state_shardings)
+from kto_jax.step.stats import reference_keys, reference_logps
+from kto_jax.step.train_step import (check_batch, make_eval_step, make_reference_step,
+                                     make_train_step)
+
+__all__ = [
+    "make_optimizer", "make_schedule", "REFERENCE_SOURCES", "StepSettings", "check_step_config",
+    "TrainState", "abstract_train_state", "batch_sharding", "create_train_state",
+    "init_sharded_state", "init_train_state", "reference_copy", "split_model",
+    "train_state_shardings", "reference_keys", "reference_logps", "check_batch",
+    "make_eval_step", "make_reference_step", "make_train_step",
+]

@@ -1,0 +1,99 @@
+"""The train step of a config as an abstract program: what `kto-jax compile` and the
+benchmark lower ahead of time, with nothing allocated.
+
+    model_config = model_config_of(config, preset_name)        # the architecture
+    prompt_len, completion_len = sequence_lengths(config, None, None)
+    fn, args = train_step_program(config, model_config, mesh, prompt_len, completion_len)
+    fn.lower(*args).compile()                                  # kto_jax/aot.py does this
+
+The program is the trainer's own jitted step (kto_jax/step/train_step.py) on the
+abstract train state (kto_jax/step/state.py) and an abstract batch laid out as
+kto_jax/batch.py says, every argument a ShapeDtypeStruct carrying its sharding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from kto_jax.batch import batch_shapes
+from kto_jax.data import batching
+from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
+from kto_jax.models import PRESETS, ModelConfig, abstract_model, preset
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.state import abstract_train_state, batch_sharding, train_state_shardings
+from kto_jax.step.train_step import make_train_step
+
+
+def model_config_of(config: ml_collections.ConfigDict, preset_name: str | None) -> ModelConfig:
+    """The architecture to compile, with the run's dtypes, remat policy and attention.
+
+    First --model, then config.json in config.model.path, then config.model.preset.
+    """
+    m = config.model
+    ours = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                attention_impl=m.attention_impl)
+    hf_config = os.path.join(m.path, "config.json") if m.path else ""
+    if not preset_name and os.path.isfile(hf_config):
+        with open(hf_config, encoding="utf-8") as f:
+            return ModelConfig.from_hf(json.load(f), **ours)
+    preset_name = preset_name or m.get("preset", "")
+    if not preset_name:
+        raise UserError(f"no architecture to compile: config.model.path={m.path!r} holds no config.json "
+                        f"and config.model.preset is empty. Pass --model=PRESET (one of {', '.join(PRESETS)}) "
+                        "or --config.model.path=HF_DIR (only its config.json is read).")
+    return preset(preset_name, **ours)
+
+
+def sequence_lengths(config: ml_collections.ConfigDict, prompt_len: int | None,
+                     completion_len: int | None) -> tuple[int, int]:
+    """(P, C): the largest prompt and completion buckets of the data pipeline, or the flags."""
+    d = config.data
+    prompt_buckets, completion_buckets = batching.bucket_sizes(
+        d.bucket_lengths, d.max_prompt_length, d.max_completion_length or d.max_length)
+    lengths = (prompt_len or prompt_buckets[-1], completion_len or completion_buckets[-1])
+    if min(lengths) < 1:
+        raise UserError(f"--prompt_len and --completion_len must be positive, got {lengths}")
+    return lengths
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
+                   completion_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one global batch [A, M, ...] (kto_jax/batch.py), on its sharding."""
+    t = config.train
+    shapes = batch_shapes(get_loss(config.loss.name).paired,
+                          accumulation=int(t.global_batch_size) // int(t.micro_batch_size),
+                          micro_batch=int(t.micro_batch_size), prompt_len=prompt_len,
+                          completion_len=completion_len,
+                          precomputed=config.reference.source == "precomputed")
+    sharding = batch_sharding(mesh, config.mesh.rules)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in shapes.items()}
+
+
+def train_step_program(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Mesh,
+                       prompt_len: int, completion_len: int) -> tuple[Any, tuple[Any, Any]]:
+    """(jitted train step, (abstract TrainState, abstract batch)) on `mesh`: nothing allocated."""
+    steps = max(int(config.train.num_steps), int(config.optim.warmup_steps) + 1)
+    tx, schedule = make_optimizer(config.optim, steps)
+    graphdef, state = abstract_train_state(config, abstract_model(model_config), tx)
+    shardings = train_state_shardings(state, tx, mesh, config.mesh.rules)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  state, shardings)
+    fn = make_train_step(config, graphdef, tx, schedule, mesh, shardings)
+    return fn, (abstract_state, abstract_batch(config, mesh, prompt_len, completion_len))
+
+
+def with_microbatch(config: ml_collections.ConfigDict, micro_batch: int) -> ml_collections.ConfigDict:
+    """A copy of `config` with `micro_batch` examples per microbatch, same accumulation count."""
+    accumulation = max(1, int(config.train.global_batch_size) // int(config.train.micro_batch_size))
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.train.micro_batch_size = micro_batch
+    copy.train.global_batch_size = micro_batch * accumulation
+    return copy

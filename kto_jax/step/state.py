@@ -1,0 +1,150 @@
+"""The train state: what it holds, how it is created, and where each of its arrays lives.
+
+TrainState (a pytree):
+  params            nnx.Param state of the policy (`nnx.split(model, nnx.Param)`)
+  opt_state         optax state of the trainable pair (params, value_head)
+  step              int32: train_step calls so far (skipped ones included)
+  skipped_updates   int32: steps whose update was skipped for a non-finite loss/gradient
+  rng               typed PRNG key (no randomness is consumed by the step today)
+  value_head        offline PPO's value-head params (kto_jax.losses.init_value_head), else None
+  reference_params  frozen pi_ref (`reference_copy` of the initial policy in
+                    config.reference.param_dtype) when config.reference.source == 'model'
+                    and the loss uses a reference, else None. It never changes: a
+                    checkpoint may drop it (`state.replace(reference_params=None)`) and
+                    rebuild it from the model path.
+
+`init_sharded_state` builds a state inside one jit whose outputs land on their
+shardings (`train_state_shardings`), so the optimizer moments and the reference copy
+are created where they live: a trainer's loaded policy and a benchmark's random init
+alike, with no process placing host values on another's devices.
+`abstract_train_state` gives the same state as ShapeDtypeStructs without allocating
+(AOT lowering, Orbax restore targets).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kto_jax.losses.ppo import init_value_head
+from kto_jax.sharding import logical_to_mesh, named_shardings
+from kto_jax.step.settings import StepSettings
+
+Array = jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    """Everything the step updates; see the module docstring."""
+    params: Any
+    opt_state: Any
+    step: Array
+    skipped_updates: Array
+    rng: Array
+    value_head: Any = None
+    reference_params: Any = None
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, nnx.Param state); a model must hold nothing but nnx.Param variables."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"model holds non-Param state the step would drop: {rest}")
+    return graphdef, params
+
+
+def reference_copy(params: Any, dtype: str) -> Any:
+    """The frozen reference pi_ref: a fresh copy of the policy's params in `dtype`
+    (config.reference.param_dtype), never aliasing the policy's buffers."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
+
+
+def init_train_state(config: ml_collections.ConfigDict, params: Any,
+                     tx: optax.GradientTransformation, hidden_size: int) -> TrainState:
+    """The initial TrainState around policy `params` (nnx.Param state); pure, so it also runs
+    under `jax.eval_shape` (see `abstract_train_state`) and inside jit (`init_sharded_state`)."""
+    settings = StepSettings.from_config(config)
+    loss = settings.loss
+    key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
+    value_head = init_value_head(head_key, hidden_size) if loss.uses_value_head else None
+    reference = None
+    if loss.uses_reference and settings.reference_source == "model":
+        reference = reference_copy(params, config.reference.param_dtype)
+    return TrainState(params=params, opt_state=tx.init((params, value_head)),
+                      step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
+                      rng=key, value_head=value_head, reference_params=reference)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, initial TrainState) of a run: policy params, optimizer state, reference, value head.
+
+    The state's arrays stay where the model's params are; `init_sharded_state` creates
+    them on their shardings instead.
+    """
+    graphdef, params = split_model(model)
+    return graphdef, init_train_state(config, params, tx, int(model.config.hidden_size))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+                         tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, TrainState of ShapeDtypeStructs), allocating nothing: for AOT lowering and
+    Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`."""
+    graphdef, params = split_model(model)
+    init = functools.partial(init_train_state, config, tx=tx,
+                             hidden_size=int(model.config.hidden_size))
+    return graphdef, jax.eval_shape(init, params)
+
+
+def init_sharded_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       mesh: Mesh, hidden_size: int, make_params: Callable[..., Any], *args: Any,
+                       donate: bool = False) -> tuple[TrainState, TrainState]:
+    """(state, shardings): `init_train_state(config, make_params(*args), ...)` in one jit.
+
+    Its outputs carry `train_state_shardings`, so every array (params, optimizer moments,
+    reference copy) is born on its devices. `make_params(*args)` returns the policy's
+    nnx.Param state: e.g. the identity on params already loaded onto the mesh (with
+    `donate=True`, their buffers become the state's), or a random init from a seed.
+    """
+    def create(*args):
+        return init_train_state(config, make_params(*args), tx, hidden_size)
+
+    shardings = train_state_shardings(jax.eval_shape(create, *args), tx, mesh, config.mesh.rules)
+    donated = tuple(range(len(args))) if donate else ()
+    with jax.set_mesh(mesh):
+        state = jax.jit(create, out_shardings=shardings, donate_argnums=donated)(*args)
+    return state, shardings
+
+
+def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
+                          rules) -> TrainState:
+    """NamedShardings for every leaf of `state` (concrete or abstract).
+
+    Params and the frozen reference follow their logical axes through `rules`
+    (config.mesh.rules); optimizer moments follow their params; counters, the key and
+    the small value head are replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = named_shardings(state.params, mesh, rules)
+    head = jax.tree.map(lambda _: replicated, state.value_head)
+    trainable = (params, head)
+    # Optimizer leaves shaped like a param get its sharding; step counts are replicated.
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, state.opt_state, trainable,
+        transform_non_params=lambda _: replicated)
+    return TrainState(params=params, opt_state=opt, step=replicated, skipped_updates=replicated,
+                      rng=replicated, value_head=head,
+                      reference_params=None if state.reference_params is None else
+                      named_shardings(state.reference_params, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of every batch array [A, M, ...]: A unsharded, M over the 'batch' rule's axes."""
+    return NamedSharding(mesh, PartitionSpec(None, *logical_to_mesh(("batch",), rules)))

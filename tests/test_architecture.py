@@ -1,0 +1,153 @@
+"""The package's import rules (docs/architecture.md), read from the source with `ast`.
+
+Every module of kto_jax/ belongs to one layer; a module may import its own layer and
+the layers below it, never one above. No module imports itself back through a chain of
+imports (a cycle), counting imports inside functions and under TYPE_CHECKING, so a
+lazy import cannot hide one; and the top-level packages and modules (train/, step/,
+data/, bench.py, ...) import each other without cycles too.
+"""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kto_jax")
+
+# Highest first. A module belongs to the first layer with a prefix that names it or a
+# package above it. Keep in step with docs/architecture.md.
+LAYERS = (
+    ("commands", ("kto_jax.cli", "kto_jax.commands")),
+    ("runtime", ("kto_jax.train", "kto_jax.eval", "kto_jax.demo", "kto_jax.bench", "kto_jax.aot")),
+    ("step", ("kto_jax.step",)),
+    ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data", "kto_jax.logprobs",
+                   "kto_jax.generate")),
+    ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch")),
+)
+PACKAGE_INIT = "kto_jax"  # the package's own __init__: a docstring and the version, below all
+
+
+def module_name(path: str) -> str:
+    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-len(".py")].replace(os.sep, ".")
+    return rel.removesuffix(".__init__")
+
+
+def package_modules() -> dict[str, str]:
+    out = {}
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                out[module_name(path)] = path
+    return out
+
+
+MODULES = package_modules()
+
+
+def imports_of(path: str) -> set[str]:
+    """The kto_jax modules `path` imports, anywhere in the file (lazy ones included)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in MODULES else node.module)
+    return {name for name in out if name == "kto_jax" or name.startswith("kto_jax.")}
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def layer_of(module: str) -> int | None:
+    """Rank of `module`'s layer: 0 for the base, higher above; None when it has none."""
+    if module == PACKAGE_INIT:
+        return -1
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return len(LAYERS) - 1 - rank
+    return None
+
+
+def unit_of(module: str) -> str:
+    """The top-level package or module `module` is part of: kto_jax.train.run -> kto_jax.train."""
+    return ".".join(module.split(".")[:2])
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a path [a, b, ..., a], or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in MODULES if layer_of(m) is None)
+    assert not unplaced, (f"{unplaced}: give each a layer in LAYERS (tests/test_architecture.py) "
+                          "and docs/architecture.md")
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = sorted(f"{m} ({LAYERS[len(LAYERS) - 1 - layer_of(m)][0]}) imports {t} "
+                    f"({LAYERS[len(LAYERS) - 1 - layer_of(t)][0]})"
+                    for m, targets in GRAPH.items() for t in targets
+                    if t in MODULES and layer_of(m) is not None and layer_of(t) is not None
+                    and layer_of(t) > layer_of(m))
+    assert not upward, "\n".join(upward)
+
+
+def test_nothing_below_the_commands_imports_them():
+    commands = dict(LAYERS)["commands"]
+    offenders = sorted(f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
+                       if any(t == c or t.startswith(c + ".") for c in commands)
+                       and not any(m == c or m.startswith(c + ".") for c in commands))
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_import_cycle_between_modules():
+    cycle = find_cycle({m: {t for t in targets if t in MODULES and t != m}
+                        for m, targets in GRAPH.items()})
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_import_cycle_between_packages():
+    units: dict[str, set[str]] = {}
+    for m, targets in GRAPH.items():
+        units.setdefault(unit_of(m), set()).update(
+            unit_of(t) for t in targets if t in MODULES and unit_of(t) != unit_of(m))
+    cycle = find_cycle(units)
+    assert cycle is None, " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("graph, cycle", [
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+])
+def test_find_cycle(graph, cycle):
+    assert find_cycle(graph) == cycle
+
+
+def test_imports_inside_functions_are_edges_too():
+    """`eval/loading.py` imports the export code inside a function: it is still an edge."""
+    assert "kto_jax.train.export" in GRAPH["kto_jax.eval.loading"]
