@@ -210,6 +210,7 @@ class Checkpointer:
             META: ocp.args.JsonSave(meta or {}),
         })
         try:
+            faults.probe_writable(self.directory)
             started = bool(self._manager.save(int(step), args=args, force=True))
         except Exception as err:  # pylint: disable=broad-except
             self._fail(int(step), err)

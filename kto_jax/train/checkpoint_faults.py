@@ -93,6 +93,19 @@ def remove_temporary(directory: str, step: int) -> list[str]:
     return removed
 
 
+def probe_writable(directory: str) -> None:
+    """Raises OSError when `directory` does not take a new entry (permission, read-only).
+
+    Orbax 0.12.8 deadlocks when it cannot create a step's temporary directory (its
+    threads wait forever for one another), so a save checks first.
+    """
+    if paths.is_remote(directory) or jax.process_index() != 0:
+        return
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    os.mkdir(probe)
+    os.rmdir(probe)
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
