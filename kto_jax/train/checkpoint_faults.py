@@ -130,9 +130,24 @@ class _QuietOrbaxErrors(logging.Filter):
 _FILTER = _QuietOrbaxErrors()
 
 
+def _closed_loop_callback(unraisable) -> bool:
+    """TensorStore completing a write future of a failed save after Orbax closed its event
+    loop: one 'Event loop is closed' traceback per array, all noise once the save failed."""
+    value = unraisable.exc_value
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_unraisable(unraisable) -> None:
+    if not _closed_loop_callback(unraisable):
+        _quiet_unraisable.previous(unraisable)
+
+
 def quiet_orbax_errors() -> None:
-    """Installs the filter on absl's logger (idempotent)."""
+    """Installs the filter on absl's logger and the unraisable-exception hook (idempotent)."""
     for name in ("absl", ""):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    if sys.unraisablehook is not _quiet_unraisable:
+        _quiet_unraisable.previous = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisable
