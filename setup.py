@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "absl-py>=2.1",
+    # Chat templates (transformers' apply_chat_template): conversational training data,
+    # `sample`/`eval` message prompts, the demo. torch brings it along, so only a fresh
+    # install without the test extra ever missed it.
+    "jinja2>=3.1",
 ]
 
 EXTRAS = {

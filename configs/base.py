@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables
     c.train.export_at_end = True      # write an HF checkpoint to WORKDIR/hf at the end
     c.train.export_dtype = ""         # dtype of the exported HF weights ("bfloat16", "float32"); empty: model.param_dtype
+    c.train.allow_config_change = False  # resume even if model/reference/loss/data/optim settings changed (kto_jax/train/config_change.py)
 
     # ---- mesh: device layout (docs/training.md) ----
     c.mesh = ml_collections.ConfigDict()

@@ -184,7 +184,7 @@ def test_sample_cli_on_a_tiny_chat_model(tmp_path):
     prompts = write_prompts(str(tmp_path / "p.jsonl"), 5)
     out = str(tmp_path / "out.jsonl")
     assert cli.main(["sample", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"),
-                     "--out", out, "--max_new_tokens", "6", "--batch_size", "3"]) == 0
+                     "--out", out, "--max_new_tokens", "6", "--batch_size", "3", "--raw"]) == 0
     rows = [json.loads(line) for line in open(out)]
     assert [r["id"] for r in rows] == list(range(5)) and [r["prompt"] for r in rows] == prompts
     model, _ = from_pretrained(model_dir)
@@ -196,3 +196,55 @@ def test_sample_cli_on_a_tiny_chat_model(tmp_path):
     assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
     assert gen.render_prompt(tok, "plain ?") == "plain ?"
     assert gen.render_prompt(tok, "plain ?", chat=True).endswith("<|im_start|>assistant\n")
+
+
+def test_sample_cli_applies_the_chat_template_warns_without_one_and_reports_empty(tmp_path, capsys):
+    """Plain-string prompts on a chat model go through its template (as --chat would); a
+    tokenizer without a template gets a warning; an empty completion is reported."""
+    pytest.importorskip("torch")
+    import json
+    import os
+
+    from kto_jax import cli
+    from kto_jax.models import from_pretrained, load_tokenizer
+    from tiny_chat_model import write_tiny_chat_model
+    model_dir = write_tiny_chat_model(str(tmp_path / "model"))
+    prompts = ["the cat sat ?", "why is the sky blue ?"]
+    with open(tmp_path / "p.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    argv = ["sample", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"),
+            "--max_new_tokens", "5"]
+    model, _ = from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    settings = gen.SamplingSettings(max_new_tokens=5)
+    chat = gen.Sampler(model, tok, batch_size=8, chat=True).generate(prompts, settings)
+
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    assert [json.loads(line)["completion"] for line in out.out.splitlines()] == [g.text for g in chat]
+    assert "applying the tokenizer's chat template to plain-text prompts" in out.err
+
+    # The first prompt's first greedy token becomes an end token: its completion is empty.
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    config["eos_token_id"] = [tok.eos_token_id, chat[0].token_ids[0]]
+    json.dump(config, open(os.path.join(model_dir, "config.json"), "w"))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    empty = [i + 1 for i, g in enumerate(chat) if g.token_ids[0] == chat[0].token_ids[0]]
+    assert [json.loads(line)["completion"] == "" for line in out.out.splitlines()] == \
+        [i + 1 in empty for i in range(len(prompts))]
+    assert (f"warning: {len(empty)} of 2 completions are empty (rows "
+            f"{', '.join(map(str, empty))}): the model ended them at once") in out.err
+
+    # Without a chat template: the strings go as they are, with a warning.
+    for name in ("chat_template.jinja",):
+        if os.path.exists(os.path.join(model_dir, name)):
+            os.remove(os.path.join(model_dir, name))
+    tok_config = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
+    tok_config.pop("chat_template", None)
+    json.dump(tok_config, open(os.path.join(model_dir, "tokenizer_config.json"), "w"))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    raw = gen.Sampler(model, load_tokenizer(model_dir), batch_size=8).generate(prompts, settings)
+    assert [json.loads(line)["completion"] for line in out.out.splitlines()] == [g.text for g in raw]
+    assert "warning: the tokenizer has no chat template" in out.err

@@ -2,8 +2,11 @@
 
 PATH is a Hugging Face directory, a llama.cpp .gguf file or a `kto-jax train`
 workdir (its exported policy). FILE is JSONL with a "prompt" field per line: a
-string (used as plain text; --chat wraps it in one user message) or a list of
-{"role", "content"} messages (rendered with the tokenizer's chat template). Each
+string or a list of {"role", "content"} messages. Messages are rendered with the
+tokenizer's chat template; so is a plain string, as one user message, when the
+tokenizer has a template (a chat model given bare text often ends at once): --raw
+sends strings as they are (as training does with plain-text data). Without a template
+strings go as they are, with a warning. Empty completions are reported. Each
 output line is the input row plus "completion", "finished" (an end-of-sequence
 token was produced) and "num_tokens". Batches are split over all local devices.
 """
@@ -71,15 +74,33 @@ def read_prompt_rows(path: str) -> list[dict]:
     return rows
 
 
+def choose_chat(sampler, prompts: list, *, raw: bool) -> str | None:
+    """Turns the chat template on for plain-string prompts when the tokenizer has one
+    (unless `raw`); returns the line to tell the user, or None."""
+    if raw or sampler.chat or not any(isinstance(p, str) for p in prompts):
+        return None
+    if getattr(sampler.tokenizer, "chat_template", None):
+        sampler.chat = True
+        return ("applying the tokenizer's chat template to plain-text prompts (each one user "
+                "message); pass --raw to send them as they are")
+    return ("warning: the tokenizer has no chat template, so plain-text prompts go to the model as "
+            "they are; an instruction-tuned model may answer nothing")
+
+
 def main(argv: list[str]) -> int:
     parser = command_parser("kto-jax sample", __doc__)
     parser.add_argument("--model", required=True, help="HF directory, .gguf file or train workdir")
     parser.add_argument("--prompts", required=True, help="JSONL file with a \"prompt\" field per line")
     parser.add_argument("--out", default="-", help="output JSONL file (default: stdout)")
+    parser.add_argument("--raw", action="store_true",
+                        help="send plain-string prompts as they are, without the chat template")
     add_sampling_flags(parser)
     args = parser.parse_args(argv)
     rows = read_prompt_rows(args.prompts)
     sampler, resolved = make_sampler(args.model, args)
+    note = choose_chat(sampler, [r["prompt"] for r in rows], raw=args.raw)
+    if note:
+        sys.stderr.write(note + "\n")
     start = time.perf_counter()
     generations = sampler.generate([r["prompt"] for r in rows], sampling_settings(args), seed=args.seed)
     elapsed = time.perf_counter() - start
@@ -91,6 +112,13 @@ def main(argv: list[str]) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
+    empty = [i for i, g in enumerate(generations) if not g.text.strip()]
+    if empty:
+        sys.stderr.write(f"warning: {len(empty)} of {len(rows)} completions are empty (rows "
+                         f"{', '.join(str(i + 1) for i in empty[:10])}{'...' if len(empty) > 10 else ''}): "
+                         "the model ended them at once. "
+                         + ("A chat model needs its chat template (drop --raw)." if args.raw else
+                            "Check the prompt format the model was trained on.") + "\n")
     tokens = sum(len(g.token_ids) for g in generations)
     sys.stderr.write(f"sampled {len(rows)} completions ({tokens} tokens) from {resolved} "
                      f"in {elapsed:.1f}s\n")

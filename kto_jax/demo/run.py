@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -60,6 +61,21 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
                   time.perf_counter() - start, timings, log)
 
 
+def drop_training_state(workdir: str, run_dir: str) -> None:
+    """Deletes what only a resumed run would need (the Orbax checkpoints: most of the disk
+    use) and the --smoke model; the report, the plot and run/hf stay."""
+    from kto_jax.train.run import CHECKPOINT_DIR
+    shutil.rmtree(os.path.join(run_dir, CHECKPOINT_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(workdir, "smoke-model"), ignore_errors=True)
+
+
+def disk_use(directory: str) -> str:
+    """Bytes under `directory`, e.g. '540 MB'."""
+    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory)
+                for f in files if not os.path.islink(os.path.join(root, f)))
+    return f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
+
+
 def kl_estimate(model, tokenizer, generations, policy_params, reference_params) -> float:
     """mean over samples y ~ pi_theta of log pi_theta(y|x) - log pi_ref(y|x), in nats."""
     scorer = SequenceScorer(model, tokenizer, batch_size=16, length_multiple=16)
@@ -81,15 +97,17 @@ def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_t
     rate_before = stats.rate(sum(map(rule.passes, b_texts)), len(b_texts))
     rate_after = stats.rate(sum(map(rule.passes, a_texts)), len(a_texts))
     plot = report.write_plot(run_dir, os.path.join(workdir, report.PLOT_FILE), model_name)
+    drop_training_state(workdir, run_dir)
     text = "\n\n".join([
         report.table(rate_before, rate_after, kl, eval_metrics, b_texts, a_texts, size.num_steps),
         report.verdict(rate_before, rate_after),
         "Examples (first sample of the first held-out prompts; up/down = the rule's verdict):\n"
         + report.examples([g.prompt for g in before], b_texts, a_texts, stride=size.heldout_samples),
         report.caveats(model_name, size_name, len(a_texts), n_train, size.num_steps),
-        f"Wall time {seconds / 60:.1f} min. Workdir {workdir}: feedback_*.jsonl, run/ (checkpoint, "
-        f"metrics.jsonl, hf/), results.json" + (f", {report.PLOT_FILE}" if plot else
-                                               " (no plot: pip install matplotlib)") + "."])
+        f"Wall time {seconds / 60:.1f} min. Workdir {workdir}, {disk_use(workdir)} on disk: "
+        f"results.json" + (f", {report.PLOT_FILE}" if plot else " (no plot: pip install matplotlib)")
+        + ", feedback_*.jsonl, run/hf/ (the aligned model, loadable by transformers with torch), "
+        "run/metrics.jsonl. The training checkpoints were deleted."])
     log("\n" + text)
     results = {"size": size_name, "rule": rule.DESCRIPTION, "steps": size.num_steps,
                "pass_rate_before": rate_before.as_dict(), "pass_rate_after": rate_after.as_dict(),

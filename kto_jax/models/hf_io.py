@@ -227,6 +227,9 @@ def load_tokenizer(path: str) -> Any:
     if str(path).endswith(".gguf"):
         from kto_jax.models.gguf import open_gguf
         return open_gguf(str(path))[2]
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("config.json", "tokenizer_config.json")):
+        read_hf_config(path)  # an empty or foreign directory: "no config.json", not a tokenizer error
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(path)

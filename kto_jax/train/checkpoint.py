@@ -14,12 +14,19 @@ A resume restores `state` onto the shardings of an *abstract* target
 whole model, and moves the data iterator to exactly the next example. Orbax
 writes each step to a temporary directory and renames it when complete, so a
 SIGKILL during a save leaves the previous checkpoint as the latest.
+
+Faults (kto_jax/train/checkpoint_faults.py): a newest checkpoint that cannot be
+restored is reported in one line, renamed to `<step>.corrupt-<time>` and the next
+newest is tried; a failed save (disk full, permission) raises `CheckpointSaveError`
+at the next step (async saves fail in a background thread), after removing its
+temporary directory, so the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 import grain
 import jax
@@ -27,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kto_jax.errors import UserError
+from kto_jax.train import checkpoint_faults as faults
 from kto_jax.train import paths
 
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
@@ -133,6 +141,10 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(leaf, state)
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written; training must stop (the message says why and where)."""
+
+
 class Checkpointer:
     """Saves and restores a run's training state under `directory`.
 
@@ -141,11 +153,14 @@ class Checkpointer:
       every_steps: `maybe_save` writes when `step % every_steps == 0`.
       keep: how many of the most recent checkpoints to keep.
       async_save: write in a background thread while training continues.
-      read_only: only restore (export): never create, clean up or delete anything.
+      read_only: only restore (export): never create, clean up or delete anything
+        (an unreadable newest checkpoint is still renamed aside, never deleted).
+      log: where one-line warnings go (default: stderr of process 0).
     """
 
     def __init__(self, directory: str, *, every_steps: int = 1, keep: int = 1,
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False,
+                 log: Callable[[str], None] = faults.log_line):
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(every_steps), 1),
             max_to_keep=None if read_only else max(int(keep), 1),
@@ -156,6 +171,12 @@ class Checkpointer:
         )
         self.directory = paths.resolve(directory)
         self.every_steps = max(int(every_steps), 1)
+        self.keep = max(int(keep), 1)
+        self._log = log
+        self._pending_step: int | None = None   # an async save not yet known to have finished
+        self._checkpoint_bytes: int | None = None  # set (and free space checked) at the first save
+        self._failed = False
+        faults.quiet_orbax_errors()
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(STATE, DATA, CONFIG, META))
 
@@ -173,17 +194,71 @@ class Checkpointer:
         The device buffers are copied before this returns, so the caller may donate
         `state` to the next step at once; the write itself may still be running.
         """
+        self.raise_if_save_failed()
         if not force and step % self.every_steps != 0:
             return False
         if step in self._manager.all_steps():
             return False
+        storable = _to_storable(state)
+        if self._checkpoint_bytes is None:
+            self._checkpoint_bytes = faults.state_bytes(storable)
+            self._warn_if_low_space()
         args = ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeSave(_to_storable(state)),
+            STATE: ocp.args.PyTreeSave(storable),
             DATA: grain.checkpoint.CheckpointSave(IteratorSnapshot.of(data_iterator)),
             CONFIG: ocp.args.JsonSave(json.loads(config_json)),
             META: ocp.args.JsonSave(meta or {}),
         })
-        return bool(self._manager.save(int(step), args=args, force=True))
+        try:
+            faults.probe_writable(self.directory)
+            started = bool(self._manager.save(int(step), args=args, force=True))
+        except Exception as err:  # pylint: disable=broad-except
+            self._fail(int(step), err)
+        if started:
+            self._pending_step = int(step)
+        return started
+
+    def raise_if_save_failed(self) -> None:
+        """Raises CheckpointSaveError once a background save has failed (cheap; call every step)."""
+        if self._pending_step is None or self._manager.is_saving_in_progress():
+            return
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # pylint: disable=broad-except
+            self._fail(self._pending_step, err)
+        self._pending_step = None
+
+    def _warn_if_low_space(self) -> None:
+        free = faults.free_bytes(self.directory)
+        need = self._checkpoint_bytes * self.keep
+        if free is not None and free < need:
+            self._log(f"warning: {faults.human_bytes(free)} free in {self.directory}, but keeping "
+                      f"{self.keep} checkpoint(s) of about {faults.human_bytes(self._checkpoint_bytes)} "
+                      f"each needs {faults.human_bytes(need)} (one more while a new one is written).")
+
+    def _fail(self, step: int | None, err: BaseException) -> None:
+        """Cleans up after a failed save of `step` and raises CheckpointSaveError."""
+        self._failed, self._pending_step = True, None
+        if step is not None:
+            faults.remove_temporary(self.directory, step)
+        size = self._checkpoint_bytes or 0
+        free = faults.free_bytes(self.directory)
+        room = "" if free is None else f", {faults.human_bytes(free)} free there"
+        try:
+            self._manager.reload()
+            last = self._manager.latest_step()
+        except Exception:  # pylint: disable=broad-except
+            last = None
+        kept = (f"the last good checkpoint, step {last}, is intact" if last is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointSaveError(
+            f"cannot save the checkpoint of step {step} to {self.directory}: "
+            f"{faults.save_failure_reason(err)}. One checkpoint needs about "
+            f"{faults.human_bytes(size)}{room}; {kept}. Training stopped: free space (or fix the "
+            "permissions) and re-run the same command to resume.") from None
 
     def restore(self, abstract_state: Any, data_iterator: Any = None, *,
                 step: int | None = None) -> tuple[Any, int]:
@@ -198,25 +273,86 @@ class Checkpointer:
         Returns:
           (state, step).
         """
-        step = self._resolve_step(step)
         target = _abstract_storable(abstract_like(abstract_state))
-        items = {STATE: _pytree_restore(target)}
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(IteratorSnapshot())
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+
+        def read(step: int) -> Any:
+            self._check_saved_shapes(step, target)
+            items = {STATE: _pytree_restore(target)}
+            if data_iterator is not None:
+                items[DATA] = grain.checkpoint.CheckpointRestore(IteratorSnapshot())
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+        restored, step = self.restore_newest(read, step=step)
         if data_iterator is not None:
             restored[DATA].apply_to(data_iterator)
         return _from_storable(restored[STATE], abstract_state), step
+
+    def restore_newest(self, read: Callable[[int], Any], *, step: int | None = None
+                       ) -> tuple[Any, int]:
+        """(read(step), step) for `step`, or for the newest checkpoint `read` succeeds on.
+
+        A checkpoint `read` fails on (truncated array file, missing metadata) is
+        reported in one line and renamed to `<step>.corrupt-<time>`; the next newest
+        is tried. A `UserError` from `read` (e.g. a different model) is raised as is.
+        """
+        if step is not None:
+            step = self._resolve_step(step)
+            try:
+                return read(step), step
+            except UserError:
+                raise
+            except Exception as err:  # pylint: disable=broad-except
+                raise UserError(f"checkpoint {paths.join(self.directory, str(step))} cannot be "
+                                f"restored: {faults.one_line(err)}") from None
+        set_aside = []
+        while True:
+            step = self._manager.latest_step()
+            if step is None:
+                raise UserError(f"no checkpoint in {self.directory} can be restored; set aside: "
+                                f"{', '.join(set_aside) or 'none'}. Re-run to start from step 0, "
+                                "or pass a new --workdir.")
+            try:
+                return read(step), step
+            except UserError:
+                raise
+            except Exception as err:  # pylint: disable=broad-except
+                moved = faults.set_aside(self.directory, step)
+                set_aside.append(moved)
+                self._manager.reload()
+                self._log(f"warning: checkpoint {paths.join(self.directory, str(step))} cannot be "
+                          f"restored ({faults.one_line(err)}); set aside as {moved}; trying the "
+                          "previous one.")
+
+    def _check_saved_shapes(self, step: int, target: Any) -> None:
+        """UserError when the saved state cannot hold `target`'s arrays (another model);
+        an exception of another type when the saved metadata is missing (a damaged checkpoint)."""
+        from etils import epath  # pylint: disable=import-outside-toplevel
+        metadata = ocp.PyTreeCheckpointHandler().metadata(
+            epath.Path(paths.join(self.directory, str(step), STATE)))
+        tree = getattr(metadata, "tree", metadata)
+        saved = Counter(tuple(x.shape) for x in jax.tree.leaves(
+            tree, is_leaf=lambda x: hasattr(x, "shape")) if hasattr(x, "shape"))
+        wanted = Counter(tuple(x.shape) for x in jax.tree.leaves(target) if hasattr(x, "shape"))
+        missing = wanted - saved
+        if missing:
+            shape = next(iter(missing))
+            raise UserError(f"checkpoint {paths.join(self.directory, str(step))} holds no array of "
+                            f"shape {shape}, which this run's state has: it was saved by a run of "
+                            "another model or optimizer. Use a new --workdir for a different model.")
 
     def restore_subtree(self, name: str, abstract: Any, *, step: int | None = None) -> tuple[Any, int]:
         """Restores only the top-level field `name` of the saved state (e.g. "params" to export).
 
         The rest of the state (optimizer moments: twice the parameters) is never read.
         """
-        step = self._resolve_step(step)
         target = {name: _abstract_storable(abstract_like(abstract))}
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{STATE: _pytree_restore(target, partial=True)}))
+
+        def read(step: int) -> Any:
+            self._check_saved_shapes(step, target)
+            return self._manager.restore(step, args=ocp.args.Composite(
+                **{STATE: _pytree_restore(target, partial=True)}))
+
+        restored, step = self.restore_newest(read, step=step)
         return _from_storable(restored[STATE][name], abstract), step
 
     def restore_config(self, step: int | None = None) -> dict:
@@ -228,9 +364,8 @@ class Checkpointer:
         return self._restore_json(META, step)
 
     def _restore_json(self, item: str, step: int | None) -> dict:
-        step = self._resolve_step(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.JsonRestore()}))
+        restored, _ = self.restore_newest(lambda s: self._manager.restore(
+            s, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), step=step)
         return dict(restored[item] or {})
 
     def state_metadata(self, step: int | None = None) -> Any:
@@ -248,13 +383,26 @@ class Checkpointer:
         return int(step)
 
     def wait(self) -> None:
-        """Blocks until every pending async save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every pending async save is on disk (CheckpointSaveError if one failed)."""
+        if self._pending_step is not None:
+            self._finish_pending()
+        else:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves, then releases the manager's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves, then releases the manager's threads.
+
+        After a failed save (already reported) nothing more is raised.
+        """
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except
+                if not self._failed:
+                    raise
 
 
 def numpy_state(state: Any) -> Any:

@@ -105,7 +105,12 @@ class Throughput:
 
 
 def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool = False) -> bool:
-    """Saves `step` if due (or forced), with the data position and the metrics window."""
+    """Saves `step` if due (or forced), with the data position and the metrics window.
+
+    Every call first checks that no earlier (async) save has failed, so a failed save
+    stops training at the next step (CheckpointSaveError), not at the next save.
+    """
+    run.checkpointer.raise_if_save_failed()
     if not force and step % run.checkpointer.every_steps:
         return False
     return run.checkpointer.save(step, saved_state(run.state), run.train_iter, run.config_json,

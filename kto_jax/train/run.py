@@ -31,12 +31,13 @@ from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
+from kto_jax.models.hf_io import read_hf_config
 from kto_jax.step import flops as flops_lib
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding, init_sharded_state, split_model
-from kto_jax.train import paths, reference_store, workdir as layout
+from kto_jax.train import config_change, paths, reference_store, workdir as layout
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
 from kto_jax.train.export import write_model_source
 from kto_jax.train.metrics import MetricsLogger
@@ -79,6 +80,8 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
                         "checkpoint directory) or a llama.cpp .gguf file.")
     if not os.path.exists(config.model.path):
         raise UserError(f"config.model.path={config.model.path!r} does not exist.")
+    if os.path.isdir(config.model.path):
+        read_hf_config(config.model.path)  # "no config.json in DIR" before any tokenizer error
     if not config.data.train_path:
         raise UserError("config.data.train_path is empty: pass --config.data.train_path=FILE "
                         "(JSONL / JSON / Parquet, or a datasets directory).")
@@ -138,24 +141,13 @@ def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
     return restored.replace(reference_params=reference), step, meta.get("window")
 
 
-def warn_config_changes(checkpointer: Checkpointer, config_json: str, logger: MetricsLogger) -> None:
-    """Names the config fields that differ from the checkpoint's (a resume keeps going anyway)."""
-    saved = _flatten(checkpointer.restore_config())
-    now = _flatten(json.loads(config_json))
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    if changed:
-        logger.message("warning: resuming with config changes since the checkpoint: "
-                       + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def check_config_changes(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
+                         config_json: str, workdir: str) -> str | None:
+    """UserError when a resume changes the run's mathematics (kto_jax/train/config_change.py);
+    otherwise the warning line naming what changed, or None."""
+    return config_change.check_resume(checkpointer.restore_config(), json.loads(config_json),
+                                      allow=bool(config.train.get("allow_config_change", False)),
+                                      where=workdir)
 
 
 def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, tokenizer) -> None:
@@ -180,20 +172,22 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     ck = config.checkpoint
     checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINT_DIR), every_steps=ck.every_steps,
                                 keep=ck.keep, async_save=ck.async_save)
+    resuming = checkpointer.latest_step() is not None
+    changes = check_config_changes(checkpointer, config, config_json, workdir) if resuming else None
     model, model_config = load_policy(config, mesh)
     graphdef, state, shardings = initial_state(config, model, tx, mesh)
     del model
     forever = int(config.train.num_steps) > 0
     train_iter = data.train_iter_factory(forever=forever)
     start_step, window = 0, None
-    resuming = checkpointer.latest_step() is not None
     if resuming:
         state, start_step, window = resume_state(checkpointer, state, train_iter)
     logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step,
                            enabled=jax.process_index() == 0)
     if resuming:
         logger.message(f"resuming from step {start_step} of {num_steps} in {workdir}")
-        warn_config_changes(checkpointer, config_json, logger)
+        if changes:
+            logger.message(changes)
     for line in data.summary.lines():
         logger.message(line)
     write_run_files(workdir, config_json, model_config, tokenizer)

@@ -13,6 +13,8 @@ wait for it and return 0.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import ml_collections
 
@@ -22,6 +24,7 @@ from kto_jax.train.distributed import PreemptionGuard, agree
 from kto_jax.train.export import export_params
 from kto_jax.train.loop import MetricsWindow, run_loop, save_checkpoint
 from kto_jax.train.run import Run, setup_run
+from kto_jax.train.workdir_lock import WorkdirLock
 
 
 def _exported_step(workdir: str) -> int | None:
@@ -50,8 +53,13 @@ def finish(run: Run) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """Trains (or resumes) the run of `config` in `workdir`; returns the exit code (0)."""
-    with PreemptionGuard() as guard:
+    """Trains (or resumes) the run of `config` in `workdir`; returns the exit code (0).
+
+    WORKDIR/run.lock keeps a second run off the same workdir while this one lives.
+    """
+    lock = WorkdirLock(workdir, log=lambda line: print(line, file=sys.stderr),
+                       enabled=jax.process_index() == 0)
+    with lock, PreemptionGuard() as guard:
         run = setup_run(config, workdir)
         try:
             with jax.set_mesh(run.mesh):

@@ -49,6 +49,8 @@ def test_demo_quick_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert [m["step"] for m in metrics] == list(range(1, size.num_steps + 1))
     assert results["heldout_eval"]["step"] == size.num_steps
     assert os.path.isfile(os.path.join(workdir, "run", "hf", "config.json"))
+    assert not os.path.exists(os.path.join(workdir, "run", "checkpoints"))  # only what a user reads
+    assert f"Workdir {workdir}, " in printed and " on disk: results.json" in printed
     assert os.path.getsize(os.path.join(workdir, "training_curves.png")) > 10_000
     # A second demo into the same workdir is refused instead of mixing runs.
     assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 2
