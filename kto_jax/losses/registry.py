@@ -124,6 +124,15 @@ def _dpo(s: Stats, h):
                                beta=h.beta, label_smoothing=h.label_smoothing, mask=s["valid"])
 
 
+def _paired_ref(fn, **hparams):
+    """Adapter for a paired loss on the four log-prob arrays; `hparams` maps kwarg -> config.loss field."""
+    def call(s: Stats, h) -> tuple[Array, dict]:
+        return fn(s["policy_chosen_logps"], s["policy_rejected_logps"], s["reference_chosen_logps"],
+                  s["reference_rejected_logps"], mask=s["valid"],
+                  **{kw: h[field] for kw, field in hparams.items()})
+    return call
+
+
 def _ipo(s: Stats, h):
     return preference.ipo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
                                s["reference_chosen_logps"], s["reference_rejected_logps"],
@@ -185,6 +194,12 @@ _LOSSES = {
     "orpo": HaloLoss("orpo", _orpo, True, False, False, PAIRED_FREE + COUNTS),
     "simpo": HaloLoss("simpo", _simpo, True, False, False, PAIRED_FREE + COUNTS),
     "slic": HaloLoss("slic", _slic, True, False, False, PAIRED_FREE),
+    "discopop": HaloLoss("discopop", _paired_ref(preference.discopop_loss, beta="beta", tau="discopop_tau"),
+                         paired=True, uses_reference=True, uses_kl=False, stat_keys=PAIRED_REF),
+    "apo_zero": HaloLoss("apo_zero", _paired_ref(preference.apo_zero_loss, beta="beta"),
+                         paired=True, uses_reference=True, uses_kl=False, stat_keys=PAIRED_REF),
+    "apo_down": HaloLoss("apo_down", _paired_ref(preference.apo_down_loss, beta="beta"),
+                         paired=True, uses_reference=True, uses_kl=False, stat_keys=PAIRED_REF),
     "sft": HaloLoss("sft", _sft, False, False, False, _SFT_KEYS),
     "csft": HaloLoss("csft", _csft, False, False, False, _SFT_KEYS),
     "ppo_offline": HaloLoss("ppo_offline", _ppo_offline, False, True, False, _PPO_KEYS,
