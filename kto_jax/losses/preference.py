@@ -57,7 +57,9 @@ def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     """DPO (Rafailov et al. 2023; App. B of the KTO paper), conservative DPO when label_smoothing > 0.
 
     h = beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))];
-    cost = -(1 - eps) log sigma(h) - eps log sigma(-h), eps = label_smoothing.
+    cost = -(1 - eps) log sigma(h) - eps log sigma(-h), eps = label_smoothing: the cDPO
+    formula (Mitchell 2023), as in HALOs. TRL 1.16's loss_type="sigmoid" ignores eps and
+    its "robust" is a different loss (rDPO); see docs/losses.md.
     Rewards: beta * (log pi - log ref) per side.
     """
     m, pw, pl, chosen_rewards, rejected_rewards = _beta_log_ratios(
