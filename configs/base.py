@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seed = 0                  # seed of parameter-free randomness (e.g. the value head of offline PPO)
     c.train.logprob_vocab_chunk = 8192  # vocabulary columns per LM-head chunk when computing log-probs (memory vs speed)
     c.train.log_every = 10            # steps between metrics.jsonl lines
+    c.train.metric_names = "kto_jax"  # "kto_jax" | "trl": TRL's KTO names (rewards/chosen, logps/rejected, ...) in metrics.jsonl and TensorBoard (docs/losses.md)
     c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables
     c.train.export_at_end = True      # write an HF checkpoint to WORKDIR/hf at the end
     c.train.export_dtype = ""         # dtype of the exported HF weights ("bfloat16", "float32"); empty: model.param_dtype
