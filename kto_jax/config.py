@@ -69,10 +69,31 @@ def _unknown_key_message(err: Exception, argv: list[str]) -> str:
         err = err.args[0]
     detail = str(err.args[0] if err.args else err).strip("'\"")
     missing = detail.split("\n")[0].strip("'\"")
-    keys = [k for k in _overrides(argv) if k.split(".")[-1] == missing] or _overrides(argv)
+    keys = (_unresolved_overrides(argv) or [k for k in _overrides(argv) if missing in k.split(".")]
+            or _overrides(argv))
     hint = detail.split("\n", 1)[1].strip() if "\n" in detail else ""
     return (f"unknown config key {', '.join(keys)!s}. {hint} "
             "See configs/base.py for every field.").replace("  ", " ")
+
+
+def _unresolved_overrides(argv: list[str]) -> list[str]:
+    """The overrides whose dotted key is not a field of the config file (none if it cannot be read)."""
+    path = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")), "")
+    try:
+        config = config_file(path)
+    except Exception:  # noqa: BLE001 - the message then falls back to matching key names
+        return []
+
+    def resolves(key: str) -> bool:
+        node = config
+        for part in key.split("."):
+            part = part.split("[", 1)[0]
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return [k for k in _overrides(argv) if not resolves(k)]
 
 
 def _flag_error_message(err: Exception, argv: list[str]) -> str:

@@ -64,7 +64,7 @@ def detect_format(rows: RowSet, configured: str = "auto") -> tuple[str, bool]:
     if not rows.records:
         raise UserError(f"{rows.source}: no records found; the dataset is empty.")
     if configured == "auto":
-        fmt = _format_from_columns(columns, rows.source)
+        fmt = _format_from_columns(columns, rows)
     elif configured in FORMATS:
         fmt = configured
         missing = [c for c in FORMATS[fmt] if c not in columns]
@@ -75,17 +75,45 @@ def detect_format(rows: RowSet, configured: str = "auto") -> tuple[str, bool]:
     else:
         raise UserError(f"data.format={configured!r} is not a format; use auto or one of "
                         f"{', '.join(FORMATS)} (conversational variants are detected).")
-    first = rows.records[0]
-    probe = first.get("prompt") if "prompt" in columns else first.get("chosen")
-    return fmt, isinstance(probe, list)
+    probe = "prompt" if "prompt" in columns else "chosen"
+    return fmt, _conversational(rows, probe)
 
 
-def _format_from_columns(columns: set[str], source: str) -> str:
+def _conversational(rows: RowSet, field: str) -> bool:
+    """Whether `field` holds message lists (decided by the first row that has it); UserError
+    naming a row of each style when text and message lists are mixed."""
+    styles: dict[bool, int] = {}
+    for i, record in enumerate(rows.records):
+        value = record.get(field)
+        if isinstance(value, (str, list)):
+            styles.setdefault(isinstance(value, list), i)
+            if len(styles) == 2:
+                raise UserError(
+                    f"{rows.source}: rows mix plain text and conversational message lists in "
+                    f"{field!r}: text at {rows.where(styles[False])}, messages at "
+                    f"{rows.where(styles[True])}; use one style for every row.")
+    return bool(styles) and next(iter(styles))
+
+
+def _first_row_with(rows: RowSet, fmt: str) -> int | None:
+    needed = set(FORMATS[fmt])
+    return next((i for i, r in enumerate(rows.records) if needed <= set(r)), None)
+
+
+def _format_from_columns(columns: set[str], rows: RowSet) -> str:
+    source = rows.source
     matches = [name for name, cols in FORMATS.items() if set(cols) <= columns]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise UserError(f"{source}: the columns {', '.join(sorted(columns))} fit several "
+        firsts = {fmt: _first_row_with(rows, fmt) for fmt in matches}
+        fits = [sum(set(FORMATS[fmt]) <= set(r) for fmt in matches) for r in rows.records]
+        if max(fits) < 2 and None not in firsts.values():  # each row is one format: a mix
+            raise UserError(f"{source}: rows mix data formats: " + "; ".join(
+                f"{fmt} ({', '.join(FORMATS[fmt])}) at {rows.where(i)}" for fmt, i in firsts.items())
+                + ". Put each format in its own file, or set data.format to the one to use.")
+        example = f" (e.g. {rows.where(fits.index(max(fits)))})" if max(fits) > 1 else ""
+        raise UserError(f"{source}: the columns {', '.join(sorted(columns))}{example} fit several "
                         f"formats ({', '.join(matches)}); set data.format to one of them.")
     if {"chosen", "rejected"} <= columns:
         return "paired"  # implicit prompt; checked to be conversational when normalising

@@ -96,7 +96,8 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
             raise UserError(f"{eval_rows.source}: eval rows are "
-                            f"{'conversational' if eval_conv else 'text'} but train rows are not.")
+                            f"{'conversational' if eval_conv else 'text'} but the train rows of "
+                            f"{train_rows.source} are not.")
         evaluation, eval_summary = _prepare_split("eval", eval_rows, eval_note, eval_fmt,
                                                   eval_conv, config, paired, tokenizer, layout,
                                                   allgather)
@@ -202,9 +203,10 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items, spec, process_index=layout.process_index, process_count=layout.process_count,
         allgather=allgather, on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
     if len(split) == 0:
-        raise UserError(_empty_message(name, len(rows.records), n_examples, subsampled, report))
+        raise UserError(f"{rows.source}: " + _empty_message(name, len(rows.records), n_examples,
+                                                            subsampled, report))
     if name == "train" and d.drop_remainder and len(split) < layout.global_batch:
-        raise UserError(f"only {len(split)} training examples, fewer than one global batch of "
+        raise UserError(f"{rows.source}: only {len(split)} training examples, fewer than one global batch of "
                         f"{layout.global_batch}, and data.drop_remainder=True drops them all; "
                         "set data.drop_remainder=False or lower train.global_batch_size.")
     return split, _split_summary(name, source, len(rows.records), n_examples, subsampled, report,

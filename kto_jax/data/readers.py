@@ -16,6 +16,10 @@ import re
 from kto_jax.errors import UserError
 
 MAX_LISTED_PROBLEMS = 20
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Byte-order marks of encodings other than UTF-8 (Notepad's "Unicode", PowerShell's default).
+_OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
+               b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
              ".pq": "parquet"}
@@ -120,13 +124,29 @@ def _looks_like_hub_id(path: str) -> bool:
         path.lower().endswith(s) for s in _SUFFIXES)
 
 
+def _check_encoding(path: str, head: bytes) -> None:
+    """UserError for a file that starts with a UTF-16/32 byte-order mark (not UTF-8)."""
+    for bom, name in _OTHER_BOMS.items():
+        if head.startswith(bom):
+            raise UserError(f"{path}: the file is {name} (it starts with the byte-order mark "
+                            f"{bom.hex(' ').upper()}); save it as UTF-8.")
+
+
 def _read_jsonl(path: str) -> RowSet:
-    """One JSON object per line; blank lines are skipped; errors name path:line."""
+    """One JSON object per line; a UTF-8 byte-order mark, CRLF line ends and blank lines
+    are accepted; errors name path:line."""
     records, lines, problems = [], [], Problems()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                _check_encoding(path, raw)
+            raw = raw.removeprefix(_UTF8_BOM)  # also where files with marks were concatenated
             if not raw.strip():
                 continue
+            if not records and not problems.count and raw.lstrip().startswith(b"["):
+                raise UserError(f"{path}: the file starts with a JSON array, not one JSON object "
+                                "per line (JSON Lines); rename it to .json or write one object "
+                                "per line.")
             record = _parse_line(raw, f"{path}:{lineno}", problems)
             if record is not None:
                 records.append(record)
@@ -154,21 +174,36 @@ def _parse_line(raw: bytes, where: str, problems: Problems) -> dict | None:
 
 
 def _read_json(path: str) -> RowSet:
-    """A JSON list of objects, or an object of equal-length columns."""
+    """A JSON list of objects, or an object of equal-length columns (UTF-8, with or
+    without a byte-order mark)."""
     with open(path, "rb") as f:
         data = f.read()
+    _check_encoding(path, data)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: invalid UTF-8 ({err.reason}); re-encode the file as "
                         "UTF-8.") from None
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; it should hold a JSON list of objects.")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and _first_line_is_object(text):
+            raise UserError(f"{path}: the file holds one JSON object per line (JSON Lines), "
+                            "not one JSON value; rename it to .jsonl.") from None
         raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg} at column {err.colno}"
                         ) from None
     return RowSet(path, "json", _json_records(value, path))
+
+
+def _first_line_is_object(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _json_records(value, path: str) -> list[dict]:

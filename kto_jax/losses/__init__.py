@@ -11,7 +11,8 @@ from kto_jax.losses.kto import (apo_zero_unpaired_loss, kto_concave_loss, kto_fa
                                 v_linear)
 from kto_jax.losses.ppo import (gae, init_value_head, ppo_offline_loss, terminal_rewards,
                                 value_head_apply)
-from kto_jax.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss, slic_loss
+from kto_jax.losses.preference import (apo_down_loss, apo_zero_loss, discopop_loss, dpo_loss,
+                                       ipo_loss, orpo_loss, simpo_loss, slic_loss)
 from kto_jax.losses.registry import LOSS_NAMES, HaloLoss, get_loss
 from kto_jax.losses.sft import (BAD_TOKEN, GOOD_TOKEN, add_control_token, csft_loss,
                                 csft_sampling_prompt, sft_desirable_loss, sft_loss)
@@ -23,7 +24,8 @@ __all__ = [
     "kto_family_loss", "kto_loss", "kto_no_z0_loss", "kto_reference_free_loss",
     "kto_risk_neutral_loss", "reference_point", "v_concave", "v_kto", "v_linear", "gae",
     "init_value_head", "ppo_offline_loss", "terminal_rewards", "value_head_apply", "dpo_loss",
-    "ipo_loss", "orpo_loss", "simpo_loss", "slic_loss", "LOSS_NAMES", "HaloLoss", "get_loss",
+    "ipo_loss", "orpo_loss", "simpo_loss", "slic_loss", "discopop_loss", "apo_zero_loss",
+    "apo_down_loss", "LOSS_NAMES", "HaloLoss", "get_loss",
     "BAD_TOKEN", "GOOD_TOKEN", "add_control_token", "csft_loss", "csft_sampling_prompt",
     "sft_desirable_loss", "sft_loss", "balanced_weights", "resolve_weights", "weight_ratio",
     "weight_ratio_in_range", "weight_ratio_warning",

@@ -1,4 +1,4 @@
-"""Losses on preference pairs (x, y_w, y_l): DPO/cDPO, IPO, SimPO, ORPO, SLiC.
+"""Losses on preference pairs (x, y_w, y_l): DPO/cDPO, IPO, SimPO, ORPO, SLiC, DiscoPOP, APO.
 
 Inputs are per-sequence log-probs of shape [M] (M pairs): the chosen y_w is the
 "desirable" side of the metrics and the rejected y_l the "undesirable" side, so
@@ -43,6 +43,13 @@ def _mean_loss(cost: Array, mask: Array) -> Array:
     return masked_sum(cost, mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _beta_log_ratios(mask: Array, beta: float, *logps: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """(mask, pw, pl, beta r_w, beta r_l): the cleaned inputs and each side's implied reward."""
+    m = as_mask(mask, logps[0])
+    pw, pl, rw, rl = _clean(m, *logps)
+    return m, pw, pl, beta * (pw - rw), beta * (pl - rl)
+
+
 def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
              reference_chosen_logps: Array, reference_rejected_logps: Array, *,
              beta: float = 0.1, label_smoothing: float = 0.0,
@@ -50,14 +57,14 @@ def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     """DPO (Rafailov et al. 2023; App. B of the KTO paper), conservative DPO when label_smoothing > 0.
 
     h = beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))];
-    cost = -(1 - eps) log sigma(h) - eps log sigma(-h), eps = label_smoothing.
+    cost = -(1 - eps) log sigma(h) - eps log sigma(-h), eps = label_smoothing: the cDPO
+    formula (Mitchell 2023), as in HALOs. TRL 1.16's loss_type="sigmoid" ignores eps and
+    its "robust" is a different loss (rDPO); see docs/losses.md.
     Rewards: beta * (log pi - log ref) per side.
     """
-    m = as_mask(mask, policy_chosen_logps)
-    pw, pl, rw, rl = _clean(m, policy_chosen_logps, policy_rejected_logps,
-                            reference_chosen_logps, reference_rejected_logps)
-    chosen_rewards = beta * (pw - rw)
-    rejected_rewards = beta * (pl - rl)
+    m, pw, pl, chosen_rewards, rejected_rewards = _beta_log_ratios(
+        mask, beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps)
     h = chosen_rewards - rejected_rewards
     cost = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
     metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
@@ -146,4 +153,62 @@ def slic_loss(policy_chosen_logps: Array, policy_rejected_logps: Array, *,
     lw, ll = _clean(m, policy_chosen_logps, policy_rejected_logps)
     cost = jnp.maximum(0.0, delta - lw + ll) + lambda_reg * (-lw)
     metrics = pair_metrics(cost, lw, ll, lw, ll, m)
+    return _mean_loss(cost, m), metrics
+
+
+def discopop_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
+                  reference_chosen_logps: Array, reference_rejected_logps: Array, *,
+                  beta: float = 0.05, tau: float = 0.05,
+                  mask: Optional[Array] = None) -> tuple[Array, dict]:
+    """DiscoPOP / LRML (Chris Lu et al. 2024, "Discovering Preference Optimization
+    Algorithms with and for Large Language Models", log-ratio modulated loss, eq. 5).
+
+    h = beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))] (DPO's logit);
+    cost = (1 - sigma(h/tau)) (-log sigma(h)) + sigma(h/tau) exp(-h):
+    a blend of DPO's logistic loss and an exponential loss, weighted by the
+    log-ratio's sign and size (tau = 0.05 in the paper and TRL). The exponential
+    term is evaluated as exp(log sigma(h/tau) - h), which stays finite for very
+    negative h where exp(-h) alone overflows (for tau < 1). Rewards: beta * r per side.
+    """
+    m, pw, pl, chosen_rewards, rejected_rewards = _beta_log_ratios(
+        mask, beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps)
+    h = chosen_rewards - rejected_rewards
+    modulation = jax.nn.sigmoid(h / tau)
+    cost = -(1.0 - modulation) * jax.nn.log_sigmoid(h) + jnp.exp(jax.nn.log_sigmoid(h / tau) - h)
+    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
+    return _mean_loss(cost, m), metrics
+
+
+def apo_zero_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
+                  reference_chosen_logps: Array, reference_rejected_logps: Array, *,
+                  beta: float = 0.1, mask: Optional[Array] = None) -> tuple[Array, dict]:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7), paired.
+
+    cost = (1 - sigma(beta r_w)) + sigma(beta r_l), r = log pi(y) - log ref(y): raise the
+    chosen and lower the rejected likelihood, each against the reference (for chosen
+    outputs better than the model's own). Rewards: beta * r per side.
+    """
+    m, pw, pl, chosen_rewards, rejected_rewards = _beta_log_ratios(
+        mask, beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps)
+    cost = (1.0 - jax.nn.sigmoid(chosen_rewards)) + jax.nn.sigmoid(rejected_rewards)
+    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
+    return _mean_loss(cost, m), metrics
+
+
+def apo_down_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
+                  reference_chosen_logps: Array, reference_rejected_logps: Array, *,
+                  beta: float = 0.1, mask: Optional[Array] = None) -> tuple[Array, dict]:
+    """APO-down (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 8).
+
+    cost = sigma(beta r_w) + (1 - sigma(beta (r_w - r_l))), r = log pi(y) - log ref(y):
+    lower the chosen likelihood and the rejected one more (for chosen outputs worse
+    than the model's own). Rewards: beta * r per side.
+    """
+    m, pw, pl, chosen_rewards, rejected_rewards = _beta_log_ratios(
+        mask, beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps)
+    cost = jax.nn.sigmoid(chosen_rewards) + (1.0 - jax.nn.sigmoid(chosen_rewards - rejected_rewards))
+    metrics = pair_metrics(cost, chosen_rewards, rejected_rewards, pw, pl, m)
     return _mean_loss(cost, m), metrics

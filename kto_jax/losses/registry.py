@@ -127,6 +127,15 @@ def _dpo(s: Stats, h):
                                beta=h.beta, label_smoothing=h.label_smoothing, mask=s["valid"])
 
 
+def _paired_ref(fn, **hparams):
+    """Adapter for a paired loss on the four log-prob arrays; `hparams` maps kwarg -> config.loss field."""
+    def call(s: Stats, h) -> tuple[Array, dict]:
+        return fn(s["policy_chosen_logps"], s["policy_rejected_logps"], s["reference_chosen_logps"],
+                  s["reference_rejected_logps"], mask=s["valid"],
+                  **{kw: h[field] for kw, field in hparams.items()})
+    return call
+
+
 def _ipo(s: Stats, h):
     return preference.ipo_loss(s["policy_chosen_logps"], s["policy_rejected_logps"],
                                s["reference_chosen_logps"], s["reference_rejected_logps"],
@@ -197,6 +206,12 @@ _LOSS_LIST = (
     _paired("orpo", _orpo, uses_reference=False, stat_keys=PAIRED_FREE + COUNTS),
     _paired("simpo", _simpo, uses_reference=False, stat_keys=PAIRED_FREE + COUNTS),
     _paired("slic", _slic, uses_reference=False, stat_keys=PAIRED_FREE),
+    _paired("discopop", _paired_ref(preference.discopop_loss, beta="beta", tau="discopop_tau"),
+            uses_reference=True, stat_keys=PAIRED_REF),
+    _paired("apo_zero", _paired_ref(preference.apo_zero_loss, beta="beta"), uses_reference=True,
+            stat_keys=PAIRED_REF),
+    _paired("apo_down", _paired_ref(preference.apo_down_loss, beta="beta"), uses_reference=True,
+            stat_keys=PAIRED_REF),
     HaloLoss(name="sft", fn=_sft, paired=False, uses_reference=False, uses_kl=False,
              stat_keys=_SFT_KEYS),
     HaloLoss(name="csft", fn=_csft, paired=False, uses_reference=False, uses_kl=False,

@@ -28,6 +28,23 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def dtype_name(value: Any, what: str = "dtype") -> str:
+    """The name in DTYPES of a dtype given as a name ("bfloat16"), a JAX/NumPy dtype or
+    scalar type (`jnp.bfloat16`, `np.float32`) or a torch dtype (`torch.bfloat16`);
+    `what` names the argument in the error."""
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            import jax.numpy as jnp  # lazy: the config module stays light
+            name = jnp.dtype(value).name
+        except TypeError:
+            name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UserError(f"{what} {value!r} is not one of {', '.join(DTYPES)} (give a name, or e.g. jnp.bfloat16)")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of one decoder-only transformer (hashable: usable as a jit static)."""
@@ -51,12 +68,14 @@ class ModelConfig:
     bos_token_id: int | None = None         # HF bos_token_id
     eos_token_id: int | tuple[int, ...] | None = None  # HF eos_token_id (a list becomes a tuple)
     pad_token_id: int | None = None         # HF pad_token_id
-    param_dtype: str = "float32"            # dtype the weights are stored in
-    dtype: str = "float32"                  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"            # dtype the weights are stored in (a name; jnp.float32 etc. become one)
+    dtype: str = "float32"                  # compute dtype of activations and matmuls (likewise)
     remat_policy: str = "none"              # "none" | "full" | "dots" | "dots_no_batch"
     attention_impl: str = "auto"            # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) | "splash" (Pallas, TPU)
 
     def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"model {name}"))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if isinstance(self.eos_token_id, list):

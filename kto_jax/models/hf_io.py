@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
-from kto_jax.models.config import ModelConfig
+from kto_jax.models.config import ModelConfig, dtype_name
 from kto_jax.models.tensor_source import SAFETENSORS_INDEX, SafetensorsSource, TensorSource
 from kto_jax.models.transformer import Transformer, abstract_model
 
@@ -35,7 +35,7 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size 
 
 
 def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
-                    param_dtype: str = "float32", dtype: str = "float32",
+                    param_dtype: Any = "float32", dtype: Any = "float32",
                     **overrides: Any) -> tuple[Transformer, ModelConfig]:
     """Load a local HF checkpoint directory (or a llama.cpp .gguf file) onto `mesh`.
 
@@ -45,7 +45,8 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
       mesh: target mesh; None means a one-device mesh on the first device.
       rules: logical-axis rule table (config.mesh.rules, or config.mesh itself);
         None replicates every parameter.
-      param_dtype, dtype: stored weight dtype and compute dtype.
+      param_dtype, dtype: stored weight dtype and compute dtype: a name ("bfloat16") or a
+        dtype (jnp.bfloat16).
       overrides: other ModelConfig fields (remat_policy, attention_impl).
     Returns:
       (model, config) with every parameter on its NamedSharding.
@@ -135,7 +136,7 @@ def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 # ---- export ----
 
 def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str | None = None) -> None:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None) -> None:
     """Write config.json, model-0000k-of-0000n.safetensors and model.safetensors.index.json.
 
     Args:
@@ -143,10 +144,10 @@ def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
       out_dir: created if needed; only process 0 writes.
       tokenizer: a transformers tokenizer to save alongside, or None.
       max_shard_bytes: upper bound of one safetensors file (a larger tensor gets its own file).
-      dtype: dtype of the saved weights; default the model's param_dtype.
+      dtype: dtype of the saved weights ("bfloat16" or jnp.bfloat16); default the model's param_dtype.
     """
     config: ModelConfig = model.config
-    save_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    save_dtype = np.dtype(jnp.dtype(dtype_name(dtype or config.param_dtype, "export dtype")))
     flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     plan = _export_plan(config, flat, save_dtype.itemsize)
     shards = _group_into_shards(plan, max_shard_bytes)

@@ -127,12 +127,14 @@ class Transformer(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
 
-    def hidden_states(self, input_ids: Array, positions: Array, attention_mask: Array | None) -> Array:
+    def hidden_states(self, input_ids: Array, positions: Array | None = None,
+                      attention_mask: Array | None = None) -> Array:
         """Final-norm hidden states.
 
         Args:
           input_ids: int32 [B, T] token ids (padding ids are arbitrary but in range).
-          positions: int32 [B, T] RoPE positions, e.g. `positions_from_mask(attention_mask)`.
+          positions: int32 [B, T] RoPE positions, e.g. `positions_from_mask(attention_mask)`;
+            None: 0..T-1 in every row (full, unpadded rows).
           attention_mask: int [B, T], 1 on real tokens, 0 on padding; padding may sit on
             the left and on the right of the same row. None when every row's real tokens
             come first (right padding only): attention is then causal alone, with no
@@ -143,6 +145,8 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
         h = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype), ACT_EMBED)
         cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
         mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
@@ -160,8 +164,13 @@ class Transformer(nnx.Module):
         w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return w.astype(jnp.dtype(self.config.dtype))
 
-    def __call__(self, input_ids: Array, positions: Array, attention_mask: Array) -> Array:
-        """[B, T, V] float32 logits = hidden_states @ lm_head_weight (float32 accumulation)."""
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 attention_mask: Array | None = None) -> Array:
+        """[B, T, V] float32 logits = hidden_states @ lm_head_weight (float32 accumulation).
+
+        `model(input_ids)` alone treats every row as full and unpadded (positions 0..T-1,
+        causal attention); pass positions and mask for padded rows (see hidden_states).
+        """
         hidden = self.hidden_states(input_ids, positions, attention_mask)
         return jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(),
                           preferred_element_type=jnp.float32)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import tqdm
 from tensorboardX import SummaryWriter
 
+from kto_jax.train import metric_names as names_lib
 from kto_jax.train import paths
 from kto_jax.train.workdir import EVAL_METRICS_FILE, METRICS_FILE, TB_DIR
 
@@ -73,11 +74,15 @@ class MetricsLogger:
       total_steps: the run's last step, for the bar's ETA.
       start_step: the step the run starts (or resumes) from.
       enabled: False on processes other than 0, which then log nothing.
+      metric_names: "kto_jax" or "trl": the names rows are written under
+        (kto_jax.train.metric_names).
     """
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
-                 enabled: bool = True):
+                 enabled: bool = True, metric_names: str = "kto_jax"):
+        names_lib.check_scheme(metric_names)
         self.enabled = enabled
+        self._names = metric_names
         self._paths = {name: paths.join(workdir, name) for name in (METRICS_FILE, EVAL_METRICS_FILE)}
         self._tb = None
         self._bar = None
@@ -113,7 +118,8 @@ class MetricsLogger:
 
     def _write(self, name: str, step: int, metrics: Mapping[str, Any], prefix: str) -> dict:
         record = {"step": int(step)}
-        record.update({k: _clean(v) for k, v in metrics.items() if k != "step"})
+        record.update({k: _clean(v) for k, v in names_lib.rename(metrics, self._names).items()
+                       if k != "step"})
         paths.append_text(self._paths[name], json.dumps(record) + "\n")
         for key, value in record.items():
             if self._tb is not None and key != "step" and isinstance(value, (int, float)):

@@ -40,6 +40,7 @@ from kto_jax.step.state import TrainState, batch_sharding, init_sharded_state, s
 from kto_jax.train import config_change, paths, reference_store, workdir as layout
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
 from kto_jax.train.export import write_model_source
+from kto_jax.train.metric_names import check_scheme
 from kto_jax.train.metrics import MetricsLogger
 
 
@@ -162,6 +163,7 @@ def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, t
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds (or restores) everything a run needs; see the module docstring."""
     check_paths(config)
+    check_scheme(config.train.metric_names)  # before any heavy work
     workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(config.model.path)
     data, num_steps = prepare_data(config, tokenizer)
@@ -183,7 +185,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if resuming:
         state, start_step, window = resume_state(checkpointer, state, train_iter)
     logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step,
-                           enabled=jax.process_index() == 0)
+                           enabled=jax.process_index() == 0,
+                           metric_names=config.train.metric_names)
     if resuming:
         logger.message(f"resuming from step {start_step} of {num_steps} in {workdir}")
         if changes:

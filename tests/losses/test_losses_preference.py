@@ -1,4 +1,4 @@
-"""DPO/cDPO, IPO, SimPO, ORPO and SLiC against numpy hand computations and TRL's formulas."""
+"""DPO/cDPO, IPO, SimPO, ORPO and SLiC against numpy hand computations of their papers' formulas."""
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +24,12 @@ def j(*xs):
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_dpo_matches_trl_formula(label_smoothing):
-    """TRL's DPO 'sigmoid' loss in numpy.
+def test_dpo_matches_cdpo_formula(label_smoothing):
+    """DPO (eps = 0) and conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
 
-    Source: huggingface/trl, trl/trainer/dpo_trainer.py (commit a68fb896, DPOTrainer.dpo_loss):
-      logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-      losses = -logsigmoid(beta * logits) * (1 - label_smoothing) - logsigmoid(-beta * logits) * label_smoothing
-      chosen_rewards = beta * (chosen_logps - ref_chosen_logps); rewards/accuracies = mean(chosen > rejected)
+      h = beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]
+      cost = -(1 - eps) log sigma(h) - eps log sigma(-h)
+      rewards = beta (log pi - log ref) per side; rewards/accuracies = mean(chosen > rejected).
     """
     beta = 0.1
     logits = (PW.astype(np.float64) - PL) - (RW.astype(np.float64) - RL)
@@ -45,6 +44,30 @@ def test_dpo_matches_trl_formula(label_smoothing):
     assert s["rewards/accuracies"] == pytest.approx(np.mean(cr > rr))
     np.testing.assert_allclose(s["logps/desirable"], PW.mean(), rtol=1e-6)
     assert s["num_examples"] == 5
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_label_smoothing_against_trl_1_16_sigmoid_and_robust(label_smoothing):
+    """What TRL 1.16's DPOTrainer does with the same label_smoothing (its own code, trl_harness).
+
+    loss_type="sigmoid" ignores label_smoothing: it is plain DPO, -log sigma(h), i.e. our
+    `dpo` with eps = 0 whatever eps is set. loss_type="robust" is rDPO (Chowdhury et al. 2024):
+    (-(1 - eps) log sigma(h) + eps log sigma(-h)) / (1 - 2 eps), which equals cDPO only at eps = 0.
+    """
+    trl_harness = pytest.importorskip("trl_harness")
+    beta, eps = 0.1, label_smoothing
+    plain_dpo, _ = dpo_loss(*j(PW, PL, RW, RL), beta=beta, label_smoothing=0.0)
+    cdpo, _ = dpo_loss(*j(PW, PL, RW, RL), beta=beta, label_smoothing=eps)
+    sigmoid, _ = trl_harness.trl_dpo("sigmoid", PW, PL, RW, RL, beta=beta, label_smoothing=eps)
+    robust, _ = trl_harness.trl_dpo("robust", PW, PL, RW, RL, beta=beta, label_smoothing=eps)
+    np.testing.assert_allclose(sigmoid, float(plain_dpo), rtol=1e-5)
+    h = beta * ((PW.astype(np.float64) - PL) - (RW.astype(np.float64) - RL))
+    rdpo = np.mean((-(1 - eps) * logsig(h) + eps * logsig(-h)) / (1 - 2 * eps))
+    np.testing.assert_allclose(robust, rdpo, rtol=1e-6)
+    if eps == 0.0:
+        np.testing.assert_allclose(float(cdpo), robust, rtol=1e-5)
+    else:
+        assert abs(float(cdpo) - robust) > 1e-3 and abs(float(cdpo) - sigmoid) > 1e-3
 
 
 def test_dpo_hand_value_and_gradient():

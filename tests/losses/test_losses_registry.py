@@ -59,7 +59,7 @@ def test_every_loss_honours_the_contract(name):
                                         rel=1e-5)
     expected_n = 5.0 if name not in ("sft",) else 3.0  # sft: valid desirable rows only
     assert float(metrics["num_examples"]) == expected_n
-    assert loss_fn.paired == (name in ("dpo", "ipo", "orpo", "simpo", "slic"))
+    assert loss_fn.paired == (name in ("dpo", "ipo", "orpo", "simpo", "slic", "discopop", "apo_zero", "apo_down"))
     assert loss_fn.uses_kl == ("policy_kl_logps" in loss_fn.stat_keys)
     assert loss_fn.uses_reference == any(k.startswith("reference") for k in loss_fn.stat_keys)
     assert loss_fn.uses_token_logps == loss_fn.uses_value_head == (name == "ppo_offline")
