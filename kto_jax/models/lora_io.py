@@ -106,8 +106,11 @@ def read_peft_config(directory: str, lora: lora_lib.LoraConfig | None = None) ->
     if not isinstance(targets, list):
         raise UserError(f"{where}: target_modules {targets!r} must be a list of module names "
                         f"among {' '.join(lora_lib.TARGET_MODULES)}")
-    targets = tuple(t for t in lora_lib.TARGET_MODULES if t in targets) + tuple(
-        t for t in targets if t not in lora_lib.TARGET_MODULES)
+    unknown = [t for t in targets if t not in lora_lib.TARGET_MODULES]
+    if unknown:
+        raise UserError(f"{where}: the adapter targets {', '.join(map(str, unknown))}; kto-jax adapts only "
+                        f"{' '.join(lora_lib.TARGET_MODULES)}")
+    targets = tuple(t for t in lora_lib.TARGET_MODULES if t in targets)
     lora = lora or lora_lib.LoraConfig()
     found = lora_lib.LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=lora.dropout,
                                 target_modules=targets, seed=lora.seed, init_from=directory)

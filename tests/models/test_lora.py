@@ -37,6 +37,11 @@ def _random_b(adapters, seed=5, scale=0.05):
     return adapters
 
 
+@nnx.jit
+def _logits(m, ids, pos, mask):
+    return m(ids, pos, mask)
+
+
 @pytest.fixture(scope="module")
 def model():
     return Transformer(CONFIG, rngs=nnx.Rngs(0))
@@ -45,9 +50,9 @@ def model():
 def test_zero_b_gives_exactly_the_base_logits(model):
     adapters = lora.LoraAdapters(CONFIG, LORA, rngs=nnx.Rngs(1))
     ids, pos, mask = _batch()
-    base = model(ids, pos, mask)
+    base = _logits(model, ids, pos, mask)
     policy = lora.attach(model, adapters)
-    np.testing.assert_array_equal(np.asarray(policy(ids, pos, mask)), np.asarray(base))
+    np.testing.assert_array_equal(np.asarray(_logits(policy, ids, pos, mask)), np.asarray(base))
     assert getattr(model, "lora", None) is None  # the reference keeps no adapters
     assert np.abs(np.asarray(adapters.factors("q_proj")[0])).max() > 0  # A is random, B alone is zero
 
@@ -55,7 +60,7 @@ def test_zero_b_gives_exactly_the_base_logits(model):
 def test_attached_adapters_equal_the_merged_weights(model):
     adapters = _random_b(lora.LoraAdapters(CONFIG, LORA, rngs=nnx.Rngs(1)))
     ids, pos, mask = _batch()
-    got = lora.attach(model, adapters)(ids, pos, mask)
+    got = _logits(lora.attach(model, adapters), ids, pos, mask)
     # Hand merge: W + (alpha / r) A B per layer, in HF-free numpy.
     merged = nnx.merge(*nnx.split(model), copy=True)
     for t in adapters.targets:
@@ -63,11 +68,11 @@ def test_attached_adapters_equal_the_merged_weights(model):
         w = getattr(merged.layers, t)
         delta = np.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, 4), b.reshape(b.shape[0], 4, -1))
         w.set_value(jnp.asarray(np.asarray(w[...], np.float64) + 2.0 * delta.reshape(w[...].shape), jnp.float32))
-    want = merged(ids, pos, mask)
+    want = _logits(merged, ids, pos, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(lora.merge(model, adapters)(ids, pos, mask)), np.asarray(want),
+    np.testing.assert_allclose(np.asarray(_logits(lora.merge(model, adapters), ids, pos, mask)), np.asarray(want),
                                atol=2e-5, rtol=0)
-    assert np.abs(np.asarray(got - model(ids, pos, mask))).max() > 1e-2  # the adapters do change the logits
+    assert np.abs(np.asarray(got - _logits(model, ids, pos, mask))).max() > 1e-2  # the adapters do change the logits
 
 
 @pytest.mark.parametrize("zero_b", [True, False])
@@ -85,10 +90,10 @@ def test_lora_gradient_is_the_projection_of_the_full_gradient(model, zero_b):
         return jnp.sum(jnp.tanh(logits) * probe * mask[..., None])
 
     graphdef, state = nnx.split(adapters)
-    lora_grads = jax.grad(lambda s: f(lora.attach(model, nnx.merge(graphdef, s))(ids, pos, mask)))(state)
+    lora_grads = jax.jit(jax.grad(lambda s: f(lora.attach(model, nnx.merge(graphdef, s))(ids, pos, mask))))(state)
     merged = lora.merge(model, adapters)
     mg, mstate = nnx.split(merged)
-    full = jax.grad(lambda s: f(nnx.merge(mg, s)(ids, pos, mask)))(mstate)
+    full = jax.jit(jax.grad(lambda s: f(nnx.merge(mg, s)(ids, pos, mask))))(mstate)
     s_ = LORA.scale
     for t in adapters.targets:
         a, b = (np.asarray(x, np.float64) for x in adapters.factors(t))
@@ -118,7 +123,7 @@ def test_adapters_shard_like_their_matrix_and_mesh_logits_match_one_device():
     assert specs["down_proj_lora_b"].get_value() == P(None, None, "fsdp")         # B: 'embed'
     ids, pos, mask = _batch()
     one = lora.attach(init_model(CONFIG, seed=0), _random_b(lora.init_adapters(CONFIG, LORA)))
-    want = np.asarray(one(ids, pos, mask))
+    want = np.asarray(_logits(one, ids, pos, mask))
     base = init_model(CONFIG, mesh=mesh, rules=rules, seed=0)
     adapters = _random_b(lora.init_adapters(CONFIG, LORA, mesh=mesh, rules=rules))
     assert adapters.gate_proj_lora_b[...].sharding.spec == P(None, None, "tensor")
@@ -134,15 +139,16 @@ def test_dropout_applies_only_with_a_key_and_is_inverted_scaled(model):
     cfg = dataclasses.replace(LORA, dropout=0.5)
     adapters = _random_b(lora.LoraAdapters(CONFIG, cfg, rngs=nnx.Rngs(1)))
     ids, pos, mask = _batch()
-    plain = lora.attach(model, adapters)(ids, pos, mask)
-    dropped = [lora.attach(model, adapters, dropout_key=jax.random.key(k))(ids, pos, mask) for k in range(2)]
-    base = model(ids, pos, mask)
+    plain = _logits(lora.attach(model, adapters), ids, pos, mask)
+    dropped = [_logits(lora.attach(model, adapters, dropout_key=jax.random.key(k)), ids, pos, mask)
+               for k in range(2)]
+    base = _logits(model, ids, pos, mask)
     assert np.abs(np.asarray(dropped[0] - dropped[1])).max() > 1e-3   # a fresh mask per key
     assert np.abs(np.asarray(dropped[0] - plain)).max() > 1e-3
     # Dropout is on the adapter input only: with B = 0 every key gives the base exactly.
     zero = lora.LoraAdapters(CONFIG, cfg, rngs=nnx.Rngs(1))
-    np.testing.assert_array_equal(np.asarray(lora.attach(model, zero, dropout_key=jax.random.key(0))(
-        ids, pos, mask)), np.asarray(base))
+    np.testing.assert_array_equal(np.asarray(_logits(lora.attach(model, zero, dropout_key=jax.random.key(0)),
+                                                  ids, pos, mask)), np.asarray(base))
 
 
 def test_dense_dropout_matches_a_hand_computation():
