@@ -38,6 +38,7 @@ EXTRAS = {
         "matplotlib>=3.8",
         # tests/trl_harness.py runs TRL's own loss code to check ours (no torch/transformers change).
         "trl==1.16.*",
+        "peft==0.21.2",  # tests/models/test_lora_peft.py loads our LoRA exports with the real peft
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
     ],

@@ -24,6 +24,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.reference.source = "model"      # "model" (frozen copy of the initial policy) | "precomputed" (log-probs in the data) | "none"
     c.reference.param_dtype = "bfloat16"  # dtype of the frozen reference weights ("float32" for exactness)
 
+    # ---- lora: train low-rank adapters instead of every weight (docs/lora.md) ----
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0                   # adapter rank r; 0 = off (full-parameter training), e.g. 16 turns LoRA on for every loss
+    c.lora.alpha = 16.0               # the adapter term is (alpha / rank) * B A, as in PEFT
+    c.lora.dropout = 0.0              # dropout on the adapters' input during training (PEFT's lora_dropout)
+    c.lora.target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # HF names of the adapted projections
+    c.lora.seed = 0                   # seed of the A initialiser (B starts at 0: the policy equals the reference at step 0)
+    c.lora.init_from = ""             # PEFT adapter directory to start from (e.g. an SFT LoRA); the reference is base + this adapter, frozen
+
     # ---- loss: which HALO and its hyperparameters (docs/losses.md) ----
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | dpo | ipo | orpo | simpo | slic | discopop | apo_zero | apo_down | sft | csft | ppo_offline

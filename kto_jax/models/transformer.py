@@ -156,8 +156,15 @@ class Transformer(nnx.Module):
             return decoder_layer(p, h, cos, sin, mask, cfg, impl), None
 
         layer = _remat(layer, cfg.remat_policy)
-        h, _ = jax.lax.scan(layer, h, self.layers.arrays())
+        h, _ = jax.lax.scan(layer, h, self.layer_arrays())
         return constrain(rms_norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
+
+    def layer_arrays(self) -> dict[str, Array]:
+        """The layer scan's xs: the stacked weights, plus LoRA factors when adapters are attached
+        (`kto_jax.models.lora.attach` sets `self.lora`; `dense` applies them)."""
+        lora = getattr(self, "lora", None)
+        arrays = self.layers.arrays()
+        return arrays if lora is None else {**arrays, **lora.scan_inputs(self.config.num_layers)}
 
     def lm_head_weight(self) -> Array:
         """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
@@ -206,7 +213,7 @@ class Transformer(nnx.Module):
             return (h, k_all, v_all), None
 
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), (self.layers.arrays(), layers))
+        (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), (self.layer_arrays(), layers))
         return rms_norm(h, self.norm[...], cfg.rms_norm_eps), KVCache(k_all, v_all, kv_mask)
 
 
@@ -303,9 +310,9 @@ def project_qkv(p: dict[str, Array], x: Array, cos: Array, sin: Array,
                 cfg: ModelConfig) -> tuple[Array, Array, Array]:
     """q [B, T, H, hd], k and v [B, T, K, hd] of x [B, T, D]: bias, q/k-norm and RoPE applied."""
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"].astype(dt))    # [B, T, H, hd]
-    k = jnp.einsum("btd,dnh->btnh", x, p["k_proj"].astype(dt))    # [B, T, K, hd]
-    v = jnp.einsum("btd,dnh->btnh", x, p["v_proj"].astype(dt))    # [B, T, K, hd]
+    q = dense("btd,dnh->btnh", x, p, "q_proj")    # [B, T, H, hd]
+    k = dense("btd,dnh->btnh", x, p, "k_proj")    # [B, T, K, hd]
+    v = dense("btd,dnh->btnh", x, p, "v_proj")    # [B, T, K, hd]
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:
@@ -317,15 +324,38 @@ def project_qkv(p: dict[str, Array], x: Array, cos: Array, sin: Array,
 def project_out(p: dict[str, Array], out: Array) -> Array:
     """The output projection of attention heads [B, T, H, hd] -> [B, T, D]."""
     out = constrain(out, ACT_HEADS)
-    return constrain(jnp.einsum("btnh,nhd->btd", out, p["o_proj"].astype(out.dtype)), ACT_EMBED)
+    return constrain(dense("btnh,nhd->btd", out, p, "o_proj"), ACT_EMBED)
 
 
 def swiglu(p: dict[str, Array], x: Array) -> Array:
     """down(silu(gate(x)) * up(x)) for x [B, T, D]."""
-    dt = x.dtype
-    gate = constrain(jnp.einsum("btd,df->btf", x, p["gate_proj"].astype(dt)), ACT_MLP)
-    up = constrain(jnp.einsum("btd,df->btf", x, p["up_proj"].astype(dt)), ACT_MLP)
-    return constrain(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt)), ACT_EMBED)
+    gate = constrain(dense("btd,df->btf", x, p, "gate_proj"), ACT_MLP)
+    up = constrain(dense("btd,df->btf", x, p, "up_proj"), ACT_MLP)
+    return constrain(dense("btf,fd->btd", jax.nn.silu(gate) * up, p, "down_proj"), ACT_EMBED)
+
+
+def dense(equation: str, x: Array, p: dict[str, Array], name: str) -> Array:
+    """einsum(equation, x, W) for the layer weight W = p[name], in x's dtype, plus the LoRA
+    term (x A) (scale B) when p holds `{name}_lora_a` / `_lora_b` (kto_jax.models.lora).
+
+    A has W's contracted axes then r, B has r then W's output axes, so both einsums
+    follow from `equation`. With `lora_dropout_key` in p, x is dropped out first
+    (a separate mask per target, as PEFT's per-module dropout).
+    """
+    y = jnp.einsum(equation, x, p[name].astype(x.dtype))
+    if name + "_lora_a" not in p:
+        return y
+    lhs, w_in_out = equation.split(",")
+    w, out = w_in_out.split("->")
+    contracted = "".join(c for c in w if c in lhs)
+    kept = "".join(c for c in lhs if c not in contracted)
+    if "lora_dropout_key" in p:
+        keep = 1.0 - p["lora_dropout_rate"]
+        key = jax.random.fold_in(p["lora_dropout_key"], sum(map(ord, name)))
+        x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep.astype(x.dtype), 0).astype(x.dtype)
+    xa = jnp.einsum(f"{lhs},{contracted}r->{kept}r", x, p[name + "_lora_a"].astype(x.dtype))
+    produced = "".join(c for c in w if c not in contracted)
+    return y + jnp.einsum(f"{kept}r,r{produced}->{out}", xa, p[name + "_lora_b"].astype(x.dtype))
 
 
 # ---- KV cache (generation) ----

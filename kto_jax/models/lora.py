@@ -1,0 +1,261 @@
+"""LoRA adapters on the stacked layer weights: W_eff = W + (alpha / r) A B.
+
+The adapters are their own NNX module (`LoraAdapters`), holding for every target
+projection W (HF names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) two
+stacked factors, each a `flax.nnx.LoRAParam`:
+
+    A: [L, *in_shape(W), r]     logical axes ('layers', <W's input axes>, None)
+    B: [L, r, *out_shape(W)]    logical axes ('layers', None, <W's output axes>)
+
+so `kto_jax.sharding`'s rule table shards them like the matrix they adapt (A along
+W's input axis, e.g. 'embed' -> fsdp; B along W's output axes, e.g. 'heads'/'mlp'
+-> tensor). B starts at zero: the policy equals the base at step 0, bit for bit.
+
+The adapted product is computed on the activations, never by forming W + dW:
+x W + (alpha / r) (x A) B, inside the same `lax.scan` over layers as the base
+weights (`Transformer.layer_arrays` adds the factors to the scan's xs). The
+backward therefore costs O(tokens * r * (in + out)) for the adapters and no
+[in, out] weight gradient for the frozen base.
+
+One set of base weights serves both forwards:
+    policy    = attach(model, adapters, dropout_key=key)   # base + adapters (trained)
+    reference = model                                       # base alone
+    reference = attach(model, frozen_initial_adapters)      # base + a starting (SFT) adapter
+
+Which adapters exist is `LoraConfig` (config.lora): `LoraConfig.from_config(config.lora)`,
+checked by `validate(...)` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.models.config import ModelConfig
+from kto_jax.models.transformer import LAYER_AXES, Transformer, layer_param_shapes
+
+Array = jax.Array
+
+# HF module name -> number of leading (input) axes of our per-layer weight; the rest are output axes.
+TARGET_IN_AXES: dict[str, int] = {
+    "q_proj": 1, "k_proj": 1, "v_proj": 1,    # [D | N, hd]
+    "o_proj": 2,                              # [H, hd | D]
+    "gate_proj": 1, "up_proj": 1,             # [D | F]
+    "down_proj": 1,                           # [F | D]
+}
+TARGET_MODULES = tuple(TARGET_IN_AXES)
+# HF module path of each target inside a decoder layer (PEFT key names, kto_jax.models.lora_io).
+TARGET_HF_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+                   "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+                   "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+# Loss heads that are not base weights and are trained in full next to the adapters
+# (offline PPO's value head reads stop_gradient(hidden) and is a few MB).
+HEADS_TRAINED_IN_FULL = ("uses_value_head",)
+A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+DROPOUT_KEY = "lora_dropout_key"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """config.lora as a hashable value (usable as a jit static); rank 0 means off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = TARGET_MODULES
+    seed: int = 0
+    init_from: str = ""
+
+    @classmethod
+    def from_config(cls, lora: Any) -> LoraConfig:
+        """From config.lora (a ConfigDict or mapping); target_modules may be a list or a
+        comma/space separated string (as given on the command line)."""
+        get = lora.get if hasattr(lora, "get") else lambda k, d=None: getattr(lora, k, d)
+        targets = get("target_modules", TARGET_MODULES)
+        if isinstance(targets, str):
+            targets = targets.replace(",", " ").split()
+        return cls(rank=int(get("rank", 0)), alpha=float(get("alpha", 16.0)),
+                   dropout=float(get("dropout", 0.0)), target_modules=tuple(targets),
+                   seed=int(get("seed", 0)), init_from=str(get("init_from", "") or ""))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank != 0 or bool(self.init_from)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, the factor of the adapter term."""
+        return self.alpha / self.rank
+
+
+def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: Any = None) -> None:
+    """Raise UserError naming the config.lora setting that is wrong; call before compiling.
+
+    Checks: rank > 0 when LoRA is on, alpha > 0, 0 <= dropout < 1, target modules known
+    and present in `model_config`'s architecture, the loss's extra heads (a HaloLoss's
+    `uses_*_head` fields) trainable next to adapters. The adapter directory of
+    `lora.init_from` is checked where it is read (`kto_jax.models.lora_io.read_peft`).
+    """
+    if not lora.enabled:
+        return
+    if lora.rank < 0 or (lora.rank == 0 and not lora.init_from):  # 0 with init_from: the adapter's rank
+        raise UserError(f"config.lora.rank={lora.rank}: the LoRA rank must be a positive integer "
+                        "(e.g. --config.lora.rank=16); 0 turns LoRA off")
+    if not lora.alpha > 0:
+        raise UserError(f"config.lora.alpha={lora.alpha}: must be > 0 (the adapter term is scaled by alpha / rank)")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise UserError(f"config.lora.dropout={lora.dropout}: must be in [0, 1)")
+    if not lora.target_modules:
+        raise UserError("config.lora.target_modules is empty; name at least one of " + " ".join(TARGET_MODULES))
+    unknown = [t for t in lora.target_modules if t not in TARGET_IN_AXES]
+    if unknown:
+        raise UserError(f"config.lora.target_modules: unknown module(s) {', '.join(unknown)}; "
+                        f"choose among {' '.join(TARGET_MODULES)}")
+    if len(set(lora.target_modules)) != len(lora.target_modules):
+        raise UserError(f"config.lora.target_modules lists a module twice: {' '.join(lora.target_modules)}")
+    if model_config is not None:
+        present = layer_param_shapes(model_config)
+        absent = [t for t in lora.target_modules if t not in present]
+        if absent:
+            raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in {model_config.architecture}")
+    if loss is not None:
+        heads = [f.name for f in dataclasses.fields(loss)
+                 if f.name.startswith("uses_") and f.name.endswith("_head") and getattr(loss, f.name)]
+        blocked = [h for h in heads if h not in HEADS_TRAINED_IN_FULL]
+        if blocked:
+            raise UserError(f"config.lora.rank={lora.rank} with config.loss.name={loss.name!r}: the loss's extra "
+                            f"head(s) ({', '.join(blocked)}) cannot be trained next to LoRA adapters; "
+                            "set --config.lora.rank=0 for this loss")
+
+
+def factor_shapes(model_config: ModelConfig, rank: int, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A shape, B shape) of one target, both with the leading L axis."""
+    w = layer_param_shapes(model_config)[target]
+    n_in = TARGET_IN_AXES[target]
+    return (model_config.num_layers, *w[:n_in], rank), (model_config.num_layers, rank, *w[n_in:])
+
+
+def factor_axes(target: str) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical axes of (A, B): A follows W's input axes, B W's output axes; r is replicated."""
+    axes = LAYER_AXES[target]
+    n_in = TARGET_IN_AXES[target]
+    return ("layers", *axes[:n_in], None), ("layers", None, *axes[n_in:])
+
+
+class LoraAdapters(nnx.Module):
+    """Stacked A and B factors (`nnx.LoRAParam`, float32) of every target; see the module docstring.
+
+    Attributes `{target}_lora_a`, `{target}_lora_b`; static `targets`, `scale` (alpha / r)
+    and `dropout`. A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's default init), B = 0.
+    """
+
+    def __init__(self, model_config: ModelConfig, lora: LoraConfig, *, rngs: nnx.Rngs):
+        self.targets = tuple(lora.target_modules)
+        self.scale = lora.scale
+        self.dropout = lora.dropout
+        for target in self.targets:
+            a_shape, b_shape = factor_shapes(model_config, lora.rank, target)
+            a_axes, b_axes = factor_axes(target)
+            bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
+            a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
+            setattr(self, target + A_SUFFIX, _lora_param(a, a_axes))
+            setattr(self, target + B_SUFFIX, _lora_param(jnp.zeros(b_shape, jnp.float32), b_axes))
+
+    def factors(self, target: str) -> tuple[Array, Array]:
+        """(A [L, *in, r], B [L, r, *out]) of one target."""
+        return getattr(self, target + A_SUFFIX)[...], getattr(self, target + B_SUFFIX)[...]
+
+    def scan_inputs(self, num_layers: int) -> dict[str, Array]:
+        """The layer scan's extra xs: A and (alpha / r) B per target, and per-layer dropout keys.
+
+        `kto_jax.models.transformer.dense` adds x A (scale B) to x W when it finds them.
+        """
+        xs = {}
+        for target in self.targets:
+            a, b = self.factors(target)
+            xs[target + A_SUFFIX] = a
+            xs[target + B_SUFFIX] = b * jnp.asarray(self.scale, b.dtype)
+        key = getattr(self, "dropout_key", None)
+        if key is not None and self.dropout > 0:
+            xs[DROPOUT_KEY] = jax.random.split(key, num_layers)
+            xs["lora_dropout_rate"] = jnp.full((num_layers,), self.dropout, jnp.float32)
+        return xs
+
+
+def _lora_param(value: Array, axes: tuple[str | None, ...]) -> nnx.LoRAParam:
+    return nnx.LoRAParam(value, out_sharding=axes, eager_sharding=False)
+
+
+def init_adapters(model_config: ModelConfig, lora: LoraConfig, *, mesh: Mesh | None = None,
+                  rules: Any = None) -> LoraAdapters:
+    """Adapters created directly on their NamedShardings (seed `lora.seed`)."""
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    graphdef, abstract_state = nnx.split(abstract_adapters(model_config, lora))
+    shardings = shd.named_shardings(abstract_state, mesh, shd.rules_of(rules))
+
+    @jax.jit
+    def create():
+        state = nnx.state(LoraAdapters(model_config, lora, rngs=nnx.Rngs(lora.seed)))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return nnx.merge(graphdef, create())
+
+
+def abstract_adapters(model_config: ModelConfig, lora: LoraConfig) -> LoraAdapters:
+    """The adapters with ShapeDtypeStruct leaves (AOT compile, checkpoint restore targets)."""
+    return nnx.eval_shape(lambda: LoraAdapters(model_config, lora, rngs=nnx.Rngs(lora.seed)))
+
+
+def attach(model: Transformer, adapters: LoraAdapters | None, *, dropout_key: Array | None = None,
+           ) -> Transformer:
+    """The policy: a Transformer sharing `model`'s base weights, with `adapters` in every layer.
+
+    `model` itself is left without adapters (it is still the reference); the two share
+    their base Variables (no copy), so never assign into the policy's base weights. With
+    `dropout_key`, the adapters' inputs get dropout (config.lora.dropout), as PEFT
+    applies it: x W + scale * B A dropout(x). Works under jit and grad: the new
+    object holds the same arrays (tracers), so gradients reach both.
+    """
+    graphdef, state = nnx.split(model)
+    policy = nnx.merge(graphdef, state)
+    if adapters is not None and dropout_key is not None and adapters.dropout > 0:
+        adapters = nnx.merge(*nnx.split(adapters))
+        adapters.dropout_key = nnx.data(dropout_key)
+    policy.lora = adapters
+    return policy
+
+
+def trainable_count(adapters: LoraAdapters) -> int:
+    """Number of trained adapter parameters (A and B of every target)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(adapters, nnx.LoRAParam)))
+
+
+def delta_weight(adapters: LoraAdapters, target: str) -> Array:
+    """(alpha / r) A B: [L, *W shape], float32; W + this is the merged weight."""
+    a, b = adapters.factors(target)
+    n = a.shape[0]
+    flat = jnp.einsum("lir,lro->lio", a.reshape(n, -1, a.shape[-1]), b.reshape(n, b.shape[1], -1),
+                      precision=jax.lax.Precision.HIGHEST)
+    return (adapters.scale * flat).reshape(n, *a.shape[1:-1], *b.shape[2:])
+
+
+def merge(model: Transformer, adapters: LoraAdapters) -> Transformer:
+    """A new Transformer whose target weights are W + (alpha / r) A B (in model.param_dtype)."""
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state, copy=True)  # new Variables: `model` keeps its weights
+    if getattr(merged, "lora", None) is not None:
+        del merged.lora
+    for target in adapters.targets:
+        var = getattr(merged.layers, target)
+        w = var[...]
+        var.set_value((w.astype(jnp.float32) + delta_weight(adapters, target)).astype(w.dtype))
+    return merged

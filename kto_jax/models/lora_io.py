@@ -1,0 +1,167 @@
+"""LoRA adapters in and out: PEFT adapter directories and merged Hugging Face checkpoints.
+
+PEFT layout (what `peft.PeftModel.from_pretrained(hf_model, DIR)` loads):
+  adapter_config.json          peft_type LORA, r, lora_alpha, target_modules, ...
+  adapter_model.safetensors    base_model.model.model.layers.{i}.<self_attn|mlp>.<target>.lora_A.weight [r, in]
+                               base_model.model.model.layers.{i}.<...>.lora_B.weight              [out, r]
+with HF's delta W_hf = (alpha / r) lora_B @ lora_A. In our layout (kto_jax.models.params)
+the delta is (alpha / r) A B with A [*in, r], B [r, *out], so per layer
+lora_A = A.reshape(-1, r).T and lora_B = B.reshape(r, -1).T: the same flattening of
+heads (head, head_dim) as the base weights' HEADS_IN / HEADS_OUT transforms.
+
+Merged export writes W + (alpha / r) A B through the ordinary HF export
+(`kto_jax.models.hf_io.save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.models import lora as lora_lib
+from kto_jax.models.config import ModelConfig
+from kto_jax.models.hf_io import _place, _to_host, _write_json, save_pretrained
+from kto_jax.models.transformer import Transformer
+
+__all__ = ["save_peft", "save_merged", "read_peft", "read_peft_config", "to_peft_tensors", "peft_key", "frozen"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_KEY = "base_model.model.model.layers.{i}.{path}.lora_{factor}.weight"
+# PEFT features our adapters do not have: config key -> the value meaning "not used".
+_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+                "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
+                "alpha_pattern": {}, "target_parameters": None, "layer_replication": None}
+
+
+def peft_key(layer: int, target: str, factor: str) -> str:
+    """The PEFT tensor name of one factor ('A' or 'B') of `target` in decoder layer `layer`."""
+    return _KEY.format(i=layer, path=lora_lib.TARGET_HF_PATHS[target], factor=factor)
+
+
+def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int) -> dict[str, np.ndarray]:
+    """{PEFT name: float32 host array} of every factor of every layer."""
+    tensors = {}
+    for target in adapters.targets:
+        a, b = (_to_host(x).astype(np.float32) for x in adapters.factors(target))
+        r = a.shape[-1]
+        for i in range(num_layers):
+            tensors[peft_key(i, target, "A")] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+            tensors[peft_key(i, target, "B")] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+    return tensors
+
+
+def save_peft(adapters: lora_lib.LoraAdapters, model_config: ModelConfig, out_dir: str, *,
+              base_model_name_or_path: str = "") -> None:
+    """Write adapter_config.json + adapter_model.safetensors (float32) that `peft` loads
+    onto the original HF model. Only process 0 writes."""
+    tensors = to_peft_tensors(adapters, model_config.num_layers)
+    rank = adapters.factors(adapters.targets[0])[0].shape[-1]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank),
+              "lora_alpha": float(adapters.scale * rank), "lora_dropout": float(adapters.dropout),
+              "target_modules": list(adapters.targets), "base_model_name_or_path": base_model_name_or_path or None,
+              "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED}
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)
+
+
+def save_merged(model: Transformer, adapters: lora_lib.LoraAdapters, out_dir: str, *,
+                tokenizer: Any = None, dtype: str | None = None) -> None:
+    """An HF checkpoint of W + (alpha / r) A B (`kto_jax.models.hf_io.save_pretrained`)."""
+    save_pretrained(lora_lib.merge(model, adapters), out_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+def read_peft_config(directory: str, lora: lora_lib.LoraConfig | None = None) -> lora_lib.LoraConfig:
+    """The LoraConfig of a PEFT adapter directory (config.lora.init_from).
+
+    `lora` (config.lora) supplies dropout and seed; its rank, alpha and target_modules
+    must agree with the directory when rank is set (0 takes the directory's).
+    """
+    where = f"config.lora.init_from={directory!r}"
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no {ADAPTER_CONFIG}; give a directory written by peft's save_pretrained "
+                        "or `kto-jax export --format=peft`")
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    if hf.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{where}: peft_type {hf.get('peft_type')!r} is not LORA")
+    for key, off in _UNSUPPORTED.items():
+        if hf.get(key, off) not in (off, None, {}, False):
+            raise UserError(f"{where}: {key}={hf[key]!r} in {ADAPTER_CONFIG} is not supported "
+                            "(kto-jax reads plain LoRA adapters)")
+    targets = hf.get("target_modules")
+    if not isinstance(targets, list):
+        raise UserError(f"{where}: target_modules {targets!r} must be a list of module names "
+                        f"among {' '.join(lora_lib.TARGET_MODULES)}")
+    unknown = [t for t in targets if t not in lora_lib.TARGET_MODULES]
+    if unknown:
+        raise UserError(f"{where}: the adapter targets {', '.join(map(str, unknown))}; kto-jax adapts only "
+                        f"{' '.join(lora_lib.TARGET_MODULES)}")
+    targets = tuple(t for t in lora_lib.TARGET_MODULES if t in targets)
+    lora = lora or lora_lib.LoraConfig()
+    found = lora_lib.LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=lora.dropout,
+                                target_modules=targets, seed=lora.seed, init_from=directory)
+    if lora.rank:
+        for name, want, got in (("rank", lora.rank, found.rank), ("alpha", lora.alpha, found.alpha),
+                                ("target_modules", set(lora.target_modules), set(found.target_modules))):
+            if want != got:
+                raise UserError(f"config.lora.{name}={want} but the adapter in {directory!r} has {got}; "
+                                f"set --config.lora.{name} to match or --config.lora.rank=0 to take the adapter's")
+    return found
+
+
+def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConfig | None = None, *,
+              mesh: Mesh | None = None, rules: Any = None) -> lora_lib.LoraAdapters:
+    """Adapters from a PEFT adapter directory, checked against the base model and placed
+    on their shardings. UserError names the mismatch (module, layer count, shape)."""
+    found = read_peft_config(directory, lora)
+    lora_lib.validate(found, model_config)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    try:
+        tensors = load_file(weights)
+    except (FileNotFoundError, SafetensorError) as e:
+        raise UserError(f"config.lora.init_from={directory!r}: cannot read {ADAPTER_WEIGHTS}: {e}") from e
+    tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
+    expected = {peft_key(i, t, f) for i in range(model_config.num_layers) for t in found.target_modules
+                for f in "AB"}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise UserError(f"config.lora.init_from={directory!r} does not match the base model "
+                        f"({model_config.architecture}, {model_config.num_layers} layers): "
+                        f"{len(missing)} missing tensor(s) {missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    graphdef, state = nnx.split(lora_lib.abstract_adapters(model_config, found))
+    shardings = dict(nnx.to_flat_state(shd.named_shardings(state, mesh, shd.rules_of(rules))))
+    for path, var in nnx.to_flat_state(state):
+        target, factor = path[-1].rsplit("_lora_", 1)
+        shape = var.get_value().shape
+        value = np.empty(shape, np.float32)
+        for i in range(model_config.num_layers):
+            name = peft_key(i, target, factor.upper())
+            tensor = tensors[name]
+            want = (found.rank, int(np.prod(shape[1:-1]))) if factor == "a" else (int(np.prod(shape[2:])), found.rank)
+            if tuple(tensor.shape) != want:
+                raise UserError(f"config.lora.init_from={directory!r}: tensor {name!r} has shape "
+                                f"{tuple(tensor.shape)} but the base model needs {want}")
+            value[i] = tensor.T.reshape(shape[1:])
+        var.set_value(_place(value, shardings[path].get_value()))
+    return nnx.merge(graphdef, state)
+
+
+def frozen(adapters: lora_lib.LoraAdapters) -> lora_lib.LoraAdapters:
+    """A copy whose factors pass through stop_gradient (the reference's starting adapter)."""
+    graphdef, state = nnx.split(adapters)
+    return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))

@@ -1,0 +1,135 @@
+"""LoRA export/import against the real `peft` package: merged HF export, PEFT adapters, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import nnx
+from hf_tiny_models import hf_logits, make_hf_model, padded_batch
+from safetensors.numpy import load_file, save_file
+
+from kto_jax.errors import UserError
+from kto_jax.models import from_pretrained, positions_from_mask
+from kto_jax.models import lora, lora_io
+
+TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(HF model dir, our model, its config) of a tiny random Qwen2 (biases on, GQA)."""
+    path = str(tmp_path_factory.mktemp("base"))
+    make_hf_model("qwen2").save_pretrained(path)
+    model, config = from_pretrained(path)
+    return path, model, config
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = padded_batch()
+    return ids, mask, np.asarray(positions_from_mask(mask))
+
+
+def _hf_base(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def _trained_adapters(config):
+    adapters = lora.LoraAdapters(config, lora.LoraConfig(rank=4, alpha=12.0, target_modules=TARGETS),
+                                 rngs=nnx.Rngs(2))
+    keys = iter(jax.random.split(jax.random.key(4), len(TARGETS)))
+    for t in TARGETS:
+        var = getattr(adapters, t + lora.B_SUFFIX)
+        var.set_value(0.1 * jax.random.normal(next(keys), var[...].shape))
+    return adapters
+
+
+def test_ours_merged_export_and_peft_agree(base, batch, tmp_path):
+    path, model, config = base
+    ids, mask, pos = batch
+    adapters = _trained_adapters(config)
+    ours = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    lora_io.save_merged(model, adapters, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    lora_io.save_peft(adapters, config, str(tmp_path / "peft"), base_model_name_or_path=path)
+    peft_model = peft.PeftModel.from_pretrained(_hf_base(path), str(tmp_path / "peft")).eval()
+    real = mask.astype(bool)
+    base_logits = hf_logits(_hf_base(path), ids, mask, pos)[real]
+    for other in (hf_logits(merged.eval(), ids, mask, pos), hf_logits(peft_model, ids, mask, pos)):
+        np.testing.assert_allclose(ours[real], other[real], atol=1e-4, rtol=0)
+    assert np.abs(ours[real] - base_logits).max() > 1e-2  # the adapters matter
+
+
+def test_adapter_made_by_peft_imports_to_the_same_logits(base, batch, tmp_path):
+    path, model, config = base
+    ids, mask, pos = batch
+    hf = _hf_base(path)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "up_proj", "o_proj"],
+                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "sft"))
+    want = hf_logits(pm.eval(), ids, mask, pos)
+    adapters = lora_io.read_peft(str(tmp_path / "sft"), config, lora.LoraConfig())
+    assert adapters.targets == ("k_proj", "o_proj", "up_proj") and adapters.scale == pytest.approx(5 / 3)
+    got = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+    # ... and writes back the same tensors peft wrote.
+    lora_io.save_peft(adapters, config, str(tmp_path / "again"))
+    before, after = (load_file(str(tmp_path / d / lora_io.ADAPTER_WEIGHTS)) for d in ("sft", "again"))
+    assert set(before) == set(after)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def _write_adapter(directory, adapters, config, edit_config=None, edit_tensors=None):
+    lora_io.save_peft(adapters, config, str(directory))
+    if edit_config:
+        p = os.path.join(directory, lora_io.ADAPTER_CONFIG)
+        cfg = json.load(open(p))
+        edit_config(cfg)
+        json.dump(cfg, open(p, "w"))
+    if edit_tensors:
+        p = os.path.join(directory, lora_io.ADAPTER_WEIGHTS)
+        tensors = load_file(p)
+        edit_tensors(tensors)
+        save_file(tensors, p)
+    return str(directory)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no_dir", "no adapter_config.json"),
+    ("rank", r"config.lora.rank=8 but the adapter .* has 4"),
+    ("dora", "use_dora=True"),
+    ("layers", r"does not match the base model .*2 layers.*1 unexpected"),
+    ("shape", r"has shape \(4, 32\) but the base model needs \(4, 64\)"),
+    ("module", "init_from=.*the adapter targets lm_head"),
+])
+def test_bad_adapter_directories_are_named(base, tmp_path, case, needle):
+    _, _, config = base
+    adapters = _trained_adapters(config)
+    key = lora_io.peft_key(0, "q_proj", "A")
+    edits = {
+        "no_dir": {},
+        "rank": {},
+        "dora": dict(edit_config=lambda c: c.update(use_dora=True)),
+        "layers": dict(edit_tensors=lambda t: t.update({lora_io.peft_key(2, "q_proj", "A"): t[key]})),
+        "shape": dict(edit_tensors=lambda t: t.update({key: t[key][:, :32].copy()})),
+        "module": dict(edit_config=lambda c: c.update(target_modules=c["target_modules"] + ["lm_head"])),
+    }
+    directory = tmp_path / "adapter"
+    if case != "no_dir":
+        _write_adapter(directory, adapters, config, **edits[case])
+    wanted = lora.LoraConfig(rank=8) if case == "rank" else lora.LoraConfig()
+    with pytest.raises(UserError, match=needle):
+        lora_io.read_peft(str(directory), config, wanted)
