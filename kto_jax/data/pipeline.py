@@ -31,7 +31,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from kto_jax.data import batching, formats, imbalance, shards, tokenize
+from kto_jax.data import batching, formats, imbalance, packing, shards, tokenize
 from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, FeedbackIterator, TrainFactory
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
@@ -138,6 +138,7 @@ def _check_config(config, paired: bool, process_count: int) -> None:
     if paired and (d.one_y_per_x or d.desirable_fraction < 1 or d.undesirable_fraction < 1):
         problems.append(f"loss.name={config.loss.name} trains on pairs: data.one_y_per_x and "
                         "data.*_fraction apply to unpaired losses only")
+    problems.extend(packing.config_problems(d))
     if problems:
         raise UserError("invalid data config: " + "; ".join(problems) + ".")
 

@@ -84,10 +84,64 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float,
         def fn(q, k, v):
             q = q * jax.numpy.asarray(scale, q.dtype)
             return _local(q, k, v, sliding_window=sliding_window, interpret=interpret)
-        specs = _specs(q, k)
-        if specs is None:
-            return fn
-        return jax.shard_map(fn, in_specs=(specs[0], specs[1], specs[1]), out_specs=specs[0],
-                             check_vma=False)
+        return _sharded(fn, q, k, extra=0)
 
     return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=fallback or run(True))
+
+
+def _sharded(fn: Callable, q: Array, k: Array, *, extra: int) -> Callable:
+    """fn itself without a mesh, else fn in a shard_map over the mesh's row and head axes;
+    q, k, v come first, then `extra` int [B, ...] arrays split over rows only."""
+    specs = _specs(q, k)
+    if specs is None:
+        return fn
+    rows = PartitionSpec(specs[0][0])
+    return jax.shard_map(fn, in_specs=(specs[0], specs[1], specs[1]) + (rows,) * extra,
+                         out_specs=specs[0], check_vma=False)
+
+
+def _packed_kernel(num_heads: int, t: int, sliding_window: int | None, interpret: bool):
+    """The kernel over T queries and 2T keys [K2 | K] (kto_jax/models/packed_attention.py):
+    K causal (q >= k), K2 seen up to column q + T (copies sit before their readers), both
+    within the window when there is one (K2's copies are column-aligned with positions)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+        splash_attention_kernel as sk, splash_attention_mask as sm)
+    shape = (t, 2 * t)
+    if sliding_window:
+        window = (sliding_window - 1, 0)
+        head = sm.LogicalOr(sm.LocalMask(shape, window_size=window, offset=t),
+                            sm.LocalMask(shape, window_size=window, offset=0))
+    else:
+        head = sm.CausalMask(shape, offset=t)
+    mask = sm.MultiHeadMask([head] * num_heads)
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return lambda q, k, v, q_ids, kv_ids: kernel(q, k, v, segment_ids=sk.SegmentIds(q_ids, kv_ids))
+
+
+def splash_packed_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array,
+                            copy_source: Array, *, scale: float,
+                            sliding_window: int | None = None,
+                            fallback: Callable[[Array, Array, Array], Array] | None = None
+                            ) -> Array:
+    """Attention of packed [x | y | y2] rows through the splash kernel's segment ids.
+
+    q [B, T, H, hd], k and v [B, T, K, hd]; q_ids, kv_ids, copy_source from
+    `kto_jax.models.packed_attention.splash_key_layout` (the doubled keys [K2 | K]).
+    Lowered for a TPU: the Mosaic kernel; elsewhere `fallback(q, k, v)` when given,
+    else the kernel in Pallas interpret mode.
+    """
+    def run(interpret: bool):
+        def fn(q, k, v, q_ids, kv_ids, copy_source):
+            q = q * jax.numpy.asarray(scale, q.dtype)
+            src = copy_source[:, :, None, None]
+            k = jax.numpy.concatenate([jax.numpy.take_along_axis(k, src, axis=1), k], axis=1)
+            v = jax.numpy.concatenate([jax.numpy.take_along_axis(v, src, axis=1), v], axis=1)
+            kernel = _packed_kernel(q.shape[2], q.shape[1], sliding_window, interpret)
+            out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
+                                   q_ids, kv_ids)
+            return out.swapaxes(1, 2)
+        return _sharded(fn, q, k, extra=3)
+
+    default = run(True) if fallback is None else (lambda q, k, v, *_: fallback(q, k, v))
+    return jax.lax.platform_dependent(q, k, v, q_ids, kv_ids, copy_source, tpu=run(False),
+                                      default=default)

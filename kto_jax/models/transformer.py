@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kto_jax.models.config import ModelConfig
+from kto_jax.models.packed_attention import PackedLayout, attend as packed_attend
 from kto_jax.sharding import constrain
 from kto_jax.models.splash_attention import BLOCK as SPLASH_BLOCK, splash_attention
 
@@ -128,7 +129,7 @@ class Transformer(nnx.Module):
             self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
 
     def hidden_states(self, input_ids: Array, positions: Array | None = None,
-                      attention_mask: Array | None = None) -> Array:
+                      attention_mask: Array | None = None, packed: PackedLayout | None = None) -> Array:
         """Final-norm hidden states.
 
         Args:
@@ -140,6 +141,9 @@ class Transformer(nnx.Module):
             come first (right padding only): attention is then causal alone, with no
             [B, 1, T, T] mask, the form flash-attention kernels run fastest (a real query
             never sees a later, padded key).
+          packed: packed rows of several [x | y | y2] examples instead (segment and
+            branch ids, per-segment positions; kto_jax/models/packed_attention.py):
+            attention then follows that layout and `attention_mask` must be None.
         Returns:
           [B, T, D] in the compute dtype; rows at padded positions are meaningless.
         """
@@ -150,6 +154,9 @@ class Transformer(nnx.Module):
         h = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype), ACT_EMBED)
         cos, sin = rope_cos_sin(positions, cfg)                                # [B, T, hd/2] f32
         mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
+        if packed is not None:
+            assert attention_mask is None, "packed rows carry their own mask"
+            mask = packed
         impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
 
         def layer(h: Array, p: dict[str, Array]) -> tuple[Array, None]:
@@ -287,8 +294,14 @@ def decoder_layer(p: dict[str, Array], h: Array, cos: Array, sin: Array, mask: A
 
 def attention(p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
               cfg: ModelConfig, impl: str | None) -> Array:
-    """Causal grouped-query attention of x [B, T, D] -> [B, T, D]."""
+    """Causal grouped-query attention of x [B, T, D] -> [B, T, D].
+
+    mask: None, bool [B, 1, T, T], or a PackedLayout (packed rows, packed_attention.py).
+    """
     q, k, v = project_qkv(p, x, cos, sin, cfg)
+    if isinstance(mask, PackedLayout):  # packed [x | y | y2] rows
+        return project_out(p, packed_attend(q, k, v, mask, scale=cfg.head_dim ** -0.5,
+                                            sliding_window=cfg.sliding_window, impl=impl))
     impl = resolve_attention_impl(impl, q, mask)
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
 

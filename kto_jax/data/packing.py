@@ -1,0 +1,199 @@
+"""Packing one microbatch into fixed-length rows of [x | y | y2] trees (data.packing).
+
+Why not grain's packers: grain 0.2.18 has FirstFitPackIterDataset,
+BestFitPackIterDataset and ConcatThenSplitIterDataset (grain.experimental). They
+pack a STREAM: an example joins whatever bins are open when it arrives, and the
+bins are emitted (and shuffled) when one element no longer fits. Here the batch
+plan (kto_jax/data/batching.py) has already fixed which M examples form each
+microbatch, in which order, because z0 is estimated from the mismatched pairs
+(x_i, y_{i+1 mod M}) of exactly that microbatch and the packed step must equal the
+padded one on the same examples. Each example also carries a second completion
+that is known only once that order is fixed (the next example's y), and y2's
+positions restart at len(x), which grain's per-feature segment positions cannot
+express. So this module packs a given microbatch, whole, into a given number of
+rows.
+
+Layout of one example (one segment of a row; kto_jax/models/packed_attention.py):
+    tokens     x_0 .. x_{p-1} | y_0 .. y_{c-1} | y2_0 .. y2_{k-1}
+    positions  0 .. p-1       | p .. p+c-1     | p .. p+k-1
+    branch     0              | 1              | 2
+y2 is y_{i+1 mod M} for an unpaired loss (the KL completion, as jnp.roll(-1) in the
+padded step) and y_l for a paired loss ([x | y_w | y_l]).
+
+Which examples share a row: first-fit decreasing over the microbatch's examples
+(longest tree first, ties in plan order), each tree whole in one row, never split.
+With `groups` > 1 the microbatch is cut into `groups` equal contiguous blocks of
+examples (one per batch shard: devices along ('data', 'fsdp')), each packed into
+its own num_rows / groups rows, so gathering an example's log-probs never reads
+another shard's rows. The per-example gather indices are local to the group:
+row_in_group * pack_length + column.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
+UNPAIRED_NAMES = ("completion", "kl")
+PAIRED_NAMES = ("chosen", "rejected")
+STEP_RUNS_PACKED = False  # the train step's packed path (issue 13 phase B) sets this True
+ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
+
+
+def kl_completions(completions: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The KL completions of a microbatch: example i gets y_{i+1 mod M} (jnp.roll(y, -1))."""
+    return list(completions[1:]) + list(completions[:1])
+
+
+def assign_rows(lengths: np.ndarray, pack_length: int, groups: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing placement of trees of `lengths` tokens in rows of `pack_length`.
+
+    Args:
+      lengths: int [M], tokens of each example's tree, len(x) + len(y) + len(y2).
+      pack_length: T, tokens per row.
+      groups: the examples are packed in `groups` equal contiguous blocks, each into
+        rows of its own.
+    Returns:
+      (row int [M]: row index within the example's group, offset int [M]: first
+      column, rows_per_group: the most rows any group used).
+    Raises:
+      ValueError: a tree longer than pack_length, or M not a multiple of groups.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    m = len(lengths)
+    if groups < 1 or m % groups:
+        raise ValueError(f"{m} examples cannot be cut into {groups} equal packing groups")
+    if m and lengths.max() > pack_length:
+        i = int(lengths.argmax())
+        raise ValueError(f"example {i} needs {int(lengths[i])} tokens as [x | y | y2], more "
+                         f"than pack_length={pack_length}")
+    row, offset = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    used = 0
+    size = m // groups
+    for g in range(groups):
+        block = np.arange(g * size, (g + 1) * size)
+        fill: list[int] = []
+        for i in block[np.argsort(-lengths[block], kind="stable")]:
+            r = next((r for r, f in enumerate(fill) if f + lengths[i] <= pack_length), len(fill))
+            if r == len(fill):
+                fill.append(0)
+            row[i], offset[i] = r, fill[r]
+            fill[r] += int(lengths[i])
+        used = max(used, len(fill))
+    return row, offset, used
+
+
+def rows_needed(lengths: np.ndarray, pack_length: int, groups: int = 1) -> int:
+    """Rows (all groups together) that `pack_trees` needs for trees of these lengths."""
+    return groups * assign_rows(lengths, pack_length, groups)[2]
+
+
+def pack_trees(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
+               seconds: Sequence[np.ndarray], *, pack_length: int, num_rows: int,
+               completion_length: int, pad_id: int, groups: int = 1,
+               names: tuple[str, str] = UNPAIRED_NAMES) -> dict[str, np.ndarray]:
+    """One microbatch of M examples [x | y | y2] as packed rows plus per-example gathers.
+
+    Args:
+      prompts, firsts, seconds: M token-id sequences each, in plan order (prompts
+        need at least one token: the last prompt token predicts both y_0 and y2_0).
+      pack_length: T, tokens per row; num_rows: R, rows of the microbatch (a multiple
+        of groups, at least `rows_needed`).
+      completion_length: C, the padded length of the per-example arrays (>= every y, y2).
+      pad_id: token id written into padding.
+      groups: packing groups (module docstring); divides M and R.
+      names: key prefixes of y and y2: ("completion", "kl") or ("chosen", "rejected").
+    Returns:
+      packed_ids, packed_positions, packed_segment_ids, packed_branch_ids: int32 [R, T];
+      for each name n: n_ids int32 [M, C] (right-padded tokens), n_mask int32 [M, C],
+      n_index int32 [M, C]: the group-local flat index row * T + column of the hidden
+      state that predicts token j (0 on padding); prompt_length int32 [M].
+    Raises:
+      ValueError: a tree or completion that does not fit, or too few rows.
+    """
+    m = len(prompts)
+    lp, l1, l2 = (np.array([len(s) for s in seqs], np.int64) for seqs in (prompts, firsts, seconds))
+    if m and lp.min() < 1:
+        raise ValueError(f"example {int(lp.argmin())} has an empty prompt")
+    if m and max(l1.max(), l2.max()) > completion_length:
+        raise ValueError(f"a completion of {int(max(l1.max(), l2.max()))} tokens exceeds "
+                         f"completion_length={completion_length}")
+    row, offset, used = assign_rows(lp + l1 + l2, pack_length, groups)
+    if num_rows % groups or used > num_rows // groups:
+        raise ValueError(f"the microbatch needs {used * groups} rows of {pack_length} tokens "
+                         f"({groups} group(s)), got num_rows={num_rows}")
+    t, per_group = pack_length, num_rows // groups
+    out = {"packed_ids": np.full((num_rows, t), pad_id, np.int32)}
+    for key in ROW_KEYS[1:]:
+        out[key] = np.zeros((num_rows, t), np.int32)
+    for n in names:
+        out[f"{n}_ids"] = np.full((m, completion_length), pad_id, np.int32)
+        out[f"{n}_mask"] = np.zeros((m, completion_length), np.int32)
+        out[f"{n}_index"] = np.zeros((m, completion_length), np.int32)
+    segments = np.zeros(num_rows, np.int64)  # segments placed so far per row
+    for i in np.lexsort((offset, row + (np.arange(m) // (m // groups)) * per_group)):
+        r = int(row[i] + (i // (m // groups)) * per_group)   # row in the microbatch
+        s, p, c, k = int(offset[i]), int(lp[i]), int(l1[i]), int(l2[i])
+        segments[r] += 1
+        spans = ((prompts[i], 0, BRANCH_PROMPT), (firsts[i], p, BRANCH_FIRST),
+                 (seconds[i], p, BRANCH_SECOND))
+        col = s
+        for tokens, first_position, branch in spans:
+            end = col + len(tokens)
+            out["packed_ids"][r, col:end] = tokens
+            out["packed_positions"][r, col:end] = first_position + np.arange(len(tokens))
+            out["packed_segment_ids"][r, col:end] = segments[r]
+            out["packed_branch_ids"][r, col:end] = branch
+            col = end
+        base = int(row[i]) * t + s + p - 1        # group-local index of the last prompt token
+        for n, tokens, start in ((names[0], firsts[i], base), (names[1], seconds[i], base + c)):
+            j = np.arange(len(tokens))
+            out[f"{n}_ids"][i, :len(tokens)] = tokens
+            out[f"{n}_mask"][i, :len(tokens)] = 1
+            # token 0 of both completions is predicted by x's last token; token j > 0 by
+            # the token before it in its own span
+            out[f"{n}_index"][i, :len(tokens)] = np.where(j == 0, base, start + j)
+    out["prompt_length"] = lp.astype(np.int32)
+    return out
+
+
+def pack_unpaired(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
+                  **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of [x_i | y_i | y_{i+1 mod M}] (keys completion_*, kl_*).
+
+    The roll is within the given list: with several processes, pass the globally
+    rolled KL completions to `pack_trees` instead (process p's last example pairs
+    with process p+1's first).
+    """
+    return pack_trees(prompts, completions, kl_completions(completions), names=UNPAIRED_NAMES,
+                      **kwargs)
+
+
+def pack_paired(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray],
+                rejected: Sequence[np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of [x | y_w | y_l] (keys chosen_*, rejected_*)."""
+    return pack_trees(prompts, chosen, rejected, names=PAIRED_NAMES, **kwargs)
+
+
+def config_problems(data) -> list[str]:
+    """What is wrong with config.data's packing fields, as phrases for one UserError."""
+    enabled, t = data.get("packing", False), data.get("pack_length", 0)
+    if not isinstance(enabled, bool):
+        return [f"data.packing={enabled!r} must be True or False"]
+    if not enabled:
+        return []
+    if not isinstance(t, int) or t <= 0 or t % 128:
+        return [f"data.pack_length={t!r} must be a positive multiple of 128 (the splash "
+                "attention block; cuDNN wants multiples of 64)"]
+    longest = data.max_length + (data.max_completion_length or data.max_length)
+    if t < longest:
+        return [f"data.pack_length={t} cannot hold the longest [x | y | y_kl] example, "
+                f"data.max_length + the longest completion = {longest} tokens: raise "
+                "data.pack_length or lower data.max_length / data.max_completion_length"]
+    if not STEP_RUNS_PACKED:
+        return ["data.packing=True is not run by the train step yet (the packer and packed "
+                "attention exist, the step integration does not): set data.packing=False"]
+    return []
