@@ -28,7 +28,7 @@ def test_config_is_locked():
 @pytest.mark.parametrize("argv, needle", [
     ([BASE, "--config.optim.lrr=1e-3"], "unknown config key optim.lrr"),
     # only the unknown key, not the valid override before it (a whole missing section)
-    ([BASE, "--config.model.path=x", "--config.lora.rank=1"], "unknown config key lora.rank. "),
+    ([BASE, "--config.model.path=x", "--config.adapter.rank=1"], "unknown config key adapter.rank. "),
     ([BASE, "--config.model.path=x", "--config.data.path=y"], "unknown config key data.path. "),
     ([BASE, "--config.optim.lr=abc"], "bad value for config key optim.lr"),
     (["--config=configs/missing.py"], "configs/missing.py"),
