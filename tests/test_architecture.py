@@ -20,7 +20,7 @@ LAYERS = (
     ("commands", ("kto_jax.cli", "kto_jax.commands")),
     ("runtime", ("kto_jax.train", "kto_jax.eval", "kto_jax.demo", "kto_jax.bench", "kto_jax.aot")),
     ("step", ("kto_jax.step",)),
-    ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data", "kto_jax.logprobs",
+    ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data", "kto_jax.logprobs", "kto_jax.packed_logprobs",
                    "kto_jax.generate")),
     ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch")),
 )
