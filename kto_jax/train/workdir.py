@@ -27,6 +27,7 @@ TB_DIR = "tb"
 HF_DIR = "hf"
 EXPORT_MARKER = "hf.step"
 HF_LATEST_DIR = "hf-latest"
+LOCK_FILE = "run.lock"  # host, PID and start time of the run using the workdir
 
 
 def path(workdir: str, name: str, *more: str) -> str:

@@ -18,9 +18,8 @@ import time
 from typing import Callable
 
 from kto_jax.errors import UserError
-from kto_jax.train import paths
+from kto_jax.train import paths, workdir as layout
 
-LOCK_FILE = "run.lock"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,7 +41,7 @@ class WorkdirLock:
     """`with WorkdirLock(workdir, log):` holds WORKDIR/run.lock for the duration of a run."""
 
     def __init__(self, workdir: str, log: Callable[[str], None] = print, enabled: bool = True):
-        self.path = paths.join(paths.resolve(workdir), LOCK_FILE)
+        self.path = layout.path(paths.resolve(workdir), layout.LOCK_FILE)
         self._log = log
         self._enabled = enabled and not paths.is_remote(workdir)
         self._held = False

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from run_helpers import NUM_STEPS, REPO, cli_env, train_argv
 from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
-from kto_jax.train.workdir_lock import LOCK_FILE
+from kto_jax.train.workdir import LOCK_FILE
 
 
 def _run(argv, env, timeout=600):
