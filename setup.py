@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
 ]
 
+# gs:// paths (workdir, model.path, data files, export): gcsfs behind etils.epath (kto_jax/fs.py),
+# google-cloud-storage for tensorboardX's event files. Orbax's TensorStore has its own GCS driver.
+GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
+
 EXTRAS = {
     # Parity tests build tiny random HF models with torch (CPU build).
     "test": [
@@ -34,7 +38,11 @@ EXTRAS = {
         "matplotlib>=3.8",
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
+        # tests/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST).
+        "gcp-storage-emulator>=2024.8",
+        *GCS,
     ],
+    "gcs": GCS,
     "demo": ["matplotlib>=3.8"],
     # libtpu matching jax 0.10.2: jax's own [tpu] extra requires libtpu==0.0.42.*
     # (0.0.52 is five months newer). Also what `kto-jax compile` needs on a CPU host.

@@ -83,28 +83,59 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
         process_index, process_count = jax.process_index(), jax.process_count()
     d, paired = config.data, _loss_is_paired(config.loss.name)
     _check_config(config, paired, process_count)
+    layout = _layout(config, tokenizer, process_index, process_count)
+    from kto_jax.data import prepared  # pylint: disable=import-outside-toplevel  (it uses this module)
+    if prepared.is_prepared(d.train_path):   # `kto-jax data prepare` output: reads only our rows
+        fmt, conversational, splits, eval_note = prepared.open_splits(config, tokenizer, paired)
+    else:
+        fmt, conversational, splits, eval_note = read_splits(config, tokenizer, layout, paired,
+                                                             allgather)
+    summaries = {name: _split_summary(data, layout, d.seed) for name, data in splits.items()}
+    train, evaluation = splits["train"].split, splits.get("eval")
+    summary = _summarize(config, fmt, conversational, paired, summaries["train"],
+                         summaries.get("eval"), eval_note, layout,
+                         _fingerprint(config, train, layout))
+    for warning in summary.warnings:
+        log.warning(warning)
+    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
+                    None if evaluation is None else EvalBatches(evaluation.split, layout, d),
+                    summary)
+
+
+class SplitData(NamedTuple):
+    """One split's examples ready for batching, and what its summary reports about them."""
+    name: str
+    split: shards.ShardedSplit     # or a `prepared.PreparedSplit` (same batching interface)
+    source: str
+    rows: int
+    examples: int
+    subsampled: dict
+    report: tokenize.TokenReport
+
+
+def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
+                allgather: shards.AllGather | None = None
+                ) -> tuple[str, bool, dict[str, SplitData], str]:
+    """Reads, validates and tokenizes (this process's share of) the data files.
+
+    Returns:
+      (format, conversational, {"train": ..., "eval": ... (if any)}, eval note).
+    """
+    d = config.data
     train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
     fmt, conversational = formats.detect_format(train_rows, d.format)
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
-    layout = _layout(config, tokenizer, process_index, process_count)
-    train, train_summary = _prepare_split("train", train_rows, train_rows.source, fmt,
-                                          conversational, config, paired, tokenizer, layout,
-                                          allgather)
-    evaluation, eval_summary = None, None
+    splits = {"train": _prepare_split("train", train_rows, train_rows.source, fmt,
+                                      conversational, config, paired, tokenizer, layout,
+                                      allgather)}
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
             raise UserError(f"{eval_rows.source}: eval rows are "
                             f"{'conversational' if eval_conv else 'text'} but train rows are not.")
-        evaluation, eval_summary = _prepare_split("eval", eval_rows, eval_note, eval_fmt,
-                                                  eval_conv, config, paired, tokenizer, layout,
-                                                  allgather)
-    summary = _summarize(config, fmt, conversational, paired, train_summary, eval_summary,
-                         eval_note, layout, _fingerprint(config, train, layout))
-    for warning in summary.warnings:
-        log.warning(warning)
-    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
-                    None if evaluation is None else EvalBatches(evaluation, layout, d), summary)
+        splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, config,
+                                        paired, tokenizer, layout, allgather)
+    return fmt, conversational, splits, eval_note
 
 
 def _loss_is_paired(name: str) -> bool:
@@ -177,7 +208,7 @@ def _layout(config, tokenizer, process_index: int, process_count: int) -> batchi
 
 def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
                    allgather):
-    """Rows -> ShardedSplit and its SplitSummary (fractions on train only)."""
+    """Rows -> `SplitData` (fractions on train only)."""
     d = config.data
     if fmt == "paired":
         items = formats.normalise_pairs(rows, conversational)
@@ -211,8 +242,7 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         raise UserError(f"only {len(split)} training examples, fewer than one global batch of "
                         f"{layout.global_batch}, and data.drop_remainder=True drops them all; "
                         "set data.drop_remainder=False or lower train.global_batch_size.")
-    return split, _split_summary(name, source, len(rows.records), n_examples, subsampled, report,
-                                 split, layout, d.seed)
+    return SplitData(name, split, source, len(rows.records), n_examples, subsampled, report)
 
 
 def _empty_message(name, rows, examples, subsampled, report) -> str:
@@ -223,7 +253,8 @@ def _empty_message(name, rows, examples, subsampled, report) -> str:
             "data.*_fraction and the chat template.")
 
 
-def _split_summary(name, source, rows, examples, subsampled, report, split, layout, seed):
+def _split_summary(data: SplitData, layout, seed) -> SplitSummary:
+    name, split = data.name, data.split
     train = name == "train"
     plan = batching.plan_epoch(
         split.prompt_lengths, split.completion_lengths,
@@ -232,8 +263,8 @@ def _split_summary(name, source, rows, examples, subsampled, report, split, layo
     totals = split.total_lengths
     n_desirable = 0 if split.paired else int(split.label.sum())
     return SplitSummary(
-        name=name, source=source, rows=rows, examples=examples, subsampled=subsampled,
-        tokens=report, kept=len(split), n_desirable=n_desirable,
+        name=name, source=data.source, rows=data.rows, examples=data.examples,
+        subsampled=data.subsampled, tokens=data.report, kept=len(split), n_desirable=n_desirable,
         n_undesirable=0 if split.paired else len(split) - n_desirable, paired=split.paired,
         lengths=length_percentiles(split.prompt_lengths, split.completion_lengths, totals),
         batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, layout))
@@ -273,7 +304,8 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     h = hashlib.sha256()
     for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
                   split.weight):
-        h.update(np.ascontiguousarray(array).tobytes())
+        h.update(np.ascontiguousarray(array, np.int64 if array.dtype.kind in "iu" else None
+                                      ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
     return h.hexdigest()[:16]

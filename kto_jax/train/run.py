@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -76,7 +75,7 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
     if not config.model.path:
         raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
                         "checkpoint directory) or a llama.cpp .gguf file.")
-    if not os.path.exists(config.model.path):
+    if not paths.exists(config.model.path):
         raise UserError(f"config.model.path={config.model.path!r} does not exist.")
     if not config.data.train_path:
         raise UserError("config.data.train_path is empty: pass --config.data.train_path=FILE "
