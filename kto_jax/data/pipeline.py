@@ -1,6 +1,7 @@
 """`build_datasets`: config + tokenizer -> train iterator factory, eval batches, summary.
 
-Preparation (once, at start-up):
+Preparation (once, at start-up; a `kto-jax data prepare` directory skips to the
+gathered statistics, kto_jax/data/prepared.py):
   read rows (every process reads and normalises the whole file: JSONL/JSON have no
   random access) -> detect the format -> split off eval rows (seeded) -> validate
   and normalise -> (train) keep data.*_fraction of each class -> phase 1 of

