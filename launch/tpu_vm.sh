@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train kto-jax on a Cloud TPU VM slice: create the slice (directly, or as a queued
-# resource), install this checkout with the `tpu` extra on every worker, run
+# resource), install this checkout with the `tpu` and `gcs` extras on every worker, run
 # `kto-jax train` on --worker=all with the logs streamed here, and delete the slice
 # on exit (also on Ctrl-C or an error). A preempted slice is recreated and the run
 # resumes from WORKDIR, up to MAX_RESTARTS times.
@@ -109,12 +109,12 @@ install_package() {
   tarball="$(mktemp -t kto-jax-src.XXXXXX.tar.gz)"
   tar -C "$REPO_DIR" --exclude=.git --exclude='*.egg-info' --exclude='__pycache__' \
     --exclude='.venv*' -czf "$tarball" . || return 1
-  log "copying this checkout to every worker and installing it with the tpu extra"
+  log "copying this checkout to every worker and installing it with the tpu and gcs extras"
   gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME":kto-jax-src.tar.gz --worker=all \
     "${gcloud_args[@]}" || return 1
   rm -f "$tarball"
   on_all_workers "rm -rf ~/kto-jax && mkdir -p ~/kto-jax && tar -xzf ~/kto-jax-src.tar.gz -C ~/kto-jax \
-    && cd ~/kto-jax && python3 -m pip install -q '.[tpu]'" || return 1
+    && cd ~/kto-jax && python3 -m pip install -q '.[tpu,gcs]'" || return 1
 }
 
 run_training() {

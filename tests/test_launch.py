@@ -177,7 +177,7 @@ def test_tpu_vm_creates_installs_trains_on_all_workers_and_deletes(fakes, tmp_pa
     assert {"--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--zone=us-west4-a"} <= set(create)
     assert "--spot" not in create
     assert all("--worker=all" in c["argv"] for c in calls("gcloud") if c["argv"][3] in ("ssh", "scp"))
-    assert "'.[tpu]'" in calls("gcloud")[2]["argv"][-1]
+    assert "'.[tpu,gcs]'" in calls("gcloud")[2]["argv"][-1]   # gs:// workdirs need the gcs extra
     assert remote_train_argv(calls) == ["python3", "-m", "kto_jax.cli", "train", "--config=configs/base.py",
                                         "--workdir=gs://b/run", *OVERRIDES]
     assert "step 1 loss 0.69" in (tmp_path / "tpu.log").read_text()   # logs streamed and kept
@@ -226,7 +226,7 @@ def test_gpu_host_installs_cuda_jax_matching_the_pinned_jax_then_trains(fakes, t
     assert result.returncode == 0, result.stderr
     argvs = [c["argv"] for c in calls("python")]
     assert argvs[0] == ["-m", "venv", str(venv)]
-    assert ["-m", "pip", "install", "-q", "-e", "."] in argvs
+    assert ["-m", "pip", "install", "-q", "-e", ".[gcs]"] in argvs
     assert ["-m", "pip", "install", "-q", "jax[cuda12]==0.10.2"] in argvs
     assert argvs[-1] == ["-m", "kto_jax.cli", "train", "--config=configs/base.py", "--workdir=runs/base",
                          "--config.train.num_steps=2"]

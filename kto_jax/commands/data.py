@@ -1,8 +1,10 @@
-"""`kto-jax data inspect --config=configs/X.py [--config.data.x=y ...] [--tokenizer=PATH]`.
+"""`kto-jax data inspect|prepare --config=configs/X.py [--config.data.x=y ...] [--tokenizer=PATH]`.
 
-Runs the data preparation of a training run without a model and prints the
+inspect: runs the data preparation of a training run without a model and prints the
 resolved summary: rows read and examples per class, what was dropped and why,
 length percentiles, the buckets' padding efficiency and the eq. 9 λ advice.
+prepare (with --out=DIR): validates and tokenises config.data once into DIR; train with
+--config.data.train_path=DIR and each process reads only its rows (docs/data.md).
 The tokenizer comes from config.model.path unless --tokenizer is given.
 """
 
@@ -17,9 +19,11 @@ from kto_jax.commands.preamble import HELP_FLAGS, config_command_help, parse_con
 from kto_jax.errors import UserError
 
 
+
 def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: config.model.path).",
                         flag_values=flag_values)
+    flags.DEFINE_string("out", None, "data prepare: the directory to write.", flag_values=flag_values)
 
 
 def main(argv: list[str]) -> int:
@@ -27,12 +31,20 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in HELP_FLAGS + ("help",):
         sys.stdout.write(config_command_help(__doc__, _define_flags))
         return 0
-    if argv[0] != "inspect":
-        raise UserError(f"unknown data command {argv[0]!r}; the only one is 'inspect' "
+    if argv[0] not in ("inspect", "prepare"):
+        raise UserError(f"unknown data command {argv[0]!r}; use 'inspect' or 'prepare' "
                         "(see 'kto-jax data --help').")
-    config, flag_values = parse_config_command(argv[1:], prog="kto-jax data inspect", doc=__doc__,
+    config, flag_values = parse_config_command(argv[1:], prog=f"kto-jax data {argv[0]}", doc=__doc__,
                                                define_flags=_define_flags)
     tokenizer = load_tokenizer(flag_values["tokenizer"].value or config.model.path)
+    if argv[0] == "prepare":
+        from kto_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
+        if not flag_values["out"].value:
+            raise UserError("data prepare needs --out=DIR, the directory to write.")
+        meta = prepare(config, tokenizer, flag_values["out"].value)
+        kept = ", ".join(f"{n} {s['kept']} examples" for n, s in meta["splits"].items())
+        sys.stdout.write(f"prepared {kept} in {flag_values['out'].value}\n")
+        return 0
     from kto_jax.data.pipeline import build_datasets  # pylint: disable=import-outside-toplevel
     logging.getLogger("kto_jax.data").setLevel(logging.ERROR)  # warnings are in the summary
     # The global view: one process holding whole microbatches (no accelerator needed).

@@ -39,8 +39,10 @@ Modules: readers (files -> rows), formats (TRL formats -> examples), imbalance
 (fractions, eq. 9), tokenize (chat template, truncation, prefix guarantee,
 per-example statistics), shards (per-process tokenization: all-gather, cache,
 batch-time tokens), batching (plans, buckets, padding), iterator (the grain
-pipeline and its state), pipeline (build_datasets), summary. `kto-jax data
-inspect` (kto_jax/commands/data.py) prints the summary. See docs/data.md.
+pipeline and its state), pipeline (build_datasets), prepared (`kto-jax data
+prepare`: tokenised once, each process reads only its rows), summary. `kto-jax data
+inspect|prepare` (kto_jax/commands/data.py) prints the summary / writes the prepared
+directory. See docs/data.md.
 """
 
 from kto_jax.data.iterator import FeedbackIterator

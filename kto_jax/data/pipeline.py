@@ -1,6 +1,7 @@
 """`build_datasets`: config + tokenizer -> train iterator factory, eval batches, summary.
 
-Preparation (once, at start-up):
+Preparation (once, at start-up; a `kto-jax data prepare` directory skips to the
+gathered statistics, kto_jax/data/prepared.py):
   read rows (every process reads and normalises the whole file: JSONL/JSON have no
   random access) -> detect the format -> split off eval rows (seeded) -> validate
   and normalise -> (train) keep data.*_fraction of each class -> phase 1 of
@@ -31,7 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from kto_jax.data import batching, formats, imbalance, packing, shards, tokenize
+from kto_jax.data import batching, formats, imbalance, packing, prepared, shards, tokenize
 from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, FeedbackIterator, TrainFactory
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
@@ -83,33 +84,52 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
         import jax  # pylint: disable=import-outside-toplevel
         process_index, process_count = jax.process_index(), jax.process_count()
     d, paired = config.data, get_loss(config.loss.name).paired
-    _check_config(config, paired, process_count)
+    check_config(config, paired, process_count)
+    layout = batch_layout(config, tokenizer, process_index, process_count)
+    if prepared.is_prepared(d.train_path):   # `kto-jax data prepare` output: reads only our rows
+        fmt, conversational, splits, eval_note = prepared.open_splits(config, tokenizer, paired)
+    else:
+        fmt, conversational, splits, eval_note = read_splits(config, tokenizer, layout, paired,
+                                                             allgather)
+    summaries = {name: _split_summary(data, layout, d.seed) for name, data in splits.items()}
+    train, evaluation = splits["train"].split, splits.get("eval")
+    summary = _summarize(config, fmt, conversational, paired, summaries["train"],
+                         summaries.get("eval"), eval_note, layout,
+                         _fingerprint(config, train, layout))
+    for warning in summary.warnings:
+        log.warning(warning)
+    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
+                    None if evaluation is None else EvalBatches(evaluation.split, layout, d),
+                    summary)
+
+
+def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
+                allgather: shards.AllGather | None = None
+                ) -> tuple[str, bool, dict[str, shards.SplitData], str]:
+    """Reads, validates and tokenizes (this process's share of) the data files.
+
+    Returns:
+      (format, conversational, {"train": ..., "eval": ... (if any)}, eval note).
+    """
+    d = config.data
     train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
     fmt, conversational = formats.detect_format(train_rows, d.format)
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
-    layout = _layout(config, tokenizer, process_index, process_count)
-    train, train_summary = _prepare_split("train", train_rows, train_rows.source, fmt,
-                                          conversational, config, paired, tokenizer, layout,
-                                          allgather)
-    evaluation, eval_summary = None, None
+    splits = {"train": _prepare_split("train", train_rows, train_rows.source, fmt,
+                                      conversational, config, paired, tokenizer, layout,
+                                      allgather)}
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
             raise UserError(f"{eval_rows.source}: eval rows are "
                             f"{'conversational' if eval_conv else 'text'} but the train rows of "
                             f"{train_rows.source} are not.")
-        evaluation, eval_summary = _prepare_split("eval", eval_rows, eval_note, eval_fmt,
-                                                  eval_conv, config, paired, tokenizer, layout,
-                                                  allgather)
-    summary = _summarize(config, fmt, conversational, paired, train_summary, eval_summary,
-                         eval_note, layout, _fingerprint(config, train, layout))
-    for warning in summary.warnings:
-        log.warning(warning)
-    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
-                    None if evaluation is None else EvalBatches(evaluation, layout, d), summary)
+        splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, config,
+                                        paired, tokenizer, layout, allgather)
+    return fmt, conversational, splits, eval_note
 
 
-def _check_config(config, paired: bool, process_count: int) -> None:
+def check_config(config, paired: bool, process_count: int) -> None:
     d, t = config.data, config.train
     problems = []
     if not 0 < d.max_prompt_length < d.max_length:
@@ -160,7 +180,7 @@ def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
     return rows.subset(np.sort(perm[n_eval:])), rows.subset(np.sort(perm[:n_eval])), note
 
 
-def _layout(config, tokenizer, process_index: int, process_count: int) -> batching.BatchLayout:
+def batch_layout(config, tokenizer, process_index: int, process_count: int) -> batching.BatchLayout:
     d, t = config.data, config.train
     max_completion = d.max_completion_length or d.max_length
     prompt_buckets, completion_buckets = batching.bucket_sizes(
@@ -175,7 +195,7 @@ def _layout(config, tokenizer, process_index: int, process_count: int) -> batchi
 
 def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
                    allgather):
-    """Rows -> ShardedSplit and its SplitSummary (fractions on train only)."""
+    """Rows -> `SplitData` (fractions on train only)."""
     d = config.data
     if fmt == "paired":
         items = formats.normalise_pairs(rows, conversational)
@@ -210,8 +230,7 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         raise UserError(f"{rows.source}: only {len(split)} training examples, fewer than one global batch of "
                         f"{layout.global_batch}, and data.drop_remainder=True drops them all; "
                         "set data.drop_remainder=False or lower train.global_batch_size.")
-    return split, _split_summary(name, source, len(rows.records), n_examples, subsampled, report,
-                                 split, layout, d.seed)
+    return shards.SplitData(name, split, source, len(rows.records), n_examples, subsampled, report)
 
 
 def _empty_message(name, rows, examples, subsampled, report) -> str:
@@ -222,7 +241,8 @@ def _empty_message(name, rows, examples, subsampled, report) -> str:
             "data.*_fraction and the chat template.")
 
 
-def _split_summary(name, source, rows, examples, subsampled, report, split, layout, seed):
+def _split_summary(data: shards.SplitData, layout, seed) -> SplitSummary:
+    name, split = data.name, data.split
     train = name == "train"
     plan = batching.plan_epoch(
         split.prompt_lengths, split.completion_lengths,
@@ -231,8 +251,8 @@ def _split_summary(name, source, rows, examples, subsampled, report, split, layo
     totals = split.total_lengths
     n_desirable = 0 if split.paired else int(split.label.sum())
     return SplitSummary(
-        name=name, source=source, rows=rows, examples=examples, subsampled=subsampled,
-        tokens=report, kept=len(split), n_desirable=n_desirable,
+        name=name, source=data.source, rows=data.rows, examples=data.examples,
+        subsampled=data.subsampled, tokens=data.report, kept=len(split), n_desirable=n_desirable,
         n_undesirable=0 if split.paired else len(split) - n_desirable, paired=split.paired,
         lengths=length_percentiles(split.prompt_lengths, split.completion_lengths, totals),
         batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, layout))
@@ -272,7 +292,8 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     h = hashlib.sha256()
     for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
                   split.weight):
-        h.update(np.ascontiguousarray(array).tobytes())
+        h.update(np.ascontiguousarray(array, np.int64 if array.dtype.kind in "iu" else None
+                                      ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
     return h.hexdigest()[:16]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 
+from kto_jax import fs
 from kto_jax.errors import UserError
 
 MAX_LISTED_PROBLEMS = 20
@@ -88,7 +89,7 @@ def read_rows(path: str, *, split: str = "train", config_key: str = "data.train_
     """Reads every record of a local file, a `save_to_disk` directory or a hub dataset.
 
     Args:
-      path: JSONL / JSON / Parquet file, a `datasets` directory, or a hub id
+      path: JSONL / JSON / Parquet file, a `datasets` directory (local or gs://), or a hub id
         (loaded with `datasets.load_dataset` only when it is not a local path).
       split: split to take from a DatasetDict directory or a hub id.
       config_key: the config field that named `path`, for error messages.
@@ -99,9 +100,9 @@ def read_rows(path: str, *, split: str = "train", config_key: str = "data.train_
     if not path:
         raise UserError(f"{config_key} is empty: set it to a JSONL, JSON or Parquet file, a "
                         "datasets directory, or a Hugging Face hub dataset id.")
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return _read_datasets_dir(path, split, config_key)
-    if os.path.isfile(path):
+    if fs.isfile(path):
         kind = _file_kind(path, config_key)
         reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind]
         return reader(path)
@@ -136,7 +137,7 @@ def _read_jsonl(path: str) -> RowSet:
     """One JSON object per line; a UTF-8 byte-order mark, CRLF line ends and blank lines
     are accepted; errors name path:line."""
     records, lines, problems = [], [], Problems()
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1:
                 _check_encoding(path, raw)
@@ -176,8 +177,7 @@ def _parse_line(raw: bytes, where: str, problems: Problems) -> dict | None:
 def _read_json(path: str) -> RowSet:
     """A JSON list of objects, or an object of equal-length columns (UTF-8, with or
     without a byte-order mark)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = fs.read_bytes(path)
     _check_encoding(path, data)
     try:
         text = data.decode("utf-8-sig")
@@ -227,7 +227,8 @@ def _read_parquet(path: str) -> RowSet:
     import pyarrow  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     try:
-        table = pq.read_table(path)
+        with fs.open_file(path, "rb") as f:
+            table = pq.read_table(f)
     except (pyarrow.ArrowException, OSError) as err:
         raise UserError(f"{path}: not a readable Parquet file: {err}") from None
     return RowSet(path, "parquet", table.to_pylist())
@@ -235,13 +236,14 @@ def _read_parquet(path: str) -> RowSet:
 
 def _read_datasets_dir(path: str, split: str, config_key: str) -> RowSet:
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+    if not any(fs.exists(fs.join(path, m)) for m in markers):
         raise UserError(f"{config_key}: {path!r} is a directory but not a datasets "
                         "save_to_disk directory (no dataset_info.json / dataset_dict.json); "
                         "point at a file instead.")
     import datasets  # pylint: disable=import-outside-toplevel
     try:
-        loaded = datasets.load_from_disk(path)
+        with fs.local_copy(path) as local:
+            loaded = datasets.load_from_disk(local, keep_in_memory=fs.is_remote(path))
     except Exception as err:  # datasets raises many types; all mean "unreadable"
         raise UserError(f"{config_key}: cannot load datasets directory {path!r}: {err}") from None
     return RowSet(path, "datasets", _dataset_records(loaded, path, split, config_key))

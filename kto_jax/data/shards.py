@@ -172,3 +172,14 @@ def tokenize_sharded(items: list, spec: TokenSpec, *, process_index: int, proces
                          stats[kept, tokenize.HASH], spec,
                          cache_start=int(np.searchsorted(kept, lo)), cache=cache)
     return split, report
+
+
+class SplitData(NamedTuple):
+    """One split's examples ready for batching, and what its summary reports about them."""
+    name: str
+    split: ShardedSplit     # or a `prepared.PreparedSplit` (same batching interface)
+    source: str
+    rows: int
+    examples: int
+    subsampled: dict
+    report: TokenReport

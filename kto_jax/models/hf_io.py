@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
+from kto_jax import fs
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
@@ -63,12 +64,11 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
 
 def read_hf_config(directory: str) -> dict[str, Any]:
     """config.json of an HF checkpoint directory."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = fs.join(directory, "config.json")
+    if not fs.isfile(config_path):
         raise UserError(f"no config.json in {directory!r}; model.path must be a Hugging Face "
                         "checkpoint directory or a .gguf file")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(fs.read_text(config_path))
 
 
 def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: Mesh | None = None,
@@ -233,6 +233,8 @@ def load_tokenizer(path: str) -> Any:
         read_hf_config(path)  # an empty or foreign directory: "no config.json", not a tokenizer error
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # A bucket directory: only its small files (config, tokenizer) are downloaded.
+        with fs.local_copy(path, exclude=("*.safetensors", "*.bin", "*.pt", "*.gguf")) as local:
+            return AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {path!r}: {e}") from e

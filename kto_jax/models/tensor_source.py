@@ -5,18 +5,20 @@ layout (torch Linear weights are [out_features, in_features]; q/k rows in HF's
 rotate-half order), as host numpy arrays. The HF loader (`hf_io.from_pretrained`)
 reads every checkpoint through this protocol, so any format that can present its
 tensors this way (safetensors here, GGUF in `kto_jax.models.gguf`) loads through
-the same name table, shape checks and sharded placement.
+the same name table, shape checks and sharded placement. A checkpoint directory in
+a bucket (gs://...) is read the same way, each tensor by one ranged read.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import struct
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from safetensors import safe_open
 
+from kto_jax import fs
 from kto_jax.errors import UserError
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -39,7 +41,8 @@ class TensorSource(Protocol):
 class SafetensorsSource:
     """TensorSource over `model.safetensors` or a sharded `model.safetensors.index.json` in one directory.
 
-    Tensors are read lazily, one at a time (memory-mapped by safetensors).
+    Tensors are read lazily, one at a time (memory-mapped by safetensors; for a
+    gs:// directory, one ranged read per tensor).
     """
 
     def __init__(self, directory: str):
@@ -62,25 +65,78 @@ class SafetensorsSource:
             raise UserError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
         file = self._file_of[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.directory, file), framework="numpy")
+            path = fs.join(self.directory, file)
+            self._handles[file] = (_RangedSafetensors(path) if fs.is_remote(path)
+                                   else safe_open(path, framework="numpy"))
         return self._handles[file]
+
+
+# safetensors dtype names -> numpy (bfloat16 and float8 from ml_dtypes, which jax ships).
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+           "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _RangedSafetensors:
+    """One safetensors file read by ranged reads: the header once, then each tensor's bytes.
+
+    Duck-types the part of `safe_open` that `SafetensorsSource` uses (keys, get_tensor,
+    get_slice(name).get_shape()), for files in object stores, which have no mmap.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with fs.open_file(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._header, self._base = header, 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def get_slice(self, name: str) -> "_RangedSafetensors._Slice":
+        return self._Slice(self._header[name]["shape"])
+
+    class _Slice:
+        def __init__(self, shape: list[int]):
+            self.shape = shape
+
+        def get_shape(self) -> list[int]:
+            return list(self.shape)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers bfloat16)
+        entry = self._header[name]
+        start, end = entry["data_offsets"]
+        with fs.open_file(self.path, "rb") as f:
+            f.seek(self._base + start)
+            data = f.read(end - start)
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        return np.frombuffer(data, dtype).reshape(entry["shape"]).copy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
     """{tensor name: file name} from the index, or from the single safetensors file."""
-    index_path = os.path.join(directory, SAFETENSORS_INDEX)
-    single = os.path.join(directory, SAFETENSORS_FILE)
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+    index_path = fs.join(directory, SAFETENSORS_INDEX)
+    single = fs.join(directory, SAFETENSORS_FILE)
+    if fs.exists(index_path):
+        weight_map = json.loads(fs.read_text(index_path)).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index_path} has no 'weight_map'; it is not a safetensors index")
-        missing = sorted({v for v in weight_map.values() if not os.path.exists(os.path.join(directory, v))})
+        missing = sorted({v for v in weight_map.values() if not fs.exists(fs.join(directory, v))})
         if missing:
             raise UserError(f"{index_path} lists files that do not exist: {', '.join(missing[:5])}")
         return dict(weight_map)
-    if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+    if fs.exists(single):
+        with (_RangedSafetensors(single) if fs.is_remote(single)
+              else safe_open(single, framework="numpy")) as f:
             return {k: SAFETENSORS_FILE for k in f.keys()}
     raise UserError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {directory}; "
                     "kto-jax reads Hugging Face safetensors checkpoints (or a .gguf file)")

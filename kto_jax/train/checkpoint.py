@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from kto_jax.errors import UserError
 from kto_jax.train import checkpoint_faults as faults
-from kto_jax.train import paths
+from kto_jax import fs as paths
 
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from kto_jax.train import paths
+from kto_jax import fs as paths
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step N to N.orbax-checkpoint-tmp*, then renames
 _NO_SPACE = ("no space left", "resource_exhausted", "disk quota")

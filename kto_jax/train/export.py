@@ -20,7 +20,7 @@ from flax import nnx
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
-from kto_jax.train import paths
+from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 
 

@@ -19,7 +19,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from kto_jax.train import metric_names as names_lib
-from kto_jax.train import paths
+from kto_jax import fs as paths
 from kto_jax.train.workdir import EVAL_METRICS_FILE, METRICS_FILE, TB_DIR
 
 # Keys every metrics.jsonl line carries; the trainer may add more.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -37,7 +36,8 @@ from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding, init_sharded_state, split_model
-from kto_jax.train import config_change, paths, reference_store, workdir as layout
+from kto_jax import fs as paths
+from kto_jax.train import config_change, reference_store, workdir as layout
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
 from kto_jax.train.export import write_model_source
 from kto_jax.train.metric_names import check_scheme
@@ -79,7 +79,7 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
     if not config.model.path:
         raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
                         "checkpoint directory) or a llama.cpp .gguf file.")
-    if not os.path.exists(config.model.path):
+    if not paths.exists(config.model.path):
         raise UserError(f"config.model.path={config.model.path!r} does not exist.")
     if os.path.isdir(config.model.path):
         read_hf_config(config.model.path)  # "no config.json in DIR" before any tokenizer error

@@ -18,7 +18,7 @@ import sys
 import jax
 import ml_collections
 
-from kto_jax.train import paths
+from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 from kto_jax.train.distributed import PreemptionGuard, agree
 from kto_jax.train.export import export_params

@@ -11,12 +11,12 @@
     hf.step              the step hf/ holds
     hf-latest/           the latest checkpoint, exported on demand by `kto-jax sample` / `eval`
 
-WORKDIR may be a local path or an object-store URL (kto_jax/train/paths.py).
+WORKDIR may be a local path or an object-store URL (kto_jax/fs.py).
 """
 
 from __future__ import annotations
 
-from kto_jax.train import paths
+from kto_jax import fs as paths
 
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"

@@ -18,7 +18,8 @@ import time
 from typing import Callable
 
 from kto_jax.errors import UserError
-from kto_jax.train import paths, workdir as layout
+from kto_jax import fs as paths
+from kto_jax.train import workdir as layout
 
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kto_jax.train import paths
+from kto_jax import fs as paths
 
 
 @pytest.fixture(params=["local", "url"])
