@@ -72,6 +72,67 @@ class PlannedBatch:
     completion_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """The global batches of one epoch, as flat arrays (no Python object per batch).
+
+    The batches are stored as *chunks* in cut order: chunk c holds the example ids
+    `indices[c*G:(c+1)*G]` (slot order; only the last chunk may be shorter) and is
+    padded to `prompt_len[c]` x `completion_len[c]`. Batch b of the epoch is chunk b,
+    except with length grouping (window W > 1), where the full chunks of each window
+    are served in a seeded order that `chunk` computes when asked (one permutation of
+    W per batch), so planning runs no Python loop over windows or batches.
+
+    `plan[b]` gives the `PlannedBatch`; iterating gives them in epoch order.
+    """
+    indices: np.ndarray           # int32 [examples planned]
+    prompt_len: np.ndarray        # int32 [chunks]
+    completion_len: np.ndarray    # int32 [chunks]
+    global_batch: int
+    window: int = 1
+    order_key: tuple[int, ...] = ()    # (seed, stream + 1, epoch): the window shuffles' seed
+
+    def __len__(self) -> int:
+        return len(self.prompt_len)
+
+    def __getitem__(self, b: int) -> PlannedBatch:
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} of an epoch of {len(self)}")
+        c, g = self.chunk(b), self.global_batch
+        return PlannedBatch(self.indices[c * g:(c + 1) * g], int(self.prompt_len[c]),
+                            int(self.completion_len[c]))
+
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
+
+    @property
+    def full_chunks(self) -> int:
+        return len(self.indices) // self.global_batch
+
+    def chunk(self, b: int) -> int:
+        """The stored chunk that is batch b of the epoch."""
+        w, full = self.window, self.full_chunks
+        if w == 1 or b >= full:              # no grouping, or the last partial batch
+            return b
+        first = b - b % w                    # this window's first chunk
+        start = first * self.global_batch    # its first example position (the seed's key)
+        perm = np.random.default_rng([*self.order_key, start]).permutation(min(w, full - first))
+        return first + int(perm[b - first])
+
+    def chunk_reduce(self, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+        """`ufunc.reduce` of a per-slot array (aligned with `indices`) over each chunk."""
+        return _chunk_reduce(values, self.global_batch, ufunc)
+
+
+def _chunk_reduce(values: np.ndarray, g: int, ufunc: np.ufunc) -> np.ndarray:
+    """[chunks]: `ufunc.reduce` over consecutive chunks of g values (the last may be shorter)."""
+    full = len(values) - len(values) % g
+    out = ufunc.reduce(values[:full].reshape(-1, g), axis=1)
+    if len(values) > full:
+        out = np.append(out, ufunc.reduce(values[full:]))
+    return out
+
+
 def bucket_sizes(bucket_lengths, max_prompt_length: int, max_completion: int
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Prompt buckets (capped by max_prompt_length) and completion buckets (by max_completion)."""
@@ -82,36 +143,43 @@ def bucket_sizes(bucket_lengths, max_prompt_length: int, max_completion: int
     return tuple(prompt), tuple(completion)
 
 
-def _bucket_of(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
-    return np.searchsorted(np.asarray(buckets), lengths, side="left")
+def bucket_index(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    """uint8 [N]: the smallest bucket >= each length, by a lookup table (no int64 [N] temporaries)."""
+    lengths = np.asarray(lengths)
+    top = int(lengths.max()) if len(lengths) else 0
+    table = np.searchsorted(np.asarray(buckets), np.arange(top + 1), side="left")
+    return table.astype(np.uint8 if len(buckets) < 256 else np.int32)[lengths]
+
+
+def _index_dtype(n: int):
+    return np.int32 if n < 2 ** 31 else np.int64
 
 
 def plan_epoch(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, layout: BatchLayout,
-               *, seed: int, epoch: int, stream: int = 3) -> list[PlannedBatch]:
+               *, seed: int, epoch: int, stream: int = 3) -> EpochPlan:
     """The global batches of one epoch (see the module docstring for the rules).
 
     `stream` separates independent uses of one seed (train and eval plans differ).
+    Vectorised: numpy over examples, no Python loop over batches or windows (the
+    window shuffles are drawn per batch when it is asked for, `EpochPlan.chunk`).
     """
-    n, g = len(prompt_lengths), layout.global_batch
-    order = np.random.default_rng([seed, stream, epoch]).permutation(n)
-    p_bucket = _bucket_of(prompt_lengths, layout.prompt_buckets)
-    c_bucket = _bucket_of(completion_lengths, layout.completion_buckets)
-    key = c_bucket * len(layout.prompt_buckets) + p_bucket
-    chunks: list[np.ndarray] = []
-    span = max(1, layout.window) * g
-    for start in range(0, n, span):
-        window = order[start:start + span]
-        if layout.window > 1:
-            window = window[np.argsort(key[window], kind="stable")]
-        cut = [window[k:k + g] for k in range(0, len(window), g)]
-        full = [c for c in cut if len(c) == g]
-        if layout.window > 1:
-            perm = np.random.default_rng([seed, stream + 1, epoch, start]).permutation(len(full))
-            full = [full[i] for i in perm]
-        chunks.extend(full)
-        chunks.extend(c for c in cut if len(c) < g and not layout.drop_remainder)
-    return [PlannedBatch(c, layout.prompt_buckets[p_bucket[c].max()],
-                         layout.completion_buckets[c_bucket[c].max()]) for c in chunks]
+    n, g, w = len(prompt_lengths), layout.global_batch, max(1, layout.window)
+    order = np.random.default_rng([seed, stream, epoch]).permutation(n).astype(_index_dtype(n))
+    p_bucket = bucket_index(prompt_lengths, layout.prompt_buckets)
+    c_bucket = bucket_index(completion_lengths, layout.completion_buckets)
+    if w > 1:   # stable sort by length bucket within each window of W global batches
+        key = (c_bucket[order].astype(np.int64) * len(layout.prompt_buckets) + p_bucket[order]
+               + np.arange(n, dtype=np.int64) // (w * g) * (len(layout.prompt_buckets)
+                                                           * len(layout.completion_buckets)))
+        order = order[np.argsort(key, kind="stable")]
+        del key
+    if layout.drop_remainder:
+        order = order[:n - n % g]
+    prompt_len = np.asarray(layout.prompt_buckets, np.int32)[
+        _chunk_reduce(p_bucket[order], g, np.maximum)]
+    completion_len = np.asarray(layout.completion_buckets, np.int32)[
+        _chunk_reduce(c_bucket[order], g, np.maximum)]
+    return EpochPlan(order, prompt_len, completion_len, g, w, (seed, stream + 1, epoch))
 
 
 def batches_per_epoch(n: int, layout: BatchLayout) -> int:
@@ -195,27 +263,31 @@ def _pad(ragged, rows: np.ndarray, length: int, pad_id: int, *, left: bool
     return ids, mask
 
 
-def plan_stats(split, plan: list[PlannedBatch], layout: BatchLayout) -> dict:
+def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     """Padding efficiency and shape counts of a plan, over the whole global batches.
 
     `split`: a `TokenizedSplit` or `shards.ShardedSplit` (lengths and labels only).
 
     efficiency = real tokens / padded tokens, where a batch's padded tokens are
     G * (P + C) (G * (P + 2C) for pairs) and filler rows count as padding.
+    All of it is order-free, so it is summed over the stored chunks (numpy, no loop).
     """
-    sides = len(split.side_lengths)
-    lengths = split.total_lengths
-    real = padded = 0
-    shapes: dict[tuple[int, int], int] = {}
+    sides, g = len(split.side_lengths), layout.global_batch
+    real = int(split.prompt_lengths[plan.indices].sum(dtype=np.int64))
+    for side in split.side_lengths:
+        real += int(side[plan.indices].sum(dtype=np.int64))
+    padded = g * int(plan.prompt_len.sum(dtype=np.int64)
+                     + sides * plan.completion_len.sum(dtype=np.int64))
+    pairs, counts = np.unique(np.stack([plan.prompt_len, plan.completion_len], 1), axis=0,
+                              return_counts=True)
+    shapes = {(int(p), int(c)): int(k) for (p, c), k in zip(pairs, counts)}
     single_class = 0
-    for b in plan:
-        real += int(lengths[b.indices].sum())
-        padded += layout.global_batch * (b.prompt_len + sides * b.completion_len)
-        shape = (b.prompt_len, b.completion_len)
-        shapes[shape] = shapes.get(shape, 0) + 1
-        labels = split.label[b.indices]
-        single_class += int(not split.paired and (labels.all() or not labels.any()))
+    if not split.paired and len(plan):
+        desirable = plan.chunk_reduce(split.label[plan.indices].astype(np.int32), np.add)
+        sizes = np.full(len(plan), g)
+        sizes[-1] = len(plan.indices) - g * (len(plan) - 1)
+        single_class = int(((desirable == 0) | (desirable == sizes)).sum())
     return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
-            "filler_rows": sum(layout.global_batch - len(b.indices) for b in plan),
-            "remainder_dropped": len(split) - sum(len(b.indices) for b in plan)}
+            "filler_rows": len(plan) * g - len(plan.indices),
+            "remainder_dropped": len(split) - len(plan.indices)}

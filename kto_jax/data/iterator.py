@@ -2,6 +2,7 @@
 
   MapDataset.range(start, stop)      global batch indices (epoch-major)
     .map(PlanBatch)                  global shuffle + length grouping + shape, per epoch
+                                     (`EpochPlans`: planned once, shared with the summary)
     .map(ShardRows)                  this process's rows of every microbatch
     .map(TokenizeRows)               their tokens: cached from start-up, else tokenized now
     .map(PadRows)                    static-shape numpy arrays (kto_jax/batch.py)
@@ -29,8 +30,13 @@ _FOREVER = 2 ** 62
 _PLAN_CACHE = 2
 
 
-class PlanBatch:
-    """Global batch index -> `PlannedBatch` (plans are cached per epoch)."""
+class EpochPlans:
+    """`plan_epoch` of one split, layout, seed and stream, by epoch (the last two kept).
+
+    One is shared by the summary (epoch 0) and every iterator over the split, so each
+    epoch is planned once per process, not once per consumer. The planner's inputs
+    are the split's lengths (no copy for unpaired data); a plan holds 4 bytes per example.
+    """
 
     def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, seed: int,
                  stream: int):
@@ -38,17 +44,28 @@ class PlanBatch:
         self.completion_lengths = split.completion_lengths
         self.layout, self.seed, self.stream = layout, seed, stream
         self.per_epoch = batching.batches_per_epoch(len(split), layout)
-        self._plans: dict[int, list] = {}
+        self._plans: dict[int, batching.EpochPlan] = {}
+
+    def __call__(self, epoch: int) -> batching.EpochPlan:
+        plan = self._plans.get(epoch)
+        if plan is None:
+            plan = batching.plan_epoch(self.prompt_lengths, self.completion_lengths, self.layout,
+                                       seed=self.seed, epoch=epoch, stream=self.stream)
+            while len(self._plans) >= _PLAN_CACHE:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = plan
+        return plan
+
+
+class PlanBatch:
+    """Global batch index -> `PlannedBatch`, from the shared per-epoch plans."""
+
+    def __init__(self, plans: EpochPlans):
+        self.plans = plans
 
     def __call__(self, index: int) -> batching.PlannedBatch:
-        epoch, position = divmod(int(index), self.per_epoch)
-        if epoch not in self._plans:
-            if len(self._plans) >= _PLAN_CACHE:
-                self._plans.pop(min(self._plans))
-            self._plans[epoch] = batching.plan_epoch(
-                self.prompt_lengths, self.completion_lengths, self.layout, seed=self.seed,
-                epoch=epoch, stream=self.stream)
-        return self._plans[epoch][position]
+        epoch, position = divmod(int(index), self.plans.per_epoch)
+        return self.plans(epoch)[position]
 
 
 class ShardRows:
@@ -88,15 +105,14 @@ class PadRows:
         return batching.pad_rows(tokens, rows, valid, planned, self.pad_id)
 
 
-def build_pipeline(split: ShardedSplit, layout: batching.BatchLayout, *, seed: int,
-                   stream: int, start: int, stop: int, prefetch: int,
-                   worker_count: int) -> grain.IterDataset:
-    """The grain dataset of batches [start, stop) for this process."""
+def build_pipeline(split: ShardedSplit, plans: EpochPlans, *, start: int, stop: int,
+                   prefetch: int, worker_count: int) -> grain.IterDataset:
+    """The grain dataset of batches [start, stop) for this process (`plans.layout`'s rows)."""
     ds = (grain.MapDataset.range(start, stop)
-          .map(PlanBatch(split, layout, seed, stream))
-          .map(ShardRows(layout))
+          .map(PlanBatch(plans))
+          .map(ShardRows(plans.layout))
           .map(TokenizeRows(split))
-          .map(PadRows(layout.pad_id)))
+          .map(PadRows(plans.layout.pad_id)))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     it = ds.to_iter_dataset(read)
     if worker_count > 0:
@@ -116,15 +132,13 @@ def _absl_flags_parsed() -> None:
 class FeedbackIterator(grain.DatasetIterator):
     """Batches of one process, with an exact, worker-count independent state."""
 
-    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, *, seed: int,
-                 stream: int, num_batches: int, prefetch: int, worker_count: int,
-                 fingerprint: str):
+    def __init__(self, split: ShardedSplit, plans: EpochPlans, *, num_batches: int,
+                 prefetch: int, worker_count: int, fingerprint: str):
         super().__init__()
-        self._args = dict(split=split, layout=layout, seed=seed, stream=stream,
-                          prefetch=prefetch, worker_count=worker_count)
+        self._args = dict(split=split, plans=plans, prefetch=prefetch, worker_count=worker_count)
         self.num_batches = num_batches
         self.fingerprint = fingerprint
-        self.batches_per_epoch = batching.batches_per_epoch(len(split), layout)
+        self.batches_per_epoch = plans.per_epoch
         self._next = 0
         self._inner = None
 
@@ -180,33 +194,28 @@ class TrainFactory:
     (each epoch reshuffled), for runs that stop at train.num_steps.
     """
 
-    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, data_config,
-                 fingerprint: str):
-        self.split, self.layout, self.fingerprint = split, layout, fingerprint
-        self.seed, self.num_epochs = data_config.seed, data_config.num_epochs
+    def __init__(self, split: ShardedSplit, plans: EpochPlans, data_config, fingerprint: str):
+        self.split, self.plans, self.fingerprint = split, plans, fingerprint
+        self.num_epochs = data_config.num_epochs
         self.prefetch, self.worker_count = data_config.prefetch, data_config.worker_count
-        self.batches_per_epoch = batching.batches_per_epoch(len(split), layout)
+        self.batches_per_epoch = plans.per_epoch
 
     def __call__(self, num_epochs: int | None = None, *, forever: bool = False
                  ) -> FeedbackIterator:
         epochs = self.num_epochs if num_epochs is None else num_epochs
         total = _FOREVER if forever else self.batches_per_epoch * int(epochs)
-        return FeedbackIterator(self.split, self.layout, seed=self.seed, stream=TRAIN_STREAM,
-                                num_batches=total, prefetch=self.prefetch,
+        return FeedbackIterator(self.split, self.plans, num_batches=total, prefetch=self.prefetch,
                                 worker_count=self.worker_count, fingerprint=self.fingerprint)
 
 
 class EvalBatches:
     """`eval_batches()`: one pass over the eval split; the same batches every call."""
 
-    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout, data_config):
-        import dataclasses  # pylint: disable=import-outside-toplevel
-        self.split = split
-        self.layout = dataclasses.replace(layout, drop_remainder=False)
-        self.seed, self.prefetch = data_config.seed, data_config.prefetch
-        self.num_batches = batching.batches_per_epoch(len(split), self.layout)
+    def __init__(self, split: ShardedSplit, plans: EpochPlans, data_config):
+        self.split, self.plans = split, plans
+        self.prefetch = data_config.prefetch
+        self.num_batches = plans.per_epoch
 
     def __call__(self) -> FeedbackIterator:
-        return FeedbackIterator(self.split, self.layout, seed=self.seed, stream=EVAL_STREAM,
-                                num_batches=self.num_batches, prefetch=self.prefetch,
-                                worker_count=0, fingerprint="eval")
+        return FeedbackIterator(self.split, self.plans, num_batches=self.num_batches,
+                                prefetch=self.prefetch, worker_count=0, fingerprint="eval")

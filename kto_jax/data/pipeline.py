@@ -33,7 +33,8 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from kto_jax.data import batching, formats, imbalance, packing, prepared, shards, tokenize
-from kto_jax.data.iterator import EVAL_STREAM, TRAIN_STREAM, EvalBatches, FeedbackIterator, TrainFactory
+from kto_jax.data.iterator import (EVAL_STREAM, TRAIN_STREAM, EpochPlans, EvalBatches,
+                                   FeedbackIterator, TrainFactory)
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
 from kto_jax.errors import UserError
@@ -91,15 +92,16 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
     else:
         fmt, conversational, splits, eval_note = read_splits(config, tokenizer, layout, paired,
                                                              allgather)
-    summaries = {name: _split_summary(data, layout, d.seed) for name, data in splits.items()}
+    plans = {name: _epoch_plans(data, layout, d.seed) for name, data in splits.items()}
+    summaries = {name: _split_summary(data, plans[name]) for name, data in splits.items()}
     train, evaluation = splits["train"].split, splits.get("eval")
     summary = _summarize(config, fmt, conversational, paired, summaries["train"],
                          summaries.get("eval"), eval_note, layout,
                          _fingerprint(config, train, layout))
     for warning in summary.warnings:
         log.warning(warning)
-    return Datasets(TrainFactory(train, layout, d, summary.fingerprint),
-                    None if evaluation is None else EvalBatches(evaluation.split, layout, d),
+    return Datasets(TrainFactory(train, plans["train"], d, summary.fingerprint),
+                    None if evaluation is None else EvalBatches(evaluation.split, plans["eval"], d),
                     summary)
 
 
@@ -241,21 +243,25 @@ def _empty_message(name, rows, examples, subsampled, report) -> str:
             "data.*_fraction and the chat template.")
 
 
-def _split_summary(data: shards.SplitData, layout, seed) -> SplitSummary:
+def _epoch_plans(data: shards.SplitData, layout, seed) -> EpochPlans:
+    """The split's plans: train with the run's layout, eval always padded (no drop)."""
+    if data.name == "train":
+        return EpochPlans(data.split, layout, seed, TRAIN_STREAM)
+    return EpochPlans(data.split, dataclasses.replace(layout, drop_remainder=False), seed,
+                      EVAL_STREAM)
+
+
+def _split_summary(data: shards.SplitData, plans: EpochPlans) -> SplitSummary:
     name, split = data.name, data.split
-    train = name == "train"
-    plan = batching.plan_epoch(
-        split.prompt_lengths, split.completion_lengths,
-        layout if train else dataclasses.replace(layout, drop_remainder=False), seed=seed,
-        epoch=0, stream=TRAIN_STREAM if train else EVAL_STREAM)
+    plan = plans(0)
     totals = split.total_lengths
     n_desirable = 0 if split.paired else int(split.label.sum())
     return SplitSummary(
         name=name, source=data.source, rows=data.rows, examples=data.examples,
         subsampled=data.subsampled, tokens=data.report, kept=len(split), n_desirable=n_desirable,
         n_undesirable=0 if split.paired else len(split) - n_desirable, paired=split.paired,
-        lengths=length_percentiles(split.prompt_lengths, split.completion_lengths, totals),
-        batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, layout))
+        lengths=length_percentiles(split.prompt_lengths, plans.completion_lengths, totals),
+        batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, plans.layout))
 
 
 def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note, layout,

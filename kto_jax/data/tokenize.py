@@ -72,8 +72,10 @@ class SplitLengths:
 
     @property
     def completion_lengths(self) -> np.ndarray:
-        """Per example, the longest completion (chosen or rejected for pairs)."""
-        return np.max(np.stack(self.side_lengths), axis=0)
+        """Per example, the longest completion (chosen or rejected for pairs; no copy otherwise)."""
+        if len(self.side_lengths) == 1:
+            return self.side_lengths[0]
+        return np.maximum(*self.side_lengths)
 
     @property
     def total_lengths(self) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 
 from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.data import batching
-from kto_jax.data.tokenize import Ragged, TokenizedSplit
+from kto_jax.data.tokenize import Ragged, SplitLengths, TokenizedSplit
 
 
 def make_split(n, seed=0, paired=False, max_p=30, max_c=60):
@@ -129,13 +129,14 @@ def test_process_shards_concatenate_to_the_global_batch(n_real):
 
 def test_plan_stats_counts_padding_and_shapes():
     split, layout = make_split(8), make_layout()
-    planned = batching.PlannedBatch(np.arange(8), 32, 64)
-    stats = batching.plan_stats(split, [planned], layout)
+    plan = batching.EpochPlan(np.arange(8), np.array([32]), np.array([64]), global_batch=8)
+    stats = batching.plan_stats(split, plan, layout)
     real = split.prompt_lengths.sum() + split.completions[0].lengths.sum()
     assert stats["efficiency"] == pytest.approx(real / (8 * (32 + 64)))
     assert stats["shapes"] == {(32, 64): 1} and stats["filler_rows"] == 0
     layout4 = dataclasses.replace(layout, accumulation=1)
-    single = batching.plan_stats(split, [batching.PlannedBatch(np.array([1, 2, 4, 5]), 32, 64)],
+    single = batching.plan_stats(split, batching.EpochPlan(np.array([1, 2, 4, 5]), np.array([32]),
+                                                           np.array([64]), global_batch=4),
                                  layout4)
     assert single["single_class_batches"] == 1                            # all undesirable
 
@@ -146,3 +147,94 @@ def test_plan_stats_reports_the_dropped_remainder():
                                epoch=0)
     stats = batching.plan_stats(split, plan, layout)
     assert stats["remainder_dropped"] == 5 and stats["filler_rows"] == 0
+
+
+# The planner as first written, one Python loop over windows and batches: the spec the
+# vectorised `plan_epoch` / `plan_stats` must equal exactly (the plan decides batch order,
+# so resume and reproducibility depend on it).
+def reference_plan_epoch(prompt_lengths, completion_lengths, layout, *, seed, epoch, stream):
+    n, g = len(prompt_lengths), layout.global_batch
+    order = np.random.default_rng([seed, stream, epoch]).permutation(n)
+    p_bucket = np.searchsorted(np.asarray(layout.prompt_buckets), prompt_lengths, side="left")
+    c_bucket = np.searchsorted(np.asarray(layout.completion_buckets), completion_lengths,
+                               side="left")
+    key = c_bucket * len(layout.prompt_buckets) + p_bucket
+    chunks = []
+    span = max(1, layout.window) * g
+    for start in range(0, n, span):
+        window = order[start:start + span]
+        if layout.window > 1:
+            window = window[np.argsort(key[window], kind="stable")]
+        cut = [window[k:k + g] for k in range(0, len(window), g)]
+        full = [c for c in cut if len(c) == g]
+        if layout.window > 1:
+            perm = np.random.default_rng([seed, stream + 1, epoch, start]).permutation(len(full))
+            full = [full[i] for i in perm]
+        chunks.extend(full)
+        chunks.extend(c for c in cut if len(c) < g and not layout.drop_remainder)
+    return [batching.PlannedBatch(c, layout.prompt_buckets[p_bucket[c].max()],
+                                  layout.completion_buckets[c_bucket[c].max()]) for c in chunks]
+
+
+def reference_plan_stats(split, plan, layout):
+    lengths = split.total_lengths
+    real = padded = single_class = 0
+    shapes = {}
+    for b in plan:
+        real += int(lengths[b.indices].sum())
+        padded += layout.global_batch * (b.prompt_len + len(split.side_lengths) * b.completion_len)
+        shapes[(b.prompt_len, b.completion_len)] = shapes.get((b.prompt_len, b.completion_len),
+                                                              0) + 1
+        labels = split.label[b.indices]
+        single_class += int(not split.paired and (labels.all() or not labels.any()))
+    return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
+            "single_class_batches": single_class, "batches": len(plan),
+            "filler_rows": sum(layout.global_batch - len(b.indices) for b in plan),
+            "remainder_dropped": len(split) - sum(len(b.indices) for b in plan)}
+
+
+@dataclasses.dataclass
+class LengthsOnly(SplitLengths):
+    """A split's lengths and labels only: what planning reads."""
+    prompt_lengths: np.ndarray
+    side_lengths: tuple
+    label: np.ndarray
+
+    def __len__(self):
+        return len(self.prompt_lengths)
+
+
+def _lengths_split(rng, n, paired, max_p, max_c):
+    sides = tuple(rng.integers(1, max_c + 1, n).astype(np.int32) for _ in range(1 + paired))
+    return LengthsOnly(rng.integers(1, max_p + 1, n).astype(np.int32), sides,
+                       rng.random(n) < rng.random())
+
+
+CASES = [  # (n, A, M, window, drop_remainder, paired)
+    (0, 2, 4, 1, False, False), (1, 2, 4, 1, False, False), (1, 2, 4, 3, False, False),
+    (7, 2, 4, 1, True, False), (8, 2, 4, 1, True, False), (8, 2, 4, 2, False, False),
+    (9, 1, 1, 1, False, False), (9, 1, 1, 4, False, True), (53, 2, 4, 3, False, False),
+    (53, 2, 4, 3, True, False), (64, 2, 4, 8, False, False), (65, 2, 4, 8, False, True),
+    (1000, 4, 8, 1, False, False), (1000, 4, 8, 2, True, True), (1000, 4, 8, 5, False, False),
+    (1000, 4, 8, 50, False, False), (997, 1, 32, 7, True, False),
+]
+
+
+@pytest.mark.parametrize("n,a,m,window,drop,paired", CASES)
+def test_vectorised_planner_equals_the_loop_reference(n, a, m, window, drop, paired):
+    rng = np.random.default_rng([n, a, m, window, drop, paired])
+    for trial in range(3):
+        max_p, max_c = [(32, 64), (16, 16), (5, 64)][trial]   # up to the caps
+        split = _lengths_split(rng, n, paired, max_p, max_c)
+        layout = make_layout(a, m, window=window, drop_remainder=drop)
+        seed, epoch, stream = int(rng.integers(0, 2 ** 31)), int(rng.integers(0, 5)), 3 + 2 * trial
+        plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
+                                   seed=seed, epoch=epoch, stream=stream)
+        reference = reference_plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
+                                         seed=seed, epoch=epoch, stream=stream)
+        assert len(plan) == len(reference) == batching.batches_per_epoch(n, layout)
+        for got, want in zip(plan, reference):
+            np.testing.assert_array_equal(got.indices, want.indices)
+            assert (got.prompt_len, got.completion_len) == (want.prompt_len, want.completion_len)
+        assert batching.plan_stats(split, plan, layout) == reference_plan_stats(split, reference,
+                                                                                layout)

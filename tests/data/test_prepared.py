@@ -61,7 +61,7 @@ def test_prepared_directory_gives_the_files_batches_with_each_process_reading_it
     for index in range(2):
         it = _batches(_config(out, **overrides), tokenizer, count=2, index=index)[0]()
         halves.append(collect(it))
-        split, layout = it._args["split"], it._args["layout"]
+        split, layout = it._args["split"], it._args["plans"].layout
         plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
                                    seed=0, epoch=0, stream=3)
         own = [np.unique(batching.local_rows(planned, layout)[0]) for planned in plan]
