@@ -7,7 +7,7 @@ tokenizer, runs `kto_jax.data.prepare.prepare` once (timed, in this process), th
 starts 1 and 2 worker processes (jax.distributed on localhost, gloo, as
 tests/train/test_multiprocess.py does) that each build the datasets from the prepared
 directory and take batches. Each worker reports: seconds from its start to its first
-batch, its peak RSS at that point (ru_maxrss: the peak before the first step), and
+batch, its peak RSS at that point (VmHWM: the peak before the first step), and
 the records it read for its first `--batches` batches against the rows those batches
 hold. `--jsonl-rows` also measures training straight from the JSONL file (today's
 path: every process reads and normalises the whole file) for comparison.
