@@ -25,6 +25,7 @@ FREE_KEYS = (
     "model.remat_policy", "model.attention_impl", "model.preset",
     "data.worker_count", "data.prefetch",
     "checkpoint.", "mesh.",
+    "online.rounds", "online.judge_workers", "online.judge_timeout", "online.judge_retries",
 )
 
 
