@@ -81,6 +81,8 @@ class HTTPPointwiseJudge:
         self.backoff, self.max_backoff = backoff, max_backoff
         self.name = f"http:{model}@{self.base_url}"
         self.requests_sent = 0      # HTTP requests, retries included
+        self.max_in_flight = 0      # most requests awaiting an answer at once (<= workers)
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._calls = 0             # scores() calls: part of every request id
 
@@ -108,8 +110,14 @@ class HTTPPointwiseJudge:
                                          data=json.dumps(body).encode("utf-8"), headers=headers)
         with self._lock:
             self.requests_sent += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            raw = response.read()
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         try:
             reply = json.loads(raw.decode("utf-8"))
             text = reply["choices"][0]["message"]["content"] or ""
