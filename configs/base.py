@@ -130,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.online.labeling = "threshold"   # verdicts -> data: "threshold" (desirable iff score > threshold) | "top_bottom_k" (per prompt) | "pairs" (best vs worst per prompt, paired losses)
     c.online.threshold = 0.5          # a sample passes (desirable, and counts in the pass rate) iff its score > threshold
     c.online.k = 1                    # top_bottom_k: the k best samples of a prompt are desirable, the k worst undesirable
+    c.online.heldout_every = 1        # evaluate on the held-out prompts after every N rounds (always before round 1 and after the last); 0: only those two
     c.online.reference = "initial"    # pi_ref: "initial" (the starting policy, fixed) | "refresh" (the policy at the start of each round)
     c.online.judge_workers = 8        # http judge: requests in flight at most
     c.online.judge_timeout = 30.0     # http judge: seconds per request before it is retried

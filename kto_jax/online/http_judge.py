@@ -23,7 +23,6 @@ import os
 import random
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Sequence

@@ -28,14 +28,16 @@ def pass_rate_fields(prefix: str, scores: Sequence[float], threshold: float) -> 
     return {prefix: r.rate, f"{prefix}_low": r.low, f"{prefix}_high": r.high}
 
 
-def round_record(round_index: int, *, heldout_scores: Sequence[float], threshold: float,
+def round_record(round_index: int, *, heldout_scores: Sequence[float] | None, threshold: float,
                  train_scores: Sequence[float] | None, train_labels: Sequence[bool | None] | None,
                  num_pairs: int | None, eval_metrics: dict | None, kl_ref: float | None
                  ) -> dict[str, Any]:
-    """The metrics.jsonl row of one round (see the module docstring)."""
+    """The metrics.jsonl row of one round (see the module docstring); without held-out
+    scores (a round online.heldout_every skips) the held-out fields are absent."""
     row: dict[str, Any] = {"round": round_index, "kind": "round"}
-    row.update(pass_rate_fields("judge/pass_rate", heldout_scores, threshold))
-    row["judge/n"] = len(heldout_scores)
+    if heldout_scores is not None:
+        row.update(pass_rate_fields("judge/pass_rate", heldout_scores, threshold))
+        row["judge/n"] = len(heldout_scores)
     if train_scores is not None:
         row.update(pass_rate_fields("judge/train_pass_rate", train_scores, threshold))
     row["kl_ref"] = kl_ref

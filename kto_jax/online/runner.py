@@ -141,12 +141,12 @@ def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
     _check_paths(config)
     prompts = prompt_sets(online.prompts_path, online.heldout_prompts_path,
                           online.heldout_fraction, online.seed)
-    judge = make_pointwise_judge(online.judge, online)
     workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(config.model.path)
     settings = StepSettings.from_config(config)
     config_json = config_to_json(config, loss=settings.hparams)
     mesh = shd.make_mesh(config.mesh)
+    judge = make_pointwise_judge(online.judge, online, mesh=mesh, rules=config.mesh)
     tx, schedule = make_optimizer(config.optim, online.num_steps)
     checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINT_DIR),
                                 every_steps=online.steps_per_round, keep=config.checkpoint.keep,
@@ -323,9 +323,15 @@ def _heldout_eval_metrics(run: OnlineRun, examples_file: str, seed: int) -> dict
     return summarize_metrics(jax.device_get(sums)) if sums is not None else None
 
 
-def evaluate_round(run: OnlineRun, round_index: int, samples: list[dict] | None) -> dict:
-    """Samples the held-out prompts from the current policy, judges them, and logs the
-    round's row (report.round_record) to metrics.jsonl and TensorBoard, and the plot."""
+def heldout_due(online_settings: OnlineSettings, round_index: int) -> bool:
+    """Held-out evaluation before round 1, after the last round and every heldout_every."""
+    every = online_settings.heldout_every
+    return (round_index in (0, online_settings.rounds)
+            or (every > 0 and round_index % every == 0))
+
+
+def evaluate_heldout(run: OnlineRun, round_index: int) -> tuple[list[dict], dict | None, float | None]:
+    """(held-out samples judged, the eval step's metrics on them, KL to the reference)."""
     o = run.online
     path = files.round_file(run.workdir, round_index, layout.ROUND_HELDOUT)
     heldout = files.read_jsonl(path)
@@ -345,18 +351,30 @@ def evaluate_round(run: OnlineRun, round_index: int, samples: list[dict] | None)
     files.write_jsonl(kl_path, [{"prompt": s["prompt"], "label": bool(s["pass"]),
                                  "completion": labels_lib.as_completion(s["prompt"], s["completion"])}
                                 for s in heldout])
-    kl_ref = _heldout_logps_kl(run, kl_path, seed)
+    return heldout, eval_metrics, _heldout_logps_kl(run, kl_path, seed)
+
+
+def evaluate_round(run: OnlineRun, round_index: int, samples: list[dict] | None) -> dict:
+    """Logs the round's row (report.round_record) to metrics.jsonl and TensorBoard, and
+    the plot; when due, samples the held-out prompts from the current policy and judges
+    them first."""
+    o = run.online
+    heldout, eval_metrics, kl_ref = None, None, None
+    if heldout_due(o, round_index):
+        heldout, eval_metrics, kl_ref = evaluate_heldout(run, round_index)
     row = report.round_record(
-        round_index, heldout_scores=[s["score"] for s in heldout], threshold=o.threshold,
+        round_index, heldout_scores=None if heldout is None else [s["score"] for s in heldout],
+        threshold=o.threshold,
         train_scores=None if samples is None else [s["score"] for s in samples],
         train_labels=None if samples is None else [s["label"] for s in samples],
         num_pairs=len(_examples(run, samples)) if samples is not None and o.labeling == "pairs" else None,
         eval_metrics=eval_metrics, kl_ref=kl_ref)
     run.logger.log_train(round_index * o.steps_per_round, row)
-    run.logger.message(
-        f"round {round_index}: held-out pass rate {row['judge/pass_rate']:.3f} "
-        f"[{row['judge/pass_rate_low']:.3f}, {row['judge/pass_rate_high']:.3f}] (n={len(heldout)})"
-        + ("" if kl_ref is None else f", KL to the reference {kl_ref:.4f}"))
+    if heldout is not None:
+        run.logger.message(
+            f"round {round_index}: held-out pass rate {row['judge/pass_rate']:.3f} "
+            f"[{row['judge/pass_rate_low']:.3f}, {row['judge/pass_rate_high']:.3f}] "
+            f"(n={len(heldout)})" + ("" if kl_ref is None else f", KL to the reference {kl_ref:.4f}"))
     if jax.process_index() == 0:
         rows = read_jsonl(layout.path(run.workdir, layout.METRICS_FILE))
         report.write_plot(rows, layout.path(run.workdir, layout.ONLINE_PLOT),
@@ -366,15 +384,11 @@ def evaluate_round(run: OnlineRun, round_index: int, samples: list[dict] | None)
 
 # ---------------------------------------------------------------- the rounds
 
-@functools.lru_cache(maxsize=None)
-def _copier(dtype: str, shardings: Any):
-    return jax.jit(functools.partial(reference_copy, dtype=dtype), out_shardings=shardings)
-
-
 def refresh_reference(run: OnlineRun) -> None:
     """online.reference="refresh": pi_ref becomes a copy of the policy as the round starts."""
     if run.online.reference == "refresh" and run.state.reference_params is not None:
-        copier = _copier(run.config.reference.param_dtype, run.shardings.reference_params)
+        copier = jax.jit(functools.partial(reference_copy, dtype=run.config.reference.param_dtype),
+                         out_shardings=run.shardings.reference_params)
         run.state = run.state.replace(reference_params=copier(run.state.params))
 
 

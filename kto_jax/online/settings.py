@@ -33,6 +33,7 @@ class OnlineSettings:
     threshold: float
     k: int
     reference: str
+    heldout_every: int
     judge_workers: int
     judge_timeout: float
     judge_retries: int
@@ -57,6 +58,7 @@ class OnlineSettings:
                                       top_p=float(o.top_p)),
             chat=bool(o.chat), sample_batch_size=int(o.sample_batch_size), labeling=o.labeling,
             threshold=float(o.threshold), k=int(o.k), reference=o.reference,
+            heldout_every=int(o.heldout_every),
             judge_workers=int(o.judge_workers), judge_timeout=float(o.judge_timeout),
             judge_retries=int(o.judge_retries))
 
@@ -78,8 +80,9 @@ def check_online_config(config: ml_collections.ConfigDict) -> None:
                  "judge_workers", "max_new_tokens"):
         if int(o[name]) < 1:
             problems.append(f"online.{name}={o[name]} must be at least 1")
-    if int(o.prompts_per_round) < 0 or int(o.judge_retries) < 0:
-        problems.append("online.prompts_per_round and online.judge_retries must be >= 0")
+    if min(int(o.prompts_per_round), int(o.judge_retries), int(o.heldout_every)) < 0:
+        problems.append("online.prompts_per_round, online.judge_retries and online.heldout_every "
+                        "must be >= 0")
     if not o.heldout_prompts_path and not 0.0 < float(o.heldout_fraction) < 1.0:
         problems.append(f"online.heldout_fraction={o.heldout_fraction} must lie in (0, 1) when "
                         "online.heldout_prompts_path is empty")
@@ -108,6 +111,10 @@ def check_online_config(config: ml_collections.ConfigDict) -> None:
     if config.reference.source == "precomputed":
         problems.append("reference.source=\"precomputed\" cannot serve new samples every round: "
                         "use \"model\" with kto-jax online")
+    if config.loss.auto_weights:
+        problems.append("loss.auto_weights: eq. 9's lambda weights depend on each round's class "
+                        "counts, but online rounds train with fixed weights: set "
+                        "loss.auto_weights=False and loss.desirable_weight / undesirable_weight")
     if int(config.lora.rank) > 0:
         problems.append("lora.rank > 0: kto-jax online trains full parameters for now "
                         "(set --config.lora.rank=0)")
