@@ -58,6 +58,7 @@ def test_rounds_write_their_files_metrics_and_plot(uninterrupted, prompts_file):
     assert [(r["step"], r["round"]) for r in train_rows] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert round_rows[0]["kl_ref"] == 0.0          # the initial policy is the reference
     assert round_rows[-1]["kl_ref"] > 0.0          # and it moved
+    assert train_rows[0]["kl"] == 0.0 and train_rows[2]["kl"] > 0.0  # round 2 keeps pi_ref
     # 8 prompts, heldout_fraction 0.25: 6 train prompts x 4 samples, 2 held-out x 4
     for r in (1, 2):
         samples = read_jsonl(os.path.join(uninterrupted, "rounds", f"{r:04d}", "samples.jsonl"))
@@ -122,3 +123,19 @@ def test_sigkill_twice_then_resume_reproduces_the_uninterrupted_run(
     # a finished run re-run does nothing new
     run_cli(argv, env)
     assert _rows(workdir) == _rows(uninterrupted)
+
+
+def test_refresh_reference_restarts_every_round_at_the_policy(tmp_path, tiny_model_dir,
+                                                             prompts_file, compile_cache):
+    """online.reference="refresh": each round's first step sees pi_ref == pi, so its
+    rewards and KL are exactly 0; with "initial" (the run above) round 2's are not."""
+    workdir = str(tmp_path / "refresh")
+    run_cli(online_argv(workdir, tiny_model_dir, prompts_file,
+                        "--config.online.reference=refresh"), online_env(compile_cache))
+    firsts = [r for r in _rows(workdir) if r["kind"] == "train" and r["step"] in (1, 3)]
+    assert len(firsts) == 2
+    for row in firsts:
+        assert row["kl"] == 0.0
+        assert row["rewards/desirable"] == 0.0 and row["rewards/undesirable"] == 0.0
+    last = [r for r in _rows(workdir) if r["kind"] == "round"][-1]
+    assert last["kl_ref"] > 0.0  # the drift of round 2 alone
