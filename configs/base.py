@@ -110,6 +110,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.export_dtype = ""         # dtype of the exported HF weights ("bfloat16", "float32"); empty: model.param_dtype
     c.train.allow_config_change = False  # resume even if model/reference/loss/data/optim settings changed (kto_jax/train/config_change.py)
 
+    # ---- online: `kto-jax online` rounds of sample -> judge -> train (docs/online.md) ----
+    c.online = ml_collections.ConfigDict()
+    c.online.prompts_path = ""        # JSONL with a "prompt" per line (a string or a list of {"role", "content"} messages)
+    c.online.heldout_prompts_path = ""  # held-out prompts (same format); empty: split heldout_fraction off prompts_path
+    c.online.heldout_fraction = 0.1   # share of prompts_path held out (seeded) when heldout_prompts_path is empty
+    c.online.judge = ""               # as `kto-jax eval --judge`: module:function (prompt, completion) -> score, reward-model:PATH or http[:MODEL]
+    c.online.rounds = 3               # sample -> judge -> train rounds
+    c.online.prompts_per_round = 0    # prompts drawn (seeded by round) per round; 0: every training prompt each round
+    c.online.samples_per_prompt = 4   # completions sampled per prompt per round
+    c.online.steps_per_round = 10     # optimizer steps on each round's examples
+    c.online.seed = 0                 # sampling seed; round r samples with a key from (seed, r), so a resumed round regenerates identical samples
+    c.online.max_new_tokens = 64      # tokens sampled per completion at most
+    c.online.temperature = 1.0        # sampling temperature (> 0 when samples_per_prompt > 1, or every sample is the same)
+    c.online.top_k = 0                # >0: sample among the k most likely tokens
+    c.online.top_p = 1.0              # <1: nucleus sampling mass
+    c.online.chat = False             # wrap plain-string prompts in one user message (the tokenizer's chat template)
+    c.online.sample_batch_size = 16   # prompts per sampling batch
+    c.online.labeling = "threshold"   # verdicts -> data: "threshold" (desirable iff score > threshold) | "top_bottom_k" (per prompt) | "pairs" (best vs worst per prompt, paired losses)
+    c.online.threshold = 0.5          # a sample passes (desirable, and counts in the pass rate) iff its score > threshold
+    c.online.k = 1                    # top_bottom_k: the k best samples of a prompt are desirable, the k worst undesirable
+    c.online.heldout_every = 1        # evaluate on the held-out prompts after every N rounds (always before round 1 and after the last); 0: only those two
+    c.online.reference = "initial"    # pi_ref: "initial" (the starting policy, fixed) | "refresh" (the policy at the start of each round)
+    c.online.judge_workers = 8        # http judge: requests in flight at most
+    c.online.judge_timeout = 30.0     # http judge: seconds per request before it is retried
+    c.online.judge_retries = 4        # http judge: retries per request (exponential back-off) before the run stops
+
     # ---- mesh: device layout (docs/training.md) ----
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                  # data-parallel replicas; -1 fills the devices left

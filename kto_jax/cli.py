@@ -16,6 +16,7 @@ from kto_jax.errors import UserError
 SUBCOMMANDS = {
     # name: (module:function, one-line help)
     "train": ("kto_jax.commands.train:main", "train a model: --config=configs/X.py --workdir=DIR"),
+    "online": ("kto_jax.commands.online:main", "online KTO: rounds of sample -> judge -> train from the live policy: --config=configs/X.py --workdir=DIR"),
     "export": ("kto_jax.commands.export:main", "write a run's checkpoint as a Hugging Face model"),
     "data": ("kto_jax.commands.data:main", "inspect a run's dataset: --config=configs/X.py (rows, drops, lengths, lambda)"),
     "compile": ("kto_jax.commands.compile:main", "compile the train step for a TPU slice on this machine; per-chip memory and fit: --config=... --topology=v5p-32"),

@@ -1,4 +1,4 @@
-"""`kto-jax demo [--workdir DIR] [--size full|quick] [--model PATH] [--seed N] [--smoke]`.
+"""`kto-jax demo [--workdir DIR] [--size full|quick] [--model PATH] [--seed N] [--smoke] [--online]`.
 
 Runs the demo of kto_jax/demo: SmolLM2-135M-Instruct samples answers, a word-count
 rule labels them thumbs-up/down, the real trainer KTO-aligns the model on that
@@ -8,6 +8,8 @@ results.json, training_curves.png and the aligned model (run/hf) to the workdir
 (default: a fresh directory under ./kto-jax-demo, git-ignored); the training
 checkpoints are deleted at the end and the disk use printed. About 6 minutes on an
 idle 2-core CPU for --size full. --smoke checks an install in under a minute.
+--online spends the same judge calls and optimizer steps in `kto-jax online` rounds
+(kto_jax/demo/online.py) and prints its before/after pass rate and KL.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long check of the install: a random tiny model with the "
                              "bundled SmolLM2 tokenizer, --size quick (the numbers mean nothing)")
+    parser.add_argument("--online", action="store_true",
+                        help="spend the same judge calls and optimizer steps in online rounds "
+                             "(kto-jax online) instead of one offline pass (docs/online.md)")
     args = parser.parse_args(argv)
     workdir = os.path.abspath(args.workdir or default_workdir())
-    if os.path.isdir(os.path.join(workdir, "run")):
+    if os.path.isdir(os.path.join(workdir, "online" if args.online else "run")):
         from kto_jax.errors import UserError
         raise UserError(f"{workdir} already holds a demo run; pass a new --workdir")
     print(f"kto-jax demo: workdir {workdir}")
@@ -46,5 +51,9 @@ def main(argv: list[str]) -> int:
     if args.smoke:
         from kto_jax.demo.smoke import smoke_model_path
         model_path, size = args.model or smoke_model_path(workdir), "quick"
+    if args.online:
+        from kto_jax.demo.online import run_online_demo
+        run_online_demo(workdir, size_name=size, model_path=model_path, seed=args.seed)
+        return 0
     run_demo(workdir, size_name=size, model_path=model_path, seed=args.seed)
     return 0

@@ -122,8 +122,9 @@ def function_judge(spec: str) -> Judge:
 
 # ---------------------------------------------------------------- reward models
 
-def reward_model_judge(path: str, batch_size: int = 8) -> Judge:
-    """A ScoreJudge from an HF sequence-classification dir or a kto-jax-loadable causal LM."""
+def reward_model_judge(path: str, batch_size: int = 8, *, mesh: Any = None, rules: Any = None) -> Judge:
+    """A ScoreJudge from an HF sequence-classification dir or a kto-jax-loadable causal LM
+    (the latter placed on `mesh` by `rules` when given, e.g. a training run's mesh)."""
     config_path = os.path.join(path, "config.json")
     archs: list[str] = []
     if os.path.isfile(config_path):
@@ -133,7 +134,7 @@ def reward_model_judge(path: str, batch_size: int = 8) -> Judge:
         raise UserError(f"reward model {path!r}: expected an HF directory with config.json or a .gguf file")
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return ScoreJudge(_sequence_classifier_scores(path, batch_size), f"reward-model:{path}")
-    return ScoreJudge(_causal_lm_scores(path, batch_size), f"reward-model:{path}")
+    return ScoreJudge(_causal_lm_scores(path, batch_size, mesh, rules), f"reward-model:{path}")
 
 
 def _judge_texts(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
@@ -168,10 +169,10 @@ def _sequence_classifier_scores(path: str, batch_size: int):
     return scores
 
 
-def _causal_lm_scores(path: str, batch_size: int):
+def _causal_lm_scores(path: str, batch_size: int, mesh: Any = None, rules: Any = None):
     """Mean per-token log p(completion | prompt) under a causal LM loaded by kto-jax."""
     from kto_jax.eval.logprob_scoring import SequenceScorer
-    scorer = SequenceScorer.load(path, batch_size=batch_size)
+    scorer = SequenceScorer.load(path, batch_size=batch_size, mesh=mesh, rules=rules)
 
     def scores(prompts, completions):
         logps, counts = scorer.logps([[{"role": "user", "content": p}] if scorer.has_chat else p

@@ -55,9 +55,10 @@ class SequenceScorer:
         self._score = jax.jit(score)
 
     @classmethod
-    def load(cls, path: str, **kw) -> "SequenceScorer":
+    def load(cls, path: str, *, mesh: Any = None, rules: Any = None, **kw) -> "SequenceScorer":
+        """The scorer of the model at `path`, its weights on `mesh` by `rules` (default: one device)."""
         from kto_jax.models import from_pretrained, load_tokenizer
-        model, _ = from_pretrained(path)
+        model, _ = from_pretrained(path, mesh=mesh, rules=rules)
         return cls(model, load_tokenizer(path), **kw)
 
     @property

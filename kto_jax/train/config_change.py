@@ -25,6 +25,8 @@ FREE_KEYS = (
     "model.remat_policy", "model.attention_impl", "model.preset",
     "data.worker_count", "data.prefetch",
     "checkpoint.", "mesh.",
+    "online.rounds", "online.heldout_every", "online.judge_workers", "online.judge_timeout",
+    "online.judge_retries",
 )
 
 

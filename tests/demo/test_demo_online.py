@@ -1,0 +1,31 @@
+"""`kto-jax demo --online --size quick` on a tiny random chat model: the offline demo's
+judge-call and optimizer-step budget spent in online rounds."""
+
+import json
+import os
+
+from kto_jax import cli
+from kto_jax.demo import pipeline, rule
+from kto_jax.train.metrics import read_jsonl
+
+
+def test_demo_online_quick_keeps_the_offline_budget(tiny_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "demo")
+    assert cli.main(["demo", "--online", "--size", "quick", "--model", tiny_dir,
+                     "--workdir", workdir]) == 0
+    printed = capsys.readouterr().out
+    assert "the same as: kto-jax online --config=" in printed
+    size = pipeline.SIZES["quick"]
+    offline_calls = (size.train_prompts * size.samples_per_prompt
+                     + 2 * size.heldout_prompts * size.heldout_samples)
+    results = json.load(open(os.path.join(workdir, "online_results.json")))
+    assert (results["judge_calls"], results["steps"]) == (offline_calls, size.num_steps)
+    run = os.path.join(workdir, "online")
+    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    assert max(r["step"] for r in rows) == size.num_steps
+    held = [r for r in rows if r["kind"] == "round" and "judge/pass_rate" in r]
+    assert [r["round"] for r in held] == [0, 2]       # before and after only, as offline
+    after = read_jsonl(os.path.join(run, "rounds", "0002", "heldout.jsonl"))
+    assert len(after) == size.heldout_prompts * size.heldout_samples == results["n"]
+    assert results["pass_rate_after"][0] == sum(rule.passes(s["completion"]) for s in after) / len(after)
+    assert all(s["score"] == float(rule.passes(s["completion"])) for s in after)

@@ -1,0 +1,41 @@
+"""Fixtures for online tests: the trainer tests' tiny random Llama, a prompt file, a
+shared compilation cache (tests/train/run_helpers.py builds the model)."""
+
+import json
+import os
+import random
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
+sys.path.insert(0, HERE)
+
+from run_helpers import sentence, write_tiny_llama, write_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+    out = str(tmp_path_factory.mktemp("tiny_llama"))
+    rng = random.Random(0)
+    write_tokenizer(out, [sentence(rng, 3, 12) + " ?" for _ in range(400)])
+    write_tiny_llama(out, vocab_size=len(AutoTokenizer.from_pretrained(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> str:
+    path = os.path.join(str(tmp_path_factory.mktemp("prompts")), "prompts.jsonl")
+    rng = random.Random(3)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(8):
+            f.write(json.dumps({"prompt": sentence(rng, 2, 5) + " ?"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("jax_cache"))
