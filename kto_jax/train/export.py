@@ -20,6 +20,8 @@ from flax import nnx
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
+from kto_jax.models import lora as lora_lib
+from kto_jax.step import adapters
 from kto_jax.train import paths
 from kto_jax.train import workdir as layout
 
@@ -34,11 +36,14 @@ def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) 
 
 def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
                   dtype: str | None = None) -> None:
-    """Writes the policy `params` (an nnx.Param state of `graphdef`) as an HF checkpoint.
+    """Writes the policy `params` (an nnx.Param state of `graphdef`, or under LoRA a LoraView
+    of a LoraGraph: the merged weights W + (alpha / r) A B) as an HF checkpoint.
 
     Every process takes part (the weights are gathered); process 0 writes.
     """
-    model = nnx.merge(graphdef, params)
+    model = adapters.model_of(graphdef, params)
+    if getattr(model, "lora", None) is not None:
+        model = lora_lib.merge(model, model.lora)
     if jax.process_index() != 0:
         save_pretrained(model, os.devnull, tokenizer=None, dtype=dtype or None)
         return
