@@ -25,6 +25,7 @@ import jax
 import ml_collections
 from flax import nnx, struct
 
+from kto_jax.errors import UserError
 from kto_jax.models import lora as lora_lib
 from kto_jax.models import lora_io
 from kto_jax.models.config import ModelConfig
@@ -63,6 +64,10 @@ def resolved_lora(config: ml_collections.ConfigDict, model_config: ModelConfig |
     if not lora.enabled:
         return None
     lora_lib.validate(lora, None, loss)
+    if lora.init_from and config.reference.source == "precomputed" and loss.uses_reference:
+        raise UserError(f"config.lora.init_from={lora.init_from!r} with config.reference.source="
+                        "'precomputed': the reference is base + that adapter, which stored "
+                        "log-probs of the base do not give; set config.reference.source='model'")
     if lora.init_from:
         lora = lora_io.read_peft_config(lora.init_from, lora)
     lora_lib.validate(lora, model_config, loss)

@@ -157,6 +157,16 @@ def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
     return restored.replace(reference_params=reference, base_params=base), step, meta.get("window")
 
 
+def lora_summary(state: TrainState) -> str:
+    """The log line of a LoRA run: trained adapter parameters against the frozen base's."""
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+    trained, base = count(state.params), count(state.base_params)
+    return (f"LoRA: training {trained:,} adapter parameters ({100 * trained / base:.2f}% of the "
+            f"{base:,} frozen base parameters); the reference is the base "
+            + ("+ the frozen starting adapter" if state.reference_params is not None
+               else "with the adapters off"))
+
+
 def check_config_changes(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
                          config_json: str, workdir: str) -> str | None:
     """UserError when a resume changes the run's mathematics (kto_jax/train/config_change.py);
@@ -209,6 +219,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
             logger.message(changes)
     for line in data.summary.lines():
         logger.message(line)
+    if state.base_params is not None:
+        logger.message(lora_summary(state))
     write_run_files(workdir, config_json, model_config, tokenizer)
     device = jax.devices()[0]
     return Run(

@@ -200,3 +200,17 @@ def test_precomputed_reference_with_lora_matches_the_model_reference():
     _, m_model = step_model(state, batch)
     _, m_pre = step_pre(s1, dict(batch, **jax.device_get(stored)))
     np.testing.assert_allclose(m_model["grad_norm"], m_pre["grad_norm"], rtol=1e-6)
+
+
+def test_bad_lora_settings_are_user_errors_before_anything_is_built(tmp_path):
+    from kto_jax.errors import UserError
+    for kw, message in (({"rank": -1}, "config.lora.rank=-1"), ({"alpha": 0.0}, "config.lora.alpha"),
+                        ({"target_modules": ("q_proj", "qkv")}, "unknown module(s) qkv"),
+                        ({"init_from": str(tmp_path)}, "adapter_config.json")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            adapters.resolved_lora(lora_config(**kw), MODEL, get_loss("kto"))
+    cfg = lora_config(init_from=str(tmp_path))
+    cfg.reference.source = "precomputed"  # stored base log-probs are not base + adapter
+    with pytest.raises(UserError, match="reference.source='model'"):
+        adapters.resolved_lora(cfg, MODEL, get_loss("kto"))
+    assert adapters.resolved_lora(make_config(), MODEL, get_loss("kto")) is None  # rank 0: off
