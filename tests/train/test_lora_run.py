@@ -124,12 +124,12 @@ def test_init_from_a_peft_adapter_is_the_frozen_reference(lora_run, tiny_model_d
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.lora.rank=-2", "config.lora.rank=-2"),
-    ("--config.lora.target_modules=q_proj,w_proj", "config.lora.target_modules"),
+    ("--config.lora.rank=4 --config.lora.target_modules=q_proj,w_proj", "config.lora.target_modules"),
     ("--config.lora.init_from=/nonexistent/adapter", "config.lora.init_from"),
 ])
 def test_bad_lora_settings_fail_with_one_line_before_any_compile(flag, message, tiny_model_dir,
                                                                  feedback_file, compile_cache, tmp_path):
-    argv = train_argv(str(tmp_path / "bad"), tiny_model_dir, feedback_file, flag)
+    argv = train_argv(str(tmp_path / "bad"), tiny_model_dir, feedback_file, *flag.split())
     proc = subprocess.run(argv, env=cli_env(compile_cache), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
