@@ -69,7 +69,7 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
 def drop_training_state(workdir: str, run_dir: str) -> None:
     """Deletes what only a resumed run would need (the Orbax checkpoints: most of the disk
     use) and the --smoke model; the report, the plot and run/hf stay."""
-    from kto_jax.train.run import CHECKPOINT_DIR
+    from kto_jax.train.workdir import CHECKPOINT_DIR
     shutil.rmtree(os.path.join(run_dir, CHECKPOINT_DIR), ignore_errors=True)
     shutil.rmtree(os.path.join(workdir, "smoke-model"), ignore_errors=True)
 
