@@ -31,11 +31,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 from jax.sharding import Mesh
 
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
+from kto_jax.models.config import ModelConfig
 from kto_jax.step import program
+from kto_jax.step.adapters import lora_config
 from kto_jax.train.distributed import has_tpu_chips
 
 GiB = 1024**3
@@ -371,7 +374,7 @@ def compile_run_config(config, topology: str, *, model: str | None = None,
     mesh_axes = config_mesh_axes(config)
     log(f"model {model or config.model.path or config.model.preset} ({model_config.num_layers} layers, hidden "
         f"{model_config.hidden_size}), loss {config.loss.name}, reference {config.reference.source}, "
-        f"sequences {prompt_len}+{completion_len} tokens, topology {tpu.name}")
+        f"{_training_what(config, model_config)}, sequences {prompt_len}+{completion_len} tokens, topology {tpu.name}")
     if find_microbatch:
         def build(mesh: Mesh, per_chip: int):
             cfg = program.with_microbatch(config, per_chip * shd.batch_shards(mesh, config.mesh.rules))
@@ -394,3 +397,11 @@ def compile_run_config(config, topology: str, *, model: str | None = None,
     report = compile_for_topology(tpu, build_config, mesh_axes)
     log(str(report))
     return report.fits
+
+
+def _training_what(config: ml_collections.ConfigDict, model_config: ModelConfig) -> str:
+    """'full parameters', or 'LoRA r16 (base bfloat16)': what the compiled step trains."""
+    lora = lora_config(config)
+    if not lora.enabled:
+        return "full parameters"
+    return f"LoRA r{lora.rank or 'from ' + lora.init_from} (base {model_config.param_dtype})"

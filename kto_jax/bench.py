@@ -22,6 +22,8 @@ Figures (one JSON line, `BenchResult.to_json`):
       attention, the padded length), divided by the device's bf16 peak; and the
       same with TRL's convention (`trl_*`: causal attention halved, the unpadded
       length, TRL's parameter count) so the figures line up with TRL's 40%.
+  trainable parameters: every parameter, or with --lora-rank=R the LoRA adapters alone
+      (`params` stays the model's size; FLOPs are counted as for the full step).
   peak memory: the device allocator's peak where it reports one (GPU, TPU), else
       the process's peak resident set size (CPU), and XLA's compiled estimate.
 """
@@ -53,7 +55,9 @@ from kto_jax.step import flops as flops_lib
 from kto_jax.step import program
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
-from kto_jax.step.state import (batch_sharding, init_sharded_state, reference_copy,
+from kto_jax.models.lora import LoraAdapters, abstract_adapters
+from kto_jax.step.adapters import LoraView, resolved_lora
+from kto_jax.step.state import (batch_sharding, init_sharded_state, reference_copy, split_lora,
                                 split_model)
 
 # Bench name -> (kto_jax.models.config preset, overrides). `tiny` is the TRL anchor's tiny shape.
@@ -89,6 +93,7 @@ class BenchOptions:
     fsdp: int = 1                  # mesh sizes; data takes the remaining devices
     tensor: int = 1
     seed: int = 0
+    lora_rank: int = 0             # > 0: train LoRA adapters of this rank (docs/lora.md) on a frozen base
 
     def check(self) -> None:
         """UserError for an option the benchmark cannot run."""
@@ -145,6 +150,7 @@ def run_config(opts: BenchOptions) -> ml_collections.ConfigDict:
     c.model.remat_policy, c.model.attention_impl = opts.remat, opts.attention
     c.optim.warmup_steps, c.optim.schedule = 0, "constant"  # as TRL's anchor
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, opts.fsdp, opts.tensor
+    c.lora.rank = opts.lora_rank
     return c
 
 
@@ -168,11 +174,17 @@ def synthetic_batch(opts: BenchOptions, vocab_size: int) -> dict[str, np.ndarray
 
 
 def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, mesh, seed: int):
-    """(graphdef, state, shardings): random params and optimizer state, created sharded."""
-    graphdef, _ = split_model(abstract_model(model_cfg))
-    state, shardings = init_sharded_state(
-        config, tx, mesh, model_cfg.hidden_size,
-        lambda: split_model(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1])
+    """(graphdef, state, shardings): random params and optimizer state, created sharded; with
+    config.lora a random frozen base and fresh adapters (only they have optimizer moments)."""
+    lora = resolved_lora(config, model_cfg, get_loss(config.loss.name))
+    if lora is None:
+        graphdef, _ = split_model(abstract_model(model_cfg))
+        make = lambda: split_model(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1]
+    else:
+        graphdef, _ = split_lora(abstract_model(model_cfg), abstract_adapters(model_cfg, lora), lora)
+        make = lambda: split_lora(Transformer(model_cfg, rngs=nnx.Rngs(seed)),
+                                  LoraAdapters(model_cfg, lora, rngs=nnx.Rngs(lora.seed)), lora)[1]
+    state, shardings = init_sharded_state(config, tx, mesh, model_cfg.hidden_size, make)
     return graphdef, state, shardings
 
 
@@ -180,7 +192,8 @@ def precomputed_reference_logps(config: ml_collections.ConfigDict, graphdef, sta
                                 mesh) -> dict[str, jax.Array]:
     """The batch's precomputed reference keys, with the policy's initial params as pi_ref,
     computed by the step's reference forward and placed on the batch's sharding."""
-    reference = reference_copy(state.params, config.reference.param_dtype)
+    reference = (LoraView(state.base_params) if state.base_params is not None  # LoRA: the base
+                 else reference_copy(state.params, config.reference.param_dtype))
     fn = step_lib.make_reference_step(get_loss(config.loss.name), graphdef,
                                       int(config.train.logprob_vocab_chunk), mesh,
                                       shd.named_shardings(reference, mesh, config.mesh.rules),
@@ -295,7 +308,9 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
     dims = flops_lib.ModelDims.from_hf_config(model_cfg.to_hf())
     flops = flops_lib.step_flops(dims, loss=loss_obj, reference_source=config.reference.source,
                                  global_batch=opts.global_batch, seq_len=padded)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    n_params = count(state.params if state.base_params is None else state.base_params)
+    trainable = count((state.params, state.value_head))
     trl_flops = trl_step_flops(model_cfg, n_params, 3 * grad_passes + fwd_passes,
                                opts.global_batch, seq)
     peak = flops_lib.peak_flops_per_device(device.device_kind, device.platform)
@@ -309,6 +324,7 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
         "bench": "kto-jax", "jax": jax.__version__, "platform": device.platform,
         "device": device.device_kind, "num_devices": n_devices, "host": platform.node(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": opts.model, "params": n_params,
+        "trainable_params": trainable, "lora_rank": opts.lora_rank,
         "seq": seq, "padded_seq": padded, "global_batch": opts.global_batch,
         "steps": len(times), "warmup": opts.warmup, "median_step_s": round(step_s, 4),
         "min_step_s": round(min(times), 4), "max_step_s": round(max(times), 4),

@@ -83,6 +83,20 @@ def test_bench_cli_prints_one_json_line_with_every_field(capsys, reference):
         units * (2 * r["params"] + 2 * 2 * 31 * 64) * 32 * 31 / r["median_step_s"] / 1e12, rel=0.02)
     assert np.isfinite(r["loss"]) and 0.3 < r["loss"] < 0.7  # random init: about sigmoid(0)=0.5
     assert r["peak_mem_gib"] > 0 and r["options"]["reference"] == reference
+    assert r["trainable_params"] == r["params"] and r["lora_rank"] == 0
+
+
+def test_bench_lora_rank_reports_the_adapters_as_trainable(capsys):
+    """--lora-rank=8: the base is frozen; trainable = r (in + out) per target per layer."""
+    argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "1", "--prompt-len", "16",
+            "--completion-len", "15", "--bucket", "16", "--lora-rank", "8", "--reference", "precomputed"]
+    assert cli_main(argv) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # tiny (D 64, 4 heads x 16, 2 kv heads, F 128): q, k, v, o, gate, up, down
+    in_out = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64)
+    assert r["lora_rank"] == 8 and r["trainable_params"] == 2 * 8 * in_out
+    assert r["params"] == 6000 * 64 + 2 * (64 * 16 * 4 + 2 * 64 * 16 * 2 + 4 * 16 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    assert np.isfinite(r["loss"]) and 0.3 < r["loss"] < 0.7
 
 
 def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):

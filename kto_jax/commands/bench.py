@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", type=int, default=d.fsdp, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--tensor", type=int, default=d.tensor, help="mesh tensor size")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="> 0: train LoRA adapters of this rank on the frozen base (docs/lora.md)")
     p.add_argument("--topology", default=None,
                    help="AOT-compile for this TPU slice (e.g. v5p-8, v5e-8) instead of running: "
                         "per-chip memory and fit (needs libtpu, the tpu extra)")

@@ -1,7 +1,10 @@
-"""`kto-jax export --workdir DIR --out HF_DIR [--step N]`: a run's checkpoint as an HF model.
+"""`kto-jax export --workdir DIR --out HF_DIR [--step N] [--format merged|peft]`: a run's checkpoint as an HF model.
 
 Writes config.json, sharded safetensors with an index and the tokenizer, which
-`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads unchanged.
+`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads unchanged. For a LoRA
+run, --format=merged (the default) merges the adapters into the base weights of the run's
+config.model.path; --format=peft writes adapter_config.json + adapter_model.safetensors,
+which `peft.PeftModel.from_pretrained(original_hf_model, HF_DIR)` loads.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="dtype of the written weights (default: the run's "
                              "train.export_dtype, else model.param_dtype)")
+    parser.add_argument("--format", default="merged", choices=("merged", "peft"),
+                        help="merged: an HF checkpoint (LoRA adapters merged into the base); "
+                             "peft: a LoRA run's adapter directory for the peft package")
     args = parser.parse_args(argv)
     from kto_jax.train.export import export_checkpoint
-    step = export_checkpoint(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    step = export_checkpoint(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                             fmt=args.format)
     print(f"exported step {step} of {args.workdir} to {args.out}")
     return 0

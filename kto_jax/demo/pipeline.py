@@ -139,6 +139,18 @@ def train_overrides(size: DemoSize, model_path: str, train_path: str, eval_path:
             f"--config.checkpoint.every_steps={size.num_steps}", "--config.checkpoint.async_save=False"]
 
 
+LORA_LR_FACTOR = 10.0  # LoRA adapters train at ~10x the full-parameter rate (PEFT/TRL practice)
+
+
+def lora_flags(size: DemoSize, rank: int) -> tuple[str, ...]:
+    """The --config flags of the demo's LoRA variant (`kto-jax demo --lora`): adapters of
+    `rank` on every projection, at LORA_LR_FACTOR times the size's learning rate."""
+    if rank <= 0:
+        return ()
+    return (f"--config.lora.rank={rank}", f"--config.lora.alpha={2.0 * rank}",
+            f"--config.optim.lr={size.lr * LORA_LR_FACTOR}")
+
+
 def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str, eval_path: str,
                  seed: int, log: Callable[[str], None], extra: tuple[str, ...] = (),
                  run_name: str = "run") -> str:

@@ -6,6 +6,7 @@ writes logs or holds a run; kto_jax/train/ drives these functions (docs/architec
   settings     StepSettings: the static part of the step (loss, hparams with the
                resolved lambda weights, reference source); check_step_config
   state        TrainState, its shardings, `reference_copy`, `init_sharded_state`
+  adapters     LoRA in the step: LoraGraph, LoraView (base + adapters), `model_of`
   stats        the forwards of one microbatch, and `reference_logps`: THE reference forward
   train_step   train_step / eval_step / reference_step and their jitted builders
   optimizer    the optax chain and schedule of config.optim
@@ -22,7 +23,7 @@ from kto_jax.step.optimizer import make_optimizer, make_schedule
 from kto_jax.step.settings import REFERENCE_SOURCES, StepSettings, check_step_config
 from kto_jax.step.state import (TrainState, abstract_train_state, batch_sharding,
                                 create_train_state, init_sharded_state, init_train_state,
-                                reference_copy, split_model, train_state_shardings)
+                                reference_copy, split_lora, split_model, train_state_shardings)
 from kto_jax.step.stats import reference_keys, reference_logps
 from kto_jax.step.train_step import (check_batch, make_eval_step, make_reference_step,
                                      make_train_step)
@@ -30,7 +31,7 @@ from kto_jax.step.train_step import (check_batch, make_eval_step, make_reference
 __all__ = [
     "make_optimizer", "make_schedule", "REFERENCE_SOURCES", "StepSettings", "check_step_config",
     "TrainState", "abstract_train_state", "batch_sharding", "create_train_state",
-    "init_sharded_state", "init_train_state", "reference_copy", "split_model",
+    "init_sharded_state", "init_train_state", "reference_copy", "split_lora", "split_model",
     "train_state_shardings", "reference_keys", "reference_logps", "check_batch",
     "make_eval_step", "make_reference_step", "make_train_step",
 ]

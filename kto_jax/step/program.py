@@ -26,6 +26,8 @@ from kto_jax.data import batching
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import PRESETS, ModelConfig, abstract_model, preset
+from kto_jax.models.lora import abstract_adapters
+from kto_jax.step.adapters import resolved_lora
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.state import abstract_train_state, batch_sharding, train_state_shardings
 from kto_jax.step.train_step import make_train_step
@@ -82,7 +84,9 @@ def train_step_program(config: ml_collections.ConfigDict, model_config: ModelCon
     """(jitted train step, (abstract TrainState, abstract batch)) on `mesh`: nothing allocated."""
     steps = max(int(config.train.num_steps), int(config.optim.warmup_steps) + 1)
     tx, schedule = make_optimizer(config.optim, steps)
-    graphdef, state = abstract_train_state(config, abstract_model(model_config), tx)
+    lora = resolved_lora(config, model_config, get_loss(config.loss.name))
+    adapters = None if lora is None else abstract_adapters(model_config, lora)
+    graphdef, state = abstract_train_state(config, abstract_model(model_config), tx, adapters)
     shardings = train_state_shardings(state, tx, mesh, config.mesh.rules)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   state, shardings)

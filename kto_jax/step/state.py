@@ -12,6 +12,9 @@ TrainState (a pytree):
                     and the loss uses a reference, else None. It never changes: a
                     checkpoint may drop it (`state.replace(reference_params=None)`) and
                     rebuild it from the model path.
+  base_params       under LoRA (config.lora), the frozen base Param state; `params` is then
+                    the adapters and `reference_params` None or the frozen starting adapter
+                    (kto_jax/step/adapters.py). Never checkpointed: re-read from model.path.
 
 `init_sharded_state` builds a state inside one jit whose outputs land on their
 shardings (`train_state_shardings`), so the optimizer moments and the reference copy
@@ -35,6 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.losses.ppo import init_value_head
 from kto_jax.sharding import logical_to_mesh, named_shardings
+from kto_jax.models import lora as lora_lib
+from kto_jax.step.adapters import LoraGraph, LoraView, initial_reference, lora_config
 from kto_jax.step.settings import StepSettings
 
 Array = jax.Array
@@ -50,6 +55,7 @@ class TrainState:
     rng: Array
     value_head: Any = None
     reference_params: Any = None
+    base_params: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -60,6 +66,15 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
+def split_lora(base_model: nnx.Module, adapters: lora_lib.LoraAdapters, lora: lora_lib.LoraConfig
+               ) -> tuple[LoraGraph, LoraView]:
+    """(LoraGraph, LoraView(base Param state, adapter state)) of a LoRA policy: what
+    `init_sharded_state`'s make_params returns and `abstract_train_state` starts from."""
+    base_graph, base = split_model(base_model)
+    adapter_graph, adapter_state = nnx.split(adapters)
+    return LoraGraph(base_graph, adapter_graph, lora.dropout), LoraView(base, adapter_state)
+
+
 def reference_copy(params: Any, dtype: str) -> Any:
     """The frozen reference pi_ref: a fresh copy of the policy's params in `dtype`
     (config.reference.param_dtype), never aliasing the policy's buffers."""
@@ -68,18 +83,24 @@ def reference_copy(params: Any, dtype: str) -> Any:
 
 def init_train_state(config: ml_collections.ConfigDict, params: Any,
                      tx: optax.GradientTransformation, hidden_size: int) -> TrainState:
-    """The initial TrainState around policy `params` (nnx.Param state); pure, so it also runs
-    under `jax.eval_shape` (see `abstract_train_state`) and inside jit (`init_sharded_state`)."""
+    """The initial TrainState around policy `params` (nnx.Param state, or under LoRA a
+    `LoraView(base, adapters)`); pure, so it also runs under `jax.eval_shape` (see
+    `abstract_train_state`) and inside jit (`init_sharded_state`)."""
     settings = StepSettings.from_config(config)
     loss = settings.loss
     key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
     value_head = init_value_head(head_key, hidden_size) if loss.uses_value_head else None
-    reference = None
-    if loss.uses_reference and settings.reference_source == "model":
+    reference, base = None, None
+    if isinstance(params, LoraView):  # LoRA: the reference is the base (+ the starting adapter)
+        base, params = params.base, params.adapters
+        if initial_reference(config, loss):
+            reference = reference_copy(params, "float32")
+    elif loss.uses_reference and settings.reference_source == "model":
         reference = reference_copy(params, config.reference.param_dtype)
     return TrainState(params=params, opt_state=tx.init((params, value_head)),
                       step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
-                      rng=key, value_head=value_head, reference_params=reference)
+                      rng=key, value_head=value_head, reference_params=reference,
+                      base_params=base)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
@@ -94,10 +115,15 @@ def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
-                         tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+                         tx: optax.GradientTransformation, adapters: Any = None
+                         ) -> tuple[Any, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs), allocating nothing: for AOT lowering and
-    Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`."""
-    graphdef, params = split_model(model)
+    Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`;
+    with LoRA `adapters` (`kto_jax.models.lora.abstract_adapters`) the graphdef is a LoraGraph."""
+    if adapters is not None:
+        graphdef, params = split_lora(model, adapters, lora_config(config))
+    else:
+        graphdef, params = split_model(model)
     init = functools.partial(init_train_state, config, tx=tx,
                              hidden_size=int(model.config.hidden_size))
     return graphdef, jax.eval_shape(init, params)
@@ -142,7 +168,9 @@ def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, m
     return TrainState(params=params, opt_state=opt, step=replicated, skipped_updates=replicated,
                       rng=replicated, value_head=head,
                       reference_params=None if state.reference_params is None else
-                      named_shardings(state.reference_params, mesh, rules))
+                      named_shardings(state.reference_params, mesh, rules),
+                      base_params=None if state.base_params is None else
+                      named_shardings(state.base_params, mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

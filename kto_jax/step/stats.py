@@ -33,6 +33,7 @@ from kto_jax.errors import UserError
 from kto_jax.logprobs import CompletionLogps, completion_logps
 from kto_jax.losses.ppo import value_head_apply
 from kto_jax.losses.registry import HaloLoss
+from kto_jax.step.adapters import model_of
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -60,8 +61,9 @@ def _deinterleave(x: Array) -> tuple[Array, Array]:
 
 def forward(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
             completion_ids: Array, completion_mask: Array, vocab_chunk: int) -> CompletionLogps:
-    """Completion log-probs of the model `nnx.merge(graphdef, params)`; see kto_jax.logprobs."""
-    model = nnx.merge(graphdef, params)
+    """Completion log-probs of the model of `params` (`adapters.model_of`: the Param state, or
+    base + adapters under LoRA); see kto_jax.logprobs."""
+    model = model_of(graphdef, params)
     return completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                             vocab_chunk=vocab_chunk)
 

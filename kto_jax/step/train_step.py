@@ -21,7 +21,10 @@ Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; p
 microbatch the stats of kto_jax/step/stats.py (KL batch rolled within the
 microbatch, its own z0) and the loss's gradient, weighted by the loss's true
 denominator (`loss_denominator`: examples, or tokens for token-mean losses), so the
-accumulated gradient is that of sum_a loss_sum_a / sum_a denominator_a. The policy and
+accumulated gradient is that of sum_a loss_sum_a / sum_a denominator_a. Under LoRA
+(kto_jax/step/adapters.py) `state.params` are the adapters, the graphdef a LoraGraph, and
+the policy, its KL forward and the reference all read the one frozen `state.base_params`
+(the reference with the adapters off, or with the frozen starting adapter). The policy and
 the value head share one optimizer, so global-norm clipping sees both (the value head's
 gradient never reaches the policy: it reads detached hidden states). A non-finite loss
 or gradient leaves params and optimizer state unchanged and counts a skip; `step`
@@ -49,6 +52,7 @@ from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss
 from kto_jax.sharding import activation_sharding, batch_axes, batch_shards
+from kto_jax.step import adapters
 from kto_jax.step import stats as step_stats
 from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding
@@ -82,6 +86,7 @@ def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
     makes it the gradient of the whole batch's loss, whatever each microbatch's z0.
     """
     params, value_head = trainable
+    params, reference = adapters.policy_and_reference(params, reference)  # LoRA: base + adapters
     loss = settings.loss
     kw = dict(reference_source=settings.reference_source, vocab_chunk=settings.vocab_chunk)
     if loss.paired:
@@ -94,8 +99,12 @@ def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
 
 def accumulate_gradients(trainable: tuple[Any, Any], reference: Any, batch: Batch, *,
                          graphdef: nnx.GraphDef, settings: StepSettings,
-                         grad_shardings: Any = None) -> tuple[Any, Array, dict, Array]:
+                         grad_shardings: Any = None, dropout_keys: Array | None = None
+                         ) -> tuple[Any, Array, dict, Array]:
     """Gradient accumulation: a `lax.scan` over the A microbatches of `batch` [A, M, ...].
+
+    `reference` is `adapters.frozen_inputs` (the frozen reference, or under LoRA the base
+    view); `dropout_keys` [A, 2], one LoRA dropout key per microbatch, or None.
 
     Returns:
       (grads, loss, metrics, tokens): float32 grads of the batch loss
@@ -108,12 +117,13 @@ def accumulate_gradients(trainable: tuple[Any, Any], reference: Any, batch: Batc
     if grad_shardings is not None:
         acc = jax.lax.with_sharding_constraint(acc, grad_shardings)
 
-    def body(acc, mb):
-        (scaled, metrics), grads = grad_fn(trainable, reference, mb)
+    def body(acc, xs):
+        mb, key = xs
+        (scaled, metrics), grads = grad_fn(trainable, adapters.with_dropout_key(reference, key), mb)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return acc, (scaled, metrics, step_stats.matched_tokens(mb, settings.loss.paired))
 
-    acc, (scaled, metrics, tokens) = jax.lax.scan(body, acc, dict(batch))
+    acc, (scaled, metrics, tokens) = jax.lax.scan(body, acc, (dict(batch), dropout_keys))
     metrics = jax.tree.map(lambda x: x.sum(0), metrics)
     denominator = jnp.maximum(metrics["loss_denominator"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, acc)
@@ -126,9 +136,11 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     """One optimizer step on `batch` ([A, M, ...]); pure, so it can be jitted as is."""
     check_batch(batch, settings.loss)
     trainable = (state.params, state.value_head)
+    keys = adapters.microbatch_dropout_keys(graphdef, state.rng, state.step,
+                                            batch["valid"].shape[0])
     grads, loss, metrics, tokens = accumulate_gradients(
-        trainable, state.reference_params, batch, graphdef=graphdef, settings=settings,
-        grad_shardings=grad_shardings)
+        trainable, adapters.frozen_inputs(graphdef, state), batch, graphdef=graphdef,
+        settings=settings, grad_shardings=grad_shardings, dropout_keys=keys)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -153,8 +165,8 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     trainable = (state.params, state.value_head)
 
     def body(_, mb):
-        _, metrics = microbatch_loss(trainable, state.reference_params, mb, graphdef=graphdef,
-                                     settings=settings)
+        _, metrics = microbatch_loss(trainable, adapters.frozen_inputs(graphdef, state), mb,
+                                     graphdef=graphdef, settings=settings)
         return None, (metrics, step_stats.matched_tokens(mb, settings.loss.paired))
 
     _, (metrics, tokens) = jax.lax.scan(body, None, dict(batch))

@@ -6,6 +6,9 @@ abstract model from that config, restores only the `params` of a checkpoint
 (never the optimizer moments) onto one device, and writes config.json, sharded
 safetensors with an index, and the tokenizer through
 `kto_jax.models.save_pretrained`, which transformers loads unchanged.
+A LoRA run (docs/lora.md) checkpoints only its adapters: its export is the base of
+config.model.path with W + (alpha / r) A B merged in, or (--format=peft) the adapter
+directory that `peft` loads onto the original HF model.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from flax import nnx
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
+from kto_jax.models import lora as lora_lib
+from kto_jax.step import adapters as adapters_lib
 from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
+
+EXPORT_FORMATS = ("merged", "peft")
 
 
 def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) -> None:
@@ -34,11 +41,14 @@ def write_model_source(workdir: str, model_config: ModelConfig, tokenizer: Any) 
 
 def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
                   dtype: str | None = None) -> None:
-    """Writes the policy `params` (an nnx.Param state of `graphdef`) as an HF checkpoint.
+    """Writes the policy `params` (an nnx.Param state of `graphdef`, or under LoRA a LoraView
+    of a LoraGraph: the merged weights W + (alpha / r) A B) as an HF checkpoint.
 
     Every process takes part (the weights are gathered); process 0 writes.
     """
-    model = nnx.merge(graphdef, params)
+    model = adapters_lib.model_of(graphdef, params)
+    if getattr(model, "lora", None) is not None:
+        model = lora_lib.merge(model, model.lora)
     if jax.process_index() != 0:
         save_pretrained(model, os.devnull, tokenizer=None, dtype=dtype or None)
         return
@@ -55,9 +65,62 @@ def _abstract_params(model_config: ModelConfig, mesh, rules) -> tuple[Any, Any]:
     return graphdef, abstract
 
 
+def _abstract_adapters(model_config: ModelConfig, lora: lora_lib.LoraConfig, mesh, rules
+                       ) -> tuple[Any, Any]:
+    """(adapter graphdef, adapter state as ShapeDtypeStructs on their shardings over `mesh`)."""
+    graphdef, state = nnx.split(lora_lib.abstract_adapters(model_config, lora))
+    shardings = shd.named_shardings(state, mesh, shd.rules_of(rules))
+    return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  state, shardings)
+
+
+def run_lora(config: dict) -> lora_lib.LoraConfig | None:
+    """The LoraConfig a run trained with (its saved config), or None for a full-parameter run."""
+    lora = lora_lib.LoraConfig.from_config(config.get("lora") or {})
+    if not lora.enabled:
+        return None
+    if lora.init_from and not lora.rank:  # rank 0 + init_from: the adapter directory's rank
+        from kto_jax.models.lora_io import read_peft_config
+        lora = read_peft_config(lora.init_from, lora)
+    return lora
+
+
+def export_lora(workdir: str, out_dir: str, config: dict, model_config: ModelConfig,
+                adapters: lora_lib.LoraAdapters, fmt: str, tokenizer: Any, dtype: str | None) -> None:
+    """A LoRA run's adapters as a PEFT adapter directory (fmt 'peft') or merged into the base
+    weights of config.model.path (fmt 'merged'), an ordinary HF checkpoint."""
+    from kto_jax.models import from_pretrained
+    from kto_jax.models.lora_io import save_peft
+    base_path = config["model"]["path"]
+    if fmt == "peft":
+        with paths.staged_dir(out_dir) as local:
+            save_peft(adapters, model_config, local, base_model_name_or_path=base_path)
+            if tokenizer is not None and jax.process_index() == 0:
+                tokenizer.save_pretrained(local)
+        return
+    if not os.path.exists(base_path):
+        raise UserError(f"the merged export of the LoRA run in {workdir!r} needs its base model "
+                        f"config.model.path={base_path!r}, which does not exist: restore it there, "
+                        "or export the adapters alone with --format=peft")
+    one_device = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+    base, _ = from_pretrained(base_path, mesh=one_device, rules=config["mesh"],
+                              param_dtype=config["model"]["param_dtype"], dtype=config["model"]["dtype"])
+    graphdef, params = nnx.split(base, nnx.Param)
+    agraph, astate = nnx.split(adapters)
+    export_params(adapters_lib.LoraGraph(graphdef, agraph), adapters_lib.LoraView(params, astate),
+                  out_dir, tokenizer, dtype)
+
+
 def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
-                      dtype: str | None = None) -> int:
-    """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step."""
+                      dtype: str | None = None, fmt: str = "merged") -> int:
+    """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step.
+
+    `fmt`: 'merged' (an HF checkpoint; for a LoRA run W + (alpha / r) A B on the base of
+    config.model.path) or 'peft' (a LoRA run's adapter directory, which `peft` loads onto
+    the original HF model).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format={fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     from kto_jax.train.checkpoint import Checkpointer  # orbax: only when exporting
     ckpt_dir = layout.path(workdir, layout.CHECKPOINT_DIR)
     if not paths.exists(ckpt_dir):
@@ -70,15 +133,26 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
         model_config = ModelConfig.from_hf(hf_config, param_dtype=config["model"]["param_dtype"],
                                            dtype=config["model"]["dtype"])
         one_device = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
-        graphdef, abstract = _abstract_params(model_config, one_device,
-                                              config["mesh"]["rules"])
+        lora = run_lora(config)
+        if lora is None and fmt == "peft":
+            raise UserError(f"--format=peft: the run in {workdir!r} trained every parameter "
+                            "(config.lora.rank=0), so it has no adapters; use --format=merged")
+        if lora is None:
+            graphdef, abstract = _abstract_params(model_config, one_device, config["mesh"]["rules"])
+        else:  # only the adapters are checkpointed
+            graphdef, abstract = _abstract_adapters(model_config, lora, one_device,
+                                                    config["mesh"]["rules"])
         params, step = checkpointer.restore_subtree("params", abstract, step=step)
     finally:
         checkpointer.close()
     with paths.local_copy(layout.path(workdir, layout.MODEL_DIR)) as model_dir:
         tokenizer = load_tokenizer(model_dir)
     export_dtype = dtype or config.get("train", {}).get("export_dtype") or None
-    export_params(graphdef, params, out_dir, tokenizer, export_dtype)
+    if lora is None:
+        export_params(graphdef, params, out_dir, tokenizer, export_dtype)
+    else:
+        export_lora(workdir, out_dir, config, model_config, nnx.merge(graphdef, params), fmt,
+                    tokenizer, export_dtype)
     return step
 
 

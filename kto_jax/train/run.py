@@ -8,7 +8,8 @@ same computation as if it had never stopped.
 
 Order matters for memory: the policy is read from the HF checkpoint straight onto
 the mesh (`kto_jax.models.from_pretrained`), the frozen reference is a copy of it
-(config.reference), and on a resume the fresh policy and optimizer buffers are
+(config.reference) or, under LoRA (config.lora), the same arrays with the adapters off
+(kto_jax/step/adapters.py: no copy, only the adapters trained and checkpointed), and on a resume the fresh policy and optimizer buffers are
 dropped before the checkpoint's are read, so at most one train state is alive.
 
 The run's config is never rewritten: the lambda weights it trains with (eq. 9's when
@@ -30,13 +31,18 @@ from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
 from kto_jax.errors import UserError
+from kto_jax.losses.registry import get_loss
 from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
+from kto_jax.models import lora as lora_lib
+from kto_jax.models import lora_io
 from kto_jax.models.hf_io import read_hf_config
 from kto_jax.step import flops as flops_lib
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.settings import StepSettings
-from kto_jax.step.state import TrainState, batch_sharding, init_sharded_state, split_model
+from kto_jax.step.adapters import resolved_lora
+from kto_jax.step.state import (TrainState, batch_sharding, init_sharded_state, split_lora,
+                                split_model)
 from kto_jax import fs as paths
 from kto_jax.train import config_change, reference_store, workdir as layout
 from kto_jax.train.checkpoint import Checkpointer, abstract_like
@@ -119,28 +125,47 @@ def step_settings(config: ml_collections.ConfigDict, data: Datasets) -> StepSett
 
 def initial_state(config, model, tx, mesh) -> tuple[Any, TrainState, Any]:
     """(graphdef, state on its shardings, shardings) of a fresh run: the loaded policy's
-    buffers become the state's params (`init_sharded_state`, donated)."""
-    graphdef, params = split_model(model)
+    buffers become the state's params (`init_sharded_state`, donated). Under LoRA they
+    become the frozen base and the params are new (or lora.init_from's) adapters."""
+    lora = resolved_lora(config, model.config, get_loss(config.loss.name))
+    if lora is not None:
+        adapters = (lora_io.read_peft(lora.init_from, model.config, lora, mesh=mesh, rules=config.mesh)
+                    if lora.init_from else
+                    lora_lib.init_adapters(model.config, lora, mesh=mesh, rules=config.mesh))
+        graphdef, params = split_lora(model, adapters, lora)
+    else:
+        graphdef, params = split_model(model)
     state, shardings = init_sharded_state(config, tx, mesh, int(model.config.hidden_size),
                                           lambda p: p, params, donate=True)
     return graphdef, state, shardings
 
 
 def saved_state(state: TrainState) -> TrainState:
-    """What a checkpoint holds: the state without the frozen reference (rebuilt on resume)."""
-    return state.replace(reference_params=None)
+    """What a checkpoint holds: the state without the frozen reference and, under LoRA, without
+    the frozen base (both rebuilt on resume from model.path and lora.init_from)."""
+    return state.replace(reference_params=None, base_params=None)
 
 
 def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
                  ) -> tuple[TrainState, int, dict | None]:
     """The latest checkpoint's state on `state`'s shardings, its step and metrics window."""
-    reference = state.reference_params
+    reference, base = state.reference_params, state.base_params
     abstract = abstract_like(saved_state(state))
     for leaf in jax.tree.leaves(saved_state(state)):
         leaf.delete()  # free the fresh policy and optimizer buffers before reading the saved ones
     restored, step = checkpointer.restore(abstract, train_iter)
     meta = checkpointer.restore_meta(step)
-    return restored.replace(reference_params=reference), step, meta.get("window")
+    return restored.replace(reference_params=reference, base_params=base), step, meta.get("window")
+
+
+def lora_summary(state: TrainState) -> str:
+    """The log line of a LoRA run: trained adapter parameters against the frozen base's."""
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+    trained, base = count(state.params), count(state.base_params)
+    return (f"LoRA: training {trained:,} adapter parameters ({100 * trained / base:.2f}% of the "
+            f"{base:,} frozen base parameters); the reference is the base "
+            + ("+ the frozen starting adapter" if state.reference_params is not None
+               else "with the adapters off"))
 
 
 def check_config_changes(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
@@ -165,6 +190,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds (or restores) everything a run needs; see the module docstring."""
     check_paths(config)
     check_scheme(config.train.metric_names)  # before any heavy work
+    resolved_lora(config, None, get_loss(config.loss.name))  # config.lora errors before any loading
     workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(config.model.path)
     data, num_steps = prepare_data(config, tokenizer)
@@ -194,6 +220,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
             logger.message(changes)
     for line in data.summary.lines():
         logger.message(line)
+    if state.base_params is not None:
+        logger.message(lora_summary(state))
     write_run_files(workdir, config_json, model_config, tokenizer)
     device = jax.devices()[0]
     return Run(

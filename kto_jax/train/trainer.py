@@ -18,6 +18,7 @@ import sys
 import jax
 import ml_collections
 
+from kto_jax.step.adapters import policy_params
 from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 from kto_jax.train.distributed import PreemptionGuard, agree
@@ -45,7 +46,7 @@ def finish(run: Run) -> None:
     up_to_date = agree(_exported_step(run.workdir) == final_step)
     if run.config.train.export_at_end and not up_to_date:
         out = layout.path(run.workdir, layout.HF_DIR)
-        export_params(run.graphdef, run.state.params, out, run.tokenizer,
+        export_params(run.graphdef, policy_params(run.graphdef, run.state), out, run.tokenizer,
                       run.config.train.export_dtype or None)
         if jax.process_index() == 0:
             paths.write_text(layout.path(run.workdir, layout.EXPORT_MARKER), f"{final_step}\n")
