@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from kto_jax.errors import UserError
-from kto_jax.train import paths
+from kto_jax import fs as paths
 
 Prompt = str | list
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from kto_jax.train import paths
+from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 
 

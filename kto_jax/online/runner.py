@@ -58,7 +58,7 @@ from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding, reference_copy
 from kto_jax.step.train_step import make_eval_step, make_reference_step, make_train_step
 from kto_jax.train import batches as batches_lib
-from kto_jax.train import paths
+from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 from kto_jax.train.checkpoint import Checkpointer
 from kto_jax.train.distributed import PreemptionGuard
