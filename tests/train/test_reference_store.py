@@ -28,7 +28,7 @@ from kto_jax.train import reference_store as rs
 MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
              num_kv_heads=1, head_dim=16)
 A, M, P, C = 2, 4, 6, 5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_config(source, loss="kto"):
