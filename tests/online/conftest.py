@@ -12,18 +12,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 sys.path.insert(0, HERE)
 
-from run_helpers import sentence, write_tiny_llama, write_tokenizer  # noqa: E402
+from run_helpers import sentence, write_tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     pytest.importorskip("torch")
-    from transformers import AutoTokenizer
-    out = str(tmp_path_factory.mktemp("tiny_llama"))
-    rng = random.Random(0)
-    write_tokenizer(out, [sentence(rng, 3, 12) + " ?" for _ in range(400)])
-    write_tiny_llama(out, vocab_size=len(AutoTokenizer.from_pretrained(out)))
-    return out
+    return write_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_llama")))
 
 
 @pytest.fixture(scope="session")

@@ -2,24 +2,17 @@
 a shared compilation cache and one uninterrupted reference run (run_helpers.py builds them)."""
 
 import os
-import random
 
 import pytest
 
-from run_helpers import (cli_env, run_cli, sentence, train_argv, write_feedback, write_tiny_llama,
-                         write_tokenizer)
+from run_helpers import cli_env, run_cli, train_argv, write_feedback, write_tiny_model_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """An HF directory (config.json, model.safetensors, tokenizer files) of a tiny Llama."""
     pytest.importorskip("torch")
-    from transformers import AutoTokenizer
-    out = str(tmp_path_factory.mktemp("tiny_llama"))
-    rng = random.Random(0)
-    write_tokenizer(out, [sentence(rng, 3, 12) + " ?" for _ in range(400)])
-    write_tiny_llama(out, vocab_size=len(AutoTokenizer.from_pretrained(out)))
-    return out
+    return write_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_llama")))
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,16 @@ def write_tiny_llama(out_dir: str, vocab_size: int, seed: int = 0) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
 
 
+def write_tiny_model_dir(out: str) -> str:
+    """An HF directory (config.json, model.safetensors, tokenizer files) of a tiny Llama
+    whose tokenizer is trained on `sentence`s; returns `out`."""
+    from transformers import AutoTokenizer
+    rng = random.Random(0)
+    write_tokenizer(out, [sentence(rng, 3, 12) + " ?" for _ in range(400)])
+    write_tiny_llama(out, vocab_size=len(AutoTokenizer.from_pretrained(out)))
+    return out
+
+
 def write_feedback(path: str, n: int, seed: int) -> None:
     """Unpaired feedback rows {prompt, completion, label}, both classes well mixed."""
     rng = random.Random(seed)
