@@ -9,15 +9,17 @@ CONFIG_DRIVEN = ("--config=PATH", "--config.SECTION.KEY=VALUE", "configs/base.py
 
 OPTIONS = {
     "train": ("--workdir", "--coordinator_address", "--num_processes", "--process_id") + CONFIG_DRIVEN,
-    "export": ("--workdir", "--out", "--step", "--dtype"),
-    "data": ("kto-jax data inspect", "--tokenizer") + CONFIG_DRIVEN,
+    "export": ("--workdir", "--out", "--step", "--dtype", "--format"),
+    "data": ("kto-jax data inspect", "prepare", "--tokenizer", "--out") + CONFIG_DRIVEN,
     "data inspect": ("--tokenizer",) + CONFIG_DRIVEN,
+    "data prepare": ("--tokenizer", "--out") + CONFIG_DRIVEN,
     "compile": ("--topology", "--model", "--prompt_len", "--completion_len", "find_microbatch",
                 "--max_microbatch") + CONFIG_DRIVEN,
     "bench": ("--model", "--prompt-len", "--completion-len", "--micro-batch", "--accum", "--steps",
               "--reference", "--attention", "--remat", "--topology"),
     "precompute-ref": ("--out",) + CONFIG_DRIVEN,
-    "demo": ("--workdir", "--size", "--model", "--seed"),
+    "demo": ("--workdir", "--size", "--model", "--seed", "--smoke", "--lora", "--online"),
+    "online": ("--workdir",) + CONFIG_DRIVEN,
     "sample": ("--model", "--prompts", "--out", "--max_new_tokens", "--temperature", "--top_p"),
     "eval": ("--model", "--data", "--reference", "--judge", "--limit", "--max_new_tokens")
             + CONFIG_DRIVEN,
