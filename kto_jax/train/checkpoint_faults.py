@@ -130,15 +130,21 @@ class _QuietOrbaxErrors(logging.Filter):
 _FILTER = _QuietOrbaxErrors()
 
 
-def _closed_loop_callback(unraisable) -> bool:
-    """TensorStore completing a write future of a failed save after Orbax closed its event
-    loop: one 'Event loop is closed' traceback per array, all noise once the save failed."""
+def _orbax_noise(unraisable) -> bool:
+    """Tracebacks Python prints for exceptions nobody can catch, all noise once the
+    Checkpointer has reported the failure: TensorStore completing a write future of a failed
+    save after Orbax closed its event loop ('Event loop is closed', one per array), and
+    Orbax's read coroutines of an unreadable checkpoint that are garbage-collected with
+    their exception (one 'Exception ignored in: <coroutine ...>' per array)."""
     value = unraisable.exc_value
-    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _quiet_unraisable(unraisable) -> None:
-    if not _closed_loop_callback(unraisable):
+    if not _orbax_noise(unraisable):
         _quiet_unraisable.previous(unraisable)
 
 

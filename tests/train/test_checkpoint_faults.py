@@ -181,3 +181,32 @@ def test_permission_denied_stops_with_one_message(tmp_path):
     assert "step 1, is intact" in lines[0]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert sorted(os.listdir(directory)) == ["1"]
+
+
+def test_only_orbax_noise_is_kept_off_stderr():
+    """Uncatchable exceptions of Orbax's coroutines and of a closed event loop are dropped;
+    anything else still reaches Python's hook."""
+    import os
+    import types
+
+    from kto_jax.train.checkpoint_faults import _orbax_noise
+
+    async def read_array():
+        raise Exception("Encountered error while reading array index")
+
+    def coroutine_from(filename):
+        read_array.__code__ = read_array.__code__.replace(co_filename=filename)
+        return read_array()
+
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "serialization.py")
+    ours = coroutine_from(orbax_file), coroutine_from(os.path.join(os.sep, "src", "mine.py"))
+    try:
+        error = Exception("Encountered error while reading array index")
+        assert _orbax_noise(types.SimpleNamespace(exc_value=error, object=ours[0]))
+        assert not _orbax_noise(types.SimpleNamespace(exc_value=error, object=ours[1]))
+        closed = RuntimeError("Event loop is closed")
+        assert _orbax_noise(types.SimpleNamespace(exc_value=closed, object=None))
+        assert not _orbax_noise(types.SimpleNamespace(exc_value=RuntimeError("other"), object=None))
+    finally:
+        for coroutine in ours:
+            coroutine.close()
