@@ -119,12 +119,29 @@ def log_line(text: str) -> None:
         sys.stderr.flush()
 
 
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    """Does `error` (or an exception it was raised from) have a frame in Orbax's code?"""
+    seen = 0
+    while error is not None and seen < 8:
+        tb = error.__traceback__
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 class _QuietOrbaxErrors(logging.Filter):
-    """Drops Orbax's ERROR records (a traceback per background thread): the Checkpointer
-    reports each failure itself, once, as a UserError."""
+    """Drops Orbax's ERROR records (a traceback per background thread) and asyncio's 'Task
+    exception was never retrieved' records of Orbax's read tasks: the Checkpointer reports
+    each failure itself, once, as a UserError."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (f"{os.sep}orbax{os.sep}" in record.pathname or _raised_in_orbax(error))
 
 
 _FILTER = _QuietOrbaxErrors()
@@ -140,7 +157,8 @@ def _orbax_noise(unraisable) -> bool:
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
         return True
     code = getattr(unraisable.object, "cr_code", None)
-    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    return ((code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+            or _raised_in_orbax(value))
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -150,7 +168,7 @@ def _quiet_unraisable(unraisable) -> None:
 
 def quiet_orbax_errors() -> None:
     """Installs the filter on absl's logger and the unraisable-exception hook (idempotent)."""
-    for name in ("absl", ""):
+    for name in ("absl", "", "asyncio"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)

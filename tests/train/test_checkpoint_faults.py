@@ -210,3 +210,28 @@ def test_only_orbax_noise_is_kept_off_stderr():
     finally:
         for coroutine in ours:
             coroutine.close()
+
+
+def test_asyncio_records_of_orbax_tasks_are_dropped():
+    """asyncio's 'Task exception was never retrieved' for an Orbax read task is dropped; the
+    same record for an exception raised elsewhere is kept."""
+    import logging
+    import os
+
+    from kto_jax.train.checkpoint_faults import _FILTER
+
+    def raised_in(filename):
+        code = compile("raise ValueError('OUT_OF_RANGE')", filename, "exec")
+        try:
+            exec(code, {})  # pylint: disable=exec-used
+        except ValueError as error:
+            return error
+
+    def record(error):
+        return logging.LogRecord("asyncio", logging.ERROR, "/usr/lib/asyncio/base_events.py", 1,
+                                 "Task exception was never retrieved", None,
+                                 (type(error), error, error.__traceback__))
+
+    orbax = raised_in(os.path.join(os.sep, "site-packages", "orbax", "serialization.py"))
+    assert not _FILTER.filter(record(orbax))
+    assert _FILTER.filter(record(raised_in(os.path.join(os.sep, "src", "mine.py"))))
