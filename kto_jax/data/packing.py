@@ -178,6 +178,29 @@ def pack_paired(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray],
     return pack_trees(prompts, chosen, rejected, names=PAIRED_NAMES, **kwargs)
 
 
+def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1) -> int:
+    """R for a batch [A, M]: the rows its fullest microbatch needs (all groups together).
+
+    `tree_lengths` int [A, M] are GLOBAL (every example of each microbatch, in slot
+    order), so every process computes the same R, the static row count of its share.
+    """
+    return max((rows_needed(t, pack_length, groups) for t in np.asarray(tree_lengths)),
+               default=groups)
+
+
+def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequence[np.ndarray]],
+               seconds: Sequence[Sequence[np.ndarray]], *, names: tuple[str, str],
+               **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of each of A microbatches ([A][M] token sequences each), stacked [A, ...].
+
+    kwargs are `pack_trees`'s (pack_length, num_rows, completion_length, pad_id, groups);
+    num_rows must hold every microbatch (`microbatch_rows`). For the unpaired losses
+    `seconds` are the KL completions, rolled within each GLOBAL microbatch.
+    """
+    per = [pack_trees(p, f, s, names=names, **kwargs) for p, f, s in zip(prompts, firsts, seconds)]
+    return {k: np.stack([b[k] for b in per]) for k in per[0]}
+
+
 def config_problems(data) -> list[str]:
     """What is wrong with config.data's packing fields, as phrases for one UserError."""
     enabled, t = data.get("packing", False), data.get("pack_length", 0)
