@@ -90,7 +90,7 @@ def unpad(ids, mask):
     return [unpad(i, m) for i, m in zip(ids, mask)]
 
 
-def packed_like(batch, paired=False, pack_length=32, groups=1):
+def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
     """The packed batch (kto_jax/data/packing.py) of the same examples as the padded `batch`:
     rows of `pack_length` tokens, the KL completions rolled within each microbatch, the
     per-example arrays (labels, weights, validity, precomputed reference) unchanged."""
@@ -107,7 +107,7 @@ def packed_like(batch, paired=False, pack_length=32, groups=1):
     c = batch[f"{names[0]}_ids"].shape[-1]
     out = packing.pack_batch(prompts, firsts, seconds, names=names, pack_length=pack_length,
                              num_rows=packing.microbatch_rows(lengths, pack_length, groups),
-                             completion_length=c, pad_id=0, groups=groups)
+                             completion_length=c, pad_id=pad_id, groups=groups)
     per_example = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")
                    and not k.startswith(names)}
     return as_batch(dict(out, **per_example), paired)

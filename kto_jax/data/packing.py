@@ -38,7 +38,7 @@ import numpy as np
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
 UNPAIRED_NAMES = ("completion", "kl")
 PAIRED_NAMES = ("chosen", "rejected")
-STEP_RUNS_PACKED = False  # the train step's packed path (issue 13 phase B) sets this True
+STEP_RUNS_PACKED = True  # the train step runs packed batches (kto_jax/step/stats.py)
 ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
 
 
