@@ -159,6 +159,12 @@ class FeedbackIterator(grain.DatasetIterator):
         return self._next
 
     @property
+    def pack_groups(self) -> int:
+        """Packing groups of this process's share of a packed batch (1 when not packed)."""
+        layout = self._args["plans"].layout
+        return layout.pack_groups // layout.process_count if layout.pack_length else 1
+
+    @property
     def epoch(self) -> int:
         return self._next // self.batches_per_epoch
 

@@ -201,6 +201,32 @@ def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequenc
     return {k: np.stack([b[k] for b in per]) for k in per[0]}
 
 
+def packed_prompts(batch, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts of a packed batch [A, ...] read back from its rows, left-padded as in the
+    padded layout: (ids, mask) int32 [A, M, P], P the longest prompt.
+
+    `groups`: the batch's packing groups (of this process's share). The last prompt token
+    of example i sits where its first completion token's gather index points (or its
+    second's, when the first completion is empty). What the reference store's row
+    checksums read (kto_jax/train/reference_store.py), so they see the same tokens
+    whatever the layout.
+    """
+    rows = np.asarray(batch["packed_ids"])
+    a, r, t = rows.shape
+    names = PAIRED_NAMES if "chosen_index" in batch else UNPAIRED_NAMES
+    first, second = (np.asarray(batch[f"{n}_index"])[..., 0] for n in names)
+    last = np.where(np.asarray(batch[f"{names[0]}_mask"])[..., 0] > 0, first, second)  # [A, M]
+    length = np.asarray(batch["prompt_length"])
+    m, p = length.shape[1], max(int(length.max()), 1)
+    col = np.arange(p)
+    mask = col >= p - length[..., None]                                    # [A, M, P]
+    where = np.where(mask, last[..., None] - (p - 1 - col), 0)
+    group = np.broadcast_to((np.arange(m) // (m // groups))[None, :, None], where.shape)
+    flat = rows.reshape(a, groups, (r // groups) * t)
+    ids = flat[np.arange(a)[:, None, None], group, where] * mask
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
 def config_problems(data) -> list[str]:
     """What is wrong with config.data's packing fields, as phrases for one UserError."""
     enabled, t = data.get("packing", False), data.get("pack_length", 0)
