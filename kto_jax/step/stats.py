@@ -182,7 +182,7 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
       mb: one microbatch of the unpaired layout, arrays [M, ...], padded or packed.
       groups: packing groups of a packed microbatch (one per batch shard).
     """
-    kl = None
+    kl = kl_logps = None
     if is_packed(mb):  # one forward: y with gradient, y_kl = y_{i+1 mod M} detached
         pol, pol_kl = forward_pair(graphdef, params, mb, UNPAIRED_NAMES, vocab_chunk, groups)
         kl_logps = jax.lax.stop_gradient(pol_kl.logps)

@@ -14,7 +14,8 @@ API (what the trainer and the AOT compiler call):
 
 The state (TrainState, its shardings, `abstract_train_state` for AOT lowering) is
 kto_jax/step/state.py; `batch_sharding(mesh, rules)` gives the batch's sharding, and
-every batch array is [A, M, ...] (kto_jax/batch.py). `make_reference_step` jits the
+every batch array is [A, M, ...] (kto_jax/batch.py; a packed batch's rows [A, R, T], packed
+per batch shard: the jitted builders give the step `settings.pack_groups` from the mesh). `make_reference_step` jits the
 reference forward alone over a batch: what `kto-jax precompute-ref` stores.
 
 Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; per
