@@ -22,7 +22,7 @@ WORKDIR/frontier.json is rewritten after every point; a rerun with the same --si
 --eval-every and --model skips the points it holds. WORKDIR/frontier.png is the plot
 and the JSON's "summary" the comparison at matched KL (kto_jax/demo/frontier_summary.py).
 A run's checkpoints and export are deleted once its points are stored (each is about
-1.6 GB for SmolLM2-135M); its metrics and held-out samples stay.
+1.6 GB for SmolLM2-135M); its metrics and each point's held-out samples stay.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from kto_jax.demo import frontier_summary, pipeline, reproduction, rule
 from kto_jax.demo.pipeline import DemoSize
@@ -42,7 +42,7 @@ from kto_jax.errors import UserError
 
 RESULTS_FILE = "frontier.json"
 PLOT_FILE = "frontier.png"
-SAMPLES_FILE = "heldout_samples.jsonl"  # per run: every point's held-out samples and verdicts
+SAMPLES_FILE = "heldout_samples_step{step}.jsonl"  # in a run's directory: a point's samples and verdicts
 
 Record = Callable[[int, dict], None]
 
@@ -103,7 +103,10 @@ class ModelRunner:
         return self._data[seed]
 
     def reference(self, seed: int) -> dict:
-        return reproduction.reference_rate(self._seed_data(seed))
+        wall, cpu = time.perf_counter(), time.process_time()
+        data = self._seed_data(seed)  # the first seed also loads the model
+        return {**reproduction.reference_rate(data),
+                "seconds": {"data_wall": time.perf_counter() - wall, "data_cpu": time.process_time() - cpu}}
 
     def run(self, method: str, seed: int, beta: float | None, steps: list[int], record: Record) -> None:
         from kto_jax.train import workdir as layout
@@ -125,9 +128,9 @@ class ModelRunner:
             wall, cpu = time.perf_counter(), time.process_time()
             result = reproduction.evaluate_policy(self._reference, pipeline.load_policy_params(run_dir, step),
                                                   data, self.size, seed)
-            with open(os.path.join(run_dir, SAMPLES_FILE), "a", encoding="utf-8") as f:
+            with open(os.path.join(run_dir, SAMPLES_FILE.format(step=step)), "w", encoding="utf-8") as f:
                 for text in result["samples"]:
-                    f.write(json.dumps({"step": step, "text": text, "passes": rule.passes(text)}) + "\n")
+                    f.write(json.dumps({"text": text, "passes": rule.passes(text)}) + "\n")
             record(step, {"pass_rate": result["pass_rate"], "kl": result["kl"], "kl_se": result["kl_se"],
                           "loss_beta": loss_beta, "heldout_eval": evals.get(step, {}),
                           "seconds": {"eval_wall": time.perf_counter() - wall, "eval_cpu": time.process_time() - cpu,
@@ -161,7 +164,7 @@ def save_results(path: str, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: list[int] = (0,),
+def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: Sequence[int] = (0,),
                  methods: list[str] | None = None, betas: list[float] | None = None, eval_every: int = 0,
                  model_path: str | None = None, log: Callable[[str], None] = print,
                  runner: Runner | None = None) -> dict:
@@ -186,6 +189,8 @@ def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: list[int
     path = os.path.join(workdir, RESULTS_FILE)
     results = load_results(path, settings)
     runner = runner or ModelRunner(workdir, size, model_path, steps, log)
+    start = {"wall": time.perf_counter(), "cpu": time.process_time()}
+    results["this_session"] = {"wall": 0.0, "cpu": 0.0}  # seconds of the latest invocation, so far
     done = {point_key(p["method"], p["seed"], p["beta"], p["step"]) for p in results["points"]}
     for seed in seeds:
         if str(seed) not in results["references"]:
@@ -199,7 +204,7 @@ def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: list[int
                 log(f"\n==== seed {seed}, {method}" + ("" if beta is None else f", beta {beta:g}")
                     + f": steps {missing}")
 
-                def record(step: int, point: dict, method=method, beta=beta) -> None:
+                def record(step: int, point: dict, method=method, seed=seed, beta=beta) -> None:
                     results["points"].append({"method": method, "seed": seed, "beta": beta, "step": step, **point})
                     done.add(point_key(method, seed, beta, step))
                     save_results(path, results)
@@ -209,14 +214,15 @@ def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: list[int
                 except UserError as e:  # e.g. DPO when no prompt has both an up and a down sample
                     log(f"skipped: {e}")
                     results["skipped"][f"{method} | seed {seed} | beta {beta}"] = str(e)
-                finish(workdir, results, methods)
-    log("\n" + frontier_summary.summary_table(finish(workdir, results, methods)["summary"]))
+                finish(workdir, results, methods, start)
+    log("\n" + frontier_summary.summary_table(finish(workdir, results, methods, start)["summary"]))
     return results
 
 
-def finish(workdir: str, results: dict, methods: list[str]) -> dict:
+def finish(workdir: str, results: dict, methods: list[str], start: dict) -> dict:
     """Recomputes the matched-KL summary, rewrites the JSON and the plot."""
     results["summary"] = frontier_summary.matched_kl(results["points"], order=methods)
+    results["this_session"] = {"wall": time.perf_counter() - start["wall"], "cpu": time.process_time() - start["cpu"]}
     save_results(os.path.join(workdir, RESULTS_FILE), results)
     s = results["settings"]
     frontier_summary.write_plot(results, os.path.join(workdir, PLOT_FILE),
