@@ -224,8 +224,8 @@ def seed_mean_curve(points: list[dict]) -> tuple[list[float], list[float]]:
 
 def write_plot(results: dict, path: str, title: str) -> str | None:
     """Pass rate against KL, one colour per method: the seed-mean curve, each seed's points,
-    the reference at (0, its mean base rate) and the common KL range shaded. None when
-    matplotlib is absent."""
+    the reference at (0, its mean base rate), the common KL range shaded and the matched-KL
+    summary's means with their intervals. None when matplotlib is absent."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -248,9 +248,18 @@ def write_plot(results: dict, path: str, title: str) -> str | None:
     if refs:
         ax.plot([0.0], [100 * float(np.mean(refs))], "k*", markersize=13,
                 label=f"reference π_ref (KL 0, mean of {len(refs)} seed{'s' if len(refs) != 1 else ''})")
-    common = (results.get("summary") or {}).get("common_range")
+    summary = results.get("summary") or {}
+    common = summary.get("common_range")
     if common:
         ax.axvspan(common[0], common[1], color="0.85", alpha=0.5, zorder=0, label="KL range all methods reach")
+        width = (common[1] - common[0]) or 1.0
+        for i, m in enumerate(methods):  # the matched-KL table's cells, side by side at each KL
+            cells = summary["methods"].get(m, {}).get("at") or []
+            shift = 0.04 * width * (i - (len(methods) - 1) / 2)
+            ax.errorbar([c["kl"] + shift for c in cells], [100 * c["rate"] for c in cells],
+                        yerr=[[100 * (c["rate"] - c["low"]) for c in cells], [100 * (c["high"] - c["rate"]) for c in cells]],
+                        fmt="D", markersize=3, color=f"C{i % 10}", capsize=3, alpha=0.8,
+                        label="matched KL: mean, 90% interval" if i == 0 else None)
     ax.set_xlabel("KL(π_θ ‖ π_ref), nats (Monte-Carlo over the held-out samples)")
     ax.set_ylabel("held-out pass rate, % (rule judge)")
     ax.set_title(title, fontsize=10)
