@@ -22,7 +22,7 @@ WORKDIR/frontier.json is rewritten after every point; a rerun with the same --si
 --eval-every and --model skips the points it holds. WORKDIR/frontier.png is the plot
 and the JSON's "summary" the comparison at matched KL (kto_jax/demo/frontier_summary.py).
 A run's checkpoints and export are deleted once its points are stored (each is about
-1.6 GB for SmolLM2-135M); its metrics and each point's held-out samples stay.
+1.4 GB for SmolLM2-135M); its metrics and each point's held-out samples stay.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ SAMPLES_FILE = "heldout_samples_step{step}.jsonl"  # in a run's directory: a poi
 Record = Callable[[int, dict], None]
 
 
+class Stopped(Exception):
+    """A training run stopped before its last step (SIGTERM): the sweep stops too."""
+
+
 class Runner(Protocol):
     """What the sweep asks of the model side (ModelRunner; a test may stub it)."""
 
@@ -68,10 +72,13 @@ def eval_steps(num_steps: int, every: int) -> list[int]:
 
 
 def sweep_flags(steps: list[int], beta: float | None) -> tuple[str, ...]:
-    """--config flags that make one run checkpoint (and evaluate) at each of `steps`."""
+    """--config flags that make one run checkpoint (and evaluate) at each of `steps`.
+
+    Nothing is rotated out (keep = the run's step count): a run stopped by SIGTERM saves
+    an extra checkpoint, which must not push out one of `steps`."""
     every = steps[0]
     flags = (f"--config.train.eval_every={every}", f"--config.checkpoint.every_steps={every}",
-             f"--config.checkpoint.keep={len(steps) + 1}")
+             f"--config.checkpoint.keep={steps[-1]}")
     return flags + (() if beta is None else (f"--config.loss.beta={beta}",))
 
 
@@ -81,6 +88,17 @@ def point_key(method: str, seed: int, beta: float | None, step: int) -> tuple:
 
 def run_name(method: str, beta: float | None) -> str:
     return reproduction.slug(method) + ("" if beta is None else f"-beta{beta:g}")
+
+
+def finished(run_dir: str, num_steps: int) -> bool:
+    """Whether the trainer finished `run_dir` at `num_steps`: its export marker says so.
+    (A run stopped by SIGTERM saves a checkpoint and returns normally, without it.)"""
+    from kto_jax.train import workdir as layout
+    marker = os.path.join(run_dir, layout.EXPORT_MARKER)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        return int(f.read()) == num_steps
 
 
 class ModelRunner:
@@ -121,6 +139,9 @@ class ModelRunner:
         reproduction.train_method(method, self.size, self._reference, seed_dir, data, seed, self.log,
                                   sweep_flags(self.steps, beta), run_name=name)
         train = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        if not finished(run_dir, self.size.num_steps):
+            raise Stopped(f"the run in {run_dir} stopped before step {self.size.num_steps} (SIGTERM); "
+                          "rerun the same command to resume it")
         evals = {r.get("step"): r for r in read_jsonl(os.path.join(run_dir, layout.EVAL_METRICS_FILE))}
         with open(os.path.join(run_dir, layout.CONFIG_FILE), encoding="utf-8") as f:
             loss_beta = json.load(f)["loss"]["beta"]
@@ -249,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"frontier: error: {e}\n")
         return 2
+    except Stopped as e:
+        sys.stderr.write(f"frontier: stopped: {e}; {RESULTS_FILE} keeps the points so far\n")
+        return 1
     return 0
 
 

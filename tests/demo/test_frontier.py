@@ -47,7 +47,7 @@ def test_eval_steps():
     with pytest.raises(UserError, match="--eval-every 5 is more than the run's 4 steps"):
         frontier.eval_steps(4, 5)
     assert frontier.sweep_flags([2, 4], 0.3) == ("--config.train.eval_every=2", "--config.checkpoint.every_steps=2",
-                                                 "--config.checkpoint.keep=3", "--config.loss.beta=0.3")
+                                                 "--config.checkpoint.keep=4", "--config.loss.beta=0.3")
 
 
 def test_sweep_bookkeeping_and_resume(tmp_path):
@@ -84,6 +84,15 @@ def test_sweep_bookkeeping_and_resume(tmp_path):
         frontier.run_frontier(workdir, runner=FakeRunner(), **{**kwargs, "eval_every": 1})
     with pytest.raises(UserError, match="unknown --methods"):
         frontier.run_frontier(workdir, runner=FakeRunner(), **{**kwargs, "methods": ["PPO"]})
+
+
+def test_finished_reads_the_export_marker(tmp_path):
+    """A run stopped by SIGTERM returns normally from the trainer: only hf.step tells."""
+    assert not frontier.finished(str(tmp_path), 20)
+    (tmp_path / "hf.step").write_text("7\n")
+    assert not frontier.finished(str(tmp_path), 20)
+    (tmp_path / "hf.step").write_text("20\n")
+    assert frontier.finished(str(tmp_path), 20)
 
 
 def test_main_reports_bad_input_without_traceback(tmp_path, capsys):
