@@ -171,7 +171,8 @@ def load_results(path: str, settings: dict) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a frontier sweep's JSON ({e}): choose another --workdir") from None
     if stored != settings:
-        diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)}
+        diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings)
+                if stored.get(k) != settings.get(k)}
         raise UserError(f"{path} holds a sweep with other settings (stored vs asked: {diff}); rerun with "
                         "the stored --size/--eval-every/--model to resume it, or choose another --workdir")
     return results
@@ -230,20 +231,24 @@ def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: Sequence
                     done.add(point_key(method, seed, beta, step))
                     save_results(path, results)
 
+                skip_key = f"{method} | seed {seed} | beta {beta}"
+                results["skipped"].pop(skip_key, None)
                 try:
                     runner.run(method, seed, beta, missing, record)
                 except UserError as e:  # e.g. DPO when no prompt has both an up and a down sample
                     log(f"skipped: {e}")
-                    results["skipped"][f"{method} | seed {seed} | beta {beta}"] = str(e)
-                finish(workdir, results, methods, start)
-    log("\n" + frontier_summary.summary_table(finish(workdir, results, methods, start)["summary"]))
+                    results["skipped"][skip_key] = str(e)
+                finish(workdir, results, start)
+    log("\n" + frontier_summary.summary_table(finish(workdir, results, start)["summary"]))
     return results
 
 
-def finish(workdir: str, results: dict, methods: list[str], start: dict) -> dict:
-    """Recomputes the matched-KL summary, rewrites the JSON and the plot."""
-    results["summary"] = frontier_summary.matched_kl(results["points"], order=methods)
-    results["this_session"] = {"wall": time.perf_counter() - start["wall"], "cpu": time.process_time() - start["cpu"]}
+def finish(workdir: str, results: dict, start: dict) -> dict:
+    """Recomputes the matched-KL summary of every point so far (methods in the table's
+    order, KTO the baseline), rewrites the JSON and the plot."""
+    results["summary"] = frontier_summary.matched_kl(results["points"], order=list(reproduction.METHODS))
+    results["this_session"] = {"wall": time.perf_counter() - start["wall"],
+                               "cpu": time.process_time() - start["cpu"]}
     save_results(os.path.join(workdir, RESULTS_FILE), results)
     s = results["settings"]
     frontier_summary.write_plot(results, os.path.join(workdir, PLOT_FILE),

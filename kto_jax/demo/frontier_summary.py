@@ -257,7 +257,8 @@ def write_plot(results: dict, path: str, title: str) -> str | None:
             cells = summary["methods"].get(m, {}).get("at") or []
             shift = 0.04 * width * (i - (len(methods) - 1) / 2)
             ax.errorbar([c["kl"] + shift for c in cells], [100 * c["rate"] for c in cells],
-                        yerr=[[100 * (c["rate"] - c["low"]) for c in cells], [100 * (c["high"] - c["rate"]) for c in cells]],
+                        yerr=[[100 * (c["rate"] - c["low"]) for c in cells],
+                              [100 * (c["high"] - c["rate"]) for c in cells]],
                         fmt="D", markersize=3, color=f"C{i % 10}", capsize=3, alpha=0.8,
                         label="matched KL: mean, 90% interval" if i == 0 else None)
     ax.set_xlabel("KL(π_θ ‖ π_ref), nats (Monte-Carlo over the held-out samples)")
