@@ -239,7 +239,7 @@ def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: Sequence
                     log(f"skipped: {e}")
                     results["skipped"][skip_key] = str(e)
                 finish(workdir, results, start)
-    log("\n" + frontier_summary.summary_table(finish(workdir, results, start)["summary"]))
+    log("\n" + finish(workdir, results, start)["summary_table"])
     return results
 
 
@@ -247,6 +247,7 @@ def finish(workdir: str, results: dict, start: dict) -> dict:
     """Recomputes the matched-KL summary of every point so far (methods in the table's
     order, KTO the baseline), rewrites the JSON and the plot."""
     results["summary"] = frontier_summary.matched_kl(results["points"], order=list(reproduction.METHODS))
+    results["summary_table"] = frontier_summary.summary_table(results["summary"])
     results["this_session"] = {"wall": time.perf_counter() - start["wall"],
                                "cpu": time.process_time() - start["cpu"]}
     save_results(os.path.join(workdir, RESULTS_FILE), results)

@@ -69,6 +69,8 @@ def test_sweep_bookkeeping_and_resume(tmp_path):
     assert keys == sorted((m, s, k) for m in methods for s in (0, 1) for k in (2, 4))  # method x seed x step
     assert json.load(open(os.path.join(workdir, frontier.RESULTS_FILE)))["points"] == results["points"]
     assert results["summary"]["methods"]["KTO"]["seeds"] == [0, 1]
+    assert results["summary_table"] == frontier_summary.summary_table(results["summary"])
+    assert "| KTO (seeds 0, 1) |" in results["summary_table"]
 
     again = FakeRunner()
     frontier.run_frontier(workdir, runner=again, **kwargs)
