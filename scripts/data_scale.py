@@ -78,27 +78,31 @@ def worker(args) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     from kto_jax.data import build_datasets  # pylint: disable=import-outside-toplevel
     from kto_jax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
-    train, _, summary = build_datasets(config_for(args.data), load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    before = rss_mib("VmRSS")
+    train, _, summary = build_datasets(config_for(args.data), tokenizer)
     it = train()
     next(it)
-    startup, rss = time.time() - T0, peak_rss_mib()
+    startup, rss = time.time() - T0, rss_mib()
     for _ in range(args.batches - 1):
         next(it)
     split = it._args["split"]  # pylint: disable=protected-access
     print(json.dumps({"data": os.path.basename(args.data), "processes": jax.process_count(),
                       "process": jax.process_index(), "examples": len(split),
                       "startup_s": round(startup, 2), "peak_rss_mib": round(rss),
+                      "rss_before_data_mib": round(before),
                       "batches": args.batches,
                       "rows_read": getattr(split, "rows_read", summary.train.rows),  # JSONL: the whole file
                       "rows_in_batches": args.batches * summary.batch_shape[0]
-                      * summary.batch_shape[2]}), flush=True)
+                      * summary.batch_shape[2],
+                      "token_bytes_read": getattr(split, "bytes_read", None)}), flush=True)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
-    worker started by a big parent would report the parent's peak."""
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak RSS (VmHWM), or its current RSS (VmRSS). Not ru_maxrss: Linux
+    carries that across exec, so a worker started by a big parent would report the parent's peak."""
     with open("/proc/self/status", encoding="ascii") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
+        line = next(line for line in f if line.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -145,7 +149,7 @@ def main() -> None:
             start = time.time()
             prepare(config_for(data), load_tokenizer(tok_dir), prepared)
             print(json.dumps({"prepare_rows": rows, "prepare_s": round(time.time() - start, 1),
-                              "prepare_peak_rss_mib": round(peak_rss_mib())}), flush=True)
+                              "prepare_peak_rss_mib": round(rss_mib())}), flush=True)
         for processes in (1, 2):
             run_workers(prepared, tok_dir, processes, args.batches)
     for rows in [int(r) for r in args.jsonl_rows.split(",") if r]:

@@ -41,6 +41,7 @@ from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 
 log = logging.getLogger("kto_jax.data")
+_HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
 
 
 class Datasets(NamedTuple):
@@ -296,10 +297,15 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     process computes the same value without holding every example's tokens.
     """
     h = hashlib.sha256()
-    for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
-                  split.weight):
-        h.update(np.ascontiguousarray(array, np.int64 if array.dtype.kind in "iu" else None
-                                      ).tobytes())
+    for column in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
+                   split.weight):
+        # In chunks (the digest of the concatenation): no int64 copy of a whole column, and a
+        # prepared split's token_hash (`prepared.NpyColumn`) is streamed from its file.
+        chunks = (column.chunks(_HASH_CHUNK) if hasattr(column, "chunks") else
+                  (column[i:i + _HASH_CHUNK] for i in range(0, len(column), _HASH_CHUNK)))
+        for chunk in chunks:
+            h.update(np.ascontiguousarray(chunk, np.int64 if chunk.dtype.kind in "iu" else None
+                                          ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
     return h.hexdigest()[:16]

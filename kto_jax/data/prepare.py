@@ -8,13 +8,13 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 from kto_jax import fs
 from kto_jax.data import pipeline, prepared
 from kto_jax.data.shards import ShardedSplit
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
+
+_WRITE_CHUNK = 65536   # examples per write to tokens.bin
 
 
 def prepare(config, tokenizer, out: str) -> dict[str, Any]:
@@ -36,30 +36,25 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
             "splits": {}}
     with fs.staged_dir(out) as local:
         for name, data in splits.items():
-            _write_split(os.path.join(local, name), data.split)
             meta["splits"][name] = {
                 "source": data.source, "rows": data.rows, "examples": data.examples,
                 "subsampled": data.subsampled, "report": dataclasses.asdict(data.report),
-                "kept": len(data.split)}
+                "kept": len(data.split),
+                "layout": _write_split(os.path.join(local, name), data.split, d.max_length,
+                                       len(tokenizer))}
         with open(os.path.join(local, prepared.META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     return meta
 
 
-def _write_split(directory: str, split: ShardedSplit) -> None:
-    """stats.npz and tokens.array_record of one split (all its tokens are in `split.cache`)."""
-    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-    os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, prepared.STATS_FILE), prompt_lengths=split.prompt_lengths.astype(np.int32),
-             side_lengths=np.stack(split.side_lengths).astype(np.int32), label=split.label,
-             weight=split.weight, token_hash=split.token_hash.astype(np.uint32))
-    cache, sides = split.cache, len(split.side_lengths)
-    writer = array_record_module.ArrayRecordWriter(os.path.join(directory, prepared.TOKENS_FILE),
-                                                   "group_size:1")
-    try:
-        for i in range(len(cache)):
-            parts = [cache.prompts[i], *(cache.completions[s][i] for s in range(sides))]
-            head = np.array([sides, *(len(p) for p in parts)], np.int32)
-            writer.write(np.concatenate([head, *parts]).astype(np.int32).tobytes())
-    finally:
-        writer.close()
+def _write_split(directory: str, split: ShardedSplit, max_length: int, vocab_size: int
+                 ) -> dict[str, Any]:
+    """The files of one split (all its tokens are in `split.cache`); returns its layout."""
+    cache = split.cache
+    writer = prepared.SplitWriter(directory, max_length=max_length, vocab_size=vocab_size,
+                                  sides=len(split.side_lengths))
+    for lo in range(0, len(cache), _WRITE_CHUNK):
+        hi = min(lo + _WRITE_CHUNK, len(cache))
+        writer.add(cache.prompts.slice(lo, hi), tuple(c.slice(lo, hi) for c in cache.completions),
+                   split.label[lo:hi], split.weight[lo:hi], split.token_hash[lo:hi])
+    return writer.close()

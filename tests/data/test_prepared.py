@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 
 from kto_jax import cli
-from kto_jax.data import batching, build_datasets
+from kto_jax.data import batching, build_datasets, prepared
 from kto_jax.data.prepare import prepare
 from kto_jax.data.prepared import is_prepared
+from kto_jax.data.tokenize import Ragged
 from kto_jax.errors import UserError
 
 from conftest import ROOT, base_config, paired_rows, unpaired_rows, write_jsonl
 from test_pipeline import assert_batches_equal, collect
-
-pytest.importorskip("array_record")
 
 
 def _config(path, **overrides):
@@ -112,3 +111,62 @@ def test_data_prepare_command(capsys, tmp_path, tokenizer_dir):
     assert f"in {out}" in capsys.readouterr().out and is_prepared(out)
     assert cli.main(args[:-1]) == 2
     assert "needs --out=DIR" in capsys.readouterr().err
+
+
+def _ragged(rng, n, hi):
+    return Ragged.from_lists([rng.integers(0, 300, rng.integers(0 if hi < 9 else 1, hi)).tolist()
+                              for _ in range(n)])
+
+
+@pytest.mark.parametrize("sides", [1, 2])
+def test_split_written_in_chunks_equals_one_write_and_reads_back_every_row(tmp_path, sides):
+    """More than BLOCK examples, chunks not aligned with BLOCK: same bytes as one write, and
+    each example's tokens come back from its block offset plus the lengths before it."""
+    rng = np.random.default_rng(0)
+    n = 2 * prepared.BLOCK + 517
+    prompts, completions = _ragged(rng, n, 20), tuple(_ragged(rng, n, 7 + s) for s in range(sides))
+    label, weight = rng.random(n) < 0.5, rng.random(n).astype(np.float32)
+    token_hash = rng.integers(0, 2 ** 32, n).astype(np.int64)
+    layouts = {}
+    for name, chunk in (("whole", n), ("chunked", 700)):
+        writer = prepared.SplitWriter(str(tmp_path / name), max_length=64, vocab_size=300,
+                                      sides=sides)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            writer.add(prompts.slice(lo, hi), tuple(c.slice(lo, hi) for c in completions),
+                       label[lo:hi], weight[lo:hi], token_hash[lo:hi])
+        layouts[name] = writer.close()
+    assert layouts["whole"] == layouts["chunked"]
+    for f in sorted(p.name for p in (tmp_path / "whole").iterdir()):
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "chunked" / f).read_bytes(), f
+    layout = layouts["whole"]
+    assert layout["token_dtype"] == "uint16" and layout["constant_weight"] is None
+    total = len(prompts.flat) + sum(len(c.flat) for c in completions)
+    assert layout["tokens"] == total == (tmp_path / "whole" / "tokens.bin").stat().st_size // 2
+
+    split = prepared.PreparedSplit(str(tmp_path / "chunked"), layout)
+    assert split.prompt_lengths.dtype == np.uint16 and split.paired == (sides == 2)
+    np.testing.assert_array_equal(split.label, label)
+    ids = np.array([0, 1, prepared.BLOCK - 1, prepared.BLOCK, prepared.BLOCK + 1, n - 1,
+                    *rng.integers(0, n, 50)])
+    tokens = split.row_tokens(ids.reshape(2, -1))
+    for i in ids:
+        np.testing.assert_array_equal(tokens.prompts[int(i)], prompts[int(i)])
+        for s in range(sides):
+            np.testing.assert_array_equal(tokens.completions[s][int(i)], completions[s][int(i)])
+    assert split.rows_read == len(np.unique(ids))
+    hashed = np.concatenate(list(split.token_hash.chunks(1000)))
+    np.testing.assert_array_equal(hashed, token_hash.astype(np.uint32))
+
+
+def test_a_directory_of_an_earlier_format_is_refused_with_the_fix(tokenizer, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(20, 1))), tokenizer, str(out))
+    meta = json.loads((out / "prepared.json").read_text())
+    meta["version"] = 1
+    (out / "prepared.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as err:
+        _batches(_config(str(out)), tokenizer)
+    assert "format version 1 (ArrayRecord" in str(err.value)
+    assert f"reads version {prepared.VERSION}" in str(err.value)
+    assert f"Re-run `kto-jax data prepare --out={out}`" in str(err.value)
