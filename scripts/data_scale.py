@@ -7,7 +7,8 @@ tokenizer, runs `kto_jax.data.prepare.prepare` once (timed, in this process), th
 starts 1 and 2 worker processes (jax.distributed on localhost, gloo, as
 tests/train/test_multiprocess.py does) that each build the datasets from the prepared
 directory and take batches. Each worker reports: seconds from its start to its first
-batch, its peak RSS at that point (VmHWM: the peak before the first step), and
+batch (and the part of it spent in build_datasets and the first batch), its peak RSS at
+that point (VmHWM: the peak before the first step) and its RSS before the data, and
 the records it read for its first `--batches` batches against the rows those batches
 hold. `--jsonl-rows` also measures training straight from the JSONL file (today's
 path: every process reads and normalises the whole file) for comparison.
@@ -79,18 +80,18 @@ def worker(args) -> None:
     from kto_jax.data import build_datasets  # pylint: disable=import-outside-toplevel
     from kto_jax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = load_tokenizer(args.tokenizer)
-    before = rss_mib("VmRSS")
+    before, data_start = rss_mib("VmRSS"), time.time()
     train, _, summary = build_datasets(config_for(args.data), tokenizer)
     it = train()
     next(it)
-    startup, rss = time.time() - T0, rss_mib()
+    startup, rss, data_s = time.time() - T0, rss_mib(), time.time() - data_start
     for _ in range(args.batches - 1):
         next(it)
     split = it._args["split"]  # pylint: disable=protected-access
     print(json.dumps({"data": os.path.basename(args.data), "processes": jax.process_count(),
                       "process": jax.process_index(), "examples": len(split),
                       "startup_s": round(startup, 2), "peak_rss_mib": round(rss),
-                      "rss_before_data_mib": round(before),
+                      "rss_before_data_mib": round(before), "data_s": round(data_s, 2),
                       "batches": args.batches,
                       "rows_read": getattr(split, "rows_read", summary.train.rows),  # JSONL: the whole file
                       "rows_in_batches": args.batches * summary.batch_shape[0]

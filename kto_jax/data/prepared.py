@@ -108,7 +108,9 @@ class SplitWriter:
         os.makedirs(directory, exist_ok=True)
         self.directory, self.sides = directory, sides
         self.lengths_dtype, self.tokens_dtype = length_dtype(max_length), token_dtype(vocab_size)
-        self._tokens = open(os.path.join(directory, TOKENS_FILE), "wb")  # pylint: disable=consider-using-with
+        # Open across add() calls until close()/abort(), so not a with-block.
+        self._tokens = open(  # pylint: disable=consider-using-with
+            os.path.join(directory, TOKENS_FILE), "wb")
         self._columns: dict[str, list[np.ndarray]] = {
             "prompt_lengths": [], "side_lengths": [], "label": [], "weight": [], "token_hash": []}
         self._offsets: list[np.ndarray] = []
@@ -130,6 +132,10 @@ class SplitWriter:
             self._columns[key].append(value)
         self.examples += n
         self.tokens += int(totals.sum())
+
+    def abort(self) -> None:
+        """Closes tokens.bin without writing the statistics (the caller removes the directory)."""
+        self._tokens.close()
 
     def close(self) -> dict[str, Any]:
         """Writes the statistics; returns the split's layout for prepared.json."""

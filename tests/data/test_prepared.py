@@ -170,3 +170,29 @@ def test_a_directory_of_an_earlier_format_is_refused_with_the_fix(tokenizer, tmp
     assert "format version 1 (ArrayRecord" in str(err.value)
     assert f"reads version {prepared.VERSION}" in str(err.value)
     assert f"Re-run `kto-jax data prepare --out={out}`" in str(err.value)
+
+
+def test_prepare_in_chunks_writes_the_same_bytes_as_in_one_piece(tokenizer, tmp_path, monkeypatch):
+    """Streaming tokenisation: chunks of 7 examples (not dividing any split) give the files of
+    one chunk; and an error found only after all chunks leaves no directory behind."""
+    from kto_jax.data import prepare as prepare_module
+    source = write_jsonl(tmp_path / "d.jsonl", paired_rows(45, seed=5))
+    config = _config(source, **{"data.eval_fraction": 0.2})
+    outs = {}
+    for chunk in (10 ** 6, 7):
+        monkeypatch.setattr(prepare_module, "_CHUNK", chunk)
+        outs[chunk] = tmp_path / f"out_{chunk}"
+        prepare(config, tokenizer, str(outs[chunk]))
+    files = sorted(str(p.relative_to(outs[7])) for p in outs[7].rglob("*") if p.is_file())
+    assert "train/tokens.bin" in files and "eval/tokens.bin" in files
+    assert files == sorted(str(p.relative_to(outs[10 ** 6])) for p in outs[10 ** 6].rglob("*")
+                           if p.is_file())
+    for name in files:
+        assert (outs[7] / name).read_bytes() == (outs[10 ** 6] / name).read_bytes(), name
+
+    rows = unpaired_rows(30, 3)
+    rows[20]["prompt"] = " ".join(["moon"] * 300)                 # overlong, in the third chunk
+    with pytest.raises(UserError, match="longer than data.max_length"):
+        prepare(_config(write_jsonl(tmp_path / "long.jsonl", rows),
+                        **{"data.on_overlong": "error"}), tokenizer, str(tmp_path / "failed"))
+    assert not (tmp_path / "failed" / "train").exists()
