@@ -116,7 +116,8 @@ def bucket_data(emulator, tiny_model_dir, feedback_file, compile_cache):
     fs.put(feedback_file, DATA_URL)
     proc = run_cli([sys.executable, "-m", "kto_jax.cli", "data", "prepare",
                     f"--config={TINY_CONFIG}", f"--config.model.path={MODEL_URL}",
-                    f"--config.data.train_path={DATA_URL}", f"--out={PREPARED_URL}"], cli_env(compile_cache, **emulator))
+                    f"--config.data.train_path={DATA_URL}", f"--out={PREPARED_URL}"],
+                   cli_env(compile_cache, **emulator))
     assert f"in {PREPARED_URL}" in proc.stdout
     fs.invalidate_cache()
     assert fs.exists(PREPARED_URL + "/train/tokens.bin")
