@@ -196,3 +196,18 @@ def test_prepare_in_chunks_writes_the_same_bytes_as_in_one_piece(tokenizer, tmp_
         prepare(_config(write_jsonl(tmp_path / "long.jsonl", rows),
                         **{"data.on_overlong": "error"}), tokenizer, str(tmp_path / "failed"))
     assert not (tmp_path / "failed" / "train").exists()
+
+
+def test_grain_worker_processes_read_a_prepared_directory(tokenizer, tmp_path):
+    """The split is pickled to the worker (zero-stride columns, no open file) and reads there."""
+    scored = [{"prompt": r["prompt"], "completion": r["completion"], "score": float(i % 9)}
+              for i, r in enumerate(unpaired_rows(40, 4))]
+    overrides = {"data.score_weighting": True, "data.score_threshold": 4.5}
+    source = write_jsonl(tmp_path / "d.jsonl", scored)
+    out = str(tmp_path / "prepared")
+    meta = prepare(_config(source, **overrides), tokenizer, out)
+    assert meta["splits"]["train"]["layout"]["constant_weight"] is None    # scored weights
+    reference = collect(_batches(_config(source, **overrides), tokenizer)[0]())
+    train = _batches(_config(out, **overrides, **{"data.worker_count": 1, "data.prefetch": 2}),
+                     tokenizer)[0]
+    assert_batches_equal(collect(train()), reference)

@@ -141,8 +141,10 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, r
     proc.wait()
     assert not fs.exists(workdir + "/hf/config.json")
 
-    # The resumed run reads the prepared directory in the bucket (same batches, same fingerprint).
-    proc = run_cli(train_argv(workdir, model_url, PREPARED_URL), env)
+    # The resumed run reads the prepared directory in the bucket (same batches, same data
+    # fingerprint). data.train_path is a guarded key, hence allow_config_change.
+    proc = run_cli(train_argv(workdir, model_url, PREPARED_URL,
+                              "--config.train.allow_config_change=True"), env)
     assert "resuming from step" in proc.stderr
     local = str(tmp_path / "run")
     fs.invalidate_cache()
