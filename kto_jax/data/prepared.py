@@ -107,7 +107,11 @@ class SplitWriter:
     def __init__(self, directory: str, *, max_length: int, vocab_size: int, sides: int):
         os.makedirs(directory, exist_ok=True)
         self.directory, self.sides = directory, sides
-        self.lengths_dtype, self.tokens_dtype = length_dtype(max_length), token_dtype(vocab_size)
+        self.vocab_size, self.tokens_dtype = vocab_size, token_dtype(vocab_size)
+        lengths = length_dtype(max_length)
+        self._dtypes = {"prompt_lengths": lengths, "side_lengths": lengths,
+                        "label": np.dtype(bool), "weight": np.dtype(np.float32),
+                        "token_hash": np.dtype(np.uint32)}
         # Open across add() calls until close()/abort(), so not a with-block.
         self._tokens = open(  # pylint: disable=consider-using-with
             os.path.join(directory, TOKENS_FILE), "wb")
@@ -121,15 +125,19 @@ class SplitWriter:
         """Appends examples: their prompt and side ids (`Ragged`, one entry per example)."""
         n = len(prompts)
         lengths = np.stack([prompts.lengths, *(s.lengths for s in sides)])   # [1 + sides, n]
-        self._tokens.write(_interleave([prompts, *sides], lengths).astype(self.tokens_dtype)
-                           .tobytes())
+        ids = _interleave([prompts, *sides], lengths)
+        if len(ids) and not 0 <= ids.min() <= ids.max() <= np.iinfo(self.tokens_dtype).max:
+            raise RuntimeError(f"token ids in [{ids.min()}, {ids.max()}] do not fit "
+                               f"{self.tokens_dtype.name} (the tokenizer has {self.vocab_size} "
+                               "ids)")
+        self._tokens.write(ids.astype(self.tokens_dtype).tobytes())
         totals = lengths.sum(0, dtype=np.int64)
         # token positions of the chunk's examples whose global index is a multiple of BLOCK
         firsts = np.arange(-self.examples % BLOCK, n, BLOCK)
         self._offsets.append(self.tokens + np.concatenate([[0], np.cumsum(totals)])[firsts])
         for key, value in (("prompt_lengths", lengths[0]), ("side_lengths", lengths[1:]),
                            ("label", label), ("weight", weight), ("token_hash", token_hash)):
-            self._columns[key].append(value)
+            self._columns[key].append(np.asarray(value).astype(self._dtypes[key]))
         self.examples += n
         self.tokens += int(totals.sum())
 
@@ -140,14 +148,11 @@ class SplitWriter:
     def close(self) -> dict[str, Any]:
         """Writes the statistics; returns the split's layout for prepared.json."""
         self._tokens.close()
-        dtypes = {"prompt_lengths": self.lengths_dtype, "side_lengths": self.lengths_dtype,
-                  "label": np.dtype(bool), "weight": np.dtype(np.float32),
-                  "token_hash": np.dtype(np.uint32)}
         columns = {}
         for key, parts in self._columns.items():
             axis = 1 if key == "side_lengths" else 0
-            empty = np.zeros((self.sides, 0) if axis else (0,), dtypes[key])
-            columns[key] = np.concatenate([empty, *parts], axis=axis).astype(dtypes[key])
+            empty = np.zeros((self.sides, 0) if axis else (0,), self._dtypes[key])
+            columns[key] = np.concatenate([empty, *parts], axis=axis)
             np.save(os.path.join(self.directory, key + ".npy"), columns[key])
         offsets = np.concatenate([*self._offsets, [self.tokens]]).astype(np.int64)
         np.save(os.path.join(self.directory, "offsets.npy"), offsets)
