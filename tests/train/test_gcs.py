@@ -142,9 +142,8 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, r
     assert not fs.exists(workdir + "/hf/config.json")
 
     # The resumed run reads the prepared directory in the bucket (same batches, same data
-    # fingerprint). data.train_path is a guarded key, hence allow_config_change.
-    proc = run_cli(train_argv(workdir, model_url, PREPARED_URL,
-                              "--config.train.allow_config_change=True"), env)
+    # fingerprint): data.train_path changes freely, the iterator's fingerprint guards the data.
+    proc = run_cli(train_argv(workdir, model_url, PREPARED_URL), env)
     assert "resuming from step" in proc.stderr
     local = str(tmp_path / "run")
     fs.invalidate_cache()
