@@ -176,7 +176,10 @@ def plan_epoch(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, layou
     window shuffles are drawn per batch when it is asked for, `EpochPlan.chunk`).
     """
     n, g, w = len(prompt_lengths), layout.global_batch, max(1, layout.window)
-    order = np.random.default_rng([seed, stream, epoch]).permutation(n).astype(_index_dtype(n))
+    # Generator.permutation(n) is arange(n) shuffled in place; shuffling an int32 arange
+    # draws the same permutation without permutation's int64 array (8 bytes a row).
+    order = np.arange(n, dtype=_index_dtype(n))
+    np.random.default_rng([seed, stream, epoch]).shuffle(order)
     p_bucket = bucket_index(prompt_lengths, layout.prompt_buckets)
     c_bucket = bucket_index(completion_lengths, layout.completion_buckets)
     if w > 1:   # stable sort by length bucket within each window of W global batches
@@ -346,7 +349,7 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     shapes = {(int(p), int(c)): int(k) for (p, c), k in zip(pairs, counts)}
     single_class = 0
     if not split.paired and len(plan):
-        desirable = plan.chunk_reduce(split.label[plan.indices].astype(np.int32), np.add)
+        desirable = plan.chunk_reduce(split.label[plan.indices], np.add)   # bool sums: int
         sizes = np.full(len(plan), g)
         sizes[-1] = len(plan.indices) - g * (len(plan) - 1)
         single_class = int(((desirable == 0) | (desirable == sizes)).sum())

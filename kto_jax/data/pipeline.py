@@ -42,6 +42,7 @@ from kto_jax.losses.registry import get_loss
 from kto_jax.sharding import configured_batch_shards
 
 log = logging.getLogger("kto_jax.data")
+_HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
 
 
 class Datasets(NamedTuple):
@@ -106,21 +107,36 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
                     summary)
 
 
+TokenizeSplit = Callable[[str, list, tokenize.TokenSpec], tuple[object, tokenize.TokenReport]]
+
+
 def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
-                allgather: shards.AllGather | None = None
+                allgather: shards.AllGather | None = None,
+                tokenize_split: TokenizeSplit | None = None
                 ) -> tuple[str, bool, dict[str, shards.SplitData], str]:
     """Reads, validates and tokenizes (this process's share of) the data files.
+
+    `tokenize_split(name, examples, spec) -> (split, report)` tokenizes one split's
+    examples; default: `shards.tokenize_sharded` (this process's slice, all-gathered
+    statistics). `kto-jax data prepare` passes one that writes the tokens as it goes.
 
     Returns:
       (format, conversational, {"train": ..., "eval": ... (if any)}, eval note).
     """
     d = config.data
+    if tokenize_split is None:
+        def sharded(name, items, spec):  # pylint: disable=unused-argument
+            return shards.tokenize_sharded(
+                items, spec, process_index=layout.process_index,
+                process_count=layout.process_count, allgather=allgather,
+                on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
+        tokenize_split = sharded
     train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
     fmt, conversational = formats.detect_format(train_rows, d.format)
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
     splits = {"train": _prepare_split("train", train_rows, train_rows.source, fmt,
                                       conversational, config, paired, tokenizer, layout,
-                                      allgather)}
+                                      tokenize_split)}
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
@@ -128,7 +144,7 @@ def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
                             f"{'conversational' if eval_conv else 'text'} but the train rows of "
                             f"{train_rows.source} are not.")
         splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, config,
-                                        paired, tokenizer, layout, allgather)
+                                        paired, tokenizer, layout, tokenize_split)
     return fmt, conversational, splits, eval_note
 
 
@@ -213,7 +229,7 @@ def batch_layout(config, tokenizer, process_index: int, process_count: int,
 
 
 def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
-                   allgather):
+                   tokenize_split):
     """Rows -> `SplitData` (fractions on train only)."""
     d = config.data
     if fmt == "paired":
@@ -239,9 +255,7 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items = [items[i] for i in keep]
     spec = tokenize.TokenSpec(tokenizer, conversational, d.max_length, d.max_prompt_length,
                               d.max_completion_length)
-    split, report = shards.tokenize_sharded(
-        items, spec, process_index=layout.process_index, process_count=layout.process_count,
-        allgather=allgather, on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
+    split, report = tokenize_split(name, items, spec)
     if len(split) == 0:
         raise UserError(f"{rows.source}: " + _empty_message(name, len(rows.records), n_examples,
                                                             subsampled, report))
@@ -313,10 +327,15 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     process computes the same value without holding every example's tokens.
     """
     h = hashlib.sha256()
-    for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
-                  split.weight):
-        h.update(np.ascontiguousarray(array, np.int64 if array.dtype.kind in "iu" else None
-                                      ).tobytes())
+    for column in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
+                   split.weight):
+        # In chunks (the digest of the concatenation): no int64 copy of a whole column, and a
+        # prepared split's token_hash (`prepared.NpyColumn`) is streamed from its file.
+        chunks = (column.chunks(_HASH_CHUNK) if hasattr(column, "chunks") else
+                  (column[i:i + _HASH_CHUNK] for i in range(0, len(column), _HASH_CHUNK)))
+        for chunk in chunks:
+            h.update(np.ascontiguousarray(chunk, np.int64 if chunk.dtype.kind in "iu" else None
+                                          ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
     if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
