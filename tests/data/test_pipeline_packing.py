@@ -86,6 +86,19 @@ def test_packed_iterator_resumes_at_the_next_batch(tokenizer, tmp_path):
     assert_batches_equal(collect(resumed), reference[3:])
 
 
+def test_packed_batches_from_a_prepared_directory_in_worker_processes(tokenizer, tmp_path):
+    """A directory prepared once (`kto-jax data prepare`, packing or not) gives the file's
+    packed batches, also from grain worker processes (the split pickled to them)."""
+    from kto_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
+    path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(45, seed=1))
+    out = str(tmp_path / "prepared")
+    prepare(_config(path, **{**PACKING, "data.packing": False}), tokenizer, out)
+    _, want = _batches(_config(path, **PACKING), tokenizer)
+    workers = {"data.worker_count": 1, "data.prefetch": 2}
+    _, got = _batches(_config(out, **PACKING, **workers), tokenizer)
+    assert_batches_equal(got, want)
+
+
 def test_packing_groups_must_divide_the_micro_batch(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(12, seed=1))
     config = _config(path, **PACKING)
