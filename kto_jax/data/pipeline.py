@@ -39,6 +39,7 @@ from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
+from kto_jax.sharding import configured_batch_shards
 
 log = logging.getLogger("kto_jax.data")
 _HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
@@ -198,8 +199,24 @@ def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
     return rows.subset(np.sort(perm[n_eval:])), rows.subset(np.sort(perm[:n_eval])), note
 
 
-def batch_layout(config, tokenizer, process_index: int, process_count: int) -> batching.BatchLayout:
+def batch_layout(config, tokenizer, process_index: int, process_count: int,
+                 pack_groups: int | None = None) -> batching.BatchLayout:
+    """The batches' shapes; with data.packing, packed in `pack_groups` groups of rows (default:
+    the batch shards of config.mesh on jax.device_count() devices, as the step's mesh)."""
     d, t = config.data, config.train
+    packed = {}
+    if d.get("packing", False):
+        if pack_groups is None:
+            import jax  # pylint: disable=import-outside-toplevel
+            pack_groups = configured_batch_shards(config.mesh, jax.device_count())
+        if pack_groups % process_count or t.micro_batch_size % pack_groups:
+            raise UserError(f"data.packing=True packs each of the {pack_groups} batch shards' "
+                            f"examples apart: train.micro_batch_size={t.micro_batch_size} must "
+                            f"be a multiple of {pack_groups}, itself a multiple of the "
+                            f"{process_count} processes; change the batch size or config.mesh.")
+        loss = get_loss(config.loss.name)
+        packed = dict(pack_length=int(d.pack_length), pack_groups=int(pack_groups),
+                      pack_second=loss.paired or loss.uses_kl)
     max_completion = d.max_completion_length or d.max_length
     prompt_buckets, completion_buckets = batching.bucket_sizes(
         d.bucket_lengths, d.max_prompt_length, max_completion)
@@ -208,7 +225,7 @@ def batch_layout(config, tokenizer, process_index: int, process_count: int) -> b
         accumulation=t.global_batch_size // t.micro_batch_size, micro_batch=t.micro_batch_size,
         process_index=process_index, process_count=process_count,
         prompt_buckets=prompt_buckets, completion_buckets=completion_buckets, pad_id=int(pad_id),
-        window=d.bucket_window, drop_remainder=d.drop_remainder)
+        window=d.bucket_window, drop_remainder=d.drop_remainder, **packed)
 
 
 def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
@@ -321,4 +338,6 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
                                           ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
+    if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
+        h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
     return h.hexdigest()[:16]

@@ -39,7 +39,7 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
                         "point it at the original data file to prepare again.")
     paired = get_loss(config.loss.name).paired
     pipeline.check_config(config, paired, 1)
-    layout = pipeline.batch_layout(config, tokenizer, 0, 1)
+    layout = pipeline.batch_layout(config, tokenizer, 0, 1, pack_groups=1)  # reading only
     with fs.staged_dir(out) as local:
         layouts = {}
 

@@ -118,5 +118,8 @@ def check_online_config(config: ml_collections.ConfigDict) -> None:
     if int(config.lora.rank) > 0:
         problems.append("lora.rank > 0: kto-jax online trains full parameters for now "
                         "(set --config.lora.rank=0)")
+    if config.data.get("packing", False):
+        problems.append("data.packing=True: kto-jax online pads each round's sampled batches "
+                        "(set --config.data.packing=False)")
     if problems:
         raise UserError("; ".join(problems))
