@@ -28,8 +28,8 @@ y_kl_i = y_{i+1 mod M} as in the step):
                  not care that y and y_kl of one example sit in different segments.
   packed_shared  rows of T tokens, each example one [x | y | y_kl] tree (x computed once):
                  the step's packed path as the trainer runs it (data.packing=True).
-The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, as the
-pipeline does. T (--pack-length) defaults to the longest tree of the batch, rounded up to
+The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, by the
+pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the longest tree of the batch, rounded up to
 --bucket.
 
 Token counts of one step (`TokenCount`), per model pass (the reference forward, when it runs,
@@ -309,8 +309,8 @@ def _trees(prompts, completions, shared: bool, groups: int):
 
 def packed_batch(ex: Examples, *, shared: bool, pack_length: int, groups: int, bucket: int
                  ) -> tuple[dict[str, np.ndarray], TokenCount]:
-    """The examples as packed rows [A, R, T] plus per-example gathers [A, M, C]
-    (kto_jax/data/packing.py keys), labels [A, M]; R is the most rows any microbatch needs.
+    """The examples as the packed batch of kto_jax/batch.py: rows [A, R, T], per-example
+    gathers [A, M, C], labels [A, M]; R is the most rows any microbatch needs.
 
     Args:
       shared: [x | y | y_kl] trees (packed_shared) or [x | y] and [x | y_kl] segments (packed).
@@ -318,33 +318,29 @@ def packed_batch(ex: Examples, *, shared: bool, pack_length: int, groups: int, b
       groups: packing groups per microbatch (batch shards); divides M.
     """
     micro = [_trees(*ex.microbatch(a), shared, groups) for a in range(ex.accum)]
-    tree_lengths = [np.array([len(x) + len(y) + len(z) for x, y, z in zip(*t[:3])]) for t in micro]
-    longest = max(int(t.max()) for t in tree_lengths)
+    tree_lengths = np.array([[len(x) + len(y) + len(z) for x, y, z in zip(*t[:3])] for t in micro])
+    longest = int(tree_lengths.max())
     t_len = pack_length or round_up(longest, bucket)
     if longest > t_len:
         raise UserError(f"--pack-length {t_len} cannot hold the longest "
                         f"{'[x | y | y_kl]' if shared else '[x | y]'} example ({longest} tokens): "
                         "raise --pack-length or lower --prompt-len / --completion-len")
-    rows = max(packing.rows_needed(t, t_len, groups) for t in tree_lengths)
-    c = round_up(ex.completion_lengths.max(), bucket)
-    per_example = ("ids", "mask", "index")
-    out: dict[str, list] = {}
-    for xs, firsts, seconds, slots in micro:
-        packed = packing.pack_trees(xs, firsts, seconds, pack_length=t_len, num_rows=rows,
-                                    completion_length=c, pad_id=PAD_ID, groups=groups)
-        first, second = (np.array([s[k] for s in slots]) for k in (0, 1))
-        mb = {k: packed[k] for k in packing.ROW_KEYS}
-        for name, pick in zip(packing.UNPAIRED_NAMES, (first, second)):
-            mb.update({f"{name}_{s}": packed[f"{name}_{s}"][pick] for s in per_example})
-        mb["prompt_length"] = packed["prompt_length"][first]
-        for k, v in mb.items():
-            out.setdefault(k, []).append(v)
-    batch = {k: np.stack(v) for k, v in out.items()}
+    rows = packing.microbatch_rows(tree_lengths, t_len, groups)
+    packed = packing.pack_batch(*([t[k] for t in micro] for k in range(3)),
+                                names=packing.UNPAIRED_NAMES, pack_length=t_len, num_rows=rows,
+                                completion_length=round_up(ex.completion_lengths.max(), bucket),
+                                pad_id=PAD_ID, groups=groups)
+    slots = np.array([t[3] for t in micro])              # [A, M, 2]: trees of y_i and y_kl_i
+    a = np.arange(ex.accum)[:, None]
+    batch = {k: packed[k] for k in packing.ROW_KEYS}
+    for name, pick in zip(packing.UNPAIRED_NAMES, (slots[..., 0], slots[..., 1])):
+        batch.update({f"{name}_{k}": packed[f"{name}_{k}"][a, pick] for k in ("ids", "mask", "index")})
+    batch["prompt_length"] = packed["prompt_length"][a, slots[..., 0]]
     batch.update(_labels(ex.accum, ex.micro_batch))
     real = int(ex.prompt_lengths.sum() + ex.completion_lengths.sum())
-    placed = int(sum(t.sum() for t in tree_lengths))
-    return batch, TokenCount("packed_shared" if shared else "packed", real, placed, rows, t_len,
-                             ex.accum)
+    count = TokenCount("packed_shared" if shared else "packed", real, int(tree_lengths.sum()),
+                       rows, t_len, ex.accum)
+    return as_batch(batch, paired=False), count
 
 
 def layout_batch(ex: Examples, layout: str, *, bucket: int, pack_length: int = 0, groups: int = 1

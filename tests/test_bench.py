@@ -258,6 +258,8 @@ def test_pack_length_too_short_and_unknown_layout_are_user_errors():
                  bench.BenchOptions(layout="packed_shared", pack_length=-1)):
         with pytest.raises(UserError):
             opts.check()
+    with pytest.raises(UserError, match="--topology compiles the fixed workload"):
+        bench.compile_for_tpu(bench.BenchOptions(model="tiny", lengths="hh-rlhf"), "v5e-8")
 
 
 def test_trl_flops_of_per_example_lengths_sum_the_examples():
@@ -267,20 +269,32 @@ def test_trl_flops_of_per_example_lengths_sum_the_examples():
     assert bench.trl_step_flops(cfg, 1000, 6, 4, 20) == pytest.approx(4 * one(20))
 
 
-def test_bench_cli_real_lengths_padded_reports_the_token_accounting(capsys, tmp_path):
+def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(capsys, tmp_path):
+    """The three layouts of the same examples through the real step (8 CPU devices: 8 packing
+    groups): the first step's loss is the same (float32), the counts are the layouts'."""
     f = tmp_path / "l.jsonl"
     f.write_text('{"prompt_len": 9, "completion_len": 5}\n{"prompt_len": 3, "completion_len": 12}\n')
-    argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "0", "--lengths", str(f),
-            "--prompt-len", "8", "--completion-len", "12", "--bucket", "8"]
-    assert cli_main(argv) == 0
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "0", "--dtype", "float32",
+            "--lengths", str(f), "--prompt-len", "8", "--completion-len", "12", "--bucket", "8"]
     ex = bench.examples(bench.BenchOptions(lengths=str(f), prompt_len=8, completion_len=12,
                                            bucket=8), vocab_size=6000)
     real = int(ex.prompt_lengths.sum() + ex.completion_lengths.sum())
-    assert r["layout"] == "padded" and r["lengths"] == str(f) and r["real_tokens"] == real
-    assert r["padded_seq"] == 8 + 16 and r["computed_positions"] == 2 * 32 * 24
-    assert r["token_efficiency"] == pytest.approx(real / (2 * 32 * 24), abs=1e-4)
-    assert r["real_tokens_per_s"] == pytest.approx(real / r["median_step_s"], rel=2e-3)
-    assert r["truncated_examples"] == int((ex.prompt_lengths == 8).sum())
-    assert r["seq"] == pytest.approx(real / 32, abs=0.01)
+    out = {}
+    for layout in ("padded", "packed_shared", "packed"):
+        assert cli_main(argv + ["--layout", layout]) == 0
+        r = out[layout] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert r["layout"] == layout and r["lengths"] == str(f) and r["real_tokens"] == real
+        assert r["token_efficiency"] == pytest.approx(real / r["computed_positions"], abs=1e-4)
+        assert r["real_tokens_per_s"] == pytest.approx(real / r["median_step_s"], rel=2e-3)
+        assert r["truncated_examples"] == int((ex.prompt_lengths == 8).sum())
+        assert r["seq"] == pytest.approx(real / 32, abs=0.01)
+    assert out["padded"]["padded_seq"] == 8 + 16
+    assert out["padded"]["computed_positions"] == 2 * 32 * 24
+    # packed_shared: one tree of at most 8 + 12 + 12 tokens per row (8 groups of 1 example)
+    assert out["packed_shared"]["padded_seq"] == 32 and out["packed_shared"]["rows_per_microbatch"] == 8
+    assert out["packed"]["fill"] == pytest.approx(2 * real / out["packed"]["computed_positions"], abs=1e-4)
+    for layout in ("packed_shared", "packed"):
+        assert out[layout]["loss"] == pytest.approx(out["padded"]["loss"], abs=2e-5)
+        assert out[layout]["trl_model_tflops_per_s"] * out[layout]["median_step_s"] == pytest.approx(
+            out["padded"]["trl_model_tflops_per_s"] * out["padded"]["median_step_s"], rel=1e-3)
     assert cli_main(argv[:-6] + ["--lengths", str(tmp_path / "nope.csv")]) == 2
