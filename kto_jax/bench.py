@@ -258,20 +258,13 @@ def trl_step_flops(model_cfg: ModelConfig, n_params: int, units: int, global_bat
 
 def computed_step_flops(dims: flops_lib.ModelDims, loss_obj, reference_source: str,
                         count: workload.TokenCount) -> float:
-    """Model FLOPs (PaLM convention) of the rows the step computes in `count`'s layout.
-
-    padded: `flops.step_flops` over the global batch at the padded length. packed layouts:
-    per microbatch R rows of T, through one policy forward with its backward (3 units: y
-    and y_kl come from the same forward) and, when the reference runs on the fly, one
-    reference forward (1 unit).
-    """
-    if count.layout == "padded":
-        return flops_lib.step_flops(dims, loss=loss_obj, reference_source=reference_source,
-                                    global_batch=count.accum * count.rows // 2,
-                                    seq_len=count.row_length)
-    reference = int(loss_obj.uses_reference and reference_source == "model")
-    return (flops_lib.forward_flops(dims, count.row_length) * (3 + reference)
-            * count.accum * count.rows)
+    """Model FLOPs (PaLM convention, `flops.step_flops`) of the rows the step computes in
+    `count`'s layout: the global batch at the padded length, or A x R packed rows of T (one
+    policy forward with its backward over the rows, one reference forward)."""
+    packed = count.layout != "padded"
+    rows = count.accum * (count.rows if packed else count.rows // 2)
+    return flops_lib.step_flops(dims, loss=loss_obj, reference_source=reference_source,
+                                global_batch=rows, seq_len=count.row_length, packed=packed)
 
 
 def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], list[float], float]:

@@ -298,3 +298,17 @@ def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(caps
         assert out[layout]["trl_model_tflops_per_s"] * out[layout]["median_step_s"] == pytest.approx(
             out["padded"]["trl_model_tflops_per_s"] * out["padded"]["median_step_s"], rel=1e-3)
     assert cli_main(argv[:-6] + ["--lengths", str(tmp_path / "nope.csv")]) == 2
+
+
+def test_computed_flops_count_the_layouts_rows():
+    dims = flops_lib.ModelDims.from_hf_config(bench.model_config(bench.BenchOptions(model="tiny")).to_hf())
+    kto = get_loss("kto")
+    padded = bw.TokenCount("padded", 100, 200, rows=16, row_length=96, accum=4)
+    packed = bw.TokenCount("packed_shared", 100, 150, rows=3, row_length=128, accum=4)
+    # padded: 32 examples x 6 forward units at 96; packed: 12 rows x (3 + 1) units at 128
+    assert bench.computed_step_flops(dims, kto, "model", padded) == pytest.approx(
+        32 * 6 * flops_lib.forward_flops(dims, 96))
+    assert bench.computed_step_flops(dims, kto, "model", packed) == pytest.approx(
+        12 * 4 * flops_lib.forward_flops(dims, 128))
+    assert bench.computed_step_flops(dims, kto, "precomputed", packed) == pytest.approx(
+        12 * 3 * flops_lib.forward_flops(dims, 128))
