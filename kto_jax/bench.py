@@ -53,7 +53,6 @@ from flax import nnx
 from kto_jax import aot
 from kto_jax import bench_workload as workload
 from kto_jax import sharding as shd
-from kto_jax.data import packing
 from kto_jax.config import config_file
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
@@ -125,9 +124,6 @@ class BenchOptions:
         if self.pack_length < 0 or (self.pack_length and self.layout == "padded"):
             raise UserError("--pack-length must be >= 0 and is read by --layout packed or "
                             "packed_shared only")
-        if self.layout != "padded" and not packing.STEP_RUNS_PACKED:
-            raise UserError(f"--layout {self.layout}: the train step does not run packed "
-                            "batches in this version; use --layout padded")
         get_loss(self.loss)  # UserError for an unknown loss name
         if get_loss(self.loss).paired:
             raise UserError(f"--loss {self.loss!r} is paired; the benchmark runs unpaired losses "

@@ -29,8 +29,8 @@ y_kl_i = y_{i+1 mod M} as in the step):
   packed_shared  rows of T tokens, each example one [x | y | y_kl] tree (x computed once):
                  the step's packed path as the trainer runs it (data.packing=True).
 The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, by the
-pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the longest tree of the batch, rounded up to
---bucket.
+pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the longest tree of the
+batch, rounded up to --bucket.
 
 Token counts of one step (`TokenCount`), per model pass (the reference forward, when it runs,
 computes the same positions again):
