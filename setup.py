@@ -66,8 +66,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["kto_jax", "kto_jax.*"]),
-    # The demo's bundled prompt sets (kto_jax/demo/data/*.jsonl).
-    package_data={"kto_jax.demo": ["data/*.jsonl"]},
+    # The demo's bundled prompt sets (kto_jax/demo/data/*.jsonl); the benchmark's length
+    # distributions (kto_jax/bench_data/*.json, `kto-jax bench --lengths`).
+    package_data={"kto_jax.demo": ["data/*.jsonl"], "kto_jax": ["bench_data/*.json"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

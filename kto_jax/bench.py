@@ -1,4 +1,4 @@
-"""The KTO step benchmark: one fixed workload, built and timed on any backend.
+"""The KTO step benchmark: one fixed workload (or real lengths), built and timed on any backend.
 
 Workload (the one TRL's KTO trainer is timed on, so the figures compare; docs/performance.md):
   - a model shape by name (`MODEL_SHAPES`), random init, float32 master weights and
@@ -7,6 +7,9 @@ Workload (the one TRL's KTO trainer is timed on, so the figures compare; docs/pe
     (left-padded to a multiple of `bucket`), every completion `completion_len`
     (right-padded likewise), labels alternate desirable / undesirable;
   - global batch = micro_batch x accum (8 x 4 = 32), the KTO loss, AdamW.
+With --lengths the examples' lengths are drawn from a real distribution instead, and
+--layout picks how the step lays them out (padded rows, or packed rows with or without the
+prompt shared by y and y_kl): kto_jax/bench_workload.py.
 
 The parameters and optimizer state are created by one jitted initialiser whose
 outputs carry the train state's shardings (`kto_jax.step.state.init_sharded_state`),
@@ -18,10 +21,14 @@ Figures (one JSON line, `BenchResult.to_json`):
       the real (unpadded) tokens of the matched (x, y) sequences the policy trains
       on, exactly how TRL's benchmark counts `tokens_per_s` (its KL batch is not
       counted). The padded shape the step runs on is reported as `padded_seq`.
+      `real_tokens_per_s` is the same figure under its --lengths name; `token_efficiency`
+      and `fill` say how much of the computed positions were real tokens / not padding.
   model TFLOP/s and MFU: `kto_jax.step.flops` (PaLM convention: full T x T
-      attention, the padded length), divided by the device's bf16 peak; and the
-      same with TRL's convention (`trl_*`: causal attention halved, the unpadded
-      length, TRL's parameter count) so the figures line up with TRL's 40%.
+      attention, the padded length; a packed layout: its rows, one forward with a
+      backward and the reference forward), divided by the device's bf16 peak; and the
+      same with TRL's convention (`trl_*`: causal attention halved, each example's
+      unpadded length, TRL's parameter count, the padded step's six forward units)
+      so the figures line up with TRL's 40%; it counts the same work for every layout.
   trainable parameters: every parameter, or with --lora-rank=R the LoRA adapters alone
       (`params` stays the model's size; FLOPs are counted as for the full step).
   peak memory: the device allocator's peak where it reports one (GPU, TPU), else
@@ -44,8 +51,8 @@ import numpy as np
 from flax import nnx
 
 from kto_jax import aot
+from kto_jax import bench_workload as workload
 from kto_jax import sharding as shd
-from kto_jax.batch import as_batch, batch_shapes
 from kto_jax.config import config_file
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
@@ -94,6 +101,10 @@ class BenchOptions:
     tensor: int = 1
     seed: int = 0
     lora_rank: int = 0             # > 0: train LoRA adapters of this rank (docs/lora.md) on a frozen base
+    lengths: str = ""              # "": every example prompt_len + completion_len; else a named
+                                   # distribution or a file (bench_workload); the lens are then caps
+    layout: str = "padded"         # padded | packed | packed_shared (bench_workload.LAYOUTS)
+    pack_length: int = 0           # packed rows' length T; 0: the longest tree, rounded up to bucket
 
     def check(self) -> None:
         """UserError for an option the benchmark cannot run."""
@@ -108,6 +119,11 @@ class BenchOptions:
             raise UserError("--prompt-len, --completion-len, --bucket, --accum and --steps must be >= 1")
         if self.warmup < 0:
             raise UserError("--warmup must be >= 0")
+        if self.layout not in workload.LAYOUTS:
+            raise UserError(f"--layout {self.layout!r}: choose one of {', '.join(workload.LAYOUTS)}")
+        if self.pack_length < 0 or (self.pack_length and self.layout == "padded"):
+            raise UserError("--pack-length must be >= 0 and is read by --layout packed or "
+                            "packed_shared only")
         get_loss(self.loss)  # UserError for an unknown loss name
         if get_loss(self.loss).paired:
             raise UserError(f"--loss {self.loss!r} is paired; the benchmark runs unpaired losses "
@@ -126,8 +142,7 @@ class BenchOptions:
         return self.micro_batch * self.accum
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-int(n) // int(multiple)) * int(multiple)
+round_up = workload.round_up
 
 
 # ---------------------------------------------------------------- building the workload
@@ -154,23 +169,32 @@ def run_config(opts: BenchOptions) -> ml_collections.ConfigDict:
     return c
 
 
+def examples(opts: BenchOptions, vocab_size: int) -> workload.Examples:
+    """The global batch's examples: fixed lengths, or drawn from --lengths (capped by the lens)."""
+    if not opts.lengths:
+        n = opts.global_batch
+        return workload.make_examples([opts.prompt_len] * n, [opts.completion_len] * n,
+                                      accum=opts.accum, micro_batch=opts.micro_batch,
+                                      vocab_size=vocab_size, seed=opts.seed)
+    return workload.sample_examples(workload.load_lengths(opts.lengths), accum=opts.accum,
+                                    micro_batch=opts.micro_batch, max_prompt=opts.prompt_len,
+                                    max_completion=opts.completion_len, vocab_size=vocab_size,
+                                    seed=opts.seed)
+
+
+def workload_batch(opts: BenchOptions, vocab_size: int, groups: int = 1
+                   ) -> tuple[dict[str, np.ndarray], workload.TokenCount, workload.Examples]:
+    """(batch, token count, examples) of the run: the examples in --layout; `groups`:
+    packing groups per microbatch, the batch shards of the mesh."""
+    ex = examples(opts, vocab_size)
+    batch, count = workload.layout_batch(ex, opts.layout, bucket=opts.bucket,
+                                         pack_length=opts.pack_length, groups=groups)
+    return batch, count, ex
+
+
 def synthetic_batch(opts: BenchOptions, vocab_size: int) -> dict[str, np.ndarray]:
     """The fixed-length batch [A, M, ...] of kto_jax/batch.py (left-padded prompts)."""
-    rng = np.random.default_rng(opts.seed)
-    a, m = opts.accum, opts.micro_batch
-    p, c = opts.padded_prompt, opts.padded_completion
-    shapes = batch_shapes(False, accumulation=a, micro_batch=m, prompt_len=p, completion_len=c)
-    prompt_mask = np.zeros(*shapes["prompt_mask"])
-    prompt_mask[..., p - opts.prompt_len:] = 1
-    completion_mask = np.zeros(*shapes["completion_mask"])
-    completion_mask[..., :opts.completion_len] = 1
-    tokens = lambda key: rng.integers(3, vocab_size, shapes[key][0], dtype=shapes[key][1])
-    desirable = (np.arange(a * m) % 2 == 0).reshape(a, m)  # balanced, as TRL's anchor
-    return as_batch({"prompt_ids": tokens("prompt_ids") * prompt_mask, "prompt_mask": prompt_mask,
-                     "completion_ids": tokens("completion_ids") * completion_mask,
-                     "completion_mask": completion_mask, "desirable": desirable,
-                     "weight": np.ones(*shapes["weight"]), "valid": np.ones(*shapes["valid"])},
-                    paired=False)
+    return workload_batch(dataclasses.replace(opts, lengths="", layout="padded"), vocab_size)[0]
 
 
 def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, mesh, seed: int):
@@ -216,12 +240,27 @@ def peak_memory() -> tuple[float | None, str]:
 
 
 def trl_step_flops(model_cfg: ModelConfig, n_params: int, units: int, global_batch: int,
-                   seq: int) -> float:
-    """A step's FLOPs as TRL's anchor counts them (causal attention halved, unpadded seq)."""
+                   seq) -> float:
+    """A step's FLOPs as TRL's anchor counts them (causal attention halved, unpadded seq).
+
+    `seq` may be an array of per-example lengths (global_batch 1 each): their sum.
+    """
     n_embed = model_cfg.vocab_size * model_cfg.hidden_size
     matmul = n_params - (0 if model_cfg.tie_word_embeddings else n_embed)
+    seq = np.asarray(seq, np.float64)
     per_token = 2 * matmul + 2 * 2 * model_cfg.num_layers * seq * model_cfg.hidden_size / 2
-    return units * per_token * global_batch * seq
+    return float(np.sum(units * per_token * global_batch * seq))
+
+
+def computed_step_flops(dims: flops_lib.ModelDims, loss_obj, reference_source: str,
+                        count: workload.TokenCount) -> float:
+    """Model FLOPs (PaLM convention, `flops.step_flops`) of the rows the step computes in
+    `count`'s layout: the global batch at the padded length, or A x R packed rows of T (one
+    policy forward with its backward over the rows, one reference forward)."""
+    packed = count.layout != "padded"
+    rows = count.accum * (count.rows if packed else count.rows // 2)
+    return flops_lib.step_flops(dims, loss=loss_obj, reference_source=reference_source,
+                                global_batch=rows, seq_len=count.row_length, packed=packed)
 
 
 def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], list[float], float]:
@@ -254,8 +293,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     graphdef, state, shardings = init_state(config, model_cfg, tx, mesh, opts.seed)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    batch = jax.device_put(synthetic_batch(opts, model_cfg.vocab_size),
-                           batch_sharding(mesh, config.mesh.rules))
+    host_batch, count, ex = workload_batch(opts, model_cfg.vocab_size,
+                                           shd.batch_shards(mesh, config.mesh.rules))
+    batch = jax.device_put(host_batch, batch_sharding(mesh, config.mesh.rules))
     if config.reference.source == "precomputed":
         batch = dict(batch, **precomputed_reference_logps(config, graphdef, state, batch, mesh))
     step = step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings)
@@ -264,7 +304,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     state, times, cpu, loss = time_steps(compiled, state, batch, opts)
-    result = summarize(opts, model_cfg, config, state, times, loss, compiled, init_s, compile_s)
+    result = summarize(opts, model_cfg, config, state, times, loss, compiled, init_s, compile_s,
+                       count, ex)
     result["median_cpu_s"] = round(statistics.median(cpu), 4)
     return result
 
@@ -276,6 +317,8 @@ def compile_for_tpu(opts: BenchOptions, topology: str) -> dict[str, Any]:
     execute (kto_jax/aot.py), and whether it fits the chip's HBM.
     """
     opts.check()
+    if opts.lengths or opts.layout != "padded":
+        raise UserError("--topology compiles the fixed workload: drop --lengths and --layout")
     model_cfg, config = model_config(opts), run_config(opts)
     mesh_axes = {"data": -1, "fsdp": opts.fsdp, "tensor": opts.tensor}
     report = aot.compile_for_topology(topology, lambda mesh: program.train_step_program(
@@ -296,23 +339,22 @@ def compile_for_tpu(opts: BenchOptions, topology: str) -> dict[str, Any]:
 
 
 def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: list[float],
-              loss: float, compiled, init_s: float, compile_s: float) -> dict[str, Any]:
+              loss: float, compiled, init_s: float, compile_s: float,
+              count: workload.TokenCount, ex: workload.Examples) -> dict[str, Any]:
     """The JSON line's fields from the measured step times."""
     device = jax.devices()[0]
     n_devices = jax.device_count()
     step_s = statistics.median(times)
-    seq, padded = opts.prompt_len + opts.completion_len, opts.padded_prompt + opts.padded_completion
-    tokens = opts.global_batch * seq
+    lengths = ex.prompt_lengths + ex.completion_lengths
+    seq = round(count.real_tokens / opts.global_batch, 2) if opts.lengths else int(lengths[0])
     loss_obj = get_loss(opts.loss)
     grad_passes, fwd_passes = flops_lib.forward_passes(loss_obj, config.reference.source)
     dims = flops_lib.ModelDims.from_hf_config(model_cfg.to_hf())
-    flops = flops_lib.step_flops(dims, loss=loss_obj, reference_source=config.reference.source,
-                                 global_batch=opts.global_batch, seq_len=padded)
-    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-    n_params = count(state.params if state.base_params is None else state.base_params)
-    trainable = count((state.params, state.value_head))
-    trl_flops = trl_step_flops(model_cfg, n_params, 3 * grad_passes + fwd_passes,
-                               opts.global_batch, seq)
+    flops = computed_step_flops(dims, loss_obj, config.reference.source, count)
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    n_params = size(state.params if state.base_params is None else state.base_params)
+    trainable = size((state.params, state.value_head))
+    trl_flops = trl_step_flops(model_cfg, n_params, 3 * grad_passes + fwd_passes, 1, lengths)
     peak = flops_lib.peak_flops_per_device(device.device_kind, device.platform)
     mem_gib, mem_source = peak_memory()
     xla_mem = compiled.memory_analysis()
@@ -325,10 +367,15 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
         "device": device.device_kind, "num_devices": n_devices, "host": platform.node(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": opts.model, "params": n_params,
         "trainable_params": trainable, "lora_rank": opts.lora_rank,
-        "seq": seq, "padded_seq": padded, "global_batch": opts.global_batch,
+        "seq": seq, "padded_seq": count.row_length, "global_batch": opts.global_batch,
+        "layout": count.layout, "lengths": opts.lengths or None,
+        "truncated_examples": ex.truncated, "rows_per_microbatch": count.rows,
+        "real_tokens": count.real_tokens, "computed_positions": count.computed_positions,
+        "token_efficiency": round(count.token_efficiency, 4), "fill": round(count.fill, 4),
         "steps": len(times), "warmup": opts.warmup, "median_step_s": round(step_s, 4),
         "min_step_s": round(min(times), 4), "max_step_s": round(max(times), 4),
-        "tokens_per_s": round(tokens / step_s, 1),
+        "tokens_per_s": round(count.real_tokens / step_s, 1),
+        "real_tokens_per_s": round(count.real_tokens / step_s, 1),
         "model_tflops_per_s": _sig(flops / step_s / 1e12),
         "mfu": None if peak is None else round(flops_lib.mfu(flops, step_s, n_devices, peak), 4),
         "trl_model_tflops_per_s": _sig(trl_flops / step_s / 1e12),

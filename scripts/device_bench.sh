@@ -10,6 +10,10 @@
 # STAGES (env) picks and orders what runs; default: the four figures the issue compares.
 #   jax_fly jax_pre trl_fly trl_pre   kto-jax on the fly / precomputed, TRL on the fly / precomputed
 #   jax_xla jax_remat                 kto-jax on the fly with XLA attention / with remat=dots
+#   len_padded len_packed len_shared  issue 13: kto-jax on the fly on real lengths (--lengths hh-rlhf,
+#                                     8 x 4) in each --layout: padded / packed / packed_shared. A
+#                                     second call, after the four above (each ~1-2 min on an H200):
+#   run(command="STAGES='len_padded len_shared len_packed' bash scripts/device_bench.sh run", ...)
 set -uo pipefail
 
 WHEELS=(flax==0.12.8 optax==0.2.8 ml-collections==1.1.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1
@@ -63,6 +67,9 @@ run() {
       jax_pre) stage "$s" 240 "${bench[@]}" --reference precomputed ;;
       jax_xla) stage "$s" 240 "${bench[@]}" --reference on_the_fly --attention xla ;;
       jax_remat) stage "$s" 240 "${bench[@]}" --reference on_the_fly --remat dots ;;
+      len_padded) stage "$s" 240 "${bench[@]}" --reference on_the_fly --lengths hh-rlhf --layout padded ;;
+      len_packed) stage "$s" 240 "${bench[@]}" --reference on_the_fly --lengths hh-rlhf --layout packed ;;
+      len_shared) stage "$s" 240 "${bench[@]}" --reference on_the_fly --lengths hh-rlhf --layout packed_shared ;;
       trl_fly|trl_pre)
         if [[ -f .whl/trl_kto_bench.py ]]; then
           if [[ $s == trl_pre ]]; then stage "$s" 200 "${trl[@]}" --precompute

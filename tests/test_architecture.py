@@ -18,7 +18,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # package above it. Keep in step with docs/architecture.md.
 LAYERS = (
     ("commands", ("kto_jax.cli", "kto_jax.commands")),
-    ("runtime", ("kto_jax.train", "kto_jax.online", "kto_jax.eval", "kto_jax.demo", "kto_jax.bench", "kto_jax.aot")),
+    ("runtime", ("kto_jax.train", "kto_jax.online", "kto_jax.eval", "kto_jax.demo", "kto_jax.bench",
+                 "kto_jax.bench_workload", "kto_jax.aot")),
     ("step", ("kto_jax.step",)),
     ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data", "kto_jax.logprobs", "kto_jax.packed_logprobs",
                    "kto_jax.generate")),

@@ -113,3 +113,202 @@ def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
     assert mem["aliased"] == mem["arguments"] > 0
     assert mem["total"] == pytest.approx(mem["arguments"] + mem["outputs"] - mem["aliased"]
                                          + mem["temporaries"] + mem["generated_code"], abs=0.003)
+
+
+# ---------------------------------------------------------------- --lengths and --layout
+
+from kto_jax import bench_workload as bw  # noqa: E402
+from kto_jax.data import packing  # noqa: E402
+
+
+def test_the_shipped_hh_rlhf_histogram_loads_and_samples_within_its_bins():
+    d = bw.load_lengths("hh-rlhf")
+    assert d.width == 8 and d.count.sum() == 4624  # 2,312 rows x (chosen, rejected)
+    p, c = d.sample(20000, np.random.default_rng(0))
+    assert p.min() >= 1 and c.min() >= 1
+    edges = set(zip(d.prompt.tolist(), d.completion.tolist()))
+    assert all((int(a) // 8 * 8, int(b) // 8 * 8) in edges for a, b in zip(p[:2000], c[:2000]))
+    # the sample mean follows the histogram's (bin midpoints: lower edge + 3.5)
+    mean_p = float((d.count * (d.prompt + 3.5)).sum() / d.count.sum())
+    assert p.mean() == pytest.approx(mean_p, rel=0.03)
+    assert p.mean() == pytest.approx(125.2, rel=0.05) and c.mean() == pytest.approx(45.8, rel=0.05)
+
+
+def test_lengths_files_csv_and_jsonl_are_drawn_by_count(tmp_path):
+    csv_file = tmp_path / "l.csv"
+    csv_file.write_text("prompt_len,completion_len,count\n10,5,3\n20,7,1\n")
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_text('{"prompt_len": 10, "completion_len": 5, "count": 3}\n\n'
+                     '{"prompt_len": 20, "completion_len": 7}\n')
+    for f in (csv_file, jsonl):
+        d = bw.load_lengths(str(f))
+        p, c = d.sample(40000, np.random.default_rng(1))
+        assert set(zip(p.tolist(), c.tolist())) == {(10, 5), (20, 7)}
+        assert (p == 10).mean() == pytest.approx(0.75, abs=0.01)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("a.csv", "prompt,completion\n1,2\n", "header must name prompt_len"),
+    ("a.csv", "prompt_len,completion_len\n3,0\n", "row 2 has completion_len='0'"),
+    ("a.csv", "prompt_len,completion_len\n3,2.5\n", "completion_len='2.5'"),
+    ("a.csv", "prompt_len,completion_len\n", "no rows"),
+    ("a.jsonl", '{"prompt_len": 3, "completion_len": 2}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ("a.jsonl", '{"prompt_len": 3}\n', "line 1 has completion_len=None"),
+    ("a.jsonl", '{"prompt_len": 3, "completion_len": 2, "count": -1}\n', "count=-1"),
+    ("a.jsonl", "not json\n", "not readable as JSONL"),
+    ("a.json", '{"bins": []}', "not a lengths histogram"),
+    ("a.json", '{"bin_width": 8, "bins": [[0, 0, 0]]}', "counts > 0"),
+    ("a.txt", "1 2\n", "must be .csv"),
+])
+def test_bad_lengths_files_are_user_errors_naming_the_file(tmp_path, name, text, needle):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(UserError, match="--lengths") as err:
+        bw.load_lengths(str(f))
+    assert needle in str(err.value) and str(f) in str(err.value)
+    with pytest.raises(UserError, match="neither a named distribution"):
+        bw.load_lengths(str(tmp_path / "missing.csv"))
+
+
+def test_sampled_examples_are_truncated_to_the_caps_and_counted(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("prompt_len,completion_len\n300,20\n50,90\n")
+    ex = bw.sample_examples(bw.load_lengths(str(f)), accum=2, micro_batch=4, max_prompt=100,
+                            max_completion=64, vocab_size=50, seed=0)
+    p, c = ex.prompt_lengths, ex.completion_lengths
+    assert set(zip(p.tolist(), c.tolist())) <= {(100, 20), (50, 64)} and ex.truncated == 8
+    assert all(((x >= 3) & (x < 50)).all() for x in ex.prompts + ex.completions)
+
+
+def _hand_examples(accum=2, micro_batch=4):
+    """Microbatch 0: prompts 3, 1, 5, 2 / completions 2, 4, 1, 3; microbatch 1: 6, 2, 1, 4 / 1, 1, 5, 2."""
+    return bw.make_examples([3, 1, 5, 2, 6, 2, 1, 4][:accum * micro_batch],
+                            [2, 4, 1, 3, 1, 1, 5, 2][:accum * micro_batch],
+                            accum=accum, micro_batch=micro_batch, vocab_size=100, seed=3)
+
+
+def test_padded_layout_by_hand():
+    ex = _hand_examples()
+    batch, count = bw.layout_batch(ex, "padded", bucket=4)
+    assert batch["prompt_ids"].shape == (2, 4, 8) and batch["completion_ids"].shape == (2, 4, 8)
+    np.testing.assert_array_equal(batch["prompt_ids"][0, 2, 3:], ex.prompts[2])  # left-padded
+    assert (batch["prompt_mask"][0, 2, :3] == 0).all() and (batch["prompt_ids"][0, 2, :3] == 0).all()
+    np.testing.assert_array_equal(batch["completion_ids"][1, 2, :5], ex.completions[6])
+    assert batch["completion_mask"].sum() == 19 and batch["prompt_mask"].sum() == 24
+    real = 24 + 19
+    assert (count.real_tokens, count.placed_tokens, count.rows, count.row_length) == (real, 2 * real, 8, 16)
+    assert count.computed_positions == 2 * 8 * 16
+    assert count.token_efficiency == pytest.approx(43 / 256) and count.fill == pytest.approx(86 / 256)
+
+
+def test_packed_shared_layout_is_the_packers_microbatches_stacked():
+    ex = _hand_examples()
+    batch, count = bw.layout_batch(ex, "packed_shared", bucket=4, pack_length=12)
+    # trees x + y + y_kl: microbatch 0: 3+2+4, 1+4+1, 5+1+3, 2+3+2 = 9, 6, 9, 7 (31 tokens);
+    # microbatch 1: 6+1+1, 2+1+5, 1+5+2, 4+2+1 = 8, 8, 8, 7 (31): 4 rows of 12 each
+    assert (count.rows, count.row_length, count.real_tokens, count.placed_tokens) == (4, 12, 43, 62)
+    assert count.token_efficiency == pytest.approx(43 / 96) and count.fill == pytest.approx(62 / 96)
+    for a in range(2):
+        want = packing.pack_unpaired(*ex.microbatch(a), pack_length=12, num_rows=4,
+                                     completion_length=8, pad_id=0)
+        for k, v in want.items():
+            np.testing.assert_array_equal(batch[k][a], v, err_msg=k)
+    assert batch["desirable"].tolist() == [[True, False] * 2] * 2 and batch["valid"].all()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_layout_equals_the_padded_forwards(groups):
+    """`packed` ([x | y] and [x | y_kl] segments) through the packed log-probs equals the padded
+    step's two forwards, (x, y) and (x, y_kl), per example: the layout is exact."""
+    import jax
+    from flax import nnx
+    from kto_jax.logprobs import completion_logps
+    from kto_jax.models.config import tiny
+    from kto_jax.models.transformer import Transformer
+    from kto_jax.packed_logprobs import packed_completion_logps
+
+    model = Transformer(tiny(attention_impl="xla"), rngs=nnx.Rngs(0))
+    ex = _hand_examples(accum=1, micro_batch=4)
+    padded, _ = bw.layout_batch(ex, "padded", bucket=4)
+    for layout in ("packed", "packed_shared"):
+        packed, count = bw.layout_batch(ex, layout, bucket=4, pack_length=16, groups=groups)
+        assert count.rows % groups == 0
+        y, y_kl = packed_completion_logps(
+            model, {k: jax.numpy.asarray(v[0]) for k, v in packed.items()},
+            packing.UNPAIRED_NAMES, groups=groups)
+        x, xm = padded["prompt_ids"][0], padded["prompt_mask"][0]
+        c, cm = padded["completion_ids"][0], padded["completion_mask"][0]
+        want_y = completion_logps(model, x, xm, c, cm).logps
+        want_kl = completion_logps(model, x, xm, np.roll(c, -1, 0), np.roll(cm, -1, 0)).logps
+        np.testing.assert_allclose(np.asarray(y.logps), np.asarray(want_y), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y_kl.logps), np.asarray(want_kl), atol=1e-5)
+    # packed: every prompt twice, no KL tree shared: 2 x 12 prompt + 2 x 10 completion tokens
+    assert count.layout == "packed_shared"
+    _, count = bw.layout_batch(ex, "packed", bucket=4, pack_length=16, groups=groups)
+    assert (count.real_tokens, count.placed_tokens) == (21, 42)
+
+
+def test_pack_length_too_short_and_unknown_layout_are_user_errors():
+    ex = _hand_examples()
+    with pytest.raises(UserError, match="--pack-length 8 cannot hold"):
+        bw.layout_batch(ex, "packed_shared", bucket=4, pack_length=8)
+    with pytest.raises(UserError, match="--layout"):
+        bw.layout_batch(ex, "ragged", bucket=4)
+    for opts in (bench.BenchOptions(layout="ragged"), bench.BenchOptions(pack_length=256),
+                 bench.BenchOptions(layout="packed_shared", pack_length=-1)):
+        with pytest.raises(UserError):
+            opts.check()
+    with pytest.raises(UserError, match="--topology compiles the fixed workload"):
+        bench.compile_for_tpu(bench.BenchOptions(model="tiny", lengths="hh-rlhf"), "v5e-8")
+
+
+def test_trl_flops_of_per_example_lengths_sum_the_examples():
+    cfg = bench.model_config(bench.BenchOptions(model="tiny"))
+    one = lambda s: bench.trl_step_flops(cfg, 1000, 6, 1, s)
+    assert bench.trl_step_flops(cfg, 1000, 6, 1, np.array([10, 30])) == pytest.approx(one(10) + one(30))
+    assert bench.trl_step_flops(cfg, 1000, 6, 4, 20) == pytest.approx(4 * one(20))
+
+
+def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(capsys, tmp_path):
+    """The three layouts of the same examples through the real step (8 CPU devices: 8 packing
+    groups): the first step's loss is the same (float32), the counts are the layouts'."""
+    f = tmp_path / "l.jsonl"
+    f.write_text('{"prompt_len": 9, "completion_len": 5}\n{"prompt_len": 3, "completion_len": 12}\n')
+    argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "0", "--dtype", "float32",
+            "--lengths", str(f), "--prompt-len", "8", "--completion-len", "12", "--bucket", "8"]
+    ex = bench.examples(bench.BenchOptions(lengths=str(f), prompt_len=8, completion_len=12,
+                                           bucket=8), vocab_size=6000)
+    real = int(ex.prompt_lengths.sum() + ex.completion_lengths.sum())
+    out = {}
+    for layout in ("padded", "packed_shared", "packed"):
+        assert cli_main(argv + ["--layout", layout]) == 0
+        r = out[layout] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert r["layout"] == layout and r["lengths"] == str(f) and r["real_tokens"] == real
+        assert r["token_efficiency"] == pytest.approx(real / r["computed_positions"], abs=1e-4)
+        assert r["real_tokens_per_s"] == pytest.approx(real / r["median_step_s"], rel=2e-3)
+        assert r["truncated_examples"] == int((ex.prompt_lengths == 8).sum())
+        assert r["seq"] == pytest.approx(real / 32, abs=0.01)
+    assert out["padded"]["padded_seq"] == 8 + 16
+    assert out["padded"]["computed_positions"] == 2 * 32 * 24
+    # packed_shared: one tree of at most 8 + 12 + 12 tokens per row (8 groups of 1 example)
+    assert out["packed_shared"]["padded_seq"] == 32 and out["packed_shared"]["rows_per_microbatch"] == 8
+    assert out["packed"]["fill"] == pytest.approx(2 * real / out["packed"]["computed_positions"], abs=1e-4)
+    for layout in ("packed_shared", "packed"):
+        assert out[layout]["loss"] == pytest.approx(out["padded"]["loss"], abs=2e-5)
+        assert out[layout]["trl_model_tflops_per_s"] * out[layout]["median_step_s"] == pytest.approx(
+            out["padded"]["trl_model_tflops_per_s"] * out["padded"]["median_step_s"], rel=1e-3)
+    assert cli_main(argv[:-6] + ["--lengths", str(tmp_path / "nope.csv")]) == 2
+
+
+def test_computed_flops_count_the_layouts_rows():
+    dims = flops_lib.ModelDims.from_hf_config(bench.model_config(bench.BenchOptions(model="tiny")).to_hf())
+    kto = get_loss("kto")
+    padded = bw.TokenCount("padded", 100, 200, rows=16, row_length=96, accum=4)
+    packed = bw.TokenCount("packed_shared", 100, 150, rows=3, row_length=128, accum=4)
+    # padded: 32 examples x 6 forward units at 96; packed: 12 rows x (3 + 1) units at 128
+    assert bench.computed_step_flops(dims, kto, "model", padded) == pytest.approx(
+        32 * 6 * flops_lib.forward_flops(dims, 96))
+    assert bench.computed_step_flops(dims, kto, "model", packed) == pytest.approx(
+        12 * 4 * flops_lib.forward_flops(dims, 128))
+    assert bench.computed_step_flops(dims, kto, "precomputed", packed) == pytest.approx(
+        12 * 3 * flops_lib.forward_flops(dims, 128))

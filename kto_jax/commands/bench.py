@@ -3,7 +3,9 @@
 Times the KTO train step on the benchmark's workload (kto_jax/bench.py: random-init model of
 a named shape, 512 + 511 tokens padded to multiples of 128, 8 x 4 accumulation,
 bf16 compute) and prints ONE JSON line: device, median s/step, matched tokens/s,
-model TFLOP/s, MFU, peak memory and the options used. The same command runs on
+model TFLOP/s, MFU, peak memory and the options used. With --lengths=hh-rlhf (or a
+file) the examples get real lengths, and --layout=padded|packed|packed_shared picks how
+the step lays them out; the line adds real_tokens_per_s and token_efficiency. The same command runs on
 CPU, GPU and TPU; with --topology=v5p-8 it AOT-compiles for a TPU slice
 instead (per-chip memory, no timing). See docs/performance.md for the definitions and recorded figures.
 """
@@ -42,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank,
                    help="> 0: train LoRA adapters of this rank on the frozen base (docs/lora.md)")
+    p.add_argument("--lengths", default=d.lengths, metavar="NAME|FILE",
+                   help="draw each example's prompt and completion lengths from a named "
+                        "distribution (hh-rlhf: token lengths of Anthropic's HH-RLHF) or a file "
+                        "(.csv with header prompt_len,completion_len[,count]; .jsonl of "
+                        "{\"prompt_len\", \"completion_len\"}; .json histogram); --prompt-len "
+                        "and --completion-len then cap them (truncation). Empty: fixed lengths")
+    p.add_argument("--layout", default=d.layout, choices=("padded", "packed", "packed_shared"),
+                   help="padded rows (x twice per model: (x, y) and (x, y_kl)); packed rows of "
+                        "[x | y] and [x | y_kl] segments; packed rows of [x | y | y_kl] trees "
+                        "(x once, as data.packing=True trains)")
+    p.add_argument("--pack-length", type=int, default=d.pack_length,
+                   help="tokens per packed row; 0: the longest example tree, rounded up to --bucket")
     p.add_argument("--topology", default=None,
                    help="AOT-compile for this TPU slice (e.g. v5p-8, v5e-8) instead of running: "
                         "per-chip memory and fit (needs libtpu, the tpu extra)")
