@@ -21,6 +21,7 @@ import numpy as np
 from kto_jax.losses.common import summarize_metrics
 from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
+from kto_jax.train import metric_names
 from kto_jax.train.distributed import PreemptionGuard
 from kto_jax.train.evaluate import maybe_evaluate
 from kto_jax.train.metrics import REQUIRED_KEYS
@@ -60,14 +61,14 @@ class MetricsWindow:
         return {"values": {k: np.asarray(v).item() for k, v in host.items()},
                 "dtypes": {k: np.asarray(v).dtype.name for k, v in host.items()}}
 
-    def pop_summary(self) -> dict[str, Any]:
-        """Readable metrics of the window; the window starts afresh."""
+    def pop_summary(self, averaging: str = "pooled") -> dict[str, Any]:
+        """Readable metrics of the window (`summarize_metrics`' `averaging`); the window starts afresh."""
         sums = (self.to_host() or {"values": {WINDOW_STEPS: 0}})["values"]
         self._sums = None
         steps = max(int(sums.pop(WINDOW_STEPS)), 1)
         last = {k: sums.pop(k) for k in LAST_VALUE_KEYS if k in sums}
         grad_norm = sums.pop("grad_norm", float("nan")) / steps
-        out = summarize_metrics(sums)
+        out = summarize_metrics(sums, averaging)
         out.update(last, grad_norm=grad_norm)
         for key in REQUIRED_KEYS:
             out.setdefault(key, None)  # e.g. no "kl" for DPO: null rather than a made-up number
@@ -118,7 +119,7 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
 
 
 def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> None:
-    record = window.pop_summary()
+    record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
     run.logger.log_train(step, record)
 
