@@ -172,6 +172,19 @@ def apo_zero_unpaired_loss(policy_logps: Array, reference_logps: Array, desirabl
                           mask=mask, weight=weight)
 
 
+# additive count of microbatches with real rows but no KL pair (one real row): their z0 is 0
+KL_UNPAIRED = "count/kl_unpaired_microbatches"
+
+
+def kl_unpaired_microbatch(kl_mask: Array, n: Array) -> Array:
+    """1.0 when a microbatch has valid rows but no valid KL pair (z0 falls back to 0), else 0.0.
+
+    A microbatch with one real row has no mismatched completion to pair it with; the
+    trainer warns once when a logged window counts any (kto_jax/train/loop.py).
+    """
+    return ((n > 0) & (jnp.sum(f32(kl_mask)) == 0)).astype(jnp.float32)
+
+
 def _kto_with_value(value_fn: ValueFn, ceiling: float, policy_logps, reference_logps,
                     policy_kl_logps, reference_kl_logps, desirable, *, beta, desirable_weight,
                     undesirable_weight, mask, weight, kl_mask,
@@ -185,6 +198,7 @@ def _kto_with_value(value_fn: ValueFn, ceiling: float, policy_logps, reference_l
                                     dynamic_desirable_weight=dynamic_desirable_weight,
                                     policy_logps=policy_logps)
     metrics["kl/unclamped_sum"] = unclamped * metrics["num_examples"]
+    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(as_mask(kl_mask, r), metrics["num_examples"])
     return loss, metrics
 
 
@@ -236,6 +250,7 @@ def kto_reference_free_loss(policy_logps: Array, policy_kl_logps: Array, desirab
                                     beta=beta, desirable_weight=desirable_weight,
                                     undesirable_weight=undesirable_weight, mask=mask, weight=weight,
                                     dynamic_desirable_weight=dynamic_desirable_weight)
+    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(m, metrics["num_examples"])
     return loss, metrics
 
 

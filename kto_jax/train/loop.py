@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kto_jax.losses.common import summarize_metrics
+from kto_jax.losses.kto import KL_UNPAIRED
 from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
 from kto_jax.train import metric_names
@@ -118,17 +119,29 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
                                  meta={"window": window.to_host()}, force=force)
 
 
-def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> None:
+def z0_warning(record: Mapping[str, Any]) -> str | None:
+    """The warning for a logged window whose microbatches include one without KL pairs."""
+    count = record.get(KL_UNPAIRED) or 0
+    if count <= 0:
+        return None
+    return (f"warning: {int(count)} microbatch(es) had a single real row, so no mismatched pair "
+            "(x_i, y_j) to estimate z0 from: their z0 is 0 (section 4.1 needs >= 2 real rows). "
+            "It happens in an epoch's last partial batch when it has fewer real rows than "
+            "microbatches; --config.data.drop_remainder=True skips that batch. (Warned once.)")
+
+
+def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> dict:
     record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
     run.logger.log_train(step, record)
+    return record
 
 
 def run_loop(run: Run, guard: PreemptionGuard) -> str:
     """Trains from run.start_step to run.num_steps; returns "done" or "preempted"."""
     cfg = run.config.train
     window, throughput = MetricsWindow(run.window), Throughput(run)
-    step = run.start_step
+    step, warned = run.start_step, False
     while step < run.num_steps:
         if guard.should_stop():
             save_checkpoint(run, step, window, force=True)
@@ -139,7 +152,10 @@ def run_loop(run: Run, guard: PreemptionGuard) -> str:
         window.add(metrics)
         throughput.add(batch)
         if step % int(cfg.log_every) == 0 or step == run.num_steps:
-            _log(run, step, window, throughput)
+            warning = None if warned else z0_warning(_log(run, step, window, throughput))
+            if warning:
+                run.logger.message(warning)
+                warned = True
         throughput.exclude(maybe_evaluate(run, step))
         save_checkpoint(run, step, window)
         run.logger.advance()

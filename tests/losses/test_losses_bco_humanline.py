@@ -188,3 +188,19 @@ def test_bco_and_humanline_are_in_the_registry_with_their_needs():
     assert humanline.uses_kl and humanline.uses_token_logps and humanline.uses_lambda_weights
     assert humanline.reference_sync == (1, 1.0)
     hash(bco), hash(humanline)  # StepSettings stays hashable
+
+
+def test_a_microbatch_with_one_real_row_is_counted_not_silent():
+    """z0 edge: one real row has no KL pair, so z0 = 0; the loss counts the microbatch in
+    count/kl_unpaired_microbatches (the trainer warns once on it), 0 otherwise."""
+    p, r, pkl, rkl = j([-5.0, -6.0, -7.0], [-5.5, -6.0, -7.0], [-10.0, -12.0, -9.0], [-12.0, -11.4, -9.0])
+    desirable = jnp.asarray([True, False, True])
+    one = jnp.asarray([True, False, False])
+    _, m = kto_loss(p, r, pkl, rkl, desirable, mask=one, kl_mask=one & jnp.roll(one, -1))
+    s = summarize_metrics(m)
+    assert s["count/kl_unpaired_microbatches"] == 1.0 and s["kl"] == 0.0
+    _, m = kto_loss(p, r, pkl, rkl, desirable)
+    assert summarize_metrics(m)["count/kl_unpaired_microbatches"] == 0.0
+    from kto_jax.losses import kto_reference_free_loss
+    _, m = kto_reference_free_loss(p, pkl, desirable, mask=one, kl_mask=jnp.zeros(3, bool))
+    assert summarize_metrics(m)["count/kl_unpaired_microbatches"] == 1.0
