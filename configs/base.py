@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 2               # batches prepared ahead
     c.data.num_epochs = 1             # passes over the training data
     c.data.reference_logps_path = ""  # reference.source="precomputed": directory written by `kto-jax precompute-ref` (docs/performance.md)
-    c.data.packing = False            # pack whole [x | y | y_kl] examples (x once for both completions) into rows of pack_length tokens instead of padding (docs/data.md "Packing"; the step does not read it yet)
+    c.data.packing = False            # pack whole [x | y | y_kl] examples (x once for both completions) into rows of pack_length tokens instead of padding (docs/data.md "Packing")
     c.data.pack_length = 4096         # tokens per packed row: a multiple of 128, >= max_length + the longest completion
 
     # ---- optim: optax optimizer and schedule ----

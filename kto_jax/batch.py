@@ -23,6 +23,19 @@ Paired batches (DPO, IPO, ORPO, SimPO, SLiC, ...): the same prompt arrays plus
   valid                                                  bool  [A, M]
   reference_chosen_logps, reference_rejected_logps       f32 [A, M] (optional)
 
+Packed batches (data.packing; kto_jax/data/packing.py): instead of the prompt and
+completion arrays, R rows of T = data.pack_length tokens per microbatch, each holding
+whole examples [x | y | y2] (y2: the KL completion y_{i+1 mod M}, or y_l of a pair),
+plus per-example gathers into those rows:
+  packed_ids, packed_positions, packed_segment_ids, packed_branch_ids   int32 [A, R, T]
+  {y}_ids, {y}_mask, {y}_index  int32 [A, M, C] for y in (completion, kl) or
+                                (chosen, rejected); index: where in the rows the
+                                hidden state predicting each token is
+  prompt_length                 int32 [A, M]  len(x) (the real-token count)
+  desirable, weight, valid (unpaired) / valid (paired), and the optional precomputed
+  reference log-probs, per example [A, M] as above.
+R is sharded like M (the packer packs each batch shard's examples into its own rows).
+
 The data pipeline (kto_jax/data/batching.py) puts its arrays through `as_batch`; the
 AOT compiler, the benchmark and the tests build their batches from `batch_shapes`.
 """
@@ -37,10 +50,11 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class BatchField:
-    """One array of a batch: its key, dtype and trailing length ("prompt": P, "completion": C)."""
+    """One array of a batch: its key, dtype and trailing length ("prompt": P, "completion": C,
+    "row": a packed row [A, R, T] instead of [A, M, ...])."""
     name: str
     dtype: type
-    length: str | None = None   # None: shape [A, M]; else [A, M, P] or [A, M, C]
+    length: str | None = None   # None: shape [A, M]; else [A, M, P], [A, M, C] or [A, R, T]
 
 
 _PROMPT = (BatchField("prompt_ids", np.int32, "prompt"), BatchField("prompt_mask", np.int32, "prompt"))
@@ -57,37 +71,71 @@ PRECOMPUTED_UNPAIRED_FIELDS = (BatchField("reference_logps", np.float32),
 PRECOMPUTED_PAIRED_FIELDS = (BatchField("reference_chosen_logps", np.float32),
                              BatchField("reference_rejected_logps", np.float32))
 
+_ROWS = tuple(BatchField(n, np.int32, "row") for n in (
+    "packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids"))
+
+
+def _packed_side(name: str) -> tuple[BatchField, ...]:
+    return tuple(BatchField(f"{name}_{k}", np.int32, "completion") for k in ("ids", "mask", "index"))
+
+
+PACKED_UNPAIRED_FIELDS = _ROWS + _packed_side("completion") + _packed_side("kl") + (
+    BatchField("prompt_length", np.int32),) + UNPAIRED_FIELDS[-3:]
+PACKED_PAIRED_FIELDS = _ROWS + _packed_side("chosen") + _packed_side("rejected") + (
+    BatchField("prompt_length", np.int32), BatchField("valid", np.bool_))
+
 UNPAIRED_KEYS = tuple(f.name for f in UNPAIRED_FIELDS)
 PAIRED_KEYS = tuple(f.name for f in PAIRED_FIELDS)
 PRECOMPUTED_UNPAIRED_KEYS = tuple(f.name for f in PRECOMPUTED_UNPAIRED_FIELDS)
 PRECOMPUTED_PAIRED_KEYS = tuple(f.name for f in PRECOMPUTED_PAIRED_FIELDS)
 
 
-def batch_fields(paired: bool, precomputed: bool = False) -> tuple[BatchField, ...]:
-    """The fields of a paired or unpaired batch; `precomputed` adds the reference log-probs."""
-    fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS
+def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False
+                 ) -> tuple[BatchField, ...]:
+    """The fields of a paired or unpaired batch, padded or `packed`; `precomputed` adds the
+    reference log-probs."""
+    if packed:
+        fields = PACKED_PAIRED_FIELDS if paired else PACKED_UNPAIRED_FIELDS
+    else:
+        fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS
     if precomputed:
         fields += PRECOMPUTED_PAIRED_FIELDS if paired else PRECOMPUTED_UNPAIRED_FIELDS
     return fields
 
 
+def step_keys(paired: bool, packed: bool = False) -> tuple[str, ...]:
+    """The keys the train step reads from a batch of that layout (no precomputed ones)."""
+    return tuple(f.name for f in batch_fields(paired, packed=packed))
+
+
+def is_packed(batch: Mapping[str, object]) -> bool:
+    """Whether a batch has the packed layout (rows of whole examples)."""
+    return "packed_ids" in batch
+
+
 def batch_shapes(paired: bool, *, accumulation: int, micro_batch: int, prompt_len: int,
-                 completion_len: int, precomputed: bool = False
-                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{key: (shape, dtype)} of one batch [A, M, ...] with prompts of P and completions of C tokens."""
+                 completion_len: int, precomputed: bool = False, rows: int = 0,
+                 pack_length: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of one batch [A, M, ...] with prompts of P and completions of C tokens;
+    with `rows` R > 0 the packed layout, R rows of `pack_length` T tokens per microbatch."""
     lengths = {None: (), "prompt": (int(prompt_len),), "completion": (int(completion_len),)}
-    return {f.name: ((int(accumulation), int(micro_batch)) + lengths[f.length], np.dtype(f.dtype))
-            for f in batch_fields(paired, precomputed)}
+    out = {}
+    for f in batch_fields(paired, precomputed, packed=rows > 0):
+        lead = (int(accumulation), int(rows if f.length == "row" else micro_batch))
+        trail = (int(pack_length),) if f.length == "row" else lengths[f.length]
+        out[f.name] = (lead + trail, np.dtype(f.dtype))
+    return out
 
 
 def as_batch(arrays: Mapping[str, np.ndarray], paired: bool) -> dict[str, np.ndarray]:
     """`arrays` in the table's dtypes (no copy when they already match), keys in table order.
 
-    The layout's keys must all be there; its precomputed reference keys may be. Raises
-    KeyError naming a missing or unknown key.
+    The layout's keys (padded, or packed when `packed_ids` is there) must all be there;
+    its precomputed reference keys may be. Raises KeyError naming a missing or unknown key.
     """
-    fields = batch_fields(paired, precomputed=True)
-    missing = [f.name for f in batch_fields(paired) if f.name not in arrays]
+    packed = is_packed(arrays)
+    fields = batch_fields(paired, precomputed=True, packed=packed)
+    missing = [f.name for f in batch_fields(paired, packed=packed) if f.name not in arrays]
     unknown = [k for k in arrays if k not in {f.name for f in fields}]
     if missing or unknown:
         raise KeyError(f"{'paired' if paired else 'unpaired'} batch: missing {missing}, "

@@ -120,10 +120,15 @@ def _next_logits(model: Transformer, hidden: Array) -> Array:
 
 def decode(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
            key: Array, *, settings: SamplingSettings, eos_ids: tuple[int, ...], pad_id: int,
-           cache_sharding: NamedSharding | None = None) -> tuple[Array, Array]:
+           cache_sharding: NamedSharding | None = None,
+           model_of: Callable[[Any, Any], Transformer] = nnx.merge) -> tuple[Array, Array]:
     """Prefill then a while-loop decode; pure, so it jits as is.
 
     Args:
+      graphdef, params: the model is `model_of(graphdef, params)`: nnx.merge of an
+        nnx.Param state, or e.g. a LoRA policy (kto_jax.step.adapters.model_of on a
+        LoraGraph and LoraView(base, adapters)), whose adapters run beside the base
+        weights without a merged copy of them.
       prompt_ids, prompt_mask: int32 [B, P], LEFT-padded (the last column is every
         row's last prompt token); a row with no real token is filler.
       key: PRNG key (unused when greedy).
@@ -132,7 +137,7 @@ def decode(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: 
       row, `pad_id` after the first end-of-sequence token; lengths count the tokens up
       to and including that token (N when there is none).
     """
-    model = nnx.merge(graphdef, params)
+    model = model_of(graphdef, params)
     batch, prompt_len = prompt_ids.shape
     n = settings.max_new_tokens
     cache = init_kv_cache(model.config, batch, prompt_len + n)
@@ -250,11 +255,21 @@ class Sampler:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._rules = rules
+        self._model_of: Callable[[Any, Any], Transformer] = nnx.merge
         self._decoders: dict[tuple, Any] = {}
 
-    def set_params(self, params: Any) -> None:
-        """Sample from other weights of the same architecture (an nnx.Param state)."""
+    def set_params(self, params: Any, graphdef: Any = None,
+                   model_of: Callable[[Any, Any], Transformer] | None = None) -> None:
+        """Sample from other weights of the same architecture: an nnx.Param state, or with
+        `graphdef` and `model_of` any split of the model that `model_of(graphdef, params)`
+        rebuilds inside the jitted decode (e.g. a LoRA policy, base + adapters, with
+        kto_jax.step.adapters.model_of: no merged copy of the weights). A new graphdef
+        compiles new decoders; new params of the same one do not."""
         self.params = params
+        if graphdef is not None and graphdef is not self.graphdef:
+            self.graphdef, self._decoders = graphdef, {}
+        if model_of is not None and model_of is not self._model_of:
+            self._model_of, self._decoders = model_of, {}
 
     def _sharding(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
         return NamedSharding(self.mesh, logical_to_mesh(axes, self._rules, shape, self.mesh))
@@ -270,7 +285,8 @@ class Sampler:
             cache = KVCache(kv, kv, self._sharding(("batch", "length"), (b, slots)))
             rows = self._sharding(("batch", "length"), (b, prompt_len))
             fn = functools.partial(decode, self.graphdef, settings=settings, eos_ids=self.eos_ids,
-                                   pad_id=self.pad_id, cache_sharding=cache)
+                                   pad_id=self.pad_id, cache_sharding=cache,
+                                   model_of=self._model_of)
             out = (self._sharding(("batch", "length"), (b, settings.max_new_tokens)),
                    self._sharding(("batch",), (b,)))
             fn = activation_sharding(fn, self.mesh, self._rules)  # activations follow the rules

@@ -113,6 +113,14 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
+def configured_batch_shards(mesh_cfg: Any, num_devices: int) -> int:
+    """`batch_shards` of the mesh `make_mesh(mesh_cfg)` would build on `num_devices` devices,
+    without building it (the data pipeline packs one group of rows per batch shard)."""
+    sizes = {a: _get(mesh_cfg, a, -1 if a == "data" else 1) for a in MESH_AXES}
+    shape = dict(zip(MESH_AXES, mesh_shape(sizes, num_devices)))
+    return math.prod(shape[a] for a in batch_axes(rules_of(mesh_cfg)))
+
+
 def batch_axes(rules: Rules) -> tuple[str, ...]:
     """The mesh axes the 'batch' logical rule maps to (empty: replicated)."""
     spec = logical_to_mesh(("batch",), rules)[0]

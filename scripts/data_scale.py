@@ -7,7 +7,8 @@ tokenizer, runs `kto_jax.data.prepare.prepare` once (timed, in this process), th
 starts 1 and 2 worker processes (jax.distributed on localhost, gloo, as
 tests/train/test_multiprocess.py does) that each build the datasets from the prepared
 directory and take batches. Each worker reports: seconds from its start to its first
-batch, its peak RSS at that point (VmHWM: the peak before the first step), and
+batch (and the part of it spent in build_datasets and the first batch), its peak RSS at
+that point (VmHWM: the peak before the first step) and its RSS before the data, and
 the records it read for its first `--batches` batches against the rows those batches
 hold. `--jsonl-rows` also measures training straight from the JSONL file (today's
 path: every process reads and normalises the whole file) for comparison.
@@ -78,27 +79,31 @@ def worker(args) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     from kto_jax.data import build_datasets  # pylint: disable=import-outside-toplevel
     from kto_jax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
-    train, _, summary = build_datasets(config_for(args.data), load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    before, data_start = rss_mib("VmRSS"), time.time()
+    train, _, summary = build_datasets(config_for(args.data), tokenizer)
     it = train()
     next(it)
-    startup, rss = time.time() - T0, peak_rss_mib()
+    startup, rss, data_s = time.time() - T0, rss_mib(), time.time() - data_start
     for _ in range(args.batches - 1):
         next(it)
     split = it._args["split"]  # pylint: disable=protected-access
     print(json.dumps({"data": os.path.basename(args.data), "processes": jax.process_count(),
                       "process": jax.process_index(), "examples": len(split),
                       "startup_s": round(startup, 2), "peak_rss_mib": round(rss),
+                      "rss_before_data_mib": round(before), "data_s": round(data_s, 2),
                       "batches": args.batches,
                       "rows_read": getattr(split, "rows_read", summary.train.rows),  # JSONL: the whole file
                       "rows_in_batches": args.batches * summary.batch_shape[0]
-                      * summary.batch_shape[2]}), flush=True)
+                      * summary.batch_shape[2],
+                      "token_bytes_read": getattr(split, "bytes_read", None)}), flush=True)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
-    worker started by a big parent would report the parent's peak."""
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak RSS (VmHWM), or its current RSS (VmRSS). Not ru_maxrss: Linux
+    carries that across exec, so a worker started by a big parent would report the parent's peak."""
     with open("/proc/self/status", encoding="ascii") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
+        line = next(line for line in f if line.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -145,7 +150,7 @@ def main() -> None:
             start = time.time()
             prepare(config_for(data), load_tokenizer(tok_dir), prepared)
             print(json.dumps({"prepare_rows": rows, "prepare_s": round(time.time() - start, 1),
-                              "prepare_peak_rss_mib": round(peak_rss_mib())}), flush=True)
+                              "prepare_peak_rss_mib": round(rss_mib())}), flush=True)
         for processes in (1, 2):
             run_workers(prepared, tok_dir, processes, args.batches)
     for rows in [int(r) for r in args.jsonl_rows.split(",") if r]:

@@ -80,3 +80,34 @@ def naive_logps(graphdef, params, x, xm, y, ym):
 def fresh(state):
     """A copy of the state: the step donates (invalidates) the one it is given."""
     return jax.tree.map(lambda x: x.copy(), state)
+
+
+def unpad(ids, mask):
+    """The real tokens of each row of [..., L] padded arrays, as nested lists [...][array]."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    if ids.ndim == 1:
+        return ids[mask]
+    return [unpad(i, m) for i, m in zip(ids, mask)]
+
+
+def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
+    """The packed batch (kto_jax/data/packing.py) of the same examples as the padded `batch`:
+    rows of `pack_length` tokens, the KL completions rolled within each microbatch, the
+    per-example arrays (labels, weights, validity, precomputed reference) unchanged."""
+    from kto_jax.data import packing  # pylint: disable=import-outside-toplevel
+    names = packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES
+    prompts = unpad(batch["prompt_ids"], batch["prompt_mask"])
+    if paired:
+        firsts, seconds = (unpad(batch[f"{n}_ids"], batch[f"{n}_mask"]) for n in names)
+    else:
+        firsts = unpad(batch["completion_ids"], batch["completion_mask"])
+        seconds = [packing.kl_completions(f) for f in firsts]
+    lengths = np.array([[len(a) + len(b) + len(c) for a, b, c in zip(*mb)]
+                        for mb in zip(prompts, firsts, seconds)])
+    c = batch[f"{names[0]}_ids"].shape[-1]
+    out = packing.pack_batch(prompts, firsts, seconds, names=names, pack_length=pack_length,
+                             num_rows=packing.microbatch_rows(lengths, pack_length, groups),
+                             completion_length=c, pad_id=pad_id, groups=groups)
+    per_example = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")
+                   and not k.startswith(names)}
+    return as_batch(dict(out, **per_example), paired)

@@ -215,3 +215,23 @@ def test_architecture_comes_from_flag_then_checkpoint_then_preset(tmp_path):
     config.model.path = str(tmp_path)                               # a checkpoint's config.json beats the preset
     from_path = model_config_of(config, None)
     assert from_path == checkpoint.replace(dtype="bfloat16", remat_policy="full")
+
+
+def test_compile_with_packing_lowers_packed_rows(capsys):
+    """data.packing: the abstract batch is R rows of data.pack_length tokens per microbatch
+    (each example a P + 2C tree, packed per batch shard) plus the per-example arrays, and
+    `kto-jax compile` lowers and sizes that step for the TPU."""
+    from kto_jax import cli
+    from kto_jax.sharding import make_mesh
+    from kto_jax.step import program
+
+    config = _tiny_cpu(data=2, fsdp=1, tensor=1)
+    config.data.packing, config.data.pack_length = True, 256
+    batch = program.abstract_batch(config, make_mesh(config.mesh, jax.devices()[:2]), 24, 48)
+    # micro batch 4 over 2 shards: 2 trees of 24 + 2 * 48 = 120 tokens share one 256-token row
+    assert batch["packed_ids"].shape == (2, 2, 256)
+    assert batch["completion_index"].shape == batch["kl_ids"].shape == (2, 4, 48)
+    assert "prompt_ids" not in batch and batch["prompt_length"].shape == (2, 4)
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=tiny",
+                   "--config.data.packing=True", "--config.data.pack_length=256"])
+    assert rc == 0 and "verdict: fits" in capsys.readouterr().out

@@ -11,7 +11,7 @@ idle 2-core CPU for --size full. --smoke checks an install in under a minute.
 --online spends the same judge calls and optimizer steps in `kto-jax online` rounds
 (kto_jax/demo/online.py) and prints its before/after pass rate and KL.
 --lora trains rank-16 (or --lora=R) LoRA adapters on the frozen model instead of
-every weight (docs/lora.md), at 10x the learning rate.
+every weight (docs/lora.md), at 10x the learning rate; with --online, in the rounds.
 """
 
 from __future__ import annotations
@@ -59,12 +59,9 @@ def main(argv: list[str]) -> int:
         from kto_jax.demo.smoke import smoke_model_path
         model_path, size = args.model or smoke_model_path(workdir), "quick"
     if args.online:
-        if args.lora:
-            from kto_jax.errors import UserError
-            raise UserError("--online with --lora: kto-jax online trains full parameters for now; "
-                            "drop one of the two flags")
         from kto_jax.demo.online import run_online_demo
-        run_online_demo(workdir, size_name=size, model_path=model_path, seed=args.seed)
+        run_online_demo(workdir, size_name=size, model_path=model_path, seed=args.seed,
+                        lora_rank=args.lora)
         return 0
     run_demo(workdir, size_name=size, model_path=model_path, seed=args.seed, lora_rank=args.lora)
     return 0

@@ -20,6 +20,13 @@ partial batch spreads its n examples round-robin over the A microbatches (so eac
 has about n/A real rows, first in the microbatch) and fills the rest with filler
 rows (copies of real rows with valid=False, weight=0). Each process then keeps its
 contiguous block of M / process_count rows of every microbatch.
+
+Packing (data.packing; kto_jax/data/packing.py): the same plan, so the same examples
+share a microbatch in the same order; instead of padding them, `pack_rows` packs
+each microbatch's examples [x | y | y_kl] (y_kl = y_{i+1 mod M} of the GLOBAL
+microbatch) or [x | y_w | y_l] into rows of `pack_length` tokens, one group of rows
+per batch shard. The row count R of a batch is the most any of its microbatches
+needs, computed from the gathered lengths, so every process agrees on it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import dataclasses
 import numpy as np
 
 from kto_jax.batch import as_batch
+from kto_jax.data import packing
 from kto_jax.data.tokenize import TokenizedSplit
 
 
@@ -54,6 +62,10 @@ class BatchLayout:
     pad_id: int
     window: int = 1
     drop_remainder: bool = False
+    # packing (off when pack_length is 0); repr=False keeps padded runs' fingerprints as they were
+    pack_length: int = dataclasses.field(default=0, repr=False)
+    pack_groups: int = dataclasses.field(default=1, repr=False)   # packing groups, all processes
+    pack_second: bool = dataclasses.field(default=True, repr=False)  # y_kl / y_l in the trees
 
     @property
     def global_batch(self) -> int:
@@ -164,7 +176,10 @@ def plan_epoch(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, layou
     window shuffles are drawn per batch when it is asked for, `EpochPlan.chunk`).
     """
     n, g, w = len(prompt_lengths), layout.global_batch, max(1, layout.window)
-    order = np.random.default_rng([seed, stream, epoch]).permutation(n).astype(_index_dtype(n))
+    # Generator.permutation(n) is arange(n) shuffled in place; shuffling an int32 arange
+    # draws the same permutation without permutation's int64 array (8 bytes a row).
+    order = np.arange(n, dtype=_index_dtype(n))
+    np.random.default_rng([seed, stream, epoch]).shuffle(order)
     p_bucket = bucket_index(prompt_lengths, layout.prompt_buckets)
     c_bucket = bucket_index(completion_lengths, layout.completion_buckets)
     if w > 1:   # stable sort by length bucket within each window of W global batches
@@ -214,6 +229,57 @@ def local_rows(planned: PlannedBatch, layout: BatchLayout) -> tuple[np.ndarray, 
     lo = layout.process_index * layout.local_micro_batch
     hi = lo + layout.local_micro_batch
     return planned.indices[source[:, lo:hi]], valid[:, lo:hi]
+
+
+def global_slots(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
+    """int [A, M]: the example id in every slot of the global batch (fillers included)."""
+    return planned.indices[slot_sources(len(planned.indices), layout)[0]]
+
+
+def kl_rows(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
+    """int [A, M_local]: for each of this process's slots, the example whose completion is its
+    KL completion, slot i + 1 mod M of the GLOBAL microbatch (the step's `jnp.roll`)."""
+    lo = layout.process_index * layout.local_micro_batch
+    return np.roll(global_slots(planned, layout), -1, axis=1)[:, lo:lo + layout.local_micro_batch]
+
+
+def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
+              layout: BatchLayout) -> dict:
+    """The packed batch (kto_jax/batch.py) of this process's examples of one planned batch.
+
+    Args:
+      split: a `TokenizedSplit` or `shards.RowTokens` holding the tokens of `rows` and of
+        their KL neighbours (`kl_rows`).
+      lengths: the split's gathered lengths (prompt_lengths, side_lengths), global.
+      rows, valid: `local_rows` of the batch.
+    """
+    paired = split.paired
+    slots = global_slots(planned, layout)
+    prompt, sides = lengths.prompt_lengths, lengths.side_lengths
+    trees = prompt[slots] + sides[0][slots]
+    if layout.pack_second:
+        trees += sides[1][slots] if paired else np.roll(sides[0][slots], -1, axis=1)
+    groups = layout.pack_groups // layout.process_count
+    num_rows = packing.microbatch_rows(trees, layout.pack_length, layout.pack_groups) \
+        // layout.process_count
+    prompts = [[split.prompts[int(i)] for i in mb] for mb in rows]
+    firsts = [[split.completions[0][int(i)] for i in mb] for mb in rows]
+    empty = np.zeros(0, np.int32)
+    if not layout.pack_second:
+        seconds = [[empty for _ in mb] for mb in rows]
+    elif paired:
+        seconds = [[split.completions[1][int(i)] for i in mb] for mb in rows]
+    else:
+        seconds = [[split.completions[0][int(i)] for i in mb] for mb in kl_rows(planned, layout)]
+    batch = packing.pack_batch(
+        prompts, firsts, seconds, names=packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES,
+        pack_length=layout.pack_length, num_rows=num_rows, completion_length=planned.completion_len,
+        pad_id=layout.pad_id, groups=groups)
+    if not paired:
+        batch["desirable"] = split.label[rows]
+        batch["weight"] = np.where(valid, split.weight[rows], 0.0).astype(np.float32)
+    batch["valid"] = valid.copy()
+    return as_batch(batch, paired)
 
 
 def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
@@ -283,7 +349,7 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     shapes = {(int(p), int(c)): int(k) for (p, c), k in zip(pairs, counts)}
     single_class = 0
     if not split.paired and len(plan):
-        desirable = plan.chunk_reduce(split.label[plan.indices].astype(np.int32), np.add)
+        desirable = plan.chunk_reduce(split.label[plan.indices], np.add)   # bool sums: int
         sizes = np.full(len(plan), g)
         sizes[-1] = len(plan.indices) - g * (len(plan) - 1)
         single_class = int(((desirable == 0) | (desirable == sizes)).sum())

@@ -5,7 +5,8 @@
                                      (`EpochPlans`: planned once, shared with the summary)
     .map(ShardRows)                  this process's rows of every microbatch
     .map(TokenizeRows)               their tokens: cached from start-up, else tokenized now
-    .map(PadRows)                    static-shape numpy arrays (kto_jax/batch.py)
+    .map(PadRows)                    static-shape numpy arrays (kto_jax/batch.py), padded
+                                     or packed (data.packing)
     .to_iter_dataset(ReadOptions)    thread prefetch of `data.prefetch` batches
     .mp_prefetch(...)                `data.worker_count` worker processes (if > 0)
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import grain
+import numpy as np
 
 from kto_jax.data import batching
 from kto_jax.data.shards import ShardedSplit
@@ -89,20 +91,29 @@ class TokenizeRows:
     def __init__(self, split: ShardedSplit):
         self.split = split
 
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout):
+        self.split, self.layout = split, layout
+
     def __call__(self, item):
         planned, rows, valid = item
-        return planned, rows, valid, self.split.row_tokens(rows)
+        needed = rows
+        if self.layout.pack_length and self.layout.pack_second and not self.split.paired:  # and their KL neighbours
+            needed = np.concatenate([rows, batching.kl_rows(planned, self.layout)], axis=1)
+        return planned, rows, valid, self.split.row_tokens(needed)
 
 
 class PadRows:
-    """(planned, rows, valid, tokens) -> the batch dict of numpy arrays."""
+    """(planned, rows, valid, tokens) -> the batch dict of numpy arrays: padded, or packed
+    (`batching.pack_rows`) when the layout has a pack_length."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, split: ShardedSplit, layout: batching.BatchLayout):
+        self.lengths, self.layout = split, layout   # the gathered (global) lengths
 
     def __call__(self, item) -> dict:
         planned, rows, valid, tokens = item
-        return batching.pad_rows(tokens, rows, valid, planned, self.pad_id)
+        if self.layout.pack_length:
+            return batching.pack_rows(tokens, self.lengths, rows, valid, planned, self.layout)
+        return batching.pad_rows(tokens, rows, valid, planned, self.layout.pad_id)
 
 
 def build_pipeline(split: ShardedSplit, plans: EpochPlans, *, start: int, stop: int,
@@ -111,8 +122,8 @@ def build_pipeline(split: ShardedSplit, plans: EpochPlans, *, start: int, stop: 
     ds = (grain.MapDataset.range(start, stop)
           .map(PlanBatch(plans))
           .map(ShardRows(plans.layout))
-          .map(TokenizeRows(split))
-          .map(PadRows(plans.layout.pad_id)))
+          .map(TokenizeRows(split, plans.layout))
+          .map(PadRows(split, plans.layout)))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     it = ds.to_iter_dataset(read)
     if worker_count > 0:
@@ -146,6 +157,12 @@ class FeedbackIterator(grain.DatasetIterator):
     def next_batch(self) -> int:
         """Global index of the batch the next `next()` returns."""
         return self._next
+
+    @property
+    def pack_groups(self) -> int:
+        """Packing groups of this process's share of a packed batch (1 when not packed)."""
+        layout = self._args["plans"].layout
+        return layout.pack_groups // layout.process_count if layout.pack_length else 1
 
     @property
     def epoch(self) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
 UNPAIRED_NAMES = ("completion", "kl")
 PAIRED_NAMES = ("chosen", "rejected")
-STEP_RUNS_PACKED = False  # the train step's packed path (issue 13 phase B) sets this True
+STEP_RUNS_PACKED = True  # the train step runs packed batches (kto_jax/step/stats.py)
 ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
 
 
@@ -176,6 +176,55 @@ def pack_paired(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray],
                 rejected: Sequence[np.ndarray], **kwargs) -> dict[str, np.ndarray]:
     """`pack_trees` of [x | y_w | y_l] (keys chosen_*, rejected_*)."""
     return pack_trees(prompts, chosen, rejected, names=PAIRED_NAMES, **kwargs)
+
+
+def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1) -> int:
+    """R for a batch [A, M]: the rows its fullest microbatch needs (all groups together).
+
+    `tree_lengths` int [A, M] are GLOBAL (every example of each microbatch, in slot
+    order), so every process computes the same R, the static row count of its share.
+    """
+    return max((rows_needed(t, pack_length, groups) for t in np.asarray(tree_lengths)),
+               default=groups)
+
+
+def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequence[np.ndarray]],
+               seconds: Sequence[Sequence[np.ndarray]], *, names: tuple[str, str],
+               **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of each of A microbatches ([A][M] token sequences each), stacked [A, ...].
+
+    kwargs are `pack_trees`'s (pack_length, num_rows, completion_length, pad_id, groups);
+    num_rows must hold every microbatch (`microbatch_rows`). For the unpaired losses
+    `seconds` are the KL completions, rolled within each GLOBAL microbatch.
+    """
+    per = [pack_trees(p, f, s, names=names, **kwargs) for p, f, s in zip(prompts, firsts, seconds)]
+    return {k: np.stack([b[k] for b in per]) for k in per[0]}
+
+
+def packed_prompts(batch, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts of a packed batch [A, ...] read back from its rows, left-padded as in the
+    padded layout: (ids, mask) int32 [A, M, P], P the longest prompt.
+
+    `groups`: the batch's packing groups (of this process's share). The last prompt token
+    of example i sits where its first completion token's gather index points (or its
+    second's, when the first completion is empty). What the reference store's row
+    checksums read (kto_jax/train/reference_store.py), so they see the same tokens
+    whatever the layout.
+    """
+    rows = np.asarray(batch["packed_ids"])
+    a, r, t = rows.shape
+    names = PAIRED_NAMES if "chosen_index" in batch else UNPAIRED_NAMES
+    first, second = (np.asarray(batch[f"{n}_index"])[..., 0] for n in names)
+    last = np.where(np.asarray(batch[f"{names[0]}_mask"])[..., 0] > 0, first, second)  # [A, M]
+    length = np.asarray(batch["prompt_length"])
+    m, p = length.shape[1], max(int(length.max()), 1)
+    col = np.arange(p)
+    mask = col >= p - length[..., None]                                    # [A, M, P]
+    where = np.where(mask, last[..., None] - (p - 1 - col), 0)
+    group = np.broadcast_to((np.arange(m) // (m // groups))[None, :, None], where.shape)
+    flat = rows.reshape(a, groups, (r // groups) * t)
+    ids = flat[np.arange(a)[:, None, None], group, where] * mask
+    return ids.astype(np.int32), mask.astype(np.int32)
 
 
 def config_problems(data) -> list[str]:

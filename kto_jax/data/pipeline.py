@@ -39,8 +39,10 @@ from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
+from kto_jax.sharding import configured_batch_shards
 
 log = logging.getLogger("kto_jax.data")
+_HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
 
 
 class Datasets(NamedTuple):
@@ -105,21 +107,36 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
                     summary)
 
 
+TokenizeSplit = Callable[[str, list, tokenize.TokenSpec], tuple[object, tokenize.TokenReport]]
+
+
 def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
-                allgather: shards.AllGather | None = None
+                allgather: shards.AllGather | None = None,
+                tokenize_split: TokenizeSplit | None = None
                 ) -> tuple[str, bool, dict[str, shards.SplitData], str]:
     """Reads, validates and tokenizes (this process's share of) the data files.
+
+    `tokenize_split(name, examples, spec) -> (split, report)` tokenizes one split's
+    examples; default: `shards.tokenize_sharded` (this process's slice, all-gathered
+    statistics). `kto-jax data prepare` passes one that writes the tokens as it goes.
 
     Returns:
       (format, conversational, {"train": ..., "eval": ... (if any)}, eval note).
     """
     d = config.data
+    if tokenize_split is None:
+        def sharded(name, items, spec):  # pylint: disable=unused-argument
+            return shards.tokenize_sharded(
+                items, spec, process_index=layout.process_index,
+                process_count=layout.process_count, allgather=allgather,
+                on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
+        tokenize_split = sharded
     train_rows = read_rows(d.train_path, split=d.train_split, config_key="data.train_path")
     fmt, conversational = formats.detect_format(train_rows, d.format)
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
     splits = {"train": _prepare_split("train", train_rows, train_rows.source, fmt,
                                       conversational, config, paired, tokenizer, layout,
-                                      allgather)}
+                                      tokenize_split)}
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
@@ -127,7 +144,7 @@ def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
                             f"{'conversational' if eval_conv else 'text'} but the train rows of "
                             f"{train_rows.source} are not.")
         splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, config,
-                                        paired, tokenizer, layout, allgather)
+                                        paired, tokenizer, layout, tokenize_split)
     return fmt, conversational, splits, eval_note
 
 
@@ -182,8 +199,24 @@ def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
     return rows.subset(np.sort(perm[n_eval:])), rows.subset(np.sort(perm[:n_eval])), note
 
 
-def batch_layout(config, tokenizer, process_index: int, process_count: int) -> batching.BatchLayout:
+def batch_layout(config, tokenizer, process_index: int, process_count: int,
+                 pack_groups: int | None = None) -> batching.BatchLayout:
+    """The batches' shapes; with data.packing, packed in `pack_groups` groups of rows (default:
+    the batch shards of config.mesh on jax.device_count() devices, as the step's mesh)."""
     d, t = config.data, config.train
+    packed = {}
+    if d.get("packing", False):
+        if pack_groups is None:
+            import jax  # pylint: disable=import-outside-toplevel
+            pack_groups = configured_batch_shards(config.mesh, jax.device_count())
+        if pack_groups % process_count or t.micro_batch_size % pack_groups:
+            raise UserError(f"data.packing=True packs each of the {pack_groups} batch shards' "
+                            f"examples apart: train.micro_batch_size={t.micro_batch_size} must "
+                            f"be a multiple of {pack_groups}, itself a multiple of the "
+                            f"{process_count} processes; change the batch size or config.mesh.")
+        loss = get_loss(config.loss.name)
+        packed = dict(pack_length=int(d.pack_length), pack_groups=int(pack_groups),
+                      pack_second=loss.paired or loss.uses_kl)
     max_completion = d.max_completion_length or d.max_length
     prompt_buckets, completion_buckets = batching.bucket_sizes(
         d.bucket_lengths, d.max_prompt_length, max_completion)
@@ -192,11 +225,11 @@ def batch_layout(config, tokenizer, process_index: int, process_count: int) -> b
         accumulation=t.global_batch_size // t.micro_batch_size, micro_batch=t.micro_batch_size,
         process_index=process_index, process_count=process_count,
         prompt_buckets=prompt_buckets, completion_buckets=completion_buckets, pad_id=int(pad_id),
-        window=d.bucket_window, drop_remainder=d.drop_remainder)
+        window=d.bucket_window, drop_remainder=d.drop_remainder, **packed)
 
 
 def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
-                   allgather):
+                   tokenize_split):
     """Rows -> `SplitData` (fractions on train only)."""
     d = config.data
     if fmt == "paired":
@@ -222,9 +255,7 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items = [items[i] for i in keep]
     spec = tokenize.TokenSpec(tokenizer, conversational, d.max_length, d.max_prompt_length,
                               d.max_completion_length)
-    split, report = shards.tokenize_sharded(
-        items, spec, process_index=layout.process_index, process_count=layout.process_count,
-        allgather=allgather, on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
+    split, report = tokenize_split(name, items, spec)
     if len(split) == 0:
         raise UserError(f"{rows.source}: " + _empty_message(name, len(rows.records), n_examples,
                                                             subsampled, report))
@@ -298,10 +329,17 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     process computes the same value without holding every example's tokens.
     """
     h = hashlib.sha256()
-    for array in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
-                  split.weight):
-        h.update(np.ascontiguousarray(array, np.int64 if array.dtype.kind in "iu" else None
-                                      ).tobytes())
+    for column in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
+                   split.weight):
+        # In chunks (the digest of the concatenation): no int64 copy of a whole column, and a
+        # prepared split's token_hash (`prepared.NpyColumn`) is streamed from its file.
+        chunks = (column.chunks(_HASH_CHUNK) if hasattr(column, "chunks") else
+                  (column[i:i + _HASH_CHUNK] for i in range(0, len(column), _HASH_CHUNK)))
+        for chunk in chunks:
+            h.update(np.ascontiguousarray(chunk, np.int64 if chunk.dtype.kind in "iu" else None
+                                          ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
     h.update(repr((shape, config.data.seed)).encode())
+    if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
+        h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
     return h.hexdigest()[:16]

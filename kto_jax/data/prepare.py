@@ -1,27 +1,37 @@
 """`kto-jax data prepare`: read, validate and tokenise config.data once, and write the
-prepared directory that `kto_jax/data/prepared.py` describes and reads."""
+prepared directory that `kto_jax/data/prepared.py` describes and reads.
+
+Tokenisation streams: the examples are tokenised `_CHUNK` at a time and each chunk's
+kept ids are appended to tokens.bin at once, so the tokens (the largest part: the
+tokenizer's Python lists cost ~1.6 KB an example) are never all in memory. The
+output bytes do not depend on the chunk size (tested). The rows' text and the
+normalised examples are still held whole (see docs/data.md, "Preparing").
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
 
 from kto_jax import fs
-from kto_jax.data import pipeline, prepared
-from kto_jax.data.shards import ShardedSplit
+from kto_jax.data import pipeline, prepared, tokenize
+from kto_jax.data.formats import Pair
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
+
+_CHUNK = 16384   # examples tokenised and written at a time
 
 
 def prepare(config, tokenizer, out: str) -> dict[str, Any]:
     """Reads, validates and tokenises config.data once and writes the directory `out`.
 
     Raises the same `UserError`s as a training run on the same config. Returns the
-    contents of prepared.json.
+    contents of prepared.json (written last: a directory without it is not prepared).
     """
     d = config.data
     if prepared.is_prepared(d.train_path):
@@ -29,37 +39,58 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
                         "point it at the original data file to prepare again.")
     paired = get_loss(config.loss.name).paired
     pipeline.check_config(config, paired, 1)
-    layout = pipeline.batch_layout(config, tokenizer, 0, 1)
-    fmt, conversational, splits, eval_note = pipeline.read_splits(config, tokenizer, layout, paired)
-    meta = {"version": prepared.VERSION, "settings": prepared.settings(config, paired, tokenizer),
-            "format": fmt, "conversational": conversational, "eval_note": eval_note,
-            "splits": {}}
+    layout = pipeline.batch_layout(config, tokenizer, 0, 1, pack_groups=1)  # reading only
     with fs.staged_dir(out) as local:
-        for name, data in splits.items():
-            _write_split(os.path.join(local, name), data.split)
-            meta["splits"][name] = {
-                "source": data.source, "rows": data.rows, "examples": data.examples,
-                "subsampled": data.subsampled, "report": dataclasses.asdict(data.report),
-                "kept": len(data.split)}
+        layouts = {}
+
+        def write_split(name, items, spec):
+            layouts[name], report = _write_split(os.path.join(local, name), items, spec, d,
+                                                 len(tokenizer))
+            return prepared.PreparedSplit(os.path.join(local, name), layouts[name]), report
+
+        fmt, conversational, splits, eval_note = pipeline.read_splits(
+            config, tokenizer, layout, paired, tokenize_split=write_split)
+        meta = {"version": prepared.VERSION,
+                "settings": prepared.settings(config, paired, tokenizer),
+                "format": fmt, "conversational": conversational, "eval_note": eval_note,
+                "splits": {name: {"source": data.source, "rows": data.rows,
+                                  "examples": data.examples, "subsampled": data.subsampled,
+                                  "report": dataclasses.asdict(data.report),
+                                  "kept": len(data.split), "layout": layouts[name]}
+                           for name, data in splits.items()}}
         with open(os.path.join(local, prepared.META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     return meta
 
 
-def _write_split(directory: str, split: ShardedSplit) -> None:
-    """stats.npz and tokens.array_record of one split (all its tokens are in `split.cache`)."""
-    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-    os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, prepared.STATS_FILE), prompt_lengths=split.prompt_lengths.astype(np.int32),
-             side_lengths=np.stack(split.side_lengths).astype(np.int32), label=split.label,
-             weight=split.weight, token_hash=split.token_hash.astype(np.uint32))
-    cache, sides = split.cache, len(split.side_lengths)
-    writer = array_record_module.ArrayRecordWriter(os.path.join(directory, prepared.TOKENS_FILE),
-                                                   "group_size:1")
+def _write_split(directory: str, items: list, spec: tokenize.TokenSpec, d, vocab_size: int
+                 ) -> tuple[dict[str, Any], tokenize.TokenReport]:
+    """Tokenises one split's examples a chunk at a time into `directory`.
+
+    The same statistics, report and errors as `shards.tokenize_sharded` in one process
+    (the error policies are applied once all statistics are in; on an error the
+    directory is removed). Returns the split's layout for prepared.json and its report.
+    """
+    paired = bool(items) and isinstance(items[0], Pair)
+    writer = prepared.SplitWriter(directory, max_length=d.max_length, vocab_size=vocab_size,
+                                  sides=1 + paired)
+    stats = []
     try:
-        for i in range(len(cache)):
-            parts = [cache.prompts[i], *(cache.completions[s][i] for s in range(sides))]
-            head = np.array([sides, *(len(p) for p in parts)], np.int32)
-            writer.write(np.concatenate([head, *parts]).astype(np.int32).tobytes())
-    finally:
-        writer.close()
+        for lo in range(0, len(items), _CHUNK):
+            chunk = items[lo:lo + _CHUNK]
+            chunk_stats, tokens = tokenize.tokenize_items(chunk, spec)
+            kept = np.flatnonzero(chunk_stats[:, tokenize.CODE] == tokenize.KEPT)
+            if len(kept):
+                split = tokenize.build_split([chunk[i] for i in kept], [tokens[i] for i in kept])
+                writer.add(split.prompts, split.completions, split.label, split.weight,
+                           chunk_stats[kept, tokenize.HASH])
+            stats.append(chunk_stats)
+        layout = writer.close()
+        all_stats = np.concatenate(stats) if stats else np.zeros((0, tokenize.N_STATS), np.int64)
+        report = tokenize.report_from_stats(items, all_stats, spec, on_overlong=d.on_overlong,
+                                            on_prefix_mismatch=d.on_prefix_mismatch)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return layout, report

@@ -60,6 +60,11 @@ class Ragged:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def slice(self, lo: int, hi: int) -> "Ragged":
+        """Entries [lo, hi), sharing this one's flat ids."""
+        return Ragged(self.flat[self.offsets[lo]:self.offsets[hi]],
+                      self.offsets[lo:hi + 1] - self.offsets[lo])
+
 
 class SplitLengths:
     """What a split's `prompt_lengths` and `side_lengths` (int [N] each) tell about it."""

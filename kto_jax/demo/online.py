@@ -53,9 +53,10 @@ def online_overrides(size: pipeline.DemoSize, rounds: int, train_prompts: str,
 
 
 def run_online_demo(workdir: str, *, size_name: str = "full", model_path: str | None = None,
-                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                    seed: int = 0, lora_rank: int = 0, log: Callable[[str], None] = print) -> dict:
     """The online rounds on the demo's model, prompts, rule and budget; returns the
-    results (pass rate before/after with 90% intervals, KL, margin, judge calls, steps)."""
+    results (pass rate before/after with 90% intervals, KL, margin, judge calls, steps).
+    `lora_rank` > 0 trains LoRA adapters in the rounds (`pipeline.lora_flags`)."""
     from kto_jax.config import load_config
     from kto_jax.demo.run import default_model_path
     from kto_jax.online.runner import online
@@ -73,7 +74,8 @@ def run_online_demo(workdir: str, *, size_name: str = "full", model_path: str | 
             if not f.startswith(("--config.data.train_path", "--config.data.eval_path",
                                  "--config.loss.auto_weights", "--config.checkpoint.every_steps"))]
     argv = [f"--config={pipeline.config_path()}", *base,
-            *online_overrides(size, rounds, train_prompts, heldout_prompts, seed)]
+            *online_overrides(size, rounds, train_prompts, heldout_prompts, seed),
+            *pipeline.lora_flags(size, lora_rank)]
     run_dir = os.path.join(workdir, "online")
     log("kto-jax demo --online: the same as: kto-jax online " + " ".join(argv)
         + f" --workdir={run_dir}")
@@ -84,7 +86,7 @@ def run_online_demo(workdir: str, *, size_name: str = "full", model_path: str | 
     judge_calls = sum(len(read_jsonl(os.path.join(run_dir, "rounds", f"{r['round']:04d}", name)))
                       for r in rows for name in ("samples.jsonl", "heldout.jsonl")
                       if os.path.exists(os.path.join(run_dir, "rounds", f"{r['round']:04d}", name)))
-    results = {"size": size_name, "rounds": rounds, "steps": size.num_steps,
+    results = {"size": size_name, "rounds": rounds, "steps": size.num_steps, "lora_rank": lora_rank,
                "judge_calls": judge_calls,
                "pass_rate_before": [first[k] for k in ("judge/pass_rate", "judge/pass_rate_low",
                                                        "judge/pass_rate_high")],

@@ -18,6 +18,7 @@ import dataclasses
 import importlib.resources
 import json
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -171,12 +172,19 @@ def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str,
     return run_dir
 
 
-def load_policy_params(run_dir: str) -> Any:
-    """The aligned policy's nnx.Param state from the run's HF export (WORKDIR/run/hf)."""
+def load_policy_params(run_dir: str, step: int | None = None) -> Any:
+    """The aligned policy's nnx.Param state: the run's HF export (WORKDIR/run/hf), or with
+    `step` its checkpoint of that step (exported to a temporary directory, then removed)."""
     from kto_jax.models import from_pretrained
     from kto_jax.train.workdir import HF_DIR
-    policy, _ = from_pretrained(os.path.join(run_dir, HF_DIR))
-    return nnx.state(policy, nnx.Param)
+    if step is None:
+        policy, _ = from_pretrained(os.path.join(run_dir, HF_DIR))
+        return nnx.state(policy, nnx.Param)
+    from kto_jax.train.export import export_checkpoint
+    with tempfile.TemporaryDirectory(prefix=f"hf-step-{step}-", dir=run_dir) as out:
+        export_checkpoint(run_dir, out, step=step)
+        policy, _ = from_pretrained(out)
+        return nnx.state(policy, nnx.Param)
 
 
 def sample(sampler: Sampler, prompts: list[str], k: int, size: DemoSize, seed: int,

@@ -23,14 +23,17 @@ reward accuracy. Results are appended to WORKDIR/reproduction.json after each me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from kto_jax.demo import pipeline, rule
 from kto_jax.demo.pipeline import DemoSize
-from kto_jax.demo.run import default_model_path, kl_estimate
+from kto_jax.demo.run import default_model_path, kl_samples
 from kto_jax.errors import UserError
 from kto_jax.eval import stats
 from kto_jax.generate import Generation, Sampler
@@ -71,7 +74,7 @@ def write_pairs(path: str, generations: list[Generation], per_prompt: int) -> in
     return pairs
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
 
 
@@ -92,56 +95,98 @@ def prepare_data(sampler: Sampler, size: DemoSize, workdir: str, seed: int, log)
     return {"files": files, "heldout": heldout, "before": before, "n_up": n_up, "n": n, "pairs": n_pairs}
 
 
-def evaluate_run(sampler: Sampler, model, tokenizer, reference_params, run_dir: str, data: dict,
-                 size: DemoSize, seed: int) -> dict:
-    """Held-out pass rate, KL and the trainer's held-out eval line of one trained run."""
+@dataclasses.dataclass
+class Reference:
+    """pi_ref (the initial model) and the sampler every policy is evaluated with."""
+    model: Any
+    tokenizer: Any
+    params: Any               # nnx.Param state of pi_ref
+    sampler: Sampler
+    path: str                 # the model path every method trains from
+
+
+def load_reference(model_path: str | None, size: DemoSize) -> Reference:
+    """Loads the initial model (default: SmolLM2-135M-Instruct) as pi_ref and its sampler."""
+    from flax import nnx
+    from kto_jax.models import from_pretrained, load_tokenizer
+    model_path = model_path or default_model_path()
+    model, _ = from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
+    sampler = Sampler(model, tokenizer, batch_size=size.sample_batch, prompt_multiple=16)
+    return Reference(model, tokenizer, nnx.state(model, nnx.Param), sampler, model_path)
+
+
+def reference_rate(data: dict) -> dict:
+    """The held-out pass rate of pi_ref (the before-samples of `prepare_data`), KL 0."""
+    before = data["before"]
+    return {"pass_rate": stats.rate(sum(rule.passes(g.text) for g in before), len(before)).as_dict(),
+            "kl": 0.0}
+
+
+def train_method(name: str, size: DemoSize, reference: Reference, workdir: str, data: dict, seed: int,
+                 log: Callable[[str], None], extra: tuple[str, ...] = (), run_name: str = "") -> str:
+    """One run of the real trainer for METHODS[name] on `data`; returns its run directory.
+
+    `extra` are more --config flags (they win over the method's and the demo's own for
+    the same key). Raises UserError when the method cannot run on this data (e.g. DPO
+    without a single pair)."""
+    flags, paired = METHODS[name]
+    replaced = {flag.split("=", 1)[0] for flag in extra}
+    flags = tuple(f for f in flags if f.split("=", 1)[0] not in replaced)
+    files = data["files"]
+    return pipeline.run_training(size, reference.path, workdir, files["train_pairs" if paired else "train"],
+                                 files["heldout_pairs" if paired else "heldout"], seed, log,
+                                 (*flags, *extra), run_name=run_name or slug(name))
+
+
+def evaluate_policy(reference: Reference, params: Any, data: dict, size: DemoSize, seed: int) -> dict:
+    """Held-out pass rate and KL to pi_ref of the policy with `params`.
+
+    The policy re-samples the held-out prompts with the seed the reference used (seed + 1);
+    KL is the Monte-Carlo mean of log pi_theta(y|x) - log pi_ref(y|x) over those samples,
+    with its standard error (sample std / sqrt(n))."""
+    sampler = reference.sampler
+    sampler.set_params(params)
+    try:
+        after = pipeline.sample(sampler, data["heldout"], size.heldout_samples, size, seed + 1)
+    finally:
+        sampler.set_params(reference.params)
+    kl = kl_samples(reference.model, reference.tokenizer, after, params, reference.params)
+    return {"pass_rate": stats.rate(sum(rule.passes(g.text) for g in after), len(after)).as_dict(),
+            "kl": float(np.mean(kl)), "kl_se": float(np.std(kl, ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else 0.0,
+            "samples": [g.text for g in after]}
+
+
+def evaluate_run(reference: Reference, run_dir: str, data: dict, size: DemoSize, seed: int) -> dict:
+    """`evaluate_policy` of a trained run's final policy, plus the trainer's held-out eval line."""
     from kto_jax.train.metrics import read_jsonl
     from kto_jax.train.workdir import EVAL_METRICS_FILE
-    params = pipeline.load_policy_params(run_dir)
-    sampler.set_params(params)
-    after = pipeline.sample(sampler, data["heldout"], size.heldout_samples, size, seed + 1)
-    sampler.set_params(reference_params)
+    result = evaluate_policy(reference, pipeline.load_policy_params(run_dir), data, size, seed)
     evals = read_jsonl(os.path.join(run_dir, EVAL_METRICS_FILE))
-    return {"pass_rate": stats.rate(sum(rule.passes(g.text) for g in after), len(after)).as_dict(),
-            "kl": kl_estimate(model, tokenizer, after, params, reference_params),
-            "heldout_eval": evals[-1] if evals else {}, "samples": [g.text for g in after]}
+    return {**result, "heldout_eval": evals[-1] if evals else {}}
 
 
 def run_reproduction(workdir: str, size_name: str = "reduced", model_path: str | None = None,
                      seed: int = 0, methods: list[str] | None = None,
                      log: Callable[[str], None] = print) -> dict:
-    from flax import nnx
-    from kto_jax.models import from_pretrained, load_tokenizer
     size = SIZES[size_name]
-    model_path = model_path or default_model_path()
     os.makedirs(workdir, exist_ok=True)
-    model, _ = from_pretrained(model_path)
-    tokenizer = load_tokenizer(model_path)
-    reference_params = nnx.state(model, nnx.Param)
-    sampler = Sampler(model, tokenizer, batch_size=size.sample_batch, prompt_multiple=16)
+    reference = load_reference(model_path, size)
     start = time.perf_counter()
-    data = prepare_data(sampler, size, workdir, seed, log)
-    before = data["before"]
+    data = prepare_data(reference.sampler, size, workdir, seed, log)
     results = {"size": size_name, "seed": seed, "steps": size.num_steps, "rule": rule.DESCRIPTION,
-               "feedback": {k: data[k] for k in ("n_up", "n", "pairs")}, "methods": {
-                   "reference (before)": {"pass_rate": stats.rate(sum(rule.passes(g.text) for g in before),
-                                                                  len(before)).as_dict(), "kl": 0.0}}}
+               "feedback": {k: data[k] for k in ("n_up", "n", "pairs")},
+               "methods": {"reference (before)": reference_rate(data)}}
     for name in methods or list(METHODS):
-        extra, paired = METHODS[name]
         log(f"\n==== {name}")
         t0 = time.perf_counter()
-        files = data["files"]
         try:
-            run_dir = pipeline.run_training(size, model_path, workdir,
-                                            files["train_pairs" if paired else "train"],
-                                            files["heldout_pairs" if paired else "heldout"],
-                                            seed, log, extra, run_name=_slug(name))
+            run_dir = train_method(name, size, reference, workdir, data, seed, log)
         except UserError as e:  # e.g. no pairs when no prompt has both an up and a down sample
             log(f"skipped {name}: {e}")
             results["skipped"] = dict(results.get("skipped", {}), **{name: str(e)})
             continue
-        results["methods"][name] = evaluate_run(sampler, model, tokenizer, reference_params, run_dir,
-                                                data, size, seed)
+        results["methods"][name] = evaluate_run(reference, run_dir, data, size, seed)
         results["methods"][name]["seconds"] = time.perf_counter() - t0
         results["seconds"] = time.perf_counter() - start
         with open(os.path.join(workdir, "reproduction.json"), "w", encoding="utf-8") as f:

@@ -81,14 +81,22 @@ def disk_use(directory: str) -> str:
     return f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
 
 
-def kl_estimate(model, tokenizer, generations, policy_params, reference_params) -> float:
-    """mean over samples y ~ pi_theta of log pi_theta(y|x) - log pi_ref(y|x), in nats."""
+def kl_samples(model, tokenizer, generations, policy_params, reference_params) -> np.ndarray:
+    """log pi_theta(y|x) - log pi_ref(y|x) of each sample y ~ pi_theta, in nats: [N].
+
+    Their mean is the Monte-Carlo estimate of KL(pi_theta || pi_ref); their spread gives
+    its standard error."""
     scorer = SequenceScorer(model, tokenizer, batch_size=16, length_multiple=16)
     prompts = [g.prompt_ids for g in generations]
     completions = [g.scored_ids for g in generations]
     policy, _ = scorer.logps_ids(prompts, completions, policy_params)
     reference, _ = scorer.logps_ids(prompts, completions, reference_params)
-    return float(np.mean(policy - reference))
+    return np.asarray(policy - reference)
+
+
+def kl_estimate(model, tokenizer, generations, policy_params, reference_params) -> float:
+    """mean over samples y ~ pi_theta of log pi_theta(y|x) - log pi_ref(y|x), in nats."""
+    return float(np.mean(kl_samples(model, tokenizer, generations, policy_params, reference_params)))
 
 
 def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_train, seconds,

@@ -14,7 +14,9 @@ Four kinds, chosen by a spec string (`make_judge`, `kto-jax eval --judge SPEC`):
                            loads (HF causal LM dir or .gguf): the mean per-token
                            log-prob of the completion given the prompt.
   http[:MODEL]             an OpenAI-compatible chat-completions endpoint asked "A, B
-                           or TIE?"; base URL, model and key from the environment:
+                           or TIE?" (kto_jax/eval/http_client.py: concurrent requests,
+                           retries with back-off, timeouts); base URL, model and key
+                           from the environment:
                            KTO_JAX_JUDGE_BASE_URL (default https://api.openai.com/v1),
                            KTO_JAX_JUDGE_MODEL (or :MODEL), KTO_JAX_JUDGE_API_KEY or
                            OPENAI_API_KEY. The two answers' order is shuffled per item
@@ -25,18 +27,15 @@ Prompts reach judges as text: message lists are flattened to "role: content" lin
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
 import inspect
 import json
 import os
 import random
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Protocol, Sequence
 
 from kto_jax.errors import UserError
+from kto_jax.eval.http_client import ChatJudgeClient, chat
 
 Outcome = float  # 1: candidate better, 0.5: tie, 0: reference better
 
@@ -198,73 +197,40 @@ JUDGE_TEMPLATE = """[User request]
 Which response is better? Answer with exactly one word: A, B, or TIE."""
 
 
-class HTTPJudge:
-    """Pairwise judgments from an OpenAI-compatible /chat/completions endpoint."""
+def parse_pairwise(text: str) -> str | None:
+    """"A", "B" or "TIE" from a pairwise judge's answer; None when it is none of them."""
+    verdict = text.strip().strip(".*\"' ").upper().split()[:1]
+    return verdict[0] if verdict in (["A"], ["B"], ["TIE"]) else None
+
+
+class HTTPJudge(ChatJudgeClient):
+    """Pairwise judgments from an OpenAI-compatible /chat/completions endpoint, sent through
+    the shared client (kto_jax/eval/http_client.py: bounded pool, retries with back-off,
+    timeouts, every answer once). An answer other than A, B or TIE counts as a tie and in
+    `invalid_answers`."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, *, seed: int = 0,
-                 timeout: float = 60.0, max_retries: int = 3, workers: int = 4):
-        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
-        self.seed, self.timeout, self.max_retries, self.workers = seed, timeout, max_retries, workers
-        self.name = f"http:{model}@{self.base_url}"
+                 timeout: float = 60.0, max_retries: int = 3, workers: int = 4, **kw: Any):
+        super().__init__(base_url, model, api_key, timeout=timeout, retries=max_retries,
+                         workers=workers, **kw)
+        self.seed = seed
         self.invalid_answers = 0
 
-    @classmethod
-    def from_env(cls, model: str | None = None, **kw) -> "HTTPJudge":
-        model = model or os.environ.get("KTO_JAX_JUDGE_MODEL")
-        if not model:
-            raise UserError("the http judge needs a model: set KTO_JAX_JUDGE_MODEL (e.g. gpt-4o) "
-                            "or pass --judge http:MODEL")
-        base = os.environ.get("KTO_JAX_JUDGE_BASE_URL", "https://api.openai.com/v1")
-        key = os.environ.get("KTO_JAX_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        return cls(base, model, key, **kw)
-
-    def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode("utf-8")
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(f"{self.base_url}/chat/completions", data=data,
-                                             headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                if e.code not in (408, 429, 500, 502, 503, 504) or attempt == self.max_retries:
-                    raise UserError(f"judge endpoint {self.base_url}: HTTP {e.code} {e.reason}: "
-                                    f"{e.read()[:300]!r}") from e
-            except (urllib.error.URLError, TimeoutError) as e:
-                if attempt == self.max_retries:
-                    raise UserError(f"judge endpoint {self.base_url} unreachable: {e}") from e
-            time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-    def judge_one(self, index: int, prompt: str, candidate: str, reference: str) -> Outcome:
-        """One request; the candidate is shown as A or B at random (seeded by index)."""
-        swap = random.Random(self.seed * 1_000_003 + index).random() < 0.5
-        a, b = (reference, candidate) if swap else (candidate, reference)
-        body = {"model": self.model, "temperature": 0, "max_tokens": 5, "messages": [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, a=a, b=b)}]}
-        reply = self._post(body)
-        try:
-            text = reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as e:
-            raise UserError(f"judge endpoint {self.base_url} sent no choices[0].message.content: "
-                            f"{str(reply)[:300]}") from e
-        verdict = text.strip().strip(".*\"' ").upper().split()[:1]
-        if verdict == ["TIE"]:
-            return 0.5
-        if verdict in (["A"], ["B"]):
-            candidate_won = (verdict == ["A"]) != swap
-            return 1.0 if candidate_won else 0.0
-        self.invalid_answers += 1
-        return 0.5
+    def swapped(self, index: int) -> bool:
+        """Whether item `index` shows the candidate as Response B (seeded, against position bias)."""
+        return random.Random(self.seed * 1_000_003 + index).random() < 0.5
 
     def compare(self, prompts, candidates, references) -> list[Outcome]:
-        items = list(zip(range(len(prompts)), prompts, candidates, references))
-        with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
-            return list(pool.map(lambda item: self.judge_one(*item), items))
+        swaps = [self.swapped(i) for i in range(len(prompts))]
+        requests = [chat(JUDGE_SYSTEM, JUDGE_TEMPLATE.format(prompt=p, a=r if swap else c,
+                                                             b=c if swap else r))
+                    for p, c, r, swap in zip(prompts, candidates, references, swaps)]
+        out = []
+        for verdict, swap in zip(self.ask(requests, parse_pairwise), swaps):
+            if verdict is None:
+                self.invalid_answers += 1
+            out.append(0.5 if verdict in (None, "TIE") else float((verdict == "A") != swap))
+        return out
 
 
 # ---------------------------------------------------------------- the spec

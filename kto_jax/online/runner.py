@@ -15,7 +15,15 @@ One process, one mesh, no export between rounds:
 
 The reference pi_ref is the initial policy (online.reference="initial") or a copy of the
 policy made at the start of every round ("refresh"; docs/online.md says what each does
-to z0 and the KL).
+to z0 and the KL). Under LoRA (config.lora) the train state holds the frozen base and
+the trained adapters (kto_jax/step/adapters.py): the sampler and every forward run the
+base with the adapters beside it, never a merged copy of the weights; "initial" is the
+base (with the adapters off, or + lora.init_from's frozen adapter), "refresh" the base +
+a frozen copy of the adapters as the round starts (only the adapters are copied).
+
+One process: the round files, the judge and the sampler's host loop live in it, so
+`online` refuses jax.process_count() > 1 (`check_single_process`); its mesh may span
+every device of that process.
 
 Resume: a rerun of the same command restores the last round's checkpoint and starts the
 next round; a round interrupted part-way is redone from its start, reusing its sample
@@ -29,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import sys
 import time
 from typing import Any
 
@@ -37,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from kto_jax import fs as paths
 from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import build_datasets
@@ -45,7 +53,6 @@ from kto_jax.generate import Sampler
 from kto_jax.losses.common import add_metrics, summarize_metrics
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import load_tokenizer
-from kto_jax.models.hf_io import read_hf_config
 from kto_jax.online import labels as labels_lib
 from kto_jax.online import report
 from kto_jax.online import rounds as files
@@ -53,22 +60,22 @@ from kto_jax.online.http_judge import JudgeFailed
 from kto_jax.online.judging import PointwiseJudge, make_pointwise_judge, prompt_text
 from kto_jax.online.prompts import PromptSets, prompt_sets, round_prompt_ids
 from kto_jax.online.settings import OnlineSettings
+from kto_jax.step.adapters import frozen_inputs, model_of, policy_params, resolved_lora
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding, reference_copy
 from kto_jax.step.train_step import make_eval_step, make_reference_step, make_train_step
 from kto_jax.train import batches as batches_lib
 from kto_jax.train import metric_names
-from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
 from kto_jax.train.checkpoint import Checkpointer
 from kto_jax.train.distributed import PreemptionGuard
-from kto_jax.train.export import export_params
 from kto_jax.train.loop import MetricsWindow
 from kto_jax.train.metrics import MetricsLogger, read_jsonl, truncate_after
-from kto_jax.train.run import (check_config_changes, initial_state, load_policy, resume_state,
-                               saved_state, write_run_files)
-from kto_jax.train.workdir_lock import WorkdirLock
+from kto_jax.train.run import (check_config_changes, check_model_path, initial_state, load_policy,
+                               lora_summary, open_logger, resume_state, saved_state,
+                               write_run_files)
+from kto_jax.train.trainer import export_at_end, run_session
 
 KL_LOSS = "kto_no_z0"  # an unpaired loss without KL pairs: its reference forward is log p(y|x)
 TRAIN_STREAM, HELDOUT_STREAM = 0, 1
@@ -106,6 +113,11 @@ class OnlineRun:
     logger: MetricsLogger
     start_round: int       # the last round the restored state has finished (0: none)
 
+    def close(self) -> None:
+        """Closes the checkpointer (waiting for a save in flight) and the logs."""
+        self.checkpointer.close()
+        self.logger.close()
+
 
 def sample_seed(seed: int, round_index: int, stream: int) -> int:
     """The sampling seed of (online.seed, round, train/held-out stream)."""
@@ -126,20 +138,22 @@ def _data_config(config: ml_collections.ConfigDict, train_file: str, eval_file: 
 
 # ---------------------------------------------------------------- setup
 
-def _check_paths(config: ml_collections.ConfigDict) -> None:
-    if not config.model.path:
-        raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
-                        "checkpoint directory)")
-    if not paths.exists(config.model.path):
-        raise UserError(f"config.model.path={config.model.path!r} does not exist.")
-    if paths.exists(paths.join(config.model.path, "config.json")) or not config.model.path.endswith(".gguf"):
-        read_hf_config(config.model.path)
+def check_single_process() -> None:
+    """UserError when JAX runs in more than one process: an online run is one process."""
+    if jax.process_count() > 1:
+        raise UserError(
+            f"kto-jax online runs in one process, and JAX has {jax.process_count()} here: "
+            "the judge, the round files and the sampler's host loop live in that one "
+            "process. Start it once, on one host, with its mesh over that host's devices "
+            "(config.mesh); multi-host training is `kto-jax train` on examples written by "
+            "an online run (WORKDIR/rounds/*/examples.jsonl).")
 
 
 def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
     """Everything the rounds need, restored from the last round's checkpoint if any."""
     online = OnlineSettings.from_config(config)
-    _check_paths(config)
+    check_model_path(config)
+    resolved_lora(config, None, get_loss(config.loss.name))  # config.lora errors before loading
     prompts = prompt_sets(online.prompts_path, online.heldout_prompts_path,
                           online.heldout_fraction, online.seed)
     workdir = paths.resolve(workdir)
@@ -159,6 +173,8 @@ def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
                       batch_size=online.sample_batch_size, chat=online.chat)
     graphdef, state, shardings = initial_state(config, model, tx, mesh)
     del model
+    if _adapter_reference_needed(config, online, state):
+        state, shardings = _with_adapter_reference(state, shardings)
     start_round, step = 0, 0
     if resuming:
         state, step, _ = resume_state(checkpointer, state, None)
@@ -166,24 +182,23 @@ def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
     else:
         for name in (layout.METRICS_FILE, layout.EVAL_METRICS_FILE):
             truncate_after(layout.path(workdir, name), -1)  # a fresh run: no rows of a dead one
-    logger = MetricsLogger(workdir, total_steps=online.num_steps, start_step=step,
-                           enabled=jax.process_index() == 0,
-                           metric_names=config.train.metric_names)
-    if resuming:
-        logger.message(f"resuming after round {start_round} (step {step}) in {workdir}")
-        if changes:
-            logger.message(changes)
-    logger.message(f"online: {len(prompts.train)} training prompts, {prompts.note}; judge "
-                   f"{judge.name}; reference {online.reference}")
+    lora_reference = ("the base + a frozen copy of the adapters as each round starts"
+                      if online.reference == "refresh" and state.reference_params is not None
+                      else None)
+    logger = open_logger(config, workdir, online.num_steps, step, [
+        f"resuming after round {start_round} (step {step}) in {workdir}" if resuming else None,
+        changes,
+        f"online: {len(prompts.train)} training prompts, {prompts.note}; judge {judge.name}; "
+        f"reference {online.reference}",
+        lora_summary(state, lora_reference) if state.base_params is not None else None])
     write_run_files(workdir, config_json, model_config, tokenizer)
     vocab_chunk = int(config.train.logprob_vocab_chunk)
     logps = {}
-    if state.reference_params is not None:
-        kl_loss = get_loss(KL_LOSS)
-        logps = {"policy": make_reference_step(kl_loss, graphdef, vocab_chunk, mesh,
-                                               shardings.params, config.mesh.rules),
-                 "reference": make_reference_step(kl_loss, graphdef, vocab_chunk, mesh,
-                                                  shardings.reference_params, config.mesh.rules)}
+    if state.reference_params is not None or state.base_params is not None:
+        kl_loss = get_loss(KL_LOSS)  # (under LoRA the base is always there to compare with)
+        logps = {name: make_reference_step(kl_loss, graphdef, vocab_chunk, mesh,
+                                           view(graphdef, shardings), config.mesh.rules)
+                 for name, view in (("policy", policy_params), ("reference", frozen_inputs))}
     return OnlineRun(
         config=config, config_json=config_json, online=online, workdir=workdir, mesh=mesh,
         tokenizer=tokenizer, graphdef=graphdef, state=state, shardings=shardings,
@@ -193,13 +208,32 @@ def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
         logger=logger, start_round=start_round)
 
 
+def _adapter_reference_needed(config: ml_collections.ConfigDict, online: OnlineSettings,
+                              state: TrainState) -> bool:
+    """LoRA with online.reference="refresh" and a loss that reads pi_ref: the state needs a
+    frozen adapter slot (the step's reference is base + state.reference_params) from the
+    start, so that the jitted steps see one state structure for the whole run."""
+    return (state.base_params is not None and state.reference_params is None
+            and online.reference == "refresh" and get_loss(config.loss.name).uses_reference)
+
+
+def _with_adapter_reference(state: TrainState, shardings: TrainState
+                            ) -> tuple[TrainState, TrainState]:
+    """(state, shardings) with reference_params = a float32 copy of the adapters, placed
+    like them (at round 1 this is base + the initial adapters: the initial policy)."""
+    copier = jax.jit(functools.partial(reference_copy, dtype="float32"),
+                     out_shardings=shardings.params)
+    return (state.replace(reference_params=copier(state.params)),
+            shardings.replace(reference_params=shardings.params))
+
+
 # ---------------------------------------------------------------- sample and judge
 
 def sample(run: OnlineRun, prompt_list: list, prompt_ids: list[int], round_index: int,
            stream: int) -> list[dict]:
     """samples_per_prompt completions of each prompt from the live policy, unjudged."""
     spp = run.online.samples_per_prompt
-    run.sampler.set_params(run.state.params)
+    run.sampler.set_params(policy_params(run.graphdef, run.state), run.graphdef, model_of)
     expanded = [prompt_list[p] for p in prompt_ids for _ in range(spp)]
     gens = run.sampler.generate(expanded, run.online.sampling,
                                 seed=sample_seed(run.online.seed, round_index, stream))
@@ -305,8 +339,9 @@ def _heldout_logps_kl(run: OnlineRun, heldout_file: str, seed: int) -> float | N
     total, count = 0.0, 0.0
     for local in data.eval_batches():
         batch = batches_lib.to_global(local, sharding)
-        pol = jax.device_get(run.logps["policy"](run.state.params, batch)["reference_logps"])
-        ref = jax.device_get(run.logps["reference"](run.state.reference_params, batch)["reference_logps"])
+        pol = run.logps["policy"](policy_params(run.graphdef, run.state), batch)
+        ref = run.logps["reference"](frozen_inputs(run.graphdef, run.state), batch)
+        pol, ref = jax.device_get((pol["reference_logps"], ref["reference_logps"]))
         valid = np.asarray(local["valid"], np.float64)
         total += float((valid * (np.asarray(pol, np.float64) - np.asarray(ref, np.float64))).sum())
         count += float(valid.sum())
@@ -386,9 +421,11 @@ def evaluate_round(run: OnlineRun, round_index: int, samples: list[dict] | None)
 # ---------------------------------------------------------------- the rounds
 
 def refresh_reference(run: OnlineRun) -> None:
-    """online.reference="refresh": pi_ref becomes a copy of the policy as the round starts."""
+    """online.reference="refresh": pi_ref becomes a copy of the policy as the round starts
+    (under LoRA: of the adapters, in float32; the base is shared)."""
     if run.online.reference == "refresh" and run.state.reference_params is not None:
-        copier = jax.jit(functools.partial(reference_copy, dtype=run.config.reference.param_dtype),
+        dtype = "float32" if run.state.base_params is not None else run.config.reference.param_dtype
+        copier = jax.jit(functools.partial(reference_copy, dtype=dtype),
                          out_shardings=run.shardings.reference_params)
         run.state = run.state.replace(reference_params=copier(run.state.params))
 
@@ -397,21 +434,6 @@ def save_round(run: OnlineRun, round_index: int) -> None:
     step = round_index * run.online.steps_per_round
     run.checkpointer.save(step, saved_state(run.state), _RoundMarker(round_index),
                           run.config_json, meta={"round": round_index}, force=True)
-
-
-def export_final(run: OnlineRun) -> None:
-    """WORKDIR/hf (config.train.export_at_end), unless it already holds the last step."""
-    final_step = run.online.num_steps
-    marker = layout.path(run.workdir, layout.EXPORT_MARKER)
-    done = paths.exists(marker) and int(paths.read_text(marker)) == final_step
-    if not run.config.train.export_at_end or done:
-        return
-    out = layout.path(run.workdir, layout.HF_DIR)
-    export_params(run.graphdef, run.state.params, out, run.tokenizer,
-                  run.config.train.export_dtype or None)
-    if jax.process_index() == 0:
-        paths.write_text(marker, f"{final_step}\n")
-    run.logger.message(f"exported the policy after round {run.online.rounds} to {out}")
 
 
 def run_rounds(run: OnlineRun, guard: PreemptionGuard) -> str:
@@ -430,24 +452,15 @@ def run_rounds(run: OnlineRun, guard: PreemptionGuard) -> str:
 
 def online(config: ml_collections.ConfigDict, workdir: str) -> int:
     """Runs (or resumes) the online rounds of `config` in `workdir`; returns 0."""
-    lock = WorkdirLock(workdir, log=lambda line: print(line, file=sys.stderr),
-                       enabled=jax.process_index() == 0)
-    with lock, PreemptionGuard() as guard:
-        run = setup_online(config, workdir)
+    check_single_process()
+    with run_session(workdir, lambda: setup_online(config, workdir)) as (run, guard):
         try:
-            with jax.set_mesh(run.mesh):
-                try:
-                    outcome = run_rounds(run, guard)
-                except JudgeFailed:
-                    run.checkpointer.wait()
-                    raise
-                run.checkpointer.wait()
-                if outcome == "preempted":
-                    run.logger.message("SIGTERM: stopped; re-run the same command to resume "
-                                       "after the last finished round.")
-                    return 0
-                export_final(run)
+            outcome = run_rounds(run, guard)
         finally:
-            run.checkpointer.close()
-            run.logger.close()
+            run.checkpointer.wait()  # a judge failure stops after the last round's save
+        if outcome == "preempted":
+            run.logger.message("SIGTERM: stopped; re-run the same command to resume "
+                               "after the last finished round.")
+            return 0
+        export_at_end(run, run.online.num_steps, f"after round {run.online.rounds}")
     return 0

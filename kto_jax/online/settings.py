@@ -115,8 +115,8 @@ def check_online_config(config: ml_collections.ConfigDict) -> None:
         problems.append("loss.auto_weights: eq. 9's lambda weights depend on each round's class "
                         "counts, but online rounds train with fixed weights: set "
                         "loss.auto_weights=False and loss.desirable_weight / undesirable_weight")
-    if int(config.lora.rank) > 0:
-        problems.append("lora.rank > 0: kto-jax online trains full parameters for now "
-                        "(set --config.lora.rank=0)")
+    if config.data.get("packing", False):
+        problems.append("data.packing=True: kto-jax online pads each round's sampled batches "
+                        "(set --config.data.packing=False)")
     if problems:
         raise UserError("; ".join(problems))

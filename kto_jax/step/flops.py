@@ -79,15 +79,20 @@ def forward_flops(dims: ModelDims, seq_len: int) -> float:
     return dense + attention
 
 
-def forward_passes(loss: Any, reference_source: str) -> tuple[int, int]:
-    """(forwards with a backward, forwards without) per example of one step.
+def forward_passes(loss: Any, reference_source: str, packed: bool = False) -> tuple[int, int]:
+    """(forwards with a backward, forwards without) per example of one step, or per packed
+    row when `packed`.
 
     Args:
       loss: a `kto_jax.losses.registry.HaloLoss` (reads `paired`, `uses_kl`,
         `uses_reference`): paired losses run two sequences per example; KL losses
         add the mismatched pair (x_i, y_{i+1}) for the policy and the reference.
       reference_source: config.reference.source; only "model" runs reference forwards.
+      packed: packed rows hold both completions of each example, so the policy runs
+        once over them (with a backward) and the reference once (data.packing).
     """
+    if packed:
+        return 1, int(loss.uses_reference and reference_source == "model")
     sequences = 2 if loss.paired else 1
     reference = int(loss.uses_reference and reference_source == "model")
     kl = int(loss.uses_kl)
@@ -95,12 +100,14 @@ def forward_passes(loss: Any, reference_source: str) -> tuple[int, int]:
 
 
 def step_flops(dims: ModelDims, *, loss: Any, reference_source: str,
-               global_batch: int, seq_len: int) -> float:
+               global_batch: int, seq_len: int, packed: bool = False) -> float:
     """Model FLOPs of one optimizer step over `global_batch` examples of `seq_len` tokens.
 
-    `seq_len` is the padded prompt + completion length, the shape the step runs on.
+    `seq_len` is the padded prompt + completion length, the shape the step runs on;
+    `packed`: `global_batch` rows of `seq_len` = data.pack_length tokens instead
+    (attention counted over the whole row, as the masked dense kernel computes it).
     """
-    grad_passes, fwd_passes = forward_passes(loss, reference_source)
+    grad_passes, fwd_passes = forward_passes(loss, reference_source, packed)
     per_example = forward_flops(dims, seq_len) * (3 * grad_passes + fwd_passes)
     return per_example * global_batch
 

@@ -19,14 +19,16 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from kto_jax.batch import batch_shapes
-from kto_jax.data import batching
+from kto_jax.data import batching, packing
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import PRESETS, ModelConfig, abstract_model, preset
 from kto_jax.models.lora import abstract_adapters
+from kto_jax.sharding import batch_shards
 from kto_jax.step.adapters import resolved_lora
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.state import abstract_train_state, batch_sharding, train_state_shardings
@@ -65,15 +67,35 @@ def sequence_lengths(config: ml_collections.ConfigDict, prompt_len: int | None,
     return lengths
 
 
+def packed_rows(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
+                completion_len: int) -> int:
+    """R of a packed microbatch (data.packing) whose every example has a P-token prompt and
+    two C-token completions: [x | y | y_kl] or [x | y_w | y_l], packed per batch shard as
+    kto_jax/data/packing.py does. 0 when data.packing is off (the padded layout)."""
+    d = config.data
+    if not d.get("packing", False):
+        return 0
+    m, tree = int(config.train.micro_batch_size), prompt_len + 2 * completion_len
+    if tree > int(d.pack_length):
+        raise UserError(f"an example of {prompt_len} + 2 x {completion_len} tokens does not fit "
+                        f"a packed row of data.pack_length={d.pack_length}: raise "
+                        "data.pack_length or lower --prompt_len / --completion_len.")
+    return packing.rows_needed(np.full(m, tree), int(d.pack_length),
+                               batch_shards(mesh, config.mesh.rules))
+
+
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
                    completion_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch [A, M, ...] (kto_jax/batch.py), on its sharding."""
+    """ShapeDtypeStructs of one global batch [A, M, ...] (kto_jax/batch.py), on its sharding;
+    packed rows [A, R, T] (`packed_rows`) when config.data.packing."""
     t = config.train
     shapes = batch_shapes(get_loss(config.loss.name).paired,
                           accumulation=int(t.global_batch_size) // int(t.micro_batch_size),
                           micro_batch=int(t.micro_batch_size), prompt_len=prompt_len,
                           completion_len=completion_len,
-                          precomputed=config.reference.source == "precomputed")
+                          precomputed=config.reference.source == "precomputed",
+                          rows=packed_rows(config, mesh, prompt_len, completion_len),
+                          pack_length=int(config.data.get("pack_length", 0)))
     sharding = batch_sharding(mesh, config.mesh.rules)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes.items()}

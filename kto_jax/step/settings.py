@@ -26,6 +26,9 @@ class StepSettings:
     hparams: ml_collections.FrozenConfigDict   # config.loss, lambda weights resolved
     reference_source: str
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    # packed batches (data.packing): the packer's groups, one per batch shard
+    # (kto_jax/data/packing.py); the jitted builders set it from the mesh
+    pack_groups: int = 1
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict,

@@ -18,6 +18,16 @@ What runs, per microbatch (section 4.1 of the paper; DESIGN.md "data path"):
 Two completions of the same prompts go through one forward by interleaving them
 along M ([M, 2, ...] -> [2M, ...]), which keeps every row on the device that owns
 its prompt under the M sharding.
+
+Packed microbatches (data.packing; kto_jax/data/packing.py, kto_jax/batch.py) carry rows
+[R, T] of whole examples [x | y | y2] instead of padded prompts: y2 is the KL
+completion y_{i+1 mod M} (rolled by the packer within the microbatch, as
+`kl_completions` does here) or the rejected y_l of a pair. Then ONE policy forward
+of the rows gives log pi(y|x) with gradient and log pi(y_kl|x) under
+`stop_gradient` (z0 carries no gradient, as with the frozen-parameter KL forward
+of the padded path), and ONE reference forward gives both reference log-probs:
+x is computed once per forward (`forward_pair`). The per-example results have the
+padded path's shapes, so the assembly of `stats` below is shared by both layouts.
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS
+from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS, is_packed
+from kto_jax.data.packing import PAIRED_NAMES, UNPAIRED_NAMES
 from kto_jax.errors import UserError
 from kto_jax.logprobs import CompletionLogps, completion_logps
 from kto_jax.losses.ppo import value_head_apply
 from kto_jax.losses.registry import HaloLoss
+from kto_jax.packed_logprobs import packed_completion_logps
 from kto_jax.step.adapters import model_of
 
 Array = jax.Array
@@ -79,6 +91,25 @@ def forward_two(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_m
     return CompletionLogps(*[h[0] for h in halves]), CompletionLogps(*[h[1] for h in halves])
 
 
+def forward_pair(graphdef: nnx.GraphDef, params: Any, mb: Batch, names: tuple[str, str],
+                 vocab_chunk: int, groups: int = 1, second: tuple[Array, Array] | None = None
+                 ) -> tuple[CompletionLogps, CompletionLogps]:
+    """Log-probs of two completions of the microbatch's prompts, from one forward.
+
+    names: the batch keys' prefixes, ("completion", "kl") or ("chosen", "rejected").
+    Packed: one forward of the rows [x | y | y2] (kto_jax/packed_logprobs.py; `groups`:
+    the packing groups, one per batch shard). Padded: `forward_two` of 2M rows; the
+    padded unpaired batch has no "kl_*" keys, so `second` passes (ids, mask) of y2.
+    """
+    if is_packed(mb):
+        model = model_of(graphdef, params)
+        return packed_completion_logps(model, mb, names, groups=groups, vocab_chunk=vocab_chunk)
+    ids2, mask2 = second if second is not None else (mb[f"{names[1]}_ids"],
+                                                     mb[f"{names[1]}_mask"])
+    return forward_two(graphdef, params, mb["prompt_ids"], mb["prompt_mask"],
+                       mb[f"{names[0]}_ids"], mb[f"{names[0]}_mask"], ids2, mask2, vocab_chunk)
+
+
 def frozen(params: Any) -> Any:
     """The parameters as constants for autodiff: applied BEFORE a no-backward forward."""
     return jax.tree.map(jax.lax.stop_gradient, params)
@@ -92,30 +123,33 @@ def reference_keys(loss: HaloLoss) -> tuple[str, ...]:
 
 
 def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
-                    vocab_chunk: int, kl: tuple[Array, Array] | None = None) -> dict[str, Array]:
+                    vocab_chunk: int, kl: tuple[Array, Array] | None = None,
+                    groups: int = 1) -> dict[str, Array]:
     """The reference forward of one microbatch: float32 [M] log pi_ref per `reference_keys(loss)`.
 
-    Paired: the chosen and rejected completions in one forward of 2M rows. Unpaired: the
-    matched (x, y) and, for a loss with z0, the KL pairs (x_i, y_{i+1 mod M}) rolled WITHIN
-    this microbatch, in one forward of 2M rows; `kl` passes the rolled completions when the
-    caller has built them already. Per-token log-probs [M, C] come too when the loss reads
-    them (`reference_token_logps`). The train step and `kto-jax precompute-ref` both call
-    this, so stored values are the ones the step would compute.
+    Paired: the chosen and rejected completions in one forward. Unpaired: the matched
+    (x, y) and, for a loss with z0, the KL pairs (x_i, y_{i+1 mod M}) rolled WITHIN this
+    microbatch, in one forward; `kl` passes the rolled completions when the caller has
+    built them already. A packed microbatch is one forward of its rows whatever the
+    loss (its y2 is already there; `groups`: its packing groups). Per-token log-probs
+    [M, C] come too when the loss reads them (`reference_token_logps`). The train step
+    and `kto-jax precompute-ref` both call this, so stored values are the ones the step
+    would compute, per example whatever the layout.
     """
     ref = frozen(reference)
-    x, xm = mb["prompt_ids"], mb["prompt_mask"]
     if loss.paired:
-        chosen, rejected = forward_two(graphdef, ref, x, xm, mb["chosen_ids"], mb["chosen_mask"],
-                                       mb["rejected_ids"], mb["rejected_mask"], vocab_chunk)
+        chosen, rejected = forward_pair(graphdef, ref, mb, PAIRED_NAMES, vocab_chunk, groups)
         return dict(zip(PRECOMPUTED_PAIRED_KEYS, (chosen.logps, rejected.logps)))
     y, ym = mb["completion_ids"], mb["completion_mask"]
-    if loss.uses_kl:
-        y_kl, ym_kl = kl if kl is not None else kl_completions(y, ym)
-        matched, mismatched = forward_two(graphdef, ref, x, xm, y, ym, y_kl, ym_kl, vocab_chunk)
-        out = {"reference_logps": matched.logps, "reference_kl_logps": mismatched.logps}
+    if loss.uses_kl or is_packed(mb):
+        kl = kl if kl is not None or is_packed(mb) else kl_completions(y, ym)
+        matched, mismatched = forward_pair(graphdef, ref, mb, UNPAIRED_NAMES, vocab_chunk,
+                                           groups, kl)
     else:
-        matched = forward(graphdef, ref, x, xm, y, ym, vocab_chunk)
-        out = {"reference_logps": matched.logps}
+        matched = forward(graphdef, ref, mb["prompt_ids"], mb["prompt_mask"], y, ym, vocab_chunk)
+    out = {"reference_logps": matched.logps}
+    if loss.uses_kl:
+        out["reference_kl_logps"] = mismatched.logps
     if loss.uses_token_logps:
         out["reference_token_logps"] = matched.token_logps
     return out
@@ -123,10 +157,10 @@ def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: 
 
 def _reference_stats(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
                      reference_source: str, vocab_chunk: int,
-                     kl: tuple[Array, Array] | None = None) -> dict[str, Array]:
+                     kl: tuple[Array, Array] | None = None, groups: int = 1) -> dict[str, Array]:
     """The reference stats of a loss that uses them: precomputed in the batch, or forwarded."""
     if reference_source != "precomputed":
-        return reference_logps(loss, graphdef, reference, mb, vocab_chunk, kl)
+        return reference_logps(loss, graphdef, reference, mb, vocab_chunk, kl, groups)
     keys = reference_keys(loss)
     missing = [k for k in keys if k not in mb]
     if missing:
@@ -138,29 +172,36 @@ def _reference_stats(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb:
 
 def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
                    value_head: Any, mb: Batch, *, reference_source: str,
-                   vocab_chunk: int) -> dict[str, Array]:
+                   vocab_chunk: int, groups: int = 1) -> dict[str, Array]:
     """The stats of an unpaired loss (KTO family, SFT, CSFT, offline PPO) for one microbatch.
 
     Args:
       params: policy nnx.Param state (differentiated by the caller).
       reference: frozen reference params, or None (precomputed / reference-free).
       value_head: value-head params (offline PPO), else None.
-      mb: one microbatch of the unpaired layout, arrays [M, ...].
+      mb: one microbatch of the unpaired layout, arrays [M, ...], padded or packed.
+      groups: packing groups of a packed microbatch (one per batch shard).
     """
-    x, xm = mb["prompt_ids"], mb["prompt_mask"]
-    y, ym = mb["completion_ids"], mb["completion_mask"]
+    kl = kl_logps = None
+    if is_packed(mb):  # one forward: y with gradient, y_kl = y_{i+1 mod M} detached
+        pol, pol_kl = forward_pair(graphdef, params, mb, UNPAIRED_NAMES, vocab_chunk, groups)
+        kl_logps = jax.lax.stop_gradient(pol_kl.logps)
+    else:
+        x, xm = mb["prompt_ids"], mb["prompt_mask"]
+        y, ym = mb["completion_ids"], mb["completion_mask"]
+        pol = forward(graphdef, params, x, xm, y, ym, vocab_chunk)
+        if loss.uses_kl:
+            kl = kl_completions(y, ym)  # built once, shared by policy and reference
+            kl_logps = forward(graphdef, frozen(params), x, xm, *kl, vocab_chunk).logps
     valid = mb["valid"].astype(bool)
-    pol = forward(graphdef, params, x, xm, y, ym, vocab_chunk)
     stats = {"policy_logps": pol.logps, "policy_token_counts": pol.token_counts,
              "desirable": mb["desirable"].astype(bool), "weight": mb["weight"].astype(jnp.float32),
              "valid": valid, "kl_valid": valid & jnp.roll(valid, -1, axis=0)}
-    kl = None
     if loss.uses_kl:
-        kl = kl_completions(y, ym)  # built once, shared by policy and reference
-        stats["policy_kl_logps"] = forward(graphdef, frozen(params), x, xm, *kl, vocab_chunk).logps
+        stats["policy_kl_logps"] = kl_logps
     if loss.uses_reference:
         stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source,
-                                      vocab_chunk, kl))
+                                      vocab_chunk, kl, groups))
     if loss.uses_token_logps:
         stats["policy_token_logps"] = pol.token_logps
         stats["completion_mask"] = pol.mask
@@ -170,23 +211,32 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
 
 
 def paired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
-                 mb: Batch, *, reference_source: str, vocab_chunk: int) -> dict[str, Array]:
-    """The stats of a paired loss (DPO, IPO, ORPO, SimPO, SLiC) for one microbatch [M, ...]."""
-    x, xm = mb["prompt_ids"], mb["prompt_mask"]
-    yw, ywm, yl, ylm = mb["chosen_ids"], mb["chosen_mask"], mb["rejected_ids"], mb["rejected_mask"]
-    chosen, rejected = forward_two(graphdef, params, x, xm, yw, ywm, yl, ylm, vocab_chunk)
+                 mb: Batch, *, reference_source: str, vocab_chunk: int,
+                 groups: int = 1) -> dict[str, Array]:
+    """The stats of a paired loss (DPO, IPO, ORPO, SimPO, SLiC) for one microbatch [M, ...],
+    padded or packed ([x | y_w | y_l] rows)."""
+    chosen, rejected = forward_pair(graphdef, params, mb, PAIRED_NAMES, vocab_chunk, groups)
     stats = {"policy_chosen_logps": chosen.logps, "policy_rejected_logps": rejected.logps,
              "chosen_token_counts": chosen.token_counts,
              "rejected_token_counts": rejected.token_counts, "valid": mb["valid"].astype(bool)}
     if loss.uses_reference:
-        stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source, vocab_chunk))
+        stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source,
+                                      vocab_chunk, groups=groups))
     return stats
 
 
 def matched_tokens(mb: Batch, paired: bool) -> Array:
-    """Real tokens of the matched (x, y) sequences of valid rows: the throughput count."""
+    """Real tokens of the matched (x, y) sequences of valid rows: the throughput count.
+
+    Paired: x + y_w + x + y_l, the tokens of the two padded sequences. Packed batches
+    count the same (their `prompt_length` for x), so the figure does not change with
+    the layout even though a packed forward computes x once.
+    """
     valid = mb["valid"].astype(jnp.float32)
-    prompt = mb["prompt_mask"].astype(jnp.float32).sum(-1)
+    if is_packed(mb):
+        prompt = mb["prompt_length"].astype(jnp.float32)
+    else:
+        prompt = mb["prompt_mask"].astype(jnp.float32).sum(-1)
     if paired:
         comp = (mb["chosen_mask"].astype(jnp.float32).sum(-1)
                 + mb["rejected_mask"].astype(jnp.float32).sum(-1) + prompt)

@@ -14,7 +14,8 @@ API (what the trainer and the AOT compiler call):
 
 The state (TrainState, its shardings, `abstract_train_state` for AOT lowering) is
 kto_jax/step/state.py; `batch_sharding(mesh, rules)` gives the batch's sharding, and
-every batch array is [A, M, ...] (kto_jax/batch.py). `make_reference_step` jits the
+every batch array is [A, M, ...] (kto_jax/batch.py; a packed batch's rows [A, R, T], packed
+per batch shard: the jitted builders give the step `settings.pack_groups` from the mesh). `make_reference_step` jits the
 reference forward alone over a batch: what `kto-jax precompute-ref` stores.
 
 Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; per
@@ -38,6 +39,7 @@ tokens of the matched sequences, additive) and the per-step values `grad_norm`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -48,7 +50,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.batch import is_packed, step_keys
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss
 from kto_jax.sharding import activation_sharding, batch_axes, batch_shards
@@ -63,13 +65,13 @@ Batch = Mapping[str, Array]
 
 def check_batch(batch: Batch, loss: HaloLoss) -> None:
     """UserError (at trace time) for a batch whose layout or microbatch size the loss cannot use."""
-    keys = PAIRED_KEYS if loss.paired else UNPAIRED_KEYS
-    missing = [k for k in keys if k not in batch]
+    packed = is_packed(batch)
+    missing = [k for k in step_keys(loss.paired, packed) if k not in batch]
     if missing:
         layout = "paired (chosen/rejected)" if loss.paired else "unpaired (completion + label)"
-        raise UserError(f"loss {loss.name!r} trains on {layout} batches, but the batch lacks "
-                        f"{missing}: use data of that kind (config.data.format) or another "
-                        "config.loss.name.")
+        raise UserError(f"loss {loss.name!r} trains on {layout} batches"
+                        f"{' (packed)' if packed else ''}, but the batch lacks {missing}: use "
+                        "data of that kind (config.data.format) or another config.loss.name.")
     if loss.uses_kl and batch["valid"].shape[1] < 2:
         raise UserError(f"loss {loss.name!r} needs microbatches of at least 2 examples for z0 "
                         f"(the KL pairs), got {batch['valid'].shape[1]}.")
@@ -88,7 +90,8 @@ def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
     params, value_head = trainable
     params, reference = adapters.policy_and_reference(params, reference)  # LoRA: base + adapters
     loss = settings.loss
-    kw = dict(reference_source=settings.reference_source, vocab_chunk=settings.vocab_chunk)
+    kw = dict(reference_source=settings.reference_source, vocab_chunk=settings.vocab_chunk,
+              groups=settings.pack_groups)
     if loss.paired:
         stats = step_stats.paired_stats(loss, graphdef, params, reference, mb, **kw)
     else:
@@ -174,13 +177,15 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
 
 
 def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss, graphdef: nnx.GraphDef,
-                   vocab_chunk: int) -> dict[str, Array]:
+                   vocab_chunk: int, pack_groups: int = 1) -> dict[str, Array]:
     """float32 [A, M] per key of `stats.reference_keys(loss)` for a batch [A, M, ...]: the step's
-    own reference forward (`stats.reference_logps`), a `lax.scan` over its microbatches."""
-    inputs = {k: batch[k] for k in (PAIRED_KEYS if loss.paired else UNPAIRED_KEYS)}
+    own reference forward (`stats.reference_logps`), a `lax.scan` over its microbatches.
+    Packed batches give the same per-example arrays (`pack_groups`: their packing groups)."""
+    inputs = {k: batch[k] for k in step_keys(loss.paired, is_packed(batch))}
 
     def body(_, mb):
-        return None, step_stats.reference_logps(loss, graphdef, reference, mb, vocab_chunk)
+        return None, step_stats.reference_logps(loss, graphdef, reference, mb, vocab_chunk,
+                                                groups=pack_groups)
 
     return jax.lax.scan(body, None, inputs)[1]
 
@@ -195,6 +200,13 @@ def _check_batch_divisible(config: ml_collections.ConfigDict, mesh: Mesh) -> Non
                         f"{batch_axes(config.mesh.rules)}); change the micro batch size or config.mesh.")
 
 
+def _with_pack_groups(settings: StepSettings, config: ml_collections.ConfigDict,
+                      mesh: Mesh) -> StepSettings:
+    """`settings` with the packing groups of `mesh`: the data pipeline packs each batch shard's
+    examples into rows of their own (kto_jax/data/packing.py), one group per shard."""
+    return dataclasses.replace(settings, pack_groups=batch_shards(mesh, config.mesh.rules))
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
                     state_shardings: TrainState, settings: StepSettings | None = None
@@ -205,7 +217,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     Raises UserError at build time for a configuration the loss cannot train with
     (e.g. a microbatch of 1 for a loss that needs z0).
     """
-    settings = settings or StepSettings.from_config(config)
+    settings = _with_pack_groups(settings or StepSettings.from_config(config), config, mesh)
     _check_batch_divisible(config, mesh)
     fn = functools.partial(train_step, graphdef=graphdef, settings=settings, tx=tx,
                            schedule=schedule,
@@ -220,7 +232,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
                    state_shardings: TrainState, settings: StepSettings | None = None
                    ) -> Callable[[TrainState, Batch], dict]:
     """`eval_step` for config.loss.name, jitted with explicit shardings (nothing donated)."""
-    settings = settings or StepSettings.from_config(config)
+    settings = _with_pack_groups(settings or StepSettings.from_config(config), config, mesh)
     _check_batch_divisible(config, mesh)
     fn = activation_sharding(functools.partial(eval_step, graphdef=graphdef, settings=settings),
                              mesh, config.mesh.rules)
@@ -236,7 +248,8 @@ def make_reference_step(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int
     `batch_sharding(mesh, rules)`, outputs replicated on every device. With `rules`
     (config.mesh.rules) the model's activations follow them (kto_jax.sharding.constrain).
     """
-    fn = functools.partial(reference_step, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk)
+    fn = functools.partial(reference_step, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk,
+                           pack_groups=batch_shards(mesh, rules))
     if rules is not None:
         fn = activation_sharding(fn, mesh, rules)
     return jax.jit(fn, in_shardings=(reference_shardings, batch_sharding(mesh, rules)),

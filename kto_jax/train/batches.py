@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from kto_jax.batch import is_packed
+
 
 def to_global(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Every array of this process's batch as one global array on `sharding`."""
@@ -26,22 +28,37 @@ def is_paired(batch: Mapping[str, object]) -> bool:
 
 
 def sequence_length(batch: Mapping[str, object]) -> int:
-    """Padded prompt + completion length T of every sequence in the batch."""
+    """Padded prompt + completion length of every sequence in the batch; for a packed batch
+    (data.packing) the row length data.pack_length."""
+    if is_packed(batch):
+        return int(batch["packed_ids"].shape[-1])
     completion = batch["chosen_ids"] if is_paired(batch) else batch["completion_ids"]
     return int(batch["prompt_ids"].shape[-1]) + int(completion.shape[-1])
 
 
 def global_examples(batch: Mapping[str, jax.Array]) -> int:
     """A * M: examples (or pairs) in one global batch."""
-    shape = batch["prompt_ids"].shape
+    shape = batch["valid"].shape
     return int(shape[0]) * int(shape[1])
 
 
+def global_sequences(batch: Mapping[str, jax.Array]) -> int:
+    """The sequences of `sequence_length` one forward runs per microbatch, times A: A * M
+    examples padded, A * R rows packed."""
+    if is_packed(batch):
+        shape = batch["packed_ids"].shape
+        return int(shape[0]) * int(shape[1])
+    return global_examples(batch)
+
+
 def padded_tokens(batch: Mapping[str, jax.Array]) -> int:
-    """Tokens of the sequences the policy trains on, padding included (A * M * T, x2 if paired).
+    """Tokens of the sequences the policy trains on, padding included (A * M * T, x2 if paired;
+    packed: the A * R * T positions of the rows, each example's x once).
 
     The convention of the performance comparisons in DESIGN.md: 32 x 1024 tokens per
     step for 32 sequences padded to 1024.
     """
+    if is_packed(batch):
+        return global_sequences(batch) * sequence_length(batch)
     sequences = 2 if is_paired(batch) else 1
     return global_examples(batch) * sequences * sequence_length(batch)

@@ -6,7 +6,10 @@ mathematics, and overwrite WORKDIR/hf with a model no single config describes. S
 a change is an error naming the keys, unless the user opts in with
 `--config.train.allow_config_change=True`. Keys that only change how long the run
 goes, what it logs, how often it evaluates or checkpoints, and how the same
-computation is laid out on devices change freely (FREE_KEYS).
+computation is laid out on devices change freely (FREE_KEYS). So do the data paths:
+the same data may move (to a bucket, to its `kto-jax data prepare` directory), and the
+data iterator's saved fingerprint (kto_jax/data/iterator.py) still refuses other data,
+tokenizer or batching settings on restore.
 
 Every key not listed as free counts as a change of the mathematics, so a field added
 later is guarded until someone decides otherwise. Note that with
@@ -24,6 +27,7 @@ FREE_KEYS = (
     "train.export_dtype", "train.allow_config_change", "train.logprob_vocab_chunk",
     "model.remat_policy", "model.attention_impl", "model.preset",
     "data.worker_count", "data.prefetch",
+    "data.train_path", "data.eval_path",  # guarded by the data iterator's fingerprint instead
     "checkpoint.", "mesh.",
     "online.rounds", "online.heldout_every", "online.judge_workers", "online.judge_timeout",
     "online.judge_retries",

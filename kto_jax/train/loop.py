@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kto_jax.batch import is_packed
 from kto_jax.losses.common import summarize_metrics
 from kto_jax.losses.kto import KL_UNPAIRED
 from kto_jax.step import flops as flops_lib
@@ -91,8 +92,8 @@ class Throughput:
         self._tokens += batches_lib.padded_tokens(batch)
         self._flops += flops_lib.step_flops(
             self._run.flop_dims, loss=self._loss, reference_source=self._run.config.reference.source,
-            global_batch=batches_lib.global_examples(batch),
-            seq_len=batches_lib.sequence_length(batch))
+            global_batch=batches_lib.global_sequences(batch),
+            seq_len=batches_lib.sequence_length(batch), packed=is_packed(batch))
 
     def exclude(self, seconds: float) -> None:
         """Leaves `seconds` (an evaluation) out of the current window's time."""

@@ -47,7 +47,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
+from kto_jax.batch import is_packed, step_keys
+from kto_jax.data import packing
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss, get_loss
 from kto_jax.step.stats import reference_keys
@@ -64,12 +65,18 @@ SPLITS = ("train", "eval")
 _HASH_CONSTANTS = ((2654435761, 2246822519), (3266489917, 668265263))
 
 
-def row_checksums(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+def row_checksums(batch: Mapping[str, np.ndarray], pack_groups: int = 1) -> np.ndarray:
     """uint32 [A, M, 2]: two position-weighted hashes of each row's real tokens.
 
     Covers the prompt and every completion side (completion, or chosen and rejected);
-    padding contributes nothing, so it is the same for any padded length.
+    padding contributes nothing, so it is the same for any padded length, and a packed
+    batch (data.packing; `pack_groups`: its local packing groups) of the same examples
+    gives the same values (its prompts read back from the rows), so the store is per
+    example whatever the layout.
     """
+    if is_packed(batch):
+        prompt_ids, prompt_mask = packing.packed_prompts(batch, pack_groups)
+        batch = dict(batch, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     sides = ["prompt"] + (["chosen", "rejected"] if "chosen_ids" in batch else ["completion"])
     out = []
     for mult, add in _HASH_CONSTANTS:
@@ -143,8 +150,9 @@ class ReferenceStore:
                             + ". Recompute with `kto-jax precompute-ref` and this run's config.")
 
     def rows(self, split: str, index: int, batch: Mapping[str, np.ndarray], process_index: int,
-             process_count: int) -> dict[str, np.ndarray]:
-        """This process's [A, M_local] reference arrays for global batch `index`, checked."""
+             process_count: int, pack_groups: int = 1) -> dict[str, np.ndarray]:
+        """This process's [A, M_local] reference arrays for global batch `index`, checked
+        (`pack_groups`: the local packing groups of a packed batch)."""
         arrays = self.splits.get(split)
         if arrays is None:
             raise UserError(f"{self.path} has no precomputed {split} batches; rerun "
@@ -155,7 +163,8 @@ class ReferenceStore:
                             f"{index}: precompute with the run's train.num_steps / data.num_epochs.")
         m_local = arrays[CHECKSUM].shape[2] // process_count
         lo = process_index * m_local
-        if not np.array_equal(arrays[CHECKSUM][index, :, lo:lo + m_local], row_checksums(batch)):
+        if not np.array_equal(arrays[CHECKSUM][index, :, lo:lo + m_local],
+                              row_checksums(batch, pack_groups)):
             raise UserError(f"{self.path}: {split} batch {index} holds other examples than the "
                             "store was computed on (data, tokenizer, seed or batch settings "
                             "changed); recompute with `kto-jax precompute-ref`.")
@@ -182,7 +191,8 @@ class ReferenceLogpsIterator:
     def __next__(self) -> dict:
         index = self._inner.next_batch
         batch = next(self._inner)
-        return dict(batch, **self._store.rows(self._split, index, batch, *self._process))
+        return dict(batch, **self._store.rows(self._split, index, batch, *self._process,
+                                              getattr(self._inner, "pack_groups", 1)))
 
     def get_state(self):
         return self._inner.get_state()
@@ -248,17 +258,20 @@ def compute_split(batches: Iterator[dict], num_batches: int, fn, reference, shar
                   keys: tuple[str, ...], log: Callable[[str], None], name: str) -> dict[str, np.ndarray]:
     """Runs `fn` over `num_batches` host batches; {key: [N, A, M], row_checksum: [N, A, M, 2]}.
 
-    `fn(reference, batch)` is the jitted reference step (`make_reference_step`).
+    `fn(reference, batch)` is the jitted reference step (`make_reference_step`). Packed
+    batches (data.packing) give the same per-example arrays as padded ones.
     """
+    groups = getattr(batches, "pack_groups", 1)
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys + (CHECKSUM,)}
     start = time.perf_counter()
     for k in range(num_batches):
         local = next(batches)
-        inputs = {key: v for key, v in local.items() if key in UNPAIRED_KEYS + PAIRED_KEYS}
+        inputs = {key: v for key, v in local.items()
+                  if key in step_keys("chosen_ids" in local, is_packed(local))}
         result = fn(reference, to_global(inputs, sharding))
         for key in keys:
             out[key].append(np.asarray(result[key], np.float32))
-        out[CHECKSUM].append(_gather_rows(row_checksums(local)))
+        out[CHECKSUM].append(_gather_rows(row_checksums(local, groups)))
         if (k + 1) % 50 == 0 or k + 1 == num_batches:
             log(f"{name}: {k + 1}/{num_batches} batches, {time.perf_counter() - start:.1f} s")
     return {k: np.stack(v) for k, v in out.items()}

@@ -80,16 +80,28 @@ class Run:
     def is_complete(self) -> bool:
         return self.start_step >= self.num_steps
 
+    def close(self) -> None:
+        """Closes the checkpointer (waiting for a save in flight), the logs and the data."""
+        self.checkpointer.close()
+        self.logger.close()
+        self.train_iter.close()
 
-def check_paths(config: ml_collections.ConfigDict) -> None:
-    """UserError for a missing model or data path, before anything heavy starts."""
+
+def check_model_path(config: ml_collections.ConfigDict) -> None:
+    """UserError for a missing or unreadable config.model.path, before anything heavy starts
+    (`kto-jax train`, `precompute-ref` and `online` all call it)."""
     if not config.model.path:
         raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
                         "checkpoint directory) or a llama.cpp .gguf file.")
     if not paths.exists(config.model.path):
         raise UserError(f"config.model.path={config.model.path!r} does not exist.")
-    if os.path.isdir(config.model.path):
+    if os.path.isdir(config.model.path) or not config.model.path.endswith(".gguf"):
         read_hf_config(config.model.path)  # "no config.json in DIR" before any tokenizer error
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """UserError for a missing model or data path, before anything heavy starts."""
+    check_model_path(config)
     if not config.data.train_path:
         raise UserError("config.data.train_path is empty: pass --config.data.train_path=FILE "
                         "(JSONL / JSON / Parquet, or a datasets directory).")
@@ -158,14 +170,17 @@ def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
     return restored.replace(reference_params=reference, base_params=base), step, meta.get("window")
 
 
-def lora_summary(state: TrainState) -> str:
-    """The log line of a LoRA run: trained adapter parameters against the frozen base's."""
+def lora_summary(state: TrainState, reference: str | None = None) -> str:
+    """The log line of a LoRA run: trained adapter parameters against the frozen base's, and
+    what the reference is (`reference`, or what the state says: base + the frozen starting
+    adapter, or the base with the adapters off)."""
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     trained, base = count(state.params), count(state.base_params)
+    reference = reference or ("the base + the frozen starting adapter"
+                              if state.reference_params is not None
+                              else "the base with the adapters off")
     return (f"LoRA: training {trained:,} adapter parameters ({100 * trained / base:.2f}% of the "
-            f"{base:,} frozen base parameters); the reference is the base "
-            + ("+ the frozen starting adapter" if state.reference_params is not None
-               else "with the adapters off"))
+            f"{base:,} frozen base parameters); the reference is {reference}")
 
 
 def check_config_changes(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
@@ -175,6 +190,20 @@ def check_config_changes(checkpointer: Checkpointer, config: ml_collections.Conf
     return config_change.check_resume(checkpointer.restore_config(), json.loads(config_json),
                                       allow=bool(config.train.get("allow_config_change", False)),
                                       where=workdir)
+
+
+def open_logger(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
+                start_step: int, lines: list[str | None]) -> MetricsLogger:
+    """The run's MetricsLogger (process 0 writes), continuing at `start_step`, with its
+    first messages: `lines` in order, the None ones skipped (e.g. the resume line of a
+    fresh run)."""
+    logger = MetricsLogger(workdir, total_steps=total_steps, start_step=start_step,
+                           enabled=jax.process_index() == 0,
+                           metric_names=config.train.metric_names)
+    for line in lines:
+        if line:
+            logger.message(line)
+    return logger
 
 
 def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, tokenizer) -> None:
@@ -211,17 +240,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     start_step, window = 0, None
     if resuming:
         state, start_step, window = resume_state(checkpointer, state, train_iter)
-    logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step,
-                           enabled=jax.process_index() == 0,
-                           metric_names=config.train.metric_names)
-    if resuming:
-        logger.message(f"resuming from step {start_step} of {num_steps} in {workdir}")
-        if changes:
-            logger.message(changes)
-    for line in data.summary.lines():
-        logger.message(line)
-    if state.base_params is not None:
-        logger.message(lora_summary(state))
+    logger = open_logger(config, workdir, num_steps, start_step, [
+        f"resuming from step {start_step} of {num_steps} in {workdir}" if resuming else None,
+        changes, *data.summary.lines(),
+        lora_summary(state) if state.base_params is not None else None])
     write_run_files(workdir, config_json, model_config, tokenizer)
     device = jax.devices()[0]
     return Run(

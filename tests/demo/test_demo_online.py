@@ -4,6 +4,8 @@ judge-call and optimizer-step budget spent in online rounds."""
 import json
 import os
 
+import pytest
+
 from kto_jax import cli
 from kto_jax.demo import pipeline, rule
 from kto_jax.train.metrics import read_jsonl
@@ -29,3 +31,22 @@ def test_demo_online_quick_keeps_the_offline_budget(tiny_dir, tmp_path, capsys):
     assert len(after) == size.heldout_prompts * size.heldout_samples == results["n"]
     assert results["pass_rate_after"][0] == sum(rule.passes(s["completion"]) for s in after) / len(after)
     assert all(s["score"] == float(rule.passes(s["completion"])) for s in after)
+
+
+def test_demo_online_lora_trains_adapters_in_the_rounds(tiny_dir, tmp_path):
+    """--online --lora: the rounds train rank-R adapters (checkpoints hold only them) and
+    the results record the rank; the budget is the offline demo's as above."""
+    workdir = str(tmp_path / "demo_lora")
+    assert cli.main(["demo", "--online", "--lora=4", "--size", "quick", "--model", tiny_dir,
+                     "--workdir", workdir]) == 0
+    results = json.load(open(os.path.join(workdir, "online_results.json")))
+    assert results["lora_rank"] == 4 and results["steps"] == pipeline.SIZES["quick"].num_steps
+    run = os.path.join(workdir, "online")
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["lora"]["rank"] == 4 and config["optim"]["lr"] == pytest.approx(
+        pipeline.SIZES["quick"].lr * pipeline.LORA_LR_FACTOR)
+    checkpoints = os.path.join(run, "checkpoints")
+    last = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    with open(os.path.join(checkpoints, str(last), "state", "_METADATA"), encoding="utf-8") as f:
+        saved = [k for k in json.load(f)["tree_metadata"] if k.endswith("'value')")]
+    assert saved and all("_lora_" in k for k in saved)

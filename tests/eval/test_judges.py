@@ -45,6 +45,7 @@ class _JudgeServer(http.server.BaseHTTPRequestHandler):
     requests: list = []
     max_requests = 50
     fail_first = 0
+    answer = None          # a fixed answer instead of the verdict
 
     def do_POST(self):  # noqa: N802 (stdlib name)
         cls = type(self)
@@ -60,6 +61,7 @@ class _JudgeServer(http.server.BaseHTTPRequestHandler):
         a = text.split("[Response A]")[1].split("[Response B]")[0]
         b = text.split("[Response B]")[1].split("Which response")[0]
         verdict = "TIE" if ("light" in a) == ("light" in b) else ("A" if "light" in a else "B.")
+        verdict = cls.answer if cls.answer is not None else verdict
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -75,6 +77,7 @@ class _JudgeServer(http.server.BaseHTTPRequestHandler):
 def judge_server(monkeypatch):
     _JudgeServer.requests = []
     _JudgeServer.fail_first = 0
+    _JudgeServer.answer = None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JudgeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -110,15 +113,21 @@ def test_http_judge_against_local_server(judge_server):
 
 def test_http_judge_retries_then_succeeds_and_reports_errors(judge_server, monkeypatch):
     _JudgeServer.fail_first = 2
-    judge = judges.HTTPJudge.from_env(max_retries=3, workers=1)
-    monkeypatch.setattr(judges.time, "sleep", lambda s: None)
+    judge = judges.HTTPJudge.from_env(max_retries=3, workers=1, backoff=0.001)
     assert judge.compare(["p"], ["light"], ["dark"]) == [1.0]
     assert len(_JudgeServer.requests) == 3                # two 503s, then the answer
+    assert judge.requests_sent == 3 and judge.max_in_flight == 1
     _JudgeServer.requests = []
     _JudgeServer.fail_first = 10
-    with pytest.raises(UserError, match="HTTP 503"):
-        judges.HTTPJudge.from_env(max_retries=1, workers=1).compare(["p"], ["a"], ["b"])
+    with pytest.raises(UserError, match="failed 2 times .last: HTTP 503"):
+        judges.HTTPJudge.from_env(max_retries=1, workers=1, backoff=0.001).compare(
+            ["p"], ["a"], ["b"])
     assert len(_JudgeServer.requests) == 2                # bounded: 1 try + 1 retry
+    # an answer that is no verdict is a tie, counted, and not retried
+    _JudgeServer.requests, _JudgeServer.fail_first, _JudgeServer.answer = [], 0, "Maybe both"
+    judge = judges.HTTPJudge.from_env(workers=2)
+    assert judge.compare(["p", "q"], ["light", "a"], ["dark", "b"]) == [0.5, 0.5]
+    assert judge.invalid_answers == 2 and len(_JudgeServer.requests) == 2
     monkeypatch.delenv("KTO_JAX_JUDGE_MODEL")
     with pytest.raises(UserError, match="KTO_JAX_JUDGE_MODEL"):
         judges.make_judge("http")

@@ -34,3 +34,14 @@ def prompts_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def online_run(tmp_path_factory, tiny_model_dir, prompts_file, compile_cache) -> str:
+    """The workdir of one uninterrupted `kto-jax online` run of online_tiny_cpu (2 CPU
+    devices), shared by the tests that compare other runs with it."""
+    from online_helpers import online_argv, online_env
+    from run_helpers import run_cli
+    workdir = str(tmp_path_factory.mktemp("online_run"))
+    run_cli(online_argv(workdir, tiny_model_dir, prompts_file), online_env(compile_cache))
+    return workdir

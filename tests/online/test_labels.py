@@ -93,6 +93,13 @@ def test_bad_online_config_names_the_field(online, needle):
     assert needle in str(err.value)
 
 
+def test_packing_is_refused_by_online_rounds():
+    c = _config()
+    c.data.packing = True
+    with pytest.raises(UserError, match="data.packing=True: kto-jax online pads"):
+        OnlineSettings.from_config(c)
+
+
 def test_paired_loss_needs_pairs():
     c = _config()
     c.loss.name = "dpo"

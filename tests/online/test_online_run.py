@@ -19,11 +19,9 @@ from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
 ROUNDS, STEPS_PER_ROUND = 2, 2
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir, prompts_file, compile_cache) -> str:
-    workdir = str(tmp_path_factory.mktemp("online_run"))
-    run_cli(online_argv(workdir, tiny_model_dir, prompts_file), online_env(compile_cache))
-    return workdir
+@pytest.fixture()
+def uninterrupted(online_run) -> str:
+    return online_run
 
 
 def _rows(workdir: str) -> list[dict]:

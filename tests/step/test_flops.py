@@ -56,6 +56,11 @@ def test_step_flops_and_mfu():
     assert step == 8 * f * (3 + 3)
     assert flops.mfu(step, 2.0, 4, 1e12) == pytest.approx(step / 2.0 / 4e12)
     assert flops.mfu(step, 2.0, 4, None) == 0.0
+    # packed rows: one policy pass (y and y_kl together) with its backward, one reference pass
+    rows = flops.step_flops(DIMS, loss=get_loss("kto"), reference_source="model", global_batch=3,
+                            seq_len=128, packed=True)
+    assert rows == 3 * flops.forward_flops(DIMS, 128) * (3 + 1)
+    assert flops.forward_passes(get_loss("dpo"), "precomputed", packed=True) == (1, 0)
 
 
 def test_peak_lookup():

