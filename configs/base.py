@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.reference = ml_collections.ConfigDict()
     c.reference.source = "model"      # "model" (frozen copy of the initial policy) | "precomputed" (log-probs in the data) | "none"
     c.reference.param_dtype = "bfloat16"  # dtype of the frozen reference weights ("float32" for exactness)
+    c.reference.sync_every = 0        # TR-DPO: every N steps pi_ref <- alpha pi_theta + (1 - alpha) pi_ref; 0 never (humanline: every step)
+    c.reference.sync_alpha = 0.6      # TR-DPO alpha in (0, 1]: the policy's weight in the blend (TRL's default)
 
     # ---- lora: train low-rank adapters instead of every weight (docs/lora.md) ----
     c.lora = ml_collections.ConfigDict()

@@ -116,7 +116,8 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
     run.checkpointer.raise_if_save_failed()
     if not force and step % run.checkpointer.every_steps:
         return False
-    return run.checkpointer.save(step, saved_state(run.state), run.train_iter, run.config_json,
+    return run.checkpointer.save(step, saved_state(run.state, run.settings.reference_sync is not None),
+                                 run.train_iter, run.config_json,
                                  meta={"window": window.to_host()}, force=force)
 
 
