@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.reference = ml_collections.ConfigDict()
     c.reference.source = "model"      # "model" (frozen copy of the initial policy) | "precomputed" (log-probs in the data) | "none"
     c.reference.param_dtype = "bfloat16"  # dtype of the frozen reference weights ("float32" for exactness)
+    c.reference.sync_every = 0        # TR-DPO: every N steps pi_ref <- alpha pi_theta + (1 - alpha) pi_ref; 0 never (humanline: every step)
+    c.reference.sync_alpha = 0.6      # TR-DPO alpha in (0, 1]: the policy's weight in the blend (TRL's default)
 
     # ---- lora: train low-rank adapters instead of every weight (docs/lora.md) ----
     c.lora = ml_collections.ConfigDict()
@@ -35,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- loss: which HALO and its hyperparameters (docs/losses.md) ----
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | dpo | ipo | orpo | simpo | slic | discopop | apo_zero | apo_down | sft | csft | ppo_offline
+    c.loss.name = "kto"               # kto | kto_no_z0 | kto_concave | kto_risk_neutral | kto_reference_free | apo_zero_unpaired | humanline | bco | dpo | ipo | orpo | simpo | slic | discopop | apo_zero | apo_down | sft | csft | ppo_offline
     c.loss.beta = 0.1                 # beta: KL-penalty strength / reward scale (paper default 0.1)
     c.loss.desirable_weight = 1.0     # lambda_D of eq. 8
     c.loss.undesirable_weight = 1.0   # lambda_U of eq. 8
@@ -47,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.orpo_lambda = 0.1          # ORPO: weight of the odds-ratio term against the NLL
     c.loss.slic_delta = 1.0           # SLiC: hinge margin delta
     c.loss.slic_lambda_reg = 0.1      # SLiC: weight of the NLL regulariser on desirable outputs
+    c.loss.humanline_log_eps_p = -1.0  # humanline: lower clamp log eps_P of each token's log pi/pi_ref (HALOs: -1.0)
+    c.loss.humanline_log_eps_r = 1.5   # humanline: upper clamp log eps_R (HALOs: 1.5)
     c.loss.discopop_tau = 0.05        # DiscoPOP: temperature of the log-ratio modulation sigma(h / tau) (paper and TRL: 0.05)
     c.loss.ppo_clip_low = 0.25        # offline PPO: lower clip of the probability ratio (App. C)
     c.loss.ppo_clip_high = 4.0        # offline PPO: upper clip of the probability ratio (App. C)

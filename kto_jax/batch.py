@@ -4,8 +4,9 @@ shapes and dtypes (`UNPAIRED_FIELDS`, `PAIRED_FIELDS` and their precomputed extr
 Every array has leading dims [A, M]: A gradient-accumulation microbatches of M
 examples each. The step scans over A; the M axis is sharded over ('data', 'fsdp').
 Prompts and completions are stored apart so the mismatched KL pairs of the paper
-(x_i, y_{i+1 mod M}) are a `jnp.roll` of the completion arrays along the M axis,
-inside the jitted step, within one microbatch.
+(x_i, y_{i+1 mod M}) are a gather of the completion arrays along the M axis, inside the
+jitted step, within one microbatch: `kl_partners` (the next REAL row, so the filler
+rows at the end of an epoch's last microbatch are never a KL completion).
 
 Unpaired batches (KTO and every loss on binary feedback):
   prompt_ids        int32 [A, M, P]  left-padded with the pad id
@@ -106,6 +107,34 @@ def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False
 def step_keys(paired: bool, packed: bool = False) -> tuple[str, ...]:
     """The keys the train step reads from a batch of that layout (no precomputed ones)."""
     return tuple(f.name for f in batch_fields(paired, packed=packed))
+
+
+def kl_partners(valid, xp=np):
+    """int [..., M]: the row whose completion is row i's KL completion, per microbatch.
+
+    The next valid row after i, cyclically: i + 1 mod M when every row is real; with
+    n real rows first and filler after them (an epoch's last batch), real row i gets
+    y_{i+1 mod n}, never a filler's. A row that is the only real one gets itself (no
+    mismatched pair exists: `kl_pair_valid` is then False); a filler row gets the next
+    real row (its pair is masked anyway). One rule for the step (`xp=jax.numpy`, inside
+    jit) and the host-built packed layout (`xp=numpy`).
+
+    Args:
+      valid: bool [..., M], the microbatch's `valid` (leading axes are microbatches).
+    """
+    m = valid.shape[-1]
+    i = xp.arange(m)
+    steps = (i[None, :] - i[:, None] - 1) % m             # [i, j]: j is row i + 1 + steps
+    steps = xp.where(xp.asarray(valid)[..., None, :], steps, m)
+    return xp.argmin(steps, axis=-1)
+
+
+def kl_pair_valid(valid, xp=np):
+    """bool [..., M]: row i is real and its KL partner is another real row (`kl_partners`)."""
+    valid = xp.asarray(valid).astype(bool)
+    partners = kl_partners(valid, xp)
+    return valid & (partners != xp.arange(valid.shape[-1])) & xp.take_along_axis(
+        valid, partners, axis=-1)
 
 
 def is_packed(batch: Mapping[str, object]) -> bool:

@@ -92,7 +92,8 @@ def unpad(ids, mask):
 
 def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
     """The packed batch (kto_jax/data/packing.py) of the same examples as the padded `batch`:
-    rows of `pack_length` tokens, the KL completions rolled within each microbatch, the
+    rows of `pack_length` tokens, the KL completions rolled within each microbatch (around
+    its real rows: `packing.kl_completions` with `valid`, the step's rule), the
     per-example arrays (labels, weights, validity, precomputed reference) unchanged."""
     from kto_jax.data import packing  # pylint: disable=import-outside-toplevel
     names = packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES
@@ -101,7 +102,7 @@ def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
         firsts, seconds = (unpad(batch[f"{n}_ids"], batch[f"{n}_mask"]) for n in names)
     else:
         firsts = unpad(batch["completion_ids"], batch["completion_mask"])
-        seconds = [packing.kl_completions(f) for f in firsts]
+        seconds = [packing.kl_completions(f, v) for f, v in zip(firsts, batch["valid"])]
     lengths = np.array([[len(a) + len(b) + len(c) for a, b, c in zip(*mb)]
                         for mb in zip(prompts, firsts, seconds)])
     c = batch[f"{names[0]}_ids"].shape[-1]

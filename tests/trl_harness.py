@@ -126,3 +126,38 @@ def trl_kto_logs(loss_type: str, microbatches: list[dict], *, beta: float,
         trainer.model = torch.nn.Module()  # KTOTrainer.log reads model.training (True: "train")
         KTOTrainer.log(trainer, {})
     return losses, logged
+
+
+def trl_bco(microbatches: list[dict], *, beta: float) -> tuple[list[float], list[float]]:
+    """TRL's BCO on a sequence of training microbatches: (loss per microbatch, delta per microbatch).
+
+    TRL 1.16 no longer ships `BCOTrainer`, so this restates, in torch, what its last
+    version (trl/trainer/bco_trainer.py `bco_loss` + trl/trainer/utils.py `RunningMoments`)
+    computes: the batch is split into chosen and rejected rows; the running moments
+    are updated with the concatenated rewards beta (log pi - log ref) (mean 0, var 1,
+    count 1e-24 at the start; batch moments by `torch.var_mean(unbiased=False)`; the
+    parallel-moments update), and THEN delta = the running mean is used for this
+    microbatch's loss, `nanmean` over its rows. Each microbatch is a dict of numpy
+    arrays policy_logps, reference_logps, desirable (its real rows only).
+    """
+    mean, var, count = 0.0, 1.0, 1e-24
+    losses, deltas = [], []
+    for mb in microbatches:
+        label = torch.as_tensor(np.asarray(mb["desirable"], bool))
+        logratios = (torch.as_tensor(np.asarray(mb["policy_logps"], np.float32))
+                     - torch.as_tensor(np.asarray(mb["reference_logps"], np.float32)))
+        chosen_rewards, rejected_rewards = beta * logratios[label], beta * logratios[~label]
+        xs = torch.cat((chosen_rewards, rejected_rewards), 0)
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_count = xs.numel()
+        step = xs_mean.float() - mean
+        total = count + xs_count
+        var = (var * count + step ** 2 * count * xs_count / total + xs_var.float() * xs_count) / total
+        mean = mean + step * xs_count / total
+        count = total
+        delta = torch.as_tensor(mean)
+        losses_mb = torch.cat((-torch.nn.functional.logsigmoid(chosen_rewards - delta),
+                               -torch.nn.functional.logsigmoid(-(rejected_rewards - delta))), 0)
+        losses.append(float(losses_mb.nanmean()))
+        deltas.append(float(delta))
+    return losses, deltas

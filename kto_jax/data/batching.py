@@ -35,7 +35,7 @@ import dataclasses
 
 import numpy as np
 
-from kto_jax.batch import as_batch
+from kto_jax.batch import as_batch, kl_partners
 from kto_jax.data import packing
 from kto_jax.data.tokenize import TokenizedSplit
 
@@ -236,11 +236,19 @@ def global_slots(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
     return planned.indices[slot_sources(len(planned.indices), layout)[0]]
 
 
+def kl_slots(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
+    """int [A, M]: for every slot of the GLOBAL batch, the slot whose completion is its KL
+    completion: the next real slot of its microbatch, cyclically (`kto_jax.batch.kl_partners`,
+    the step's rule; i + 1 mod M when the microbatch has no filler)."""
+    return kl_partners(slot_sources(len(planned.indices), layout)[1])
+
+
 def kl_rows(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
     """int [A, M_local]: for each of this process's slots, the example whose completion is its
-    KL completion, slot i + 1 mod M of the GLOBAL microbatch (the step's `jnp.roll`)."""
+    KL completion (`kl_slots`) in the GLOBAL microbatch."""
     lo = layout.process_index * layout.local_micro_batch
-    return np.roll(global_slots(planned, layout), -1, axis=1)[:, lo:lo + layout.local_micro_batch]
+    partners = np.take_along_axis(global_slots(planned, layout), kl_slots(planned, layout), axis=1)
+    return partners[:, lo:lo + layout.local_micro_batch]
 
 
 def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
@@ -258,7 +266,8 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
     prompt, sides = lengths.prompt_lengths, lengths.side_lengths
     trees = prompt[slots] + sides[0][slots]
     if layout.pack_second:
-        trees += sides[1][slots] if paired else np.roll(sides[0][slots], -1, axis=1)
+        trees += sides[1][slots] if paired else np.take_along_axis(
+            sides[0][slots], kl_slots(planned, layout), axis=1)
     groups = layout.pack_groups // layout.process_count
     num_rows = packing.microbatch_rows(trees, layout.pack_length, layout.pack_groups) \
         // layout.process_count

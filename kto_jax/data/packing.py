@@ -17,8 +17,8 @@ Layout of one example (one segment of a row; kto_jax/models/packed_attention.py)
     tokens     x_0 .. x_{p-1} | y_0 .. y_{c-1} | y2_0 .. y2_{k-1}
     positions  0 .. p-1       | p .. p+c-1     | p .. p+k-1
     branch     0              | 1              | 2
-y2 is y_{i+1 mod M} for an unpaired loss (the KL completion, as jnp.roll(-1) in the
-padded step) and y_l for a paired loss ([x | y_w | y_l]).
+y2 is y_{i+1 mod M} for an unpaired loss (the KL completion of the padded step: the
+next real example, `kto_jax.batch.kl_partners`) and y_l for a paired loss ([x | y_w | y_l]).
 
 Which examples share a row: first-fit decreasing over the microbatch's examples
 (longest tree first, ties in plan order), each tree whole in one row, never split.
@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kto_jax.batch import kl_partners
+
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
 UNPAIRED_NAMES = ("completion", "kl")
 PAIRED_NAMES = ("chosen", "rejected")
@@ -42,9 +44,13 @@ STEP_RUNS_PACKED = True  # the train step runs packed batches (kto_jax/step/stat
 ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
 
 
-def kl_completions(completions: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The KL completions of a microbatch: example i gets y_{i+1 mod M} (jnp.roll(y, -1))."""
-    return list(completions[1:]) + list(completions[:1])
+def kl_completions(completions: Sequence[np.ndarray],
+                   valid: Sequence[bool] | None = None) -> list[np.ndarray]:
+    """The KL completions of a microbatch: example i gets y_{i+1 mod M}, wrapping around the
+    real examples when `valid` marks filler (`kto_jax.batch.kl_partners`, the step's rule)."""
+    if valid is None:
+        return list(completions[1:]) + list(completions[:1])
+    return [completions[int(j)] for j in kl_partners(np.asarray(valid, bool))]
 
 
 def assign_rows(lengths: np.ndarray, pack_length: int, groups: int = 1
@@ -161,15 +167,16 @@ def pack_trees(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
 
 
 def pack_unpaired(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
-                  **kwargs) -> dict[str, np.ndarray]:
-    """`pack_trees` of [x_i | y_i | y_{i+1 mod M}] (keys completion_*, kl_*).
+                  valid: Sequence[bool] | None = None, **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of [x_i | y_i | y_{i+1 mod M}] (keys completion_*, kl_*); with `valid`,
+    the KL completions wrap around the real examples (`kl_completions`).
 
     The roll is within the given list: with several processes, pass the globally
     rolled KL completions to `pack_trees` instead (process p's last example pairs
     with process p+1's first).
     """
-    return pack_trees(prompts, completions, kl_completions(completions), names=UNPAIRED_NAMES,
-                      **kwargs)
+    return pack_trees(prompts, completions, kl_completions(completions, valid),
+                      names=UNPAIRED_NAMES, **kwargs)
 
 
 def pack_paired(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray],
@@ -195,7 +202,8 @@ def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequenc
 
     kwargs are `pack_trees`'s (pack_length, num_rows, completion_length, pad_id, groups);
     num_rows must hold every microbatch (`microbatch_rows`). For the unpaired losses
-    `seconds` are the KL completions, rolled within each GLOBAL microbatch.
+    `seconds` are the KL completions, paired within each GLOBAL microbatch
+    (`kto_jax.data.batching.kl_rows`: the next real example, as the padded step).
     """
     per = [pack_trees(p, f, s, names=names, **kwargs) for p, f, s in zip(prompts, firsts, seconds)]
     return {k: np.stack([b[k] for b in per]) for k in per[0]}

@@ -301,9 +301,10 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
     n_d, n_u = train.n_desirable, train.n_undesirable
     recommended = None if paired else imbalance.balanced_weights(n_d, n_u)
     warnings = []
-    if not paired and config.loss.auto_weights and recommended is not None:
-        lam_d, lam_u = recommended
     uses_lambda = not paired and get_loss(config.loss.name).uses_lambda_weights  # eq. 8's λ
+    auto = bool(uses_lambda and config.loss.auto_weights and recommended is not None)
+    if auto:  # only a loss that weighs its classes gets eq. 9's weights (and says so)
+        lam_d, lam_u = recommended
     if uses_lambda:
         warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
         if warning:
@@ -315,6 +316,7 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
         format=fmt, conversational=conversational, paired=paired, loss=config.loss.name,
         train=train, eval=evaluation, eval_note=eval_note, desirable_weight=float(lam_d),
         undesirable_weight=float(lam_u), recommended_weights=recommended,
+        uses_lambda_weights=uses_lambda, auto_weights_applied=auto,
         weight_ratio=None if paired else imbalance.weight_ratio(lam_d, lam_u, n_d, n_u),
         batch_shape=(layout.accumulation, layout.micro_batch, layout.local_micro_batch),
         fingerprint=fingerprint, warnings=warnings)

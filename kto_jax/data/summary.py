@@ -110,6 +110,8 @@ class DataSummary:
     batch_shape: tuple[int, int, int]    # (A, M, M_local)
     fingerprint: str
     warnings: list[str] = dataclasses.field(default_factory=list)
+    uses_lambda_weights: bool = True     # the loss weighs its classes by lambda_D / lambda_U
+    auto_weights_applied: bool = False   # the weights above are eq. 9's (loss.auto_weights)
 
     @property
     def n_desirable(self) -> int:
@@ -134,10 +136,14 @@ class DataSummary:
     def _lambda_lines(self) -> list[str]:
         if self.paired:
             return []
+        if not self.uses_lambda_weights:
+            return [f"lambda: loss {self.loss} does not weigh the classes (lambda_D, lambda_U "
+                    "and loss.auto_weights are unused)"]
         ratio = "undefined" if self.weight_ratio is None else f"{self.weight_ratio:.3f}"
+        source = " (eq. 9, applied by loss.auto_weights)" if self.auto_weights_applied else ""
         out = [f"lambda: training with lambda_D={self.desirable_weight:.4g}, lambda_U="
-               f"{self.undesirable_weight:.4g}: lambda_D*n_D/(lambda_U*n_U) = {ratio}"]
-        if self.recommended_weights is not None:
+               f"{self.undesirable_weight:.4g}{source}: lambda_D*n_D/(lambda_U*n_U) = {ratio}"]
+        if self.recommended_weights is not None and not self.auto_weights_applied:
             lam_d, lam_u = self.recommended_weights
             out.append(f"  eq. 9 recommends lambda_D={lam_d:.4g}, lambda_U={lam_u:.4g} "
                        "(ratio in [1, 4/3]; loss.auto_weights=True applies it)")

@@ -4,11 +4,12 @@ The train step uses `get_loss(config.loss.name)`; see kto_jax/losses/registry.py
 the contract. The functions below are the public per-loss API.
 """
 
-from kto_jax.losses.common import add_metrics, summarize_metrics
-from kto_jax.losses.kto import (apo_zero_unpaired_loss, kto_concave_loss, kto_family_loss,
-                                kto_loss, kto_no_z0_loss, kto_reference_free_loss,
-                                kto_risk_neutral_loss, reference_point, v_concave, v_kto,
-                                v_linear)
+from kto_jax.losses.bco import bco_loss, running_mean_update
+from kto_jax.losses.common import add_metrics, microbatch_means, summarize_metrics
+from kto_jax.losses.kto import (apo_zero_unpaired_loss, clamped_log_ratios, humanline_loss,
+                                kl_estimate, kto_concave_loss, kto_family_loss, kto_loss,
+                                kto_no_z0_loss, kto_reference_free_loss, kto_risk_neutral_loss,
+                                reference_point, v_concave, v_kto, v_linear)
 from kto_jax.losses.ppo import (gae, init_value_head, ppo_offline_loss, terminal_rewards,
                                 value_head_apply)
 from kto_jax.losses.preference import (apo_down_loss, apo_zero_loss, discopop_loss, dpo_loss,
@@ -20,7 +21,9 @@ from kto_jax.losses.weights import (balanced_weights, resolve_weights, weight_ra
                                     weight_ratio_in_range, weight_ratio_warning)
 
 __all__ = [
-    "add_metrics", "summarize_metrics", "apo_zero_unpaired_loss", "kto_concave_loss",
+    "bco_loss", "running_mean_update", "add_metrics", "microbatch_means", "summarize_metrics",
+    "apo_zero_unpaired_loss", "clamped_log_ratios", "humanline_loss", "kl_estimate",
+    "kto_concave_loss",
     "kto_family_loss", "kto_loss", "kto_no_z0_loss", "kto_reference_free_loss",
     "kto_risk_neutral_loss", "reference_point", "v_concave", "v_kto", "v_linear", "gae",
     "init_value_head", "ppo_offline_loss", "terminal_rewards", "value_head_apply", "dpo_loss",

@@ -41,17 +41,28 @@ def v_linear(u: Array) -> Array:
     return u
 
 
+def kl_estimate(policy_kl_logps: Array, reference_kl_logps: Array,
+                mask: Optional[Array] = None) -> Array:
+    """mean_i [log pi_theta(y_j|x_i) - log pi_ref(y_j|x_i)], j = i+1 mod M: z0 before its clamp.
+
+    The mean runs over the valid KL pairs (`mask`, [M]); no gradient flows through it.
+    Logged as `kl/unclamped`, so a run can see how often the clamp at 0 binds.
+    """
+    m = as_mask(mask, policy_kl_logps)
+    log_ratio = f32(policy_kl_logps) - f32(reference_kl_logps)
+    return jax.lax.stop_gradient(masked_mean(log_ratio, m))
+
+
 def reference_point(policy_kl_logps: Array, reference_kl_logps: Array,
                     mask: Optional[Array] = None) -> Array:
     """z0 = max(0, mean_i log pi_theta(y_j|x_i) / pi_ref(y_j|x_i)), j = i+1 mod M (section 4.1).
 
-    The mean runs over the valid KL pairs of the microbatch (`mask`, [M]). No
-    gradient flows through z0 (it only sets where the loss saturates). Under jit
-    with the M axis sharded, the mean is over the whole (global) microbatch.
+    The mean runs over the valid KL pairs of the microbatch (`mask`, [M]); see
+    `kl_estimate`. No gradient flows through z0 (it only sets where the loss
+    saturates). Under jit with the M axis sharded, the mean is over the whole
+    (global) microbatch.
     """
-    m = as_mask(mask, policy_kl_logps)
-    log_ratio = f32(policy_kl_logps) - f32(reference_kl_logps)
-    return jax.lax.stop_gradient(jnp.maximum(masked_mean(log_ratio, m), 0.0))
+    return jnp.maximum(kl_estimate(policy_kl_logps, reference_kl_logps, mask), 0.0)
 
 
 def _example_costs(r: Array, z0: Array, desirable: Array, beta: float,
@@ -161,16 +172,34 @@ def apo_zero_unpaired_loss(policy_logps: Array, reference_logps: Array, desirabl
                           mask=mask, weight=weight)
 
 
+# additive count of microbatches with real rows but no KL pair (one real row): their z0 is 0
+KL_UNPAIRED = "count/kl_unpaired_microbatches"
+
+
+def kl_unpaired_microbatch(kl_mask: Array, n: Array) -> Array:
+    """1.0 when a microbatch has valid rows but no valid KL pair (z0 falls back to 0), else 0.0.
+
+    A microbatch with one real row has no mismatched completion to pair it with; the
+    trainer warns once when a logged window counts any (kto_jax/train/loop.py).
+    """
+    return ((n > 0) & (jnp.sum(f32(kl_mask)) == 0)).astype(jnp.float32)
+
+
 def _kto_with_value(value_fn: ValueFn, ceiling: float, policy_logps, reference_logps,
                     policy_kl_logps, reference_kl_logps, desirable, *, beta, desirable_weight,
                     undesirable_weight, mask, weight, kl_mask,
                     dynamic_desirable_weight) -> tuple[Array, dict]:
-    z0 = reference_point(policy_kl_logps, reference_kl_logps, mask if kl_mask is None else kl_mask)
+    kl_mask = mask if kl_mask is None else kl_mask
+    unclamped = kl_estimate(policy_kl_logps, reference_kl_logps, kl_mask)
     r = f32(policy_logps) - f32(reference_logps)
-    return kto_family_loss(r, z0, desirable, value_fn=value_fn, ceiling=ceiling, beta=beta,
-                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                           mask=mask, weight=weight, dynamic_desirable_weight=dynamic_desirable_weight,
-                           policy_logps=policy_logps)
+    loss, metrics = kto_family_loss(r, jnp.maximum(unclamped, 0.0), desirable, value_fn=value_fn,
+                                    ceiling=ceiling, beta=beta, desirable_weight=desirable_weight,
+                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
+                                    dynamic_desirable_weight=dynamic_desirable_weight,
+                                    policy_logps=policy_logps)
+    metrics["kl/unclamped_sum"] = unclamped * metrics["num_examples"]
+    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(as_mask(kl_mask, r), metrics["num_examples"])
+    return loss, metrics
 
 
 def kto_concave_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
@@ -221,4 +250,68 @@ def kto_reference_free_loss(policy_logps: Array, policy_kl_logps: Array, desirab
                                     beta=beta, desirable_weight=desirable_weight,
                                     undesirable_weight=undesirable_weight, mask=mask, weight=weight,
                                     dynamic_desirable_weight=dynamic_desirable_weight)
+    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(m, metrics["num_examples"])
+    return loss, metrics
+
+
+def clamped_log_ratios(policy_token_logps: Array, reference_token_logps: Array, token_mask: Array,
+                       log_eps_p: float, log_eps_r: float) -> tuple[Array, Array]:
+    """(sum_t clamp(log pi_theta(y_t) - log pi_ref(y_t), log eps_P, log eps_R), unclamped tokens).
+
+    Humanline's per-token clamp of the log-ratio (HALOs, `BasicTrainer.get_sequence_rewards`
+    with config.humanline). Args are [M, C] with `token_mask` 1 on the real completion
+    tokens. Returns the clamped sequence log-ratios [M] and, per row, how many real
+    tokens lie strictly inside (log eps_P, log eps_R) [M]. The clamp passes no gradient
+    to a token outside the interval.
+    """
+    tm = f32(token_mask)
+    lp, lr = zero_masked(f32(policy_token_logps), tm), zero_masked(f32(reference_token_logps), tm)
+    log_ratio = lp - lr
+    clamped = jnp.clip(log_ratio, log_eps_p, log_eps_r)
+    inside = ((log_ratio > log_eps_p) & (log_ratio < log_eps_r)).astype(jnp.float32)
+    return jnp.sum(clamped * tm, axis=-1), jax.lax.stop_gradient(jnp.sum(inside * tm, axis=-1))
+
+
+def humanline_loss(policy_token_logps: Array, reference_token_logps: Array, completion_mask: Array,
+                   policy_kl_token_logps: Array, reference_kl_token_logps: Array,
+                   kl_completion_mask: Array, desirable: Array, *, beta: float = 0.1,
+                   log_eps_p: float = -1.0, log_eps_r: float = 1.5,
+                   desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                   mask: Optional[Array] = None, weight: Optional[Array] = None,
+                   kl_mask: Optional[Array] = None,
+                   dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """Humanline KTO: eq. 8 on per-token clamped log-ratios (the KTO authors' HALOs, `humanline`).
+
+    Source: ContextualAI/HALOs `train/trainers.py` (`get_sequence_rewards` and
+    `KTOTrainer.loss` with config.humanline; defaults log_epsilon_P = -1.0,
+    log_epsilon_R = 1.5 in `config/config.yaml`). Each token's log-ratio
+    log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t) is clamped to [log eps_P, log eps_R]
+    BEFORE the sum over tokens, for the matched completion (r) and for the KL pairs alike:
+
+      r = sum_t clamp(log-ratio_t), z0 = max(0, mean_i sum_t clamp(KL log-ratio_t)),
+      desirable: lambda_D (1 - sigma(beta (r - z0))); undesirable: lambda_U (1 - sigma(beta (z0 - r))).
+
+    HALOs pairs it with a reference that follows the policy (synced every step:
+    docs/losses.md, "Reference syncing"). Arrays are [M, C] (token level) and [M].
+    Extra metrics: `humanline/unclamped_token_sum` (real matched tokens inside the
+    interval) and `count/tokens`, i.e. `humanline/unclamped` = the share of tokens the
+    clamp leaves alone.
+    """
+    r, inside = clamped_log_ratios(policy_token_logps, reference_token_logps, completion_mask,
+                                   log_eps_p, log_eps_r)
+    r_kl, _ = clamped_log_ratios(policy_kl_token_logps, reference_kl_token_logps,
+                                 kl_completion_mask, log_eps_p, log_eps_r)
+    policy_logps = jnp.sum(zero_masked(f32(policy_token_logps), f32(completion_mask)), axis=-1)
+    loss, metrics = _kto_with_value(v_kto, 1.0, r, jnp.zeros_like(r), r_kl, jnp.zeros_like(r_kl),
+                                    desirable, beta=beta, desirable_weight=desirable_weight,
+                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
+                                    kl_mask=kl_mask,
+                                    dynamic_desirable_weight=dynamic_desirable_weight)
+    m = as_mask(mask, r)
+    # `_kto_with_value` took r as the policy log-probs: log the real ones
+    d_mask, u_mask = m * jnp.asarray(desirable).astype(bool), m * ~jnp.asarray(desirable).astype(bool)
+    metrics["logps/desirable_sum"] = jax.lax.stop_gradient(masked_sum(policy_logps, d_mask))
+    metrics["logps/undesirable_sum"] = jax.lax.stop_gradient(masked_sum(policy_logps, u_mask))
+    metrics["humanline/unclamped_token_sum"] = masked_sum(inside, m)
+    metrics["count/tokens"] = masked_sum(jnp.sum(f32(completion_mask), axis=-1), m)
     return loss, metrics

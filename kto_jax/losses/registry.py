@@ -11,13 +11,25 @@ A `HaloLoss` says what the step must compute and how to call the loss:
   uses_kl            the step runs the KL forwards on the mismatched pairs
                      (x_i, y_{i+1 mod M}) = completion arrays rolled by one within the
                      microbatch, for the policy (stop_gradient on params) and the reference.
-  uses_token_logps   the step provides per-token log-probs [M, C] (offline PPO).
+  uses_token_logps   the step provides per-token log-probs [M, C] (offline PPO, humanline;
+                     humanline also reads those of the KL pairs).
   uses_value_head    the train state holds value-head params (`init_value_head`) and the
                      step provides `values` [M, C] from `value_head_apply` on the policy's
                      final hidden states (offline PPO).
   uses_lambda_weights  the loss weighs desirable / undesirable examples by lambda_D /
                      lambda_U (eq. 8), so eq. 9's advice and loss.auto_weights apply to it.
   stat_keys          the keys of `stats` this loss reads (a subset of the lists below).
+  loss_state         None, or ((key, initial value), ...): a small state the loss carries across
+                     microbatches and steps (`bco`: the running reward mean and its count).
+                     The train state keeps it (checkpointed); the step puts each entry into
+                     `stats` under its own key before calling the loss and, in training
+                     only, replaces it by `update_loss_state(state, metrics)` after each
+                     microbatch (so microbatch a+1 sees the state after microbatch a).
+                     The eval step passes the state unchanged with stats["frozen_loss_state"]
+                     = True (a Python bool).
+  reference_sync     None, or the (sync_every, sync_alpha) the loss trains with when
+                     config.reference.sync_every is 0 (`humanline`: (1, 1.0), HALOs' copy
+                     of the policy into the reference at every step).
 
 `loss(stats, hparams) -> (loss, metrics)` with `hparams = config.loss` (ConfigDict)
 and `stats` a dict of arrays for ONE microbatch (shape [M] unless noted), float32
@@ -32,6 +44,14 @@ log-probs summed over completion tokens:
   PPO:      the unpaired keys plus policy_token_logps [M, C], reference_token_logps
             [M, C], completion_mask [M, C], values [M, C] (values[:, t] = V of the state
             before completion token t; right-padded like the completion).
+  humanline: policy_token_logps, reference_token_logps, completion_mask and the same for
+            the KL pairs: policy_kl_token_logps, reference_kl_token_logps,
+            kl_completion_mask [M, C] (completion y_{i+1 mod M}), plus desirable, weight,
+            valid (kl_valid optional).
+  loss state: one entry per key of `loss_state` (bco: bco_delta float32, bco_count int32).
+
+`HaloLoss.__call__` adds the microbatch's per-microbatch means to `metrics`
+(`kto_jax.losses.common.microbatch_means`, for TRL's way of averaging logs).
 
 `loss` is a mean over this microbatch: loss == metrics["loss_sum"] / max(metrics["loss_denominator"], 1).
 `metrics` holds only additive float32 scalars (sums and counts, see
@@ -49,17 +69,19 @@ kto_jax/step/settings.py); losses read only desirable_weight / undesirable_weigh
 """
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import ml_collections
 
 from kto_jax.errors import UserError
-from kto_jax.losses import kto, ppo, preference, sft
+from kto_jax.losses import bco, kto, ppo, preference, sft
+from kto_jax.losses.common import microbatch_means
 
 Array = jax.Array
 Stats = Mapping[str, Array]
 LossFn = Callable[[Stats, ml_collections.ConfigDict], tuple[Array, dict]]
+StateUpdate = Callable[[Mapping[str, Array], Mapping[str, Array]], dict]
 
 UNPAIRED_SEQ = ("policy_logps", "reference_logps", "desirable", "weight", "valid")
 KL_KEYS = ("policy_kl_logps", "reference_kl_logps")
@@ -81,12 +103,20 @@ class HaloLoss:
     uses_token_logps: bool = False
     uses_value_head: bool = False
     uses_lambda_weights: bool = False
+    loss_state: Optional[tuple[tuple[str, Any], ...]] = None
+    update_loss_state: Optional[StateUpdate] = None
+    reference_sync: Optional[tuple[int, float]] = None
 
     def __call__(self, stats: Stats, hparams: ml_collections.ConfigDict) -> tuple[Array, dict]:
-        missing = [k for k in self.stat_keys if k not in stats]
+        missing = [k for k in self.stat_keys + tuple(k for k, _ in self.loss_state or ()) if k not in stats]
         if missing:
             raise KeyError(f"loss {self.name!r} needs stats {missing}; got {sorted(stats)}")
-        return self.fn(stats, hparams)
+        loss, metrics = self.fn(stats, hparams)
+        return loss, microbatch_means(metrics)
+
+    def initial_loss_state(self) -> dict[str, Any]:
+        """The loss state a fresh run starts from ({} for a loss without one)."""
+        return dict(self.loss_state or ())
 
 
 def _kl_mask(s: Stats) -> Array:
@@ -119,6 +149,25 @@ def _apo_zero_unpaired(s: Stats, h):
 def _kto_reference_free(s: Stats, h):
     return kto.kto_reference_free_loss(s["policy_logps"], s["policy_kl_logps"], s["desirable"],
                                        kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
+
+
+def _humanline(s: Stats, h):
+    low, high = float(h.humanline_log_eps_p), float(h.humanline_log_eps_r)
+    if not low < 0.0 < high:
+        raise UserError(f"config.loss.humanline_log_eps_p={low} and humanline_log_eps_r={high}: "
+                        "humanline clamps each token's log-ratio to [log eps_P, log eps_R], which "
+                        "must contain 0 (HALOs' defaults: -1.0 and 1.5).")
+    return kto.humanline_loss(s["policy_token_logps"], s["reference_token_logps"],
+                              s["completion_mask"], s["policy_kl_token_logps"],
+                              s["reference_kl_token_logps"], s["kl_completion_mask"], s["desirable"],
+                              log_eps_p=low, log_eps_r=high, kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
+
+
+def _bco(s: Stats, h):
+    return bco.bco_loss(s["policy_logps"], s["reference_logps"], s["desirable"],
+                        running_mean=s["bco_delta"], running_count=s["bco_count"], beta=h.beta,
+                        mask=s["valid"], weight=s["weight"],
+                        frozen=bool(s.get("frozen_loss_state", False)))
 
 
 def _dpo(s: Stats, h):
@@ -178,6 +227,9 @@ def _ppo_offline(s: Stats, h):
 
 
 _SFT_KEYS = ("policy_logps", "policy_token_counts", "desirable", "valid")
+_HUMANLINE_KEYS = ("policy_token_logps", "reference_token_logps", "completion_mask",
+                   "policy_kl_token_logps", "reference_kl_token_logps", "kl_completion_mask",
+                   "desirable", "weight", "valid")
 _PPO_KEYS = ("policy_token_logps", "reference_token_logps", "completion_mask", "values",
              "desirable", "valid")
 
@@ -201,6 +253,12 @@ _LOSS_LIST = (
     _kto_family("kto_reference_free", _kto_reference_free, uses_reference=False,
                 stat_keys=("policy_logps", "policy_kl_logps", "desirable", "weight", "valid")),
     _kto_family("apo_zero_unpaired", _apo_zero_unpaired, uses_kl=False, stat_keys=UNPAIRED_SEQ),
+    HaloLoss(name="humanline", fn=_humanline, paired=False, uses_reference=True, uses_kl=True,
+             stat_keys=_HUMANLINE_KEYS, uses_token_logps=True, uses_lambda_weights=True,
+             reference_sync=(1, 1.0)),
+    HaloLoss(name="bco", fn=_bco, paired=False, uses_reference=True, uses_kl=False,
+             stat_keys=UNPAIRED_SEQ, loss_state=bco.BCO_STATE,
+             update_loss_state=bco.update_bco_state),
     _paired("dpo", _dpo, uses_reference=True, stat_keys=PAIRED_REF),
     _paired("ipo", _ipo, uses_reference=True, stat_keys=PAIRED_REF + COUNTS),
     _paired("orpo", _orpo, uses_reference=False, stat_keys=PAIRED_FREE + COUNTS),

@@ -66,6 +66,7 @@ from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState, batch_sharding, reference_copy
 from kto_jax.step.train_step import make_eval_step, make_reference_step, make_train_step
 from kto_jax.train import batches as batches_lib
+from kto_jax.train import metric_names
 from kto_jax.train import workdir as layout
 from kto_jax.train.checkpoint import Checkpointer
 from kto_jax.train.distributed import PreemptionGuard
@@ -317,7 +318,7 @@ def train_round(run: OnlineRun, round_index: int, samples: list[dict],
             window.add(metrics)
             tokens += batches_lib.padded_tokens(batch)
             if i % int(cfg.log_every) == 0 or i == o.steps_per_round:
-                record = window.pop_summary()
+                record = window.pop_summary(metric_names.averaging(cfg.metric_names))
                 seconds = max(time.perf_counter() - start, 1e-9)
                 record.update(round=round_index, kind="train", tokens_per_s=tokens / seconds)
                 tokens, start = 0, time.perf_counter()

@@ -9,6 +9,7 @@ import ml_collections
 from kto_jax.errors import UserError
 from kto_jax.generate import SamplingSettings
 from kto_jax.losses.registry import get_loss
+from kto_jax.step.settings import reference_sync
 
 LABELINGS = ("threshold", "top_bottom_k", "pairs")
 REFERENCES = ("initial", "refresh")
@@ -118,5 +119,9 @@ def check_online_config(config: ml_collections.ConfigDict) -> None:
     if config.data.get("packing", False):
         problems.append("data.packing=True: kto-jax online pads each round's sampled batches "
                         "(set --config.data.packing=False)")
+    if reference_sync(config, get_loss(config.loss.name)) is not None:
+        problems.append(f"reference syncing (reference.sync_every, or loss {config.loss.name!r}'s "
+                        "own) is for offline training: kto-jax online moves pi_ref with "
+                        "online.reference=\"refresh\" (set reference.sync_every=0 and another loss)")
     if problems:
         raise UserError("; ".join(problems))

@@ -1,5 +1,6 @@
 """The static part of the train step, from the run's config: which loss, its hyperparameters
-(with the resolved lambda weights), where the reference log-probs come from.
+(with the resolved lambda weights), where the reference log-probs come from, and whether
+the reference follows the policy (TR-DPO syncing: `reference_sync`).
 
 `StepSettings.from_config(config, lambda_weights=(lam_d, lam_u))` takes the weights the
 run trains with (eq. 9's when config.loss.auto_weights; the data summary says which),
@@ -29,6 +30,9 @@ class StepSettings:
     # packed batches (data.packing): the packer's groups, one per batch shard
     # (kto_jax/data/packing.py); the jitted builders set it from the mesh
     pack_groups: int = 1
+    # (sync_every tau, sync_alpha alpha): every tau steps pi_ref <- alpha pi_theta + (1 - alpha)
+    # pi_ref (config.reference.sync_every, or the loss's default: humanline); None: fixed
+    reference_sync: tuple[int, float] | None = None
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict,
@@ -40,7 +44,20 @@ class StepSettings:
         if lambda_weights is not None:
             hparams["desirable_weight"], hparams["undesirable_weight"] = map(float, lambda_weights)
         chunk = int(config.train.logprob_vocab_chunk)
-        return cls(loss, ml_collections.FrozenConfigDict(hparams), config.reference.source, chunk)
+        return cls(loss, ml_collections.FrozenConfigDict(hparams), config.reference.source, chunk,
+                   reference_sync=reference_sync(config, loss))
+
+
+def reference_sync(config: ml_collections.ConfigDict, loss: HaloLoss) -> tuple[int, float] | None:
+    """(tau, alpha) of the run's reference syncing, or None (a fixed reference).
+
+    config.reference.sync_every > 0 sets tau (and sync_alpha alpha); 0 leaves the loss's own
+    default (`HaloLoss.reference_sync`: humanline syncs every step with alpha = 1, as HALOs).
+    """
+    every = int(config.reference.get("sync_every", 0))
+    if every > 0:
+        return every, float(config.reference.get("sync_alpha", 0.6))
+    return loss.reference_sync
 
 
 def check_step_config(config: ml_collections.ConfigDict, loss: HaloLoss) -> None:
@@ -63,3 +80,31 @@ def check_step_config(config: ml_collections.ConfigDict, loss: HaloLoss) -> None
     if loss.uses_token_logps and source == "precomputed":
         raise UserError(f"loss {loss.name!r} needs per-token reference log-probs, which the data "
                         "cannot carry: set config.reference.source='model'.")
+    check_reference_sync(config, loss)
+
+
+def check_reference_sync(config: ml_collections.ConfigDict, loss: HaloLoss) -> None:
+    """UserError for reference syncing the run cannot do (docs/losses.md, "Reference syncing")."""
+    every, alpha = int(config.reference.get("sync_every", 0)), float(config.reference.get("sync_alpha", 0.6))
+    if every < 0:
+        raise UserError(f"config.reference.sync_every={every} must be >= 0 (0: never sync).")
+    if every > 0 and not 0.0 < alpha <= 1.0:
+        raise UserError(f"config.reference.sync_alpha={alpha} must lie in (0, 1]: the weight of "
+                        "the policy in pi_ref <- alpha pi_theta + (1 - alpha) pi_ref.")
+    sync = reference_sync(config, loss)
+    if sync is None:
+        return
+    why = (f"config.reference.sync_every={every}" if every > 0 else
+           f"loss {loss.name!r} (which syncs its reference every {sync[0]} step(s))")
+    if not loss.uses_reference:
+        raise UserError(f"{why}: loss {loss.name!r} has no reference model to sync; set "
+                        "--config.reference.sync_every=0.")
+    if config.reference.source == "precomputed":
+        raise UserError(f"{why} moves pi_ref towards the policy during training, which stored "
+                        "reference log-probs cannot follow: set config.reference.source='model'"
+                        + (" or --config.reference.sync_every=0." if every > 0 else "."))
+    if int(config.get("lora", {}).get("rank", 0)) > 0:
+        raise UserError(f"{why} with LoRA (config.lora.rank={config.lora.rank}): blending the "
+                        "adapters' A and B factors is not a blend of the weights, so kto-jax does "
+                        "not sync a LoRA reference. Train all parameters (lora.rank=0) to sync"
+                        + (", or set --config.reference.sync_every=0." if every > 0 else "."))

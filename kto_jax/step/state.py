@@ -7,14 +7,19 @@ TrainState (a pytree):
   skipped_updates   int32: steps whose update was skipped for a non-finite loss/gradient
   rng               typed PRNG key (no randomness is consumed by the step today)
   value_head        offline PPO's value-head params (kto_jax.losses.init_value_head), else None
-  reference_params  frozen pi_ref (`reference_copy` of the initial policy in
+  reference_params  pi_ref (`reference_copy` of the initial policy in
                     config.reference.param_dtype) when config.reference.source == 'model'
-                    and the loss uses a reference, else None. It never changes: a
-                    checkpoint may drop it (`state.replace(reference_params=None)`) and
-                    rebuild it from the model path.
+                    and the loss uses a reference, else None. Without reference syncing
+                    it never changes: a checkpoint may drop it
+                    (`state.replace(reference_params=None)`) and rebuild it from the model
+                    path. With syncing (`StepSettings.reference_sync`, TR-DPO) the step
+                    blends the policy into it, so it must be checkpointed.
   base_params       under LoRA (config.lora), the frozen base Param state; `params` is then
                     the adapters and `reference_params` None or the frozen starting adapter
                     (kto_jax/step/adapters.py). Never checkpointed: re-read from model.path.
+  loss_state        the loss's own small state (`HaloLoss.loss_state`: bco's running reward
+                    mean and count) as a dict of replicated scalars, else None; the step
+                    carries it across microbatches and steps; checkpointed.
 
 `init_sharded_state` builds a state inside one jit whose outputs land on their
 shardings (`train_state_shardings`), so the optimizer moments and the reference copy
@@ -56,6 +61,7 @@ class TrainState:
     value_head: Any = None
     reference_params: Any = None
     base_params: Any = None
+    loss_state: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -97,10 +103,11 @@ def init_train_state(config: ml_collections.ConfigDict, params: Any,
             reference = reference_copy(params, "float32")
     elif loss.uses_reference and settings.reference_source == "model":
         reference = reference_copy(params, config.reference.param_dtype)
+    loss_state = {k: jnp.asarray(v) for k, v in loss.initial_loss_state().items()} or None
     return TrainState(params=params, opt_state=tx.init((params, value_head)),
                       step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
                       rng=key, value_head=value_head, reference_params=reference,
-                      base_params=base)
+                      base_params=base, loss_state=loss_state)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
@@ -170,7 +177,8 @@ def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, m
                       reference_params=None if state.reference_params is None else
                       named_shardings(state.reference_params, mesh, rules),
                       base_params=None if state.base_params is None else
-                      named_shardings(state.base_params, mesh, rules))
+                      named_shardings(state.base_params, mesh, rules),
+                      loss_state=jax.tree.map(lambda _: replicated, state.loss_state))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS, is_packed
+from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS, is_packed, kl_pair_valid, kl_partners
 from kto_jax.data.packing import PAIRED_NAMES, UNPAIRED_NAMES
 from kto_jax.errors import UserError
 from kto_jax.logprobs import CompletionLogps, completion_logps
@@ -51,14 +51,20 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
-def kl_completions(completion_ids: Array, completion_mask: Array) -> tuple[Array, Array]:
-    """The mismatched completions of the KL pairs: row i gets y_{i+1 mod M}.
+def kl_completions(completion_ids: Array, completion_mask: Array,
+                   valid: Array | None = None) -> tuple[Array, Array]:
+    """The mismatched completions of the KL pairs: row i gets y_{i+1 mod M}, wrapping
+    around the REAL rows (`kto_jax.batch.kl_partners`: filler rows are never a KL completion).
 
     Args:
       completion_ids, completion_mask: int [M, C], one microbatch (never the full batch,
         so under accumulation every pair stays within its microbatch).
+      valid: bool [M], the microbatch's real rows (None: all real, a plain roll).
     """
-    return jnp.roll(completion_ids, -1, axis=0), jnp.roll(completion_mask, -1, axis=0)
+    if valid is None:
+        return jnp.roll(completion_ids, -1, axis=0), jnp.roll(completion_mask, -1, axis=0)
+    partners = kl_partners(valid.astype(bool), jnp)
+    return jnp.take(completion_ids, partners, axis=0), jnp.take(completion_mask, partners, axis=0)
 
 
 def _interleave(a: Array, b: Array) -> Array:
@@ -142,7 +148,7 @@ def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: 
         return dict(zip(PRECOMPUTED_PAIRED_KEYS, (chosen.logps, rejected.logps)))
     y, ym = mb["completion_ids"], mb["completion_mask"]
     if loss.uses_kl or is_packed(mb):
-        kl = kl if kl is not None or is_packed(mb) else kl_completions(y, ym)
+        kl = kl if kl is not None or is_packed(mb) else kl_completions(y, ym, mb["valid"])
         matched, mismatched = forward_pair(graphdef, ref, mb, UNPAIRED_NAMES, vocab_chunk,
                                            groups, kl)
     else:
@@ -152,6 +158,8 @@ def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: 
         out["reference_kl_logps"] = mismatched.logps
     if loss.uses_token_logps:
         out["reference_token_logps"] = matched.token_logps
+        if loss.uses_kl:  # humanline clamps the KL pairs' tokens too
+            out["reference_kl_token_logps"] = mismatched.token_logps
     return out
 
 
@@ -185,20 +193,23 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
     kl = kl_logps = None
     if is_packed(mb):  # one forward: y with gradient, y_kl = y_{i+1 mod M} detached
         pol, pol_kl = forward_pair(graphdef, params, mb, UNPAIRED_NAMES, vocab_chunk, groups)
-        kl_logps = jax.lax.stop_gradient(pol_kl.logps)
+        pol_kl = CompletionLogps(*(jax.lax.stop_gradient(x) for x in pol_kl))
     else:
         x, xm = mb["prompt_ids"], mb["prompt_mask"]
         y, ym = mb["completion_ids"], mb["completion_mask"]
         pol = forward(graphdef, params, x, xm, y, ym, vocab_chunk)
         if loss.uses_kl:
-            kl = kl_completions(y, ym)  # built once, shared by policy and reference
-            kl_logps = forward(graphdef, frozen(params), x, xm, *kl, vocab_chunk).logps
+            kl = kl_completions(y, ym, mb["valid"])  # built once, shared by policy and reference
+            pol_kl = forward(graphdef, frozen(params), x, xm, *kl, vocab_chunk)
     valid = mb["valid"].astype(bool)
     stats = {"policy_logps": pol.logps, "policy_token_counts": pol.token_counts,
              "desirable": mb["desirable"].astype(bool), "weight": mb["weight"].astype(jnp.float32),
-             "valid": valid, "kl_valid": valid & jnp.roll(valid, -1, axis=0)}
+             "valid": valid, "kl_valid": kl_pair_valid(valid, jnp)}
     if loss.uses_kl:
-        stats["policy_kl_logps"] = kl_logps
+        stats["policy_kl_logps"] = pol_kl.logps
+        if loss.uses_token_logps:  # humanline
+            stats["policy_kl_token_logps"] = pol_kl.token_logps
+            stats["kl_completion_mask"] = pol_kl.mask
     if loss.uses_reference:
         stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source,
                                       vocab_chunk, kl, groups))

@@ -31,6 +31,13 @@ gradient never reaches the policy: it reads detached hidden states). A non-finit
 or gradient leaves params and optimizer state unchanged and counts a skip; `step`
 still advances, the schedule (indexed by applied updates) does not.
 
+A loss with its own state (`HaloLoss.loss_state`: bco's running reward mean) reads
+`state.loss_state` in its stats; the scan carries it from microbatch to microbatch
+(updated by `HaloLoss.update_loss_state`), the step stores the result (unless the step
+is skipped) and the eval step reads it without updating. With reference syncing
+(`StepSettings.reference_sync`, TR-DPO) the step also blends the policy it used into
+`state.reference_params` every tau steps (`synced_reference`).
+
 metrics (jax scalars): the loss's additive metrics summed over microbatches (pass
 several steps' sums, added key-wise, to `summarize_metrics`), plus `tokens` (real
 tokens of the matched sequences, additive) and the per-step values `grad_norm`
@@ -80,12 +87,15 @@ def check_batch(batch: Batch, loss: HaloLoss) -> None:
 # ---------------------------------------------------------------- the math
 
 def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
-                    graphdef: nnx.GraphDef, settings: StepSettings) -> tuple[Array, dict]:
+                    graphdef: nnx.GraphDef, settings: StepSettings, loss_state: Any = None,
+                    frozen_loss_state: bool = False) -> tuple[Array, dict]:
     """loss_a * d_a of one microbatch (d_a = its `loss_denominator`, a constant) and its metrics.
 
     Differentiating this w.r.t. `trainable` = (policy params, value head) and summing
     over microbatches gives the gradient of sum_a loss_sum_a; dividing by sum_a d_a
     makes it the gradient of the whole batch's loss, whatever each microbatch's z0.
+    `loss_state` (the loss's own state before this microbatch, e.g. bco's running mean)
+    goes into the stats; `frozen_loss_state` tells the loss it will not be updated (eval).
     """
     params, value_head = trainable
     params, reference = adapters.policy_and_reference(params, reference)  # LoRA: base + adapters
@@ -96,41 +106,69 @@ def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
         stats = step_stats.paired_stats(loss, graphdef, params, reference, mb, **kw)
     else:
         stats = step_stats.unpaired_stats(loss, graphdef, params, reference, value_head, mb, **kw)
+    if loss_state is not None:
+        stats.update(loss_state, frozen_loss_state=frozen_loss_state)
     value, metrics = loss(stats, settings.hparams)
     return value * jax.lax.stop_gradient(metrics["loss_denominator"]), metrics
 
 
 def accumulate_gradients(trainable: tuple[Any, Any], reference: Any, batch: Batch, *,
                          graphdef: nnx.GraphDef, settings: StepSettings,
-                         grad_shardings: Any = None, dropout_keys: Array | None = None
-                         ) -> tuple[Any, Array, dict, Array]:
+                         grad_shardings: Any = None, dropout_keys: Array | None = None,
+                         loss_state: Any = None) -> tuple[Any, Array, dict, Array, Any]:
     """Gradient accumulation: a `lax.scan` over the A microbatches of `batch` [A, M, ...].
 
     `reference` is `adapters.frozen_inputs` (the frozen reference, or under LoRA the base
-    view); `dropout_keys` [A, 2], one LoRA dropout key per microbatch, or None.
+    view); `dropout_keys` [A, 2], one LoRA dropout key per microbatch, or None;
+    `loss_state` the loss's state (`HaloLoss.loss_state`) before the first microbatch,
+    carried through the scan: microbatch a + 1 sees it after microbatch a's update.
 
     Returns:
-      (grads, loss, metrics, tokens): float32 grads of the batch loss
+      (grads, loss, metrics, tokens, loss_state): float32 grads of the batch loss
       sum_a loss_sum_a / sum_a d_a, that loss, the loss's metrics summed over
-      microbatches, and the matched-token count.
+      microbatches, the matched-token count, and the loss state after the last microbatch.
     """
     grad_fn = jax.value_and_grad(
         functools.partial(microbatch_loss, graphdef=graphdef, settings=settings), has_aux=True)
     acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
     if grad_shardings is not None:
         acc = jax.lax.with_sharding_constraint(acc, grad_shardings)
+    update_state = settings.loss.update_loss_state
 
-    def body(acc, xs):
+    def body(carry, xs):
+        acc, state = carry
         mb, key = xs
-        (scaled, metrics), grads = grad_fn(trainable, adapters.with_dropout_key(reference, key), mb)
+        (scaled, metrics), grads = grad_fn(trainable, adapters.with_dropout_key(reference, key), mb,
+                                           loss_state=state)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return acc, (scaled, metrics, step_stats.matched_tokens(mb, settings.loss.paired))
+        if state is not None:
+            state = update_state(state, metrics)
+        return (acc, state), (scaled, metrics, step_stats.matched_tokens(mb, settings.loss.paired))
 
-    acc, (scaled, metrics, tokens) = jax.lax.scan(body, acc, (dict(batch), dropout_keys))
+    (acc, loss_state), (scaled, metrics, tokens) = jax.lax.scan(
+        body, (acc, loss_state), (dict(batch), dropout_keys))
     metrics = jax.tree.map(lambda x: x.sum(0), metrics)
     denominator = jnp.maximum(metrics["loss_denominator"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, acc)
-    return grads, scaled.sum() / denominator, metrics, tokens.sum()
+    return grads, scaled.sum() / denominator, metrics, tokens.sum(), loss_state
+
+
+def synced_reference(state: TrainState, settings: StepSettings) -> Any:
+    """`state.reference_params` after step `state.step + 1` (TR-DPO, docs/losses.md): on every
+    tau-th step pi_ref <- alpha pi_theta + (1 - alpha) pi_ref, pi_theta being the policy this
+    step's forward used (before its update, as HALOs syncs), blended in float32 and stored
+    in the reference's dtype; unchanged otherwise, or without `settings.reference_sync`."""
+    if settings.reference_sync is None or state.reference_params is None:
+        return state.reference_params
+    every, alpha = settings.reference_sync
+
+    def blend():
+        return jax.tree.map(
+            lambda p, r: (alpha * p.astype(jnp.float32)
+                          + (1.0 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+            state.params, state.reference_params)
+
+    return jax.lax.cond((state.step + 1) % every == 0, blend, lambda: state.reference_params)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
@@ -141,9 +179,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     trainable = (state.params, state.value_head)
     keys = adapters.microbatch_dropout_keys(graphdef, state.rng, state.step,
                                             batch["valid"].shape[0])
-    grads, loss, metrics, tokens = accumulate_gradients(
+    grads, loss, metrics, tokens, loss_state = accumulate_gradients(
         trainable, adapters.frozen_inputs(graphdef, state), batch, graphdef=graphdef,
-        settings=settings, grad_shardings=grad_shardings, dropout_keys=keys)
+        settings=settings, grad_shardings=grad_shardings, dropout_keys=keys,
+        loss_state=state.loss_state)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -155,8 +194,12 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
         finite, update, lambda: (trainable, state.opt_state))
     skipped = state.skipped_updates + jnp.where(finite, 0, 1).astype(jnp.int32)
     lr = jnp.asarray(schedule(state.step - state.skipped_updates), jnp.float32)
+    # a skipped (non-finite) step leaves the loss state as it was, like the params
+    loss_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), loss_state,
+                              state.loss_state)
     new_state = state.replace(params=params, value_head=value_head, opt_state=opt_state,
-                              step=state.step + 1, skipped_updates=skipped)
+                              step=state.step + 1, skipped_updates=skipped, loss_state=loss_state,
+                              reference_params=synced_reference(state, settings))
     metrics = dict(metrics, tokens=tokens, grad_norm=grad_norm, lr=lr, skipped_updates=skipped)
     return new_state, metrics
 
@@ -169,7 +212,8 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
 
     def body(_, mb):
         _, metrics = microbatch_loss(trainable, adapters.frozen_inputs(graphdef, state), mb,
-                                     graphdef=graphdef, settings=settings)
+                                     graphdef=graphdef, settings=settings,
+                                     loss_state=state.loss_state, frozen_loss_state=True)
         return None, (metrics, step_stats.matched_tokens(mb, settings.loss.paired))
 
     _, (metrics, tokens) = jax.lax.scan(body, None, dict(batch))

@@ -17,6 +17,7 @@ import jax
 
 from kto_jax.losses.common import add_metrics, summarize_metrics
 from kto_jax.train import batches as batches_lib
+from kto_jax.train import metric_names
 
 if TYPE_CHECKING:
     from kto_jax.train.run import Run
@@ -37,7 +38,10 @@ def evaluate(run: "Run") -> dict[str, float]:
     for local in run.data.eval_batches():
         metrics = run.eval_step(run.state, batches_lib.to_global(local, run.batch_sharding))
         sums = metrics if sums is None else _add(sums, metrics)
-    return summarize_metrics(jax.device_get(sums)) if sums is not None else {}
+    if sums is None:
+        return {}
+    return summarize_metrics(jax.device_get(sums),
+                             metric_names.averaging(run.config.train.metric_names))
 
 
 def maybe_evaluate(run: "Run", step: int) -> float:

@@ -20,8 +20,10 @@ import numpy as np
 
 from kto_jax.batch import is_packed
 from kto_jax.losses.common import summarize_metrics
+from kto_jax.losses.kto import KL_UNPAIRED
 from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
+from kto_jax.train import metric_names
 from kto_jax.train.distributed import PreemptionGuard
 from kto_jax.train.evaluate import maybe_evaluate
 from kto_jax.train.metrics import REQUIRED_KEYS
@@ -61,14 +63,14 @@ class MetricsWindow:
         return {"values": {k: np.asarray(v).item() for k, v in host.items()},
                 "dtypes": {k: np.asarray(v).dtype.name for k, v in host.items()}}
 
-    def pop_summary(self) -> dict[str, Any]:
-        """Readable metrics of the window; the window starts afresh."""
+    def pop_summary(self, averaging: str = "pooled") -> dict[str, Any]:
+        """Readable metrics of the window (`summarize_metrics`' `averaging`); the window starts afresh."""
         sums = (self.to_host() or {"values": {WINDOW_STEPS: 0}})["values"]
         self._sums = None
         steps = max(int(sums.pop(WINDOW_STEPS)), 1)
         last = {k: sums.pop(k) for k in LAST_VALUE_KEYS if k in sums}
         grad_norm = sums.pop("grad_norm", float("nan")) / steps
-        out = summarize_metrics(sums)
+        out = summarize_metrics(sums, averaging)
         out.update(last, grad_norm=grad_norm)
         for key in REQUIRED_KEYS:
             out.setdefault(key, None)  # e.g. no "kl" for DPO: null rather than a made-up number
@@ -114,21 +116,34 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
     run.checkpointer.raise_if_save_failed()
     if not force and step % run.checkpointer.every_steps:
         return False
-    return run.checkpointer.save(step, saved_state(run.state), run.train_iter, run.config_json,
+    return run.checkpointer.save(step, saved_state(run.state, run.settings.reference_sync is not None),
+                                 run.train_iter, run.config_json,
                                  meta={"window": window.to_host()}, force=force)
 
 
-def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> None:
-    record = window.pop_summary()
+def z0_warning(record: Mapping[str, Any]) -> str | None:
+    """The warning for a logged window whose microbatches include one without KL pairs."""
+    count = record.get(KL_UNPAIRED) or 0
+    if count <= 0:
+        return None
+    return (f"warning: {int(count)} microbatch(es) had a single real row, so no mismatched pair "
+            "(x_i, y_j) to estimate z0 from: their z0 is 0 (section 4.1 needs >= 2 real rows). "
+            "It happens in an epoch's last partial batch when it has fewer real rows than "
+            "microbatches; --config.data.drop_remainder=True skips that batch. (Warned once.)")
+
+
+def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> dict:
+    record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
     run.logger.log_train(step, record)
+    return record
 
 
 def run_loop(run: Run, guard: PreemptionGuard) -> str:
     """Trains from run.start_step to run.num_steps; returns "done" or "preempted"."""
     cfg = run.config.train
     window, throughput = MetricsWindow(run.window), Throughput(run)
-    step = run.start_step
+    step, warned = run.start_step, False
     while step < run.num_steps:
         if guard.should_stop():
             save_checkpoint(run, step, window, force=True)
@@ -139,7 +154,10 @@ def run_loop(run: Run, guard: PreemptionGuard) -> str:
         window.add(metrics)
         throughput.add(batch)
         if step % int(cfg.log_every) == 0 or step == run.num_steps:
-            _log(run, step, window, throughput)
+            warning = None if warned else z0_warning(_log(run, step, window, throughput))
+            if warning:
+                run.logger.message(warning)
+                warned = True
         throughput.exclude(maybe_evaluate(run, step))
         save_checkpoint(run, step, window)
         run.logger.advance()

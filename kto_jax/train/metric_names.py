@@ -6,8 +6,9 @@ KTOTrainer and DPOTrainer call them "chosen" / "rejected", and the HF Trainer lo
 the learning rate as `learning_rate`. With `metric_names = "trl"`, every row written to
 metrics.jsonl, eval_metrics.jsonl and TensorBoard uses the TRL name of each metric in
 `TRL_NAMES`; metrics TRL has no name for keep kto-jax's. The values are the same
-quantities (docs/losses.md, "Metric names", lists each meaning and how TRL 1.16
-averages it over a logging window, where that differs).
+quantities, and with "trl" they are also averaged as TRL 1.16 averages them over a
+logging window (`averaging`): each microbatch's class mean, then the mean over the
+microbatches that hold the class (docs/losses.md, "Metric names").
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise UserError(f"config.train.metric_names={scheme!r} is not one of {', '.join(SCHEMES)}: "
                         "pass --config.train.metric_names=kto_jax or =trl.")
+
+
+def averaging(scheme: str) -> str:
+    """How `summarize_metrics` averages a window under `scheme`: TRL's per-microbatch means
+    for "trl", kto-jax's pooled sums / counts for "kto_jax"."""
+    check_scheme(scheme)
+    return "microbatch" if scheme == "trl" else "pooled"
 
 
 def rename(metrics: Mapping[str, Any], scheme: str) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = self._write(METRICS_FILE, step, metrics, prefix="train/")
-        postfix = {"loss": f"{record.get('loss', float('nan')):.4f}"}
+        loss = record.get("loss")
+        postfix = {"loss": f"{float('nan') if loss is None else loss:.4f}"}
         if "tokens_per_s" in record:
             postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
         self._bar.set_postfix(postfix, refresh=False)

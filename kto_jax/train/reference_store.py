@@ -7,14 +7,14 @@ a run with `reference.source="precomputed"` and `data.reference_logps_path=DIR`
 reads them instead (kto_jax/batch.py: `reference_logps`, `reference_kl_logps`,
 or `reference_chosen_logps`, `reference_rejected_logps` for paired losses).
 
-The KL pairs are the catch. Row i of a microbatch is paired with row i+1 mod M of
-the SAME microbatch (a roll inside the step), so log pi_ref(y_{i+1}|x_i) depends
+The KL pairs are the catch. Row i of a microbatch is paired with the next real row
+of the SAME microbatch (`kto_jax.batch.kl_partners` inside the step), so log pi_ref(y_{i+1}|x_i) depends
 on which examples share a microbatch, in which order: on the seed, the epoch, the
 batch sizes, the bucketing window and the data. The data pipeline makes every
 batch a pure function of its global index (kto_jax/data/batching.py), so the
 store is keyed by *slot*, not by example: for global batch k of a split it holds
 [A, M] arrays in the global layout, computed by the step's own reference forward
-(`kto_jax.step.stats.reference_logps`, KL batch rolled within each microbatch;
+(`kto_jax.step.stats.reference_logps`, KL batch paired within each microbatch;
 kto_jax/train/precompute.py runs it).
 
 Files in DIR:

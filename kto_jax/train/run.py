@@ -152,21 +152,29 @@ def initial_state(config, model, tx, mesh) -> tuple[Any, TrainState, Any]:
     return graphdef, state, shardings
 
 
-def saved_state(state: TrainState) -> TrainState:
+def saved_state(state: TrainState, synced_reference: bool = False) -> TrainState:
     """What a checkpoint holds: the state without the frozen reference and, under LoRA, without
-    the frozen base (both rebuilt on resume from model.path and lora.init_from)."""
+    the frozen base (both rebuilt on resume from model.path and lora.init_from). A reference
+    that follows the policy (`synced_reference`: StepSettings.reference_sync) is kept: it
+    cannot be rebuilt."""
+    if synced_reference:
+        return state.replace(base_params=None)
     return state.replace(reference_params=None, base_params=None)
 
 
-def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any
-                 ) -> tuple[TrainState, int, dict | None]:
-    """The latest checkpoint's state on `state`'s shardings, its step and metrics window."""
+def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any,
+                 synced_reference: bool = False) -> tuple[TrainState, int, dict | None]:
+    """The latest checkpoint's state on `state`'s shardings, its step and metrics window;
+    with `synced_reference` the reference comes from the checkpoint too."""
+    saved = saved_state(state, synced_reference)
     reference, base = state.reference_params, state.base_params
-    abstract = abstract_like(saved_state(state))
-    for leaf in jax.tree.leaves(saved_state(state)):
+    abstract = abstract_like(saved)
+    for leaf in jax.tree.leaves(saved):
         leaf.delete()  # free the fresh policy and optimizer buffers before reading the saved ones
     restored, step = checkpointer.restore(abstract, train_iter)
     meta = checkpointer.restore_meta(step)
+    if synced_reference:
+        reference = restored.reference_params
     return restored.replace(reference_params=reference, base_params=base), step, meta.get("window")
 
 
@@ -239,7 +247,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_iter = data.train_iter_factory(forever=forever)
     start_step, window = 0, None
     if resuming:
-        state, start_step, window = resume_state(checkpointer, state, train_iter)
+        state, start_step, window = resume_state(checkpointer, state, train_iter,
+                                                 settings.reference_sync is not None)
     logger = open_logger(config, workdir, num_steps, start_step, [
         f"resuming from step {start_step} of {num_steps} in {workdir}" if resuming else None,
         changes, *data.summary.lines(),

@@ -238,3 +238,20 @@ def test_vectorised_planner_equals_the_loop_reference(n, a, m, window, drop, pai
             assert (got.prompt_len, got.completion_len) == (want.prompt_len, want.completion_len)
         assert batching.plan_stats(split, plan, layout) == reference_plan_stats(split, reference,
                                                                                 layout)
+
+
+def test_kl_rows_of_a_last_partial_batch_wrap_around_the_real_examples():
+    """5 real examples in a [A=2, M=4] batch: microbatch 0 holds examples 0, 2, 4 then a
+    filler, microbatch 1 holds 1, 3 then fillers. Each real slot's KL completion is the next
+    REAL slot's example (the step's `kl_partners`), never a filler copy; with two processes
+    each gets its share of the same global pairing."""
+    planned = batching.PlannedBatch(indices=np.array([10, 11, 12, 13, 14]), prompt_len=16,
+                                    completion_len=16)
+    _, valid = batching.slot_sources(5, make_layout())
+    assert valid.tolist() == [[True, True, True, False], [True, True, False, False]]
+    kl = batching.kl_rows(planned, make_layout())
+    slots = batching.global_slots(planned, make_layout())
+    assert slots[valid].tolist() == [10, 12, 14, 11, 13]
+    assert kl[0, :3].tolist() == [12, 14, 10] and kl[1, :2].tolist() == [13, 11]
+    halves = [batching.kl_rows(planned, make_layout(index=i, count=2)) for i in range(2)]
+    assert np.concatenate(halves, axis=1).tolist() == kl.tolist()

@@ -249,6 +249,25 @@ def test_fractions_and_auto_weights(tokenizer, tmp_path):
     assert auto.weight_ratio == pytest.approx(4 / 3) and not auto.warnings
 
 
+def test_auto_weights_lines_agree_with_what_is_applied(tokenizer, tmp_path):
+    """A lambda loss with auto_weights says the eq. 9 weights are applied (not "set
+    auto_weights=True to apply"); a loss without lambda weights claims no lambda at all."""
+    path = write_jsonl(tmp_path / "b.jsonl", unpaired_rows(100, desirable_every=2))
+    over = {"data.desirable_fraction": 0.1, "loss.auto_weights": True}
+    _, _, auto = build(tokenizer, path, **over)
+    text = str(auto)
+    assert "lambda_D=13.33, lambda_U=1 (eq. 9, applied by loss.auto_weights)" in text
+    assert "auto_weights=True applies it" not in text and not auto.warnings
+    _, _, manual = build(tokenizer, path, **{"data.desirable_fraction": 0.1})
+    assert "loss.auto_weights=True applies it" in str(manual)     # advice only when not applied
+    _, _, sft = build(tokenizer, path, **dict(over, **{"loss.name": "sft"}))
+    assert (sft.desirable_weight, sft.undesirable_weight) == (1.0, 1.0)  # nothing applied
+    assert "lambda: loss sft does not weigh the classes" in str(sft)
+    assert "training with lambda_D" not in str(sft)
+    assert sft.warnings == ["loss.auto_weights has no effect on loss sft, which does not use "
+                            "lambda_D / lambda_U."]
+
+
 def test_eval_split_by_fraction_and_by_file(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", paired_rows(40, seed=3))
     train, evaluation, summary = build(tokenizer, path, **{"data.eval_fraction": 0.25})

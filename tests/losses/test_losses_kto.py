@@ -146,20 +146,25 @@ def test_separate_kl_mask():
     assert summarize_metrics(m)["num_examples"] == 6
 
 
-def test_all_desirable_batch_gives_finite_metrics():
+def test_all_desirable_batch_gives_finite_metrics_and_no_undesirable_means():
+    """z0 edge: one class only -> that class's means and the margin are absent, not 0."""
     x = inputs(desirable=np.ones(6, bool))
     loss, metrics = jax.jit(kto_loss)(**x)
     s = summarize_metrics(metrics)
     assert np.isfinite(float(loss))
     assert all(np.isfinite(v) for v in s.values())
-    assert s["count/undesirable"] == 0 and s["rewards/undesirable"] == 0.0
+    assert s["count/undesirable"] == 0
+    for key in ("rewards/undesirable", "logps/undesirable", "rewards/margins"):
+        assert key not in s, key
     assert s["rewards/desirable"] == pytest.approx(0.1 * float(np.mean(POLICY - REFERENCE)), rel=1e-5)
 
 
 def test_empty_batch_gives_zero_loss_and_finite_metrics():
     loss, metrics = kto_loss(**inputs(), mask=jnp.zeros(6, bool))
     assert float(loss) == 0.0
-    assert all(np.isfinite(v) for v in summarize_metrics(metrics).values())
+    s = summarize_metrics(metrics)
+    assert all(np.isfinite(v) for v in s.values())
+    assert s["num_examples"] == 0 and "loss" not in s and "kl" not in s   # nothing to average
 
 
 def test_per_example_weight_scales_costs():

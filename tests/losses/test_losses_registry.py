@@ -10,7 +10,7 @@ import pytest
 from configs.base import get_config
 from kto_jax.errors import UserError
 from kto_jax.losses import (LOSS_NAMES, add_metrics, balanced_weights, dpo_loss, get_loss,
-                            resolve_weights, summarize_metrics, weight_ratio,
+                            microbatch_means, resolve_weights, summarize_metrics, weight_ratio,
                             weight_ratio_in_range, weight_ratio_warning)
 
 M, C = 6, 5
@@ -30,6 +30,9 @@ def make_stats(seed=0):
         "rejected_token_counts": jnp.full(M, 3.0),
         "policy_token_logps": f(M, C) / 8.0, "reference_token_logps": f(M, C) / 8.0,
         "completion_mask": jnp.asarray(completion_mask), "values": f(M, C) / 8.0,
+        "policy_kl_token_logps": f(M, C) / 8.0, "reference_kl_token_logps": f(M, C) / 8.0,
+        "kl_completion_mask": jnp.asarray(np.roll(completion_mask, -1, axis=0)),
+        "bco_delta": jnp.float32(0.25), "bco_count": jnp.int32(40),
     }
 
 
@@ -46,8 +49,9 @@ def test_every_loss_honours_the_contract(name):
     loss_fn = get_loss(name)
     hp = get_config().loss
     stats = make_stats()
-    assert set(loss_fn.stat_keys) <= set(stats)
-    stats = {k: stats[k] for k in loss_fn.stat_keys}
+    state_keys = tuple(loss_fn.initial_loss_state())
+    assert set(loss_fn.stat_keys + state_keys) <= set(stats)
+    stats = {k: stats[k] for k in loss_fn.stat_keys + state_keys}
     loss, metrics = jax.jit(lambda s: loss_fn(s, hp))(stats)
     assert np.isfinite(float(loss))
     for key in ("loss_sum", "loss_denominator", "num_examples"):
@@ -60,9 +64,11 @@ def test_every_loss_honours_the_contract(name):
     expected_n = 5.0 if name not in ("sft",) else 3.0  # sft: valid desirable rows only
     assert float(metrics["num_examples"]) == expected_n
     assert loss_fn.paired == (name in ("dpo", "ipo", "orpo", "simpo", "slic", "discopop", "apo_zero", "apo_down"))
-    assert loss_fn.uses_kl == ("policy_kl_logps" in loss_fn.stat_keys)
+    assert loss_fn.uses_kl == any(k.startswith("policy_kl_") for k in loss_fn.stat_keys)
     assert loss_fn.uses_reference == any(k.startswith("reference") for k in loss_fn.stat_keys)
-    assert loss_fn.uses_token_logps == loss_fn.uses_value_head == (name == "ppo_offline")
+    assert loss_fn.uses_token_logps == ("policy_token_logps" in loss_fn.stat_keys)
+    assert loss_fn.uses_value_head == (name == "ppo_offline")
+    assert bool(state_keys) == (name == "bco")
     summary = summarize_metrics(metrics)
     assert all(np.isfinite(v) for v in summary.values())
 
@@ -95,11 +101,50 @@ def test_summarize_metrics_by_hand():
               "orpo/log_odds_sum": 2.0}
     s = summarize_metrics({k: jnp.float32(v) for k, v in summed.items()})
     assert s["loss"] == pytest.approx(0.75) and s["kl"] == pytest.approx(0.5)
-    assert s["rewards/desirable"] == pytest.approx(0.2) and s["rewards/undesirable"] == 0.0
-    assert s["rewards/margins"] == pytest.approx(0.2) and s["logps/desirable"] == pytest.approx(-10.0)
+    assert s["rewards/desirable"] == pytest.approx(0.2) and s["logps/desirable"] == pytest.approx(-10.0)
+    # no undesirable row: its means and the margin are absent, not 0
+    assert not {"rewards/undesirable", "logps/undesirable", "rewards/margins"} & set(s)
     assert s["rewards/accuracies"] == pytest.approx(0.25) and s["ppo/kl"] == pytest.approx(0.15)
     assert s["orpo/log_odds"] == pytest.approx(0.5)
-    assert s["count/desirable"] == 3.0 and s["num_examples"] == 4.0
+    assert s["count/desirable"] == 3.0 and s["count/undesirable"] == 0.0 and s["num_examples"] == 4.0
+
+
+def _microbatch(rewards_d, rewards_u):
+    """Additive metrics of one microbatch with the given rewards per class (loss = 1 per row)."""
+    n = len(rewards_d) + len(rewards_u)
+    m = {"loss_sum": float(n), "loss_denominator": float(n), "num_examples": float(n),
+         "count/desirable": float(len(rewards_d)), "count/undesirable": float(len(rewards_u)),
+         "rewards/desirable_sum": float(sum(rewards_d)), "rewards/undesirable_sum": float(sum(rewards_u)),
+         "kl_sum": 0.5 * n}
+    return microbatch_means({k: jnp.float32(v) for k, v in m.items()})
+
+
+def test_window_with_one_class_per_step_pools_by_counts_or_averages_microbatch_means():
+    """Two steps, one class each: the pooled window means use the counts; TRL's averaging
+    (summarize_metrics(averaging="microbatch")) is the mean over the microbatches that hold
+    the class of each one's mean, and the margin exists only where a microbatch has both."""
+    a = _microbatch([1.0, 2.0, 3.0], [])          # desirable only: mean 2
+    b = _microbatch([], [-1.0])                   # undesirable only: mean -1
+    c = _microbatch([5.0], [-3.0, -5.0])          # both: means 5 and -4, margin 9
+    assert "rewards/margins" not in summarize_metrics(a)
+    assert "rewards/undesirable" not in summarize_metrics(a)
+    pooled = summarize_metrics(add_metrics(a, b))
+    assert pooled["rewards/desirable"] == pytest.approx(2.0) and pooled["rewards/undesirable"] == -1.0
+    assert pooled["rewards/margins"] == pytest.approx(3.0)     # of the pooled means
+    assert not any(k.startswith("microbatch/") or k.startswith("count/microbatch/") for k in pooled)
+    trl = summarize_metrics(add_metrics(a, b), averaging="microbatch")
+    assert trl["rewards/desirable"] == pytest.approx(2.0) and trl["rewards/undesirable"] == -1.0
+    assert "rewards/margins" not in trl                        # no microbatch had both classes
+    total = add_metrics(add_metrics(a, b), c)
+    pooled, trl = summarize_metrics(total), summarize_metrics(total, averaging="microbatch")
+    assert pooled["rewards/desirable"] == pytest.approx(11.0 / 4)          # (1+2+3+5) / 4 rows
+    assert trl["rewards/desirable"] == pytest.approx((2.0 + 5.0) / 2)      # mean of a's and c's means
+    assert pooled["rewards/undesirable"] == pytest.approx(-9.0 / 3)
+    assert trl["rewards/undesirable"] == pytest.approx((-1.0 - 4.0) / 2)
+    assert trl["rewards/margins"] == pytest.approx(9.0)                     # c alone
+    assert trl["loss"] == pytest.approx(1.0) and trl["kl"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="averaging"):
+        summarize_metrics(total, averaging="trl")
 
 
 def test_metrics_of_microbatches_add_up_to_the_whole_batch():

@@ -100,14 +100,14 @@ def test_lora_gradient_is_projection_of_full_gradient():
     graphdef, state, _, _, _ = build(cfg, one_device(), b_scale=0.05)
     settings = S.StepSettings.from_config(cfg)
     batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
-    lora_grads, lora_loss, _, _ = accumulate_gradients(
+    lora_grads, lora_loss, _, _, _ = accumulate_gradients(
         (state.params, None), adapters.frozen_inputs(graphdef, state), batch, graphdef=graphdef,
         settings=settings)
     # the full-parameter step at the merged weights, the reference the base
     base = nnx.merge(graphdef.base, state.base_params)
     ad = nnx.merge(graphdef.adapters, state.params)
     full_graph, merged = S.split_model(lora_lib.merge(base, ad))
-    full_grads, full_loss, _, _ = accumulate_gradients(
+    full_grads, full_loss, _, _, _ = accumulate_gradients(
         (merged, None), state.base_params, batch, graphdef=full_graph, settings=settings)
     np.testing.assert_allclose(lora_loss, full_loss, rtol=1e-6)
     g_ad = nnx.merge(graphdef.adapters, lora_grads[0])

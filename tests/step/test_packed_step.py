@@ -40,7 +40,8 @@ def _state(cfg):
 def _gradients(cfg, graphdef, state, batch):
     settings = S.StepSettings.from_config(cfg)
     fn = jax.jit(functools.partial(accumulate_gradients, graphdef=graphdef, settings=settings))
-    return fn((state.params, state.value_head), adapters.frozen_inputs(graphdef, state), batch)
+    return fn((state.params, state.value_head), adapters.frozen_inputs(graphdef, state), batch,
+              loss_state=state.loss_state)
 
 
 def _max_abs_diff(got, want) -> float:
@@ -63,8 +64,10 @@ def test_packed_step_equals_padded_step(name):
         batch["weight"][1, 5] = 0.0
     packed = packed_like(batch, paired)
     assert packed["packed_ids"].shape[1] < batch["valid"].shape[1]  # several examples per row
-    grads, loss, metrics, tokens = _gradients(cfg, graphdef, state, batch)
-    p_grads, p_loss, p_metrics, p_tokens = _gradients(cfg, graphdef, state, packed)
+    grads, loss, metrics, tokens, loss_state = _gradients(cfg, graphdef, state, batch)
+    p_grads, p_loss, p_metrics, p_tokens, p_loss_state = _gradients(cfg, graphdef, state, packed)
+    for key in loss_state or {}:  # bco's running mean after both microbatches
+        np.testing.assert_allclose(p_loss_state[key], loss_state[key], rtol=TOL, atol=TOL)
     assert np.isfinite(float(loss))
     np.testing.assert_allclose(p_loss, loss, rtol=TOL, atol=TOL)
     assert float(p_tokens) == float(tokens)

@@ -1,7 +1,7 @@
 """The jitted KTO train step on a tiny random Transformer, checked against hand-built math.
 
 The hand path uses the model's full float32 logits (`model(...)`), a per-microbatch
-roll, `kto_jax.losses.kto_loss` per microbatch and the count-weighted sum of
+KL pairing (`kto_jax.batch.kl_partners`: the next real row), `kto_jax.losses.kto_loss` per microbatch and the count-weighted sum of
 microbatch losses; the step uses the vocab-chunked log-probs, its own KL batch and
 `lax.scan` accumulation. One step program is compiled for the whole module.
 """
@@ -16,6 +16,7 @@ from step_testlib import (A, M, MODEL, fresh, make_batch, make_config, naive_log
                           sharper_reference)
 
 from kto_jax import step as S
+from kto_jax.batch import kl_pair_valid, kl_partners
 from kto_jax.errors import UserError
 from kto_jax.losses import get_loss, kto_loss, summarize_metrics
 from kto_jax.models.transformer import Transformer, abstract_model
@@ -32,7 +33,8 @@ def hand_kto(graphdef, params, reference, batch, hp):
     for a in range(batch["valid"].shape[0]):
         mb = {k: jnp.asarray(v[a]) for k, v in batch.items()}
         x, xm, y, ym = mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"]
-        y_kl, ym_kl = jnp.roll(y, -1, 0), jnp.roll(ym, -1, 0)
+        partners = kl_partners(np.asarray(mb["valid"]))  # the next real row, cyclically
+        y_kl, ym_kl = y[partners], ym[partners]
         consts.append(dict(mb=mb, ref=naive_logps(graphdef, reference, x, xm, y, ym),
                            pol_kl=naive_logps(graphdef, params, x, xm, y_kl, ym_kl),
                            ref_kl=naive_logps(graphdef, reference, x, xm, y_kl, ym_kl)))
@@ -46,7 +48,7 @@ def hand_kto(graphdef, params, reference, batch, hp):
             valid = mb["valid"]
             loss, metrics = kto_loss(pol, c["ref"], c["pol_kl"], c["ref_kl"], mb["desirable"],
                                      beta=hp.beta, mask=valid, weight=mb["weight"],
-                                     kl_mask=valid & jnp.roll(valid, -1, 0))
+                                     kl_mask=kl_pair_valid(valid, jnp))
             losses.append(loss)
             counts.append(metrics["num_examples"])
         return sum(l * n for l, n in zip(losses, counts)) / sum(counts)
@@ -54,7 +56,7 @@ def hand_kto(graphdef, params, reference, batch, hp):
     loss, grads = jax.jit(jax.value_and_grad(total))(params)
     z0 = []
     for c in consts:
-        kl_mask = np.asarray(c["mb"]["valid"] & jnp.roll(c["mb"]["valid"], -1, 0))
+        kl_mask = kl_pair_valid(np.asarray(c["mb"]["valid"]))
         z0.append(max(0.0, float(np.mean(np.asarray(c["pol_kl"] - c["ref_kl"])[kl_mask]))))
     return grads, loss, z0
 

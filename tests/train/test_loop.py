@@ -43,3 +43,12 @@ def test_window_survives_a_json_round_trip_bit_for_bit():
         resumed.add(_step_metrics(i))
     assert resumed.to_host() == uninterrupted.to_host()
     assert resumed.pop_summary() == uninterrupted.pop_summary()
+
+
+def test_z0_warning_names_the_single_row_microbatches_and_the_fix():
+    from kto_jax.train.loop import z0_warning
+    assert z0_warning({"count/kl_unpaired_microbatches": 0.0}) is None
+    assert z0_warning({"loss": 0.5}) is None
+    text = z0_warning({"count/kl_unpaired_microbatches": 2.0})
+    assert "2 microbatch(es) had a single real row" in text and "z0 is 0" in text
+    assert "data.drop_remainder=True" in text

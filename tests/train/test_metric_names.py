@@ -10,7 +10,7 @@ import pytest
 
 from configs.base import get_config
 from kto_jax.errors import UserError
-from kto_jax.losses import add_metrics, kto_loss, summarize_metrics
+from kto_jax.losses import add_metrics, get_loss, summarize_metrics
 from kto_jax.train import metric_names
 from kto_jax.train import metrics as metrics_lib
 
@@ -72,15 +72,20 @@ def _microbatch(seed: int, desirable) -> dict:
             "reference_kl_logps": f(), "desirable": np.asarray(desirable, bool)}
 
 
-def _ours(microbatches, beta, dw, uw) -> dict:
-    """kto-jax's logged row: the loss's additive metrics summed over microbatches, summarized, renamed."""
+def _ours(microbatches, beta, dw, uw, averaging="pooled") -> dict:
+    """kto-jax's logged row: the registry loss's additive metrics (with its per-microbatch
+    means) summed over microbatches, summarized, renamed."""
+    hp = get_config().loss
+    hp.beta, hp.desirable_weight, hp.undesirable_weight = beta, dw, uw
     summed = None
     for mb in microbatches:
-        _, m = kto_loss(*(jnp.asarray(mb[k]) for k in ("policy_logps", "reference_logps", "policy_kl_logps",
-                                                        "reference_kl_logps", "desirable")),
-                        beta=beta, desirable_weight=dw, undesirable_weight=uw)
+        stats = {k: jnp.asarray(mb[k]) for k in ("policy_logps", "reference_logps", "policy_kl_logps",
+                                                  "reference_kl_logps", "desirable")}
+        n = len(mb["desirable"])
+        stats.update(weight=jnp.ones(n), valid=jnp.ones(n, bool))
+        _, m = get_loss("kto")(stats, hp)
         summed = m if summed is None else add_metrics(summed, m)
-    return metric_names.rename(summarize_metrics(summed), "trl")
+    return metric_names.rename(summarize_metrics(summed, averaging), "trl")
 
 
 @pytest.mark.parametrize("desirable_per_microbatch", [
@@ -102,9 +107,9 @@ def test_trl_names_mean_what_trl_1_16_kto_logs(desirable_per_microbatch):
         np.testing.assert_allclose(ours[key], logged[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_window_averages_differ_from_trl_only_with_unequal_class_counts():
-    """Documented difference (docs/losses.md): TRL averages each class mean per microbatch, then
-    over microbatches; kto-jax pools the window (sum / count). With 1 and 3 desirable rows in two
+def test_pooled_window_averages_differ_from_trl_only_with_unequal_class_counts():
+    """kto-jax's own averaging pools the window (sum / count); TRL averages each class mean
+    per microbatch, then over microbatches. With 1 and 3 desirable rows in two
     microbatches, rewards/chosen differs; the pooled value is the mean over all 4 rows."""
     trl_harness = pytest.importorskip("trl_harness")
     beta = 0.3
@@ -116,3 +121,33 @@ def test_window_averages_differ_from_trl_only_with_unequal_class_counts():
     np.testing.assert_allclose(ours["rewards/chosen"], np.concatenate(chosen).mean(), rtol=1e-5)
     np.testing.assert_allclose(logged["rewards/chosen"], np.mean([c.mean() for c in chosen]), rtol=1e-6)
     assert abs(ours["rewards/chosen"] - logged["rewards/chosen"]) > 1e-3
+
+
+def test_trl_scheme_averages_as_trl_does_with_unequal_and_single_class_microbatches():
+    """metric_names="trl" -> summarize_metrics(averaging="microbatch"): every TRL key equals
+    TRL 1.16's KTOTrainer log over microbatches of unequal class counts, one of them
+    desirable-only (no rejected means and no margin from it, in both)."""
+    trl_harness = pytest.importorskip("trl_harness")
+    beta = 0.3
+    mbs = [_microbatch(7, [1, 0, 0, 0]), _microbatch(8, [1, 1, 1, 0]), _microbatch(9, [1, 1, 1, 1])]
+    losses, logged = trl_harness.trl_kto_logs("kto", mbs, beta=beta)
+    logged["loss"] = float(np.mean(losses))
+    ours = _ours(mbs, beta, 1.0, 1.0, averaging=metric_names.averaging("trl"))
+    for key in TRL_KTO_KEYS:
+        np.testing.assert_allclose(ours[key], logged[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert metric_names.averaging("kto_jax") == "pooled"
+
+
+def test_a_window_with_one_class_logs_no_margin_and_no_empty_class_mean(tmp_path):
+    """z0 edge: one class only in a logged window -> the other class's means and the
+    margin are null in metrics.jsonl (absent from the summary), not 0."""
+    mbs = [_microbatch(3, [1, 1, 1, 1])]
+    for averaging in ("pooled", "microbatch"):
+        row = _ours(mbs, 0.1, 1.0, 1.0, averaging)
+        assert "rewards/chosen" in row
+        assert not {"rewards/rejected", "logps/rejected", "rewards/margins"} & set(row), averaging
+    logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=1)
+    logger.log_train(1, {"loss": None, "rewards/desirable": 0.2, "rewards/margins": None})
+    logger.close()
+    assert metrics_lib.read_jsonl(str(tmp_path / metrics_lib.METRICS_FILE)) == [
+        {"step": 1, "loss": None, "rewards/desirable": 0.2, "rewards/margins": None}]

@@ -123,3 +123,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_model_dir, feedback_file, c
     last_logged = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]["step"]
     assert last_logged < NUM_STEPS
     assert _committed_steps(workdir)[-1] == last_logged  # the step it stopped after
+
+
+def test_bco_state_and_a_synced_reference_resume_bit_for_bit(tiny_model_dir, feedback_file,
+                                                             compile_cache, tmp_path):
+    """bco's running reward mean (the train state's loss_state) and a TR-DPO-synced reference
+    (reference.sync_every=1: it differs from the initial policy at every checkpoint) are checkpointed: SIGKILL after the first checkpoint, then
+    resume, gives the uninterrupted run's metrics (bco/delta included) and weights exactly."""
+    extra = ("--config.loss.name=bco", "--config.reference.sync_every=1",
+             "--config.reference.sync_alpha=0.5")
+    env = cli_env(compile_cache)
+    whole = str(tmp_path / "whole")
+    run_cli(train_argv(whole, tiny_model_dir, feedback_file, *extra), env)
+    lines = _metrics(whole)
+    assert all(math.isfinite(r["bco/delta"]) for r in lines)
+    assert len({r["bco/delta"] for r in lines}) > 1            # the running mean moves
+    workdir = str(tmp_path / "killed")
+    argv = train_argv(workdir, tiny_model_dir, feedback_file, *extra)
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    # the first steps warm up from lr 0: wait for a checkpoint after the policy has moved
+    _wait_for(lambda: any(s >= 4 for s in _committed_steps(workdir)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < NUM_STEPS
+    proc = run_cli(argv, env)
+    resumed_at = int(proc.stderr.split("resuming from step ")[1].split()[0])
+    assert 4 <= resumed_at < NUM_STEPS
+    assert _metrics(workdir) == lines
+    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(whole, "eval_metrics.jsonl")
+    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(whole, "hf"))
+    assert all(np.array_equal(a[k], b[k]) for k in b)
