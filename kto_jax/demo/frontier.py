@@ -2,6 +2,7 @@
 
     python -m kto_jax.demo.frontier --size reduced --seeds 0 1 2 --workdir DIR
         [--methods KTO ...] [--betas 0.1 0.5 ...] [--eval-every K] [--model PATH]
+    python -m kto_jax.demo.frontier --combine DIR_A DIR_B ... --workdir DIR
 
 The methods, data, training and evaluation are those of kto_jax/demo/reproduction.py
 (docs/reproduction.md). The knob that trades reward for KL is the training step: one
@@ -23,6 +24,10 @@ WORKDIR/frontier.json is rewritten after every point; a rerun with the same --si
 and the JSON's "summary" the comparison at matched KL (kto_jax/demo/frontier_summary.py).
 A run's checkpoints and export are deleted once its points are stored (each is about
 1.4 GB for SmolLM2-135M); its metrics and each point's held-out samples stay.
+
+Seeds are independent, so a sweep can run as one process per seed (or per machine),
+each with its own --workdir; `--combine` then joins their JSONs into one, with one
+summary and plot, after checking that they were run with the same settings.
 """
 
 from __future__ import annotations
@@ -258,6 +263,64 @@ def finish(workdir: str, results: dict, start: dict) -> dict:
     return results
 
 
+def combine(workdir: str, sources: Sequence[str], log: Callable[[str], None] = print) -> dict:
+    """Joins sweeps run apart (e.g. one process per seed) into WORKDIR/frontier.json.
+
+    The sources must share their settings (size, eval steps, model) and no point nor
+    seed's reference may come from two of them; each source's CPU and wall seconds are
+    kept under "sources"."""
+    if os.path.abspath(workdir) in {os.path.abspath(d) for d in sources}:
+        raise UserError(f"--workdir {workdir} is also one of --combine's sources: choose a new directory")
+    combined: dict | None = None
+    origin: dict[tuple, str] = {}
+    for source in sources:
+        path = os.path.join(source, RESULTS_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"{path} does not exist: --combine takes directories a frontier sweep wrote")
+        try:
+            with open(path, encoding="utf-8") as f:
+                part = json.load(f)
+            settings, references, points = part["settings"], part["references"], part["points"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a frontier sweep's JSON ({e})") from None
+        if combined is None:
+            combined = {"settings": settings, "references": {}, "points": [], "skipped": {}, "sources": []}
+        elif settings != combined["settings"]:
+            raise UserError(f"{path} was run with other settings than {sources[0]} ({settings} vs "
+                            f"{combined['settings']}): only sweeps of the same --size/--eval-every/--model combine")
+        keys = [("reference", str(seed)) for seed in references]
+        keys += [point_key(p["method"], p["seed"], p["beta"], p["step"]) for p in points]
+        for key in keys:
+            if key in origin:
+                raise UserError(f"{key} is in both {origin[key]} and {source}: combine sweeps of different "
+                                "seeds (or methods), each point from one of them")
+            origin[key] = source
+        combined["references"].update(references)
+        combined["points"] += points
+        combined["skipped"].update(part.get("skipped", {}))
+        combined["sources"].append({"workdir": os.path.abspath(source), "seeds": sorted(int(s) for s in references),
+                                    "points": len(points), "seconds": source_seconds(part)})
+    if combined is None:
+        raise UserError("--combine needs at least one directory")
+    os.makedirs(workdir, exist_ok=True)
+    combined["points"].sort(key=lambda p: (p["seed"], list(reproduction.METHODS).index(p["method"])
+                                           if p["method"] in reproduction.METHODS else len(reproduction.METHODS),
+                                           p["beta"] or 0.0, p["step"]))
+    results = finish(workdir, combined, {"wall": time.perf_counter(), "cpu": time.process_time()})
+    log(results["summary_table"])
+    return results
+
+
+def source_seconds(results: dict) -> dict:
+    """CPU and wall seconds a sweep's JSON records: its data phases, training and evaluations."""
+    total = {"cpu": 0.0, "wall": 0.0}
+    for entry in list(results["references"].values()) + results["points"]:
+        seconds = entry.get("seconds", {})
+        for kind in ("cpu", "wall"):
+            total[kind] += sum(v for k, v in seconds.items() if k.endswith("_" + kind))
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -269,8 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run per beta (default: each method's own)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="evaluate the checkpoint every K steps (default: a quarter of the run)")
+    parser.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                        help="join these sweeps' JSONs (e.g. one per seed) into --workdir; runs nothing")
     args = parser.parse_args(argv)
     try:
+        if args.combine:
+            combine(args.workdir, args.combine)
+            return 0
         run_frontier(args.workdir, args.size, list(dict.fromkeys(args.seeds)), args.methods, args.betas,
                      args.eval_every, args.model)
     except UserError as e:

@@ -103,6 +103,41 @@ def test_main_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "frontier: error: " in capsys.readouterr().err
 
 
+def test_combine_equals_one_sweep_over_all_seeds(tmp_path):
+    """One process per seed, then --combine: the same points, summary and table as one
+    sweep over both seeds; overlapping or mismatched sweeps are refused by name."""
+    methods = ["KTO", "DPO (pairs of the same samples)"]
+    kwargs = dict(size=SMALL, methods=methods, eval_every=2, log=lambda _: None)
+    whole = frontier.run_frontier(str(tmp_path / "both"), seeds=[0, 1], runner=FakeRunner(), **kwargs)
+    for seed in (1, 0):
+        frontier.run_frontier(str(tmp_path / f"s{seed}"), seeds=[seed], runner=FakeRunner(), **kwargs)
+
+    combined = frontier.combine(str(tmp_path / "out"), [str(tmp_path / "s1"), str(tmp_path / "s0")],
+                                log=lambda _: None)
+    assert combined["points"] == whole["points"] and combined["references"] == whole["references"]
+    assert combined["summary"] == whole["summary"] and combined["summary_table"] == whole["summary_table"]
+    assert [s["seeds"] for s in combined["sources"]] == [[1], [0]]
+    assert [s["points"] for s in combined["sources"]] == [4, 4]
+    assert json.load(open(tmp_path / "out" / frontier.RESULTS_FILE))["points"] == whole["points"]
+    assert (tmp_path / "out" / frontier.PLOT_FILE).stat().st_size > 0
+
+    with pytest.raises(UserError, match=r"\('reference', '0'\) is in both .*s0 and .*both"):
+        frontier.combine(str(tmp_path / "x"), [str(tmp_path / "s0"), str(tmp_path / "both")], log=lambda _: None)
+    frontier.run_frontier(str(tmp_path / "other"), seeds=[2], runner=FakeRunner(), **{**kwargs, "eval_every": 4})
+    with pytest.raises(UserError, match="other settings"):
+        frontier.combine(str(tmp_path / "x"), [str(tmp_path / "s0"), str(tmp_path / "other")], log=lambda _: None)
+    with pytest.raises(UserError, match="is also one of --combine's sources"):
+        frontier.combine(str(tmp_path / "s0"), [str(tmp_path / "s0")], log=lambda _: None)
+    assert frontier.main(["--workdir", str(tmp_path / "x"), "--combine", str(tmp_path / "missing")]) == 2
+
+
+def test_source_seconds_adds_every_phase():
+    results = {"references": {"0": {"seconds": {"data_cpu": 10.0, "data_wall": 12.0}}},
+               "points": [{"seconds": {"eval_cpu": 3.0, "eval_wall": 4.0, "train_cpu": 20.0, "train_wall": 30.0}},
+                          {"seconds": {"eval_cpu": 2.0, "eval_wall": 5.0}}, {}]}
+    assert frontier.source_seconds(results) == {"cpu": 35.0, "wall": 51.0}
+
+
 def _points(method, seed, pairs):
     return [{"method": method, "seed": seed, "beta": None, "step": i + 1, "kl": kl, "pass_rate": _rate(r)}
             for i, (kl, r) in enumerate(pairs)]
