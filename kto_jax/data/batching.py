@@ -251,6 +251,19 @@ def kl_rows(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
     return partners[:, lo:lo + layout.local_micro_batch]
 
 
+def tree_lengths(lengths, planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
+    """int [A, M]: tokens of every global slot's packed tree, len(x) + len(y) (+ len(y_kl) or
+    len(y_l) when `layout.pack_second`); `lengths` holds the split's global prompt_lengths
+    and side_lengths."""
+    slots = global_slots(planned, layout)
+    sides = lengths.side_lengths
+    trees = lengths.prompt_lengths[slots].astype(np.int64) + sides[0][slots]
+    if layout.pack_second:
+        trees += sides[1][slots] if len(sides) > 1 else np.take_along_axis(
+            sides[0][slots], kl_slots(planned, layout), axis=1)
+    return trees
+
+
 def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
               layout: BatchLayout) -> dict:
     """The packed batch (kto_jax/batch.py) of this process's examples of one planned batch.
@@ -262,15 +275,9 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
       rows, valid: `local_rows` of the batch.
     """
     paired = split.paired
-    slots = global_slots(planned, layout)
-    prompt, sides = lengths.prompt_lengths, lengths.side_lengths
-    trees = prompt[slots] + sides[0][slots]
-    if layout.pack_second:
-        trees += sides[1][slots] if paired else np.take_along_axis(
-            sides[0][slots], kl_slots(planned, layout), axis=1)
     groups = layout.pack_groups // layout.process_count
-    num_rows = packing.microbatch_rows(trees, layout.pack_length, layout.pack_groups) \
-        // layout.process_count
+    num_rows = packing.microbatch_rows(tree_lengths(lengths, planned, layout), layout.pack_length,
+                                       layout.pack_groups) // layout.process_count
     prompts = [[split.prompts[int(i)] for i in mb] for mb in rows]
     firsts = [[split.completions[0][int(i)] for i in mb] for mb in rows]
     empty = np.zeros(0, np.int32)
@@ -365,4 +372,44 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
             "filler_rows": len(plan) * g - len(plan.indices),
-            "remainder_dropped": len(split) - len(plan.indices)}
+            "remainder_dropped": len(split) - len(plan.indices),
+            "packed": packed_stats(split, plan, layout) if layout.pack_length else None}
+
+
+def packed_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
+    """What the packed layout (data.packing) computes over a plan's batches.
+
+    Returns:
+      rows: {(C, R): batches}: each distinct completion bucket C and row count R
+        compiles the step once; positions: rows x pack_length over every microbatch;
+      fill = tokens placed in the rows / positions (filler rows' copies and the y_kl
+        copies count as placed);
+      token_efficiency = real tokens / positions, where real tokens are the examples'
+        own (x + y, or x + y_w + y_l), never padding, filler or y_kl copies;
+      ceiling: the most token_efficiency can be with these trees, real / placed (below
+        1 for the unpaired losses with z0: the y_kl copies are computed, not real);
+      padded_token_efficiency: real tokens / the positions the padded layout computes
+        for the same batches, G x (P + C) per (x, y) row, twice when a second completion
+        (y_kl, y_l) is computed, as `kto-jax bench --layout=padded` counts them.
+    A Python loop over batches (first-fit decreasing per microbatch, as the pipeline
+    packs): about a second per 100k examples.
+    """
+    real = placed = positions = padded = 0
+    rows: dict[tuple[int, int], int] = {}
+    passes = 2 if layout.pack_second else 1
+    for b in range(len(plan)):
+        planned = plan[b]
+        trees = tree_lengths(split, planned, layout)
+        r = packing.microbatch_rows(trees, layout.pack_length, layout.pack_groups)
+        rows[(planned.completion_len, r)] = rows.get((planned.completion_len, r), 0) + 1
+        positions += layout.accumulation * r * layout.pack_length
+        padded += layout.global_batch * passes * (planned.prompt_len + planned.completion_len)
+        placed += int(trees.sum())
+        ids = planned.indices
+        real += int(split.prompt_lengths[ids].sum(dtype=np.int64))
+        real += sum(int(side[ids].sum(dtype=np.int64)) for side in split.side_lengths)
+    return {"rows": dict(sorted(rows.items())), "positions": positions,
+            "fill": placed / positions if positions else 0.0,
+            "token_efficiency": real / positions if positions else 0.0,
+            "ceiling": real / placed if placed else 0.0,
+            "padded_token_efficiency": real / padded if padded else 0.0}

@@ -75,8 +75,18 @@ class SplitSummary:
         plan = self.plan
         shapes = ", ".join(f"{p}x{c}: {n}" for (p, c), n in sorted(plan["shapes"].items()))
         plural = "es" * (self.batches_per_epoch != 1)
-        out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; shapes PxC (batches): "
-               f"{shapes}; padding efficiency {100 * plan['efficiency']:.1f}%"]
+        packed = plan.get("packed")
+        if packed:
+            rows = ", ".join(f"{c}x{r}: {n}" for (c, r), n in packed["rows"].items())
+            out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; packed, shapes CxR "
+                   f"(completion bucket x rows per microbatch, batches): {rows}",
+                   f"  packed rows: fill {100 * packed['fill']:.1f}%, token efficiency "
+                   f"{100 * packed['token_efficiency']:.1f}% (real tokens / computed positions; at most "
+                   f"{100 * packed['ceiling']:.1f}% with these examples); padded layout: "
+                   f"{100 * packed['padded_token_efficiency']:.1f}%"]
+        else:
+            out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; shapes PxC (batches): "
+                   f"{shapes}; padding efficiency {100 * plan['efficiency']:.1f}%"]
         if plan["remainder_dropped"]:
             out.append(f"  {plan['remainder_dropped']} examples of each epoch's last partial "
                        "batch are skipped (data.drop_remainder; a different set each epoch)")

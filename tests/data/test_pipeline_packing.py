@@ -105,3 +105,36 @@ def test_packing_groups_must_divide_the_micro_batch(tokenizer, tmp_path):
     config.mesh.data, config.mesh.tensor = 8, 1   # 8 batch shards, micro batch of 4
     with pytest.raises(UserError, match="micro_batch_size=4 must be a multiple of 8"):
         build_datasets(config, tokenizer, process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, loss):
+    """`data inspect`'s packed line against the batches themselves: every (C, R) shape,
+    fill, token efficiency (real tokens: valid examples' own, no y_kl copies) and its ceiling."""
+    paired = loss == "dpo"
+    rows = paired_rows(30, seed=3) if paired else unpaired_rows(45, seed=1)
+    data, batches = _batches(_config(write_jsonl(tmp_path / "d.jsonl", rows), loss, **PACKING), tokenizer)
+    train = data.summary.train
+    epoch = batches[:train.batches_per_epoch]
+    sides = ("chosen", "rejected") if paired else ("completion",)
+    shapes, positions, placed, real, padded = {}, 0, 0, 0, 0
+    for b, p in zip(epoch, _batches(_config(write_jsonl(tmp_path / "d.jsonl", rows), loss,
+                                            **{**PACKING, "data.packing": False}), tokenizer)[1]):
+        padded += 2 * int(np.prod(p["prompt_ids"].shape[:2])) * (p["prompt_ids"].shape[-1]
+                                                                 + p[f"{sides[0]}_ids"].shape[-1])
+        a, r, t = b["packed_ids"].shape
+        key = (b[f"{sides[0]}_ids"].shape[-1], r)
+        shapes[key] = shapes.get(key, 0) + 1
+        positions += a * r * t
+        placed += int((b["packed_segment_ids"] > 0).sum())
+        valid = b["valid"].astype(bool)
+        real += int(b["prompt_length"][valid].sum()) + sum(int(b[f"{s}_mask"][valid].sum()) for s in sides)
+    packed = train.plan["packed"]
+    assert packed["rows"] == shapes and packed["positions"] == positions
+    assert packed["fill"] == pytest.approx(placed / positions)
+    assert packed["token_efficiency"] == pytest.approx(real / positions)
+    assert packed["ceiling"] == pytest.approx(real / placed)
+    assert packed["padded_token_efficiency"] == pytest.approx(real / padded)
+    assert packed["ceiling"] < 1  # y_kl copies (unpaired) and the last batch's filler rows are not real
+    text = "\n".join(data.summary.lines())
+    assert "packed, shapes CxR" in text and f"token efficiency {100 * real / positions:.1f}%" in text
