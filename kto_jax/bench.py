@@ -22,7 +22,8 @@ Figures (one JSON line, `BenchResult.to_json`):
       on, exactly how TRL's benchmark counts `tokens_per_s` (its KL batch is not
       counted). The padded shape the step runs on is reported as `padded_seq`.
       `real_tokens_per_s` is the same figure under its --lengths name; `token_efficiency`
-      and `fill` say how much of the computed positions were real tokens / not padding.
+      and `fill` say how much of the computed positions were real tokens / not padding;
+      `token_efficiency_ceiling` is token_efficiency at fill 100% (real / placed tokens).
   model TFLOP/s and MFU: `kto_jax.step.flops` (PaLM convention: full T x T
       attention, the padded length; a packed layout: its rows, one forward with a
       backward and the reference forward), divided by the device's bf16 peak; and the
@@ -372,6 +373,7 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
         "truncated_examples": ex.truncated, "rows_per_microbatch": count.rows,
         "real_tokens": count.real_tokens, "computed_positions": count.computed_positions,
         "token_efficiency": round(count.token_efficiency, 4), "fill": round(count.fill, 4),
+        "token_efficiency_ceiling": round(count.token_efficiency_ceiling, 4),
         "steps": len(times), "warmup": opts.warmup, "median_step_s": round(step_s, 4),
         "min_step_s": round(min(times), 4), "max_step_s": round(max(times), 4),
         "tokens_per_s": round(count.real_tokens / step_s, 1),

@@ -249,6 +249,11 @@ class TokenCount:
     def fill(self) -> float:
         return self.placed_tokens / self.computed_positions
 
+    @property
+    def token_efficiency_ceiling(self) -> float:
+        """token_efficiency with no padding at all: the layout's copies (y_kl, a second x) remain."""
+        return self.real_tokens / self.placed_tokens
+
 
 def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // int(multiple)) * int(multiple)

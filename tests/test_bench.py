@@ -199,6 +199,7 @@ def test_padded_layout_by_hand():
     assert (count.real_tokens, count.placed_tokens, count.rows, count.row_length) == (real, 2 * real, 8, 16)
     assert count.computed_positions == 2 * 8 * 16
     assert count.token_efficiency == pytest.approx(43 / 256) and count.fill == pytest.approx(86 / 256)
+    assert count.token_efficiency_ceiling == pytest.approx(0.5)  # (x, y) and (x, y_kl): all twice
 
 
 def test_packed_shared_layout_is_the_packers_microbatches_stacked():
@@ -208,6 +209,7 @@ def test_packed_shared_layout_is_the_packers_microbatches_stacked():
     # microbatch 1: 6+1+1, 2+1+5, 1+5+2, 4+2+1 = 8, 8, 8, 7 (31): 4 rows of 12 each
     assert (count.rows, count.row_length, count.real_tokens, count.placed_tokens) == (4, 12, 43, 62)
     assert count.token_efficiency == pytest.approx(43 / 96) and count.fill == pytest.approx(62 / 96)
+    assert count.token_efficiency_ceiling == pytest.approx(43 / 62)  # the y_kl copies stay
     for a in range(2):
         want = packing.pack_unpaired(*ex.microbatch(a), pack_length=12, num_rows=4,
                                      completion_length=8, pad_id=0)
@@ -285,6 +287,7 @@ def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(caps
         r = out[layout] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert r["layout"] == layout and r["lengths"] == str(f) and r["real_tokens"] == real
         assert r["token_efficiency"] == pytest.approx(real / r["computed_positions"], abs=1e-4)
+        assert r["token_efficiency_ceiling"] == pytest.approx(r["token_efficiency"] / r["fill"], abs=1e-3)
         assert r["real_tokens_per_s"] == pytest.approx(real / r["median_step_s"], rel=2e-3)
         assert r["truncated_examples"] == int((ex.prompt_lengths == 8).sum())
         assert r["seq"] == pytest.approx(real / 32, abs=0.01)
