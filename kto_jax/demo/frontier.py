@@ -23,7 +23,10 @@ WORKDIR/frontier.json is rewritten after every point; a rerun with the same --si
 --eval-every and --model skips the points it holds. WORKDIR/frontier.png is the plot
 and the JSON's "summary" the comparison at matched KL (kto_jax/demo/frontier_summary.py).
 A run's checkpoints and export are deleted once its points are stored (each is about
-1.4 GB for SmolLM2-135M); its metrics and each point's held-out samples stay.
+1.4 GB for SmolLM2-135M); its metrics and each point's held-out samples stay. A seed's
+sampled data is kept in WORKDIR/seed-S (data.json marks it complete) and reused by any
+later sweep in that directory, so a sweep continued elsewhere (copy seed-S over, with
+frontier.json or not) trains on the very same feedback.
 
 Seeds are independent, so a sweep can run as one process per seed (or per machine),
 each with its own --workdir; `--combine` then joins their JSONs into one, with one
@@ -121,8 +124,15 @@ class ModelRunner:
         if seed not in self._data:
             seed_dir = os.path.join(self.workdir, f"seed-{seed}")
             os.makedirs(seed_dir, exist_ok=True)
-            self.log(f"\n==== seed {seed}: sampling and labelling the feedback and held-out sets")
-            self._data[seed] = reproduction.prepare_data(self._reference.sampler, self.size, seed_dir, seed, self.log)
+            data = reproduction.load_data(seed_dir, self.size)
+            if data is None:
+                self.log(f"\n==== seed {seed}: sampling and labelling the feedback and held-out sets")
+                data = reproduction.prepare_data(self._reference.sampler, self.size, seed_dir, seed, self.log)
+                reproduction.save_data(data, seed_dir)
+            else:
+                self.log(f"\n==== seed {seed}: the feedback and held-out sets of {seed_dir} "
+                         f"({reproduction.DATA_MARKER})")
+            self._data[seed] = data
         return self._data[seed]
 
     def reference(self, seed: int) -> dict:

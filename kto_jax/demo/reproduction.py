@@ -92,7 +92,39 @@ def prepare_data(sampler: Sampler, size: DemoSize, workdir: str, seed: int, log)
     log(f"feedback: {n_up} up / {n - n_up} down; {n_pairs} training pairs, {heldout_pairs} held-out pairs")
     if not heldout_pairs:
         files["heldout_pairs"] = ""
-    return {"files": files, "heldout": heldout, "before": before, "n_up": n_up, "n": n, "pairs": n_pairs}
+    return {"files": files, "heldout": heldout, "before": [g.text for g in before], "n_up": n_up, "n": n,
+            "pairs": n_pairs}
+
+
+DATA_MARKER = "data.json"  # written last by `save_data`: the seed's files are complete
+
+
+def save_data(data: dict, workdir: str) -> None:
+    """Records `prepare_data`'s result beside its files, so a later run reuses them (`load_data`)."""
+    files = {k: os.path.basename(v) for k, v in data["files"].items()}
+    record = {"files": files, "before": data["before"], "n_up": data["n_up"], "n": data["n"],
+              "pairs": data["pairs"]}
+    tmp = os.path.join(workdir, DATA_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(workdir, DATA_MARKER))
+
+
+def load_data(workdir: str, size: DemoSize) -> dict | None:
+    """The data `save_data` recorded in `workdir` (the same files, so the same feedback and
+    held-out samples as before), or None when there is none."""
+    marker = os.path.join(workdir, DATA_MARKER)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker, encoding="utf-8") as f:
+        record = json.load(f)
+    files = {k: os.path.join(workdir, v) if v else "" for k, v in record["files"].items()}
+    missing = [path for path in files.values() if path and not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{marker} lists {missing}, which are missing: restore them or delete {workdir} "
+                        "to sample the data again")
+    return {"files": files, "heldout": pipeline.bundled_prompts("heldout", size.heldout_prompts),
+            "before": record["before"], "n_up": record["n_up"], "n": record["n"], "pairs": record["pairs"]}
 
 
 @dataclasses.dataclass
@@ -117,9 +149,9 @@ def load_reference(model_path: str | None, size: DemoSize) -> Reference:
 
 
 def reference_rate(data: dict) -> dict:
-    """The held-out pass rate of pi_ref (the before-samples of `prepare_data`), KL 0."""
+    """The held-out pass rate of pi_ref (the before-samples' texts of `prepare_data`), KL 0."""
     before = data["before"]
-    return {"pass_rate": stats.rate(sum(rule.passes(g.text) for g in before), len(before)).as_dict(),
+    return {"pass_rate": stats.rate(sum(rule.passes(text) for text in before), len(before)).as_dict(),
             "kl": 0.0}
 
 

@@ -262,5 +262,24 @@ def test_quick_sweep_on_a_tiny_model(tiny_dir, tmp_path):
     redone = frontier.run_frontier(workdir, size, seeds=[0], methods=["KTO concave"], eval_every=1,
                                    model_path=tiny_dir, log=logs.append)["points"]
     assert any("KTO concave: steps [2]" in line for line in logs)
+    # the seed's data came from its directory (data.json), not from sampling again
+    assert any("(data.json)" in line for line in logs) and not any("sampling" in line for line in logs)
     assert redone[1]["pass_rate"] == points[1]["pass_rate"]
     assert redone[1]["kl"] == pytest.approx(points[1]["kl"], rel=1e-4, abs=1e-5)
+
+
+def test_seed_data_is_saved_and_reused(tmp_path):
+    """save_data / load_data: the same files and reference texts back; a missing file is named."""
+    files = {k: str(tmp_path / f"{k}.jsonl") for k in ("train", "heldout", "train_pairs")}
+    for path in files.values():
+        open(path, "w").write("{}\n")
+    data = {"files": {**files, "heldout_pairs": ""}, "before": ["a", "b"], "n_up": 1, "n": 2, "pairs": 1}
+    assert reproduction.load_data(str(tmp_path), SMALL) is None
+    reproduction.save_data(data, str(tmp_path))
+    loaded = reproduction.load_data(str(tmp_path), SMALL)
+    assert {k: loaded[k] for k in data} == data
+    assert len(loaded["heldout"]) == SMALL.heldout_prompts
+    assert reproduction.reference_rate(loaded)["pass_rate"]["n"] == 2
+    os.remove(files["train"])
+    with pytest.raises(UserError, match="train.jsonl'\\], which are missing"):
+        reproduction.load_data(str(tmp_path), SMALL)
