@@ -392,7 +392,7 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
         for the same batches, G x (P + C) per (x, y) row, twice when a second completion
         (y_kl, y_l) is computed, as `kto-jax bench --layout=padded` counts them.
     A Python loop over batches (first-fit decreasing per microbatch, as the pipeline
-    packs): about a second per 100k examples.
+    packs): measured 1.7 s per 100k examples (A = 4, M = 8, one busy CPU core).
     """
     real = placed = positions = padded = 0
     rows: dict[tuple[int, int], int] = {}
