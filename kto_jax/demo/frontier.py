@@ -276,13 +276,14 @@ def finish(workdir: str, results: dict, start: dict) -> dict:
 def combine(workdir: str, sources: Sequence[str], log: Callable[[str], None] = print) -> dict:
     """Joins sweeps run apart (e.g. one process per seed) into WORKDIR/frontier.json.
 
-    The sources must share their settings (size, eval steps, model) and no point nor
-    seed's reference may come from two of them; each source's CPU and wall seconds are
-    kept under "sources"."""
+    The sources must share their settings (size, eval steps, model). A point or a seed's
+    reference found in several sources must be the same in each (as when each source
+    continued a copy of one sweep) and is kept once; one that differs is refused. Each
+    source's CPU and wall seconds are kept under "sources"."""
     if os.path.abspath(workdir) in {os.path.abspath(d) for d in sources}:
         raise UserError(f"--workdir {workdir} is also one of --combine's sources: choose a new directory")
     combined: dict | None = None
-    origin: dict[tuple, str] = {}
+    origin: dict[tuple, tuple[str, dict]] = {}
     for source in sources:
         path = os.path.join(source, RESULTS_FILE)
         if not os.path.isfile(path):
@@ -298,18 +299,25 @@ def combine(workdir: str, sources: Sequence[str], log: Callable[[str], None] = p
         elif settings != combined["settings"]:
             raise UserError(f"{path} was run with other settings than {sources[0]} ({settings} vs "
                             f"{combined['settings']}): only sweeps of the same --size/--eval-every/--model combine")
-        keys = [("reference", str(seed)) for seed in references]
-        keys += [point_key(p["method"], p["seed"], p["beta"], p["step"]) for p in points]
-        for key in keys:
+        entries = [(("reference", str(seed)), reference) for seed, reference in references.items()]
+        entries += [(point_key(p["method"], p["seed"], p["beta"], p["step"]), p) for p in points]
+        new = 0
+        for key, value in entries:
             if key in origin:
-                raise UserError(f"{key} is in both {origin[key]} and {source}: combine sweeps of different "
-                                "seeds (or methods), each point from one of them")
-            origin[key] = source
-        combined["references"].update(references)
-        combined["points"] += points
+                first, stored = origin[key]
+                if _measured(value) != _measured(stored):
+                    raise UserError(f"{key} differs between {first} and {source}: combine sweeps of "
+                                    "different seeds or methods, or continued copies of one sweep")
+                continue
+            origin[key] = source, value
+            if key[0] == "reference":
+                combined["references"][key[1]] = value
+            else:
+                combined["points"].append(value)
+                new += 1
         combined["skipped"].update(part.get("skipped", {}))
         combined["sources"].append({"workdir": os.path.abspath(source), "seeds": sorted(int(s) for s in references),
-                                    "points": len(points), "seconds": source_seconds(part)})
+                                    "points": len(points), "new_points": new, "seconds": source_seconds(part)})
     if combined is None:
         raise UserError("--combine needs at least one directory")
     os.makedirs(workdir, exist_ok=True)
@@ -319,6 +327,11 @@ def combine(workdir: str, sources: Sequence[str], log: Callable[[str], None] = p
     results = finish(workdir, combined, {"wall": time.perf_counter(), "cpu": time.process_time()})
     log(results["summary_table"])
     return results
+
+
+def _measured(entry: dict) -> dict:
+    """A point or reference without its timings (a copy resumed elsewhere keeps the values)."""
+    return {k: v for k, v in entry.items() if k != "seconds"}
 
 
 def source_seconds(results: dict) -> dict:

@@ -121,8 +121,15 @@ def test_combine_equals_one_sweep_over_all_seeds(tmp_path):
     assert json.load(open(tmp_path / "out" / frontier.RESULTS_FILE))["points"] == whole["points"]
     assert (tmp_path / "out" / frontier.PLOT_FILE).stat().st_size > 0
 
-    with pytest.raises(UserError, match=r"\('reference', '0'\) is in both .*s0 and .*both"):
-        frontier.combine(str(tmp_path / "x"), [str(tmp_path / "s0"), str(tmp_path / "both")], log=lambda _: None)
+    # a continued copy of a sweep holds its points again: the same values are kept once
+    again = frontier.combine(str(tmp_path / "x"), [str(tmp_path / "s0"), str(tmp_path / "both")],
+                             log=lambda _: None)
+    assert again["points"] == whole["points"] and [s["new_points"] for s in again["sources"]] == [4, 4]
+    other = json.load(open(tmp_path / "s1" / frontier.RESULTS_FILE))
+    other["points"][0]["kl"] += 1.0  # another measurement of the same point
+    frontier.save_results(str(tmp_path / "s1" / frontier.RESULTS_FILE), other)
+    with pytest.raises(UserError, match=r"\('KTO', 1, None, 2\) differs between .*both and .*s1"):
+        frontier.combine(str(tmp_path / "y"), [str(tmp_path / "both"), str(tmp_path / "s1")], log=lambda _: None)
     frontier.run_frontier(str(tmp_path / "other"), seeds=[2], runner=FakeRunner(), **{**kwargs, "eval_every": 4})
     with pytest.raises(UserError, match="other settings"):
         frontier.combine(str(tmp_path / "x"), [str(tmp_path / "s0"), str(tmp_path / "other")], log=lambda _: None)
