@@ -373,7 +373,7 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
             "single_class_batches": single_class, "batches": len(plan),
             "filler_rows": len(plan) * g - len(plan.indices),
             "remainder_dropped": len(split) - len(plan.indices),
-            "packed": packed_stats(split, plan, layout) if layout.pack_length else None}
+            **({"packed": packed_stats(split, plan, layout)} if layout.pack_length else {})}
 
 
 def packed_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
