@@ -44,6 +44,7 @@ import sys
 import time
 from typing import Callable, Protocol, Sequence
 
+from kto_jax import fs
 from kto_jax.demo import frontier_summary, pipeline, reproduction, rule
 from kto_jax.demo.pipeline import DemoSize
 from kto_jax.errors import UserError
@@ -195,10 +196,7 @@ def load_results(path: str, settings: dict) -> dict:
 
 def save_results(path: str, results: dict) -> None:
     """Rewrites the JSON atomically (a kill mid-write leaves the previous version)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, path)
+    fs.write_text(path, json.dumps(results, indent=2, default=str))
 
 
 def run_frontier(workdir: str, size: str | DemoSize = "reduced", seeds: Sequence[int] = (0,),

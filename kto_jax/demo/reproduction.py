@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kto_jax import fs
 from kto_jax.demo import pipeline, rule
 from kto_jax.demo.pipeline import DemoSize
 from kto_jax.demo.run import default_model_path, kl_samples
@@ -104,10 +105,7 @@ def save_data(data: dict, workdir: str) -> None:
     files = {k: os.path.basename(v) for k, v in data["files"].items()}
     record = {"files": files, "before": data["before"], "n_up": data["n_up"], "n": data["n"],
               "pairs": data["pairs"]}
-    tmp = os.path.join(workdir, DATA_MARKER + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, os.path.join(workdir, DATA_MARKER))
+    fs.write_text(os.path.join(workdir, DATA_MARKER), json.dumps(record))
 
 
 def load_data(workdir: str, size: DemoSize) -> dict | None:
