@@ -284,8 +284,9 @@ def fly_run(tiny_run):
 def _assert_same_losses(fly, pre, first_step_accuracy=True, atol=1e-6):
     """Same logged values; `first_step_accuracy=False` skips rewards/accuracies while pi = pi_ref
     (steps 1 and 2: warmup from lr 0 makes step 1's update 0), where the rewards are 0 up to
-    float rounding, whose sign another program (the packed forward) may flip. Another program also rounds the float32 log-probs (~ -50, ulp
-    ~4e-6) otherwise: atol=2e-5 then, as tests/train/test_multiprocess.py."""
+    float rounding, whose sign another program (the packed forward) may flip. Another program
+    also rounds the float32 log-probs (~ -50, ulp ~4e-6) otherwise: atol=2e-5 then, as
+    tests/train/test_multiprocess.py."""
     assert len(fly["metrics.jsonl"]) == len(pre["metrics.jsonl"]) == 5
     assert len(fly["eval_metrics.jsonl"]) == len(pre["eval_metrics.jsonl"]) >= 1
     for log in fly:
