@@ -213,12 +213,17 @@ def summary_table(summary: dict) -> str:
 
 
 def seed_mean_curve(points: list[dict]) -> tuple[list[float], list[float]]:
-    """(KL, pass rate) of one method's knobs averaged over seeds, sorted by KL."""
+    """(KL, pass rate) of one method's knobs averaged over seeds, sorted by KL.
+
+    Only the knobs every one of the method's seeds holds: a mean over a changing set of
+    seeds along one curve would mix seed effects into the trend (an unfinished sweep's
+    later checkpoints stay as its seeds' own points)."""
+    seeds = {p["seed"] for p in points}
     knobs: dict[tuple, list[dict]] = defaultdict(list)
     for p in points:
         knobs[(p.get("beta"), p["step"])].append(p)
     means = sorted((float(np.mean([p["kl"] for p in ps])), float(np.mean([p["pass_rate"]["rate"] for p in ps])))
-                   for ps in knobs.values())
+                   for ps in knobs.values() if {p["seed"] for p in ps} == seeds)
     return [m[0] for m in means], [m[1] for m in means]
 
 

@@ -235,6 +235,17 @@ def test_summary_table_and_plot(tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
+def test_seed_mean_curve_averages_only_knobs_every_seed_holds():
+    """An unfinished sweep: seed 1 lacks step 10, so step 10 is not averaged over seed 0 alone."""
+    def point(seed, step, kl, rate):
+        return {"method": "KTO", "seed": seed, "beta": None, "step": step, "kl": kl, "pass_rate": _rate(rate)}
+    points = [point(0, 5, 1.0, 0.40), point(1, 5, 2.0, 0.50), point(0, 10, 3.0, 0.60),
+              point(0, 15, 4.0, 0.70), point(1, 15, 6.0, 0.90)]
+    kl, rate = frontier_summary.seed_mean_curve(points)
+    assert kl == [1.5, 5.0]
+    assert rate == pytest.approx([0.45, 0.80])
+
+
 def test_quick_sweep_on_a_tiny_model(tiny_dir, tmp_path):
     """The real path end to end: reproduction's data, trainer and evaluation at 2 checkpoints."""
     workdir = str(tmp_path / "frontier")
