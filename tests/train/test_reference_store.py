@@ -226,9 +226,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store_dir(tiny_run):
     """`kto-jax precompute-ref` on the tiny run's config."""
-    from kto_jax.cli import main as cli_main
     out = str(tiny_run["root"] / "ref")
-    assert cli_main(["precompute-ref", *tiny_run["argv"], f"--out={out}"]) == 0
+    _cli(tiny_run, "precompute-ref", f"--out={out}")
     return out
 
 
@@ -263,17 +262,22 @@ def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run, store_d
     assert evaluation["reference_logps"].shape == evaluation["valid"].shape
 
 
-def _train(tiny_run, name, *extra):
-    """`kto-jax train` of the tiny run in a subprocess (8 CPU devices, as this process);
-    {log name: its JSON lines}.
+def _cli(tiny_run, command, *extra):
+    """`kto-jax COMMAND` on the tiny run's config in a subprocess (8 CPU devices, as this
+    process).
 
     A subprocess, not `cli.main` in-process: three clean-clone suite runs aborted
-    (SIGABRT) inside this in-process trainer at ~97% of the suite, never when this file
-    ran alone; a fresh process does not carry the state the earlier tests left."""
+    (SIGABRT) inside this file's in-process trainer at ~97% of the suite, never when the
+    file ran alone; a fresh process does not carry the state the earlier tests left."""
+    run_cli([sys.executable, "-m", "kto_jax.cli", command, *tiny_run["argv"], *extra],
+            cli_env(str(tiny_run["root"] / "jax-cache"), devices=8))
+
+
+def _train(tiny_run, name, *extra):
+    """`kto-jax train` of the tiny run; {log name: its JSON lines}."""
     workdir = str(tiny_run["root"] / name)
-    argv = [sys.executable, "-m", "kto_jax.cli", "train", *tiny_run["argv"], f"--workdir={workdir}",
-            "--config.train.eval_every=3", "--config.train.export_at_end=False", *extra]
-    run_cli(argv, cli_env(str(tiny_run["root"] / "jax-cache"), devices=8))
+    _cli(tiny_run, "train", f"--workdir={workdir}", "--config.train.eval_every=3",
+         "--config.train.export_at_end=False", *extra)
     return {log: metrics(workdir, log) for log in ("metrics.jsonl", "eval_metrics.jsonl")}
 
 
@@ -322,9 +326,8 @@ def test_packed_precompute_stores_the_padded_values_per_example(tiny_run, store_
     """`kto-jax precompute-ref` with data.packing stores, per example, the values of the
     padded store (same KL pairs, same row checksums: the prompts read back from the rows),
     and a packed run on it logs the padded on-the-fly run's losses."""
-    from kto_jax.cli import main as cli_main
     out = str(tiny_run["root"] / "ref_packed")
-    assert cli_main(["precompute-ref", *tiny_run["argv"], *PACKING, f"--out={out}"]) == 0
+    _cli(tiny_run, "precompute-ref", *PACKING, f"--out={out}")
     for split in ("train", "eval"):
         padded = np.load(os.path.join(store_dir, f"{split}.npz"))
         packed = np.load(os.path.join(out, f"{split}.npz"))
