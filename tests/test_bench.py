@@ -14,7 +14,8 @@ from kto_jax.step import flops as flops_lib
 
 FIELDS = ("bench", "jax", "platform", "device", "num_devices", "date", "model", "params", "seq",
           "padded_seq", "global_batch", "steps", "warmup", "median_step_s", "tokens_per_s",
-          "model_tflops_per_s", "mfu", "trl_model_tflops_per_s", "trl_mfu", "peak_mem_gib",
+          "model_flops_per_step", "trl_model_flops_per_step", "model_tflops_per_s", "mfu",
+          "trl_model_tflops_per_s", "trl_mfu", "peak_mem_gib",
           "peak_mem_source", "xla_mem_gib", "compile_s", "loss", "options")
 
 
@@ -298,8 +299,12 @@ def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(caps
     assert out["packed"]["fill"] == pytest.approx(2 * real / out["packed"]["computed_positions"], abs=1e-4)
     for layout in ("packed_shared", "packed"):
         assert out[layout]["loss"] == pytest.approx(out["padded"]["loss"], abs=2e-5)
-        assert out[layout]["trl_model_tflops_per_s"] * out[layout]["median_step_s"] == pytest.approx(
-            out["padded"]["trl_model_tflops_per_s"] * out["padded"]["median_step_s"], rel=1e-3)
+        assert out[layout]["trl_model_flops_per_step"] == out["padded"]["trl_model_flops_per_step"]
+    for r in out.values():  # the rate is the step's count over its time (4 significant digits)
+        assert r["trl_model_tflops_per_s"] == pytest.approx(
+            r["trl_model_flops_per_step"] / r["median_step_s"] / 1e12, rel=1e-3)
+        assert r["model_tflops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["median_step_s"] / 1e12,
+                                                        rel=1e-3)
     assert cli_main(argv[:-6] + ["--lengths", str(tmp_path / "nope.csv")]) == 2
 
 
