@@ -170,7 +170,7 @@ def topology_mesh(devices: Sequence[jax.Device], mesh_axes: Mapping[str, int], n
 
     Devices are ordered along the physical torus (`mesh_utils`). With several slices,
     the first axis divisible by `num_slices` (normally `data`) spans the slices over
-    DCN and every other axis stays inside a slice on ICI. Axes are Auto (DESIGN.md).
+    DCN and every other axis stays inside a slice on ICI. Axes are Auto (docs/design.md, "Sharding").
     """
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
 

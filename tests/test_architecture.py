@@ -152,3 +152,49 @@ def test_find_cycle(graph, cycle):
 def test_imports_inside_functions_are_edges_too():
     """`eval/loading.py` imports the export code inside a function: it is still an edge."""
     assert "kto_jax.train.export" in GRAPH["kto_jax.eval.loading"]
+
+
+def test_no_class_defines_a_method_twice():
+    """A second `def` of the same name in a class body silently replaces the first."""
+    twice = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.ClassDef):
+                seen = set()
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        if item.name in seen and not item.decorator_list:
+                            twice.append(f"{name}.{node.name}.{item.name}")
+                        seen.add(item.name)
+    assert not twice, twice
+
+
+REPO = os.path.dirname(ROOT)
+
+
+def _repo_texts():
+    for folder in ("kto_jax", "docs", "configs", "tests"):
+        for base, _, files in os.walk(os.path.join(REPO, folder)):
+            for name in files:
+                if name.endswith((".py", ".md")):
+                    yield os.path.join(base, name)
+    yield os.path.join(REPO, "README.md")
+
+
+def test_cited_docs_are_in_the_repository():
+    """Code and docs cite design notes inside the repository (docs/design.md), and every
+    `docs/NAME.md` they name exists."""
+    import re
+    outside, missing = [], []
+    for path in _repo_texts():
+        rel = os.path.relpath(path, REPO)
+        if rel == os.path.join("tests", "test_architecture.py"):
+            continue
+        text = open(path, encoding="utf-8").read()
+        if "DESIGN.md" in text:
+            outside.append(rel)
+        for doc in set(re.findall(r"docs/([A-Za-z_]+\.md)", text)):
+            if not os.path.isfile(os.path.join(REPO, "docs", doc)):
+                missing.append(f"{rel}: docs/{doc}")
+    assert not outside, f"cite docs/design.md, not a DESIGN.md outside the repository: {outside}"
+    assert not missing, missing

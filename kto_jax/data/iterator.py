@@ -88,9 +88,6 @@ class TokenizeRows:
     those of its start-up slice come from the cache.
     """
 
-    def __init__(self, split: ShardedSplit):
-        self.split = split
-
     def __init__(self, split: ShardedSplit, layout: batching.BatchLayout):
         self.split, self.layout = split, layout
 

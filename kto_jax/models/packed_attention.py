@@ -2,7 +2,7 @@
 
 A packed row holds whole examples one after the other (kto_jax/data/packing.py).
 Each example is its prompt x, then its completion y, then a second completion y2
-of the SAME prompt: the KL completion y_kl of KTO (DESIGN.md "Making KTO cheap"),
+of the SAME prompt: the KL completion y_kl of KTO (docs/design.md, "Making KTO cheap"),
 or the rejected y_l of a paired loss ([x | y_w | y_l]). Both completions are
 continuations of x, so x is run once for the two.
 

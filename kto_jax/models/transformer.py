@@ -439,7 +439,7 @@ def resolve_attention_impl(name: str | None, q: Array, mask: Array | None = None
     an AOT compile for one on a CPU host), XLA's attention when lowered for anything
     else (kto_jax/models/splash_attention.py). Otherwise None, XLA's attention.
     jax's own None never picks cuDNN, and XLA's attention materialises [B, H, T, T]
-    scores: 1.8x slower on an H200 (DESIGN.md "Performance facts"). 'xla' and
+    scores: 1.8x slower on an H200 (docs/design.md, "Performance facts"). 'xla' and
     'cudnn' pass through; 'splash' runs the kernel everywhere (Pallas interpret mode
     off TPU) and falls back to XLA when given a mask (the kernel here is causal-only).
     """

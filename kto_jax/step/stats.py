@@ -4,7 +4,7 @@ Pure functions, called inside the jitted step (kto_jax/step/train_step.py) once 
 microbatch. A microbatch is the batch of kto_jax/batch.py without its leading
 accumulation axis: arrays [M, ...], M sharded over ('data', 'fsdp').
 
-What runs, per microbatch (section 4.1 of the paper; DESIGN.md "data path"):
+What runs, per microbatch (section 4.1 of the paper; docs/design.md, "The data path"):
 - the policy on (x_i, y_i), with gradient;
 - the KL batch (x_i, y_{i+1 mod M}): the completion arrays rolled by one along M,
   built ONCE here and given to the policy and the reference alike;

@@ -18,7 +18,7 @@ every batch array is [A, M, ...] (kto_jax/batch.py; a packed batch's rows [A, R,
 per batch shard: the jitted builders give the step `settings.pack_groups` from the mesh). `make_reference_step` jits the
 reference forward alone over a batch: what `kto-jax precompute-ref` stores.
 
-Inside the step (DESIGN.md "data path"): a `lax.scan` over the A microbatches; per
+Inside the step (docs/design.md, "The data path"): a `lax.scan` over the A microbatches; per
 microbatch the stats of kto_jax/step/stats.py (KL batch rolled within the
 microbatch, its own z0) and the loss's gradient, weighted by the loss's true
 denominator (`loss_denominator`: examples, or tokens for token-mean losses), so the

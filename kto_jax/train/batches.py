@@ -55,7 +55,7 @@ def padded_tokens(batch: Mapping[str, jax.Array]) -> int:
     """Tokens of the sequences the policy trains on, padding included (A * M * T, x2 if paired;
     packed: the A * R * T positions of the rows, each example's x once).
 
-    The convention of the performance comparisons in DESIGN.md: 32 x 1024 tokens per
+    The convention of the performance comparisons (docs/design.md, "Performance facts"): 32 x 1024 tokens per
     step for 32 sequences padded to 1024.
     """
     if is_packed(batch):
