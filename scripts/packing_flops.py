@@ -5,7 +5,7 @@ Usage: PYTHONPATH=. python scripts/packing_flops.py [--preset tiny] [--examples 
 Padded (today's step): the policy forward on (x, y) and the KL forward on (x, y_kl),
 each M rows of P + C tokens (prompt and completion buckets of the microbatch).
 Packed-shared: one forward of the [x | y | y_kl] rows (kto_jax/data/packing.py),
-with both completions' log-probs gathered from it (kto_jax/packed_logprobs.py).
+with both completions' log-probs gathered from it (kto_jax/models/packed_logprobs.py).
 Lengths are drawn from a skewed (log-normal) distribution; the figures are the
 compiled programs' `cost_analysis()['flops']` (forward only, log-probs included).
 """
@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 
 from kto_jax.data import packing
-from kto_jax.logprobs import completion_logps
+from kto_jax.models.logprobs import completion_logps
 from kto_jax.models.config import preset
 from kto_jax.models.transformer import Transformer
-from kto_jax.packed_logprobs import packed_completion_logps
+from kto_jax.models.packed_logprobs import packed_completion_logps
 
 
 def _bucket(n: int, step: int = 64) -> int:

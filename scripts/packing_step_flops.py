@@ -3,9 +3,9 @@ padded vs packed (data.packing), on the same examples: the figures of docs/perfo
 
 Usage: PYTHONPATH=. python scripts/packing_step_flops.py [--model llama-1b] [--lengths fixed|lognormal]
 
-The program is the trainer's own jitted train step (kto_jax/step/program.py) compiled
+The program is the trainer's own jitted train step (kto_jax/perf/program.py) compiled
 for this host's CPU on abstract inputs (nothing allocated), with the bench's model,
-dtypes and batch (kto_jax/bench.py: 8 examples per microbatch; one microbatch is
+dtypes and batch (kto_jax/perf/bench.py: 8 examples per microbatch; one microbatch is
 compiled: x accumulation steps for a step). XLA's cost analysis counts a loop body
 once, so every `lax.scan` (the layers, the LM head's vocabulary chunks) is unrolled
 here to count what runs. Examples:
@@ -25,11 +25,11 @@ import json
 import jax
 import numpy as np
 
-from kto_jax import bench
+from kto_jax.perf import bench
 from kto_jax.batch import batch_shapes
 from kto_jax.data import packing
 from kto_jax.sharding import single_device_mesh
-from kto_jax.step import program
+from kto_jax.perf import program
 from kto_jax.step.state import batch_sharding
 
 

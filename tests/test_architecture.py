@@ -4,7 +4,7 @@ Every module of kto_jax/ belongs to one layer; a module may import its own layer
 the layers below it, never one above. No module imports itself back through a chain of
 imports (a cycle), counting imports inside functions and under TYPE_CHECKING, so a
 lazy import cannot hide one; and the top-level packages and modules (train/, step/,
-data/, bench.py, ...) import each other without cycles too.
+data/, perf/, ...) import each other without cycles too.
 """
 
 import ast
@@ -18,11 +18,9 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # package above it. Keep in step with docs/architecture.md.
 LAYERS = (
     ("commands", ("kto_jax.cli", "kto_jax.commands")),
-    ("runtime", ("kto_jax.train", "kto_jax.online", "kto_jax.eval", "kto_jax.demo", "kto_jax.bench",
-                 "kto_jax.bench_workload", "kto_jax.aot")),
+    ("runtime", ("kto_jax.train", "kto_jax.online", "kto_jax.eval", "kto_jax.demo", "kto_jax.perf")),
     ("step", ("kto_jax.step",)),
-    ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data", "kto_jax.logprobs", "kto_jax.packed_logprobs",
-                   "kto_jax.generate")),
+    ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data")),
     ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch", "kto_jax.fs")),
 )
 PACKAGE_INIT = "kto_jax"  # the package's own __init__: a docstring and the version, below all

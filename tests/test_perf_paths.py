@@ -48,7 +48,7 @@ def test_auto_attention_is_cudnn_only_on_gpu_for_shapes_cudnn_takes(monkeypatch)
 
 
 def test_left_aligned_rotates_each_row_by_its_prompt_padding():
-    from kto_jax.logprobs import left_aligned
+    from kto_jax.models.logprobs import left_aligned
     x = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]], np.int32)
     y = np.array([[12, 13, 0], [15, 0, 0], [16, 17, 18]], np.int32)
     ids, mask, first = left_aligned(x, (x != 0).astype(np.int32), y, (y != 0).astype(np.int32))
@@ -60,7 +60,7 @@ def test_left_aligned_rotates_each_row_by_its_prompt_padding():
 
 def test_completion_logps_run_the_model_without_an_attention_mask():
     """The step's forwards hand the model no [B, 1, T, T] mask (what lets cuDNN run mask-free)."""
-    from kto_jax.logprobs import completion_logps
+    from kto_jax.models.logprobs import completion_logps
     model = T.Transformer(MODEL, rngs=nnx.Rngs(0))
     seen = []
     original = T.Transformer.hidden_states
@@ -81,7 +81,7 @@ def test_no_forward_of_the_step_materialises_full_vocab_logits():
     """The compiled KTO step (policy with gradient, policy KL, both reference forwards) holds
     no [rows, positions, vocab] tensor: every forward goes through the vocab-chunked head."""
     from configs.base import get_config
-    from kto_jax import bench
+    from kto_jax.perf import bench
     from kto_jax.sharding import make_mesh
     from kto_jax import step as S
     from kto_jax.step.optimizer import make_optimizer
@@ -165,7 +165,7 @@ def test_auto_attention_compiled_for_a_tpu_slice_runs_the_splash_kernel():
     a TPU would run), so `kto-jax compile` memory figures include flash attention."""
     pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed")
     from jax.sharding import NamedSharding, PartitionSpec
-    from kto_jax import aot
+    from kto_jax.perf import aot
 
     graphdef, params = nnx.split(T.abstract_model(MODEL))
     tpu = aot.parse_topology("v5e-4")

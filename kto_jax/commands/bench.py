@@ -1,6 +1,6 @@
 """`kto-jax bench [--model llama-1b] [--reference on_the_fly|precomputed] [...]`.
 
-Times the KTO train step on the benchmark's workload (kto_jax/bench.py: random-init model of
+Times the KTO train step on the benchmark's workload (kto_jax/perf/bench.py: random-init model of
 a named shape, 512 + 511 tokens padded to multiples of 128, 8 x 4 accumulation,
 bf16 compute) and prints ONE JSON line: device, median s/step, matched tokens/s,
 model TFLOP/s, MFU, peak memory and the options used. With --lengths=hh-rlhf (or a
@@ -20,7 +20,7 @@ from kto_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kto_jax.bench import MODEL_SHAPES, REFERENCE_MODES, BenchOptions  # pylint: disable=import-outside-toplevel
+    from kto_jax.perf.bench import MODEL_SHAPES, REFERENCE_MODES, BenchOptions  # pylint: disable=import-outside-toplevel
     d = BenchOptions()
     p = argparse.ArgumentParser(prog="kto-jax bench", description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from kto_jax import bench  # pylint: disable=import-outside-toplevel
+    from kto_jax.perf import bench  # pylint: disable=import-outside-toplevel
     fields = {f.name for f in dataclasses.fields(bench.BenchOptions)}
     opts = bench.BenchOptions(**{k: v for k, v in vars(args).items() if k in fields})
     try:

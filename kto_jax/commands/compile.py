@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
                                       define_flags=_define_flags)
     if not fv["topology"].value:
         raise UserError("missing --topology=SLICE, e.g. --topology=v5p-32 (docs/tpu.md).")
-    from kto_jax import aot  # pylint: disable=import-outside-toplevel  # jax and libtpu: after the flags
+    from kto_jax.perf import aot  # pylint: disable=import-outside-toplevel  # jax and libtpu: after the flags
     fits = aot.compile_run_config(
         config, fv["topology"].value, model=fv["model"].value, prompt_len=fv["prompt_len"].value,
         completion_len=fv["completion_len"].value, find_microbatch=fv["find_microbatch"].value,

@@ -35,19 +35,19 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_settings(args: argparse.Namespace):
-    from kto_jax.generate import SamplingSettings
+    from kto_jax.eval.sampling import SamplingSettings
     return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
 
 
 def make_sampler(model_path: str, args: argparse.Namespace):
     """(Sampler over all local devices, resolved model path) for --model."""
-    from kto_jax import generate
+    from kto_jax.eval import sampling
     from kto_jax.eval.loading import load_model
     from kto_jax.sharding import make_mesh
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": args.tensor})
-    model, tokenizer, resolved = load_model(model_path, mesh=mesh, rules=generate.DEFAULT_RULES)
-    sampler = generate.Sampler(model, tokenizer, mesh=mesh, rules=generate.DEFAULT_RULES,
+    model, tokenizer, resolved = load_model(model_path, mesh=mesh, rules=sampling.DEFAULT_RULES)
+    sampler = sampling.Sampler(model, tokenizer, mesh=mesh, rules=sampling.DEFAULT_RULES,
                                batch_size=args.batch_size, chat=args.chat)
     return sampler, resolved
 

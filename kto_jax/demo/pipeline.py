@@ -26,7 +26,7 @@ from flax import nnx
 
 from kto_jax.demo import rule
 from kto_jax.errors import UserError
-from kto_jax.generate import Generation, Sampler, SamplingSettings
+from kto_jax.eval.sampling import Generation, Sampler, SamplingSettings
 
 TEMPERATURE = 1.0  # plain samples of the policy: the feedback is on-policy, and the KL estimate unbiased
 

@@ -37,7 +37,7 @@ from kto_jax.demo.pipeline import DemoSize
 from kto_jax.demo.run import default_model_path, kl_samples
 from kto_jax.errors import UserError
 from kto_jax.eval import stats
-from kto_jax.generate import Generation, Sampler
+from kto_jax.eval.sampling import Generation, Sampler
 
 SIZES = {
     "full": DemoSize(80, 4, 32, 4, 40, 8, 2e-5, 2, 32),               # 40 steps, 128 held-out samples

@@ -13,7 +13,7 @@ from flax import nnx
 from kto_jax.demo import pipeline, report, rule
 from kto_jax.eval import stats
 from kto_jax.eval.logprob_scoring import SequenceScorer
-from kto_jax.generate import Sampler
+from kto_jax.eval.sampling import Sampler
 from kto_jax.train import workdir as layout
 
 

@@ -1,6 +1,6 @@
 """log pi(y|x) of given completions under a model, for judges and KL estimates.
 
-Uses the training code's own log-prob function (`kto_jax.logprobs.sequence_logps`):
+Uses the training code's own log-prob function (`kto_jax.models.logprobs.sequence_logps`):
 prompts left-padded to P, completions right-padded to C, both rounded up to a
 multiple of `length_multiple`, batches of `batch_size` rows (filler rows score 0),
 one jitted program per (P, C). The same scorer evaluates several weight sets of one
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kto_jax.generate import Prompt, encode_prompts, left_pad
-from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK, sequence_logps
+from kto_jax.eval.sampling import Prompt, encode_prompts, left_pad
+from kto_jax.models.logprobs import DEFAULT_VOCAB_CHUNK, sequence_logps
 from kto_jax.models.transformer import Transformer
 
 

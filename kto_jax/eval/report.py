@@ -21,7 +21,7 @@ from kto_jax import sharding as shd
 from kto_jax.eval import rewards, winrate
 from kto_jax.eval.judges import Judge
 from kto_jax.eval.loading import load_model
-from kto_jax.generate import Sampler, SamplingSettings
+from kto_jax.eval.sampling import Sampler, SamplingSettings
 
 REWARD_KEYS = ("rewards/accuracy", "rewards/margins", "rewards/desirable", "rewards/undesirable",
                "kl", "reference_point", "loss", "examples")

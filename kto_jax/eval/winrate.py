@@ -16,7 +16,7 @@ from kto_jax.data import formats
 from kto_jax.data.readers import read_rows
 from kto_jax.eval import stats
 from kto_jax.eval.judges import Judge, prompt_text
-from kto_jax.generate import Generation, Sampler, SamplingSettings
+from kto_jax.eval.sampling import Generation, Sampler, SamplingSettings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ bf16 copies, 16 layers), the largest temporary of the KTO step on a TPU.
 Splash attention is flash attention for TPUs: it keeps only O(T) statistics.
 
 Scope: causal (optionally sliding-window) self-attention with NO padding mask,
-which is exactly what the train step's forwards run (kto_jax/logprobs.py rotates
+which is exactly what the train step's forwards run (kto_jax/models/logprobs.py rotates
 each row so its real tokens come first). Grouped-query attention is native.
 
 On TPU the Mosaic kernel runs inside a `shard_map` over the ambient mesh (Mosaic

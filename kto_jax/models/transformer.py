@@ -193,7 +193,7 @@ class Transformer(nnx.Module):
                              cache: "KVCache", index: Array) -> tuple[Array, "KVCache"]:
         """Final-norm hidden states of T new tokens written at cache slots [index, index + T).
 
-        The generation path (kto_jax.generate): the same layers as `hidden_states`,
+        The generation path (kto_jax.eval.sampling): the same layers as `hidden_states`,
         attending to everything already in `cache` plus the new tokens, causally.
 
         Args:

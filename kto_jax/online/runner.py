@@ -1,7 +1,7 @@
 """`online(config, workdir)`: rounds of sample -> judge -> label -> train -> evaluate.
 
 One process, one mesh, no export between rounds:
-  sample    the KV-cache sampler (kto_jax/generate.py) reads the LIVE policy params of
+  sample    the KV-cache sampler (kto_jax/eval/sampling.py) reads the LIVE policy params of
             the train state, on the training mesh and its sharding rules; the key of
             round r is derived from (online.seed, r), so a round's samples are a pure
             function of the weights it starts from and the seed;
@@ -49,7 +49,7 @@ from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import build_datasets
 from kto_jax.errors import UserError
-from kto_jax.generate import Sampler
+from kto_jax.eval.sampling import Sampler
 from kto_jax.losses.common import add_metrics, summarize_metrics
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import load_tokenizer

@@ -7,7 +7,7 @@ import dataclasses
 import ml_collections
 
 from kto_jax.errors import UserError
-from kto_jax.generate import SamplingSettings
+from kto_jax.eval.sampling import SamplingSettings
 from kto_jax.losses.registry import get_loss
 from kto_jax.step.settings import reference_sync
 

@@ -1,7 +1,7 @@
 """The pure train step: jittable functions of (state, batch), and what describes them.
 
-Nothing here reads files (but an HF config.json for an AOT program's architecture),
-writes logs or holds a run; kto_jax/train/ drives these functions (docs/architecture.md).
+Nothing here reads files, writes logs or holds a run; kto_jax/train/ drives these
+functions, and kto_jax/perf/ compiles them ahead of time (docs/architecture.md).
 
   settings     StepSettings: the static part of the step (loss, hparams with the
                resolved lambda weights, reference source); check_step_config
@@ -11,11 +11,10 @@ writes logs or holds a run; kto_jax/train/ drives these functions (docs/architec
   train_step   train_step / eval_step / reference_step and their jitted builders
   optimizer    the optax chain and schedule of config.optim
   flops        model FLOPs of a step, MFU
-  program      the train step of a config as an abstract (AOT) program
 
 The names below are the package's API (`from kto_jax import step`); the pure step
 functions themselves are `step.train_step.train_step` / `eval_step` / `reference_step`,
-and `program` and `flops` are imported by name. The batch layout the step reads is kto_jax/batch.py,
+and `flops` is imported by name. The batch layout the step reads is kto_jax/batch.py,
 below both the data pipeline that writes it and this package.
 """
 

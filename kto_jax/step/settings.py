@@ -14,7 +14,7 @@ import dataclasses
 import ml_collections
 
 from kto_jax.errors import UserError
-from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK
+from kto_jax.models.logprobs import DEFAULT_VOCAB_CHUNK
 from kto_jax.losses.registry import HaloLoss, get_loss
 
 REFERENCE_SOURCES = ("model", "precomputed", "none")

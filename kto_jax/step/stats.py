@@ -41,10 +41,10 @@ from flax import nnx
 from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS, is_packed, kl_pair_valid, kl_partners
 from kto_jax.data.packing import PAIRED_NAMES, UNPAIRED_NAMES
 from kto_jax.errors import UserError
-from kto_jax.logprobs import CompletionLogps, completion_logps
+from kto_jax.models.logprobs import CompletionLogps, completion_logps
 from kto_jax.losses.ppo import value_head_apply
 from kto_jax.losses.registry import HaloLoss
-from kto_jax.packed_logprobs import packed_completion_logps
+from kto_jax.models.packed_logprobs import packed_completion_logps
 from kto_jax.step.adapters import model_of
 
 Array = jax.Array
@@ -80,7 +80,7 @@ def _deinterleave(x: Array) -> tuple[Array, Array]:
 def forward(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
             completion_ids: Array, completion_mask: Array, vocab_chunk: int) -> CompletionLogps:
     """Completion log-probs of the model of `params` (`adapters.model_of`: the Param state, or
-    base + adapters under LoRA); see kto_jax.logprobs."""
+    base + adapters under LoRA); see kto_jax.models.logprobs."""
     model = model_of(graphdef, params)
     return completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                             vocab_chunk=vocab_chunk)
@@ -103,7 +103,7 @@ def forward_pair(graphdef: nnx.GraphDef, params: Any, mb: Batch, names: tuple[st
     """Log-probs of two completions of the microbatch's prompts, from one forward.
 
     names: the batch keys' prefixes, ("completion", "kl") or ("chosen", "rejected").
-    Packed: one forward of the rows [x | y | y2] (kto_jax/packed_logprobs.py; `groups`:
+    Packed: one forward of the rows [x | y | y2] (kto_jax/models/packed_logprobs.py; `groups`:
     the packing groups, one per batch shard). Padded: `forward_two` of 2M rows; the
     padded unpaired batch has no "kl_*" keys, so `second` passes (ids, mask) of y2.
     """

@@ -3,7 +3,7 @@
 import json
 
 from kto_jax.demo import reproduction
-from kto_jax.generate import Generation
+from kto_jax.eval.sampling import Generation
 
 UP = "Cats purr when they are content."          # passes the demo rule
 DOWN = "Cats purr for a great many reasons that scientists have studied for a very long time indeed."

@@ -34,7 +34,7 @@ def test_sampling_a_lora_view_equals_sampling_the_merged_model(tiny_model_dir):
     tokens of the merged weights W + (alpha / r) A B: the adapters really are sampled."""
     import jax
     from flax import nnx
-    from kto_jax.generate import Sampler, SamplingSettings
+    from kto_jax.eval.sampling import Sampler, SamplingSettings
     from kto_jax.models import from_pretrained, load_tokenizer
     from kto_jax.models import lora as lora_lib
     from kto_jax.step import adapters as adapters_lib

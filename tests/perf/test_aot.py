@@ -1,4 +1,4 @@
-"""AOT compile for TPU topologies on this CPU host (kto_jax/aot.py), with libtpu.
+"""AOT compile for TPU topologies on this CPU host (kto_jax/perf/aot.py), with libtpu.
 
 The programs are a two-layer MLP train step (forward, backward, SGD update with the
 parameters donated), sharded over a (data, fsdp) mesh: the same shape of program
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kto_jax import aot
+from kto_jax.perf import aot
 from kto_jax.errors import UserError
 
 pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed: pip install 'kto-jax[tpu]'")
@@ -151,7 +151,7 @@ def test_fsdp_shards_the_real_train_state_across_chips():
     whole TPU tiles and the byte counts are exact up to the small batch and counters.
     (The replicated layout, data=4, is compiled by the microbatch-search test below.)
     """
-    from kto_jax.step.program import train_step_program
+    from kto_jax.perf.program import train_step_program
     from kto_jax.models import preset
 
     c = preset("tiny", vocab_size=1024, hidden_size=512, intermediate_size=1024, num_heads=4,
@@ -202,7 +202,7 @@ def test_compile_command_needs_an_architecture(capsys):
 def test_architecture_comes_from_flag_then_checkpoint_then_preset(tmp_path):
     import json
 
-    from kto_jax.step.program import model_config_of
+    from kto_jax.perf.program import model_config_of
     from kto_jax.config import load_config
     from kto_jax.models import preset
 
@@ -223,7 +223,7 @@ def test_compile_with_packing_lowers_packed_rows(capsys):
     `kto-jax compile` lowers and sizes that step for the TPU."""
     from kto_jax import cli
     from kto_jax.sharding import make_mesh
-    from kto_jax.step import program
+    from kto_jax.perf import program
 
     config = _tiny_cpu(data=2, fsdp=1, tensor=1)
     config.data.packing, config.data.pack_length = True, 256

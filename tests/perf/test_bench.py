@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kto_jax import bench
+from kto_jax.perf import bench
 from kto_jax.cli import main as cli_main
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
@@ -118,7 +118,7 @@ def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
 
 # ---------------------------------------------------------------- --lengths and --layout
 
-from kto_jax import bench_workload as bw  # noqa: E402
+from kto_jax.perf import workload as bw  # noqa: E402
 from kto_jax.data import packing  # noqa: E402
 
 
@@ -225,10 +225,10 @@ def test_packed_layout_equals_the_padded_forwards(groups):
     step's two forwards, (x, y) and (x, y_kl), per example: the layout is exact."""
     import jax
     from flax import nnx
-    from kto_jax.logprobs import completion_logps
+    from kto_jax.models.logprobs import completion_logps
     from kto_jax.models.config import tiny
     from kto_jax.models.transformer import Transformer
-    from kto_jax.packed_logprobs import packed_completion_logps
+    from kto_jax.models.packed_logprobs import packed_completion_logps
 
     model = Transformer(tiny(attention_impl="xla"), rngs=nnx.Rngs(0))
     ex = _hand_examples(accum=1, micro_batch=4)

@@ -1,6 +1,6 @@
 """The benchmark's examples and how a step lays them out: length distributions, layouts, token counts.
 
-`kto-jax bench --lengths=NAME|FILE --layout=padded|packed|packed_shared` (kto_jax/bench.py).
+`kto-jax bench --lengths=NAME|FILE --layout=padded|packed|packed_shared` (kto_jax/perf/bench.py).
 
 Lengths. A global batch of A x M examples gets (prompt_len, completion_len) pairs drawn,
 seeded, from a distribution: a named one shipped with the package (`NAMED`: the token-length
@@ -60,7 +60,7 @@ from kto_jax.batch import as_batch, batch_shapes
 from kto_jax.data import packing
 from kto_jax.errors import UserError
 
-# --lengths NAME -> file under kto_jax/bench_data/ (scripts/length_histogram.py made it)
+# --lengths NAME -> file under kto_jax/perf/data/ (scripts/length_histogram.py made it)
 NAMED = {"hh-rlhf": "hh_rlhf_harmless_base.json"}
 LAYOUTS = ("padded", "packed", "packed_shared")
 PAD_ID = 0
@@ -99,7 +99,7 @@ def load_lengths(spec: str) -> LengthDistribution:
         rows are not positive integer lengths (naming the file, the row and the fix).
     """
     if spec in NAMED:
-        ref = importlib.resources.files("kto_jax") / "bench_data" / NAMED[spec]
+        ref = importlib.resources.files("kto_jax.perf") / "data" / NAMED[spec]
         with importlib.resources.as_file(ref) as path:
             return _read_histogram(str(path), spec)
     if not os.path.isfile(spec):

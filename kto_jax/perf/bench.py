@@ -9,7 +9,7 @@ Workload (the one TRL's KTO trainer is timed on, so the figures compare; docs/pe
   - global batch = micro_batch x accum (8 x 4 = 32), the KTO loss, AdamW.
 With --lengths the examples' lengths are drawn from a real distribution instead, and
 --layout picks how the step lays them out (padded rows, or packed rows with or without the
-prompt shared by y and y_kl): kto_jax/bench_workload.py.
+prompt shared by y and y_kl): kto_jax/perf/workload.py.
 
 The parameters and optimizer state are created by one jitted initialiser whose
 outputs carry the train state's shardings (`kto_jax.step.state.init_sharded_state`),
@@ -51,8 +51,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kto_jax import aot
-from kto_jax import bench_workload as workload
+from kto_jax.perf import aot
+from kto_jax.perf import workload
 from kto_jax import sharding as shd
 from kto_jax.config import config_file
 from kto_jax.errors import UserError
@@ -60,7 +60,7 @@ from kto_jax.losses.registry import get_loss
 from kto_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, preset
 from kto_jax.models.transformer import Transformer, abstract_model
 from kto_jax.step import flops as flops_lib
-from kto_jax.step import program
+from kto_jax.perf import program
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.models.lora import LoraAdapters, abstract_adapters
@@ -103,8 +103,8 @@ class BenchOptions:
     seed: int = 0
     lora_rank: int = 0             # > 0: train LoRA adapters of this rank (docs/lora.md) on a frozen base
     lengths: str = ""              # "": every example prompt_len + completion_len; else a named
-                                   # distribution or a file (bench_workload); the lens are then caps
-    layout: str = "padded"         # padded | packed | packed_shared (bench_workload.LAYOUTS)
+                                   # distribution or a file (kto_jax/perf/workload.py); the lens are then caps
+    layout: str = "padded"         # padded | packed | packed_shared (workload.LAYOUTS)
     pack_length: int = 0           # packed rows' length T; 0: the longest tree, rounded up to bucket
 
     def check(self) -> None:
@@ -315,7 +315,7 @@ def compile_for_tpu(opts: BenchOptions, topology: str) -> dict[str, Any]:
     """The workload AOT-compiled for a TPU slice on this host (libtpu); per-chip memory as JSON.
 
     No step runs: these are XLA's buffer sizes for the same program the TPU would
-    execute (kto_jax/aot.py), and whether it fits the chip's HBM.
+    execute (kto_jax/perf/aot.py), and whether it fits the chip's HBM.
     """
     opts.check()
     if opts.lengths or opts.layout != "padded":

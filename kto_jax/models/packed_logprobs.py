@@ -1,6 +1,6 @@
 """Completion log-probs of both completions of packed [x | y | y2] rows, from one forward.
 
-The packed counterpart of kto_jax/logprobs.py (`completion_logps`). The rows come
+The packed counterpart of kto_jax/models/logprobs.py (`completion_logps`). The rows come
 from kto_jax/data/packing.py: several examples per row, each its prompt x once,
 its completion y, and a second completion y2 of the same prompt (y_kl for the
 unpaired losses, y_l for the paired ones). One forward of the rows gives the
@@ -21,7 +21,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from kto_jax.logprobs import DEFAULT_VOCAB_CHUNK, CompletionLogps, token_logps_from_hidden
+from kto_jax.models.logprobs import DEFAULT_VOCAB_CHUNK, CompletionLogps, token_logps_from_hidden
 from kto_jax.models.packed_attention import PackedLayout
 
 Array = jax.Array
@@ -60,7 +60,7 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
       groups: packing groups of the batch (kto_jax/data/packing.py).
       vocab_chunk: vocabulary columns per LM-head chunk.
     Returns:
-      (CompletionLogps of y, CompletionLogps of y2), each [M, C] as in kto_jax/logprobs.py.
+      (CompletionLogps of y, CompletionLogps of y2), each [M, C] as in kto_jax/models/logprobs.py.
     """
     layout = packed_layout(batch)
     hidden = model.hidden_states(batch["packed_ids"], layout.positions, None, packed=layout)

@@ -1,4 +1,4 @@
-"""kto_jax.generate: the KV-cache sampler against step-by-step full-forward decoding.
+"""kto_jax.eval.sampling: the KV-cache sampler against step-by-step full-forward decoding.
 
 The reference decodes each prompt on its own, unpadded, re-running the whole
 sequence through `Transformer.__call__` for every new token and taking the argmax of
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kto_jax import generate as gen
+from kto_jax.eval import sampling as gen
 from kto_jax.models import ModelConfig, Transformer
 from kto_jax.sharding import make_mesh
 

@@ -1,7 +1,7 @@
 """Packed [x | y | y2] forwards equal the padded forwards, per example (issue 13 item 3).
 
 Same examples, same model: log pi(y|x) and log pi(y_kl|x) (y_kl = y_{i+1 mod M}) from
-one packed forward equal the two padded forwards of kto_jax/logprobs.py within 1e-5
+one packed forward equal the two padded forwards of kto_jax/models/logprobs.py within 1e-5
 (float32), for Llama-, Qwen2- (q/k/v bias) and Mistral- (sliding window) shaped tiny
 models, with XLA's attention and the splash kernel (Pallas interpret mode on CPU);
 the paired layout [x | y_w | y_l] too, and the gradients of the packed log-probs.
@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 from kto_jax.data import packing
-from kto_jax.logprobs import completion_logps
+from kto_jax.models.logprobs import completion_logps
 from kto_jax.models.config import tiny
 from kto_jax.models.transformer import Transformer
-from kto_jax.packed_logprobs import packed_completion_logps
+from kto_jax.models.packed_logprobs import packed_completion_logps
 
 T = 128  # pack_length: the splash block
 CONFIGS = {

@@ -15,7 +15,7 @@ A program whose buffers exceed the chip's HBM is a verdict ("does not fit"), nev
 crash: XLA's RESOURCE_EXHAUSTED compile error is caught and reported.
 
 `compile_run_config` is `kto-jax compile`: a run config's real train step
-(kto_jax/step/program.py) compiled for a slice, or the largest microbatch that fits.
+(kto_jax/perf/program.py) compiled for a slice, or the largest microbatch that fits.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models.config import ModelConfig
-from kto_jax.step import program
+from kto_jax.perf import program
 from kto_jax.step.adapters import lora_config
 from kto_jax.train.distributed import has_tpu_chips
 

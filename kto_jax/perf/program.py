@@ -4,7 +4,7 @@ benchmark lower ahead of time, with nothing allocated.
     model_config = model_config_of(config, preset_name)        # the architecture
     prompt_len, completion_len = sequence_lengths(config, None, None)
     fn, args = train_step_program(config, model_config, mesh, prompt_len, completion_len)
-    fn.lower(*args).compile()                                  # kto_jax/aot.py does this
+    fn.lower(*args).compile()                                  # kto_jax/perf/aot.py does this
 
 The program is the trainer's own jitted step (kto_jax/step/train_step.py) on the
 abstract train state (kto_jax/step/state.py) and an abstract batch laid out as

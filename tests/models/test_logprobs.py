@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kto_jax.logprobs import completion_logps, sequence_logps, token_logps_from_hidden
+from kto_jax.models.logprobs import completion_logps, sequence_logps, token_logps_from_hidden
 from kto_jax.models.config import tiny
 from kto_jax.models.transformer import Transformer, positions_from_mask
 
