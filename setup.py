@@ -4,7 +4,9 @@ from setuptools import find_packages, setup
 
 # Pins: jax 0.10 made `jax.make_mesh` default to Explicit axes and moved shard_map;
 # flax/orbax/grain releases track jax closely, so they are pinned to the versions
-# tested together. torch is pinned to the CPU build used by the parity tests.
+# tested together. torch is pinned to the version used by the parity tests; PyPI gives the
+# CUDA build of it on Linux, so install the CPU build first from PyTorch's index
+# (docs/training.md) and pip keeps it.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
@@ -33,7 +35,7 @@ INSTALL_REQUIRES = [
 GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
 
 EXTRAS = {
-    # Parity tests build tiny random HF models with torch (CPU build).
+    # Parity tests build tiny random HF models with torch (on CPU).
     "test": [
         "pytest>=8",
         "torch==2.13.0",
