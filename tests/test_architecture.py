@@ -21,7 +21,8 @@ LAYERS = (
     ("runtime", ("kto_jax.train", "kto_jax.online", "kto_jax.eval", "kto_jax.demo", "kto_jax.perf")),
     ("step", ("kto_jax.step",)),
     ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data")),
-    ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch", "kto_jax.fs")),
+    ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch", "kto_jax.fs",
+              "kto_jax.console")),
 )
 PACKAGE_INIT = "kto_jax"  # the package's own __init__: a docstring and the version, below all
 

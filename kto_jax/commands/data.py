@@ -10,7 +10,6 @@ The tokenizer comes from config.model.path unless --tokenizer is given.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import flags
@@ -46,7 +45,6 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(f"prepared {kept} in {flag_values['out'].value}\n")
         return 0
     from kto_jax.data.pipeline import build_datasets  # pylint: disable=import-outside-toplevel
-    logging.getLogger("kto_jax.data").setLevel(logging.ERROR)  # warnings are in the summary
     # The global view: one process holding whole microbatches (no accelerator needed).
     _, _, summary = build_datasets(config, tokenizer, process_index=0, process_count=1)
     sys.stdout.write(str(summary) + "\n")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -41,7 +40,6 @@ from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.sharding import configured_batch_shards
 
-log = logging.getLogger("kto_jax.data")
 _HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
 
 
@@ -100,8 +98,6 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
     summary = _summarize(config, fmt, conversational, paired, summaries["train"],
                          summaries.get("eval"), eval_note, layout,
                          _fingerprint(config, train, layout))
-    for warning in summary.warnings:
-        log.warning(warning)
     return Datasets(TrainFactory(train, plans["train"], d, summary.fingerprint),
                     None if evaluation is None else EvalBatches(evaluation.split, plans["eval"], d),
                     summary)

@@ -306,6 +306,8 @@ def train_round(run: OnlineRun, round_index: int, samples: list[dict],
         return True
     data = build_datasets(_data_config(run.config, examples_path, "", o.seed + round_index),
                           run.tokenizer)
+    for warning in data.summary.warnings:
+        run.logger.warn(warning)
     train_iter = data.train_iter_factory(forever=True)
     sharding = batch_sharding(run.mesh, run.config.mesh.rules)
     window, tokens, start = MetricsWindow(), 0, time.perf_counter()

@@ -162,7 +162,7 @@ class Checkpointer:
                  async_save: bool = True, read_only: bool = False,
                  log: Callable[[str], None] = faults.log_line):
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(int(every_steps), 1),
+            save_interval_steps=0 if read_only else max(int(every_steps), 1),
             max_to_keep=None if read_only else max(int(keep), 1),
             enable_async_checkpointing=bool(async_save),
             create=not read_only,

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from kto_jax import console
 from kto_jax import fs as paths
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step N to N.orbax-checkpoint-tmp*, then renames
@@ -132,12 +133,19 @@ def _raised_in_orbax(error: BaseException | None) -> bool:
     return False
 
 
+# Orbax's note on every read-only CheckpointManager (export, sample, eval): the Checkpointer
+# asked for read-only itself. Shown with `kto-jax --verbose` (kto_jax/console.py).
+ORBAX_READ_ONLY_NOTE = "Given directory is read only=%s"
+
+
 class _QuietOrbaxErrors(logging.Filter):
     """Drops Orbax's ERROR records (a traceback per background thread) and asyncio's 'Task
     exception was never retrieved' records of Orbax's read tasks: the Checkpointer reports
-    each failure itself, once, as a UserError."""
+    each failure itself, once, as a UserError. Drops Orbax's read-only note unless verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == ORBAX_READ_ONLY_NOTE and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return console.is_verbose()
         if record.levelno < logging.ERROR:
             return True
         error = record.exc_info[1] if record.exc_info else None

@@ -17,7 +17,6 @@ checkpoint together, and exits 0.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import threading
@@ -25,25 +24,13 @@ import threading
 import jax
 import numpy as np
 
+from kto_jax.console import has_tpu_chips
 from kto_jax.errors import UserError
 
 ENV_COORDINATOR = "KTO_JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "KTO_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "KTO_JAX_PROCESS_ID"
 ENV_SWITCH = "KTO_JAX_DISTRIBUTED"
-GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
-
-
-def has_tpu_chips() -> bool:
-    """Whether this host has TPU chips attached, read from PCI without starting a backend."""
-    for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor_file, encoding="ascii") as f:
-                if f.read().strip() == GOOGLE_PCI_VENDOR:
-                    return True
-        except OSError:
-            continue
-    return False
 
 
 def _int_env(name: str) -> int | None:

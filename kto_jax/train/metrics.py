@@ -87,6 +87,7 @@ class MetricsLogger:
         self._tb = None
         self._bar = None
         self._interactive = False
+        self._warned: set[str] = set()
         if not enabled:
             return
         paths.makedirs(workdir)
@@ -141,6 +142,12 @@ class MetricsLogger:
         else:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
+
+    def warn(self, text: str) -> None:
+        """`warning: text` on stderr, once per run however often it is raised."""
+        if text not in self._warned:
+            self._warned.add(text)
+            self.message(f"warning: {text}")
 
     def close(self) -> None:
         if not self.enabled:
