@@ -26,6 +26,7 @@ import fnmatch
 import os
 import shutil
 import tempfile
+import threading
 from typing import IO, Iterator
 
 from kto_jax.errors import UserError
@@ -162,6 +163,31 @@ def append_text(path: str, text: str) -> None:
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
+
+
+def default_file_mode(directory: str) -> int:
+    """The mode a file created in `directory` by a plain `open` gets: 0o666 less the umask.
+
+    Read from a probe file (os.umask, to read the mask, would change it for every thread)."""
+    probe = os.path.join(directory, f".mode-probe-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def share_like_open(directory: str) -> None:
+    """Gives every file under the local `directory` the mode `open` would have given it.
+
+    safetensors writes its files 0o600 (readable by their owner only); transformers'
+    own checkpoints, and the rest of an export, get the umask's mode (usually 0o644).
+    """
+    mode = default_file_mode(directory)
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(folder, name), mode)
 
 
 def upload_tree(local: str, path: str) -> None:

@@ -373,7 +373,7 @@ def compile_run_config(config, topology: str, *, model: str | None = None,
     prompt_len, completion_len = program.sequence_lengths(config, prompt_len, completion_len)
     mesh_axes = config_mesh_axes(config)
     log(f"model {model or config.model.path or config.model.preset} ({model_config.num_layers} layers, hidden "
-        f"{model_config.hidden_size}), loss {config.loss.name}, reference {config.reference.source}, "
+        f"{model_config.hidden_size}), loss {config.loss.name}, {_reference_what(config)}, "
         f"{_training_what(config, model_config)}, sequences {prompt_len}+{completion_len} tokens, topology {tpu.name}")
     if find_microbatch:
         def build(mesh: Mesh, per_chip: int):
@@ -397,6 +397,20 @@ def compile_run_config(config, topology: str, *, model: str | None = None,
     report = compile_for_topology(tpu, build_config, mesh_axes)
     log(str(report))
     return report.fits
+
+
+def _reference_what(config: ml_collections.ConfigDict) -> str:
+    """What the compiled step uses as pi_ref: under LoRA the base itself, never a copy."""
+    source = config.reference.source
+    if source == "precomputed":
+        return "reference log-probs precomputed"
+    if source != "model":
+        return f"reference {source}"
+    lora = lora_config(config)
+    if not lora.enabled:
+        return "reference a frozen copy of the policy"
+    return ("reference the base + the frozen starting adapter" if lora.init_from
+            else "reference the base with the adapters off")
 
 
 def _training_what(config: ml_collections.ConfigDict, model_config: ModelConfig) -> str:

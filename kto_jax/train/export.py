@@ -54,6 +54,7 @@ def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
         return
     with paths.staged_dir(out_dir) as local:
         save_pretrained(model, local, tokenizer=tokenizer, dtype=dtype or None)
+        paths.share_like_open(local)
 
 
 def _abstract_params(model_config: ModelConfig, mesh, rules) -> tuple[Any, Any]:
@@ -95,8 +96,10 @@ def export_lora(workdir: str, out_dir: str, config: dict, model_config: ModelCon
     if fmt == "peft":
         with paths.staged_dir(out_dir) as local:
             save_peft(adapters, model_config, local, base_model_name_or_path=base_path)
-            if tokenizer is not None and jax.process_index() == 0:
-                tokenizer.save_pretrained(local)
+            if jax.process_index() == 0:
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(local)
+                paths.share_like_open(local)
         return
     if not os.path.exists(base_path):
         raise UserError(f"the merged export of the LoRA run in {workdir!r} needs its base model "

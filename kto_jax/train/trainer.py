@@ -14,6 +14,7 @@ wait for it and return 0.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -65,22 +66,42 @@ def finish(run: Run) -> None:
     export_at_end(run, final_step, f"at step {final_step}")
 
 
+# What a run writes once it has done any work; a workdir holding none of them holds only
+# what setup wrote (config, model source, an empty checkpoint directory, the logs' headers).
+PROGRESS = (layout.METRICS_FILE, layout.EVAL_METRICS_FILE, layout.ROUNDS_DIR, layout.HF_DIR)
+
+
+def holds_progress(workdir: str) -> bool:
+    """Whether `workdir` holds a checkpoint, metrics, online rounds or an export."""
+    checkpoints = layout.path(workdir, layout.CHECKPOINT_DIR)
+    return (any(paths.exists(layout.path(workdir, name)) for name in PROGRESS)
+            or (paths.isdir(checkpoints) and bool(paths.listdir(checkpoints))))
+
+
 @contextlib.contextmanager
 def run_session(workdir: str, setup: Callable[[], R]) -> Iterator[tuple[R, PreemptionGuard]]:
     """The frame of a run in `workdir`, shared by `kto-jax train` and `kto-jax online`:
     WORKDIR/run.lock held (a second run on the same workdir is refused while this one
     lives), SIGTERM watched (`PreemptionGuard`), the run built by `setup()` (which must
     have `.mesh` and `.close()`), its mesh set for everything inside; on the way out the
-    run is closed (checkpoint saves finished, logs flushed) whatever happened."""
+    run is closed (checkpoint saves finished, logs flushed) whatever happened. A run that
+    fails before its first step removes the (local) workdir it created."""
+    created = (jax.process_index() == 0 and not paths.is_remote(workdir)
+               and not paths.exists(workdir))
     lock = WorkdirLock(workdir, log=lambda line: print(line, file=sys.stderr),
                        enabled=jax.process_index() == 0)
-    with lock, PreemptionGuard() as guard:
-        run = setup()
-        try:
-            with jax.set_mesh(run.mesh):
-                yield run, guard
-        finally:
-            run.close()
+    try:
+        with lock, PreemptionGuard() as guard:
+            run = setup()
+            try:
+                with jax.set_mesh(run.mesh):
+                    yield run, guard
+            finally:
+                run.close()
+    except BaseException:
+        if created and paths.exists(workdir) and not holds_progress(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:

@@ -44,3 +44,17 @@ def test_help_flag_wins_over_other_arguments(capsys):
     """--help anywhere prints the help, even next to a bad override, and nothing runs."""
     assert cli.main(["train", "--config.nosuch.key=1", "--help"]) == 0
     assert "--workdir" in capsys.readouterr().out
+
+
+def test_the_demo_takes_as_long_in_the_help_as_in_the_readme(capsys):
+    import os
+    import re
+    readme = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"),
+                           encoding="utf-8").read().split())
+    assert cli.main(["--help"]) == 0
+    demo = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("demo"))
+    minutes = re.search(r"about (\d+) min", demo)
+    assert minutes, demo
+    assert f"About {minutes.group(1)} minutes on an idle 2-core CPU" in readme
+    from kto_jax.commands import demo as demo_command
+    assert f"About {minutes.group(1)} minutes on an idle" in " ".join(demo_command.__doc__.split())

@@ -235,3 +235,17 @@ def test_compile_with_packing_lowers_packed_rows(capsys):
     rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=tiny",
                    "--config.data.packing=True", "--config.data.pack_length=256"])
     assert rc == 0 and "verdict: fits" in capsys.readouterr().out
+
+
+def test_compile_names_the_reference_a_lora_run_uses(capsys):
+    """Under LoRA the reference is the base with the adapters off, not a second model."""
+    from kto_jax import cli
+
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=tiny",
+                   "--config.lora.rank=4"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert rc == 0
+    assert "LoRA r4" in first and "reference the base with the adapters off" in first, first
+    rc = cli.main(["compile", "--config=configs/tiny_cpu.py", "--topology=v5e-4", "--model=tiny"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "full parameters" in first and "reference a frozen copy of the policy" in first, first
