@@ -72,17 +72,20 @@ PRECOMPUTED_UNPAIRED_FIELDS = (BatchField("reference_logps", np.float32),
 PRECOMPUTED_PAIRED_FIELDS = (BatchField("reference_chosen_logps", np.float32),
                              BatchField("reference_rejected_logps", np.float32))
 
-_ROWS = tuple(BatchField(n, np.int32, "row") for n in (
-    "packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids"))
+# The packed layout's names (kto_jax/data/packing.py writes them, kto_jax/step/stats.py reads them):
+ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
+UNPAIRED_NAMES = ("completion", "kl")     # key prefixes of y and y_kl = y_{i+1 mod M}
+PAIRED_NAMES = ("chosen", "rejected")     # key prefixes of y_w and y_l
+_ROWS = tuple(BatchField(n, np.int32, "row") for n in ROW_KEYS)
 
 
 def _packed_side(name: str) -> tuple[BatchField, ...]:
     return tuple(BatchField(f"{name}_{k}", np.int32, "completion") for k in ("ids", "mask", "index"))
 
 
-PACKED_UNPAIRED_FIELDS = _ROWS + _packed_side("completion") + _packed_side("kl") + (
+PACKED_UNPAIRED_FIELDS = _ROWS + _packed_side(UNPAIRED_NAMES[0]) + _packed_side(UNPAIRED_NAMES[1]) + (
     BatchField("prompt_length", np.int32),) + UNPAIRED_FIELDS[-3:]
-PACKED_PAIRED_FIELDS = _ROWS + _packed_side("chosen") + _packed_side("rejected") + (
+PACKED_PAIRED_FIELDS = _ROWS + _packed_side(PAIRED_NAMES[0]) + _packed_side(PAIRED_NAMES[1]) + (
     BatchField("prompt_length", np.int32), BatchField("valid", np.bool_))
 
 UNPAIRED_KEYS = tuple(f.name for f in UNPAIRED_FIELDS)

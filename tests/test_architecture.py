@@ -197,3 +197,11 @@ def test_cited_docs_are_in_the_repository():
                 missing.append(f"{rel}: docs/{doc}")
     assert not outside, f"cite docs/design.md, not a DESIGN.md outside the repository: {outside}"
     assert not missing, missing
+
+
+def test_the_step_and_the_data_pipeline_meet_only_in_batch_py():
+    """kto_jax/batch.py is the one contract between data/ (which writes batches) and step/
+    (which reads them): step/ imports nothing from data/."""
+    offenders = sorted(f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
+                       if m.startswith("kto_jax.step") and unit_of(t) == "kto_jax.data")
+    assert not offenders, "\n".join(offenders)

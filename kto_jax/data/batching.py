@@ -292,7 +292,7 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
         pack_length=layout.pack_length, num_rows=num_rows, completion_length=planned.completion_len,
         pad_id=layout.pad_id, groups=groups)
     if not paired:
-        batch["desirable"] = split.label[rows]
+        batch["desirable"] = split.desirable[rows]
         batch["weight"] = np.where(valid, split.weight[rows], 0.0).astype(np.float32)
     batch["valid"] = valid.copy()
     return as_batch(batch, paired)
@@ -303,7 +303,7 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned
     """Static-shape numpy arrays [A, M_local, ...] for the given example ids.
 
     `split` is a `TokenizedSplit`, or the `shards.RowTokens` of these rows (its
-    prompts/completions are dicts id -> ids; label and weight global arrays).
+    prompts/completions are dicts id -> ids; desirable and weight global arrays).
     Prompts are left-padded to P, completions right-padded to C; keys and dtypes are
     those of kto_jax/batch.py (`as_batch`: unpaired, or paired when the split holds pairs).
     Filler rows (valid=False) carry weight 0.
@@ -316,7 +316,7 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, valid: np.ndarray, planned
         batch[f"{name}_ids"], batch[f"{name}_mask"] = _pad(ragged, rows, planned.completion_len,
                                                            pad_id, left=False)
     if not split.paired:
-        batch["desirable"] = split.label[rows]
+        batch["desirable"] = split.desirable[rows]
         batch["weight"] = np.where(valid, split.weight[rows], 0.0).astype(np.float32)
     batch["valid"] = valid.copy()
     return as_batch(batch, split.paired)
@@ -348,7 +348,7 @@ def _pad(ragged, rows: np.ndarray, length: int, pad_id: int, *, left: bool
 def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     """Padding efficiency and shape counts of a plan, over the whole global batches.
 
-    `split`: a `TokenizedSplit` or `shards.ShardedSplit` (lengths and labels only).
+    `split`: a `TokenizedSplit` or `shards.ShardedSplit` (lengths and `desirable` only).
 
     efficiency = real tokens / padded tokens, where a batch's padded tokens are
     G * (P + C) (G * (P + 2C) for pairs) and filler rows count as padding.
@@ -365,7 +365,7 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     shapes = {(int(p), int(c)): int(k) for (p, c), k in zip(pairs, counts)}
     single_class = 0
     if not split.paired and len(plan):
-        desirable = plan.chunk_reduce(split.label[plan.indices], np.add)   # bool sums: int
+        desirable = plan.chunk_reduce(split.desirable[plan.indices], np.add)   # bool sums: int
         sizes = np.full(len(plan), g)
         sizes[-1] = len(plan.indices) - g * (len(plan) - 1)
         single_class = int(((desirable == 0) | (desirable == sizes)).sum())

@@ -2,7 +2,8 @@
 
 Formats (TRL's names), each as plain text or as conversational message lists
 (`[{"role": ..., "content": ...}, ...]`):
-  unpaired  prompt, completion, label (bool)        -> one example
+  unpaired  prompt, completion, label (bool)        -> one example (its `label` column is read
+            into `Example.desirable`, the name every later stage and the loss use)
   paired    prompt, chosen, rejected                -> a `Pair`; for unpaired losses
             two examples (chosen desirable, rejected undesirable), or one of the
             two at random with `one_y_per_x`. Conversational pairs may omit the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,10 +38,10 @@ Text = str | list  # plain text, or a list of {role, content} messages
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One normalised unpaired example: {prompt, completion, label, weight}."""
+    """One normalised unpaired example: {prompt, completion, desirable, weight}."""
     prompt: Text
     completion: Text
-    label: bool          # desirable (thumbs up) or undesirable
+    desirable: bool      # thumbs up (the file's `label`, or score > threshold) or down
     weight: float
     where: str           # source location, e.g. "train.jsonl:12"
 
@@ -51,6 +53,39 @@ class Pair:
     chosen: Text
     rejected: Text
     where: str
+
+
+class Examples(NamedTuple):
+    """The normalised examples of one split and their per-example columns, built ONCE here
+    (`of`) and only indexed after that: the batches carry them (kto_jax/batch.py) and the
+    loss reads `desirable`.
+
+    items: `Example`s or `Pair`s; desirable: bool [N] (True for pairs: the paired layout
+    has no label); weight: f32 [N] (1.0 for pairs).
+    """
+    items: list
+    desirable: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, items: list) -> "Examples":
+        if items and isinstance(items[0], Pair):
+            return cls(items, np.ones(len(items), bool), np.ones(len(items), np.float32))
+        return cls(items, np.array([e.desirable for e in items], bool),
+                   np.array([e.weight for e in items], np.float32))
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.items) and isinstance(self.items[0], Pair)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, index) -> "Examples":
+        """The examples at `index` (int array or slice), columns alike."""
+        index = np.arange(len(self.items))[index] if isinstance(index, slice) else index
+        return Examples([self.items[int(i)] for i in index], self.desirable[index],
+                        self.weight[index])
 
 
 def detect_format(rows: RowSet, configured: str = "auto") -> tuple[str, bool]:
@@ -137,13 +172,13 @@ def normalise_unpaired(rows: RowSet, fmt: str, conversational: bool, *,
         prompt = _text_field(record, "prompt", conversational, where, problems)
         completion = _text_field(record, "completion", conversational, where, problems)
         if fmt == "unpaired":
-            label, weight = _label_field(record, where, problems), 1.0
+            desirable, weight = _label_field(record, where, problems), 1.0
         else:
             score = _score_field(record, where, problems)
-            label = None if score is None else score > score_threshold
+            desirable = None if score is None else score > score_threshold
             weight = abs(score - score_threshold) if (score_weighting and score is not None) else 1.0
-        if prompt is not None and completion is not None and label is not None:
-            out.append(Example(prompt, completion, bool(label), float(weight), where))
+        if prompt is not None and completion is not None and desirable is not None:
+            out.append(Example(prompt, completion, bool(desirable), float(weight), where))
     problems.raise_if_any(f"{rows.source}: invalid {fmt} rows")
     return out
 
@@ -243,6 +278,7 @@ def _messages_field(value, name: str, where: str, problems: Problems) -> list | 
 
 
 def _label_field(record: dict, where: str, problems: Problems) -> bool | None:
+    """The row's `label` column (TRL's name): desirable (true) or undesirable (false)."""
     value = record.get("label")
     if value is None:
         problems.add(where, "missing field 'label'")

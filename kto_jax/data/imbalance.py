@@ -16,7 +16,7 @@ import numpy as np
 from kto_jax.losses import weights as losses_weights
 
 
-def subsample_classes(labels: np.ndarray, desirable_fraction: float,
+def subsample_classes(desirable: np.ndarray, desirable_fraction: float,
                       undesirable_fraction: float, seed: int) -> np.ndarray:
     """Indices (ascending) of the examples kept after per-class subsampling.
 
@@ -24,13 +24,13 @@ def subsample_classes(labels: np.ndarray, desirable_fraction: float,
     replacement by a generator seeded with `seed`.
 
     Args:
-      labels: bool [N], True for desirable.
+      desirable: bool [N], True for a desirable example.
       desirable_fraction, undesirable_fraction: shares in [0, 1] to keep.
     """
     rng = np.random.default_rng([seed, 2])
     keep = []
     for cls, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
-        members = np.flatnonzero(labels == cls)
+        members = np.flatnonzero(desirable == cls)
         n_keep = int(round(len(members) * fraction))
         keep.append(rng.choice(members, size=n_keep, replace=False) if n_keep < len(members)
                     else members)

@@ -35,13 +35,10 @@ from typing import Sequence
 
 import numpy as np
 
-from kto_jax.batch import kl_partners
+from kto_jax.batch import PAIRED_NAMES, ROW_KEYS, UNPAIRED_NAMES, kl_partners
 
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
-UNPAIRED_NAMES = ("completion", "kl")
-PAIRED_NAMES = ("chosen", "rejected")
 STEP_RUNS_PACKED = True  # the train step runs packed batches (kto_jax/step/stats.py)
-ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
 
 
 def kl_completions(completions: Sequence[np.ndarray],

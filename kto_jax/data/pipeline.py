@@ -103,7 +103,8 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
                     summary)
 
 
-TokenizeSplit = Callable[[str, list, tokenize.TokenSpec], tuple[object, tokenize.TokenReport]]
+TokenizeSplit = Callable[[str, formats.Examples, tokenize.TokenSpec],
+                         tuple[object, tokenize.TokenReport]]
 
 
 def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
@@ -121,9 +122,9 @@ def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
     """
     d = config.data
     if tokenize_split is None:
-        def sharded(name, items, spec):  # pylint: disable=unused-argument
+        def sharded(name, examples, spec):  # pylint: disable=unused-argument
             return shards.tokenize_sharded(
-                items, spec, process_index=layout.process_index,
+                examples, spec, process_index=layout.process_index,
                 process_count=layout.process_count, allgather=allgather,
                 on_overlong=d.on_overlong, on_prefix_mismatch=d.on_prefix_mismatch)
         tokenize_split = sharded
@@ -240,18 +241,19 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items = formats.normalise_unpaired(rows, fmt, conversational,
                                            score_threshold=d.score_threshold,
                                            score_weighting=d.score_weighting)
-    n_examples, subsampled = len(items), {}
+    examples = formats.Examples.of(items)   # the desirable column is built here, once
+    n_examples, subsampled = len(examples), {}
     if name == "train" and not paired:
-        labels = np.array([e.label for e in items], bool)
-        keep = imbalance.subsample_classes(labels, d.desirable_fraction, d.undesirable_fraction,
+        desirable = examples.desirable
+        keep = imbalance.subsample_classes(desirable, d.desirable_fraction, d.undesirable_fraction,
                                            d.seed)
-        kept_labels = labels[keep]
-        subsampled = {"desirable": int(labels.sum() - kept_labels.sum()),
-                      "undesirable": int((~labels).sum() - (~kept_labels).sum())}
-        items = [items[i] for i in keep]
+        kept = desirable[keep]
+        subsampled = {"desirable": int(desirable.sum() - kept.sum()),
+                      "undesirable": int((~desirable).sum() - (~kept).sum())}
+        examples = examples.subset(keep)
     spec = tokenize.TokenSpec(tokenizer, conversational, d.max_length, d.max_prompt_length,
                               d.max_completion_length)
-    split, report = tokenize_split(name, items, spec)
+    split, report = tokenize_split(name, examples, spec)
     if len(split) == 0:
         raise UserError(f"{rows.source}: " + _empty_message(name, len(rows.records), n_examples,
                                                             subsampled, report))
@@ -282,7 +284,7 @@ def _split_summary(data: shards.SplitData, plans: EpochPlans) -> SplitSummary:
     name, split = data.name, data.split
     plan = plans(0)
     totals = split.total_lengths
-    n_desirable = 0 if split.paired else int(split.label.sum())
+    n_desirable = 0 if split.paired else int(split.desirable.sum())
     return SplitSummary(
         name=name, source=data.source, rows=data.rows, examples=data.examples,
         subsampled=data.subsampled, tokens=data.report, kept=len(split), n_desirable=n_desirable,
@@ -325,7 +327,7 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
     process computes the same value without holding every example's tokens.
     """
     h = hashlib.sha256()
-    for column in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.label,
+    for column in (split.prompt_lengths, *split.side_lengths, split.token_hash, split.desirable,
                    split.weight):
         # In chunks (the digest of the concatenation): no int64 copy of a whole column, and a
         # prepared split's token_hash (`prepared.NpyColumn`) is streamed from its file.

@@ -20,7 +20,7 @@ import numpy as np
 
 from kto_jax import fs
 from kto_jax.data import pipeline, prepared, tokenize
-from kto_jax.data.formats import Pair
+from kto_jax.data.formats import Examples
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 
@@ -43,8 +43,8 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
     with fs.staged_dir(out) as local:
         layouts = {}
 
-        def write_split(name, items, spec):
-            layouts[name], report = _write_split(os.path.join(local, name), items, spec, d,
+        def write_split(name, examples, spec):
+            layouts[name], report = _write_split(os.path.join(local, name), examples, spec, d,
                                                  len(tokenizer))
             return prepared.PreparedSplit(os.path.join(local, name), layouts[name]), report
 
@@ -63,26 +63,27 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
     return meta
 
 
-def _write_split(directory: str, items: list, spec: tokenize.TokenSpec, d, vocab_size: int
-                 ) -> tuple[dict[str, Any], tokenize.TokenReport]:
+def _write_split(directory: str, examples: Examples, spec: tokenize.TokenSpec, d,
+                 vocab_size: int) -> tuple[dict[str, Any], tokenize.TokenReport]:
     """Tokenises one split's examples a chunk at a time into `directory`.
 
     The same statistics, report and errors as `shards.tokenize_sharded` in one process
     (the error policies are applied once all statistics are in; on an error the
     directory is removed). Returns the split's layout for prepared.json and its report.
     """
-    paired = bool(items) and isinstance(items[0], Pair)
+    items = examples.items
     writer = prepared.SplitWriter(directory, max_length=d.max_length, vocab_size=vocab_size,
-                                  sides=1 + paired)
+                                  sides=1 + examples.paired)
     stats = []
     try:
         for lo in range(0, len(items), _CHUNK):
-            chunk = items[lo:lo + _CHUNK]
-            chunk_stats, tokens = tokenize.tokenize_items(chunk, spec)
+            chunk_examples = examples.subset(slice(lo, lo + _CHUNK))
+            chunk_stats, tokens = tokenize.tokenize_items(chunk_examples.items, spec)
             kept = np.flatnonzero(chunk_stats[:, tokenize.CODE] == tokenize.KEPT)
             if len(kept):
-                split = tokenize.build_split([chunk[i] for i in kept], [tokens[i] for i in kept])
-                writer.add(split.prompts, split.completions, split.label, split.weight,
+                split = tokenize.build_split(chunk_examples.subset(kept),
+                                            [tokens[i] for i in kept])
+                writer.add(split.prompts, split.completions, split.desirable, split.weight,
                            chunk_stats[kept, tokenize.HASH])
             stats.append(chunk_stats)
         layout = writer.close()

@@ -13,7 +13,8 @@ calls the same `pipeline.read_splits`), and writes a directory (format `VERSION`
   DIR/<split>/prompt_lengths.npy  per kept example (.npy, smallest unsigned dtype that
   DIR/<split>/side_lengths.npy    holds data.max_length): prompt length; [sides, N]
                                   completion lengths (chosen, rejected for pairs)
-  DIR/<split>/label.npy           bool [N]; weight.npy f32 [N]; token_hash.npy uint32 [N]
+  DIR/<split>/label.npy           bool [N], desirable (the file keeps TRL's column name);
+                                  weight.npy f32 [N]; token_hash.npy uint32 [N]
   DIR/<split>/weight.npy          (the CRC of each example's ids, for the data fingerprint)
   DIR/<split>/token_hash.npy
   DIR/<split>/offsets.npy         int64 [N / BLOCK + 1]: token position of every BLOCK-th example
@@ -53,6 +54,7 @@ META_FILE = "prepared.json"
 TOKENS_FILE = "tokens.bin"
 VERSION = 2
 BLOCK = 1024        # examples per entry of offsets.npy
+LABEL_COLUMN = "label"   # the desirable column's file name (label.npy), as in format VERSION 2
 _FORMATS = {1: "ArrayRecord token records and stats.npz"}   # earlier versions, for the refusal
 # The config.data fields a prepared directory depends on (besides train_path itself).
 SETTINGS = ("format", "eval_path", "eval_fraction", "train_split", "eval_split", "seed",
@@ -110,18 +112,19 @@ class SplitWriter:
         self.vocab_size, self.tokens_dtype = vocab_size, token_dtype(vocab_size)
         lengths = length_dtype(max_length)
         self._dtypes = {"prompt_lengths": lengths, "side_lengths": lengths,
-                        "label": np.dtype(bool), "weight": np.dtype(np.float32),
+                        LABEL_COLUMN: np.dtype(bool), "weight": np.dtype(np.float32),
                         "token_hash": np.dtype(np.uint32)}
         # Open across add() calls until close()/abort(), so not a with-block.
         self._tokens = open(  # pylint: disable=consider-using-with
             os.path.join(directory, TOKENS_FILE), "wb")
         self._columns: dict[str, list[np.ndarray]] = {
-            "prompt_lengths": [], "side_lengths": [], "label": [], "weight": [], "token_hash": []}
+            "prompt_lengths": [], "side_lengths": [], LABEL_COLUMN: [], "weight": [],
+            "token_hash": []}
         self._offsets: list[np.ndarray] = []
         self.examples = self.tokens = 0
 
-    def add(self, prompts: tokenize.Ragged, sides: tuple[tokenize.Ragged, ...], label: np.ndarray,
-            weight: np.ndarray, token_hash: np.ndarray) -> None:
+    def add(self, prompts: tokenize.Ragged, sides: tuple[tokenize.Ragged, ...],
+            desirable: np.ndarray, weight: np.ndarray, token_hash: np.ndarray) -> None:
         """Appends examples: their prompt and side ids (`Ragged`, one entry per example)."""
         n = len(prompts)
         lengths = np.stack([prompts.lengths, *(s.lengths for s in sides)])   # [1 + sides, n]
@@ -136,7 +139,8 @@ class SplitWriter:
         firsts = np.arange(-self.examples % BLOCK, n, BLOCK)
         self._offsets.append(self.tokens + np.concatenate([[0], np.cumsum(totals)])[firsts])
         for key, value in (("prompt_lengths", lengths[0]), ("side_lengths", lengths[1:]),
-                           ("label", label), ("weight", weight), ("token_hash", token_hash)):
+                           (LABEL_COLUMN, desirable), ("weight", weight),
+                           ("token_hash", token_hash)):
             self._columns[key].append(np.asarray(value).astype(self._dtypes[key]))
         self.examples += n
         self.tokens += int(totals.sum())
@@ -156,7 +160,7 @@ class SplitWriter:
             np.save(os.path.join(self.directory, key + ".npy"), columns[key])
         offsets = np.concatenate([*self._offsets, [self.tokens]]).astype(np.int64)
         np.save(os.path.join(self.directory, "offsets.npy"), offsets)
-        weight, label = columns["weight"], columns["label"]
+        weight, label = columns["weight"], columns[LABEL_COLUMN]
         return {"examples": self.examples, "tokens": self.tokens, "block": BLOCK,
                 "token_dtype": self.tokens_dtype.name,
                 "constant_weight": float(weight[0]) if len(weight) and (weight == weight[0]).all()
@@ -212,7 +216,7 @@ def _load(path: str) -> np.ndarray:
 class PreparedSplit(tokenize.SplitLengths):
     """A prepared split: lengths and labels in memory, tokens read by row on demand.
 
-    The batching interface of `shards.ShardedSplit` (lengths, label, weight,
+    The batching interface of `shards.ShardedSplit` (lengths, desirable, weight,
     token_hash, paired, row_tokens). A constant weight or label (unweighted data;
     pairs) is a zero-stride array, token_hash an `NpyColumn` hashed in chunks.
     `rows_read` counts the examples this process read, `bytes_read` their bytes.
@@ -223,7 +227,7 @@ class PreparedSplit(tokenize.SplitLengths):
         n = layout["examples"]
         self.prompt_lengths = _load(fs.join(directory, "prompt_lengths.npy"))
         self.side_lengths = tuple(_load(fs.join(directory, "side_lengths.npy")))
-        self.label = _column(directory, "label", layout["constant_label"], bool, n)
+        self.desirable = _column(directory, LABEL_COLUMN, layout["constant_label"], bool, n)
         self.weight = _column(directory, "weight", layout["constant_weight"], np.float32, n)
         self.token_hash = NpyColumn(fs.join(directory, "token_hash.npy"))
         self.offsets = _load(fs.join(directory, "offsets.npy"))
@@ -282,7 +286,7 @@ class PreparedSplit(tokenize.SplitLengths):
             for s, side in enumerate(self.side_lengths):
                 completions[s][int(i)] = values[end:end + int(side[i])]
                 end += int(side[i])
-        return RowTokens(prompts, completions, self.label, self.weight, self.paired)
+        return RowTokens(prompts, completions, self.desirable, self.weight, self.paired)
 
 
 def _column(directory: str, name: str, constant, dtype, n: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from kto_jax.data import tokenize
-from kto_jax.data.formats import Pair
+from kto_jax.data.formats import Examples
 from kto_jax.data.tokenize import SplitLengths, TokenReport, TokenSpec, TokenizedSplit
 
 AllGather = Callable[[np.ndarray], np.ndarray]   # [R, K] per process -> [n, R, K], process order
@@ -69,13 +69,13 @@ def gather_stats(local: np.ndarray, n: int, process_index: int, process_count: i
 
 
 class RowTokens(NamedTuple):
-    """Tokens of a batch's example ids (dicts id -> int32 ids) and the global label/weight.
+    """Tokens of a batch's example ids (dicts id -> int32 ids) and the global desirable/weight.
 
     Duck-types the part of `TokenizedSplit` that `batching.pad_rows` reads.
     """
     prompts: dict
     completions: tuple
-    label: np.ndarray
+    desirable: np.ndarray
     weight: np.ndarray
     paired: bool
 
@@ -87,7 +87,7 @@ class ShardedSplit(SplitLengths):
     Attributes:
       items: the kept `Example`s / `Pair`s, in global order (index = example id).
       prompt_lengths: int [N]; side_lengths: (completion,) or (chosen, rejected), int [N] each.
-      label, weight: bool [N], f32 [N], as in `TokenizedSplit`.
+      desirable, weight: bool [N], f32 [N], as in `TokenizedSplit`.
       token_hash: int64 [N], CRC of each example's ids (the data fingerprint uses it).
       spec: how to tokenize an example again.
       cache: the tokens of examples [cache_start, cache_start + len(cache)), this
@@ -96,7 +96,7 @@ class ShardedSplit(SplitLengths):
     items: list
     prompt_lengths: np.ndarray
     side_lengths: tuple
-    label: np.ndarray
+    desirable: np.ndarray
     weight: np.ndarray
     token_hash: np.ndarray
     spec: TokenSpec
@@ -129,7 +129,7 @@ class ShardedSplit(SplitLengths):
                 prompts[int(i)] = prompt
                 for s in range(sides):
                     completions[s][int(i)] = side_ids[s]
-        return RowTokens(prompts, completions, self.label, self.weight, self.paired)
+        return RowTokens(prompts, completions, self.desirable, self.weight, self.paired)
 
     def _check(self, ids: np.ndarray, stats: np.ndarray) -> None:
         expected = np.stack([self.prompt_lengths[ids], *(s[ids] for s in self.side_lengths)], 1)
@@ -139,10 +139,13 @@ class ShardedSplit(SplitLengths):
                                "than at start-up: the tokenizer is not deterministic")
 
 
-def tokenize_sharded(items: list, spec: TokenSpec, *, process_index: int, process_count: int,
-                     allgather: AllGather | None, on_overlong: str, on_prefix_mismatch: str
-                     ) -> tuple[ShardedSplit, TokenReport]:
+def tokenize_sharded(examples: Examples, spec: TokenSpec, *, process_index: int,
+                     process_count: int, allgather: AllGather | None, on_overlong: str,
+                     on_prefix_mismatch: str) -> tuple[ShardedSplit, TokenReport]:
     """Phase 1 for one split: tokenize this process's slice, all-gather the statistics.
+
+    `examples` carry their desirable and weight columns (`formats.Examples`); the split
+    keeps those of the examples tokenization kept.
 
     Returns:
       (split, report): identical on every process except `split.cache`.
@@ -151,6 +154,7 @@ def tokenize_sharded(items: list, spec: TokenSpec, *, process_index: int, proces
       UserError: as `tokenize.tokenize_split`, on every process alike (the error
         policies are applied to the gathered statistics).
     """
+    items = examples.items
     n = len(items)
     lo, hi = slice_bounds(n, process_index, process_count)
     local_stats, local_tokens = tokenize.tokenize_items(items[lo:hi], spec)
@@ -159,16 +163,10 @@ def tokenize_sharded(items: list, spec: TokenSpec, *, process_index: int, proces
                                         on_prefix_mismatch=on_prefix_mismatch)
     kept = np.flatnonzero(stats[:, tokenize.CODE] == tokenize.KEPT)
     own = kept[(kept >= lo) & (kept < hi)]
-    cache = tokenize.build_split([items[i] for i in own], [local_tokens[i - lo] for i in own])
-    kept_items = [items[i] for i in kept]
-    paired = bool(items) and isinstance(items[0], Pair)
-    sides = tuple(stats[kept, tokenize.SIDE0 + k] for k in range(1 + paired))
-    if paired:
-        label, weight = np.ones(len(kept), bool), np.ones(len(kept), np.float32)
-    else:
-        label = np.array([e.label for e in kept_items], bool)
-        weight = np.array([e.weight for e in kept_items], np.float32)
-    split = ShardedSplit(kept_items, stats[kept, tokenize.PROMPT], sides, label, weight,
+    cache = tokenize.build_split(examples.subset(own), [local_tokens[i - lo] for i in own])
+    sides = tuple(stats[kept, tokenize.SIDE0 + k] for k in range(1 + examples.paired))
+    split = ShardedSplit([items[i] for i in kept], stats[kept, tokenize.PROMPT], sides,
+                         examples.desirable[kept], examples.weight[kept],
                          stats[kept, tokenize.HASH], spec,
                          cache_start=int(np.searchsorted(kept, lo)), cache=cache)
     return split, report

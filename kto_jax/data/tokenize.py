@@ -29,7 +29,7 @@ import zlib
 
 import numpy as np
 
-from kto_jax.data.formats import Pair
+from kto_jax.data.formats import Examples, Pair
 from kto_jax.errors import UserError
 
 _CHUNK = 1024
@@ -94,13 +94,13 @@ class TokenizedSplit(SplitLengths):
     Attributes:
       prompts: N prompt id lists (already left-truncated).
       completions: (completions,) for unpaired data, (chosen, rejected) for pairs.
-      label: bool [N], desirable (all True for pairs, unused there).
+      desirable: bool [N] (all True for pairs, unused there).
       weight: f32 [N], per-example weight.
       where: N source locations.
     """
     prompts: Ragged
     completions: tuple[Ragged, ...]
-    label: np.ndarray
+    desirable: np.ndarray
     weight: np.ndarray
     where: list[str]
 
@@ -159,7 +159,7 @@ def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: 
     report = report_from_stats(items, stats, spec, on_overlong=on_overlong,
                                on_prefix_mismatch=on_prefix_mismatch)
     kept = np.flatnonzero(stats[:, CODE] == KEPT)
-    return build_split([items[i] for i in kept], [tokens[i] for i in kept]), report
+    return build_split(Examples.of(items).subset(kept), [tokens[i] for i in kept]), report
 
 
 OVERLONG = "prompt longer than data.max_length"
@@ -373,15 +373,9 @@ def _overlong_message(report: TokenReport, max_length: int) -> str:
             "those prompts, or set data.on_overlong=\"drop\" to drop and count them.")
 
 
-def build_split(items: list, tokens: list) -> TokenizedSplit:
-    """A `TokenizedSplit` of kept items and their (prompt ids, [completion ids]) tokens."""
-    paired = bool(items) and isinstance(items[0], Pair)
-    completions = tuple(Ragged.from_lists([t[1][k] for t in tokens]) for k in range(1 + paired))
-    if paired:
-        label = np.ones(len(items), bool)
-        weight = np.ones(len(items), np.float32)
-    else:
-        label = np.array([e.label for e in items], bool)
-        weight = np.array([e.weight for e in items], np.float32)
-    return TokenizedSplit(Ragged.from_lists([t[0] for t in tokens]), completions, label, weight,
-                          [e.where for e in items])
+def build_split(examples: Examples, tokens: list) -> TokenizedSplit:
+    """A `TokenizedSplit` of kept examples and their (prompt ids, [completion ids]) tokens."""
+    completions = tuple(Ragged.from_lists([t[1][k] for t in tokens])
+                        for k in range(1 + examples.paired))
+    return TokenizedSplit(Ragged.from_lists([t[0] for t in tokens]), completions,
+                          examples.desirable, examples.weight, [e.where for e in examples.items])

@@ -49,7 +49,7 @@ def reference_targets(path: str, *, split: str = "test", score_threshold: float 
     targets: dict[str, Target] = {}
     for ex in examples:
         order.setdefault(_key(ex.prompt), ex.prompt)
-        if ex.label and _key(ex.prompt) not in targets:
+        if ex.desirable and _key(ex.prompt) not in targets:
             targets[_key(ex.prompt)] = Target(ex.prompt, completion_text(ex.completion))
     found = [targets[k] for k in order if k in targets]
     skipped = len(order) - len(found)

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kto_jax.batch import PRECOMPUTED_PAIRED_KEYS, is_packed, kl_pair_valid, kl_partners
-from kto_jax.data.packing import PAIRED_NAMES, UNPAIRED_NAMES
+from kto_jax.batch import (PAIRED_NAMES, PRECOMPUTED_PAIRED_KEYS, UNPAIRED_NAMES, is_packed,
+                           kl_pair_valid, kl_partners)
 from kto_jax.errors import UserError
 from kto_jax.models.logprobs import CompletionLogps, completion_logps
 from kto_jax.losses.ppo import value_head_apply

@@ -92,7 +92,7 @@ def test_padding_sides_masks_and_fields():
         assert list(batch["completion_ids"][a, m, :len(completion)]) == completion  # right-padded
         assert batch["completion_mask"][a, m].sum() == len(completion)
         assert batch["completion_mask"][a, m, :len(completion)].all()
-        assert batch["desirable"][a, m] == split.label[ex]
+        assert batch["desirable"][a, m] == split.desirable[ex]
         assert batch["weight"][a, m] == split.weight[ex]
     assert batch["valid"].all()
     assert batch["prompt_ids"].dtype == np.int32 and batch["weight"].dtype == np.float32
@@ -185,7 +185,7 @@ def reference_plan_stats(split, plan, layout):
         padded += layout.global_batch * (b.prompt_len + len(split.side_lengths) * b.completion_len)
         shapes[(b.prompt_len, b.completion_len)] = shapes.get((b.prompt_len, b.completion_len),
                                                               0) + 1
-        labels = split.label[b.indices]
+        labels = split.desirable[b.indices]
         single_class += int(not split.paired and (labels.all() or not labels.any()))
     return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
@@ -198,7 +198,7 @@ class LengthsOnly(SplitLengths):
     """A split's lengths and labels only: what planning reads."""
     prompt_lengths: np.ndarray
     side_lengths: tuple
-    label: np.ndarray
+    desirable: np.ndarray
 
     def __len__(self):
         return len(self.prompt_lengths)

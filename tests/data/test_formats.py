@@ -99,7 +99,7 @@ def test_conversational_message_errors():
 def test_scored_threshold_and_weighting():
     rows = rowset([{**S, "score": 9.0}, {**S, "score": 2.0}, {**S, "score": 5.0}])
     plain = formats.normalise_unpaired(rows, "scored", False, score_threshold=5.0)
-    assert [e.label for e in plain] == [True, False, False]
+    assert [e.desirable for e in plain] == [True, False, False]
     assert [e.weight for e in plain] == [1.0, 1.0, 1.0]
     weighted = formats.normalise_unpaired(rows, "scored", False, score_threshold=5.0,
                                           score_weighting=True)
@@ -109,11 +109,11 @@ def test_scored_threshold_and_weighting():
 def test_unpair_and_one_y_per_x():
     pairs = formats.normalise_pairs(rowset([P] * 200), False)
     both = formats.unpair(pairs, one_y_per_x=False, seed=0)
-    assert [(e.completion, e.label) for e in both[:2]] == [("good", True), ("bad", False)]
+    assert [(e.completion, e.desirable) for e in both[:2]] == [("good", True), ("bad", False)]
     assert len(both) == 400
     one = formats.unpair(pairs, one_y_per_x=True, seed=0)
     assert len(one) == 200
-    n_chosen = sum(e.label for e in one)
+    n_chosen = sum(e.desirable for e in one)
     assert 70 < n_chosen < 130                   # each side with probability 1/2
     assert one == formats.unpair(pairs, one_y_per_x=True, seed=0)
     assert one != formats.unpair(pairs, one_y_per_x=True, seed=1)

@@ -146,7 +146,7 @@ def test_split_written_in_chunks_equals_one_write_and_reads_back_every_row(tmp_p
 
     split = prepared.PreparedSplit(str(tmp_path / "chunked"), layout)
     assert split.prompt_lengths.dtype == np.uint16 and split.paired == (sides == 2)
-    np.testing.assert_array_equal(split.label, label)
+    np.testing.assert_array_equal(split.desirable, label)
     ids = np.array([0, 1, prepared.BLOCK - 1, prepared.BLOCK, prepared.BLOCK + 1, n - 1,
                     *rng.integers(0, n, 50)])
     tokens = split.row_tokens(ids.reshape(2, -1))

@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from kto_jax.data import shards, tokenize
+from kto_jax.data import formats, shards, tokenize
 from kto_jax.data.formats import Example
 from kto_jax.errors import UserError
 
@@ -34,7 +34,7 @@ def sharded(items, tokenizer, count, processes=None, **policy):
         block[:hi - lo] = tokenize.tokenize_items(items[lo:hi], spec)[0]
         padded.append(block)
     policy = {"on_overlong": "drop", "on_prefix_mismatch": "drop", **policy}
-    return [shards.tokenize_sharded(items, spec, process_index=p, process_count=count,
+    return [shards.tokenize_sharded(formats.Examples.of(items), spec, process_index=p, process_count=count,
                                     allgather=lambda x: np.stack(padded), **policy)
             for p in (range(count) if processes is None else processes)]
 
@@ -57,7 +57,7 @@ def test_gathered_statistics_equal_one_process(tokenizer):
             assert report == reference_report
             np.testing.assert_array_equal(split.prompt_lengths, reference.prompt_lengths)
             np.testing.assert_array_equal(split.completion_lengths, reference.completion_lengths)
-            np.testing.assert_array_equal(split.label, reference.label)
+            np.testing.assert_array_equal(split.desirable, reference.desirable)
             np.testing.assert_array_equal(split.weight, reference.weight)
             np.testing.assert_array_equal(split.token_hash, whole.token_hash)
             assert len(split.cache) < len(reference)          # only its own slice is cached
