@@ -1,10 +1,14 @@
 """ModelConfig: the shape and numerics of one decoder-only transformer.
 
-One frozen (hashable) dataclass covers every supported Hugging Face architecture;
-what differs between families is a handful of switches (q/k/v bias, q/k RMSNorm,
-tied embeddings, RoPE scaling). `from_hf` reads a transformers `config.json` dict,
-`to_hf` writes one back that transformers loads to the same architecture.
-Named presets (`llama32_1b()`, ...) give real model shapes without a checkpoint.
+One frozen (hashable) dataclass covers every supported Hugging Face architecture. What
+an architecture fixes (its norm formula, MLP block, parameter names, which switches it
+always has) is its family's record (kto_jax/models/families/, one module per family);
+the config holds the numbers a checkpoint chooses, the feature switches (q/k/v bias,
+q/k RMSNorm, sliding windows, tied embeddings, RoPE scaling) and our own run settings.
+`from_hf` reads a transformers `config.json` dict, `to_hf` writes one back that
+transformers loads to the same architecture. `layer_kinds` says how the layers of one
+model differ (sliding window or global, RoPE table), which the layer scan carries per
+layer. Named presets (`llama32_1b()`, ...) give real model shapes without a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,20 +16,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kto_jax.errors import UserError
+import jax.numpy as jnp
 
-# HF `architectures[0]` -> HF `model_type`.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-_MODEL_TYPE_TO_ARCH = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+from kto_jax.errors import UserError
+from kto_jax.models.families import FAMILIES, architecture_of_model_type, family_of
+from kto_jax.models.family import Family
+from kto_jax.models.layers import ACTIVATIONS
+
+# HF `architectures[0]` -> HF `model_type`, one entry per family.
+SUPPORTED_ARCHITECTURES = {f.architecture: f.model_type for f in FAMILIES.values()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+FULL, SLIDING = "full_attention", "sliding_attention"  # HF layer_types entries
+# Feature fields and their off value. A family fixes some (Family.fixed) and lets a
+# checkpoint set some (Family.options); any other family keeps them off.
+FEATURES = {"attention_bias": False, "qk_norm": False, "sliding_window": None,
+            "layer_types": None, "rope_local_theta": None}
 
 
 def dtype_name(value: Any, what: str = "dtype") -> str:
@@ -36,7 +44,6 @@ def dtype_name(value: Any, what: str = "dtype") -> str:
         name = value
     else:
         try:
-            import jax.numpy as jnp  # lazy: the config module stays light
             name = jnp.dtype(value).name
         except TypeError:
             name = str(value).removeprefix("torch.")
@@ -46,13 +53,21 @@ def dtype_name(value: Any, what: str = "dtype") -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What may differ between two layers of one model without changing their parameters."""
+
+    window: int | None = None  # sliding window W: a query sees the last W positions; None: global
+    rope: int = 0              # RoPE table (ModelConfig.rope_tables): 0 global, 1 local
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of one decoder-only transformer (hashable: usable as a jit static)."""
 
-    architecture: str = "LlamaForCausalLM"  # HF architectures[0]
+    architecture: str = "LlamaForCausalLM"  # HF architectures[0]: the family (kto_jax/models/families/)
     vocab_size: int = 256                   # HF vocab_size
     hidden_size: int = 64                   # HF hidden_size (D)
-    intermediate_size: int = 128            # HF intermediate_size (F, SwiGLU width)
+    intermediate_size: int = 128            # HF intermediate_size (F, gated MLP width)
     num_layers: int = 2                     # HF num_hidden_layers (L)
     num_heads: int = 4                      # HF num_attention_heads (H)
     num_kv_heads: int = 2                   # HF num_key_value_heads (K, GQA groups)
@@ -62,9 +77,9 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling as sorted (key, value) pairs
     max_position_embeddings: int = 2048     # HF max_position_embeddings
     tie_word_embeddings: bool = False       # HF tie_word_embeddings: lm_head = embed^T
-    attention_bias: bool = False            # bias on q/k/v projections (Qwen2 only, where it is always on)
-    qk_norm: bool = False                   # RMSNorm over head_dim on q and k before RoPE (Qwen3 only, always on)
-    sliding_window: int | None = None       # Mistral sliding_window: a query sees the last W keys
+    attention_bias: bool = False            # bias on q/k/v projections (Qwen2, where it is always on)
+    qk_norm: bool = False                   # norm over head_dim on q and k before RoPE (Qwen3, always on)
+    sliding_window: int | None = None       # HF sliding_window W of the sliding layers (Mistral: all)
     bos_token_id: int | None = None         # HF bos_token_id
     eos_token_id: int | tuple[int, ...] | None = None  # HF eos_token_id (a list becomes a tuple)
     pad_token_id: int | None = None         # HF pad_token_id
@@ -72,6 +87,10 @@ class ModelConfig:
     dtype: str = "float32"                  # compute dtype of activations and matmuls (likewise)
     remat_policy: str = "none"              # "none" | "full" | "dots" | "dots_no_batch"
     attention_impl: str = "auto"            # "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention) | "splash" (Pallas, TPU)
+    hidden_act: str = "silu"                # HF hidden_act of the gated MLP (layers.ACTIVATIONS)
+    layer_types: tuple[str, ...] | None = None  # HF layer_types: per layer "full_attention" | "sliding_attention";
+                                            # None: every layer sliding when sliding_window is set, else full
+    rope_local_theta: float | None = None   # RoPE base of the sliding layers (Gemma 3's local base); None: rope_theta
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):
@@ -80,15 +99,16 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            default = (SLIDING if self.sliding_window else FULL,) * self.num_layers
+            object.__setattr__(self, "layer_types", None if types == default else types)
         self.validate()
 
     # ---- checks ----
     def validate(self) -> None:
         """Raise UserError on an unsupported architecture, rope type or option."""
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UserError(
-                f"unsupported model architecture {self.architecture!r}; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (docs/models.md says how to add one)")
+        family = family_of(self.architecture)
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(
                 f"unsupported rope_scaling rope_type {self.rope_type!r}; supported: "
@@ -97,17 +117,20 @@ class ModelConfig:
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
-        if self.attention_bias != (self.architecture == "Qwen2ForCausalLM"):
-            raise UserError(f"attention_bias={self.attention_bias} does not match {self.architecture}: "
-                            "q/k/v biases belong to Qwen2ForCausalLM (always) and no other architecture")
-        if self.qk_norm != (self.architecture == "Qwen3ForCausalLM"):
-            raise UserError(f"qk_norm={self.qk_norm} does not match {self.architecture}: "
-                            "q/k RMSNorm belongs to Qwen3ForCausalLM (always) and no other architecture")
+        _check_choice("hidden_act", self.hidden_act, tuple(ACTIVATIONS))
+        _check_features(self, family)
+        if self.layer_types is not None:
+            _check_layer_types(self.layer_types, self.num_layers, self.sliding_window)
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_kv_heads})")
 
     # ---- derived ----
+    @property
+    def family(self) -> Family:
+        """The family record of `architecture` (kto_jax/models/families/)."""
+        return family_of(self.architecture)
+
     @property
     def rope_type(self) -> str:
         """'default' without scaling, else rope_scaling's rope_type (or legacy 'type')."""
@@ -120,7 +143,29 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.architecture]
+        return self.family.model_type
+
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Per layer "full_attention" or "sliding_attention" (HF layer_types), always L long."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return (SLIDING if self.sliding_window else FULL,) * self.num_layers
+
+    def rope_tables(self) -> tuple[tuple[float, dict[str, Any] | None], ...]:
+        """(base, HF rope_scaling or None) of each RoPE table: the global one, then the
+        local one of the sliding layers when `rope_local_theta` is set (unscaled)."""
+        tables = ((self.rope_theta, self.rope_scaling_dict),)
+        return tables + ((self.rope_local_theta, None),) if self.rope_local_theta is not None else tables
+
+    def layer_kinds(self) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
+        """(kinds, kind of each layer): the distinct LayerKinds in order of first use, and
+        for each of the L layers the index of its kind. One kind: every layer alike."""
+        local_rope = 1 if self.rope_local_theta is not None else 0
+        each = [LayerKind(self.sliding_window, local_rope) if t == SLIDING else LayerKind()
+                for t in self.attention_types]
+        kinds = tuple(dict.fromkeys(each))
+        return kinds, tuple(kinds.index(k) for k in each)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (e.g. dtypes, remat policy)."""
@@ -131,13 +176,16 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         """Build from a transformers config.json dict (v4 or v5 style).
 
+        The keys every family shares are read here, the family's own by its `read_hf`.
         `overrides` set our own fields (param_dtype, dtype, remat_policy, attention_impl).
         """
-        arch = _architecture_of(hf)
-        hidden_act = hf.get("hidden_act", "silu")
-        if hidden_act not in ("silu", "swish"):
-            raise UserError(f"unsupported hidden_act {hidden_act!r} in {arch}; only silu (SwiGLU) is supported")
-        if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
+        family = family_of(_architecture_of(hf))
+        arch = family.architecture
+        hidden_act = {"swish": "silu"}.get(hf.get("hidden_act", "silu"), hf.get("hidden_act", "silu"))
+        if hidden_act not in ACTIVATIONS:
+            raise UserError(f"unsupported hidden_act {hidden_act!r} in {arch}; supported: "
+                            f"{', '.join(ACTIVATIONS)} (gated MLP)")
+        if hf.get("mlp_bias") or (hf.get("attention_bias") and not family.fixed.get("attention_bias")):
             raise UserError(f"{arch} with attention_bias/mlp_bias=true is not supported "
                             "(its o_proj/MLP biases have no slot in our layout)")
         rope_theta, rope_scaling = _rope_of(hf)
@@ -156,13 +204,13 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=arch == "Qwen2ForCausalLM",
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=_sliding_window_of(arch, hf),
+            hidden_act=hidden_act,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            **family.fixed,
         )
+        fields.update(family.read_hf(hf))
         fields.update(overrides)
         return cls(**fields)
 
@@ -178,7 +226,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling_dict,
@@ -189,15 +237,7 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.param_dtype,
         }
-        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
-            hf["attention_bias"] = False
-        if self.architecture == "LlamaForCausalLM":
-            hf["mlp_bias"] = False
-        if self.architecture == "MistralForCausalLM":
-            hf["sliding_window"] = self.sliding_window
-        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-            hf["use_sliding_window"] = False
-            hf["sliding_window"] = None
+        hf.update(self.family.write_hf(self))
         return hf
 
 
@@ -210,18 +250,35 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"model {name} {value!r} is not one of {', '.join(choices)}")
 
 
+def _check_features(config: ModelConfig, family: Family) -> None:
+    """Each feature field as the family has it: fixed, a checkpoint's option, or off."""
+    arch = config.architecture
+    for name, off in FEATURES.items():
+        value = getattr(config, name)
+        if name in family.fixed and value != family.fixed[name]:
+            raise UserError(f"{name}={value!r} does not match {arch}: {arch} always has "
+                            f"{name}={family.fixed[name]!r}")
+        if name not in family.fixed and name not in family.options and value != off:
+            owners = [f.architecture for f in FAMILIES.values()
+                      if name in f.options or f.fixed.get(name, off) != off]
+            raise UserError(f"{name}={value!r} does not match {arch}, which has no {name} "
+                            f"(it belongs to {', '.join(owners) or 'no supported architecture'})")
+
+
+def _check_layer_types(types: tuple[str, ...], num_layers: int, window: int | None) -> None:
+    if len(types) != num_layers or not set(types) <= {FULL, SLIDING}:
+        raise UserError(f"layer_types {list(types)} must list {num_layers} entries (num_hidden_layers), "
+                        f"each {FULL!r} or {SLIDING!r}")
+    if SLIDING in types and not window:
+        raise UserError(f"layer_types has {SLIDING!r} layers but sliding_window is {window!r}; "
+                        "set sliding_window to the window of those layers")
+
+
 def _architecture_of(hf: dict[str, Any]) -> str:
     archs = hf.get("architectures") or []
     if archs:
-        arch = archs[0]
-    elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
-        arch = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
-    else:
-        arch = f"model_type={hf.get('model_type')!r}"
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"unsupported model architecture {arch!r}; supported: "
-                        f"{', '.join(SUPPORTED_ARCHITECTURES)} (docs/models.md says how to add one)")
-    return arch
+        return archs[0]
+    return architecture_of_model_type(hf.get("model_type")) or f"model_type={hf.get('model_type')!r}"
 
 
 def _rope_of(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -239,15 +296,6 @@ def _rope_of(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     scaling["rope_type"] = rope_type
     scaling.pop("type", None)
     return float(theta), scaling
-
-
-def _sliding_window_of(arch: str, hf: dict[str, Any]) -> int | None:
-    if arch == "MistralForCausalLM":
-        return hf.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
-        raise UserError(f"{arch} with use_sliding_window=true is not supported "
-                        "(per-layer sliding windows); set it to false")
-    return None
 
 
 # ---- presets: real model shapes without a checkpoint (values from each model's config.json) ----
