@@ -22,7 +22,7 @@ LAYERS = (
     ("step", ("kto_jax.step",)),
     ("libraries", ("kto_jax.models", "kto_jax.losses", "kto_jax.data")),
     ("base", ("kto_jax.errors", "kto_jax.config", "kto_jax.sharding", "kto_jax.batch", "kto_jax.fs",
-              "kto_jax.console")),
+              "kto_jax.console", "kto_jax.hub")),
 )
 PACKAGE_INIT = "kto_jax"  # the package's own __init__: a docstring and the version, below all
 

@@ -14,12 +14,16 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from kto_jax import hub
 from kto_jax.errors import UserError
 from kto_jax.train import workdir as layout
 
 
 def resolve_model_path(path: str) -> str:
-    """An HF directory or .gguf file for `path` (exporting a workdir's checkpoint if needed)."""
+    """An HF directory or .gguf file for `path` (exporting a workdir's checkpoint if needed);
+    a hub id ("org/name") is its snapshot in the local Hugging Face cache (kto_jax/hub.py)."""
+    if hub.looks_like_hub_id(path):
+        return hub.local_model_path(path, what="--model")
     if str(path).endswith(".gguf"):
         if not os.path.isfile(path):
             raise UserError(f"model file {path!r} does not exist")
@@ -37,7 +41,7 @@ def resolve_model_path(path: str) -> str:
             print(f"exported checkpoint step {step} of {path} to {out}")
             return out
     raise UserError(f"--model {path!r} is neither a Hugging Face directory (config.json + "
-                    "safetensors), a .gguf file, nor a `kto-jax train` workdir")
+                    "safetensors) or hub id, a .gguf file, nor a `kto-jax train` workdir")
 
 
 def is_workdir(path: str) -> bool:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
 from kto_jax import fs
+from kto_jax import hub
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
@@ -42,7 +43,8 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
 
     Args:
       path: directory with config.json and model.safetensors or
-        model.safetensors.index.json; or a path ending in '.gguf'.
+        model.safetensors.index.json; or a path ending in '.gguf'; or a hub id
+        ("org/name", kto_jax/hub.py: the local cache first).
       mesh: target mesh; None means a one-device mesh on the first device.
       rules: logical-axis rule table (config.mesh.rules, or config.mesh itself);
         None replicates every parameter.
@@ -52,6 +54,7 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
     Returns:
       (model, config) with every parameter on its NamedSharding.
     """
+    path = hub.resolve_id(path)
     if str(path).endswith(".gguf"):
         from kto_jax.models.gguf import open_gguf  # lazy: only GGUF users need the gguf package
         hf_config, source, _ = open_gguf(str(path))
@@ -63,7 +66,8 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    """config.json of an HF checkpoint directory."""
+    """config.json of an HF checkpoint directory (or hub id)."""
+    directory = hub.resolve_id(directory)
     config_path = fs.join(directory, "config.json")
     if not fs.isfile(config_path):
         raise UserError(f"no config.json in {directory!r}; model.path must be a Hugging Face "
@@ -225,6 +229,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def load_tokenizer(path: str) -> Any:
     """The tokenizer of an HF directory (transformers.AutoTokenizer), or of a .gguf file."""
+    path = hub.resolve_id(path)
     if str(path).endswith(".gguf"):
         from kto_jax.models.gguf import open_gguf
         return open_gguf(str(path))[2]

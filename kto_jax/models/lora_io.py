@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from kto_jax import hub
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import lora as lora_lib
@@ -90,7 +91,7 @@ def read_peft_config(directory: str, lora: lora_lib.LoraConfig | None = None) ->
     must agree with the directory when rank is set (0 takes the directory's).
     """
     where = f"config.lora.init_from={directory!r}"
-    path = os.path.join(directory, ADAPTER_CONFIG)
+    path = os.path.join(hub.resolve_id(directory, what="config.lora.init_from"), ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{where}: no {ADAPTER_CONFIG}; give a directory written by peft's save_pretrained "
                         "or `kto-jax export --format=peft`")
@@ -129,7 +130,7 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
     on their shardings. UserError names the mismatch (module, layer count, shape)."""
     found = read_peft_config(directory, lora)
     lora_lib.validate(found, model_config)
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    weights = os.path.join(hub.resolve_id(directory, what="config.lora.init_from"), ADAPTER_WEIGHTS)
     try:
         tensors = load_file(weights)
     except (FileNotFoundError, SafetensorError) as e:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from kto_jax import hub
 from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
@@ -92,11 +93,12 @@ def check_model_path(config: ml_collections.ConfigDict) -> None:
     (`kto-jax train`, `precompute-ref` and `online` all call it)."""
     if not config.model.path:
         raise UserError("config.model.path is empty: pass --config.model.path=DIR (a Hugging Face "
-                        "checkpoint directory) or a llama.cpp .gguf file.")
-    if not paths.exists(config.model.path):
+                        "checkpoint directory or hub id) or a llama.cpp .gguf file.")
+    if paths.is_remote(config.model.path) and not paths.exists(config.model.path):
         raise UserError(f"config.model.path={config.model.path!r} does not exist.")
-    if os.path.isdir(config.model.path) or not config.model.path.endswith(".gguf"):
-        read_hf_config(config.model.path)  # "no config.json in DIR" before any tokenizer error
+    local = hub.local_model_path(config.model.path, what="config.model.path")  # a hub id too
+    if os.path.isdir(local) or not local.endswith(".gguf"):
+        read_hf_config(local)  # "no config.json in DIR" before any tokenizer error
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:
