@@ -4,7 +4,9 @@ Writes config.json, sharded safetensors with an index and the tokenizer, which
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads unchanged. For a LoRA
 run, --format=merged (the default) merges the adapters into the base weights of the run's
 config.model.path; --format=peft writes adapter_config.json + adapter_model.safetensors,
-which `peft.PeftModel.from_pretrained(original_hf_model, HF_DIR)` loads.
+which `peft.AutoPeftModelForCausalLM.from_pretrained(HF_DIR)` loads in one line: the base
+it names is the run's HF directory (its absolute path) or hub id; a .gguf base, which
+transformers cannot take as a base, is written as an HF checkpoint to HF_DIR/base and named.
 """
 
 from __future__ import annotations

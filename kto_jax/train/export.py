@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
 
 from kto_jax import sharding as shd
+from kto_jax import hub
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
 from kto_jax.models import lora as lora_lib
@@ -86,36 +87,69 @@ def run_lora(config: dict) -> lora_lib.LoraConfig | None:
     return lora
 
 
-def export_lora(workdir: str, out_dir: str, config: dict, model_config: ModelConfig,
-                adapters: lora_lib.LoraAdapters, fmt: str, tokenizer: Any, dtype: str | None) -> None:
-    """A LoRA run's adapters as a PEFT adapter directory (fmt 'peft') or merged into the base
-    weights of config.model.path (fmt 'merged'), an ordinary HF checkpoint."""
+PEFT_BASE_DIR = "base"  # where a GGUF base is written as an HF checkpoint, inside the adapter dir
+
+
+def peft_base_name(model_path: str) -> str:
+    """What adapter_config.json's base_model_name_or_path names for the run's model.path:
+    a hub id as it is, a local directory as an absolute path (peft and transformers
+    resolve it from any working directory), a URL as it is."""
+    if hub.looks_like_hub_id(model_path) or paths.is_remote(model_path):
+        return model_path
+    return os.path.abspath(model_path)
+
+
+def _load_base(workdir: str, config: dict) -> Any:
+    """The run's base model (config.model.path: a directory, hub id or .gguf) on one device."""
     from kto_jax.models import from_pretrained
-    from kto_jax.models.lora_io import save_peft
     base_path = config["model"]["path"]
-    if fmt == "peft":
-        with paths.staged_dir(out_dir) as local:
-            save_peft(adapters, model_config, local, base_model_name_or_path=base_path)
-            if jax.process_index() == 0:
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(local)
-                paths.share_like_open(local)
-        return
-    if not os.path.exists(base_path):
-        raise UserError(f"the merged export of the LoRA run in {workdir!r} needs its base model "
+    if not (os.path.exists(base_path) or paths.is_remote(base_path) or hub.looks_like_hub_id(base_path)):
+        raise UserError(f"the export of the LoRA run in {workdir!r} needs its base model "
                         f"config.model.path={base_path!r}, which does not exist: restore it there, "
                         "or export the adapters alone with --format=peft")
     one_device = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
     base, _ = from_pretrained(base_path, mesh=one_device, rules=config["mesh"],
                               param_dtype=config["model"]["param_dtype"], dtype=config["model"]["dtype"])
-    graphdef, params = nnx.split(base, nnx.Param)
+    return base
+
+
+def export_peft(workdir: str, out_dir: str, config: dict, model_config: ModelConfig,
+                adapters: lora_lib.LoraAdapters, tokenizer: Any, dtype: str | None,
+                log: Callable[[str], None] = print) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ the tokenizer) in `out_dir`, naming
+    a base that `peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)` can load: the run's
+    HF directory or hub id; for a .gguf base (which transformers cannot take as a base), that
+    model written as an HF checkpoint to OUT/base, named by its absolute path."""
+    from kto_jax.models.lora_io import save_peft
+    model_path = config["model"]["path"]
+    base_name = peft_base_name(model_path)
+    if str(model_path).endswith(".gguf"):
+        base_dir = paths.join(out_dir, PEFT_BASE_DIR)
+        graphdef, params = nnx.split(_load_base(workdir, config), nnx.Param)
+        export_params(graphdef, params, base_dir, tokenizer, dtype)
+        base_name = paths.resolve(base_dir)
+        log(f"the base {model_path} is a GGUF file, which transformers cannot load as a PEFT base: "
+            f"wrote it as an HF checkpoint to {base_name} (adapter_config.json names it)")
+    with paths.staged_dir(out_dir) as local:
+        save_peft(adapters, model_config, local, base_model_name_or_path=base_name)
+        if jax.process_index() == 0:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
+            paths.share_like_open(local)
+
+
+def export_merged_lora(workdir: str, out_dir: str, config: dict, adapters: lora_lib.LoraAdapters,
+                       tokenizer: Any, dtype: str | None) -> None:
+    """W + (alpha / r) A B on the base weights of config.model.path, an ordinary HF checkpoint."""
+    graphdef, params = nnx.split(_load_base(workdir, config), nnx.Param)
     agraph, astate = nnx.split(adapters)
     export_params(adapters_lib.LoraGraph(graphdef, agraph), adapters_lib.LoraView(params, astate),
                   out_dir, tokenizer, dtype)
 
 
 def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
-                      dtype: str | None = None, fmt: str = "merged") -> int:
+                      dtype: str | None = None, fmt: str = "merged",
+                      log: Callable[[str], None] = print) -> int:
     """Writes checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns the step.
 
     `fmt`: 'merged' (an HF checkpoint; for a LoRA run W + (alpha / r) A B on the base of
@@ -153,9 +187,12 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
     export_dtype = dtype or config.get("train", {}).get("export_dtype") or None
     if lora is None:
         export_params(graphdef, params, out_dir, tokenizer, export_dtype)
+    elif fmt == "peft":
+        export_peft(workdir, out_dir, config, model_config, nnx.merge(graphdef, params), tokenizer,
+                    export_dtype, log)
     else:
-        export_lora(workdir, out_dir, config, model_config, nnx.merge(graphdef, params), fmt,
-                    tokenizer, export_dtype)
+        export_merged_lora(workdir, out_dir, config, nnx.merge(graphdef, params), tokenizer,
+                           export_dtype)
     return step
 
 
