@@ -11,7 +11,9 @@ Formats (TRL's names), each as plain text or as conversational message lists
             "implicit prompt").
   scored    prompt, completion, score (number)      -> desirable iff score > threshold,
             weight |score - threshold| when score weighting is on.
-Every problem in every row is collected and raised as one `UserError`.
+Every problem in every row is collected and raised as one `UserError`. Rows that are
+well formed but teach nothing (`NO_PREFERENCE`, `ZERO_WEIGHT`) are dropped by the
+pipeline and counted with their file and line in the data summary.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ FORMATS = {
     "paired": ("prompt", "chosen", "rejected"),
     "scored": ("prompt", "completion", "score"),
 }
+# Well-formed rows without a training signal (reasons of the summary's drop lines).
+NO_PREFERENCE = "chosen and rejected are the same completion (no preference to learn)"
+ZERO_WEIGHT = ("score equals data.score_threshold, so its weight under data.score_weighting "
+               "is 0")
 _EXPECTED = "; ".join(f"{name} ({', '.join(cols)})" for name, cols in FORMATS.items())
 
 Text = str | list  # plain text, or a list of {role, content} messages

@@ -229,8 +229,15 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
                    tokenize_split):
     """Rows -> `SplitData` (fractions on train only)."""
     d = config.data
+    no_signal: list[tuple[str, str, int]] = []   # (reason, where, examples): rows that teach nothing
     if fmt == "paired":
         items = formats.normalise_pairs(rows, conversational)
+        # an identical pair is one example for a paired loss, and its two sides for an
+        # unpaired one (one of them under one_y_per_x)
+        sides = 1 if paired or (d.one_y_per_x and name == "train") else 2
+        no_signal = [(formats.NO_PREFERENCE, p.where, sides) for p in items
+                     if p.chosen == p.rejected]
+        items = [p for p in items if p.chosen != p.rejected]
         if not paired:
             items = formats.unpair(items, one_y_per_x=d.one_y_per_x and name == "train",
                                    seed=d.seed)
@@ -241,8 +248,10 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
         items = formats.normalise_unpaired(rows, fmt, conversational,
                                            score_threshold=d.score_threshold,
                                            score_weighting=d.score_weighting)
+        no_signal = [(formats.ZERO_WEIGHT, e.where, 1) for e in items if e.weight == 0]
+        items = [e for e in items if e.weight != 0]
     examples = formats.Examples.of(items)   # the desirable column is built here, once
-    n_examples, subsampled = len(examples), {}
+    n_examples, subsampled = len(examples) + sum(n for _, _, n in no_signal), {}
     if name == "train" and not paired:
         desirable = examples.desirable
         keep = imbalance.subsample_classes(desirable, d.desirable_fraction, d.undesirable_fraction,
@@ -254,6 +263,8 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
     spec = tokenize.TokenSpec(tokenizer, conversational, d.max_length, d.max_prompt_length,
                               d.max_completion_length)
     split, report = tokenize_split(name, examples, spec)
+    for reason, where, count in no_signal:
+        report.drop(reason, where, count)
     if len(split) == 0:
         raise UserError(f"{rows.source}: " + _empty_message(name, len(rows.records), n_examples,
                                                             subsampled, report))

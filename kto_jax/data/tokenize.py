@@ -128,8 +128,9 @@ class TokenReport:
     completions_truncated: int = 0
     boundary_retokenized: int = 0   # full rendering tokenizes across the prompt/completion seam
 
-    def drop(self, reason: str, where: str) -> None:
-        self.dropped_count[reason] = self.dropped_count.get(reason, 0) + 1
+    def drop(self, reason: str, where: str, count: int = 1) -> None:
+        """Counts `count` examples dropped for `reason`; lists `where` among the first few."""
+        self.dropped_count[reason] = self.dropped_count.get(reason, 0) + count
         listed = self.dropped.setdefault(reason, [])
         if len(listed) < _LISTED:
             listed.append(where)
@@ -164,11 +165,12 @@ def tokenize_split(items: list, tokenizer, *, conversational: bool, max_length: 
 
 OVERLONG = "prompt longer than data.max_length"
 PREFIX_MISMATCH = "chat template renders the prompt differently once the completion follows"
+TEMPLATE_REFUSED = "the model's chat template cannot render the conversation"
 
 # Per-example statistics: one int64 row per example, columns below. Small enough to
 # all-gather across processes, and all that the summary, the batch plans and the
 # errors need, so processes that tokenized different examples agree on them.
-KEPT, DROP_PREFIX, DROP_OVERLONG = 0, 1, 2                       # CODE values
+KEPT, DROP_PREFIX, DROP_OVERLONG, DROP_TEMPLATE = 0, 1, 2, 3     # CODE values
 CODE, RAW_PROMPT, PROMPT, SIDE0, SIDE1, PROMPT_CUT, SIDES_CUT, BOUNDARY, HASH = range(9)
 N_STATS = 9
 
@@ -200,8 +202,8 @@ def tokenize_items(items: list, spec: TokenSpec, *, note_boundary: bool = True
     """
     tokenizer, conversational = spec.tokenizer, spec.conversational
     paired = bool(items) and isinstance(items[0], Pair)
-    texts, reasons = _render_all(items, tokenizer, conversational, paired)
-    kept = [i for i, r in enumerate(reasons) if r is None]
+    texts, codes = _render_all(items, tokenizer, conversational)
+    kept = [i for i, code in enumerate(codes) if code == KEPT]
     prompt_ids = _encode(tokenizer, [texts[i][0] for i in kept])
     if not conversational:
         prefix = prefix_ids(tokenizer)
@@ -216,7 +218,7 @@ def tokenize_items(items: list, spec: TokenSpec, *, note_boundary: bool = True
         boundary = _boundary_retokenized(tokenizer, [texts[i] for i in kept], prompt_ids,
                                          completion_ids)
     stats = np.zeros((len(items), N_STATS), np.int64)
-    stats[:, CODE] = DROP_PREFIX
+    stats[:, CODE] = codes   # the kept ones stay KEPT unless _truncate finds them overlong
     tokens: list = [None] * len(items)
     limits = (spec.max_length, spec.max_prompt_length,
               spec.max_completion_length or spec.max_length)
@@ -235,10 +237,11 @@ def report_from_stats(items: list, stats: np.ndarray, spec: TokenSpec, *, on_ove
     """
     report = TokenReport()
     codes = stats[:, CODE]
+    for i in np.flatnonzero(codes == DROP_TEMPLATE):   # rendered again for the template's words
+        report.drop(TEMPLATE_REFUSED, f"{items[i].where}: {_render_reason(items[i], spec.tokenizer)}")
     mismatched = np.flatnonzero(codes == DROP_PREFIX)
     listed = mismatched[:20 if on_prefix_mismatch == "error" else _LISTED]
-    paired = bool(items) and isinstance(items[0], Pair)
-    reasons = {int(i): _mismatch_reason(items[i], spec.tokenizer, paired) for i in listed}
+    reasons = {int(i): _render_reason(items[i], spec.tokenizer) for i in listed}
     for i in mismatched:
         report.drop(PREFIX_MISMATCH, f"{items[i].where}: {reasons.get(int(i), '')}")
     if len(mismatched) and on_prefix_mismatch == "error":
@@ -256,49 +259,69 @@ def report_from_stats(items: list, stats: np.ndarray, spec: TokenSpec, *, on_ove
     return report
 
 
-def _render_all(items, tokenizer, conversational, paired):
-    """Per item: (prompt_text, completion_text[, rejected_text]) and None, or None and why not."""
+def _render_all(items, tokenizer, conversational):
+    """Per item: (prompt_text, completion_text[, rejected_text]) and KEPT, or None and the
+    drop code (DROP_PREFIX, DROP_TEMPLATE)."""
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise UserError("the data is conversational (message lists) but the tokenizer has no "
                         "chat template; use a model whose tokenizer_config.json defines one, "
                         "or convert the data to plain prompt/completion text.")
-    texts, reasons = [], []
+    texts, codes = [], []
     for item in items:
-        sides = (item.chosen, item.rejected) if paired else (item.completion,)
+        sides = _sides(item)
         if not conversational:
             texts.append((item.prompt, *sides))
-            reasons.append(None)
+            codes.append(KEPT)
             continue
-        rendered, reason = _render_conversation(tokenizer, item.prompt, sides)
+        rendered, _, code = _render_conversation(tokenizer, item.prompt, sides)
         texts.append(rendered)
-        reasons.append(reason)
-    return texts, reasons
+        codes.append(code)
+    return texts, codes
 
 
-def _mismatch_reason(item, tokenizer, paired: bool) -> str:
-    sides = (item.chosen, item.rejected) if paired else (item.completion,)
-    return _render_conversation(tokenizer, item.prompt, sides)[1] or ""
+def _sides(item) -> tuple:
+    return (item.chosen, item.rejected) if isinstance(item, Pair) else (item.completion,)
 
 
-def _render_conversation(tokenizer, prompt: list, sides: tuple) -> tuple[tuple | None, str | None]:
-    """Chat-template texts (prompt, *completions), or None and the reason there is no split."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                add_generation_prompt=True)
+def _render_reason(item, tokenizer) -> str:
+    return _render_conversation(tokenizer, item.prompt, _sides(item))[1] or ""
+
+
+def _apply_template(tokenizer, messages: list, **kwargs) -> tuple[str | None, str | None]:
+    """(rendered text, None), or (None, what the template said) when it refuses the messages
+    (e.g. "Conversation roles must alternate user/assistant/..." raised by the template)."""
+    import jinja2  # pylint: disable=import-outside-toplevel  # transformers renders with it
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs), None
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+        return None, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def _render_conversation(tokenizer, prompt: list, sides: tuple) -> tuple[tuple | None, str | None, int]:
+    """Chat-template texts (prompt, *completions), None and the reason there is no split, KEPT
+    or the drop code: DROP_TEMPLATE when the template refuses, DROP_PREFIX when it renders
+    the prompt differently once the completion follows."""
+    prompt_text, refused = _apply_template(tokenizer, prompt, add_generation_prompt=True)
+    if refused:
+        return None, f"the prompt's messages: {refused}", DROP_TEMPLATE
     out = [prompt_text]
     for side in sides:
-        full = tokenizer.apply_chat_template(prompt + side, tokenize=False)
+        full, refused = _apply_template(tokenizer, prompt + side)
+        if refused:
+            return None, f"the prompt and completion's messages: {refused}", DROP_TEMPLATE
         if not full.startswith(prompt_text):
             k = next((j for j, (a, b) in enumerate(zip(prompt_text, full)) if a != b),
                      min(len(prompt_text), len(full)))
             return None, (f"the rendered prompt is not a prefix of the rendered conversation "
                           f"(they differ at character {k}: prompt has "
                           f"{prompt_text[k:k + 20]!r}, conversation has {full[k:k + 20]!r}); "
-                          "the template may rewrite earlier turns or expect another role order")
+                          "the template may rewrite earlier turns or expect another role order"
+                          ), DROP_PREFIX
         completion_text = full[len(prompt_text):]
         if not completion_text.strip():
-            return None, "the completion renders to no text"
+            return None, "the completion renders to no text", DROP_PREFIX
         out.append(completion_text)
-    return tuple(out), None
+    return tuple(out), None, KEPT
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
