@@ -167,6 +167,13 @@ class ModelConfig:
         kinds = tuple(dict.fromkeys(each))
         return kinds, tuple(kinds.index(k) for k in each)
 
+    def flop_dims(self) -> dict[str, int]:
+        """The sizes a FLOP count reads (kto_jax.step.flops.ModelDims' fields), from the config
+        itself rather than from HF config.json names."""
+        return {"hidden": self.hidden_size, "intermediate": self.intermediate_size,
+                "layers": self.num_layers, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "vocab": self.vocab_size}
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (e.g. dtypes, remat policy)."""
         return dataclasses.replace(self, **changes)
@@ -384,6 +391,20 @@ def mistral_7b(**overrides: Any) -> ModelConfig:
         "bos_token_id": 1, "eos_token_id": 2, **overrides})
 
 
+def ministral_8b(**overrides: Any) -> ModelConfig:
+    """mistralai/Ministral-8B-Instruct-2410: one global layer, then three with a 32k window."""
+    return ModelConfig(**{
+        "architecture": "MinistralForCausalLM",
+        "vocab_size": 131072, "hidden_size": 4096,          # vocab_size, hidden_size
+        "intermediate_size": 12288, "num_layers": 36,       # intermediate_size, num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-5, "rope_theta": 100000000.0,    # rms_norm_eps, rope_theta
+        "sliding_window": 32768,                            # sliding_window
+        "layer_types": (FULL, SLIDING, SLIDING, SLIDING) * 9,  # layer_types ("ragged 128k, 32k, 32k, 32k")
+        "max_position_embeddings": 131072,                  # max_position_embeddings
+        "bos_token_id": 1, "eos_token_id": 2, **overrides})
+
+
 def qwen25_0_5b(**overrides: Any) -> ModelConfig:
     """Qwen/Qwen2.5-0.5B: q/k/v bias, tied embeddings."""
     return ModelConfig(**{
@@ -417,8 +438,8 @@ def qwen3_0_6b(**overrides: Any) -> ModelConfig:
 
 
 PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama3_8b, llama31_8b, llama3_70b, llama31_70b,
-                                   llama32_1b, llama32_3b, mistral_7b, qwen25_0_5b, qwen25_3b,
-                                   qwen3_0_6b)}
+                                   llama32_1b, llama32_3b, mistral_7b, ministral_8b, qwen25_0_5b,
+                                   qwen25_3b, qwen3_0_6b)}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

@@ -73,6 +73,8 @@ VARIANTS = {
     "qwen3_qknorm": {"architecture": "Qwen3ForCausalLM", "qk_norm": True, "tie_word_embeddings": True},
     "qwen2_bias": {"architecture": "Qwen2ForCausalLM", "attention_bias": True},
     "mistral_window4": {"architecture": "MistralForCausalLM", "sliding_window": 4},
+    "ministral_interleaved": {"architecture": "MinistralForCausalLM", "sliding_window": 4,
+                              "layer_types": ("sliding_attention", "full_attention")},
 }
 
 

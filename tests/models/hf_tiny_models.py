@@ -21,17 +21,28 @@ HF_CASES = {
         rope_theta=500000.0, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 256})),
+    # The gated MLP's activation switch: GeGLU (tanh-approximated GELU) instead of SwiGLU.
+    "llama_geglu": (transformers.LlamaConfig, dict(hidden_act="gelu_pytorch_tanh")),
     "mistral": (transformers.MistralConfig, dict(sliding_window=4, head_dim=16)),
+    # Ministral: sliding and global layers interleaved (layer_types), windows shorter than the batch.
+    "ministral": (transformers.MinistralConfig, dict(
+        sliding_window=4, head_dim=16, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, rope_theta=1000000.0,
                                              tie_word_embeddings=True)),
 }
 
 
+def hf_config(name: str) -> transformers.PretrainedConfig:
+    """The transformers config of one case."""
+    config_cls, extra = HF_CASES[name]
+    return config_cls(**{**_COMMON, **extra})
+
+
 def make_hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A randomly initialised float32 model; norms and biases are randomised too."""
-    config_cls, extra = HF_CASES[name]
-    config = config_cls(**{**_COMMON, **extra})
+    config = hf_config(name)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)

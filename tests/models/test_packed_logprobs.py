@@ -2,9 +2,10 @@
 
 Same examples, same model: log pi(y|x) and log pi(y_kl|x) (y_kl = y_{i+1 mod M}) from
 one packed forward equal the two padded forwards of kto_jax/models/logprobs.py within 1e-5
-(float32), for Llama-, Qwen2- (q/k/v bias) and Mistral- (sliding window) shaped tiny
-models, with XLA's attention and the splash kernel (Pallas interpret mode on CPU);
-the paired layout [x | y_w | y_l] too, and the gradients of the packed log-probs.
+(float32), for Llama-, Qwen2- (q/k/v bias), Mistral- (sliding window) and Ministral-
+(sliding and global layers interleaved) shaped tiny models, with XLA's attention and
+the splash kernel (Pallas interpret mode on CPU); the paired layout [x | y_w | y_l]
+too, and the gradients of the packed log-probs.
 """
 
 import jax
@@ -24,6 +25,8 @@ CONFIGS = {
     "llama": tiny(),
     "qwen2": tiny(architecture="Qwen2ForCausalLM", attention_bias=True),
     "mistral": tiny(architecture="MistralForCausalLM", sliding_window=7),  # < the sequences
+    "ministral": tiny(architecture="MinistralForCausalLM", sliding_window=7, num_layers=3,  # per-layer windows
+                      layer_types=("full_attention", "sliding_attention", "full_attention")),
 }
 
 

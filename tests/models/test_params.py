@@ -3,21 +3,14 @@
 import numpy as np
 import pytest
 from flax import nnx
+from hf_tiny_models import HF_CASES, hf_config
 
 from kto_jax.models import params as table
 from kto_jax.models.config import PRESETS, ModelConfig
 from kto_jax.models.transformer import abstract_model
 
-CONFIGS = {
-    "llama2": ModelConfig(),
-    "llama32_tied": ModelConfig(tie_word_embeddings=True, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 256}),
-    "mistral": ModelConfig(architecture="MistralForCausalLM", sliding_window=4),
-    "qwen2": ModelConfig(architecture="Qwen2ForCausalLM", attention_bias=True),
-    "qwen3": ModelConfig(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=32,
-                         tie_word_embeddings=True),
-}
+# One config per tiny HF case (tests/models/hf_tiny_models.py): every family's table.
+CONFIGS = {name: ModelConfig.from_hf(hf_config(name).to_dict()) for name in HF_CASES}
 
 
 def _flat_params(config):
