@@ -95,6 +95,27 @@ def test_interleaved_layers_share_one_scan_body():
     assert "cond[" in interleaved and "cond[" not in alike
 
 
+def test_interleaved_layers_with_splash_and_remat_equal_xla():
+    """The splash kernel (Pallas interpret mode here) inside the per-layer switch, under
+    full remat, gives XLA's values and gradients."""
+    config = tiny(architecture="MinistralForCausalLM", sliding_window=16, num_layers=3,
+                  layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+    ids = np.random.default_rng(2).integers(1, 256, (2, 128)).astype(np.int32)
+    weight = jnp.cos(jnp.arange(config.hidden_size, dtype=jnp.float32))
+
+    def loss(model):
+        return jnp.sum(model.hidden_states(ids) * weight)
+
+    out = {}
+    for impl, remat in (("xla", "none"), ("splash", "full")):
+        model = Transformer(config.replace(attention_impl=impl, remat_policy=remat), rngs=nnx.Rngs(0))
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        out[impl] = (value, jax.tree.leaves(nnx.state(grads, nnx.Param)))
+    np.testing.assert_allclose(out["splash"][0], out["xla"][0], rtol=1e-4)
+    for got, want in zip(out["splash"][1], out["xla"][1]):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
 # ---- a toy family with every switch on, against a numpy forward ----
 
 def one_plus_norm(x, weight, eps):
