@@ -113,9 +113,9 @@ def choose_tokens(logits: Array, key: Array, settings: SamplingSettings) -> Arra
 
 
 def _next_logits(model: Transformer, hidden: Array) -> Array:
-    """float32 [B, V] logits of the last position of hidden [B, T, D]."""
-    return jnp.einsum("bd,dv->bv", hidden[:, -1], model.lm_head_weight(),
-                      preferred_element_type=jnp.float32)
+    """float32 [B, V] logits of the last position of hidden [B, T, D] (soft-capped where the
+    model caps its final logits)."""
+    return model.logits(hidden[:, -1])
 
 
 def decode(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,

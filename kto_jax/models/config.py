@@ -14,6 +14,7 @@ layer. Named presets (`llama32_1b()`, ...) give real model shapes without a chec
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,7 +34,15 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # HF layer_types entries
 # Feature fields and their off value. A family fixes some (Family.fixed) and lets a
 # checkpoint set some (Family.options); any other family keeps them off.
 FEATURES = {"attention_bias": False, "qk_norm": False, "sliding_window": None,
-            "layer_types": None, "rope_local_theta": None}
+            "layer_types": None, "rope_local_theta": None, "query_pre_attn_scalar": None,
+            "attn_logit_softcap": None, "final_logit_softcap": None, "outer_config": None}
+# config.json key of `ModelConfig.untrained_from` in a run's own copy of the config (WORKDIR/model);
+# an exported checkpoint's config.json never has it.
+UNTRAINED_FROM_KEY = "kto_jax_untrained_tensors_from"
+# keys of a multimodal config.json that ModelConfig writes itself (not kept in outer_config)
+_OWN_OUTER_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", UNTRAINED_FROM_KEY)
+# keys a multimodal config.json's top level sets for its language model too
+_SHARED_OUTER_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 
 
 def dtype_name(value: Any, what: str = "dtype") -> str:
@@ -91,6 +100,14 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # HF layer_types: per layer "full_attention" | "sliding_attention";
                                             # None: every layer sliding when sliding_window is set, else full
     rope_local_theta: float | None = None   # RoPE base of the sliding layers (Gemma 3's local base); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # HF query_pre_attn_scalar: attention scale s**-0.5 (Gemma);
+                                            # None: head_dim
+    attn_logit_softcap: float | None = None  # HF attn_logit_softcapping: c * tanh(logits / c) (Gemma 2)
+    final_logit_softcap: float | None = None  # HF final_logit_softcapping, on the LM head's logits (Gemma 2)
+    outer_config: str | None = None         # a multimodal checkpoint's config.json without its text_config
+                                            # (JSON text), written back around the language model's
+    untrained_from: str | None = None       # the checkpoint whose untrained tensors (Family.passthrough:
+                                            # a vision tower) an export copies through; set on load
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):
@@ -146,6 +163,11 @@ class ModelConfig:
         return self.family.model_type
 
     @property
+    def attention_scale(self) -> float:
+        """The factor of q . k in attention: query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
     def attention_types(self) -> tuple[str, ...]:
         """Per layer "full_attention" or "sliding_attention" (HF layer_types), always L long."""
         if self.layer_types is not None:
@@ -188,10 +210,12 @@ class ModelConfig:
         """
         family = family_of(_architecture_of(hf))
         arch = family.architecture
+        outer = hf
+        if family.text_config_key:  # a multimodal checkpoint: its language model's config
+            hf = {**(hf.get(family.text_config_key) or {}),
+                  **{k: hf[k] for k in _SHARED_OUTER_KEYS if hf.get(k) is not None}}
+        hf = {**family.hf_defaults, **hf}
         hidden_act = {"swish": "silu"}.get(hf.get("hidden_act", "silu"), hf.get("hidden_act", "silu"))
-        if hidden_act not in ACTIVATIONS:
-            raise UserError(f"unsupported hidden_act {hidden_act!r} in {arch}; supported: "
-                            f"{', '.join(ACTIVATIONS)} (gated MLP)")
         if hf.get("mlp_bias") or (hf.get("attention_bias") and not family.fixed.get("attention_bias")):
             raise UserError(f"{arch} with attention_bias/mlp_bias=true is not supported "
                             "(its o_proj/MLP biases have no slot in our layout)")
@@ -218,6 +242,14 @@ class ModelConfig:
             **family.fixed,
         )
         fields.update(family.read_hf(hf))
+        if fields["hidden_act"] not in ACTIVATIONS:
+            raise UserError(f"unsupported hidden_act {fields['hidden_act']!r} in {arch}; supported: "
+                            f"{', '.join(ACTIVATIONS)} (gated MLP)")
+        if family.text_config_key:
+            kept = {k: v for k, v in outer.items() if k not in (family.text_config_key, *_OWN_OUTER_KEYS)}
+            fields["outer_config"] = json.dumps(kept, sort_keys=True)
+        if outer.get(UNTRAINED_FROM_KEY):
+            fields["untrained_from"] = outer[UNTRAINED_FROM_KEY]
         fields.update(overrides)
         return cls(**fields)
 
@@ -245,6 +277,14 @@ class ModelConfig:
             "torch_dtype": self.param_dtype,
         }
         hf.update(self.family.write_hf(self))
+        key = self.family.text_config_key
+        if key:  # the language model's config inside the multimodal one it came from
+            text = {k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")}
+            hf = {**json.loads(self.outer_config or "{}"), "architectures": [self.architecture],
+                  "model_type": self.model_type, key: {**text, "model_type": self.family.text_model_type},
+                  "torch_dtype": self.param_dtype}
+        if self.untrained_from:
+            hf[UNTRAINED_FROM_KEY] = self.untrained_from
         return hf
 
 
@@ -437,9 +477,109 @@ def qwen3_0_6b(**overrides: Any) -> ModelConfig:
         "bos_token_id": 151643, "eos_token_id": 151645, **overrides})
 
 
+# Gemma: values from each model's config.json (HF hub, not reachable offline: checked against
+# public copies of those files and google-deepmind/gemma's TransformerConfig). Unlisted
+# fields are the family's HF defaults (eps 1e-6, tied embeddings, GeGLU, bos 2 / eos 1 / pad 0).
+
+def _gemma(architecture: str, fields: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+    common = {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+              "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    return ModelConfig(**{"architecture": architecture, **common, **fields, **overrides})
+
+
+def _gemma2_layers(n: int) -> tuple[str, ...]:
+    return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))  # sliding first, then alternating
+
+
+def _gemma3_layers(n: int) -> tuple[str, ...]:
+    return tuple(SLIDING if (i + 1) % 6 else FULL for i in range(n))  # sliding_window_pattern 6
+
+
+def gemma2_2b(**overrides: Any) -> ModelConfig:
+    """google/gemma-2-2b: soft-capped attention (50) and final logits (30), window 4096 on every other layer."""
+    return _gemma("Gemma2ForCausalLM", {
+        "vocab_size": 256000, "hidden_size": 2304,          # vocab_size, hidden_size
+        "intermediate_size": 9216, "num_layers": 26,        # intermediate_size, num_hidden_layers
+        "num_heads": 8, "num_kv_heads": 4, "head_dim": 256,  # num_attention_heads, num_key_value_heads, head_dim
+        "query_pre_attn_scalar": 256,                       # query_pre_attn_scalar
+        "attn_logit_softcap": 50.0, "final_logit_softcap": 30.0,  # attn_/final_logit_softcapping
+        "sliding_window": 4096, "layer_types": _gemma2_layers(26),  # sliding_window (HF's default layer_types)
+        "rope_theta": 10000.0, "max_position_embeddings": 8192}, overrides)  # rope_theta, max_position_embeddings
+
+
+def gemma2_9b(**overrides: Any) -> ModelConfig:
+    """google/gemma-2-9b."""
+    return gemma2_2b(**{"hidden_size": 3584, "intermediate_size": 14336,  # hidden_size, intermediate_size
+                        "num_layers": 42, "num_heads": 16, "num_kv_heads": 8,  # num_hidden_layers, heads
+                        "layer_types": _gemma2_layers(42), **overrides})
+
+
+def gemma2_27b(**overrides: Any) -> ModelConfig:
+    """google/gemma-2-27b: head_dim 128 but query_pre_attn_scalar 144 (hidden / heads)."""
+    return gemma2_2b(**{"hidden_size": 4608, "intermediate_size": 36864,  # hidden_size, intermediate_size
+                        "num_layers": 46, "num_heads": 32, "num_kv_heads": 16,  # num_hidden_layers, heads
+                        "head_dim": 128, "query_pre_attn_scalar": 144,   # head_dim, query_pre_attn_scalar
+                        "layer_types": _gemma2_layers(46), **overrides})
+
+
+def gemma3_1b(**overrides: Any) -> ModelConfig:
+    """google/gemma-3-1b-pt (Gemma3ForCausalLM): q/k norms, 5 sliding (512) : 1 global layers,
+    local RoPE base 10k, global 1M unscaled."""
+    return _gemma("Gemma3ForCausalLM", {
+        "vocab_size": 262144, "hidden_size": 1152,          # vocab_size, hidden_size
+        "intermediate_size": 6912, "num_layers": 26,        # intermediate_size, num_hidden_layers
+        "num_heads": 4, "num_kv_heads": 1, "head_dim": 256,  # num_attention_heads, num_key_value_heads, head_dim
+        "query_pre_attn_scalar": 256, "qk_norm": True,      # query_pre_attn_scalar
+        "sliding_window": 512, "layer_types": _gemma3_layers(26),  # sliding_window, sliding_window_pattern 6
+        "rope_theta": 1_000_000.0, "rope_local_theta": 10_000.0,  # rope_theta, rope_local_base_freq
+        "max_position_embeddings": 32768,                   # max_position_embeddings
+        "eos_token_id": (1, 106)}, overrides)               # eos_token_id (1 and <end_of_turn>)
+
+
+# The 4B-27B checkpoints are Gemma3ForConditionalGeneration: config.json's top level and its
+# SigLIP vision_config (kept as they are; the language model is what kto-jax trains).
+_GEMMA3_VISION = json.dumps({
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}},
+    sort_keys=True)
+
+
+def gemma3_4b(**overrides: Any) -> ModelConfig:
+    """google/gemma-3-4b-pt (Gemma3ForConditionalGeneration): its language model, from text_config
+    (which lists these; the rest are Gemma3TextConfig defaults: vocab 262208, 128k positions);
+    the global layers' RoPE linearly scaled by 8, window 1024; vision tower as config.json has it."""
+    return gemma3_1b(**{"architecture": "Gemma3ForConditionalGeneration", "outer_config": _GEMMA3_VISION,
+                        "vocab_size": 262208,                            # (default) vocab_size
+                        "hidden_size": 2560, "intermediate_size": 10240,  # hidden_size, intermediate_size
+                        "num_layers": 34, "num_heads": 8, "num_kv_heads": 4,  # num_hidden_layers, heads
+                        "sliding_window": 1024, "layer_types": _gemma3_layers(34),  # sliding_window
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0},  # rope_scaling
+                        "max_position_embeddings": 131072, **overrides})  # (default) max_position_embeddings
+
+
+def gemma3_12b(**overrides: Any) -> ModelConfig:
+    """google/gemma-3-12b-pt (Gemma3ForConditionalGeneration; the language model's shape)."""
+    return gemma3_4b(**{"hidden_size": 3840, "intermediate_size": 15360,  # hidden_size, intermediate_size
+                        "num_layers": 48, "num_heads": 16, "num_kv_heads": 8,  # num_hidden_layers, heads
+                        "layer_types": _gemma3_layers(48), **overrides})
+
+
+def gemma3_27b(**overrides: Any) -> ModelConfig:
+    """google/gemma-3-27b-pt (Gemma3ForConditionalGeneration): head_dim 128, query_pre_attn_scalar
+    168 (hidden / heads)."""
+    return gemma3_4b(**{"hidden_size": 5376, "intermediate_size": 21504,  # hidden_size, intermediate_size
+                        "num_layers": 62, "num_heads": 32, "num_kv_heads": 16,  # num_hidden_layers, heads
+                        "head_dim": 128, "query_pre_attn_scalar": 168,   # head_dim, query_pre_attn_scalar
+                        "layer_types": _gemma3_layers(62), **overrides})
+
+
 PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama3_8b, llama31_8b, llama3_70b, llama31_70b,
                                    llama32_1b, llama32_3b, mistral_7b, ministral_8b, qwen25_0_5b,
-                                   qwen25_3b, qwen3_0_6b)}
+                                   qwen25_3b, qwen3_0_6b, gemma2_2b, gemma2_9b, gemma2_27b, gemma3_1b,
+                                   gemma3_4b, gemma3_12b, gemma3_27b)}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

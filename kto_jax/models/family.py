@@ -57,6 +57,13 @@ def layer_row(name: str, hf_suffix: str, transform: str, prefix: str = "model.la
     return ParamRow(("layers", name), prefix + hf_suffix, transform)
 
 
+def moved(rows: tuple[ParamRow, ...], old: str, new: str) -> tuple[ParamRow, ...]:
+    """`rows` with the HF name prefix `old` replaced by `new` (a language model that sits
+    under a prefix of a multimodal checkpoint: "model." -> "model.language_model.")."""
+    return tuple(dataclasses.replace(r, hf_name=new + r.hf_name.removeprefix(old))
+                 if r.hf_name.startswith(old) else r for r in rows)
+
+
 BASE_ROWS = (  # Llama's layer: every family starts from these (or names its own)
     ParamRow(("embed_tokens",), "model.embed_tokens.weight", IDENTITY),
     ParamRow(("norm",), "model.norm.weight", IDENTITY),
@@ -80,6 +87,10 @@ QK_NORM_ROWS = (  # config.qk_norm
     layer_row("k_norm", "self_attn.k_norm.weight", IDENTITY),
 )
 UNTIED_HEAD_ROWS = (ParamRow(("lm_head",), "lm_head.weight", LINEAR),)  # not config.tie_word_embeddings
+SANDWICH_NORM_ROWS = (  # Gemma 2 and 3: a norm after attention and before and after the MLP
+    layer_row("pre_feedforward_layernorm", "pre_feedforward_layernorm.weight", IDENTITY),
+    layer_row("post_feedforward_layernorm", "post_feedforward_layernorm.weight", IDENTITY),
+)
 
 
 # ---- the layer variant ----
@@ -137,3 +148,15 @@ class Family:
     norms: NormPlacement = NormPlacement()  # which norms a layer has and where
     mlp: MlpBlock = GATED_MLP              # the MLP block (a mixture of experts is another block)
     embed_scale: bool = False              # scale the embedding by sqrt(hidden_size), in the compute dtype
+    norm_init: float = 1.0                 # a norm weight's random-init value, the one that scales by 1
+                                           # (Llama's w * x: 1; Gemma's (1 + w) * x: 0)
+    hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # ^ config.json values the HF config class assumes when a key is absent (Gemma's tied
+    #   embeddings, head_dim 256, ...): read as if written
+    text_config_key: str | None = None     # a multimodal config.json: the key of the language model's
+    text_model_type: str | None = None     # config ("text_config") and that config's model_type
+    passthrough: tuple[str, ...] = ()      # HF tensor-name prefixes not trained, copied through on
+                                           # export bit for bit (a vision tower, a projector)
+    legacy_prefixes: tuple[tuple[str, str], ...] = ()
+    # ^ (older spelling, ours) of tensor-name prefixes: a checkpoint written in the older
+    #   spelling is read through the renaming, and exported in its own spelling again

@@ -6,10 +6,16 @@ directory, or a .gguf file via `kto_jax.models.gguf`), fills an abstract
 NamedSharding, so the whole model never sits on one device. Export writes
 config.json, sharded safetensors and their index in the layout
 `transformers.AutoModelForCausalLM.from_pretrained` loads unchanged.
+
+A multimodal checkpoint (`Family.passthrough`: Gemma 3's vision tower and projector)
+trains only its language model; its other tensors are copied bit for bit, on export,
+from the checkpoint it was loaded from (`ModelConfig.untrained_from`), and every name is
+written in that checkpoint's spelling (`Family.legacy_prefixes`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,8 +33,10 @@ from kto_jax import hub
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
-from kto_jax.models.config import ModelConfig, dtype_name
-from kto_jax.models.tensor_source import SAFETENSORS_INDEX, SafetensorsSource, TensorSource
+from kto_jax.models.config import UNTRAINED_FROM_KEY, ModelConfig, dtype_name
+from kto_jax.models.family import Family
+from kto_jax.models.tensor_source import (
+    SAFETENSORS_INDEX, RenamedSource, SafetensorsSource, TensorSource, rename)
 from kto_jax.models.transformer import Transformer, abstract_model
 
 __all__ = ["TensorSource", "from_pretrained", "load_from_source", "save_pretrained", "load_tokenizer"]
@@ -54,6 +62,7 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
     Returns:
       (model, config) with every parameter on its NamedSharding.
     """
+    named = str(path) if hub.looks_like_hub_id(path) or fs.is_remote(path) else os.path.abspath(path)
     path = hub.resolve_id(path)
     if str(path).endswith(".gguf"):
         from kto_jax.models.gguf import open_gguf  # lazy: only GGUF users need the gguf package
@@ -61,7 +70,7 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
     else:
         hf_config = read_hf_config(path)
         source = SafetensorsSource(path)
-    return load_from_source(hf_config, source, mesh=mesh, rules=rules,
+    return load_from_source(hf_config, source, mesh=mesh, rules=rules, untrained_from=named,
                             param_dtype=param_dtype, dtype=dtype, **overrides)
 
 
@@ -76,9 +85,16 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 
 
 def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: Mesh | None = None,
-                     rules: Any = None, **config_fields: Any) -> tuple[Transformer, ModelConfig]:
-    """Build the model of `hf_config` from the tensors of `source` (HF names and layout)."""
+                     rules: Any = None, untrained_from: str | None = None,
+                     **config_fields: Any) -> tuple[Transformer, ModelConfig]:
+    """Build the model of `hf_config` from the tensors of `source` (HF names and layout).
+
+    `untrained_from` names the checkpoint (directory or hub id) a multimodal model's
+    untrained tensors are copied from on export (ModelConfig.untrained_from)."""
     config = ModelConfig.from_hf(hf_config, **config_fields)
+    if config.family.passthrough and untrained_from:
+        config = config.replace(untrained_from=untrained_from)
+    source = in_our_spelling(source, config.family)
     rows = table.param_table(config)
     check_tensor_names(rows, source.names(), config)
     mesh = mesh if mesh is not None else shd.single_device_mesh()
@@ -94,11 +110,21 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
     return nnx.merge(graphdef, state), config
 
 
+def in_our_spelling(source: TensorSource, family: Family) -> TensorSource:
+    """`source` with its tensor names in the spelling of the family's rows (a checkpoint in an
+    older spelling, `Family.legacy_prefixes`, is read through a RenamedSource)."""
+    if family.legacy_prefixes and any(rename(n, family.legacy_prefixes) != n for n in source.names()):
+        return RenamedSource(source, family.legacy_prefixes)
+    return source
+
+
 def check_tensor_names(rows: tuple[table.ParamRow, ...], names: set[str], config: ModelConfig) -> None:
-    """UserError naming missing or unexpected tensors before anything is read."""
+    """UserError naming missing or unexpected tensors before anything is read (the family's
+    untrained `passthrough` tensors are expected extras)."""
     expected = {n for row in rows for n in row.hf_names(config.num_layers)}
     missing = sorted(expected - names)
-    extra = sorted(n for n in names - expected if not table.ignorable_hf_name(n, config))
+    extra = sorted(n for n in names - expected if not table.ignorable_hf_name(n, config)
+                   and not n.startswith(config.family.passthrough or ("\0",)))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
@@ -148,21 +174,22 @@ def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
       out_dir: created if needed; only process 0 writes.
       tokenizer: a transformers tokenizer to save alongside, or None.
       max_shard_bytes: upper bound of one safetensors file (a larger tensor gets its own file).
-      dtype: dtype of the saved weights ("bfloat16" or jnp.bfloat16); default the model's param_dtype.
+      dtype: dtype of the saved weights ("bfloat16" or jnp.bfloat16); default the model's
+        param_dtype. A multimodal model's untrained tensors keep their stored dtype.
     """
     config: ModelConfig = model.config
     save_dtype = np.dtype(jnp.dtype(dtype_name(dtype or config.param_dtype, "export dtype")))
     flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    plan = _export_plan(config, flat, save_dtype.itemsize)
-    shards = _group_into_shards(plan, max_shard_bytes)
     writer = jax.process_index() == 0
+    untrained = _untrained_source(config) if config.family.passthrough else None
+    plan = _export_plan(config, flat, save_dtype, untrained, read=writer)
+    shards = _group_into_shards(plan, max_shard_bytes)
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: np.ascontiguousarray(to_hf_tensor(flat[row.path], row, layer).astype(save_dtype))
-                   for name, row, layer, _ in shard}
+        tensors = {name: np.ascontiguousarray(fetch()) for name, _, fetch in shard}
         total += sum(t.nbytes for t in tensors.values())
         weight_map.update({name: file for name in tensors})
         if writer:
@@ -170,35 +197,68 @@ def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
     if writer:
         _write_json(os.path.join(out_dir, SAFETENSORS_INDEX),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(os.path.join(out_dir, "config.json"), {**config.to_hf(), "torch_dtype": save_dtype.name})
+        hf = {**config.to_hf(), "torch_dtype": save_dtype.name}
+        hf.pop(UNTRAINED_FROM_KEY, None)  # the export holds those tensors itself
+        _write_json(os.path.join(out_dir, "config.json"), hf)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 
 
-def _export_plan(config: ModelConfig, flat: dict, itemsize: int) -> list[tuple[str, table.ParamRow, int | None, int]]:
-    """(hf_name, row, layer index or None, bytes) for every HF tensor, layer-major like HF."""
-    plan = []
+def _untrained_source(config: ModelConfig) -> TensorSource:
+    """The checkpoint a multimodal model was loaded from (its untrained tensors' source)."""
+    if not config.untrained_from:
+        raise UserError(f"exporting {config.architecture} needs the checkpoint its untrained tensors "
+                        f"({', '.join(config.family.passthrough)}...) come from, and the model config "
+                        "names none: load the model with from_pretrained(path)")
+    path = hub.resolve_id(config.untrained_from)
+    if not fs.exists(fs.join(path, "config.json")):
+        raise UserError(f"the export of this {config.architecture} copies its untrained tensors from "
+                        f"{config.untrained_from!r}, the checkpoint it was trained from, which no longer "
+                        "exists: restore it there")
+    return in_our_spelling(SafetensorsSource(path), config.family)
+
+
+def _export_plan(config: ModelConfig, flat: dict, save_dtype: np.dtype, untrained: TensorSource | None,
+                 read: bool) -> list[tuple[str, int, Any]]:
+    """(HF name, bytes, fetch() -> host array) for every tensor, layer-major like HF; then a
+    multimodal model's untrained tensors, as stored (fetched only where `read`: process 0)."""
     rows = table.param_table(config)
-    for row in rows:
-        if not row.stacked:
-            plan.append((row.hf_name, row, None, math.prod(flat[row.path].shape) * itemsize))
+    spelling = getattr(untrained, "stored_name", lambda name: name)  # the source's own spelling
+    itemsize = save_dtype.itemsize
+
+    def ours(row, layer):
+        return lambda: to_hf_tensor(flat[row.path], row, layer).astype(save_dtype)
+
+    plan = [(spelling(row.hf_name), math.prod(flat[row.path].shape) * itemsize, ours(row, None))
+            for row in rows if not row.stacked]
     for i in range(config.num_layers):
-        for row in rows:
-            if row.stacked:
-                nbytes = math.prod(flat[row.path].shape[1:]) * itemsize
-                plan.append((row.hf_name.format(i=i), row, i, nbytes))
+        plan += [(spelling(row.hf_name.format(i=i)), math.prod(flat[row.path].shape[1:]) * itemsize,
+                  ours(row, i)) for row in rows if row.stacked]
+    if untrained is not None:
+        for name in sorted(n for n in untrained.names() if n.startswith(config.family.passthrough)):
+            fetch = functools.partial(untrained.get, name) if read else (lambda: np.zeros(0, np.uint8))
+            plan.append((spelling(name), _stored_bytes(untrained, name), fetch))
     return plan
+
+
+def _stored_bytes(source: TensorSource, name: str) -> int:
+    """A tensor's size in its checkpoint, from the header when the source can tell (no read)."""
+    inner = getattr(source, "source", source)
+    stored = getattr(source, "stored_name", lambda n: n)(name)
+    if hasattr(inner, "nbytes"):
+        return inner.nbytes(stored)
+    return source.get(name).nbytes
 
 
 def _group_into_shards(plan: list, max_shard_bytes: int) -> list[list]:
     shards: list[list] = [[]]
     size = 0
     for item in plan:
-        if shards[-1] and size + item[3] > max_shard_bytes:
+        if shards[-1] and size + item[1] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(item)
-        size += item[3]
+        size += item[1]
     return shards
 
 

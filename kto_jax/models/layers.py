@@ -37,6 +37,40 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def rms_norm_plus_one(x: Array, weight: Array, eps: float) -> Array:
+    """Gemma's RMSNorm: x normalised and scaled by (1 + weight), both in float32, then cast
+    to x's dtype (as HF's Gemma2RMSNorm / Gemma3RMSNorm; a zero weight scales by 1)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap): Gemma's soft-capping of attention and final logits; x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def masked_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
+                     softcap: float | None = None) -> Array:
+    """softmax(soft_cap(scale q k^T) where mask) v: q [B, T, H, hd], k, v [B, S, K, hd] ->
+    [B, T, H, hd], mask bool broadcastable to [B, 1, T, S] (every visibility rule in it).
+
+    With softcap None this is `jax.nn.dot_product_attention` (jax's choice of backend);
+    with a cap, the logits are computed explicitly in float32 (grouped-query: each of
+    the K kv heads serves H / K query heads), as XLA's attention does without one.
+    """
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = soft_cap(logits, softcap)                                   # [B, K, G, T, S]
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
 # HF `hidden_act` -> the function the gated MLP applies to its gate (HF ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,                                               # SwiGLU (Llama, Mistral, Qwen)

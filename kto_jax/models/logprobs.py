@@ -16,6 +16,10 @@ whatever the compute dtype of the hidden states.
 The last chunk overlaps the one before it when `vocab_chunk` does not divide the
 vocabulary; its already-counted columns are masked out, so no padded copy of the
 head weight is made.
+
+A model that soft-caps its final logits (Gemma 2: c * tanh(z / c),
+`ModelConfig.final_logit_softcap`) has them capped chunk by chunk, inside the online
+log-sum-exp; the backward multiplies by the cap's derivative 1 - (capped / c)^2.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kto_jax.models.layers import soft_cap
 from kto_jax.models.transformer import positions_from_mask
 
 DEFAULT_VOCAB_CHUNK = 8192
@@ -36,27 +41,29 @@ def _chunk_start(k: jax.Array, chunk: int, vocab: int) -> jax.Array:
     return jnp.minimum(k * chunk, vocab - chunk)
 
 
-def _chunk_logits(h: jax.Array, w: jax.Array, labels: jax.Array, k: jax.Array, chunk: int):
-    """Chunk k of the logits: (float32 [B, C, chunk] logits with columns of earlier chunks at
-    -inf, bool [B, C, chunk] one-hot of the labels among this chunk's fresh columns, start)."""
+def _chunk_logits(h: jax.Array, w: jax.Array, labels: jax.Array, k: jax.Array, chunk: int,
+                  softcap: float | None):
+    """Chunk k of the logits: (float32 [B, C, chunk] logits, soft-capped when `softcap` is set,
+    with columns of earlier chunks at -inf, bool [B, C, chunk] one-hot of the labels among
+    this chunk's fresh columns, start)."""
     vocab = w.shape[1]
     start = _chunk_start(k, chunk, vocab)
     w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-    logits = jnp.einsum("bcd,dv->bcv", h, w_c, preferred_element_type=jnp.float32)
+    logits = soft_cap(jnp.einsum("bcd,dv->bcv", h, w_c, preferred_element_type=jnp.float32), softcap)
     cols = start + jnp.arange(chunk)
     fresh = cols >= k * chunk
     onehot = (cols == labels[..., None]) & fresh
     return jnp.where(fresh, logits, -jnp.inf), onehot, start
 
 
-def _forward_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int):
+def _forward_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int, softcap: float | None):
     """(label logit, log sum_v exp(logit_v)), both [B, C] float32, by an online max/sum over
     vocab chunks; the label logit is picked from the chunk that holds it (no gather of w)."""
     n_chunks = -(-w.shape[1] // chunk)
 
     def body(carry, k):
         m, s, label_logit = carry
-        logits, onehot, _ = _chunk_logits(h, w, labels, k, chunk)
+        logits, onehot, _ = _chunk_logits(h, w, labels, k, chunk, softcap)
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
         label_logit = label_logit + jnp.where(onehot, logits, 0.0).sum(-1)
@@ -69,28 +76,32 @@ def _forward_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int):
     return label_logit, m + jnp.log(s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _label_logps(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> jax.Array:
-    label_logit, lse = _forward_chunked(h, w, labels, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _label_logps(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int,
+                 softcap: float | None) -> jax.Array:
+    label_logit, lse = _forward_chunked(h, w, labels, chunk, softcap)
     return label_logit - lse
 
 
-def _label_logps_fwd(h, w, labels, chunk):
-    label_logit, lse = _forward_chunked(h, w, labels, chunk)
+def _label_logps_fwd(h, w, labels, chunk, softcap):
+    label_logit, lse = _forward_chunked(h, w, labels, chunk, softcap)
     return label_logit - lse, (h, w, labels, lse)
 
 
-def _label_logps_bwd(chunk, residuals, g):
+def _label_logps_bwd(chunk, softcap, residuals, g):
     """d log p(label) / d logit_v = 1[v = label] - softmax_v, applied chunk by chunk: the
-    logits are recomputed, and dh, dw are chunk-local matmuls (no scatter into dw)."""
+    logits are recomputed, and dh, dw are chunk-local matmuls (no scatter into dw). Under
+    a soft-cap c the logit z_v is c tanh(u_v / c), and dz/du = 1 - (z / c)^2."""
     h, w, labels, lse = residuals
     g = g.astype(jnp.float32)
     n_chunks = -(-w.shape[1] // chunk)
 
     def body(carry, k):
         dh, dw = carry
-        logits, onehot, start = _chunk_logits(h, w, labels, k, chunk)
+        logits, onehot, start = _chunk_logits(h, w, labels, k, chunk, softcap)
         dlogits = onehot.astype(jnp.float32) - jnp.exp(logits - lse[..., None])
+        if softcap is not None:  # earlier chunks' columns (-inf) have dlogits 0 already
+            dlogits = dlogits * (1.0 - jnp.square(jnp.where(jnp.isfinite(logits), logits, 0.0) / softcap))
         gp = (g[..., None] * dlogits).astype(h.dtype)  # [B, C, chunk]
         w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
         dh = dh + jnp.einsum("bcv,dv->bcd", gp, w_c, preferred_element_type=jnp.float32)
@@ -108,7 +119,8 @@ _label_logps.defvjp(_label_logps_fwd, _label_logps_bwd)
 
 
 def token_logps_from_hidden(hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, *,
-                            vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jax.Array:
+                            vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                            softcap: float | None = None) -> jax.Array:
     """log softmax(hidden @ lm_head)[label] per position, without [B, C, V] float32 logits.
 
     Args:
@@ -116,12 +128,14 @@ def token_logps_from_hidden(hidden: jax.Array, lm_head: jax.Array, labels: jax.A
       lm_head: [D, V] output projection; cast to `hidden.dtype` for the matmuls.
       labels: int [B, C] token ids to score.
       vocab_chunk: columns of the head per chunk; clipped to V.
+      softcap: the model's final-logit soft-cap c (logits c * tanh(z / c)), or None.
 
     Returns:
       float32 [B, C] token log-probs (not masked).
     """
     chunk = max(1, min(int(vocab_chunk), lm_head.shape[1]))
-    return _label_logps(hidden, lm_head.astype(hidden.dtype), labels.astype(jnp.int32), chunk)
+    softcap = None if softcap is None else float(softcap)
+    return _label_logps(hidden, lm_head.astype(hidden.dtype), labels.astype(jnp.int32), chunk, softcap)
 
 
 class CompletionLogps(NamedTuple):
@@ -194,7 +208,7 @@ def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
         hidden, first - 1)  # [B, C, D]
     cmask = completion_mask.astype(jnp.float32)
     tok = token_logps_from_hidden(hidden, model.lm_head_weight(), completion_ids,
-                                  vocab_chunk=vocab_chunk)
+                                  vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
     return CompletionLogps(jnp.where(cmask > 0, tok, 0.0), cmask, hidden)
 
 

@@ -44,6 +44,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kto_jax.models.layers import masked_attention
+
 Array = jax.Array
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2
 
@@ -99,26 +101,31 @@ def splash_key_layout(layout: PackedLayout) -> tuple[Array, Array, Array]:
 
 
 def attend(q: Array, k: Array, v: Array, layout: PackedLayout, *, scale: float,
-           sliding_window: int | None, impl: str | None) -> Array:
+           sliding_window: int | None, impl: str | None, softcap: float | None = None) -> Array:
     """Attention of packed rows: q [B, T, H, hd], k and v [B, T, K, hd] -> [B, T, H, hd].
 
     impl (ModelConfig.attention_impl): 'xla' and 'cudnn' take the explicit mask;
     'splash' runs the splash form everywhere (Pallas interpret mode off TPU); 'auto'
     runs it when lowered for a TPU and the explicit mask with XLA elsewhere (on GPUs
     too: cuDNN would read the mask as a dense bias). T must be a multiple of the
-    splash block for the splash form, else XLA's attention is used.
+    splash block for the splash form, else XLA's attention is used. softcap: the
+    attention-logit soft-cap (Gemma 2), which the splash kernel applies itself and the
+    explicit-mask form computes with the logits (kto_jax/models/attention.py).
     """
     from kto_jax.models.splash_attention import (  # pylint: disable=import-outside-toplevel
         BLOCK, splash_packed_attention)
 
     def dense(q, k, v, implementation=None):
-        return jax.nn.dot_product_attention(q, k, v, mask=packed_mask(layout, sliding_window),
-                                            scale=scale, implementation=implementation)
+        mask = packed_mask(layout, sliding_window)
+        if softcap is not None:
+            return masked_attention(q, k, v, mask, scale=scale, softcap=softcap)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                            implementation=implementation)
 
     if impl in ("xla", "cudnn"):
         return dense(q, k, v, impl)
     if impl in ("splash", "auto") and q.shape[1] % BLOCK == 0:
         return splash_packed_attention(q, k, v, *splash_key_layout(layout), scale=scale,
-                                       sliding_window=sliding_window,
+                                       sliding_window=sliding_window, softcap=softcap,
                                        fallback=dense if impl == "auto" else None)
     return dense(q, k, v)

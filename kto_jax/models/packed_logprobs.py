@@ -71,7 +71,8 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
     # both halves of each group together, so the gather stays within the group
     h = gather_hidden(hidden, _by_group(index, groups), groups)
     h = _by_group(h, groups, inverse=True)                                     # [2M, C, D]
-    tok = token_logps_from_hidden(h, model.lm_head_weight(), labels, vocab_chunk=vocab_chunk)
+    tok = token_logps_from_hidden(h, model.lm_head_weight(), labels, vocab_chunk=vocab_chunk,
+                                  softcap=model.config.final_logit_softcap)
     out = CompletionLogps(jnp.where(mask > 0, tok, 0.0), mask, h)
     return (CompletionLogps(*(x[:m] for x in out)), CompletionLogps(*(x[m:] for x in out)))
 

@@ -36,7 +36,7 @@ def supports(q: Array, k: Array) -> bool:
     return q.shape[1] % BLOCK == 0 and q.shape[1] == k.shape[1] and q.shape[2] % k.shape[2] == 0
 
 
-def _kernel(num_heads: int, t: int, sliding_window: int | None, interpret: bool):
+def _kernel(num_heads: int, t: int, sliding_window: int | None, softcap: float | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
         splash_attention_kernel as sk, splash_attention_mask as sm)
     if sliding_window:
@@ -44,12 +44,14 @@ def _kernel(num_heads: int, t: int, sliding_window: int | None, interpret: bool)
     else:
         head = sm.CausalMask((t, t))
     mask = sm.MultiHeadMask([head] * num_heads)
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
+                              interpret=interpret)
 
 
-def _local(q: Array, k: Array, v: Array, *, sliding_window: int | None, interpret: bool) -> Array:
+def _local(q: Array, k: Array, v: Array, *, sliding_window: int | None, softcap: float | None,
+           interpret: bool) -> Array:
     """One shard: q [b, T, h, hd], k/v [b, T, kh, hd] (q pre-scaled) -> [b, T, h, hd]."""
-    kernel = _kernel(q.shape[2], q.shape[1], sliding_window, interpret)
+    kernel = _kernel(q.shape[2], q.shape[1], sliding_window, softcap, interpret)
     out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out.swapaxes(1, 2)
 
@@ -71,19 +73,20 @@ def _specs(q: Array, k: Array) -> tuple[PartitionSpec, PartitionSpec] | None:
 
 
 def splash_attention(q: Array, k: Array, v: Array, *, scale: float,
-                     sliding_window: int | None = None,
+                     sliding_window: int | None = None, softcap: float | None = None,
                      fallback: Callable[[Array, Array, Array], Array] | None = None) -> Array:
-    """softmax(scale q k^T + causal mask) v for q [B, T, H, hd], k and v [B, T, K, hd].
+    """softmax(soft_cap(scale q k^T) + causal mask) v for q [B, T, H, hd], k and v [B, T, K, hd].
 
     Every query sees the keys at and before its own position (within the last
-    `sliding_window` positions if given); there is no padding mask. Lowered for a
+    `sliding_window` positions if given); there is no padding mask. `softcap` c caps
+    the logits at c * tanh(s / c) (the kernel's attn_logits_soft_cap). Lowered for a
     TPU this is the Mosaic kernel; for any other platform, `fallback(q, k, v)` (the
     unscaled inputs) when given, else the same kernel in Pallas interpret mode.
     """
     def run(interpret: bool):
         def fn(q, k, v):
             q = q * jax.numpy.asarray(scale, q.dtype)
-            return _local(q, k, v, sliding_window=sliding_window, interpret=interpret)
+            return _local(q, k, v, sliding_window=sliding_window, softcap=softcap, interpret=interpret)
         return _sharded(fn, q, k, extra=0)
 
     return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=fallback or run(True))
@@ -100,7 +103,8 @@ def _sharded(fn: Callable, q: Array, k: Array, *, extra: int) -> Callable:
                          out_specs=specs[0], check_vma=False)
 
 
-def _packed_kernel(num_heads: int, t: int, sliding_window: int | None, interpret: bool):
+def _packed_kernel(num_heads: int, t: int, sliding_window: int | None, softcap: float | None,
+                   interpret: bool):
     """The kernel over T queries and 2T keys [K2 | K] (kto_jax/models/packed_attention.py):
     K causal (q >= k), K2 seen up to column q + T (copies sit before their readers), both
     within the window when there is one (K2's copies are column-aligned with positions)."""
@@ -114,13 +118,14 @@ def _packed_kernel(num_heads: int, t: int, sliding_window: int | None, interpret
     else:
         head = sm.CausalMask(shape, offset=t)
     mask = sm.MultiHeadMask([head] * num_heads)
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
+                                interpret=interpret)
     return lambda q, k, v, q_ids, kv_ids: kernel(q, k, v, segment_ids=sk.SegmentIds(q_ids, kv_ids))
 
 
 def splash_packed_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array,
                             copy_source: Array, *, scale: float,
-                            sliding_window: int | None = None,
+                            sliding_window: int | None = None, softcap: float | None = None,
                             fallback: Callable[[Array, Array, Array], Array] | None = None
                             ) -> Array:
     """Attention of packed [x | y | y2] rows through the splash kernel's segment ids.
@@ -136,7 +141,7 @@ def splash_packed_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: 
             src = copy_source[:, :, None, None]
             k = jax.numpy.concatenate([jax.numpy.take_along_axis(k, src, axis=1), k], axis=1)
             v = jax.numpy.concatenate([jax.numpy.take_along_axis(v, src, axis=1), v], axis=1)
-            kernel = _packed_kernel(q.shape[2], q.shape[1], sliding_window, interpret)
+            kernel = _packed_kernel(q.shape[2], q.shape[1], sliding_window, softcap, interpret)
             out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
                                    q_ids, kv_ids)
             return out.swapaxes(1, 2)

@@ -12,6 +12,7 @@ a bucket (gs://...) is read the same way, each tensor by one ranged read.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Protocol, runtime_checkable
 
@@ -60,6 +61,11 @@ class SafetensorsSource:
         """Shape of one tensor without reading its data."""
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def nbytes(self, name: str) -> int:
+        """Size of one tensor in the file, without reading its data."""
+        piece = self._handle(name).get_slice(name)
+        return math.prod(piece.get_shape()) * _ITEMSIZE[piece.get_dtype()]
+
     def _handle(self, name: str):
         if name not in self._file_of:
             raise UserError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
@@ -71,10 +77,42 @@ class SafetensorsSource:
         return self._handles[file]
 
 
+class RenamedSource:
+    """A TensorSource that shows another's tensors under other names: each name starting with
+    an `old` prefix of `prefixes` ((old, new) pairs) appears with `new` instead (a checkpoint
+    in an older spelling, read as the family's rows name it)."""
+
+    def __init__(self, source: TensorSource, prefixes: tuple[tuple[str, str], ...]):
+        self.source, self.prefixes = source, prefixes
+        self._stored = {rename(n, prefixes): n for n in source.names()}
+
+    def names(self) -> set[str]:
+        return set(self._stored)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.source.get(self._stored[name])
+
+    def stored_name(self, name: str) -> str:
+        """The name the wrapped source stores `name` under."""
+        return self._stored[name]
+
+
+def rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """`name` with the first matching `old` prefix of (old, new) `prefixes` replaced by `new`."""
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 # safetensors dtype names -> numpy (bfloat16 and float8 from ml_dtypes, which jax ships).
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
            "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class _RangedSafetensors:
@@ -96,14 +134,17 @@ class _RangedSafetensors:
         return list(self._header)
 
     def get_slice(self, name: str) -> "_RangedSafetensors._Slice":
-        return self._Slice(self._header[name]["shape"])
+        return self._Slice(self._header[name]["shape"], self._header[name]["dtype"])
 
     class _Slice:
-        def __init__(self, shape: list[int]):
-            self.shape = shape
+        def __init__(self, shape: list[int], dtype: str):
+            self.shape, self.dtype = shape, dtype
 
         def get_shape(self) -> list[int]:
             return list(self.shape)
+
+        def get_dtype(self) -> str:
+            return self.dtype
 
     def get_tensor(self, name: str) -> np.ndarray:
         import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers bfloat16)

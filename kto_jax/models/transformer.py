@@ -35,11 +35,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kto_jax.models.attention import (  # noqa: F401  (resolve_attention_impl: re-exported)
-    attend, attention_mask_4d, cached_attention_mask, resolve_attention_impl)
+    attend, attention_mask_4d, cached_attention_mask, masked_attention, resolve_attention_impl)
 from kto_jax.models.config import LayerKind, ModelConfig
 from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported)
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
-    rope_cos_sin, rope_inv_freq)
+    rope_cos_sin, rope_inv_freq, soft_cap)
 from kto_jax.models.packed_attention import PackedLayout
 from kto_jax.sharding import constrain
 
@@ -113,9 +113,9 @@ def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def _init_value(name: str, shape: tuple[int, ...], dtype, key: Array) -> Array:
-    if name.endswith(("layernorm", "_norm")):
-        return jnp.ones(shape, dtype)
+def _init_value(name: str, shape: tuple[int, ...], dtype, key: Array, norm_init: float = 1.0) -> Array:
+    if name.endswith(("layernorm", "_norm")) or name == "norm":
+        return jnp.full(shape, norm_init, dtype)  # the family's identity scale (Gemma's (1 + w): 0)
     if name.endswith("_bias"):
         return jnp.zeros(shape, dtype)
     return (_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
@@ -128,7 +128,8 @@ class DecoderLayers(nnx.Module):
         dtype = jnp.dtype(config.param_dtype)
         axes = layer_axes(config)
         for name, shape in layer_param_shapes(config).items():
-            value = _init_value(name, (config.num_layers, *shape), dtype, rngs.params())
+            value = _init_value(name, (config.num_layers, *shape), dtype, rngs.params(),
+                                config.family.norm_init)
             setattr(self, name, _param(value, ("layers", *axes[name])))
 
 
@@ -141,7 +142,7 @@ class Transformer(nnx.Module):
         v, d = config.vocab_size, config.hidden_size
         self.embed_tokens = _param(_init_value("embed", (v, d), dtype, rngs.params()), ("vocab", "embed"))
         self.layers = DecoderLayers(config, rngs=rngs)
-        self.norm = _param(jnp.ones((d,), dtype), ("embed",))
+        self.norm = _param(_init_value("norm", (d,), dtype, None, config.family.norm_init), ("embed",))
         if not config.tie_word_embeddings:
             self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
 
@@ -175,11 +176,12 @@ class Transformer(nnx.Module):
             mask = packed
         impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
         kinds, kind_ids = cfg.layer_kinds()
-        scale = cfg.head_dim ** -0.5
+        scale = cfg.attention_scale
 
         def attend_kind(kind: LayerKind, q: Array, k: Array, v: Array) -> Array:
             q, k, v = rotate(kind, q, k, v, ropes=ropes)
-            return attend(q, k, v, mask, scale=scale, window=kind.window, impl=impl)
+            return attend(q, k, v, mask, scale=scale, window=kind.window, impl=impl,
+                          softcap=cfg.attn_logit_softcap)
 
         def layer(h: Array, xs) -> tuple[Array, None]:
             p, kind = xs
@@ -215,16 +217,21 @@ class Transformer(nnx.Module):
         w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return w.astype(jnp.dtype(self.config.dtype))
 
+    def logits(self, hidden: Array) -> Array:
+        """float32 [..., V] logits of hidden states [..., D]: hidden @ lm_head_weight (float32
+        accumulation), soft-capped where the model caps its final logits (Gemma 2)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(),
+                            preferred_element_type=jnp.float32)
+        return soft_cap(logits, self.config.final_logit_softcap)
+
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  attention_mask: Array | None = None) -> Array:
-        """[B, T, V] float32 logits = hidden_states @ lm_head_weight (float32 accumulation).
+        """[B, T, V] float32 logits of hidden_states (`logits`).
 
         `model(input_ids)` alone treats every row as full and unpadded (positions 0..T-1,
         causal attention); pass positions and mask for padded rows (see hidden_states).
         """
-        hidden = self.hidden_states(input_ids, positions, attention_mask)
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(),
-                          preferred_element_type=jnp.float32)
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask))
 
     def cached_hidden_states(self, input_ids: Array, positions: Array, new_mask: Array,
                              cache: "KVCache", index: Array) -> tuple[Array, "KVCache"]:
@@ -250,12 +257,12 @@ class Transformer(nnx.Module):
         kinds, kind_ids = cfg.layer_kinds()
         masks = {kind.window: cached_attention_mask(kv_mask, index, input_ids.shape[1], kind.window)
                  for kind in kinds}                                            # [B, 1, T, S] each
-        scale = cfg.head_dim ** -0.5
-        impl = None  # jax's choice: cuDNN flash attention rejects one-token queries and arbitrary masks
+        scale = cfg.attention_scale
 
         def attend_cache(kind: LayerKind, q: Array, keys: Array, values: Array) -> Array:
-            return jax.nn.dot_product_attention(q, keys, values, mask=masks[kind.window], scale=scale,
-                                                implementation=impl)
+            # jax's choice of backend: cuDNN flash attention rejects one-token queries and arbitrary masks
+            return masked_attention(q, keys, values, masks[kind.window], scale=scale,
+                                    softcap=cfg.attn_logit_softcap)
 
         def layer(carry, xs):
             h, k_all, v_all = carry

@@ -31,12 +31,39 @@ HF_CASES = {
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, rope_theta=1000000.0,
                                              tie_word_embeddings=True)),
+    # Gemma 2: (1 + w) norms around attention and MLP, scaled embedding, query_pre_attn_scalar
+    # != head_dim, attention and final logits soft-capped at caps the random logits reach,
+    # sliding (window 4 < the batch's 12) and global layers alternating.
+    "gemma2": (transformers.Gemma2Config, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, num_hidden_layers=3,
+        attn_logit_softcapping=1.5, final_logit_softcapping=2.0)),
+    # Gemma 3 text: q/k norms, local RoPE base for the sliding layers and a linearly scaled
+    # global one, two sliding layers then a global one.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
+    # Gemma 3 multimodal (4B-27B): the same language model under text_config, plus a tiny
+    # SigLIP vision tower and projector that kto-jax carries through untouched.
+    "gemma3_multimodal": (transformers.Gemma3Config, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
 }
+# Multimodal configs: the case's fields are the text_config's; these are the rest.
+_MULTIMODAL = {transformers.Gemma3Config: dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=28, patch_size=14),
+    mm_tokens_per_image=4)}
 
 
 def hf_config(name: str) -> transformers.PretrainedConfig:
     """The transformers config of one case."""
     config_cls, extra = HF_CASES[name]
+    if config_cls in _MULTIMODAL:
+        return config_cls(text_config={**_COMMON, **extra}, **_MULTIMODAL[config_cls])
     return config_cls(**{**_COMMON, **extra})
 
 

@@ -46,7 +46,8 @@ def test_unsupported_architecture_names_every_family():
 @pytest.mark.parametrize("change,match", [
     ({"layer_types": ("sliding_attention", "full_attention")}, "layer_types.*MinistralForCausalLM"),
     ({"sliding_window": 4}, "sliding_window.*MistralForCausalLM"),
-    ({"rope_local_theta": 10.0}, "rope_local_theta.*no supported architecture"),
+    ({"rope_local_theta": 10.0}, "rope_local_theta.*Gemma3ForCausalLM"),
+    ({"attn_logit_softcap": 50.0}, "attn_logit_softcap.*Gemma2ForCausalLM"),
 ])
 def test_a_feature_outside_the_family_is_named(change, match):
     with pytest.raises(UserError, match=match):
@@ -77,7 +78,8 @@ def test_layer_kinds_of_an_interleaved_model():
 def test_flop_dims_match_the_hf_config_reading(name):
     """ModelConfig.flop_dims (what step/flops.py can read) equals ModelDims.from_hf_config(to_hf())."""
     config = PRESETS[name]()
-    assert ModelDims(**config.flop_dims()) == ModelDims.from_hf_config(config.to_hf())
+    hf = config.to_hf()
+    assert ModelDims(**config.flop_dims()) == ModelDims.from_hf_config(hf.get("text_config", hf))
 
 
 def _jaxpr(config):
@@ -95,11 +97,21 @@ def test_interleaved_layers_share_one_scan_body():
     assert "cond[" in interleaved and "cond[" not in alike
 
 
-def test_interleaved_layers_with_splash_and_remat_equal_xla():
+SPLASH_CASES = {
+    "ministral": tiny(architecture="MinistralForCausalLM", sliding_window=16, num_layers=3,
+                      layer_types=("sliding_attention", "full_attention", "sliding_attention")),
+    # soft-capped attention logits: the kernel's attn_logits_soft_cap against explicit XLA logits
+    "gemma2": tiny(architecture="Gemma2ForCausalLM", sliding_window=16, num_layers=2,
+                   query_pre_attn_scalar=24, attn_logit_softcap=0.05, final_logit_softcap=0.3,
+                   layer_types=("sliding_attention", "full_attention")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPLASH_CASES))
+def test_interleaved_layers_with_splash_and_remat_equal_xla(case):
     """The splash kernel (Pallas interpret mode here) inside the per-layer switch, under
     full remat, gives XLA's values and gradients."""
-    config = tiny(architecture="MinistralForCausalLM", sliding_window=16, num_layers=3,
-                  layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+    config = SPLASH_CASES[case]
     ids = np.random.default_rng(2).integers(1, 256, (2, 128)).astype(np.int32)
     weight = jnp.cos(jnp.arange(config.hidden_size, dtype=jnp.float32))
 

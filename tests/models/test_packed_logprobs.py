@@ -2,8 +2,9 @@
 
 Same examples, same model: log pi(y|x) and log pi(y_kl|x) (y_kl = y_{i+1 mod M}) from
 one packed forward equal the two padded forwards of kto_jax/models/logprobs.py within 1e-5
-(float32), for Llama-, Qwen2- (q/k/v bias), Mistral- (sliding window) and Ministral-
-(sliding and global layers interleaved) shaped tiny models, with XLA's attention and
+(float32), for Llama-, Qwen2- (q/k/v bias), Mistral- (sliding window), Ministral-
+(sliding and global layers interleaved) and Gemma 2/3-shaped (soft-caps, q/k norms,
+two RoPE tables) tiny models, with XLA's attention and
 the splash kernel (Pallas interpret mode on CPU); the paired layout [x | y_w | y_l]
 too, and the gradients of the packed log-probs.
 """
@@ -27,6 +28,16 @@ CONFIGS = {
     "mistral": tiny(architecture="MistralForCausalLM", sliding_window=7),  # < the sequences
     "ministral": tiny(architecture="MinistralForCausalLM", sliding_window=7, num_layers=3,  # per-layer windows
                       layer_types=("full_attention", "sliding_attention", "full_attention")),
+    # Gemma 2: soft-capped attention logits (the splash kernel's cap; explicit logits with XLA)
+    # and final logits, a query scale other than head_dim, sliding and global layers
+    "gemma2": tiny(architecture="Gemma2ForCausalLM", sliding_window=7, query_pre_attn_scalar=24,
+                   attn_logit_softcap=0.05, final_logit_softcap=0.3,
+                   layer_types=("sliding_attention", "full_attention")),
+    # Gemma 3: q/k norms, the sliding layers' own RoPE base, the global one scaled
+    "gemma3": tiny(architecture="Gemma3ForCausalLM", qk_norm=True, sliding_window=7,
+                   query_pre_attn_scalar=24, rope_theta=1e6, rope_local_theta=1e4,
+                   rope_scaling={"rope_type": "linear", "factor": 8.0},
+                   layer_types=("sliding_attention", "full_attention")),
 }
 
 
@@ -92,9 +103,10 @@ def test_paired_packed_logps_equal_padded(impl):
     np.testing.assert_allclose(yl.logps, padded(*_padded(prompts, rejected)), rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_of_packed_logps_equal_padded():
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_gradients_of_packed_logps_equal_padded(name):
     """d/dparams of sum_i a_i log pi(y_i|x_i) + b_i log pi(y_kl_i|x_i), packed vs padded."""
-    cfg = CONFIGS["qwen2"].replace(attention_impl="xla")
+    cfg = CONFIGS[name].replace(attention_impl="xla")
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
     prompts, ys, _ = _examples(3, 4, max_prompt=20, max_completion=12)
     batch = _pack(packing.pack_unpaired, prompts, ys, groups=2)

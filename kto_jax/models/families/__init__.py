@@ -8,11 +8,13 @@ a row in tests/models/hf_tiny_models.py and in docs/models.md (docs/models.md sa
 from __future__ import annotations
 
 from kto_jax.errors import UserError
-from kto_jax.models.families import llama, ministral, mistral, qwen2, qwen3
+from kto_jax.models.families import (
+    gemma2, gemma3, gemma3_multimodal, llama, ministral, mistral, qwen2, qwen3)
 from kto_jax.models.family import Family
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    llama.FAMILY, mistral.FAMILY, ministral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+    llama.FAMILY, mistral.FAMILY, ministral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma2.FAMILY,
+    gemma3.FAMILY, gemma3_multimodal.FAMILY)}
 
 
 def family_of(architecture: str) -> Family:
