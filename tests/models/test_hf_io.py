@@ -105,6 +105,65 @@ def test_tokenizer_is_saved_alongside_and_reloads(checkpoints, tmp_path):
     assert (reloaded.pad_token_id, reloaded.eos_token_id) == (0, 2)
 
 
+# ---- the multimodal checkpoint: its language model trained, the rest carried through ----
+
+LEGACY = {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+          "model.multi_modal_projector.": "multi_modal_projector."}
+
+
+def _legacy_copy(path, tmp_path):
+    """The tiny multimodal checkpoint in the hub checkpoints' older tensor names, its vision
+    tower stored in bfloat16 (a dtype the language model's export does not use)."""
+    import ml_dtypes
+    dst = tmp_path / "legacy"
+    dst.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), dst / "config.json")
+    tensors = {}
+    for name, value in load_file(os.path.join(path, "model.safetensors")).items():
+        new = next((old + name[len(p):] for p, old in LEGACY.items() if name.startswith(p)), name)
+        tensors[new] = value.astype(ml_dtypes.bfloat16) if "vision_tower" in name else value
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst, tensors
+
+
+def test_multimodal_legacy_names_load_and_export_in_their_own_spelling(checkpoints, batch, tmp_path):
+    hf_model, path = checkpoints["gemma3_multimodal"]
+    legacy, stored = _legacy_copy(path, tmp_path)
+    ids, mask, pos = batch
+    model, config = from_pretrained(str(legacy))
+    assert config.untrained_from == str(legacy) and os.path.isabs(config.untrained_from)
+    np.testing.assert_array_equal(model(ids, pos, mask), from_pretrained(path)[0](ids, pos, mask))
+    out = tmp_path / "export"
+    save_pretrained(model, str(out), max_shard_bytes=60_000)
+    index = json.load(open(out / "model.safetensors.index.json"))["weight_map"]
+    assert set(index) == set(stored)  # every tensor, in the source's spelling
+    for name, want in stored.items():
+        got = load_file(str(out / index[name]))[name]
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+    written = json.load(open(out / "config.json"))
+    assert written["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert written["vision_config"]["hidden_size"] == 32 and "kto_jax_untrained_tensors_from" not in written
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    want, got = hf_model.state_dict(), reloaded.state_dict()
+    for key in want:  # the language model exactly; the vision tower as stored (bfloat16)
+        expected = want[key].to(torch.bfloat16).float() if "vision_tower" in key else want[key]
+        assert torch.equal(got[key], expected), key
+
+
+def test_multimodal_export_names_a_missing_source(checkpoints, tmp_path):
+    d = _copy(checkpoints["gemma3_multimodal"][1], tmp_path)
+    model, config = from_pretrained(str(d))
+    assert config.to_hf()["kto_jax_untrained_tensors_from"] == str(d)  # a run's WORKDIR/model keeps it
+    shutil.rmtree(d)
+    with pytest.raises(UserError, match="untrained tensors.*no longer exists"):
+        save_pretrained(model, str(tmp_path / "out"))
+    model.config = config.replace(untrained_from=None)
+    with pytest.raises(UserError, match="names none"):
+        save_pretrained(model, str(tmp_path / "out"))
+
+
 # ---- errors ----
 
 def _copy(path, tmp_path):
