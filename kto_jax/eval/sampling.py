@@ -3,7 +3,8 @@
 One jitted program per (batch, prompt length, sampling settings):
   1. prefill: the left-padded prompt batch [B, P] goes through the model in ONE
      forward (`Transformer.cached_hidden_states` at cache index 0), which writes its
-     keys/values into a static-size cache of S = P + max_new_tokens slots;
+     keys/values into a static-size cache of S = P + max_new_tokens slots (a
+     sliding-window layer with W < S keeps a ring of its last W: kto_jax/models/kv_cache.py);
   2. decode: a `lax.while_loop`, one token per iteration for every row, until
      max_new_tokens or every row has emitted an end-of-sequence token.
 Rows are independent: a row that has stopped keeps emitting `pad_id`.
@@ -38,7 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.data.tokenize import prefix_ids
 from kto_jax.errors import UserError
-from kto_jax.models.transformer import KVCache, Transformer, init_kv_cache, positions_from_mask
+from kto_jax.models.kv_cache import KV_AXES, MASK_AXES, KVCache, init_kv_cache
+from kto_jax.models.transformer import Transformer, positions_from_mask
 from kto_jax.sharding import activation_sharding, batch_shards, logical_to_mesh, single_device_mesh
 
 Array = jax.Array
@@ -120,7 +122,7 @@ def _next_logits(model: Transformer, hidden: Array) -> Array:
 
 def decode(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: Array,
            key: Array, *, settings: SamplingSettings, eos_ids: tuple[int, ...], pad_id: int,
-           cache_sharding: NamedSharding | None = None,
+           cache_sharding: KVCache | None = None,
            model_of: Callable[[Any, Any], Transformer] = nnx.merge) -> tuple[Array, Array]:
     """Prefill then a while-loop decode; pure, so it jits as is.
 
@@ -140,9 +142,9 @@ def decode(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_mask: 
     model = model_of(graphdef, params)
     batch, prompt_len = prompt_ids.shape
     n = settings.max_new_tokens
-    cache = init_kv_cache(model.config, batch, prompt_len + n)
+    cache = init_kv_cache(model.config, batch, prompt_len + n)  # sliding layers: a ring of W slots
     if cache_sharding is not None:
-        cache = KVCache(*(jax.lax.with_sharding_constraint(x, s) for x, s in zip(cache, cache_sharding)))
+        cache = jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_sharding)
     hidden, cache = model.cached_hidden_states(prompt_ids, positions_from_mask(prompt_mask),
                                                prompt_mask, cache, jnp.int32(0))
     next_position = prompt_mask.astype(jnp.int32).sum(-1)          # [B] position of new token 0
@@ -280,9 +282,9 @@ class Sampler:
         if key not in self._decoders:
             c, b = self.config, self.batch_size
             slots = prompt_len + settings.max_new_tokens
-            kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-            kv = self._sharding(kv_axes, (c.num_layers, b, slots, c.num_kv_heads, c.head_dim))
-            cache = KVCache(kv, kv, self._sharding(("batch", "length"), (b, slots)))
+            shapes = jax.eval_shape(functools.partial(init_kv_cache, c, b, slots))
+            cache = jax.tree.map(lambda x: self._sharding(KV_AXES if x.ndim == 5 else MASK_AXES, x.shape),
+                                 shapes)
             rows = self._sharding(("batch", "length"), (b, prompt_len))
             fn = functools.partial(decode, self.graphdef, settings=settings, eos_ids=self.eos_ids,
                                    pad_id=self.pad_id, cache_sharding=cache,

@@ -5,8 +5,8 @@ the backend) and returns the attention heads; the layer scan calls it once per l
 kind (kto_jax/models/transformer.py), so a window is always a Python number here and
 each kernel (XLA, cuDNN, the Pallas splash kernel) gets it as it needs it.
 Row layouts: full rows (causal only), padded rows (a [B, 1, T, T] key mask), packed
-rows (a `PackedLayout`, kto_jax/models/packed_attention.py) and the KV cache of
-generation (a [B, 1, T, S] mask over the cache slots, `cached_attention_mask`).
+rows (a `PackedLayout`, kto_jax/models/packed_attention.py); the KV cache of generation
+has its masks in kto_jax/models/kv_cache.py.
 
 Soft-capped attention logits (Gemma 2: c * tanh(s / c) before the mask and softmax):
 the splash kernel takes the cap itself; `jax.nn.dot_product_attention` has no such
@@ -79,21 +79,6 @@ def causal_mask(t: int, window: int | None) -> Array:
     if window:
         visible &= key > query - window
     return visible[None, None]
-
-
-def cached_attention_mask(kv_mask: Array, index: Array, num_new: int,
-                          sliding_window: int | None) -> Array:
-    """bool [B, 1, T, S]: the new token at slot index + t sees slot s iff s <= index + t
-    and s holds a real token (or s is the query itself, so padded queries see something),
-    and, with a sliding window W, s > index + t - W.
-    """
-    query = index + jnp.arange(num_new)[:, None]          # [T, 1] slot of each new token
-    key = jnp.arange(kv_mask.shape[1])[None, :]           # [1, S]
-    causal = key <= query
-    if sliding_window:
-        causal &= key > query - sliding_window
-    visible = kv_mask[:, None, None, :] | (key == query)[None, None]
-    return visible & causal[None, None]
 
 
 def resolve_attention_impl(name: str | None, q: Array, mask: Array | None = None) -> str | None:

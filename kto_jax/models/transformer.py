@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kto_jax.models.attention import (  # noqa: F401  (resolve_attention_impl: re-exported)
-    attend, attention_mask_4d, cached_attention_mask, masked_attention, resolve_attention_impl)
+    attend, attention_mask_4d, masked_attention, resolve_attention_impl)
+from kto_jax.models.kv_cache import (  # noqa: F401  (KVCache, init_kv_cache: re-exported)
+    CacheLayout, KVCache, cache_layout, cached_attention_mask, init_kv_cache, ring_attention_mask,
+    write_kv_cache, write_ring)
 from kto_jax.models.config import LayerKind, ModelConfig
 from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported)
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
@@ -234,11 +237,13 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden_states(input_ids, positions, attention_mask))
 
     def cached_hidden_states(self, input_ids: Array, positions: Array, new_mask: Array,
-                             cache: "KVCache", index: Array) -> tuple[Array, "KVCache"]:
+                             cache: KVCache, index: Array) -> tuple[Array, KVCache]:
         """Final-norm hidden states of T new tokens written at cache slots [index, index + T).
 
         The generation path (kto_jax.eval.sampling): the same layers as `hidden_states`,
-        attending to everything already in `cache` plus the new tokens, causally.
+        attending to everything already in `cache` plus the new tokens, causally; a
+        sliding layer whose window is shorter than the cache keeps a ring of its last W
+        slots (kto_jax/models/kv_cache.py).
 
         Args:
           input_ids: int32 [B, T] new tokens (a left-padded prompt at index 0, then one
@@ -253,36 +258,57 @@ class Transformer(nnx.Module):
         cfg = self.config
         h = self.embed(input_ids)
         ropes = rope_tables(positions, cfg)
+        t = input_ids.shape[1]
         kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_mask.astype(bool), index, axis=1)
+        layout = cache_layout(cfg, cache.mask.shape[1])
         kinds, kind_ids = cfg.layer_kinds()
-        masks = {kind.window: cached_attention_mask(kv_mask, index, input_ids.shape[1], kind.window)
-                 for kind in kinds}                                            # [B, 1, T, S] each
-        scale = cfg.attention_scale
+        masks = {kind.window: (ring_attention_mask(kv_mask, index, t, kind.window) if _in_ring(kind, layout)
+                               else cached_attention_mask(kv_mask, index, t, kind.window))
+                 for kind in kinds}                                  # [B, 1, T, S] or [B, 1, T, W + T]
 
-        def attend_cache(kind: LayerKind, q: Array, keys: Array, values: Array) -> Array:
+        def attend_cache(kind: LayerKind, q: Array, k: Array, v: Array, stacks, gi: Array, ri: Array):
+            k_all, v_all, ring_k, ring_v = stacks
+            if _in_ring(kind, layout):  # the ring as it was, then the new tokens
+                keys = jnp.concatenate([_layer(ring_k, ri), k.astype(ring_k.dtype)], axis=1)
+                values = jnp.concatenate([_layer(ring_v, ri), v.astype(ring_v.dtype)], axis=1)
+            else:                       # every slot (the new tokens written already)
+                keys, values = _layer(k_all, gi), _layer(v_all, gi)
             # jax's choice of backend: cuDNN flash attention rejects one-token queries and arbitrary masks
-            return masked_attention(q, keys, values, masks[kind.window], scale=scale,
-                                    softcap=cfg.attn_logit_softcap)
+            return masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), masks[kind.window],
+                                    scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
 
         def layer(carry, xs):
-            h, k_all, v_all = carry
-            p, i, kind = xs
+            h, stacks = carry
+            p, gi, ri, kind = xs
 
             def attention(p, x):
+                k_all, v_all, ring_k, ring_v = stacks
                 q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
                 q, k, v = by_kind(kind, kinds, functools.partial(rotate, ropes=ropes), q, k, v)
-                k_new, v_new = write_kv_cache(k_all, v_all, k, v, i, index)
-                keys = jax.lax.dynamic_index_in_dim(k_new, i, axis=0, keepdims=False).astype(q.dtype)
-                values = jax.lax.dynamic_index_in_dim(v_new, i, axis=0, keepdims=False).astype(q.dtype)
-                return project_out(p, by_kind(kind, kinds, attend_cache, q, keys, values)), (k_new, v_new)
+                if k_all is not None:  # global layers (and the scratch layer for ring layers)
+                    k_all, v_all = write_kv_cache(k_all, v_all, k, v, gi, index)
+                out = by_kind(kind, kinds, attend_cache, q, k, v, (k_all, v_all, ring_k, ring_v), gi, ri)
+                if ring_k is not None:  # ring layers (and the scratch layer for global layers)
+                    ring_k, ring_v = write_ring(ring_k, ring_v, k, v, ri, index)
+                return project_out(p, out), (k_all, v_all, ring_k, ring_v)
 
-            h, (k_all, v_all) = decoder_layer(p, h, attention, cfg)
-            return (h, k_all, v_all), None
+            return decoder_layer(p, h, attention, cfg), None
 
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        xs = (self.layer_arrays(), layers, scanned_kinds(kinds, kind_ids))
-        (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), xs)
-        return cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps), KVCache(k_all, v_all, kv_mask)
+        xs = (self.layer_arrays(), jnp.asarray(layout.global_index, jnp.int32),
+              jnp.asarray(layout.ring_index, jnp.int32), scanned_kinds(kinds, kind_ids))
+        stacks = (cache.k, cache.v, cache.ring_k, cache.ring_v)
+        (h, (k_all, v_all, ring_k, ring_v)), _ = jax.lax.scan(layer, (h, stacks), xs)
+        hidden = cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps)
+        return hidden, KVCache(k_all, v_all, kv_mask, ring_k, ring_v)
+
+
+def _in_ring(kind: LayerKind, layout: CacheLayout) -> bool:
+    """Whether layers of this kind keep their keys in the cache's ring (window shorter than S)."""
+    return layout.window is not None and kind.window == layout.window
+
+
+def _layer(stack: Array, i: Array) -> Array:
+    return jax.lax.dynamic_index_in_dim(stack, i, axis=0, keepdims=False)
 
 
 def abstract_model(config: ModelConfig) -> Transformer:
@@ -337,36 +363,6 @@ def by_kind(kind: Array | None, kinds: tuple[LayerKind, ...], fn: Callable, *arg
     if kind is None:
         return fn(kinds[0], *args)
     return jax.lax.switch(kind, [functools.partial(fn, k) for k in kinds], *args)
-
-
-# ---- KV cache (generation) ----
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer for S slots; slot order is the token order.
-
-    k, v: [L, B, S, K, hd] in the compute dtype (RoPE already applied to k).
-    mask: bool [B, S], True on slots that hold a real token (False: padding or unwritten).
-    """
-    k: Array
-    v: Array
-    mask: Array
-
-
-def init_kv_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
-    """An empty cache of `length` slots for `batch` rows, in the compute dtype."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
-
-
-def write_kv_cache(k_all: Array, v_all: Array, k: Array, v: Array, layer: Array,
-                   index: Array) -> tuple[Array, Array]:
-    """k_all, v_all [L, B, S, K, hd] with layer `layer`'s slots [index, index + T) set to
-    k, v [B, T, K, hd] (in place inside the scan carry)."""
-    start = (layer, 0, index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-    return k_all, v_all
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {

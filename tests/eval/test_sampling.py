@@ -75,6 +75,15 @@ VARIANTS = {
     "mistral_window4": {"architecture": "MistralForCausalLM", "sliding_window": 4},
     "ministral_interleaved": {"architecture": "MinistralForCausalLM", "sliding_window": 4,
                               "layer_types": ("sliding_attention", "full_attention")},
+    # Gemma: window 4 < the 16-slot cache, so the sliding layers decode from a ring of 4 slots
+    # (prompts of 7 tokens are prefilled through it); soft-capped attention and final logits.
+    "gemma2_ring": {"architecture": "Gemma2ForCausalLM", "sliding_window": 4, "query_pre_attn_scalar": 12,
+                    "attn_logit_softcap": 3.0, "final_logit_softcap": 5.0, "tie_word_embeddings": True,
+                    "layer_types": ("sliding_attention", "full_attention")},
+    "gemma3_ring": {"architecture": "Gemma3ForCausalLM", "qk_norm": True, "sliding_window": 4,
+                    "rope_theta": 1e6, "rope_local_theta": 1e4, "tie_word_embeddings": True,
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                    "layer_types": ("sliding_attention", "full_attention")},
 }
 
 
@@ -87,6 +96,19 @@ def test_kv_cache_greedy_equals_full_forward(variant):
     out = sampler.generate_ids(PROMPTS, gen.SamplingSettings(max_new_tokens=N_NEW))
     assert [ids for ids, _ in out] == refs
     assert all(stop is None for _, stop in out)
+
+
+def test_sliding_layers_keep_a_ring_of_their_window():
+    """The cache of a 16-slot decode: global layers keep every slot, sliding layers W = 4
+    (Gemma: one of each here, so each stack has a scratch layer for the other kind)."""
+    from kto_jax.models.kv_cache import init_kv_cache
+    cfg = _model(**VARIANTS["gemma2_ring"]).config
+    cache = init_kv_cache(cfg, 3, BUFFER)
+    assert cache.k.shape == (2, 3, BUFFER, 2, 8) and cache.ring_k.shape == (2, 3, 4, 2, 8)
+    every = init_kv_cache(_model(**VARIANTS["mistral_window4"]).config, 3, BUFFER)
+    assert every.k is None and every.ring_k.shape == (2, 3, 4, 2, 8)  # all sliding: no full slots
+    wide = init_kv_cache(cfg, 3, 4)  # window not shorter than the cache: no ring
+    assert wide.ring_k is None and wide.k.shape == (2, 3, 4, 2, 8)
 
 
 def test_eos_stops_each_row_and_pads_after_it():
