@@ -12,8 +12,9 @@ rewards/undesirable, rewards/margins and the reward accuracy:
     its label's side of the microbatch's reference point z0 (kto_jax.losses.kto).
 
 Losses without a reference model or with a value head (sft, csft, ppo_offline)
-have no implied reward of this form; their runs are scored with the `kto` loss's
-statistics (same beta), and the result says so ('reward_loss').
+have no implied reward of this form; their runs are scored with the default loss's
+(KTO's) statistics, same beta (`kto_jax.losses.reward_loss`), and the result says so
+('reward_loss').
 """
 
 from __future__ import annotations
@@ -29,13 +30,10 @@ from flax import nnx
 
 from kto_jax.data import build_datasets
 from kto_jax.losses import add_metrics, summarize_metrics
-from kto_jax.losses.registry import get_loss
+from kto_jax.losses.registry import get_loss, reward_loss
 from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState
 from kto_jax.step.train_step import eval_step
-
-REWARD_LOSS_FALLBACK = "kto"
-
 
 def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
     """The run's config with `data_path` as its eval split (read whole, in file order, as
@@ -50,9 +48,7 @@ def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collect
         c.data.drop_remainder = False
         c.data.num_epochs = 1
         c.loss.auto_weights = False
-        loss = get_loss(c.loss.name)
-        if not loss.uses_reference or loss.uses_value_head:
-            c.loss.name = REWARD_LOSS_FALLBACK
+        c.loss.name = reward_loss(get_loss(c.loss.name)).name
     return c
 
 

@@ -7,7 +7,8 @@ pairs. The shared pieces are plain functions: the reference point z0
 (`reference_point`) and the value functions (`v_kto`, `v_concave`, `v_linear`);
 `kto_family_loss` combines a reward, a reference point and a value function, and
 each named loss (`kto_loss`, `kto_no_z0_loss`, ...) is one such combination
-(Tables 2 and 5 of the paper).
+(Tables 2 and 5 of the paper); the three with the microbatch z0 are one function,
+`kto_value_loss`, given the value function (`LOGISTIC`, `CONCAVE`, `LINEAR`).
 
 With u = beta (r - z0) for a desirable y and u = beta (z0 - r) for an undesirable
 one, an example costs lambda_y (ceiling - v(u)) * weight, where ceiling = sup v
@@ -16,7 +17,9 @@ for the concave and linear values). The loss is the sum of costs over valid
 examples divided by the number of valid examples (the authors' code and TRL).
 """
 
-from typing import Callable, Optional
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -125,24 +128,76 @@ def kto_family_loss(r: Array, z0: Array, desirable: Array, *, value_fn: ValueFn,
     return loss, metrics
 
 
-def kto_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
-             reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             mask: Optional[Array] = None, weight: Optional[Array] = None,
-             kl_mask: Optional[Array] = None,
-             dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
-    """The default KTO loss, eq. 8, with the microbatch estimate of z0 (section 4.1).
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """A value function v of the KTO family and its supremum: an example costs
+    lambda_y (ceiling - v(u_y)) (Table 2 of the paper)."""
+    fn: ValueFn
+    ceiling: float
 
-    desirable: lambda_D (1 - sigma(beta (r - z0))); undesirable: lambda_U (1 - sigma(beta (z0 - r))),
-    r = policy_logps - reference_logps, z0 = `reference_point` over `kl_mask` (default `mask`).
-    `weight` scales each example's cost (scored data); `dynamic_desirable_weight` > 0
-    enables the section 4.2 dynamic lambda_D (see `_example_costs`).
+
+LOGISTIC = Value(v_kto, 1.0)      # KTO, eq. 8: cost lambda_y (1 - sigma(u_y))
+CONCAVE = Value(v_concave, 0.0)   # Table 2 'concave': cost lambda_y * -log sigma(u_y)
+LINEAR = Value(v_linear, 0.0)     # Table 2 'risk-neutral': cost -lambda_y u_y (unbounded)
+
+# additive count of microbatches with real rows but no KL pair (one real row): their z0 is 0
+KL_UNPAIRED = "count/kl_unpaired_microbatches"
+
+
+def kl_unpaired_microbatch(kl_mask: Array, n: Array) -> Array:
+    """1.0 when a microbatch has valid rows but no valid KL pair (z0 falls back to 0), else 0.0.
+
+    A microbatch with one real row has no mismatched completion to pair it with; the
+    trainer warns once when a logged window counts any (`z0_warning`).
     """
-    return _kto_with_value(v_kto, 1.0, policy_logps, reference_logps, policy_kl_logps,
-                           reference_kl_logps, desirable, beta=beta,
-                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                           mask=mask, weight=weight, kl_mask=kl_mask,
-                           dynamic_desirable_weight=dynamic_desirable_weight)
+    return ((n > 0) & (jnp.sum(f32(kl_mask)) == 0)).astype(jnp.float32)
+
+
+def z0_warning(record: Mapping[str, Any]) -> str | None:
+    """The warning for a logged window whose microbatches include one without KL pairs
+    (the losses that estimate z0 report it: `HaloLoss.window_warnings`)."""
+    count = record.get(KL_UNPAIRED) or 0
+    if count <= 0:
+        return None
+    return (f"warning: {int(count)} microbatch(es) had a single real row, so no mismatched pair "
+            "(x_i, y_j) to estimate z0 from: their z0 is 0 (section 4.1 needs >= 2 real rows). "
+            "It happens in an epoch's last partial batch when it has fewer real rows than "
+            "microbatches; --config.data.drop_remainder=True skips that batch. (Warned once.)")
+
+
+def kto_value_loss(value: Value, policy_logps: Array, reference_logps: Array,
+                   policy_kl_logps: Array, reference_kl_logps: Array, desirable: Array, *,
+                   beta: float = 0.1, desirable_weight: float = 1.0,
+                   undesirable_weight: float = 1.0, mask: Optional[Array] = None,
+                   weight: Optional[Array] = None, kl_mask: Optional[Array] = None,
+                   dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
+    """The KTO loss with value function `value` and the microbatch estimate of z0 (section 4.1).
+
+    desirable: lambda_D (ceiling - v(beta (r - z0))); undesirable: lambda_U (ceiling - v(beta (z0 - r))),
+    r = policy_logps - reference_logps, z0 = `reference_point` over `kl_mask` (default `mask`).
+    With `LOGISTIC` this is eq. 8: lambda_D (1 - sigma(beta (r - z0))) and
+    lambda_U (1 - sigma(beta (z0 - r))). `weight` scales each example's cost (scored data);
+    `dynamic_desirable_weight` > 0 enables the section 4.2 dynamic lambda_D (see
+    `_example_costs`). `kto_loss`, `kto_concave_loss` and `kto_risk_neutral_loss` are this
+    function with `LOGISTIC`, `CONCAVE` and `LINEAR`.
+    """
+    kl_mask = mask if kl_mask is None else kl_mask
+    unclamped = kl_estimate(policy_kl_logps, reference_kl_logps, kl_mask)
+    r = f32(policy_logps) - f32(reference_logps)
+    loss, metrics = kto_family_loss(r, jnp.maximum(unclamped, 0.0), desirable, value_fn=value.fn,
+                                    ceiling=value.ceiling, beta=beta,
+                                    desirable_weight=desirable_weight,
+                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
+                                    dynamic_desirable_weight=dynamic_desirable_weight,
+                                    policy_logps=policy_logps)
+    metrics["kl/unclamped_sum"] = unclamped * metrics["num_examples"]
+    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(as_mask(kl_mask, r), metrics["num_examples"])
+    return loss, metrics
+
+
+kto_loss = functools.partial(kto_value_loss, LOGISTIC)                # eq. 8, the default KTO
+kto_concave_loss = functools.partial(kto_value_loss, CONCAVE)         # Table 2 'concave'
+kto_risk_neutral_loss = functools.partial(kto_value_loss, LINEAR)     # Table 2 'risk-neutral'
 
 
 def kto_no_z0_loss(policy_logps: Array, reference_logps: Array, desirable: Array, *,
@@ -170,64 +225,6 @@ def apo_zero_unpaired_loss(policy_logps: Array, reference_logps: Array, desirabl
     return kto_no_z0_loss(policy_logps, reference_logps, desirable, beta=beta,
                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                           mask=mask, weight=weight)
-
-
-# additive count of microbatches with real rows but no KL pair (one real row): their z0 is 0
-KL_UNPAIRED = "count/kl_unpaired_microbatches"
-
-
-def kl_unpaired_microbatch(kl_mask: Array, n: Array) -> Array:
-    """1.0 when a microbatch has valid rows but no valid KL pair (z0 falls back to 0), else 0.0.
-
-    A microbatch with one real row has no mismatched completion to pair it with; the
-    trainer warns once when a logged window counts any (kto_jax/train/loop.py).
-    """
-    return ((n > 0) & (jnp.sum(f32(kl_mask)) == 0)).astype(jnp.float32)
-
-
-def _kto_with_value(value_fn: ValueFn, ceiling: float, policy_logps, reference_logps,
-                    policy_kl_logps, reference_kl_logps, desirable, *, beta, desirable_weight,
-                    undesirable_weight, mask, weight, kl_mask,
-                    dynamic_desirable_weight) -> tuple[Array, dict]:
-    kl_mask = mask if kl_mask is None else kl_mask
-    unclamped = kl_estimate(policy_kl_logps, reference_kl_logps, kl_mask)
-    r = f32(policy_logps) - f32(reference_logps)
-    loss, metrics = kto_family_loss(r, jnp.maximum(unclamped, 0.0), desirable, value_fn=value_fn,
-                                    ceiling=ceiling, beta=beta, desirable_weight=desirable_weight,
-                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
-                                    dynamic_desirable_weight=dynamic_desirable_weight,
-                                    policy_logps=policy_logps)
-    metrics["kl/unclamped_sum"] = unclamped * metrics["num_examples"]
-    metrics[KL_UNPAIRED] = kl_unpaired_microbatch(as_mask(kl_mask, r), metrics["num_examples"])
-    return loss, metrics
-
-
-def kto_concave_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
-                     reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
-                     desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                     mask: Optional[Array] = None, weight: Optional[Array] = None,
-                     kl_mask: Optional[Array] = None,
-                     dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
-    """KTO with v = log sigma (Table 2 'concave'): cost lambda_y * -log sigma(u_y)."""
-    return _kto_with_value(v_concave, 0.0, policy_logps, reference_logps, policy_kl_logps,
-                           reference_kl_logps, desirable, beta=beta,
-                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                           mask=mask, weight=weight, kl_mask=kl_mask,
-                           dynamic_desirable_weight=dynamic_desirable_weight)
-
-
-def kto_risk_neutral_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array,
-                          reference_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
-                          desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                          mask: Optional[Array] = None, weight: Optional[Array] = None,
-                          kl_mask: Optional[Array] = None,
-                          dynamic_desirable_weight: float = 0.0) -> tuple[Array, dict]:
-    """KTO with the identity value (Table 2 'risk-neutral'): cost -lambda_y u_y (unbounded)."""
-    return _kto_with_value(v_linear, 0.0, policy_logps, reference_logps, policy_kl_logps,
-                           reference_kl_logps, desirable, beta=beta,
-                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                           mask=mask, weight=weight, kl_mask=kl_mask,
-                           dynamic_desirable_weight=dynamic_desirable_weight)
 
 
 def kto_reference_free_loss(policy_logps: Array, policy_kl_logps: Array, desirable: Array, *,
@@ -302,13 +299,13 @@ def humanline_loss(policy_token_logps: Array, reference_token_logps: Array, comp
     r_kl, _ = clamped_log_ratios(policy_kl_token_logps, reference_kl_token_logps,
                                  kl_completion_mask, log_eps_p, log_eps_r)
     policy_logps = jnp.sum(zero_masked(f32(policy_token_logps), f32(completion_mask)), axis=-1)
-    loss, metrics = _kto_with_value(v_kto, 1.0, r, jnp.zeros_like(r), r_kl, jnp.zeros_like(r_kl),
-                                    desirable, beta=beta, desirable_weight=desirable_weight,
-                                    undesirable_weight=undesirable_weight, mask=mask, weight=weight,
-                                    kl_mask=kl_mask,
-                                    dynamic_desirable_weight=dynamic_desirable_weight)
+    loss, metrics = kto_value_loss(LOGISTIC, r, jnp.zeros_like(r), r_kl, jnp.zeros_like(r_kl),
+                                   desirable, beta=beta, desirable_weight=desirable_weight,
+                                   undesirable_weight=undesirable_weight, mask=mask, weight=weight,
+                                   kl_mask=kl_mask,
+                                   dynamic_desirable_weight=dynamic_desirable_weight)
     m = as_mask(mask, r)
-    # `_kto_with_value` took r as the policy log-probs: log the real ones
+    # `kto_value_loss` took r as the policy log-probs: log the real ones
     d_mask, u_mask = m * jnp.asarray(desirable).astype(bool), m * ~jnp.asarray(desirable).astype(bool)
     metrics["logps/desirable_sum"] = jax.lax.stop_gradient(masked_sum(policy_logps, d_mask))
     metrics["logps/undesirable_sum"] = jax.lax.stop_gradient(masked_sum(policy_logps, u_mask))

@@ -13,9 +13,11 @@ A `HaloLoss` says what the step must compute and how to call the loss:
                      microbatch, for the policy (stop_gradient on params) and the reference.
   uses_token_logps   the step provides per-token log-probs [M, C] (offline PPO, humanline;
                      humanline also reads those of the KL pairs).
-  uses_value_head    the train state holds value-head params (`init_value_head`) and the
-                     step provides `values` [M, C] from `value_head_apply` on the policy's
-                     final hidden states (offline PPO).
+  value_head         None, or a `ValueHead`: the train state holds its params
+                     (`value_head.init(key, hidden_size)`, trained with the policy by one
+                     optimizer) and the step provides `values` [M, C] =
+                     `value_head.apply(params, hidden)` on the policy's final hidden states
+                     (offline PPO's critic). `uses_value_head` says whether there is one.
   uses_lambda_weights  the loss weighs desirable / undesirable examples by lambda_D /
                      lambda_U (eq. 8), so eq. 9's advice and loss.auto_weights apply to it.
   stat_keys          the keys of `stats` this loss reads (a subset of the lists below).
@@ -30,8 +32,19 @@ A `HaloLoss` says what the step must compute and how to call the loss:
   reference_sync     None, or the (sync_every, sync_alpha) the loss trains with when
                      config.reference.sync_every is 0 (`humanline`: (1, 1.0), HALOs' copy
                      of the policy into the reference at every step).
+  window_warnings    functions of a logged window's summarised metrics -> a warning line or
+                     None; the trainer logs the first warning once per run (the losses with
+                     z0 warn about microbatches without KL pairs: `kto.z0_warning`).
 
-`loss(stats, hparams) -> (loss, metrics)` with `hparams = config.loss` (ConfigDict)
+Adding a loss: its module (pure functions on arrays, returning (loss, additive metrics)),
+one entry in `_LOSS_LIST` below (an adapter from `stats` and `hparams` to it, and what it
+needs), its hyperparameters with their defaults in configs/base.py (`config.loss.*`),
+its tests (tests/losses/) and its section in docs/losses.md. Nothing outside losses/
+names a loss: the step, the trainer and the runtime ask the `HaloLoss` (the fields
+above) what to compute, keep and warn about.
+
+`loss(stats, hparams) -> (loss, metrics)` with `hparams` the run's config.loss (a mapping
+read by attribute, `hparams.beta`; the step passes `StepSettings.hparams`)
 and `stats` a dict of arrays for ONE microbatch (shape [M] unless noted), float32
 log-probs summed over completion tokens:
 
@@ -72,7 +85,6 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import ml_collections
 
 from kto_jax.errors import UserError
 from kto_jax.losses import bco, kto, ppo, preference, sft
@@ -80,8 +92,24 @@ from kto_jax.losses.common import microbatch_means
 
 Array = jax.Array
 Stats = Mapping[str, Array]
-LossFn = Callable[[Stats, ml_collections.ConfigDict], tuple[Array, dict]]
+Hparams = Any   # config.loss as a mapping read by attribute (`LossHparams`)
+LossFn = Callable[[Stats, Hparams], tuple[Array, dict]]
 StateUpdate = Callable[[Mapping[str, Array], Mapping[str, Array]], dict]
+WindowWarning = Callable[[Mapping[str, Any]], Optional[str]]
+DEFAULT_LOSS = "kto"   # configs/base.py's loss.name, and the scorer of implied rewards (`reward_loss`)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ValueHead:
+    """A head the loss trains beside the policy on its detached final hidden states.
+
+    init(key, hidden_size) -> params; apply(params, hidden [..., T, H]) -> values [..., T].
+    `beside_lora`: it can be trained in full next to LoRA adapters (it is not a base weight).
+    """
+    init: Callable[[Array, int], Any]
+    apply: Callable[[Any, Array], Array]
+    name: str = "value_head"
+    beside_lora: bool = True
 
 UNPAIRED_SEQ = ("policy_logps", "reference_logps", "desirable", "weight", "valid")
 KL_KEYS = ("policy_kl_logps", "reference_kl_logps")
@@ -101,13 +129,22 @@ class HaloLoss:
     uses_kl: bool
     stat_keys: tuple[str, ...]
     uses_token_logps: bool = False
-    uses_value_head: bool = False
+    value_head: Optional[ValueHead] = None
     uses_lambda_weights: bool = False
     loss_state: Optional[tuple[tuple[str, Any], ...]] = None
     update_loss_state: Optional[StateUpdate] = None
     reference_sync: Optional[tuple[int, float]] = None
+    window_warnings: tuple[WindowWarning, ...] = ()
 
-    def __call__(self, stats: Stats, hparams: ml_collections.ConfigDict) -> tuple[Array, dict]:
+    @property
+    def uses_value_head(self) -> bool:
+        return self.value_head is not None
+
+    def window_warning(self, record: Mapping[str, Any]) -> Optional[str]:
+        """The first of `window_warnings` that has something to say about a logged window."""
+        return next((w for w in (f(record) for f in self.window_warnings) if w), None)
+
+    def __call__(self, stats: Stats, hparams: Hparams) -> tuple[Array, dict]:
         missing = [k for k in self.stat_keys + tuple(k for k, _ in self.loss_state or ()) if k not in stats]
         if missing:
             raise KeyError(f"loss {self.name!r} needs stats {missing}; got {sorted(stats)}")
@@ -129,10 +166,12 @@ def _kto_kwargs(s: Stats, h) -> dict:
                 dynamic_desirable_weight=h.get("dynamic_desirable_weight", 0.0))
 
 
-def _kto_with_kl(fn):
+def _kto_value(value: kto.Value):
+    """The registry adapter of `kto.kto_value_loss` with value function `value`."""
     def call(s: Stats, h) -> tuple[Array, dict]:
-        return fn(s["policy_logps"], s["reference_logps"], s["policy_kl_logps"],
-                  s["reference_kl_logps"], s["desirable"], kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
+        return kto.kto_value_loss(value, s["policy_logps"], s["reference_logps"],
+                                  s["policy_kl_logps"], s["reference_kl_logps"], s["desirable"],
+                                  kl_mask=_kl_mask(s), **_kto_kwargs(s, h))
     return call
 
 
@@ -235,9 +274,11 @@ _PPO_KEYS = ("policy_token_logps", "reference_token_logps", "completion_mask", "
 
 def _kto_family(name: str, fn: LossFn, *, uses_reference: bool = True, uses_kl: bool = True,
                 stat_keys: tuple[str, ...] = UNPAIRED_SEQ + KL_KEYS) -> HaloLoss:
-    """An unpaired loss weighing its classes by lambda_D / lambda_U (`_kto_kwargs`)."""
+    """An unpaired loss weighing its classes by lambda_D / lambda_U (`_kto_kwargs`); with
+    the KL pairs it estimates z0 and warns about microbatches that have none."""
     return HaloLoss(name=name, fn=fn, paired=False, uses_reference=uses_reference,
-                    uses_kl=uses_kl, stat_keys=stat_keys, uses_lambda_weights=True)
+                    uses_kl=uses_kl, stat_keys=stat_keys, uses_lambda_weights=True,
+                    window_warnings=(kto.z0_warning,) if uses_kl else ())
 
 
 def _paired(name: str, fn: LossFn, *, uses_reference: bool, stat_keys: tuple[str, ...]) -> HaloLoss:
@@ -246,16 +287,16 @@ def _paired(name: str, fn: LossFn, *, uses_reference: bool, stat_keys: tuple[str
 
 
 _LOSS_LIST = (
-    _kto_family("kto", _kto_with_kl(kto.kto_loss)),
+    _kto_family("kto", _kto_value(kto.LOGISTIC)),
     _kto_family("kto_no_z0", _kto_no_z0, uses_kl=False, stat_keys=UNPAIRED_SEQ),
-    _kto_family("kto_concave", _kto_with_kl(kto.kto_concave_loss)),
-    _kto_family("kto_risk_neutral", _kto_with_kl(kto.kto_risk_neutral_loss)),
+    _kto_family("kto_concave", _kto_value(kto.CONCAVE)),
+    _kto_family("kto_risk_neutral", _kto_value(kto.LINEAR)),
     _kto_family("kto_reference_free", _kto_reference_free, uses_reference=False,
                 stat_keys=("policy_logps", "policy_kl_logps", "desirable", "weight", "valid")),
     _kto_family("apo_zero_unpaired", _apo_zero_unpaired, uses_kl=False, stat_keys=UNPAIRED_SEQ),
     HaloLoss(name="humanline", fn=_humanline, paired=False, uses_reference=True, uses_kl=True,
              stat_keys=_HUMANLINE_KEYS, uses_token_logps=True, uses_lambda_weights=True,
-             reference_sync=(1, 1.0)),
+             reference_sync=(1, 1.0), window_warnings=(kto.z0_warning,)),
     HaloLoss(name="bco", fn=_bco, paired=False, uses_reference=True, uses_kl=False,
              stat_keys=UNPAIRED_SEQ, loss_state=bco.BCO_STATE,
              update_loss_state=bco.update_bco_state),
@@ -275,7 +316,8 @@ _LOSS_LIST = (
     HaloLoss(name="csft", fn=_csft, paired=False, uses_reference=False, uses_kl=False,
              stat_keys=_SFT_KEYS),
     HaloLoss(name="ppo_offline", fn=_ppo_offline, paired=False, uses_reference=True, uses_kl=False,
-             stat_keys=_PPO_KEYS, uses_token_logps=True, uses_value_head=True),
+             stat_keys=_PPO_KEYS, uses_token_logps=True,
+             value_head=ValueHead(init=ppo.init_value_head, apply=ppo.value_head_apply)),
 )
 _LOSSES = {loss.name: loss for loss in _LOSS_LIST}
 
@@ -287,3 +329,12 @@ def get_loss(name: str) -> HaloLoss:
     if name not in _LOSSES:
         raise UserError(f"unknown loss {name!r} in --config.loss.name; choose one of: {', '.join(LOSS_NAMES)}")
     return _LOSSES[name]
+
+
+def reward_loss(loss: HaloLoss) -> HaloLoss:
+    """The loss whose statistics score `loss`'s runs' implied rewards (`kto-jax eval`): itself
+    when it compares the policy with a reference and has no value head; otherwise
+    DEFAULT_LOSS (KTO's statistics, which every reference-free or value-head run lacks)."""
+    if loss.uses_reference and not loss.uses_value_head:
+        return loss
+    return _LOSSES[DEFAULT_LOSS]

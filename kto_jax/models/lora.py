@@ -57,9 +57,6 @@ TARGET_MODULES = tuple(TARGET_IN_AXES)
 TARGET_HF_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
                    "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
                    "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
-# Loss heads that are not base weights and are trained in full next to the adapters
-# (offline PPO's value head reads stop_gradient(hidden) and is a few MB).
-HEADS_TRAINED_IN_FULL = ("uses_value_head",)
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 DROPOUT_KEY = "lora_dropout_key"
 
@@ -127,14 +124,11 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
         absent = [t for t in lora.target_modules if t not in present]
         if absent:
             raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in {model_config.architecture}")
-    if loss is not None:
-        heads = [f.name for f in dataclasses.fields(loss)
-                 if f.name.startswith("uses_") and f.name.endswith("_head") and getattr(loss, f.name)]
-        blocked = [h for h in heads if h not in HEADS_TRAINED_IN_FULL]
-        if blocked:
-            raise UserError(f"config.lora.rank={lora.rank} with config.loss.name={loss.name!r}: the loss's extra "
-                            f"head(s) ({', '.join(blocked)}) cannot be trained next to LoRA adapters; "
-                            "set --config.lora.rank=0 for this loss")
+    head = getattr(loss, "value_head", None)   # a HaloLoss's extra trained head, if any
+    if head is not None and not head.beside_lora:
+        raise UserError(f"config.lora.rank={lora.rank} with config.loss.name={loss.name!r}: the loss's extra "
+                        f"head ({head.name}) cannot be trained next to LoRA adapters; "
+                        "set --config.lora.rank=0 for this loss")
 
 
 def factor_shapes(model_config: ModelConfig, rank: int, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

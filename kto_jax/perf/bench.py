@@ -56,7 +56,7 @@ from kto_jax.perf import workload
 from kto_jax import sharding as shd
 from kto_jax.config import config_file
 from kto_jax.errors import UserError
-from kto_jax.losses.registry import get_loss
+from kto_jax.losses.registry import DEFAULT_LOSS, get_loss
 from kto_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, preset
 from kto_jax.models.transformer import Transformer, abstract_model
 from kto_jax.step import flops as flops_lib
@@ -93,7 +93,7 @@ class BenchOptions:
     reference: str = "on_the_fly"  # "on_the_fly" | "precomputed"
     attention: str = "auto"        # ModelConfig.attention_impl
     remat: str = "none"            # ModelConfig.remat_policy
-    loss: str = "kto"
+    loss: str = DEFAULT_LOSS         # config.loss.name (any unpaired loss)
     dtype: str = "bfloat16"        # compute dtype
     param_dtype: str = "float32"   # master weights
     reference_dtype: str = "bfloat16"

@@ -6,7 +6,7 @@ TrainState (a pytree):
   step              int32: train_step calls so far (skipped ones included)
   skipped_updates   int32: steps whose update was skipped for a non-finite loss/gradient
   rng               typed PRNG key (no randomness is consumed by the step today)
-  value_head        offline PPO's value-head params (kto_jax.losses.init_value_head), else None
+  value_head        the loss's value-head params (`HaloLoss.value_head`: offline PPO), else None
   reference_params  pi_ref (`reference_copy` of the initial policy in
                     config.reference.param_dtype) when config.reference.source == 'model'
                     and the loss uses a reference, else None. Without reference syncing
@@ -41,7 +41,6 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kto_jax.losses.ppo import init_value_head
 from kto_jax.sharding import logical_to_mesh, named_shardings
 from kto_jax.models import lora as lora_lib
 from kto_jax.step.adapters import LoraGraph, LoraView, initial_reference, lora_config
@@ -95,7 +94,7 @@ def init_train_state(config: ml_collections.ConfigDict, params: Any,
     settings = StepSettings.from_config(config)
     loss = settings.loss
     key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
-    value_head = init_value_head(head_key, hidden_size) if loss.uses_value_head else None
+    value_head = loss.value_head.init(head_key, hidden_size) if loss.uses_value_head else None
     reference, base = None, None
     if isinstance(params, LoraView):  # LoRA: the reference is the base (+ the starting adapter)
         base, params = params.base, params.adapters

@@ -13,7 +13,8 @@ What runs, per microbatch (section 4.1 of the paper; docs/design.md, "The data p
 - the frozen reference on (x, y) and (x, y_kl) in one forward of 2M rows
   (`reference_logps`, which `kto-jax precompute-ref` runs too), unless its
   log-probs are precomputed in the batch or the loss is reference-free;
-- for offline PPO, the value head on the policy's (detached) hidden states.
+- for a loss with a value head (offline PPO), that head on the policy's (detached)
+  hidden states.
 
 Two completions of the same prompts go through one forward by interleaving them
 along M ([M, 2, ...] -> [2M, ...]), which keeps every row on the device that owns
@@ -42,7 +43,6 @@ from kto_jax.batch import (PAIRED_NAMES, PRECOMPUTED_PAIRED_KEYS, UNPAIRED_NAMES
                            kl_pair_valid, kl_partners)
 from kto_jax.errors import UserError
 from kto_jax.models.logprobs import CompletionLogps, completion_logps
-from kto_jax.losses.ppo import value_head_apply
 from kto_jax.losses.registry import HaloLoss
 from kto_jax.models.packed_logprobs import packed_completion_logps
 from kto_jax.step.adapters import model_of
@@ -217,7 +217,7 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
         stats["policy_token_logps"] = pol.token_logps
         stats["completion_mask"] = pol.mask
     if loss.uses_value_head:
-        stats["values"] = value_head_apply(value_head, pol.hidden)  # detached inside
+        stats["values"] = loss.value_head.apply(value_head, pol.hidden)  # detached inside
     return stats
 
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from kto_jax.batch import is_packed
 from kto_jax.losses.common import summarize_metrics
-from kto_jax.losses.kto import KL_UNPAIRED
 from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
 from kto_jax.train import metric_names
@@ -121,17 +120,6 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
                                  meta={"window": window.to_host()}, force=force)
 
 
-def z0_warning(record: Mapping[str, Any]) -> str | None:
-    """The warning for a logged window whose microbatches include one without KL pairs."""
-    count = record.get(KL_UNPAIRED) or 0
-    if count <= 0:
-        return None
-    return (f"warning: {int(count)} microbatch(es) had a single real row, so no mismatched pair "
-            "(x_i, y_j) to estimate z0 from: their z0 is 0 (section 4.1 needs >= 2 real rows). "
-            "It happens in an epoch's last partial batch when it has fewer real rows than "
-            "microbatches; --config.data.drop_remainder=True skips that batch. (Warned once.)")
-
-
 def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> dict:
     record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
@@ -154,7 +142,8 @@ def run_loop(run: Run, guard: PreemptionGuard) -> str:
         window.add(metrics)
         throughput.add(batch)
         if step % int(cfg.log_every) == 0 or step == run.num_steps:
-            warning = None if warned else z0_warning(_log(run, step, window, throughput))
+            record = _log(run, step, window, throughput)
+            warning = None if warned else run.settings.loss.window_warning(record)
             if warning:
                 run.logger.message(warning)
                 warned = True

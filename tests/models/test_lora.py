@@ -12,7 +12,7 @@ from hf_tiny_models import base_config
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.losses import get_loss
-from kto_jax.losses.registry import HaloLoss
+from kto_jax.losses.registry import ValueHead
 from kto_jax.models import ModelConfig, Transformer, init_model, positions_from_mask
 from kto_jax.models import lora
 
@@ -189,12 +189,9 @@ def test_bad_lora_settings_are_named(changes, needle):
 
 
 def test_a_loss_head_that_cannot_be_adapted_is_named():
-    @dataclasses.dataclass(frozen=True)
-    class WithRewardHead(HaloLoss):
-        uses_reward_head: bool = True
-
-    loss = WithRewardHead(**{f.name: getattr(get_loss("kto"), f.name)
-                             for f in dataclasses.fields(HaloLoss)})
+    head = ValueHead(init=lambda key, hidden: {}, apply=lambda params, hidden: hidden[..., 0],
+                     name="uses_reward_head", beside_lora=False)
+    loss = dataclasses.replace(get_loss("kto"), value_head=head)
     with pytest.raises(UserError, match="config.loss.name='kto'.*uses_reward_head"):
         lora.validate(LORA, CONFIG, loss)
 

@@ -46,7 +46,7 @@ def test_window_survives_a_json_round_trip_bit_for_bit():
 
 
 def test_z0_warning_names_the_single_row_microbatches_and_the_fix():
-    from kto_jax.train.loop import z0_warning
+    from kto_jax.losses.kto import z0_warning
     assert z0_warning({"count/kl_unpaired_microbatches": 0.0}) is None
     assert z0_warning({"loss": 0.5}) is None
     text = z0_warning({"count/kl_unpaired_microbatches": 2.0})
