@@ -48,6 +48,8 @@ from typing import Mapping
 
 import numpy as np
 
+from kto_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchField:
@@ -92,6 +94,59 @@ UNPAIRED_KEYS = tuple(f.name for f in UNPAIRED_FIELDS)
 PAIRED_KEYS = tuple(f.name for f in PAIRED_FIELDS)
 PRECOMPUTED_UNPAIRED_KEYS = tuple(f.name for f in PRECOMPUTED_UNPAIRED_FIELDS)
 PRECOMPUTED_PAIRED_KEYS = tuple(f.name for f in PRECOMPUTED_PAIRED_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSize:
+    """config.train's batch: `global_batch` examples per optimizer step, in A = global_batch /
+    micro_batch microbatches of `micro_batch` examples (the [A, M] of every array above)."""
+    global_batch: int
+    micro_batch: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // self.micro_batch
+
+    def problems(self, *, z0_loss: str | None = None, process_count: int = 1,
+                 shards: int = 1, shard_axes: tuple[str, ...] = (),
+                 pack_groups: int | None = None) -> list[str]:
+        """Every batch-size rule, in one place: what is wrong with this batch, as phrases.
+
+        Args:
+          z0_loss: the name of a loss that estimates z0 from the KL pairs of a
+            microbatch (it needs microbatches of at least 2), or None.
+          process_count: processes that each feed an equal share of every microbatch.
+          shards, shard_axes: devices the batch axis is split over, and their mesh axes.
+          pack_groups: packing groups of a packed batch (data.packing), or None.
+        """
+        g, m = self.global_batch, self.micro_batch
+        if z0_loss is not None and m < 2:
+            return [f"config.train.micro_batch_size={m}: loss {z0_loss!r} estimates z0 from the "
+                    "mismatched pairs (x_i, y_{i+1}) within a microbatch, which needs at least 2 "
+                    "examples. Set --config.train.micro_batch_size=2 or more."]
+        if m < 1 or g % m:
+            return [f"train.global_batch_size={g} must be a multiple of "
+                    f"train.micro_batch_size={m} (a positive number)"]
+        out = []
+        if m % process_count:
+            out.append(f"train.micro_batch_size={m} must be a multiple of the number of "
+                       f"processes ({process_count}): each feeds an equal share")
+        if m % shards:
+            out.append(f"config.train.micro_batch_size={m} must be a multiple of the {shards} "
+                       f"devices the batch is split over (mesh axes {shard_axes}); change the "
+                       "micro batch size or config.mesh.")
+        if pack_groups is not None and (pack_groups % process_count or m % pack_groups):
+            out.append(f"data.packing=True packs each of the {pack_groups} batch shards' "
+                       f"examples apart: train.micro_batch_size={m} must be a multiple of "
+                       f"{pack_groups}, itself a multiple of the {process_count} processes; "
+                       "change the batch size or config.mesh.")
+        return out
+
+    def check(self, **kwargs) -> None:
+        """UserError naming every problem of `problems(**kwargs)`."""
+        problems = self.problems(**kwargs)
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False

@@ -79,9 +79,10 @@ def worker(args) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     from kto_jax.data import build_datasets  # pylint: disable=import-outside-toplevel
     from kto_jax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
+    from kto_jax.train.settings import read_data_settings  # pylint: disable=import-outside-toplevel
     tokenizer = load_tokenizer(args.tokenizer)
     before, data_start = rss_mib("VmRSS"), time.time()
-    train, _, summary = build_datasets(config_for(args.data), tokenizer)
+    train, _, summary = build_datasets(read_data_settings(config_for(args.data)), tokenizer)
     it = train()
     next(it)
     startup, rss, data_s = time.time() - T0, rss_mib(), time.time() - data_start
@@ -147,8 +148,9 @@ def main() -> None:
         if not os.path.exists(os.path.join(prepared, "prepared.json")):
             from kto_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
             from kto_jax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
+            from kto_jax.train.settings import read_data_settings  # pylint: disable=import-outside-toplevel
             start = time.time()
-            prepare(config_for(data), load_tokenizer(tok_dir), prepared)
+            prepare(read_data_settings(config_for(data)), load_tokenizer(tok_dir), prepared)
             print(json.dumps({"prepare_rows": rows, "prepare_s": round(time.time() - start, 1),
                               "prepare_peak_rss_mib": round(rss_mib())}), flush=True)
         for processes in (1, 2):

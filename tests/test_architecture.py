@@ -205,3 +205,96 @@ def test_the_step_and_the_data_pipeline_meet_only_in_batch_py():
     offenders = sorted(f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
                        if m.startswith("kto_jax.step") and unit_of(t) == "kto_jax.data")
     assert not offenders, "\n".join(offenders)
+
+
+PURE = ("kto_jax.step", "kto_jax.models", "kto_jax.losses", "kto_jax.data")
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _external_imports(path: str) -> set[str]:
+    """Every module `path` imports (top-level names and their dotted paths), kto_jax or not."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_below_the_runtime_nothing_reads_a_config_dict():
+    """step/, models/, losses/ and data/ take typed settings (kto_jax/train/settings.py reads
+    the ConfigDict once): none of them imports ml_collections."""
+    offenders = sorted(m for m, path in MODULES.items() if _in(m, PURE)
+                       and any(i == "ml_collections" or i.startswith("ml_collections.")
+                               for i in _external_imports(path)))
+    assert not offenders, offenders
+
+
+FILE_READERS = {"open", "load", "loads"}   # open(...), json.load, np.load, ...
+
+
+def _opens_files(path: str) -> list[str]:
+    """The calls in `path` that read or write a file: open(), io.open, json/np.load, os.path
+    queries, and any use of kto_jax.fs."""
+    found = []
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name) and f.id == "open":
+                found.append(f"open() at line {node.lineno}")
+            elif isinstance(f, ast.Attribute) and f.attr in FILE_READERS | {"isfile", "exists"}:
+                found.append(f"{ast.unparse(f)}() at line {node.lineno}")
+    return found
+
+
+def test_the_step_opens_no_file():
+    """step/ is pure: no open(), no file loads, no kto_jax.fs; the runtime reads files
+    (a model's config.json, LoRA's adapter_config.json) and hands the step their values."""
+    offenders = []
+    for m, path in sorted(MODULES.items()):
+        if _in(m, ("kto_jax.step",)):
+            offenders += [f"{m}: {c}" for c in _opens_files(path)]
+            offenders += [f"{m} imports {t}" for t in GRAPH[m]
+                          if t in ("kto_jax.fs", "kto_jax.models.lora_io", "kto_jax.models.hf_io")]
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("source, found", [
+    ("import json\njson.load(open('x'))\n", 2),
+    ("x = y.open_file('a')\n", 0),
+    ("import os\nos.path.isfile('a')\n", 1),
+])
+def test_opens_files_sees_reads(tmp_path, source, found):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    assert len(_opens_files(str(path))) == found
+
+
+def test_no_module_outside_losses_imports_a_loss_module():
+    """A loss is a plug-in: outside kto_jax/losses/ code asks a HaloLoss (the registry) and
+    never imports one loss's module (kto.py, ppo.py, bco.py, ...)."""
+    shared = {"kto_jax.losses", "kto_jax.losses.registry", "kto_jax.losses.common",
+              "kto_jax.losses.weights", "kto_jax.losses.hparams"}
+    offenders = sorted(f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
+                       if not _in(m, ("kto_jax.losses",)) and _in(t, ("kto_jax.losses",))
+                       and t not in shared)
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_outside_losses_names_a_loss():
+    """No behaviour outside kto_jax/losses/ is keyed on a loss's name: no string constant
+    there is a registered loss name (ask the HaloLoss's fields instead)."""
+    from kto_jax.losses.registry import LOSS_NAMES
+    offenders = []
+    for m, path in sorted(MODULES.items()):
+        if _in(m, ("kto_jax.losses",)):
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Constant) and node.value in LOSS_NAMES:
+                offenders.append(f"{m}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)

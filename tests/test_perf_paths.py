@@ -9,6 +9,7 @@ from flax import nnx
 
 from kto_jax.models import transformer as T
 from kto_jax.models.config import tiny
+from kto_jax.train.settings import read_settings, step_settings
 
 MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=8)
@@ -94,10 +95,10 @@ def test_no_forward_of_the_step_materialises_full_vocab_logits():
                      num_kv_heads=1, head_dim=16, dtype="bfloat16")
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tx, schedule = make_optimizer(cfg.optim, 10)
-    graphdef, state, shardings = bench.init_state(cfg, model_cfg, tx, mesh, seed=0)
+    graphdef, state, shardings = bench.init_state(read_settings(cfg), model_cfg, tx, mesh, seed=0)
     opts = bench.BenchOptions(prompt_len=12, completion_len=10, bucket=16, micro_batch=4, accum=2)
     batch = bench.synthetic_batch(opts, vocab)
-    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
     compiled = step.lower(state, batch).compile()
     hlo = compiled.as_text()
     import re

@@ -36,17 +36,19 @@ def main(argv: list[str]) -> int:
     config, flag_values = parse_config_command(argv[1:], prog=f"kto-jax data {argv[0]}", doc=__doc__,
                                                define_flags=_define_flags)
     tokenizer = load_tokenizer(flag_values["tokenizer"].value or config.model.path)
+    from kto_jax.train.settings import read_data_settings  # pylint: disable=import-outside-toplevel
+    data = read_data_settings(config)
     if argv[0] == "prepare":
         from kto_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
         if not flag_values["out"].value:
             raise UserError("data prepare needs --out=DIR, the directory to write.")
-        meta = prepare(config, tokenizer, flag_values["out"].value)
+        meta = prepare(data, tokenizer, flag_values["out"].value)
         kept = ", ".join(f"{n} {s['kept']} examples" for n, s in meta["splits"].items())
         sys.stdout.write(f"prepared {kept} in {flag_values['out'].value}\n")
         return 0
     from kto_jax.data.pipeline import build_datasets  # pylint: disable=import-outside-toplevel
     # The global view: one process holding whole microbatches (no accelerator needed).
-    _, _, summary = build_datasets(config, tokenizer, process_index=0, process_count=1)
+    _, _, summary = build_datasets(data, tokenizer, process_index=0, process_count=1)
     sys.stdout.write(str(summary) + "\n")
     return 0
 

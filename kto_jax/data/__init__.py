@@ -3,9 +3,10 @@
 The one entry point the trainer calls:
 
     from kto_jax.data import build_datasets
-    train_iter_factory, eval_batches, summary = build_datasets(config, tokenizer)
+    data = read_settings(config).data       # DataSettings (kto_jax/train/settings.py)
+    train_iter_factory, eval_batches, summary = build_datasets(data, tokenizer)
 
-    it = train_iter_factory()              # config.data.num_epochs; forever=True for endless
+    it = train_iter_factory()              # data.num_epochs; forever=True for endless
     it.set_state(saved_state)              # optional: resume at exactly the next batch
     for batch in it: ...                   # dict of numpy arrays [A, M_local, ...]
     saved_state = it.get_state()           # JSON-able; grain's checkpoint protocol
@@ -16,7 +17,7 @@ The one entry point the trainer calls:
 Batches follow kto_jax/batch.py: unpaired keys (prompt_ids/mask left-padded to
 P, completion_ids/mask right-padded to C, desirable, weight, valid) for the
 unpaired losses, paired keys (prompt, chosen, rejected, valid) when
-`get_loss(config.loss.name).paired`. A = global_batch_size / micro_batch_size;
+`data.paired` (the loss's kind). A = global_batch_size / micro_batch_size;
 each process yields rows [p*M/n, (p+1)*M/n) of every microbatch, so the
 processes' slices concatenated along axis 1 in process order are the global
 batch, identical to a single-process run with the same seed. Feed them to
@@ -47,6 +48,8 @@ directory. See docs/data.md.
 
 from kto_jax.data.iterator import FeedbackIterator
 from kto_jax.data.pipeline import Datasets, build_datasets
+from kto_jax.data.settings import DataSettings
 from kto_jax.data.summary import DataSummary, SplitSummary
 
-__all__ = ["build_datasets", "Datasets", "DataSummary", "SplitSummary", "FeedbackIterator"]
+__all__ = ["build_datasets", "Datasets", "DataSettings", "DataSummary", "SplitSummary",
+           "FeedbackIterator"]

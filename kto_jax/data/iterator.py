@@ -204,7 +204,7 @@ class FeedbackIterator(grain.DatasetIterator):
 class TrainFactory:
     """`train_iter_factory(num_epochs=None, *, forever=False)`.
 
-    num_epochs=None means config.data.num_epochs; forever=True repeats without end
+    num_epochs=None means data.num_epochs (`DataSettings`); forever=True repeats without end
     (each epoch reshuffled), for runs that stop at train.num_steps.
     """
 

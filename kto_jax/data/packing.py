@@ -233,8 +233,8 @@ def packed_prompts(batch, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 
 def config_problems(data) -> list[str]:
-    """What is wrong with config.data's packing fields, as phrases for one UserError."""
-    enabled, t = data.get("packing", False), data.get("pack_length", 0)
+    """What is wrong with the data settings' packing fields, as phrases for one UserError."""
+    enabled, t = data.packing, data.pack_length
     if not isinstance(enabled, bool):
         return [f"data.packing={enabled!r} must be True or False"]
     if not enabled:

@@ -1,4 +1,4 @@
-"""`build_datasets`: config + tokenizer -> train iterator factory, eval batches, summary.
+"""`build_datasets`: data settings + tokenizer -> train iterator factory, eval batches, summary.
 
 Preparation (once, at start-up; a `kto-jax data prepare` directory skips to the
 gathered statistics, kto_jax/data/prepared.py):
@@ -36,9 +36,8 @@ from kto_jax.data.iterator import (EVAL_STREAM, TRAIN_STREAM, EpochPlans, EvalBa
                                    FeedbackIterator, TrainFactory)
 from kto_jax.data.readers import RowSet, read_rows
 from kto_jax.data.summary import DataSummary, SplitSummary, length_percentiles
+from kto_jax.data.settings import DataSettings
 from kto_jax.errors import UserError
-from kto_jax.losses.registry import get_loss
-from kto_jax.sharding import configured_batch_shards
 
 _HASH_CHUNK = 1 << 16   # examples per update of the data fingerprint
 
@@ -48,7 +47,7 @@ class Datasets(NamedTuple):
 
     train_iter_factory(num_epochs=None, *, forever=False) -> FeedbackIterator:
         a fresh iterator over this process's training batches from the first
-        batch, for num_epochs (default config.data.num_epochs) or forever.
+        batch, for num_epochs (default data.num_epochs) or forever.
         Restore a position with `it.set_state(saved)`.
     eval_batches() -> iterator over this process's eval batches (one pass, the
         same batches every call), or None when there is no eval split.
@@ -59,14 +58,14 @@ class Datasets(NamedTuple):
     summary: DataSummary
 
 
-def build_datasets(config, tokenizer, *, process_index: int | None = None,
+def build_datasets(data: DataSettings, tokenizer, *, process_index: int | None = None,
                    process_count: int | None = None,
                    allgather: shards.AllGather | None = None) -> Datasets:
     """Reads, validates, tokenizes and plans the data of a run.
 
     Args:
-      config: the run's ConfigDict (uses config.data, config.train.global_batch_size,
-        config.train.micro_batch_size, config.loss).
+      data: the run's `DataSettings` (config.data, the batch sizes, the loss's needs;
+        kto_jax/train/settings.py reads them from the config).
       tokenizer: a Hugging Face tokenizer (chat template needed for conversational data).
       process_index, process_count: default jax.process_index() / jax.process_count().
       allgather: gathers each process's statistics rows, [R, K] -> [process_count, R, K]
@@ -84,20 +83,18 @@ def build_datasets(config, tokenizer, *, process_index: int | None = None,
     if process_index is None or process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
         process_index, process_count = jax.process_index(), jax.process_count()
-    d, paired = config.data, get_loss(config.loss.name).paired
-    check_config(config, paired, process_count)
-    layout = batch_layout(config, tokenizer, process_index, process_count)
+    d, paired = data, data.paired
+    check_config(d, process_count)
+    layout = batch_layout(d, tokenizer, process_index, process_count)
     if prepared.is_prepared(d.train_path):   # `kto-jax data prepare` output: reads only our rows
-        fmt, conversational, splits, eval_note = prepared.open_splits(config, tokenizer, paired)
+        fmt, conversational, splits, eval_note = prepared.open_splits(d, tokenizer)
     else:
-        fmt, conversational, splits, eval_note = read_splits(config, tokenizer, layout, paired,
-                                                             allgather)
-    plans = {name: _epoch_plans(data, layout, d.seed) for name, data in splits.items()}
-    summaries = {name: _split_summary(data, plans[name]) for name, data in splits.items()}
+        fmt, conversational, splits, eval_note = read_splits(d, tokenizer, layout, allgather)
+    plans = {name: _epoch_plans(split, layout, d.seed) for name, split in splits.items()}
+    summaries = {name: _split_summary(split, plans[name]) for name, split in splits.items()}
     train, evaluation = splits["train"].split, splits.get("eval")
-    summary = _summarize(config, fmt, conversational, paired, summaries["train"],
-                         summaries.get("eval"), eval_note, layout,
-                         _fingerprint(config, train, layout))
+    summary = _summarize(d, fmt, conversational, summaries["train"], summaries.get("eval"),
+                         eval_note, layout, _fingerprint(d, train, layout))
     return Datasets(TrainFactory(train, plans["train"], d, summary.fingerprint),
                     None if evaluation is None else EvalBatches(evaluation.split, plans["eval"], d),
                     summary)
@@ -107,7 +104,7 @@ TokenizeSplit = Callable[[str, formats.Examples, tokenize.TokenSpec],
                          tuple[object, tokenize.TokenReport]]
 
 
-def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
+def read_splits(d: DataSettings, tokenizer, layout: batching.BatchLayout,
                 allgather: shards.AllGather | None = None,
                 tokenize_split: TokenizeSplit | None = None
                 ) -> tuple[str, bool, dict[str, shards.SplitData], str]:
@@ -120,7 +117,6 @@ def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
     Returns:
       (format, conversational, {"train": ..., "eval": ... (if any)}, eval note).
     """
-    d = config.data
     if tokenize_split is None:
         def sharded(name, examples, spec):  # pylint: disable=unused-argument
             return shards.tokenize_sharded(
@@ -132,21 +128,21 @@ def read_splits(config, tokenizer, layout: batching.BatchLayout, paired: bool,
     fmt, conversational = formats.detect_format(train_rows, d.format)
     train_rows, eval_rows, eval_note = _split_rows(train_rows, d)
     splits = {"train": _prepare_split("train", train_rows, train_rows.source, fmt,
-                                      conversational, config, paired, tokenizer, layout,
-                                      tokenize_split)}
+                                      conversational, d, tokenizer, layout, tokenize_split)}
     if eval_rows is not None:
         eval_fmt, eval_conv = formats.detect_format(eval_rows, fmt)
         if eval_conv != conversational:
             raise UserError(f"{eval_rows.source}: eval rows are "
                             f"{'conversational' if eval_conv else 'text'} but the train rows of "
                             f"{train_rows.source} are not.")
-        splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, config,
-                                        paired, tokenizer, layout, tokenize_split)
+        splits["eval"] = _prepare_split("eval", eval_rows, eval_note, eval_fmt, eval_conv, d,
+                                        tokenizer, layout, tokenize_split)
     return fmt, conversational, splits, eval_note
 
 
-def check_config(config, paired: bool, process_count: int) -> None:
-    d, t = config.data, config.train
+def check_config(d: DataSettings, process_count: int) -> None:
+    """UserError naming every problem of the data settings (and of the batch sizes, whose
+    rules are `BatchSize.problems`) for `process_count` processes."""
     problems = []
     if not 0 < d.max_prompt_length < d.max_length:
         problems.append(f"need 0 < data.max_prompt_length ({d.max_prompt_length}) < "
@@ -155,31 +151,26 @@ def check_config(config, paired: bool, process_count: int) -> None:
         problems.append(f"data.max_completion_length={d.max_completion_length} must be 0 (off) "
                         f"or at most data.max_length={d.max_length}")
     for key in ("on_overlong", "on_prefix_mismatch"):
-        if d[key] not in ("drop", "error"):
-            problems.append(f"data.{key}={d[key]!r} must be \"drop\" or \"error\"")
+        if getattr(d, key) not in ("drop", "error"):
+            problems.append(f"data.{key}={getattr(d, key)!r} must be \"drop\" or \"error\"")
     for key in ("desirable_fraction", "undesirable_fraction"):
-        if not 0.0 <= d[key] <= 1.0:
-            problems.append(f"data.{key}={d[key]} must lie in [0, 1]")
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            problems.append(f"data.{key}={getattr(d, key)} must lie in [0, 1]")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction={d.eval_fraction} must lie in [0, 1)")
     if d.bucket_window < 1 or d.worker_count < 0 or d.prefetch < 0 or d.num_epochs < 1:
         problems.append("data.bucket_window and data.num_epochs must be >= 1, data.worker_count "
                         "and data.prefetch >= 0")
-    if t.micro_batch_size < 1 or t.global_batch_size % t.micro_batch_size:
-        problems.append(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                        f"train.micro_batch_size={t.micro_batch_size}")
-    elif t.micro_batch_size % process_count:
-        problems.append(f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the "
-                        f"number of processes ({process_count}): each feeds an equal share")
-    if paired and (d.one_y_per_x or d.desirable_fraction < 1 or d.undesirable_fraction < 1):
-        problems.append(f"loss.name={config.loss.name} trains on pairs: data.one_y_per_x and "
+    problems.extend(d.batch.problems(process_count=process_count))
+    if d.paired and (d.one_y_per_x or d.desirable_fraction < 1 or d.undesirable_fraction < 1):
+        problems.append(f"loss.name={d.loss_name} trains on pairs: data.one_y_per_x and "
                         "data.*_fraction apply to unpaired losses only")
     problems.extend(packing.config_problems(d))
     if problems:
         raise UserError("invalid data config: " + "; ".join(problems) + ".")
 
 
-def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
+def _split_rows(rows: RowSet, d: DataSettings) -> tuple[RowSet, RowSet | None, str]:
     """Train rows, eval rows (separate file or a seeded share of train) and a note."""
     if d.eval_path:
         return rows, read_rows(d.eval_path, split=d.eval_split,
@@ -196,39 +187,30 @@ def _split_rows(rows: RowSet, d) -> tuple[RowSet, RowSet | None, str]:
     return rows.subset(np.sort(perm[n_eval:])), rows.subset(np.sort(perm[:n_eval])), note
 
 
-def batch_layout(config, tokenizer, process_index: int, process_count: int,
-                 pack_groups: int | None = None) -> batching.BatchLayout:
-    """The batches' shapes; with data.packing, packed in `pack_groups` groups of rows (default:
-    the batch shards of config.mesh on jax.device_count() devices, as the step's mesh)."""
-    d, t = config.data, config.train
+def batch_layout(d: DataSettings, tokenizer, process_index: int, process_count: int
+                 ) -> batching.BatchLayout:
+    """The batches' shapes; with data.packing, packed in `d.pack_groups` groups of rows (the
+    batch shards of the run's mesh, as the step's)."""
     packed = {}
-    if d.get("packing", False):
-        if pack_groups is None:
-            import jax  # pylint: disable=import-outside-toplevel
-            pack_groups = configured_batch_shards(config.mesh, jax.device_count())
-        if pack_groups % process_count or t.micro_batch_size % pack_groups:
-            raise UserError(f"data.packing=True packs each of the {pack_groups} batch shards' "
-                            f"examples apart: train.micro_batch_size={t.micro_batch_size} must "
-                            f"be a multiple of {pack_groups}, itself a multiple of the "
-                            f"{process_count} processes; change the batch size or config.mesh.")
-        loss = get_loss(config.loss.name)
-        packed = dict(pack_length=int(d.pack_length), pack_groups=int(pack_groups),
-                      pack_second=loss.paired or loss.uses_kl)
+    if d.packing:
+        d.batch.check(process_count=process_count, pack_groups=d.pack_groups)
+        packed = dict(pack_length=int(d.pack_length), pack_groups=int(d.pack_groups),
+                      pack_second=d.pack_second)
     max_completion = d.max_completion_length or d.max_length
     prompt_buckets, completion_buckets = batching.bucket_sizes(
         d.bucket_lengths, d.max_prompt_length, max_completion)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     return batching.BatchLayout(
-        accumulation=t.global_batch_size // t.micro_batch_size, micro_batch=t.micro_batch_size,
+        accumulation=d.batch.accumulation, micro_batch=d.batch.micro_batch,
         process_index=process_index, process_count=process_count,
         prompt_buckets=prompt_buckets, completion_buckets=completion_buckets, pad_id=int(pad_id),
         window=d.bucket_window, drop_remainder=d.drop_remainder, **packed)
 
 
-def _prepare_split(name, rows, source, fmt, conversational, config, paired, tokenizer, layout,
+def _prepare_split(name, rows, source, fmt, conversational, d: DataSettings, tokenizer, layout,
                    tokenize_split):
     """Rows -> `SplitData` (fractions on train only)."""
-    d = config.data
+    paired = d.paired
     no_signal: list[tuple[str, str, int]] = []   # (reason, where, examples): rows that teach nothing
     if fmt == "paired":
         items = formats.normalise_pairs(rows, conversational)
@@ -242,7 +224,7 @@ def _prepare_split(name, rows, source, fmt, conversational, config, paired, toke
             items = formats.unpair(items, one_y_per_x=d.one_y_per_x and name == "train",
                                    seed=d.seed)
     elif paired:
-        raise UserError(f"loss.name={config.loss.name} needs paired data (prompt, chosen, "
+        raise UserError(f"loss.name={d.loss_name} needs paired data (prompt, chosen, "
                         f"rejected), but {rows.source} is {fmt}; use an unpaired loss such as kto.")
     else:
         items = formats.normalise_unpaired(rows, fmt, conversational,
@@ -304,25 +286,26 @@ def _split_summary(data: shards.SplitData, plans: EpochPlans) -> SplitSummary:
         batches_per_epoch=len(plan), plan=batching.plan_stats(split, plan, plans.layout))
 
 
-def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note, layout,
+def _summarize(d: DataSettings, fmt, conversational, train, evaluation, eval_note, layout,
                fingerprint) -> DataSummary:
-    lam_d, lam_u = config.loss.desirable_weight, config.loss.undesirable_weight
+    paired = d.paired
+    lam_d, lam_u = d.desirable_weight, d.undesirable_weight
     n_d, n_u = train.n_desirable, train.n_undesirable
     recommended = None if paired else imbalance.balanced_weights(n_d, n_u)
     warnings = []
-    uses_lambda = not paired and get_loss(config.loss.name).uses_lambda_weights  # eq. 8's λ
-    auto = bool(uses_lambda and config.loss.auto_weights and recommended is not None)
+    uses_lambda = not paired and d.uses_lambda_weights  # eq. 8's λ
+    auto = bool(uses_lambda and d.auto_weights and recommended is not None)
     if auto:  # only a loss that weighs its classes gets eq. 9's weights (and says so)
         lam_d, lam_u = recommended
     if uses_lambda:
         warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
         if warning:
             warnings.append(warning)
-    elif config.loss.auto_weights:
-        warnings.append(f"loss.auto_weights has no effect on loss {config.loss.name}, which does "
+    elif d.auto_weights:
+        warnings.append(f"loss.auto_weights has no effect on loss {d.loss_name}, which does "
                         "not use lambda_D / lambda_U.")
     return DataSummary(
-        format=fmt, conversational=conversational, paired=paired, loss=config.loss.name,
+        format=fmt, conversational=conversational, paired=paired, loss=d.loss_name,
         train=train, eval=evaluation, eval_note=eval_note, desirable_weight=float(lam_d),
         undesirable_weight=float(lam_u), recommended_weights=recommended,
         uses_lambda_weights=uses_lambda, auto_weights_applied=auto,
@@ -331,7 +314,7 @@ def _summarize(config, fmt, conversational, paired, train, evaluation, eval_note
         fingerprint=fingerprint, warnings=warnings)
 
 
-def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayout) -> str:
+def _fingerprint(d: DataSettings, split: shards.ShardedSplit, layout: batching.BatchLayout) -> str:
     """Hash of everything a batch depends on, except which process reads it.
 
     The tokens enter through each example's gathered CRC and lengths, so every
@@ -348,7 +331,7 @@ def _fingerprint(config, split: shards.ShardedSplit, layout: batching.BatchLayou
             h.update(np.ascontiguousarray(chunk, np.int64 if chunk.dtype.kind in "iu" else None
                                           ).tobytes())
     shape = dataclasses.replace(layout, process_index=0, process_count=1)
-    h.update(repr((shape, config.data.seed)).encode())
+    h.update(repr((shape, d.seed)).encode())
     if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
         h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
     return h.hexdigest()[:16]

@@ -21,25 +21,24 @@ import numpy as np
 from kto_jax import fs
 from kto_jax.data import pipeline, prepared, tokenize
 from kto_jax.data.formats import Examples
+from kto_jax.data.settings import DataSettings
 from kto_jax.errors import UserError
-from kto_jax.losses.registry import get_loss
 
 _CHUNK = 16384   # examples tokenised and written at a time
 
 
-def prepare(config, tokenizer, out: str) -> dict[str, Any]:
-    """Reads, validates and tokenises config.data once and writes the directory `out`.
+def prepare(d: DataSettings, tokenizer, out: str) -> dict[str, Any]:
+    """Reads, validates and tokenises the data of `d` once and writes the directory `out`.
 
     Raises the same `UserError`s as a training run on the same config. Returns the
     contents of prepared.json (written last: a directory without it is not prepared).
     """
-    d = config.data
     if prepared.is_prepared(d.train_path):
         raise UserError(f"data.train_path={d.train_path!r} is already a prepared directory; "
                         "point it at the original data file to prepare again.")
-    paired = get_loss(config.loss.name).paired
-    pipeline.check_config(config, paired, 1)
-    layout = pipeline.batch_layout(config, tokenizer, 0, 1, pack_groups=1)  # reading only
+    d = d.replace(pack_groups=1)   # reading only: the packing groups of the run do not matter
+    pipeline.check_config(d, 1)
+    layout = pipeline.batch_layout(d, tokenizer, 0, 1)
     with fs.staged_dir(out) as local:
         layouts = {}
 
@@ -49,9 +48,9 @@ def prepare(config, tokenizer, out: str) -> dict[str, Any]:
             return prepared.PreparedSplit(os.path.join(local, name), layouts[name]), report
 
         fmt, conversational, splits, eval_note = pipeline.read_splits(
-            config, tokenizer, layout, paired, tokenize_split=write_split)
+            d, tokenizer, layout, tokenize_split=write_split)
         meta = {"version": prepared.VERSION,
-                "settings": prepared.settings(config, paired, tokenizer),
+                "settings": prepared.settings(d, tokenizer),
                 "format": fmt, "conversational": conversational, "eval_note": eval_note,
                 "splits": {name: {"source": data.source, "rows": data.rows,
                                   "examples": data.examples, "subsampled": data.subsampled,

@@ -47,6 +47,7 @@ import numpy as np
 
 from kto_jax import fs
 from kto_jax.data import tokenize
+from kto_jax.data.settings import DataSettings
 from kto_jax.data.shards import RowTokens, SplitData
 from kto_jax.errors import UserError
 
@@ -78,10 +79,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def settings(config, paired: bool, tokenizer) -> dict[str, Any]:
-    d = config.data
-    out = {key: d[key] for key in SETTINGS}
-    out["paired"], out["tokenizer"] = paired, tokenizer_fingerprint(tokenizer)
+def settings(d: DataSettings, tokenizer) -> dict[str, Any]:
+    """What a prepared directory was made with: the data settings of SETTINGS, the loss
+    kind (paired or not) and the tokenizer's fingerprint."""
+    out = {key: getattr(d, key) for key in SETTINGS}
+    out["paired"], out["tokenizer"] = d.paired, tokenizer_fingerprint(tokenizer)
     return json.loads(json.dumps(out))   # tuples -> lists, as read back
 
 
@@ -296,15 +298,14 @@ def _column(directory: str, name: str, constant, dtype, n: int) -> np.ndarray:
     return _load(fs.join(directory, name + ".npy"))
 
 
-def open_splits(config, tokenizer, paired: bool
-                ) -> tuple[str, bool, dict[str, SplitData], str]:
+def open_splits(d: DataSettings, tokenizer) -> tuple[str, bool, dict[str, SplitData], str]:
     """`pipeline.read_splits` for a prepared directory: checks its settings, loads statistics.
 
     Raises:
       UserError: the directory was prepared by another format version, or with other
         data settings, loss kind or tokenizer.
     """
-    path = config.data.train_path
+    path = d.train_path
     meta = json.loads(fs.read_text(fs.join(path, META_FILE)))
     version = meta.get("version")
     if version != VERSION:
@@ -313,7 +314,7 @@ def open_splits(config, tokenizer, paired: bool
                         f"format version {version}{what}; this kto-jax reads version {VERSION}. "
                         f"Re-run `kto-jax data prepare --out={path}` on the original data "
                         "(same config).")
-    want, have = settings(config, paired, tokenizer), meta["settings"]
+    want, have = settings(d, tokenizer), meta["settings"]
     diff = [key for key in want if want[key] != have.get(key)]
     if diff:
         shown = "; ".join(f"{_label(k)}: prepared {have.get(k)!r}, config {want[k]!r}"

@@ -103,8 +103,8 @@ class DataSummary:
     """Everything `build_datasets` resolved, for logs, `data inspect` and the trainer.
 
     `desirable_weight` / `undesirable_weight` are the λ to train with: the configured
-    ones, or eq. 9's when `loss.auto_weights` is set (the same rule as
-    `kto_jax.losses.resolve_weights`).
+    ones, or eq. 9's when `loss.auto_weights` is set and both classes are present (the
+    rule of `kto_jax.losses.balanced_weights`).
     """
     format: str
     conversational: bool

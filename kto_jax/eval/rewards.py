@@ -31,9 +31,9 @@ from flax import nnx
 from kto_jax.data import build_datasets
 from kto_jax.losses import add_metrics, summarize_metrics
 from kto_jax.losses.registry import get_loss, reward_loss
-from kto_jax.step.settings import StepSettings
 from kto_jax.step.state import TrainState
 from kto_jax.step.train_step import eval_step
+from kto_jax.train.settings import read_settings
 
 def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
     """The run's config with `data_path` as its eval split (read whole, in file order, as
@@ -49,6 +49,8 @@ def eval_config(config: ml_collections.ConfigDict, data_path: str) -> ml_collect
         c.data.num_epochs = 1
         c.loss.auto_weights = False
         c.loss.name = reward_loss(get_loss(c.loss.name)).name
+        if "lora" in c:   # the policy and the reference come as whole models
+            c.lora.rank, c.lora.init_from = 0, ""
     return c
 
 
@@ -56,7 +58,7 @@ def feedback_batches(config: ml_collections.ConfigDict, tokenizer: Any, data_pat
                      ) -> tuple[Iterable[dict], Any]:
     """(the eval batches [A, M, ...] over every row of data_path, the data summary): the
     same batches, hence the same per-microbatch z0, as the trainer's evaluation of that file."""
-    data = build_datasets(eval_config(config, data_path), tokenizer)
+    data = build_datasets(read_settings(eval_config(config, data_path)).data, tokenizer)
     return data.eval_batches(), data.summary
 
 
@@ -73,7 +75,7 @@ def reward_metrics(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, po
       summarize_metrics' readable metrics plus 'rewards/accuracy', 'examples' and
       'reward_loss' (the loss whose statistics these are).
     """
-    settings = StepSettings.from_config(config)
+    settings = read_settings(config).step
     state = TrainState(params=policy, opt_state=None, step=jnp.zeros((), jnp.int32),
                        skipped_updates=jnp.zeros((), jnp.int32), rng=jax.random.key(0),
                        reference_params=reference)

@@ -15,6 +15,7 @@ from kto_jax.losses.ppo import (gae, init_value_head, ppo_offline_loss, terminal
                                 value_head_apply)
 from kto_jax.losses.preference import (apo_down_loss, apo_zero_loss, discopop_loss, dpo_loss,
                                        ipo_loss, orpo_loss, simpo_loss, slic_loss)
+from kto_jax.losses.hparams import LossHparams
 from kto_jax.losses.registry import (DEFAULT_LOSS, LOSS_NAMES, HaloLoss, ValueHead, get_loss,
                                      reward_loss)
 from kto_jax.losses.sft import (BAD_TOKEN, GOOD_TOKEN, add_control_token, csft_loss,
@@ -31,7 +32,7 @@ __all__ = [
     "kto_risk_neutral_loss", "reference_point", "v_concave", "v_kto", "v_linear", "gae",
     "init_value_head", "ppo_offline_loss", "terminal_rewards", "value_head_apply", "dpo_loss",
     "ipo_loss", "orpo_loss", "simpo_loss", "slic_loss", "discopop_loss", "apo_zero_loss",
-    "apo_down_loss", "DEFAULT_LOSS", "LOSS_NAMES", "HaloLoss", "ValueHead", "get_loss",
+    "apo_down_loss", "DEFAULT_LOSS", "LOSS_NAMES", "HaloLoss", "LossHparams", "ValueHead", "get_loss",
     "reward_loss",
     "BAD_TOKEN", "GOOD_TOKEN", "add_control_token", "csft_loss", "csft_sampling_prompt",
     "sft_desirable_loss", "sft_loss", "balanced_weights", "resolve_weights", "weight_ratio",

@@ -7,11 +7,10 @@ keeps the MAJORITY class's weight at 1 and raises the minority's weight, as in t
 paper's example (1:10 data: lambda_U = 1, lambda_D = 13.33).
 """
 
-from typing import Optional
-
-import ml_collections
+from typing import Any, Mapping, Optional
 
 from kto_jax.errors import UserError
+from kto_jax.losses.hparams import LossHparams
 
 RATIO_LOW = 1.0
 RATIO_HIGH = 4.0 / 3.0
@@ -71,14 +70,16 @@ def weight_ratio_warning(n_desirable: int, n_undesirable: int, desirable_weight:
             f"--config.loss.undesirable_weight={lam_u:.4g}")
 
 
-def resolve_weights(loss_cfg: ml_collections.ConfigDict, n_desirable: int,
-                    n_undesirable: int) -> ml_collections.ConfigDict:
-    """A copy of `config.loss` with eq. 9 weights filled in when `auto_weights` is set.
+def resolve_weights(hparams: Mapping[str, Any], n_desirable: int,
+                    n_undesirable: int) -> LossHparams:
+    """`hparams` (config.loss) with eq. 9 weights filled in when `auto_weights` is set.
 
-    The trainer calls this once with the training set's class counts before building
-    the step; the losses themselves read only desirable_weight / undesirable_weight.
+    The library form of the rule; a run takes its weights from the data summary
+    (`kto_jax.data.DataSummary`, which also leaves the weights alone when a class is
+    empty) and the losses read only desirable_weight / undesirable_weight.
     """
-    out = ml_collections.ConfigDict(loss_cfg.to_dict())
-    if loss_cfg.get("auto_weights", False):
-        out.desirable_weight, out.undesirable_weight = balanced_weights(n_desirable, n_undesirable)
+    out = LossHparams(hparams)
+    if out.get("auto_weights", False):
+        lam_d, lam_u = balanced_weights(n_desirable, n_undesirable)
+        out = out.replace(desirable_weight=lam_d, undesirable_weight=lam_u)
     return out

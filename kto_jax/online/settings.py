@@ -9,7 +9,7 @@ import ml_collections
 from kto_jax.errors import UserError
 from kto_jax.eval.sampling import SamplingSettings
 from kto_jax.losses.registry import get_loss
-from kto_jax.step.settings import reference_sync
+from kto_jax.train.settings import reference_sync
 
 LABELINGS = ("threshold", "top_bottom_k", "pairs")
 REFERENCES = ("initial", "refresh")

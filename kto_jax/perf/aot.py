@@ -38,8 +38,8 @@ from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models.config import ModelConfig
 from kto_jax.perf import program
-from kto_jax.step.adapters import lora_config
 from kto_jax.train.distributed import has_tpu_chips
+from kto_jax.train.settings import configured_lora
 
 GiB = 1024**3
 
@@ -406,7 +406,7 @@ def _reference_what(config: ml_collections.ConfigDict) -> str:
         return "reference log-probs precomputed"
     if source != "model":
         return f"reference {source}"
-    lora = lora_config(config)
+    lora = configured_lora(config)
     if not lora.enabled:
         return "reference a frozen copy of the policy"
     return ("reference the base + the frozen starting adapter" if lora.init_from
@@ -415,7 +415,7 @@ def _reference_what(config: ml_collections.ConfigDict) -> str:
 
 def _training_what(config: ml_collections.ConfigDict, model_config: ModelConfig) -> str:
     """'full parameters', or 'LoRA r16 (base bfloat16)': what the compiled step trains."""
-    lora = lora_config(config)
+    lora = configured_lora(config)
     if not lora.enabled:
         return "full parameters"
     return f"LoRA r{lora.rank or 'from ' + lora.init_from} (base {model_config.param_dtype})"

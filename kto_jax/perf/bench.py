@@ -63,8 +63,10 @@ from kto_jax.step import flops as flops_lib
 from kto_jax.perf import program
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
+from kto_jax.train.settings import RunSettings, read_settings
 from kto_jax.models.lora import LoraAdapters, abstract_adapters
-from kto_jax.step.adapters import LoraView, resolved_lora
+from kto_jax.models.lora import validate as validate_lora
+from kto_jax.step.adapters import LoraView
 from kto_jax.step.state import (batch_sharding, init_sharded_state, reference_copy, split_lora,
                                 split_model)
 
@@ -198,10 +200,12 @@ def synthetic_batch(opts: BenchOptions, vocab_size: int) -> dict[str, np.ndarray
     return workload_batch(dataclasses.replace(opts, lengths="", layout="padded"), vocab_size)[0]
 
 
-def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, mesh, seed: int):
+def init_state(settings: RunSettings, model_cfg: ModelConfig, tx, mesh, seed: int):
     """(graphdef, state, shardings): random params and optimizer state, created sharded; with
     config.lora a random frozen base and fresh adapters (only they have optimizer moments)."""
-    lora = resolved_lora(config, model_cfg, get_loss(config.loss.name))
+    lora = settings.lora
+    if lora is not None:
+        validate_lora(lora, model_cfg, settings.loss)
     if lora is None:
         graphdef, _ = split_model(abstract_model(model_cfg))
         make = lambda: split_model(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1]
@@ -209,23 +213,22 @@ def init_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx, me
         graphdef, _ = split_lora(abstract_model(model_cfg), abstract_adapters(model_cfg, lora), lora)
         make = lambda: split_lora(Transformer(model_cfg, rngs=nnx.Rngs(seed)),
                                   LoraAdapters(model_cfg, lora, rngs=nnx.Rngs(lora.seed)), lora)[1]
-    state, shardings = init_sharded_state(config, tx, mesh, model_cfg.hidden_size, make)
+    state, shardings = init_sharded_state(settings.step, tx, mesh, model_cfg.hidden_size, make)
     return graphdef, state, shardings
 
 
-def precomputed_reference_logps(config: ml_collections.ConfigDict, graphdef, state, batch,
+def precomputed_reference_logps(settings: RunSettings, graphdef, state, batch,
                                 mesh) -> dict[str, jax.Array]:
     """The batch's precomputed reference keys, with the policy's initial params as pi_ref,
     computed by the step's reference forward and placed on the batch's sharding."""
     reference = (LoraView(state.base_params) if state.base_params is not None  # LoRA: the base
-                 else reference_copy(state.params, config.reference.param_dtype))
-    fn = step_lib.make_reference_step(get_loss(config.loss.name), graphdef,
-                                      int(config.train.logprob_vocab_chunk), mesh,
-                                      shd.named_shardings(reference, mesh, config.mesh.rules),
-                                      config.mesh.rules)
+                 else reference_copy(state.params, settings.step.reference_dtype))
+    fn = step_lib.make_reference_step(settings.loss, graphdef, settings.step.vocab_chunk, mesh,
+                                      shd.named_shardings(reference, mesh, settings.rules),
+                                      settings.rules)
     with jax.set_mesh(mesh):
         out = fn(reference, batch)
-    sharding = batch_sharding(mesh, config.mesh.rules)
+    sharding = batch_sharding(mesh, settings.rules)
     return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
@@ -288,18 +291,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     opts.check()
     model_cfg = model_config(opts)
     config = run_config(opts)
+    settings = read_settings(config)
     mesh = shd.make_mesh(config.mesh)
-    tx, schedule = make_optimizer(config.optim, opts.warmup + opts.steps)
+    tx, schedule = make_optimizer(settings.optim, opts.warmup + opts.steps)
     t0 = time.perf_counter()
-    graphdef, state, shardings = init_state(config, model_cfg, tx, mesh, opts.seed)
+    graphdef, state, shardings = init_state(settings, model_cfg, tx, mesh, opts.seed)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     host_batch, count, ex = workload_batch(opts, model_cfg.vocab_size,
-                                           shd.batch_shards(mesh, config.mesh.rules))
-    batch = jax.device_put(host_batch, batch_sharding(mesh, config.mesh.rules))
+                                           shd.batch_shards(mesh, settings.rules))
+    batch = jax.device_put(host_batch, batch_sharding(mesh, settings.rules))
     if config.reference.source == "precomputed":
-        batch = dict(batch, **precomputed_reference_logps(config, graphdef, state, batch, mesh))
-    step = step_lib.make_train_step(config, graphdef, tx, schedule, mesh, shardings)
+        batch = dict(batch, **precomputed_reference_logps(settings, graphdef, state, batch, mesh))
+    step = step_lib.make_train_step(settings.step, graphdef, tx, schedule, mesh, shardings)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
@@ -350,7 +354,7 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
     seq = round(count.real_tokens / opts.global_batch, 2) if opts.lengths else int(lengths[0])
     loss_obj = get_loss(opts.loss)
     grad_passes, fwd_passes = flops_lib.forward_passes(loss_obj, config.reference.source)
-    dims = flops_lib.ModelDims.from_hf_config(model_cfg.to_hf())
+    dims = flops_lib.ModelDims.of(model_cfg)
     flops = computed_step_flops(dims, loss_obj, config.reference.source, count)
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     n_params = size(state.params if state.base_params is None else state.base_params)

@@ -28,11 +28,12 @@ from kto_jax.errors import UserError
 from kto_jax.losses.registry import get_loss
 from kto_jax.models import PRESETS, ModelConfig, abstract_model, preset
 from kto_jax.models.lora import abstract_adapters
+from kto_jax.models.lora import validate as validate_lora
 from kto_jax.sharding import batch_shards
-from kto_jax.step.adapters import resolved_lora
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.state import abstract_train_state, batch_sharding, train_state_shardings
 from kto_jax.step.train_step import make_train_step
+from kto_jax.train.settings import read_settings
 
 
 def model_config_of(config: ml_collections.ConfigDict, preset_name: str | None) -> ModelConfig:
@@ -104,15 +105,19 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: in
 def train_step_program(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Mesh,
                        prompt_len: int, completion_len: int) -> tuple[Any, tuple[Any, Any]]:
     """(jitted train step, (abstract TrainState, abstract batch)) on `mesh`: nothing allocated."""
-    steps = max(int(config.train.num_steps), int(config.optim.warmup_steps) + 1)
-    tx, schedule = make_optimizer(config.optim, steps)
-    lora = resolved_lora(config, model_config, get_loss(config.loss.name))
+    settings = read_settings(config, device_count=mesh.devices.size)
+    steps = max(int(config.train.num_steps), int(settings.optim.warmup_steps) + 1)
+    tx, schedule = make_optimizer(settings.optim, steps)
+    lora = settings.lora
+    if lora is not None:
+        validate_lora(lora, model_config, settings.loss)
     adapters = None if lora is None else abstract_adapters(model_config, lora)
-    graphdef, state = abstract_train_state(config, abstract_model(model_config), tx, adapters)
-    shardings = train_state_shardings(state, tx, mesh, config.mesh.rules)
+    graphdef, state = abstract_train_state(settings.step, abstract_model(model_config), tx,
+                                           adapters)
+    shardings = train_state_shardings(state, tx, mesh, settings.rules)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   state, shardings)
-    fn = make_train_step(config, graphdef, tx, schedule, mesh, shardings)
+    fn = make_train_step(settings.step, graphdef, tx, schedule, mesh, shardings)
     return fn, (abstract_state, abstract_batch(config, mesh, prompt_len, completion_len))
 
 

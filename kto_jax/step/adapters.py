@@ -1,6 +1,7 @@
 """LoRA in the train step: the frozen base and the trained adapters as the step's "params".
 
-With config.lora on (docs/lora.md) the TrainState holds
+With LoRA on (config.lora, resolved by the runtime into `StepSettings.lora`; docs/lora.md)
+the TrainState holds
   params            the adapters' nnx.LoRAParam state (`nnx.split(LoraAdapters)`): the ONLY
                     trained pytree (with offline PPO's value head), the only one with
                     optimizer moments and the only one checkpointed
@@ -22,13 +23,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import ml_collections
 from flax import nnx, struct
 
-from kto_jax.errors import UserError
 from kto_jax.models import lora as lora_lib
-from kto_jax.models import lora_io
-from kto_jax.models.config import ModelConfig
 
 Array = jax.Array
 
@@ -48,30 +45,6 @@ class LoraView:
     base: Any
     adapters: Any = None
     dropout_key: Any = None
-
-
-def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
-    """config.lora as a LoraConfig (off when the config has no lora section)."""
-    return lora_lib.LoraConfig.from_config(config.get("lora", None) or {})
-
-
-def resolved_lora(config: ml_collections.ConfigDict, model_config: ModelConfig | None,
-                  loss: Any) -> lora_lib.LoraConfig | None:
-    """config.lora checked against the model and the loss (UserError naming the setting, before
-    anything compiles), with rank/alpha/targets from lora.init_from's adapter_config.json when
-    set; None when LoRA is off."""
-    lora = lora_config(config)
-    if not lora.enabled:
-        return None
-    lora_lib.validate(lora, None, loss)
-    if lora.init_from and config.reference.source == "precomputed" and loss.uses_reference:
-        raise UserError(f"config.lora.init_from={lora.init_from!r} with config.reference.source="
-                        "'precomputed': the reference is base + that adapter, which stored "
-                        "log-probs of the base do not give; set config.reference.source='model'")
-    if lora.init_from:
-        lora = lora_io.read_peft_config(lora.init_from, lora)
-    lora_lib.validate(lora, model_config, loss)
-    return lora
 
 
 def model_of(graphdef: Any, params: Any) -> nnx.Module:
@@ -119,10 +92,3 @@ def microbatch_dropout_keys(graphdef: Any, rng: Array, step: Array, num_microbat
 def with_dropout_key(reference: Any, key: Array | None) -> Any:
     """`reference` (a frozen_inputs value) carrying this microbatch's dropout key."""
     return reference if key is None else reference.replace(dropout_key=key)
-
-
-def initial_reference(config: ml_collections.ConfigDict, loss: Any) -> bool:
-    """Whether a LoRA run keeps a frozen copy of its starting adapter as the reference
-    (lora.init_from set, the loss uses a reference, and it is computed by the model)."""
-    return bool(lora_config(config).init_from) and loss.uses_reference \
-        and config.reference.source == "model"

@@ -55,6 +55,11 @@ class ModelDims:
     vocab: int           # vocab_size
 
     @classmethod
+    def of(cls, model_config: Any) -> "ModelDims":
+        """The dims of a `kto_jax.models.ModelConfig` (its `flop_dims()`, whatever the family)."""
+        return cls(**model_config.flop_dims())
+
+    @classmethod
     def from_hf_config(cls, cfg: Any) -> "ModelDims":
         """Reads a transformers config (object or config.json dict)."""
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))

@@ -9,7 +9,8 @@ gradients; the norm before clipping is reported by the train step.
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
+
 import optax
 
 from kto_jax.errors import UserError
@@ -18,11 +19,25 @@ OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine")
 
 
-def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """config.optim, read once (configs/base.py documents each field)."""
+    name: str = "adamw"
+    lr: float = 5e-6
+    schedule: str = "constant"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+def make_schedule(optim: OptimSettings, num_steps: int) -> optax.Schedule:
     """Linear warmup over `optim.warmup_steps`, then constant or cosine to 0 at `num_steps`.
 
     Args:
-      optim: the `config.optim` section (lr, schedule, warmup_steps).
+      optim: the run's `OptimSettings` (lr, schedule, warmup_steps).
       num_steps: total optimizer steps of the run; needed by "cosine" only.
     """
     lr, warmup = float(optim.lr), int(optim.warmup_steps)
@@ -46,12 +61,12 @@ def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int = 0
+def make_optimizer(optim: OptimSettings, num_steps: int = 0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The clipped optimizer of `config.optim` and its learning-rate schedule.
 
     Args:
-      optim: the `config.optim` section.
+      optim: the run's `OptimSettings` (config.optim).
       num_steps: total optimizer steps (cosine schedule only).
 
     Returns:

@@ -8,13 +8,13 @@ TrainState (a pytree):
   rng               typed PRNG key (no randomness is consumed by the step today)
   value_head        the loss's value-head params (`HaloLoss.value_head`: offline PPO), else None
   reference_params  pi_ref (`reference_copy` of the initial policy in
-                    config.reference.param_dtype) when config.reference.source == 'model'
+                    `StepSettings.reference_dtype`) when the reference source is 'model'
                     and the loss uses a reference, else None. Without reference syncing
                     it never changes: a checkpoint may drop it
                     (`state.replace(reference_params=None)`) and rebuild it from the model
                     path. With syncing (`StepSettings.reference_sync`, TR-DPO) the step
                     blends the policy into it, so it must be checkpointed.
-  base_params       under LoRA (config.lora), the frozen base Param state; `params` is then
+  base_params       under LoRA (`StepSettings.lora`), the frozen base Param state; `params` is then
                     the adapters and `reference_params` None or the frozen starting adapter
                     (kto_jax/step/adapters.py). Never checkpointed: re-read from model.path.
   loss_state        the loss's own small state (`HaloLoss.loss_state`: bco's running reward
@@ -36,14 +36,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.sharding import logical_to_mesh, named_shardings
 from kto_jax.models import lora as lora_lib
-from kto_jax.step.adapters import LoraGraph, LoraView, initial_reference, lora_config
+from kto_jax.step.adapters import LoraGraph, LoraView
 from kto_jax.step.settings import StepSettings
 
 Array = jax.Array
@@ -86,22 +85,21 @@ def reference_copy(params: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.dtype(dtype), copy=True), params)
 
 
-def init_train_state(config: ml_collections.ConfigDict, params: Any,
-                     tx: optax.GradientTransformation, hidden_size: int) -> TrainState:
+def init_train_state(settings: StepSettings, params: Any, tx: optax.GradientTransformation,
+                     hidden_size: int) -> TrainState:
     """The initial TrainState around policy `params` (nnx.Param state, or under LoRA a
     `LoraView(base, adapters)`); pure, so it also runs under `jax.eval_shape` (see
     `abstract_train_state`) and inside jit (`init_sharded_state`)."""
-    settings = StepSettings.from_config(config)
     loss = settings.loss
-    key, head_key = jax.random.split(jax.random.key(int(config.train.seed)))
+    key, head_key = jax.random.split(jax.random.key(int(settings.seed)))
     value_head = loss.value_head.init(head_key, hidden_size) if loss.uses_value_head else None
     reference, base = None, None
     if isinstance(params, LoraView):  # LoRA: the reference is the base (+ the starting adapter)
         base, params = params.base, params.adapters
-        if initial_reference(config, loss):
+        if settings.initial_reference:
             reference = reference_copy(params, "float32")
     elif loss.uses_reference and settings.reference_source == "model":
-        reference = reference_copy(params, config.reference.param_dtype)
+        reference = reference_copy(params, settings.reference_dtype)
     loss_state = {k: jnp.asarray(v) for k, v in loss.initial_loss_state().items()} or None
     return TrainState(params=params, opt_state=tx.init((params, value_head)),
                       step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32),
@@ -109,7 +107,7 @@ def init_train_state(config: ml_collections.ConfigDict, params: Any,
                       base_params=base, loss_state=loss_state)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+def create_train_state(settings: StepSettings, model: nnx.Module,
                        tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, initial TrainState) of a run: policy params, optimizer state, reference, value head.
 
@@ -117,28 +115,28 @@ def create_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
     them on their shardings instead.
     """
     graphdef, params = split_model(model)
-    return graphdef, init_train_state(config, params, tx, int(model.config.hidden_size))
+    return graphdef, init_train_state(settings, params, tx, int(model.config.hidden_size))
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, model: nnx.Module,
+def abstract_train_state(settings: StepSettings, model: nnx.Module,
                          tx: optax.GradientTransformation, adapters: Any = None
                          ) -> tuple[Any, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs), allocating nothing: for AOT lowering and
     Orbax restore targets. `model` may be `kto_jax.models.transformer.abstract_model(cfg)`;
     with LoRA `adapters` (`kto_jax.models.lora.abstract_adapters`) the graphdef is a LoraGraph."""
     if adapters is not None:
-        graphdef, params = split_lora(model, adapters, lora_config(config))
+        graphdef, params = split_lora(model, adapters, settings.lora)
     else:
         graphdef, params = split_model(model)
-    init = functools.partial(init_train_state, config, tx=tx,
+    init = functools.partial(init_train_state, settings, tx=tx,
                              hidden_size=int(model.config.hidden_size))
     return graphdef, jax.eval_shape(init, params)
 
 
-def init_sharded_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def init_sharded_state(settings: StepSettings, tx: optax.GradientTransformation,
                        mesh: Mesh, hidden_size: int, make_params: Callable[..., Any], *args: Any,
                        donate: bool = False) -> tuple[TrainState, TrainState]:
-    """(state, shardings): `init_train_state(config, make_params(*args), ...)` in one jit.
+    """(state, shardings): `init_train_state(settings, make_params(*args), ...)` in one jit.
 
     Its outputs carry `train_state_shardings`, so every array (params, optimizer moments,
     reference copy) is born on its devices. `make_params(*args)` returns the policy's
@@ -146,9 +144,9 @@ def init_sharded_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
     `donate=True`, their buffers become the state's), or a random init from a seed.
     """
     def create(*args):
-        return init_train_state(config, make_params(*args), tx, hidden_size)
+        return init_train_state(settings, make_params(*args), tx, hidden_size)
 
-    shardings = train_state_shardings(jax.eval_shape(create, *args), tx, mesh, config.mesh.rules)
+    shardings = train_state_shardings(jax.eval_shape(create, *args), tx, mesh, settings.rules)
     donated = tuple(range(len(args))) if donate else ()
     with jax.set_mesh(mesh):
         state = jax.jit(create, out_shardings=shardings, donate_argnums=donated)(*args)

@@ -33,6 +33,7 @@ padded path's shapes, so the assembly of `stats` below is shared by both layouts
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -116,19 +117,32 @@ def forward_pair(graphdef: nnx.GraphDef, params: Any, mb: Batch, names: tuple[st
                        mb[f"{names[0]}_ids"], mb[f"{names[0]}_mask"], ids2, mask2, vocab_chunk)
 
 
+@dataclasses.dataclass(frozen=True)
+class Forwards:
+    """What a reference forward computes, in the terms of a `HaloLoss` (which is one too):
+    pairs or single completions, with or without the KL pairs and per-token log-probs."""
+    paired: bool
+    uses_kl: bool
+    uses_token_logps: bool = False
+
+
+# log pi(y|x) of the matched pairs alone: what online rounds compare policy and reference on
+MATCHED_ONLY = Forwards(paired=False, uses_kl=False)
+
+
 def frozen(params: Any) -> Any:
     """The parameters as constants for autodiff: applied BEFORE a no-backward forward."""
     return jax.tree.map(jax.lax.stop_gradient, params)
 
 
-def reference_keys(loss: HaloLoss) -> tuple[str, ...]:
+def reference_keys(loss: HaloLoss | Forwards) -> tuple[str, ...]:
     """The keys of `reference_logps` a loss reads, i.e. what a precomputed batch must carry."""
     if loss.paired:
         return PRECOMPUTED_PAIRED_KEYS
     return ("reference_logps",) + (("reference_kl_logps",) if loss.uses_kl else ())
 
 
-def reference_logps(loss: HaloLoss, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
+def reference_logps(loss: HaloLoss | Forwards, graphdef: nnx.GraphDef, reference: Any, mb: Batch,
                     vocab_chunk: int, kl: tuple[Array, Array] | None = None,
                     groups: int = 1) -> dict[str, Array]:
     """The reference forward of one microbatch: float32 [M] log pi_ref per `reference_keys(loss)`.

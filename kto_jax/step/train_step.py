@@ -2,13 +2,12 @@
 
 API (what the trainer and the AOT compiler call):
 
-    loss = get_loss(config.loss.name)                  # kto_jax.losses
-    tx, schedule = make_optimizer(config.optim, num_steps)   # kto_jax.step.optimizer
-    settings = StepSettings.from_config(config, lambda_weights)   # kto_jax.step.settings
-    state, shardings = init_sharded_state(config, tx, mesh, hidden_size, make_params, ...)
-    train_step = make_train_step(config, graphdef, tx, schedule, mesh, shardings, settings)
+    settings = read_settings(config).step                # kto_jax/train/settings.py, once
+    tx, schedule = make_optimizer(optim, num_steps)      # kto_jax.step.optimizer
+    state, shardings = init_sharded_state(settings, tx, mesh, hidden_size, make_params, ...)
+    train_step = make_train_step(settings, graphdef, tx, schedule, mesh, shardings)
     state, metrics = train_step(state, batch)          # `state` is donated
-    eval_step = make_eval_step(config, graphdef, mesh, shardings, settings)
+    eval_step = make_eval_step(settings, graphdef, mesh, shardings)
     metrics = eval_step(state, batch)
     summarize_metrics(jax.device_get(metrics))         # kto_jax.losses; host side
 
@@ -52,12 +51,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kto_jax.batch import is_packed, step_keys
+from kto_jax.batch import BatchSize, is_packed, step_keys
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss
 from kto_jax.sharding import activation_sharding, batch_axes, batch_shards
@@ -79,9 +77,8 @@ def check_batch(batch: Batch, loss: HaloLoss) -> None:
         raise UserError(f"loss {loss.name!r} trains on {layout} batches"
                         f"{' (packed)' if packed else ''}, but the batch lacks {missing}: use "
                         "data of that kind (config.data.format) or another config.loss.name.")
-    if loss.uses_kl and batch["valid"].shape[1] < 2:
-        raise UserError(f"loss {loss.name!r} needs microbatches of at least 2 examples for z0 "
-                        f"(the KL pairs), got {batch['valid'].shape[1]}.")
+    a, m = batch["valid"].shape[:2]
+    BatchSize(a * m, m).check(z0_loss=loss.name if loss.uses_kl else None)
 
 
 # ---------------------------------------------------------------- the math
@@ -220,8 +217,9 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     return dict(jax.tree.map(lambda x: x.sum(0), metrics), tokens=tokens.sum())
 
 
-def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss, graphdef: nnx.GraphDef,
-                   vocab_chunk: int, pack_groups: int = 1) -> dict[str, Array]:
+def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss | step_stats.Forwards,
+                   graphdef: nnx.GraphDef, vocab_chunk: int, pack_groups: int = 1
+                   ) -> dict[str, Array]:
     """float32 [A, M] per key of `stats.reference_keys(loss)` for a batch [A, M, ...]: the step's
     own reference forward (`stats.reference_logps`), a `lax.scan` over its microbatches.
     Packed batches give the same per-example arrays (`pack_groups`: their packing groups)."""
@@ -236,61 +234,53 @@ def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss, graphdef: nn
 
 # ---------------------------------------------------------------- jit wiring
 
-def _check_batch_divisible(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    shards = batch_shards(mesh, config.mesh.rules)
-    if int(config.train.micro_batch_size) % shards:
-        raise UserError(f"config.train.micro_batch_size={config.train.micro_batch_size} must be a "
-                        f"multiple of the {shards} devices the batch is split over (mesh axes "
-                        f"{batch_axes(config.mesh.rules)}); change the micro batch size or config.mesh.")
+def on_mesh(settings: StepSettings, mesh: Mesh) -> StepSettings:
+    """`settings` for `mesh`: its batch sizes checked against the devices the batch is split
+    over, and the packing groups of that mesh (the data pipeline packs each batch shard's
+    examples into rows of their own, kto_jax/data/packing.py, one group per shard)."""
+    shards = batch_shards(mesh, settings.rules)
+    if settings.batch is not None:
+        settings.batch.check(shards=shards, shard_axes=batch_axes(settings.rules))
+    return dataclasses.replace(settings, pack_groups=shards)
 
 
-def _with_pack_groups(settings: StepSettings, config: ml_collections.ConfigDict,
-                      mesh: Mesh) -> StepSettings:
-    """`settings` with the packing groups of `mesh`: the data pipeline packs each batch shard's
-    examples into rows of their own (kto_jax/data/packing.py), one group per shard."""
-    return dataclasses.replace(settings, pack_groups=batch_shards(mesh, config.mesh.rules))
-
-
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+def make_train_step(settings: StepSettings, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
-                    state_shardings: TrainState, settings: StepSettings | None = None
+                    state_shardings: TrainState
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`train_step` for config.loss.name, jitted with explicit shardings; `state` is donated.
+    """`train_step` of `settings` (the runtime's, kto_jax/train/settings.py), jitted with
+    explicit shardings; `state` is donated.
 
-    `settings` default to `StepSettings.from_config(config)` (the config's own lambda weights).
-    Raises UserError at build time for a configuration the loss cannot train with
-    (e.g. a microbatch of 1 for a loss that needs z0).
+    Raises UserError at build time for a batch the mesh cannot split (`on_mesh`).
     """
-    settings = _with_pack_groups(settings or StepSettings.from_config(config), config, mesh)
-    _check_batch_divisible(config, mesh)
+    settings = on_mesh(settings, mesh)
     fn = functools.partial(train_step, graphdef=graphdef, settings=settings, tx=tx,
                            schedule=schedule,
                            grad_shardings=(state_shardings.params, state_shardings.value_head))
-    fn = activation_sharding(fn, mesh, config.mesh.rules)  # activations follow the logical rules
+    fn = activation_sharding(fn, mesh, settings.rules)  # activations follow the logical rules
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, config.mesh.rules)),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, settings.rules)),
                    out_shardings=(state_shardings, replicated), donate_argnames="state")
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                   state_shardings: TrainState, settings: StepSettings | None = None
-                   ) -> Callable[[TrainState, Batch], dict]:
-    """`eval_step` for config.loss.name, jitted with explicit shardings (nothing donated)."""
-    settings = _with_pack_groups(settings or StepSettings.from_config(config), config, mesh)
-    _check_batch_divisible(config, mesh)
+def make_eval_step(settings: StepSettings, graphdef: nnx.GraphDef, mesh: Mesh,
+                   state_shardings: TrainState) -> Callable[[TrainState, Batch], dict]:
+    """`eval_step` of `settings`, jitted with explicit shardings (nothing donated)."""
+    settings = on_mesh(settings, mesh)
     fn = activation_sharding(functools.partial(eval_step, graphdef=graphdef, settings=settings),
-                             mesh, config.mesh.rules)
+                             mesh, settings.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, config.mesh.rules)),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh, settings.rules)),
                    out_shardings=replicated)
 
 
-def make_reference_step(loss: HaloLoss, graphdef: nnx.GraphDef, vocab_chunk: int, mesh: Mesh,
-                        reference_shardings: Any, rules: Any = None
+def make_reference_step(loss: HaloLoss | step_stats.Forwards, graphdef: nnx.GraphDef,
+                        vocab_chunk: int, mesh: Mesh, reference_shardings: Any, rules: Any = None
                         ) -> Callable[[Any, Batch], dict[str, Array]]:
     """`reference_step` as `fn(reference_params, batch) -> {key: [A, M]}`, jitted; the batch on
     `batch_sharding(mesh, rules)`, outputs replicated on every device. With `rules`
     (config.mesh.rules) the model's activations follow them (kto_jax.sharding.constrain).
+    `loss` is what to compute: a HaloLoss, or `stats.MATCHED_ONLY` (log pi(y|x) alone).
     """
     fn = functools.partial(reference_step, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk,
                            pack_groups=batch_shards(mesh, rules))

@@ -11,7 +11,7 @@ logps, and rewards/accuracies where the loss defines it (paired losses).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import jax
 
@@ -27,15 +27,17 @@ _add = jax.jit(add_metrics)
 
 def evaluation_due(run: "Run", step: int) -> bool:
     every = int(run.config.train.eval_every)
-    if every <= 0 or run.data.eval_batches is None:
+    if every <= 0 or run.data is None or run.data.eval_batches is None:
         return False
     return step % every == 0 or step == run.num_steps
 
 
-def evaluate(run: "Run") -> dict[str, float]:
-    """Summarised metrics of the eval step over the whole held-out split."""
+def evaluate(run: "Run", eval_batches: Callable[[], Iterable[dict]] | None = None
+             ) -> dict[str, float]:
+    """Summarised metrics of the eval step over the whole held-out split (`eval_batches`:
+    another split's, e.g. an online round's held-out examples; default the run's)."""
     sums = None
-    for local in run.data.eval_batches():
+    for local in (eval_batches or run.data.eval_batches)():
         metrics = run.eval_step(run.state, batches_lib.to_global(local, run.batch_sharding))
         sums = metrics if sums is None else _add(sums, metrics)
     if sums is None:

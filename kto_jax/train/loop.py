@@ -11,6 +11,7 @@ and naturally differs between runs; metrics.TIMING_KEYS lists those keys.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Mapping
 
@@ -115,39 +116,64 @@ def save_checkpoint(run: Run, step: int, window: MetricsWindow, *, force: bool =
     run.checkpointer.raise_if_save_failed()
     if not force and step % run.checkpointer.every_steps:
         return False
-    return run.checkpointer.save(step, saved_state(run.state, run.settings.reference_sync is not None),
-                                 run.train_iter, run.config_json,
-                                 meta={"window": window.to_host()}, force=force)
+    synced = run.settings.step.reference_sync is not None
+    return run.checkpointer.save(step, saved_state(run.state, synced), run.train_iter,
+                                 run.config_json, meta={"window": window.to_host()}, force=force)
 
 
-def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The steps one `run_loop` trains: from `start` to `stop`, logged every train.log_every
+    steps counted from `origin` (and at `stop`), each logged row carrying `tags`.
+
+    `checkpoints`: the loop saves every checkpoint.every_steps and on SIGTERM (a whole
+    run); False leaves saving to the caller (an online round saves after its evaluation).
+    """
+    start: int
+    stop: int
+    origin: int = 0
+    tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoints: bool = True
+
+
+def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput,
+         tags: Mapping[str, Any]) -> dict:
     record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
+    record.update(tags)
     run.logger.log_train(step, record)
     return record
 
 
-def run_loop(run: Run, guard: PreemptionGuard) -> str:
-    """Trains from run.start_step to run.num_steps; returns "done" or "preempted"."""
-    cfg = run.config.train
+def _warn_once(run: Run, record: Mapping[str, Any]) -> None:
+    """The loss's warning about a logged window (`HaloLoss.window_warnings`), once per run."""
+    warning = None if run.warned else run.settings.loss.window_warning(record)
+    if warning:
+        run.logger.message(warning)
+        run.warned = True
+
+
+def run_loop(run: Run, guard: PreemptionGuard, segment: Segment | None = None) -> str:
+    """Trains `segment` (default: run.start_step to run.num_steps) on run.train_iter;
+    returns "done" or "preempted"."""
+    seg = segment or Segment(run.start_step, run.num_steps)
+    every = int(run.config.train.log_every)
     window, throughput = MetricsWindow(run.window), Throughput(run)
-    step, warned = run.start_step, False
-    while step < run.num_steps:
+    step = seg.start
+    while step < seg.stop:
         if guard.should_stop():
-            save_checkpoint(run, step, window, force=True)
+            if seg.checkpoints:
+                save_checkpoint(run, step, window, force=True)
             return "preempted"
         batch = batches_lib.to_global(next(run.train_iter), run.batch_sharding)
         run.state, metrics = run.train_step(run.state, batch)
         step += 1
         window.add(metrics)
         throughput.add(batch)
-        if step % int(cfg.log_every) == 0 or step == run.num_steps:
-            record = _log(run, step, window, throughput)
-            warning = None if warned else run.settings.loss.window_warning(record)
-            if warning:
-                run.logger.message(warning)
-                warned = True
+        if (step - seg.origin) % every == 0 or step == seg.stop:
+            _warn_once(run, _log(run, step, window, throughput, seg.tags))
         throughput.exclude(maybe_evaluate(run, step))
-        save_checkpoint(run, step, window)
+        if seg.checkpoints:
+            save_checkpoint(run, step, window)
         run.logger.advance()
     return "done"

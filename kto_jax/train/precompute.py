@@ -25,6 +25,7 @@ from kto_jax.step.state import batch_sharding, reference_copy, split_model
 from kto_jax.step.train_step import make_reference_step
 from kto_jax.train import reference_store as rs
 from kto_jax.train import run as run_lib
+from kto_jax.train.settings import read_settings
 
 
 def _stderr(message: str) -> None:
@@ -42,17 +43,17 @@ def precompute_reference(config: ml_collections.ConfigDict, out_dir: str,
     # and the store does not exist yet.
     config = copy.deepcopy(config)
     config.reference.source = "model"
-    data, num_steps = run_lib.prepare_data(config, load_tokenizer(config.model.path))
+    settings = read_settings(config)
+    data, num_steps = run_lib.prepare_data(config, settings, load_tokenizer(settings.model.path))
     mesh = shd.make_mesh(config.mesh)
-    model, _ = run_lib.load_policy(config, mesh)
+    model, _ = run_lib.load_policy(settings, mesh)
     graphdef, params = split_model(model)
     del model
-    reference = reference_copy(params, config.reference.param_dtype)  # the step's frozen copy
+    reference = reference_copy(params, settings.step.reference_dtype)  # the step's frozen copy
     del params
-    sharding = batch_sharding(mesh, config.mesh.rules)
-    fn = make_reference_step(loss, graphdef, int(config.train.logprob_vocab_chunk), mesh,
-                             shd.named_shardings(reference, mesh, config.mesh.rules),
-                             config.mesh.rules)
+    sharding = batch_sharding(mesh, settings.rules)
+    fn = make_reference_step(loss, graphdef, settings.step.vocab_chunk, mesh,
+                             shd.named_shardings(reference, mesh, settings.rules), settings.rules)
     keys = step_stats.reference_keys(loss)
     splits = {}
     with jax.set_mesh(mesh):

@@ -10,6 +10,7 @@ import pytest
 
 from kto_jax.batch import PAIRED_KEYS, UNPAIRED_KEYS
 from kto_jax.data import build_datasets, tokenize
+from kto_jax.train.settings import read_data_settings
 from kto_jax.errors import UserError
 
 from conftest import base_config, conversation, paired_rows, unpaired_rows, write_jsonl
@@ -17,7 +18,7 @@ from conftest import base_config, conversation, paired_rows, unpaired_rows, writ
 
 def build(tokenizer, path, count=1, index=0, **overrides):
     config = base_config(**{"data.train_path": path, **overrides})
-    return build_datasets(config, tokenizer, process_index=index, process_count=count)
+    return build_datasets(read_data_settings(config), tokenizer, process_index=index, process_count=count)
 
 
 class SimulatedProcesses:
@@ -119,7 +120,7 @@ def test_same_seed_same_global_batches_on_one_and_two_processes(tokenizer, unpai
         sim = one if count == 1 else two
         sim.phase("start-up")
         config = base_config(**{"data.train_path": unpaired_file, **overrides})
-        data = build_datasets(config, tokenizer, process_index=index, process_count=count,
+        data = build_datasets(read_data_settings(config), tokenizer, process_index=index, process_count=count,
                               allgather=allgather)
         sim.phase("batches")
         return data.summary, collect(data.train_iter_factory())
@@ -317,7 +318,7 @@ def test_empty_after_filtering(tokenizer, tmp_path):
 def test_config_errors(tokenizer, unpaired_file, overrides, message, monkeypatch):
     config = base_config(**{"data.train_path": unpaired_file, **overrides})
     results = SimulatedProcesses(2, monkeypatch).run(
-        lambda i, g: build_datasets(config, tokenizer, process_index=i, process_count=2,
+        lambda i, g: build_datasets(read_data_settings(config), tokenizer, process_index=i, process_count=2,
                                     allgather=g))
     for result in results:                                   # raised on every process alike
         assert isinstance(result, UserError) and re.search(message, str(result)), result

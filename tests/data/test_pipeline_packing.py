@@ -10,6 +10,7 @@ import pytest
 
 from kto_jax.batch import batch_fields
 from kto_jax.data import build_datasets
+from kto_jax.train.settings import read_data_settings
 from kto_jax.errors import UserError
 
 from conftest import base_config, paired_rows, unpaired_rows, write_jsonl
@@ -29,7 +30,7 @@ def _config(path, loss="kto", **overrides):
 
 
 def _batches(config, tokenizer, index=0, count=1, allgather=None):
-    data = build_datasets(config, tokenizer, process_index=index, process_count=count,
+    data = build_datasets(read_data_settings(config), tokenizer, process_index=index, process_count=count,
                           allgather=allgather)
     return data, collect(data.train_iter_factory())
 
@@ -56,7 +57,7 @@ def test_packed_batches_hold_the_padded_batches_examples(tokenizer, tmp_path, lo
         assert_batches_equal([p], [want])
         assert p[next(iter(p))].shape[1] % 2 == 0  # rows: a multiple of the 2 groups
     assert data.summary.fingerprint != build_datasets(
-        _config(path, loss, **{**PACKING, "data.packing": False}), tokenizer,
+        read_data_settings(_config(path, loss, **{**PACKING, "data.packing": False})), tokenizer,
         process_index=0, process_count=1).summary.fingerprint
 
 
@@ -92,7 +93,7 @@ def test_packed_batches_from_a_prepared_directory_in_worker_processes(tokenizer,
     from kto_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
     path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(45, seed=1))
     out = str(tmp_path / "prepared")
-    prepare(_config(path, **{**PACKING, "data.packing": False}), tokenizer, out)
+    prepare(read_data_settings(_config(path, **{**PACKING, "data.packing": False})), tokenizer, out)
     _, want = _batches(_config(path, **PACKING), tokenizer)
     workers = {"data.worker_count": 1, "data.prefetch": 2}
     _, got = _batches(_config(out, **PACKING, **workers), tokenizer)
@@ -104,7 +105,7 @@ def test_packing_groups_must_divide_the_micro_batch(tokenizer, tmp_path):
     config = _config(path, **PACKING)
     config.mesh.data, config.mesh.tensor = 8, 1   # 8 batch shards, micro batch of 4
     with pytest.raises(UserError, match="micro_batch_size=4 must be a multiple of 8"):
-        build_datasets(config, tokenizer, process_index=0, process_count=1)
+        build_datasets(read_data_settings(config), tokenizer, process_index=0, process_count=1)
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])

@@ -16,6 +16,7 @@ from kto_jax.data import batching, build_datasets, prepared
 from kto_jax.data.prepare import prepare
 from kto_jax.data.prepared import is_prepared
 from kto_jax.data.tokenize import Ragged
+from kto_jax.train.settings import read_data_settings
 from kto_jax.errors import UserError
 
 from conftest import ROOT, base_config, paired_rows, unpaired_rows, write_jsonl
@@ -27,7 +28,7 @@ def _config(path, **overrides):
 
 
 def _batches(config, tokenizer, count=1, index=0):
-    train, evaluation, summary = build_datasets(config, tokenizer, process_index=index,
+    train, evaluation, summary = build_datasets(read_data_settings(config), tokenizer, process_index=index,
                                                 process_count=count)
     return train, evaluation, summary
 
@@ -41,7 +42,7 @@ def test_prepared_directory_gives_the_files_batches_with_each_process_reading_it
     rows = paired_rows(40, seed=3) if overrides.get("loss.name") == "dpo" else unpaired_rows(50, 2)
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     out = str(tmp_path / "prepared")
-    meta = prepare(_config(source, **overrides), tokenizer, out)
+    meta = prepare(read_data_settings(_config(source, **overrides)), tokenizer, out)
     assert is_prepared(out) and not is_prepared(source)
 
     train, evaluation, summary = _batches(_config(source, **overrides), tokenizer)
@@ -73,7 +74,8 @@ def test_prepared_directory_gives_the_files_batches_with_each_process_reading_it
 
 def test_resume_from_a_prepared_directory_is_exact(tokenizer, tmp_path):
     out = str(tmp_path / "prepared")
-    prepare(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(40, 4))), tokenizer, out)
+    prepare(read_data_settings(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(40, 4)))),
+            tokenizer, out)
     factory = _batches(_config(out), tokenizer)[0]
     full = collect(factory(num_epochs=2))
     it = factory(num_epochs=2)
@@ -88,14 +90,15 @@ def test_prepare_raises_the_files_errors_and_training_refuses_other_settings(tok
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": \n')
     with pytest.raises(UserError) as from_prepare:
-        prepare(_config(str(bad)), tokenizer, str(tmp_path / "never"))
+        prepare(read_data_settings(_config(str(bad))), tokenizer, str(tmp_path / "never"))
     with pytest.raises(UserError) as from_training:
         _batches(_config(str(bad)), tokenizer)
     assert str(from_prepare.value) == str(from_training.value)
     assert f"{bad}:2" in str(from_prepare.value)
 
     out = str(tmp_path / "prepared")
-    prepare(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(20, 1))), tokenizer, out)
+    prepare(read_data_settings(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(20, 1)))),
+            tokenizer, out)
     with pytest.raises(UserError, match=re.escape("data.max_length: prepared 64, config 48")):
         _batches(_config(out, **{"data.max_length": 48}), tokenizer)
     with pytest.raises(UserError, match="paired loss"):
@@ -161,7 +164,8 @@ def test_split_written_in_chunks_equals_one_write_and_reads_back_every_row(tmp_p
 
 def test_a_directory_of_an_earlier_format_is_refused_with_the_fix(tokenizer, tmp_path):
     out = tmp_path / "prepared"
-    prepare(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(20, 1))), tokenizer, str(out))
+    prepare(read_data_settings(_config(write_jsonl(tmp_path / "d.jsonl", unpaired_rows(20, 1)))),
+            tokenizer, str(out))
     meta = json.loads((out / "prepared.json").read_text())
     meta["version"] = 1
     (out / "prepared.json").write_text(json.dumps(meta))
@@ -182,7 +186,7 @@ def test_prepare_in_chunks_writes_the_same_bytes_as_in_one_piece(tokenizer, tmp_
     for chunk in (10 ** 6, 7):
         monkeypatch.setattr(prepare_module, "_CHUNK", chunk)
         outs[chunk] = tmp_path / f"out_{chunk}"
-        prepare(config, tokenizer, str(outs[chunk]))
+        prepare(read_data_settings(config), tokenizer, str(outs[chunk]))
     files = sorted(str(p.relative_to(outs[7])) for p in outs[7].rglob("*") if p.is_file())
     assert "train/tokens.bin" in files and "eval/tokens.bin" in files
     assert files == sorted(str(p.relative_to(outs[10 ** 6])) for p in outs[10 ** 6].rglob("*")
@@ -193,8 +197,8 @@ def test_prepare_in_chunks_writes_the_same_bytes_as_in_one_piece(tokenizer, tmp_
     rows = unpaired_rows(30, 3)
     rows[20]["prompt"] = " ".join(["moon"] * 300)                 # overlong, in the third chunk
     with pytest.raises(UserError, match="longer than data.max_length"):
-        prepare(_config(write_jsonl(tmp_path / "long.jsonl", rows),
-                        **{"data.on_overlong": "error"}), tokenizer, str(tmp_path / "failed"))
+        prepare(read_data_settings(_config(write_jsonl(tmp_path / "long.jsonl", rows),
+                        **{"data.on_overlong": "error"})), tokenizer, str(tmp_path / "failed"))
     assert not (tmp_path / "failed" / "train").exists()
 
 
@@ -205,7 +209,7 @@ def test_grain_worker_processes_read_a_prepared_directory(tokenizer, tmp_path):
     overrides = {"data.score_weighting": True, "data.score_threshold": 4.5}
     source = write_jsonl(tmp_path / "d.jsonl", scored)
     out = str(tmp_path / "prepared")
-    meta = prepare(_config(source, **overrides), tokenizer, out)
+    meta = prepare(read_data_settings(_config(source, **overrides)), tokenizer, out)
     assert meta["splits"]["train"]["layout"]["constant_weight"] is None    # scored weights
     reference = collect(_batches(_config(source, **overrides), tokenizer)[0]())
     train = _batches(_config(out, **overrides, **{"data.worker_count": 1, "data.prefetch": 2}),

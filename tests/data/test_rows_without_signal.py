@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kto_jax.data import build_datasets, formats, tokenize
+from kto_jax.train.settings import read_data_settings
 from kto_jax.errors import UserError
 
 from conftest import base_config, conversation, paired_rows, unpaired_rows, write_jsonl
@@ -20,8 +21,8 @@ STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 
 
 
 def build(tokenizer, path, **overrides):
-    return build_datasets(base_config(**{"data.train_path": path, **overrides}), tokenizer,
-                          process_index=0, process_count=1)
+    return build_datasets(read_data_settings(base_config(**{"data.train_path": path, **overrides})),
+                          tokenizer, process_index=0, process_count=1)
 
 
 def test_identical_chosen_and_rejected_are_dropped_with_file_and_line(tokenizer, tmp_path):

@@ -24,6 +24,7 @@ from kto_jax.step import adapters
 from kto_jax.step import stats as step_stats
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.train_step import accumulate_gradients
+from kto_jax.train.settings import resolved_lora, step_settings
 
 RANK, ALPHA = 4, 8.0
 
@@ -38,7 +39,7 @@ def lora_config(loss="kto", **kw):
 
 def build(cfg, mesh, b_scale=0.0):
     """(graphdef, state, shardings, tx, schedule) of a LoRA run on `mesh`; B = b_scale * N(0, 1)."""
-    lcfg = adapters.resolved_lora(cfg, MODEL, get_loss(cfg.loss.name))
+    lcfg = resolved_lora(cfg, MODEL, get_loss(cfg.loss.name))
     model = Transformer(MODEL, rngs=nnx.Rngs(0))
     ad = lora_lib.LoraAdapters(MODEL, lcfg, rngs=nnx.Rngs(1))
     for i, t in enumerate(ad.targets):
@@ -46,7 +47,8 @@ def build(cfg, mesh, b_scale=0.0):
         b.set_value(b_scale * jax.random.normal(jax.random.key(10 + i), b[...].shape))
     tx, schedule = make_optimizer(cfg.optim, 100)
     graphdef, view = S.split_lora(model, ad, lcfg)
-    state, shardings = S.init_sharded_state(cfg, tx, mesh, MODEL.hidden_size, lambda v: v, view)
+    state, shardings = S.init_sharded_state(step_settings(cfg), tx, mesh, MODEL.hidden_size,
+                                            lambda v: v, view)
     return graphdef, state, shardings, tx, schedule
 
 
@@ -85,7 +87,7 @@ def test_step0_policy_equals_reference_exactly():
                                                            y, ym, 48))(v) for v in (policy, reference))
         np.testing.assert_array_equal(pol.logps, ref.logps)
         np.testing.assert_array_equal(pol.token_logps, ref.token_logps)
-    step = S.make_train_step(cfg, graphdef, tx, schedule, one_device(), shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, one_device(), shardings)
     _, metrics = step(state, batch)
     summary = summarize_metrics(jax.device_get(metrics))
     rewards = {k: v for k, v in summary.items()
@@ -98,7 +100,7 @@ def test_lora_gradient_is_projection_of_full_gradient():
     """With B != 0 the adapter gradient is (s G B^T, s A^T G), G the full gradient at W + s A B."""
     cfg = lora_config()
     graphdef, state, _, _, _ = build(cfg, one_device(), b_scale=0.05)
-    settings = S.StepSettings.from_config(cfg)
+    settings = step_settings(cfg)
     batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
     lora_grads, lora_loss, _, _, _ = accumulate_gradients(
         (state.params, None), adapters.frozen_inputs(graphdef, state), batch, graphdef=graphdef,
@@ -134,7 +136,7 @@ def test_eight_device_mesh_gives_the_one_device_lora_step(dropout):
     for name, mesh in (("one", one_device()),
                        ("eight", make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8]))):
         graphdef, state, shardings, tx, schedule = build(cfg, mesh, b_scale=0.02)
-        step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+        step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
         with jax.set_mesh(mesh):
             for _ in range(2):
                 state, metrics = step(state, batch)
@@ -172,7 +174,7 @@ def test_every_kind_of_loss_trains_with_lora(loss):
         cfg.reference.source = "none"
     graphdef, state, shardings, tx, schedule = build(cfg, one_device())
     before = jax.device_get((state.params, state.value_head))
-    step = S.make_train_step(cfg, graphdef, tx, schedule, one_device(), shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, one_device(), shardings)
     state, metrics = step(state, make_batch(2, paired=get_loss(loss).paired))
     assert np.isfinite(float(metrics["grad_norm"])) and int(metrics["skipped_updates"]) == 0
     after = jax.device_get((state.params, state.value_head))
@@ -194,8 +196,8 @@ def test_precomputed_reference_with_lora_matches_the_model_reference():
     )(state.base_params, batch)
     cfg_pre = lora_config()
     cfg_pre.reference.source = "precomputed"
-    step_model = S.make_train_step(cfg, graphdef, tx, schedule, one_device(), shardings)
-    step_pre = S.make_train_step(cfg_pre, graphdef, tx, schedule, one_device(), shardings)
+    step_model = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, one_device(), shardings)
+    step_pre = S.make_train_step(step_settings(cfg_pre), graphdef, tx, schedule, one_device(), shardings)
     s1 = jax.tree.map(lambda x: x.copy(), state)
     _, m_model = step_model(state, batch)
     _, m_pre = step_pre(s1, dict(batch, **jax.device_get(stored)))
@@ -208,9 +210,9 @@ def test_bad_lora_settings_are_user_errors_before_anything_is_built(tmp_path):
                         ({"target_modules": ("q_proj", "qkv")}, "unknown module(s) qkv"),
                         ({"init_from": str(tmp_path)}, "adapter_config.json")):
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            adapters.resolved_lora(lora_config(**kw), MODEL, get_loss("kto"))
+            resolved_lora(lora_config(**kw), MODEL, get_loss("kto"))
     cfg = lora_config(init_from=str(tmp_path))
     cfg.reference.source = "precomputed"  # stored base log-probs are not base + adapter
     with pytest.raises(UserError, match="reference.source='model'"):
-        adapters.resolved_lora(cfg, MODEL, get_loss("kto"))
-    assert adapters.resolved_lora(make_config(), MODEL, get_loss("kto")) is None  # rank 0: off
+        resolved_lora(cfg, MODEL, get_loss("kto"))
+    assert resolved_lora(make_config(), MODEL, get_loss("kto")) is None  # rank 0: off

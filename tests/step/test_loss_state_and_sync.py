@@ -16,6 +16,7 @@ from kto_jax.models.transformer import Transformer
 from kto_jax.sharding import make_mesh
 from kto_jax.step import stats as step_stats
 from kto_jax.step.optimizer import make_optimizer
+from kto_jax.train.settings import step_settings
 
 
 def one_device():
@@ -24,13 +25,13 @@ def one_device():
 
 def build(cfg):
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, state = S.create_train_state(cfg, Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
     if state.reference_params is not None:
         state = state.replace(reference_params=sharper_reference(state.params))
     mesh = one_device()
     shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
-    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
-    evaluate = S.make_eval_step(cfg, graphdef, mesh, shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
+    evaluate = S.make_eval_step(step_settings(cfg), graphdef, mesh, shardings)
     return graphdef, jax.device_put(state, shardings), step, evaluate
 
 
@@ -95,7 +96,7 @@ def test_reference_sync_blends_the_policy_every_tau_steps():
 
 def test_humanline_syncs_every_step_by_default():
     cfg = make_config("humanline")
-    assert S.StepSettings.from_config(cfg).reference_sync == (1, 1.0)
+    assert step_settings(cfg).reference_sync == (1, 1.0)
     graphdef, state, step, _ = build(cfg)
     params0 = jax.device_get(state.params)
     state1, metrics = step(fresh(state), make_batch(35))
@@ -109,23 +110,23 @@ def test_reference_sync_config_errors():
     cfg.reference.sync_every = 4
     cfg.reference.source = "precomputed"
     with pytest.raises(UserError, match="sync_every=4.*stored reference log-probs cannot follow"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
     cfg = make_config("kto")
     cfg.reference.sync_every, cfg.lora.rank = 4, 8
     with pytest.raises(UserError, match="LoRA.*lora.rank=0"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
     cfg = make_config("humanline")
     cfg.lora.rank = 8
     with pytest.raises(UserError, match="loss 'humanline' \\(which syncs its reference every 1"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
     cfg = make_config("orpo")
     cfg.reference.sync_every = 2
     with pytest.raises(UserError, match="no reference model to sync"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
     cfg = make_config("kto")
     cfg.reference.sync_every, cfg.reference.sync_alpha = 2, 1.5
     with pytest.raises(UserError, match="sync_alpha=1.5 must lie in \\(0, 1\\]"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
 
 
 def test_kl_pairs_wrap_around_the_real_rows():

@@ -23,13 +23,14 @@ from kto_jax.sharding import make_mesh
 from kto_jax.step import adapters
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.train_step import accumulate_gradients
+from kto_jax.train.settings import step_settings
 
 TOL = 1e-5
 
 
 def _state(cfg):
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, state = S.create_train_state(cfg, Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
     if state.reference_params is not None:
         state = state.replace(reference_params=sharper_reference(state.params))
     if state.value_head is not None:  # a non-zero last layer: the values reach the loss
@@ -38,7 +39,7 @@ def _state(cfg):
 
 
 def _gradients(cfg, graphdef, state, batch):
-    settings = S.StepSettings.from_config(cfg)
+    settings = step_settings(cfg)
     fn = jax.jit(functools.partial(accumulate_gradients, graphdef=graphdef, settings=settings))
     return fn((state.params, state.value_head), adapters.frozen_inputs(graphdef, state), batch,
               loss_state=state.loss_state)
@@ -95,8 +96,9 @@ def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
     for mesh, b in ((one, batch), (eight, packed)):
         shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
         s = jax.device_put(fresh(state), shardings)
-        evaluated = S.make_eval_step(cfg, graphdef, mesh, shardings)(s, b)
-        new_state, metrics = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)(s, b)
+        evaluated = S.make_eval_step(step_settings(cfg), graphdef, mesh, shardings)(s, b)
+        new_state, metrics = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh,
+                                               shardings)(s, b)
         results.append((jax.device_get(new_state.params), jax.device_get(metrics),
                         jax.device_get(evaluated)))
     (params, metrics, evaluated), (p_params, p_metrics, p_evaluated) = results

@@ -23,6 +23,7 @@ from kto_jax.models.transformer import Transformer, abstract_model
 from kto_jax.sharding import make_mesh
 from kto_jax.step import stats as step_stats
 from kto_jax.step.optimizer import make_optimizer
+from kto_jax.train.settings import step_settings
 
 
 def hand_kto(graphdef, params, reference, batch, hp):
@@ -66,12 +67,12 @@ def setup():
     cfg = make_config()
     model = Transformer(MODEL, rngs=nnx.Rngs(0))
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, state = S.create_train_state(cfg, model, tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), model, tx)
     state = state.replace(reference_params=sharper_reference(state.params))
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
     state = jax.device_put(state, shardings)
-    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
     return dict(cfg=cfg, tx=tx, schedule=schedule, graphdef=graphdef, state=state, step=step,
                 mesh=mesh)
 
@@ -185,14 +186,14 @@ def test_a_few_kto_steps_lower_the_loss_and_widen_the_reward_margin(setup):
 def test_microbatch_of_one_is_rejected_at_build_time(setup):
     cfg = make_config(micro=1, accum=8)
     with pytest.raises(UserError, match="micro_batch_size=1.*at least 2"):
-        S.make_train_step(cfg, setup["graphdef"], setup["tx"], optax.constant_schedule(0.0),
-                          setup["mesh"], None)
+        S.make_train_step(step_settings(cfg), setup["graphdef"], setup["tx"],
+                          optax.constant_schedule(0.0), setup["mesh"], None)
 
 
 def test_microbatch_not_divisible_by_the_batch_devices_is_rejected(setup):
     mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     with pytest.raises(UserError, match="multiple of the 8 devices"):
-        S.make_train_step(make_config(micro=4), setup["graphdef"], setup["tx"],
+        S.make_train_step(step_settings(make_config(micro=4)), setup["graphdef"], setup["tx"],
                           optax.constant_schedule(0.0), mesh, None)
 
 
@@ -200,11 +201,11 @@ def test_reference_source_mismatches_are_user_errors():
     cfg = make_config()
     cfg.reference.source = "none"
     with pytest.raises(UserError, match="needs a reference"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
     cfg = make_config(loss="ppo_offline")
     cfg.reference.source = "precomputed"
     with pytest.raises(UserError, match="per-token reference"):
-        S.StepSettings.from_config(cfg)
+        step_settings(cfg)
 
 
 def test_step_on_an_8_device_mesh_matches_one_device(setup):
@@ -214,7 +215,7 @@ def test_step_on_an_8_device_mesh_matches_one_device(setup):
     mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     shardings = S.train_state_shardings(setup["state"], tx, mesh, cfg.mesh.rules)
     assert shardings.params["lm_head"].get_value().spec[0] == "fsdp"
-    step8 = S.make_train_step(cfg, g, tx, setup["schedule"], mesh, shardings)
+    step8 = S.make_train_step(step_settings(cfg), g, tx, setup["schedule"], mesh, shardings)
     batch = make_batch(8)
     one_state, one = setup["step"](fresh(setup["state"]), batch)
     eight_state, eight = step8(jax.device_put(fresh(setup["state"]), shardings), batch)
@@ -232,14 +233,14 @@ def test_abstract_state_lowers_on_a_mesh_with_the_state_donated():
     cfg = make_config()
     cfg.reference.param_dtype = "bfloat16"
     tx, schedule = make_optimizer(cfg.optim, 10)
-    graphdef, state = S.abstract_train_state(cfg, abstract_model(MODEL), tx)
+    graphdef, state = S.abstract_train_state(step_settings(cfg), abstract_model(MODEL), tx)
     assert {x.dtype for x in jax.tree.leaves(state.reference_params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, shardings)
-    step = S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
 
     def abstract(batch):
         sharding = S.batch_sharding(mesh, cfg.mesh.rules)

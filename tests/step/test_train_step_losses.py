@@ -12,6 +12,7 @@ from kto_jax.losses import summarize_metrics
 from kto_jax.models.transformer import Transformer
 from kto_jax.sharding import make_mesh
 from kto_jax.step.optimizer import make_optimizer
+from kto_jax.train.settings import step_settings
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,12 @@ def mesh():
 def build(cfg, mesh, *, train=True):
     """(graphdef, state, step fn) for `cfg` on `mesh`; the model is the same random init."""
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, state = S.create_train_state(cfg, Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
     shardings = S.train_state_shardings(state, tx, mesh, cfg.mesh.rules)
     state = jax.device_put(state, shardings)
     if train:
-        return graphdef, state, S.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
-    return graphdef, state, S.make_eval_step(cfg, graphdef, mesh, shardings)
+        return graphdef, state, S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
+    return graphdef, state, S.make_eval_step(step_settings(cfg), graphdef, mesh, shardings)
 
 
 def test_a_few_dpo_steps_lower_the_loss_and_widen_the_margin(mesh):

@@ -9,7 +9,7 @@ import pytest
 from kto_jax.config import load_config
 from kto_jax.losses.registry import get_loss
 from kto_jax.step.optimizer import make_optimizer
-from kto_jax.step.settings import check_step_config
+from kto_jax.train.settings import step_settings
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "configs")
@@ -23,7 +23,7 @@ def _load(name: str):
                          ids=os.path.basename)
 def test_config_loads_and_is_trainable(path):
     config = _load(os.path.basename(path))
-    check_step_config(config, get_loss(config.loss.name))
+    step_settings(config)
     make_optimizer(config.optim, 100)
     assert config.train.global_batch_size % config.train.micro_batch_size == 0
 

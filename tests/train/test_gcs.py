@@ -166,6 +166,7 @@ import hashlib, json, sys
 import numpy as np
 from kto_jax.config import config_file
 from kto_jax.data import batching, build_datasets
+from kto_jax.train.settings import read_data_settings
 from kto_jax.data.iterator import PlanBatch
 from kto_jax.models import load_tokenizer
 
@@ -184,12 +185,12 @@ def digest(batches):
             h.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
     return h.hexdigest()
 
-out = {"file": digest(build_datasets(config(source), tokenizer, process_index=0,
+out = {"file": digest(build_datasets(read_data_settings(config(source)), tokenizer, process_index=0,
                                      process_count=1).train_iter_factory()),
        "processes": []}
 halves = []
 for index in range(2):
-    it = build_datasets(config(url), tokenizer, process_index=index,
+    it = build_datasets(read_data_settings(config(url)), tokenizer, process_index=index,
                         process_count=2).train_iter_factory()
     halves.append(list(it))
     split, plans = it._args["split"], it._args["plans"]

@@ -26,6 +26,7 @@ from kto_jax.step import stats as step_stats
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.train_step import reference_step
 from kto_jax.train import reference_store as rs
+from kto_jax.train.settings import read_settings, step_settings
 
 MODEL = tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
              num_kv_heads=1, head_dim=16)
@@ -62,7 +63,7 @@ def states():
     model = Transformer(MODEL, rngs=nnx.Rngs(0))
     cfg = make_config("model")
     tx, schedule = make_optimizer(cfg.optim, 10)
-    graphdef, state = S.create_train_state(cfg, model, tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), model, tx)
     state = state.replace(reference_params=sharper_reference(state.params))
     return dict(mesh=mesh, graphdef=graphdef, state=state, tx=tx, schedule=schedule)
 
@@ -73,7 +74,7 @@ def run_step(states, source, batch):
     if source == "precomputed":
         state = state.replace(reference_params=None)
     shardings = S.train_state_shardings(state, states["tx"], states["mesh"], cfg.mesh.rules)
-    step = S.make_train_step(cfg, states["graphdef"], states["tx"], states["schedule"],
+    step = S.make_train_step(step_settings(cfg), states["graphdef"], states["tx"], states["schedule"],
                              states["mesh"], shardings)
     return step(jax.device_put(state, shardings), batch)
 
@@ -243,10 +244,11 @@ def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run, store_d
     assert meta["splits"]["train"]["num_batches"] == 5 and "eval" in meta["splits"]
     config, _, _ = load_config([*tiny_run["argv"], "--config.reference.source=precomputed",
                                 f"--config.data.reference_logps_path={out}"])
-    data, _ = run_lib.prepare_data(config, load_tokenizer(config.model.path))
+    settings = read_settings(config)
+    data, _ = run_lib.prepare_data(config, settings, load_tokenizer(config.model.path))
     data = rs.attach_to_datasets(config, data)
     mesh = make_mesh(config.mesh)
-    model, _ = run_lib.load_policy(config, mesh)
+    model, _ = run_lib.load_policy(settings, mesh)
     graphdef, params = S.split_model(model)
     loss = get_loss("kto")
     direct = jax.jit(lambda p, b: batch_reference_logps(loss, graphdef, p, b, 8192))
