@@ -22,8 +22,9 @@ One set of base weights serves both forwards:
     reference = model                                       # base alone
     reference = attach(model, frozen_initial_adapters)      # base + a starting (SFT) adapter
 
-Which adapters exist is `LoraConfig` (config.lora): `LoraConfig.from_config(config.lora)`,
-checked by `validate(...)` before anything is compiled.
+Which adapters exist is `LoraConfig` (config.lora, read once by the runtime:
+kto_jax/train/settings.py, `resolve_lora`), checked by `validate(...)` before anything is
+compiled.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class LoraConfig:
 
     @classmethod
     def from_config(cls, lora: Any) -> LoraConfig:
-        """From config.lora (a ConfigDict or mapping); target_modules may be a list or a
-        comma/space separated string (as given on the command line)."""
+        """From config.lora as a mapping (the runtime passes its fields); target_modules may
+        be a list or a comma/space separated string (as given on the command line)."""
         get = lora.get if hasattr(lora, "get") else lambda k, d=None: getattr(lora, k, d)
         targets = get("target_modules", TARGET_MODULES)
         if isinstance(targets, str):
