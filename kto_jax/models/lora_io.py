@@ -4,6 +4,8 @@ PEFT layout (what `peft.PeftModel.from_pretrained(hf_model, DIR)` loads):
   adapter_config.json          peft_type LORA, r, lora_alpha, target_modules, ...
   adapter_model.safetensors    base_model.model.model.layers.{i}.<self_attn|mlp>.<target>.lora_A.weight [r, in]
                                base_model.model.model.layers.{i}.<...>.lora_B.weight              [out, r]
+(a multimodal model's language model: base_model.model.model.language_model.layers.{i}...,
+and `exclude_modules` keeps PEFT off the vision tower's projections of the same names)
 with HF's delta W_hf = (alpha / r) lora_B @ lora_A. In our layout (kto_jax.models.params)
 the delta is (alpha / r) A B with A [*in, r], B [r, *out], so per layer
 lora_A = A.reshape(-1, r).T and lora_B = B.reshape(r, -1).T: the same flattening of
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -38,27 +41,39 @@ __all__ = ["save_peft", "save_merged", "read_peft", "read_peft_config", "to_peft
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_KEY = "base_model.model.model.layers.{i}.{path}.lora_{factor}.weight"
+_KEY = "base_model.model.{layer}{path}.lora_{factor}.weight"
 # PEFT features our adapters do not have: config key -> the value meaning "not used".
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
                 "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
                 "alpha_pattern": {}, "target_parameters": None, "layer_replication": None}
 
 
-def peft_key(layer: int, target: str, factor: str) -> str:
-    """The PEFT tensor name of one factor ('A' or 'B') of `target` in decoder layer `layer`."""
-    return _KEY.format(i=layer, path=lora_lib.TARGET_HF_PATHS[target], factor=factor)
+def layer_prefix(config: ModelConfig | None) -> str:
+    """The HF module path of decoder layer {i}: 'model.layers.{i}.', or where the family's rows
+    put it (a multimodal checkpoint's language model: 'model.language_model.layers.{i}.')."""
+    if config is None:
+        return "model.layers.{i}."
+    q_proj = next(r for r in config.family.rows if r.path == ("layers", "q_proj"))
+    return q_proj.hf_name.removesuffix(lora_lib.TARGET_HF_PATHS["q_proj"] + ".weight")
 
 
-def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int) -> dict[str, np.ndarray]:
+def peft_key(layer: int, target: str, factor: str, config: ModelConfig | None = None) -> str:
+    """The PEFT tensor name of one factor ('A' or 'B') of `target` in decoder layer `layer`
+    (of a model of `config`'s family; None: Llama's layout)."""
+    return _KEY.format(layer=layer_prefix(config).format(i=layer), path=lora_lib.TARGET_HF_PATHS[target],
+                       factor=factor)
+
+
+def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int,
+                    config: ModelConfig | None = None) -> dict[str, np.ndarray]:
     """{PEFT name: float32 host array} of every factor of every layer."""
     tensors = {}
     for target in adapters.targets:
         a, b = (_to_host(x).astype(np.float32) for x in adapters.factors(target))
         r = a.shape[-1]
         for i in range(num_layers):
-            tensors[peft_key(i, target, "A")] = np.ascontiguousarray(a[i].reshape(-1, r).T)
-            tensors[peft_key(i, target, "B")] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+            tensors[peft_key(i, target, "A", config)] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+            tensors[peft_key(i, target, "B", config)] = np.ascontiguousarray(b[i].reshape(r, -1).T)
     return tensors
 
 
@@ -66,12 +81,14 @@ def save_peft(adapters: lora_lib.LoraAdapters, model_config: ModelConfig, out_di
               base_model_name_or_path: str = "") -> None:
     """Write adapter_config.json + adapter_model.safetensors (float32) that `peft` loads
     onto the original HF model. Only process 0 writes."""
-    tensors = to_peft_tensors(adapters, model_config.num_layers)
+    tensors = to_peft_tensors(adapters, model_config.num_layers, model_config)
     rank = adapters.factors(adapters.targets[0])[0].shape[-1]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank),
               "lora_alpha": float(adapters.scale * rank), "lora_dropout": float(adapters.dropout),
               "target_modules": list(adapters.targets), "base_model_name_or_path": base_model_name_or_path or None,
               "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED}
+    if model_config.family.passthrough:  # e.g. a vision tower whose q/k/v_proj share our targets' names
+        config["exclude_modules"] = "(" + "|".join(re.escape(p) for p in model_config.family.passthrough) + ").*"
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -136,8 +153,8 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
     except (FileNotFoundError, SafetensorError) as e:
         raise UserError(f"config.lora.init_from={directory!r}: cannot read {ADAPTER_WEIGHTS}: {e}") from e
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
-    expected = {peft_key(i, t, f) for i in range(model_config.num_layers) for t in found.target_modules
-                for f in "AB"}
+    expected = {peft_key(i, t, f, model_config) for i in range(model_config.num_layers)
+                for t in found.target_modules for f in "AB"}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise UserError(f"config.lora.init_from={directory!r} does not match the base model "
@@ -151,7 +168,7 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
         shape = var.get_value().shape
         value = np.empty(shape, np.float32)
         for i in range(model_config.num_layers):
-            name = peft_key(i, target, factor.upper())
+            name = peft_key(i, target, factor.upper(), model_config)
             tensor = tensors[name]
             want = (found.rank, int(np.prod(shape[1:-1]))) if factor == "a" else (int(np.prod(shape[2:])), found.rank)
             if tuple(tensor.shape) != want:

@@ -66,6 +66,35 @@ def test_ours_merged_export_and_peft_agree(base, batch, tmp_path):
     assert np.abs(ours[real] - base_logits).max() > 1e-2  # the adapters matter
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_multimodal"])
+def test_gemma_all_seven_projections_merged_and_peft_agree(name, batch, tmp_path):
+    """LoRA on q/k/v/o/gate/up/down of Gemma 2 (soft-caps) and of the multimodal Gemma 3's
+    language model: our logits = the merged export's = peft's on the original HF model, and
+    peft adapts the language model only (its vision tower has q/k/v_proj too)."""
+    path = str(tmp_path / "base")
+    make_hf_model(name).save_pretrained(path)
+    model, config = from_pretrained(path)
+    ids, mask, pos = batch
+    adapters = lora.LoraAdapters(config, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(2))
+    assert adapters.targets == lora.TARGET_MODULES  # all seven
+    for key, t in zip(jax.random.split(jax.random.key(5), 7), adapters.targets):
+        var = getattr(adapters, t + lora.B_SUFFIX)
+        var.set_value(0.1 * jax.random.normal(key, var[...].shape))
+    ours = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    lora_io.save_merged(model, adapters, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    lora_io.save_peft(adapters, config, str(tmp_path / "peft"), base_model_name_or_path=path)
+    peft_model = peft.PeftModel.from_pretrained(_hf_base(path), str(tmp_path / "peft")).eval()
+    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 7 * config.num_layers and not [n for n in adapted if "vision" in n]
+    real = mask.astype(bool)
+    for other in (hf_logits(merged.eval(), ids, mask, pos), hf_logits(peft_model, ids, mask, pos)):
+        np.testing.assert_allclose(ours[real], other[real], atol=1e-4, rtol=0)
+    assert np.abs(ours[real] - hf_logits(_hf_base(path), ids, mask, pos)[real]).max() > 1e-2
+    back = lora_io.read_peft(str(tmp_path / "peft"), config, lora.LoraConfig())
+    np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
+
+
 def test_adapter_made_by_peft_imports_to_the_same_logits(base, batch, tmp_path):
     path, model, config = base
     ids, mask, pos = batch
