@@ -28,9 +28,9 @@ from kto_jax.train.settings import step_settings
 TOL = 1e-5
 
 
-def _state(cfg):
+def _state(cfg, model=MODEL):
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, state = S.create_train_state(step_settings(cfg), Transformer(MODEL, rngs=nnx.Rngs(0)), tx)
+    graphdef, state = S.create_train_state(step_settings(cfg), Transformer(model, rngs=nnx.Rngs(0)), tx)
     if state.reference_params is not None:
         state = state.replace(reference_params=sharper_reference(state.params))
     if state.value_head is not None:  # a non-zero last layer: the values reach the loss
@@ -52,13 +52,36 @@ def _max_abs_diff(got, want) -> float:
                for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
+# Gemma-shaped variants of step_testlib's MODEL: sliding windows shorter than the examples
+# (11 tokens), soft-capped attention and final logits the random logits reach (Gemma 2),
+# q/k norms and two RoPE tables (Gemma 3).
+GEMMA_MODELS = {
+    "gemma2": MODEL.replace(architecture="Gemma2ForCausalLM", sliding_window=4, query_pre_attn_scalar=24,
+                            attn_logit_softcap=0.05, final_logit_softcap=0.3,
+                            layer_types=("sliding_attention", "full_attention")),
+    "gemma3": MODEL.replace(architecture="Gemma3ForCausalLM", qk_norm=True, sliding_window=4,
+                            rope_theta=1e6, rope_local_theta=1e4,
+                            rope_scaling={"rope_type": "linear", "factor": 8.0},
+                            layer_types=("sliding_attention", "full_attention")),
+}
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_packed_step_equals_padded_step(name):
+    _check_packed_equals_padded(name, MODEL)
+
+
+@pytest.mark.parametrize("name, family", [("kto", "gemma2"), ("dpo", "gemma2"), ("kto", "gemma3")])
+def test_gemma_packed_step_equals_padded_step(name, family):
+    _check_packed_equals_padded(name, GEMMA_MODELS[family])
+
+
+def _check_packed_equals_padded(name, model):
     paired = get_loss(name).paired
     cfg = make_config(name)
     if name == "kto_reference_free" or not get_loss(name).uses_reference:
         cfg.reference.source = "none"
-    _, _, graphdef, state = _state(cfg)
+    _, _, graphdef, state = _state(cfg, model)
     batch = make_batch(21, paired=paired)
     batch["valid"][1, 5] = False
     if not paired:
