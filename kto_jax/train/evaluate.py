@@ -26,7 +26,7 @@ _add = jax.jit(add_metrics)
 
 
 def evaluation_due(run: "Run", step: int) -> bool:
-    every = int(run.config.train.eval_every)
+    every = run.settings.train.eval_every
     if every <= 0 or run.data is None or run.data.eval_batches is None:
         return False
     return step % every == 0 or step == run.num_steps
@@ -43,7 +43,7 @@ def evaluate(run: "Run", eval_batches: Callable[[], Iterable[dict]] | None = Non
     if sums is None:
         return {}
     return summarize_metrics(jax.device_get(sums),
-                             metric_names.averaging(run.config.train.metric_names))
+                             metric_names.averaging(run.settings.train.metric_names))
 
 
 def maybe_evaluate(run: "Run", step: int) -> float:

@@ -138,7 +138,7 @@ class Segment:
 
 def _log(run: Run, step: int, window: MetricsWindow, throughput: Throughput,
          tags: Mapping[str, Any]) -> dict:
-    record = window.pop_summary(metric_names.averaging(run.config.train.metric_names))
+    record = window.pop_summary(metric_names.averaging(run.settings.train.metric_names))
     record.update(throughput.pop(record.get("tokens") or 0.0))
     record.update(tags)
     run.logger.log_train(step, record)
@@ -157,7 +157,7 @@ def run_loop(run: Run, guard: PreemptionGuard, segment: Segment | None = None) -
     """Trains `segment` (default: run.start_step to run.num_steps) on run.train_iter;
     returns "done" or "preempted"."""
     seg = segment or Segment(run.start_step, run.num_steps)
-    every = int(run.config.train.log_every)
+    every = run.settings.train.log_every
     window, throughput = MetricsWindow(run.window), Throughput(run)
     step = seg.start
     while step < seg.stop:

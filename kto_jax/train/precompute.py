@@ -57,7 +57,7 @@ def precompute_reference(config: ml_collections.ConfigDict, out_dir: str,
     keys = step_stats.reference_keys(loss)
     splits = {}
     with jax.set_mesh(mesh):
-        train = data.train_iter_factory(forever=int(config.train.num_steps) > 0)
+        train = data.train_iter_factory(forever=settings.train.num_steps > 0)
         splits["train"] = rs.compute_split(iter(train), num_steps, fn, reference, sharding, keys,
                                            log, "train")
         if data.eval_batches is not None:

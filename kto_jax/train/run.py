@@ -130,9 +130,9 @@ def prepare_data(config: ml_collections.ConfigDict, settings: RunSettings, token
     data = build_datasets(settings.data, tokenizer)
     # reference.source="precomputed": every batch gets its stored reference log-probs.
     data = reference_store.attach_to_datasets(config, data)
-    num_steps = int(config.train.num_steps)
+    num_steps = settings.train.num_steps
     if num_steps <= 0:
-        num_steps = data.summary.train.batches_per_epoch * int(config.data.num_epochs)
+        num_steps = data.summary.train.batches_per_epoch * int(settings.data.num_epochs)
     if num_steps <= 0:
         raise UserError("the training split gives no full batch: lower "
                         "config.train.global_batch_size or add data.")
@@ -227,27 +227,20 @@ def lora_summary(state: TrainState, reference: str | None = None) -> str:
             f"{base:,} frozen base parameters); the reference is {reference}")
 
 
-def check_config_changes(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
-                         config_json: str, workdir: str) -> str | None:
+def check_config_changes(checkpointer: Checkpointer, settings: RunSettings, config_json: str,
+                         workdir: str) -> str | None:
     """UserError when a resume changes the run's mathematics (kto_jax/train/config_change.py);
     otherwise the warning line naming what changed, or None."""
     return config_change.check_resume(checkpointer.restore_config(), json.loads(config_json),
-                                      allow=bool(config.train.get("allow_config_change", False)),
-                                      where=workdir)
+                                      allow=settings.train.allow_config_change, where=workdir)
 
 
-def open_logger(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
-                start_step: int, lines: list[str | None]) -> MetricsLogger:
-    """The run's MetricsLogger (process 0 writes), continuing at `start_step`, with its
-    first messages: `lines` in order, the None ones skipped (e.g. the resume line of a
-    fresh run)."""
-    logger = MetricsLogger(workdir, total_steps=total_steps, start_step=start_step,
-                           enabled=jax.process_index() == 0,
-                           metric_names=config.train.metric_names)
-    for line in lines:
-        if line:
-            logger.message(line)
-    return logger
+def open_logger(settings: RunSettings, workdir: str, total_steps: int,
+                start_step: int) -> MetricsLogger:
+    """The run's MetricsLogger (process 0 writes), continuing at `start_step`."""
+    return MetricsLogger(workdir, total_steps=total_steps, start_step=start_step,
+                         enabled=jax.process_index() == 0,
+                         metric_names=settings.train.metric_names)
 
 
 def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, tokenizer) -> None:
@@ -262,15 +255,15 @@ def write_run_files(workdir: str, config_json: str, model_config: ModelConfig, t
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds (or restores) everything a run needs; see the module docstring."""
     check_paths(config)
-    check_scheme(config.train.metric_names)  # before any heavy work
+    check_scheme(config.train.metric_names)  # before any heavy work (and reading the rest)
     settings = read_settings(config)  # every shared setting checked, LoRA resolved: before loading
     workdir = paths.resolve(workdir)
     tokenizer = load_tokenizer(settings.model.path)
     data, num_steps = prepare_data(config, settings, tokenizer)
     settings = with_data_weights(settings, data)
-    train_iter = data.train_iter_factory(forever=int(config.train.num_steps) > 0)
+    train_iter = data.train_iter_factory(forever=settings.train.num_steps > 0)
     run = assemble_run(config, settings, workdir, tokenizer, num_steps=num_steps, data=data,
-                       train_iter=train_iter, checkpoint_every=int(config.checkpoint.every_steps))
+                       train_iter=train_iter, checkpoint_every=settings.train.checkpoint_every)
     log_lines(run, [f"resuming from step {run.start_step} of {num_steps} in {workdir}"
                     if run.resuming else None,
                     run.changes, *data.summary.lines(),
@@ -305,12 +298,12 @@ def assemble_run(config: ml_collections.ConfigDict, settings: RunSettings, workd
     config_json = config_to_json(config, loss=settings.step.hparams)
     mesh = shd.make_mesh(config.mesh)
     tx, schedule = make_optimizer(settings.optim, num_steps)
-    ck = config.checkpoint
     checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINT_DIR),
-                                every_steps=checkpoint_every, keep=ck.keep,
-                                async_save=ck.async_save)
+                                every_steps=checkpoint_every, keep=settings.train.checkpoint_keep,
+                                async_save=settings.train.async_save)
     resuming = checkpointer.latest_step() is not None
-    changes = check_config_changes(checkpointer, config, config_json, workdir) if resuming else None
+    changes = (check_config_changes(checkpointer, settings, config_json, workdir) if resuming
+               else None)
     model, model_config = load_policy(settings, mesh)
     graphdef, state, shardings = initial_state(settings, model, tx, mesh,
                                                adapter_reference=adapter_reference)
@@ -322,7 +315,7 @@ def assemble_run(config: ml_collections.ConfigDict, settings: RunSettings, workd
     elif jax.process_index() == 0:
         for name in (layout.METRICS_FILE, layout.EVAL_METRICS_FILE):
             truncate_after(layout.path(workdir, name), -1)  # a fresh run: no rows of a dead one
-    logger = open_logger(config, workdir, num_steps, start_step, [])
+    logger = open_logger(settings, workdir, num_steps, start_step)
     write_run_files(workdir, config_json, model_config, tokenizer)
     device = jax.devices()[0]
     return Run(

@@ -7,7 +7,7 @@
 
 `read_settings` turns the `ConfigDict` into frozen dataclasses, one per part of the
 package that reads them (the model, the data pipeline, the batch, the loss and its
-hyperparameters, LoRA, the step, the optimizer), checks every setting they share
+hyperparameters, LoRA, the step, the optimizer, the run's loop and checkpoints), checks every setting they share
 once (the batch sizes against the loss; the reference source against the loss; the
 reference syncing) and resolves what needs resolving once: LoRA, with lora.init_from's
 adapter_config.json read here (the step opens no file), and the data's packing groups.
@@ -51,6 +51,22 @@ class ModelSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The run's loop: config.train's steps, logging, evaluation and export, and
+    config.checkpoint (configs/base.py documents each field)."""
+    num_steps: int = 0             # 0: data.num_epochs over the training set
+    log_every: int = 10
+    eval_every: int = 100
+    metric_names: str = "kto_jax"
+    export_at_end: bool = True
+    export_dtype: str = ""
+    allow_config_change: bool = False
+    checkpoint_every: int = 100    # config.checkpoint.every_steps
+    checkpoint_keep: int = 3       # config.checkpoint.keep
+    async_save: bool = True        # config.checkpoint.async_save
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSettings:
     """The parts of a run's config that the libraries and the step read, typed and checked."""
     model: ModelSettings
@@ -61,6 +77,7 @@ class RunSettings:
     optim: OptimSettings
     data: DataSettings
     rules: tuple[tuple[str, Any], ...]  # config.mesh.rules
+    train: TrainSettings
 
     def with_lambda_weights(self, desirable_weight: float, undesirable_weight: float
                             ) -> RunSettings:
@@ -90,7 +107,20 @@ def read_settings(config: Any, *, device_count: int | None = None) -> RunSetting
         seed=int(config.train.get("seed", 0)))
     return RunSettings(model=_section(ModelSettings, config.model), loss=loss, batch=batch,
                        lora=lora, step=step, optim=_section(OptimSettings, config.optim),
-                       data=data_settings(config, loss, batch, device_count), rules=rules)
+                       data=data_settings(config, loss, batch, device_count), rules=rules,
+                       train=train_settings(config))
+
+
+def train_settings(config: Any) -> TrainSettings:
+    """config.train's loop fields and config.checkpoint, typed."""
+    t, ck = config.train, config.checkpoint
+    return TrainSettings(
+        num_steps=int(t.num_steps), log_every=int(t.log_every), eval_every=int(t.eval_every),
+        metric_names=t.metric_names, export_at_end=bool(t.export_at_end),
+        export_dtype=t.get("export_dtype", "") or "",
+        allow_config_change=bool(t.get("allow_config_change", False)),
+        checkpoint_every=int(ck.every_steps), checkpoint_keep=int(ck.keep),
+        async_save=bool(ck.async_save))
 
 
 def _section(cls, section: Any):

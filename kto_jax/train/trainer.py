@@ -47,11 +47,11 @@ def export_at_end(run: Any, final_step: int, what: str) -> None:
     the base with the adapters merged in (kto_jax/train/export.py).
     """
     up_to_date = agree(_exported_step(run.workdir) == final_step)
-    if not run.config.train.export_at_end or up_to_date:
+    if not run.settings.train.export_at_end or up_to_date:
         return
     out = layout.path(run.workdir, layout.HF_DIR)
     export_params(run.graphdef, policy_params(run.graphdef, run.state), out, run.tokenizer,
-                  run.config.train.export_dtype or None)
+                  run.settings.train.export_dtype or None)
     if jax.process_index() == 0:
         paths.write_text(layout.path(run.workdir, layout.EXPORT_MARKER), f"{final_step}\n")
     run.logger.message(f"exported the policy {what} to {out}")
