@@ -169,14 +169,19 @@ def _implicit_prompt(fmt: str, columns: set[str], rows: RowSet) -> bool:
 
 
 def normalise_unpaired(rows: RowSet, fmt: str, conversational: bool, *,
-                       score_threshold: float = 0.0, score_weighting: bool = False
-                       ) -> list[Example]:
-    """Validates unpaired or scored rows and returns one `Example` per row."""
+                       score_threshold: float = 0.0, score_weighting: bool = False,
+                       empty_completions: bool = False) -> list[Example]:
+    """Validates unpaired or scored rows and returns one `Example` per row.
+
+    `empty_completions`: accept an empty completion (text "", or assistant messages with
+    no content), which tokenizes to its end-of-sequence token alone, as TRL tokenizes
+    completions: what a sampled policy may produce (online rounds). Off for user data."""
     problems, out = Problems(), []
     for i, record in enumerate(rows.records):
         where = rows.where(i)
         prompt = _text_field(record, "prompt", conversational, where, problems)
-        completion = _text_field(record, "completion", conversational, where, problems)
+        completion = _text_field(record, "completion", conversational, where, problems,
+                                 may_be_empty=empty_completions)
         if fmt == "unpaired":
             desirable, weight = _label_field(record, where, problems), 1.0
         else:
@@ -189,8 +194,10 @@ def normalise_unpaired(rows: RowSet, fmt: str, conversational: bool, *,
     return out
 
 
-def normalise_pairs(rows: RowSet, conversational: bool) -> list[Pair]:
-    """Validates paired rows (prompt, chosen, rejected) and returns one `Pair` per row."""
+def normalise_pairs(rows: RowSet, conversational: bool, *, empty_completions: bool = False
+                    ) -> list[Pair]:
+    """Validates paired rows (prompt, chosen, rejected) and returns one `Pair` per row
+    (`empty_completions` as in `normalise_unpaired`, for chosen and rejected)."""
     problems, out = Problems(), []
     implicit = "prompt" not in set(rows.columns)
     if implicit and not conversational:
@@ -199,8 +206,10 @@ def normalise_pairs(rows: RowSet, conversational: bool) -> list[Pair]:
                         "their shared leading messages); add a prompt column.")
     for i, record in enumerate(rows.records):
         where = rows.where(i)
-        chosen = _text_field(record, "chosen", conversational, where, problems)
-        rejected = _text_field(record, "rejected", conversational, where, problems)
+        chosen = _text_field(record, "chosen", conversational, where, problems,
+                             may_be_empty=empty_completions)
+        rejected = _text_field(record, "rejected", conversational, where, problems,
+                               may_be_empty=empty_completions)
         if implicit:
             prompt, chosen, rejected = _split_implicit(chosen, rejected, where, problems)
         else:
@@ -242,13 +251,13 @@ def _split_implicit(chosen, rejected, where: str, problems: Problems):
 
 
 def _text_field(record: dict, name: str, conversational: bool, where: str,
-                problems: Problems) -> Text | None:
+                problems: Problems, may_be_empty: bool = False) -> Text | None:
     value = record.get(name)
     if value is None:
         problems.add(where, f"missing field {name!r}")
         return None
     if conversational:
-        return _messages_field(value, name, where, problems)
+        return _messages_field(value, name, where, problems, may_be_empty)
     if isinstance(value, list):
         problems.add(where, f"field {name!r} is a message list but the first row's prompt is "
                             "text; use one style for every row and field")
@@ -257,13 +266,14 @@ def _text_field(record: dict, name: str, conversational: bool, where: str,
         problems.add(where, f"field {name!r} must be text, got {type(value).__name__} "
                             f"{_short(value)}")
         return None
-    if not value.strip():
+    if not value.strip() and not may_be_empty:
         problems.add(where, f"empty field {name!r}")
         return None
     return value
 
 
-def _messages_field(value, name: str, where: str, problems: Problems) -> list | None:
+def _messages_field(value, name: str, where: str, problems: Problems,
+                    may_be_empty: bool = False) -> list | None:
     if not isinstance(value, list):
         problems.add(where, f"field {name!r} must be a list of {{role, content}} messages like "
                             f"the first row's, got {type(value).__name__}")
@@ -277,7 +287,7 @@ def _messages_field(value, name: str, where: str, problems: Problems) -> list | 
             problems.add(where, f"field {name!r} message {k} must be {{'role': str, 'content': "
                                 f"str}}, got {_short(msg)}")
             return None
-    if not any(msg["content"].strip() for msg in value):
+    if not any(msg["content"].strip() for msg in value) and not may_be_empty:
         problems.add(where, f"empty field {name!r} (every message content is empty)")
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]

@@ -54,11 +54,11 @@ def weight_ratio(desirable_weight: float, undesirable_weight: float, n_desirable
 
 
 def ratio_warning(desirable_weight: float, undesirable_weight: float, n_desirable: int,
-                  n_undesirable: int) -> str | None:
+                  n_undesirable: int, offer_auto_weights: bool = True) -> str | None:
     """A warning when λ_D·n_D / (λ_U·n_U) lies outside [1, 4/3] or a class is missing."""
     if n_desirable == 0 or n_undesirable == 0:
         missing = "desirable" if n_desirable == 0 else "undesirable"
         return (f"the training data has no {missing} examples; KTO learns from both classes "
                 "(check data.*_fraction and the labels).")
     return losses_weights.weight_ratio_warning(n_desirable, n_undesirable, desirable_weight,
-                                               undesirable_weight)
+                                               undesirable_weight, offer_auto_weights)

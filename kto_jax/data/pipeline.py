@@ -213,7 +213,8 @@ def _prepare_split(name, rows, source, fmt, conversational, d: DataSettings, tok
     paired = d.paired
     no_signal: list[tuple[str, str, int]] = []   # (reason, where, examples): rows that teach nothing
     if fmt == "paired":
-        items = formats.normalise_pairs(rows, conversational)
+        items = formats.normalise_pairs(rows, conversational,
+                                        empty_completions=d.empty_completions)
         # an identical pair is one example for a paired loss, and its two sides for an
         # unpaired one (one of them under one_y_per_x)
         sides = 1 if paired or (d.one_y_per_x and name == "train") else 2
@@ -229,7 +230,8 @@ def _prepare_split(name, rows, source, fmt, conversational, d: DataSettings, tok
     else:
         items = formats.normalise_unpaired(rows, fmt, conversational,
                                            score_threshold=d.score_threshold,
-                                           score_weighting=d.score_weighting)
+                                           score_weighting=d.score_weighting,
+                                           empty_completions=d.empty_completions)
         no_signal = [(formats.ZERO_WEIGHT, e.where, 1) for e in items if e.weight == 0]
         items = [e for e in items if e.weight != 0]
     examples = formats.Examples.of(items)   # the desirable column is built here, once
@@ -298,7 +300,7 @@ def _summarize(d: DataSettings, fmt, conversational, train, evaluation, eval_not
     if auto:  # only a loss that weighs its classes gets eq. 9's weights (and says so)
         lam_d, lam_u = recommended
     if uses_lambda:
-        warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u)
+        warning = imbalance.ratio_warning(lam_d, lam_u, n_d, n_u, d.offer_auto_weights)
         if warning:
             warnings.append(warning)
     elif d.auto_weights:

@@ -34,6 +34,11 @@ class DataSettings:
     desirable_weight: float = 1.0  # config.loss.desirable_weight (lambda_D)
     undesirable_weight: float = 1.0   # config.loss.undesirable_weight (lambda_U)
     pack_groups: int = 1           # packing groups: the mesh's batch shards (data.packing)
+    # A policy's samples (online rounds) rather than a user's file: an empty completion is
+    # its end-of-sequence token alone (as TRL tokenizes it), and the eq. 9 warning does not
+    # offer loss.auto_weights, which `kto-jax online` refuses.
+    empty_completions: bool = False
+    offer_auto_weights: bool = True
     train_path: str = ""
     eval_path: str = ""
     train_split: str = "train"

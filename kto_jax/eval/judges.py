@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import random
 from typing import Any, Callable, Protocol, Sequence
@@ -67,11 +68,25 @@ class ScoreJudge:
         self._score_fn, self.name = score_fn, name
 
     def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return [float(s) for s in self._score_fn(list(prompts), list(completions))]
+        """One float per completion; a judge's None (no verdict) is NaN."""
+        return [self._verdict(s) for s in self._score_fn(list(prompts), list(completions))]
+
+    def _verdict(self, value: Any) -> float:
+        if value is None:
+            return float("nan")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"judge {self.name} returned {value!r}; a score judge returns a "
+                            "number (or None for no verdict)") from None
 
     def compare(self, prompts, candidates, references) -> list[Outcome]:
         cand = self.scores(prompts, candidates)
         ref = self.scores(prompts, references)
+        missing = sum(1 for c, r in zip(cand, ref) if math.isnan(c) or math.isnan(r))
+        if missing:
+            raise UserError(f"judge {self.name} gave no score (None or NaN) in {missing} of "
+                            f"{len(cand)} comparisons; a winrate needs every verdict")
         return [outcome_of_scores(c, r) for c, r in zip(cand, ref)]
 
 

@@ -56,8 +56,9 @@ def balanced_weights(n_desirable: int, n_undesirable: int,
 
 
 def weight_ratio_warning(n_desirable: int, n_undesirable: int, desirable_weight: float,
-                         undesirable_weight: float) -> Optional[str]:
-    """A message for the log when eq. 9 does not hold (None when it does or a class is empty)."""
+                         undesirable_weight: float, offer_auto_weights: bool = True) -> Optional[str]:
+    """A message for the log when eq. 9 does not hold (None when it does or a class is empty);
+    it offers loss.auto_weights only where the command takes it (`kto-jax online` does not)."""
     if n_desirable == 0 or n_undesirable == 0:
         return None
     if weight_ratio_in_range(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
@@ -66,8 +67,8 @@ def weight_ratio_warning(n_desirable: int, n_undesirable: int, desirable_weight:
     lam_d, lam_u = balanced_weights(n_desirable, n_undesirable)
     return (f"lambda_D n_D / (lambda_U n_U) = {r:.3g} with n_D={n_desirable}, n_U={n_undesirable}, "
             f"lambda_D={desirable_weight}, lambda_U={undesirable_weight} is outside the paper's [1, 4/3] "
-            f"(eq. 9); set --config.loss.auto_weights=True or e.g. --config.loss.desirable_weight={lam_d:.4g} "
-            f"--config.loss.undesirable_weight={lam_u:.4g}")
+            f"(eq. 9); set {'--config.loss.auto_weights=True or ' if offer_auto_weights else ''}"
+            f"e.g. --config.loss.desirable_weight={lam_d:.4g} --config.loss.undesirable_weight={lam_u:.4g}")
 
 
 def resolve_weights(hparams: Mapping[str, Any], n_desirable: int,

@@ -11,12 +11,18 @@ score is the verdict (a binary judge gives 1 or 0). Three rules (config.online.l
   pairs         per prompt, (best, worst) as (chosen, rejected) for paired losses (DPO...);
                 skipped when best and worst score the same.
 
+A sample the judge gave no score (None, NaN, missing) is labelled None: not trained on,
+not counted in pass rates, counted as unscored in the round's row (kto_jax/online/report.py).
+An empty completion (the policy ended at once, or produced only special tokens) is kept:
+the data pipeline reads it as its end-of-sequence token alone (`empty_completions`).
+
 Pure functions: the same samples always give the same examples, so a resumed round
 rebuilds exactly the data it trained on.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -28,26 +34,35 @@ def passes(score: float, threshold: float) -> bool:
     return score > threshold
 
 
+def scored(sample: Sample) -> bool:
+    """Whether the judge gave `sample` a verdict: a finite number."""
+    score = sample.get("score")
+    return (isinstance(score, (int, float)) and not isinstance(score, bool)
+            and math.isfinite(float(score)))
+
+
 def as_completion(prompt: Any, text: str) -> Any:
     """The completion in the prompt's format: a message list for a conversational prompt."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
 def by_prompt(samples: Sequence[Sample]) -> list[list[Sample]]:
-    """Samples grouped per prompt_id (in prompt order), each group ranked best first
-    (score descending, then sample index ascending)."""
+    """The scored samples grouped per prompt_id (in prompt order), each group ranked best
+    first (score descending, then sample index ascending)."""
     groups: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
-        groups[int(s["prompt_id"])].append(s)
+        if scored(s):
+            groups[int(s["prompt_id"])].append(s)
     return [sorted(groups[p], key=lambda s: (-float(s["score"]), int(s["sample"])))
             for p in sorted(groups)]
 
 
 def labels(samples: Sequence[Sample], labeling: str, threshold: float, k: int
            ) -> list[bool | None]:
-    """Per sample: True (desirable), False (undesirable) or None (not trained on)."""
+    """Per sample: True (desirable), False (undesirable) or None (not trained on: no
+    verdict, or not among a prompt's best and worst)."""
     if labeling == "threshold":
-        return [passes(float(s["score"]), threshold) for s in samples]
+        return [passes(float(s["score"]), threshold) if scored(s) else None for s in samples]
     out: dict[tuple[int, int], bool] = {}
     top = k if labeling == "top_bottom_k" else 1
     for group in by_prompt(samples):

@@ -119,9 +119,12 @@ def sample_seed(seed: int, round_index: int, stream: int) -> int:
 def _round_data(o: OnlineRun, train_file: str, eval_file: str, seed: int,
                 unpaired: bool = False) -> DataSettings:
     """The run's data settings reading a round's files as its training (and eval) data;
-    `unpaired`: as single completions with their labels whatever the loss (the KL rows)."""
+    `unpaired`: as single completions with their labels whatever the loss (the KL rows).
+    They are a policy's samples: an empty completion (end of sequence at once) is its EOS
+    token, and warnings never offer loss.auto_weights, which online runs refuse."""
     data = o.run.settings.data.replace(train_path=train_file, eval_path=eval_file,
-                                       eval_fraction=0.0, seed=seed, format="auto", num_epochs=1)
+                                       eval_fraction=0.0, seed=seed, format="auto", num_epochs=1,
+                                       empty_completions=True, offer_auto_weights=False)
     return data.replace(paired=False, pack_second=False) if unpaired else data
 
 
@@ -318,8 +321,8 @@ def evaluate_heldout(o: OnlineRun, round_index: int
         ids = list(range(len(o.prompts.heldout)))
         heldout = judge_samples(o, sample(o, o.prompts.heldout, ids, round_index,
                                           HELDOUT_STREAM), round_index)
-        heldout = [dict(s, **{"pass": labels_lib.passes(s["score"], opts.threshold)})
-                   for s in heldout]
+        heldout = [dict(s, **{"pass": labels_lib.passes(s["score"], opts.threshold)
+                              if labels_lib.scored(s) else None}) for s in heldout]
         files.write_jsonl(path, heldout)
     seed = opts.seed + 1000 + round_index
     heldout_labels = labels_lib.labels(heldout, opts.labeling, opts.threshold, opts.k)
@@ -355,7 +358,9 @@ def evaluate_round(o: OnlineRun, round_index: int, samples: list[dict] | None) -
         run.logger.message(
             f"round {round_index}: held-out pass rate {row['judge/pass_rate']:.3f} "
             f"[{row['judge/pass_rate_low']:.3f}, {row['judge/pass_rate_high']:.3f}] "
-            f"(n={len(heldout)})" + ("" if kl_ref is None else f", KL to the reference {kl_ref:.4f}"))
+            f"(n={row['judge/n']}"
+            + (f", {row['judge/unscored']} without a verdict" if row["judge/unscored"] else "")
+            + ")" + ("" if kl_ref is None else f", {report.KL_REF_LABEL} {kl_ref:+.4f}"))
     if jax.process_index() == 0:
         rows = read_jsonl(layout.path(run.workdir, layout.METRICS_FILE))
         report.write_plot(rows, layout.path(run.workdir, layout.ONLINE_PLOT),

@@ -12,6 +12,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Mapping
 
@@ -88,6 +89,7 @@ class MetricsLogger:
         self._bar = None
         self._interactive = False
         self._warned: set[str] = set()
+        self._last_loss: float | None = None   # the progress bar's: the last finite train loss
         if not enabled:
             return
         paths.makedirs(workdir)
@@ -105,7 +107,9 @@ class MetricsLogger:
             return
         record = self._write(METRICS_FILE, step, metrics, prefix="train/")
         loss = record.get("loss")
-        postfix = {"loss": f"{float('nan') if loss is None else loss:.4f}"}
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            self._last_loss = float(loss)   # a record without a finite loss keeps the last one
+        postfix = {"loss": "-" if self._last_loss is None else f"{self._last_loss:.4f}"}
         if "tokens_per_s" in record:
             postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
         self._bar.set_postfix(postfix, refresh=False)

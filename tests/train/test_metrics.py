@@ -35,3 +35,15 @@ def test_disabled_logger_writes_nothing(tmp_path):
     logger.log_train(1, {"loss": 1.0})
     logger.close()
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_the_progress_bar_shows_the_last_finite_loss_and_each_warning_once(tmp_path, capsys):
+    logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=3)
+    logger.log_train(1, {"loss": 0.75})
+    logger.log_train(2, {"loss": float("nan")})       # e.g. a window without a finite loss
+    logger.log_train(3, {"tokens_per_s": 10.0})       # a record without one
+    assert logger._bar.postfix.startswith("loss=0.7500")  # pylint: disable=protected-access
+    for _ in range(3):
+        logger.warn("the training data has no undesirable examples")
+    logger.close()
+    assert capsys.readouterr().err.count("warning: the training data has no undesirable") == 1
