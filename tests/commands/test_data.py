@@ -34,6 +34,23 @@ def test_inspect_prints_the_summary(capsys, tmp_path, tokenizer_dir):
     assert "eval: " in out and "6 rows" in out
 
 
+def test_inspect_renders_gemma_conversations_as_its_template_does(capsys, tmp_path):
+    """Gemma 3's template folds a system message into the first user turn: every row is kept;
+    Gemma 2's refuses system messages: those rows are dropped, with the template's words."""
+    from tiny_chat_model import GEMMA2_TEMPLATE, write_gemma_feedback, write_gemma_tokenizer
+    path = tmp_path / "gemma.jsonl"
+    write_gemma_feedback(str(path), 40)
+    for name, template, kept in (("gemma3", None, "40 rows -> 40 examples -> 40 kept"),
+                                 ("gemma2", GEMMA2_TEMPLATE, "-> 20 kept")):
+        tok_dir = tmp_path / name
+        write_gemma_tokenizer(str(tok_dir), **({"template": template} if template else {}))
+        code, out, err = run(capsys, "inspect", f"--config={BASE}", f"--config.data.train_path={path}",
+                             "--config.data.eval_fraction=0.0", f"--tokenizer={tok_dir}")
+        assert code == 0, err
+        assert "format: unpaired (conversational)" in out and kept in out
+        assert ("System role not supported" in out) == (name == "gemma2")
+
+
 def test_inspect_errors_are_messages_not_tracebacks(capsys, tmp_path, tokenizer_dir):
     code, _, err = run(capsys, "inspect", f"--config={BASE}",
                        f"--config.data.train_path={tmp_path / 'missing.jsonl'}",

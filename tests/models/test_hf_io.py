@@ -107,28 +107,32 @@ def test_tokenizer_is_saved_alongside_and_reloads(checkpoints, tmp_path):
 
 # ---- the multimodal checkpoint: its language model trained, the rest carried through ----
 
-LEGACY = {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
-          "model.multi_modal_projector.": "multi_modal_projector."}
+# transformers 5 saves a Gemma3ForConditionalGeneration in the hub checkpoints' spelling
+# (language_model.model.*, vision_tower.*); its own module names are the newer one.
+SPELLINGS = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+             ("multi_modal_projector.", "model.multi_modal_projector."))
 
 
-def _legacy_copy(path, tmp_path):
-    """The tiny multimodal checkpoint in the hub checkpoints' older tensor names, its vision
+def _respelled_copy(path, tmp_path):
+    """The tiny multimodal checkpoint with every tensor name in the other spelling, its vision
     tower stored in bfloat16 (a dtype the language model's export does not use)."""
     import ml_dtypes
-    dst = tmp_path / "legacy"
+    dst = tmp_path / "respelled"
     dst.mkdir()
     shutil.copy(os.path.join(path, "config.json"), dst / "config.json")
     tensors = {}
     for name, value in load_file(os.path.join(path, "model.safetensors")).items():
-        new = next((old + name[len(p):] for p, old in LEGACY.items() if name.startswith(p)), name)
+        new = next((b + name[len(a):] for a, b in SPELLINGS + tuple((b, a) for a, b in SPELLINGS)
+                    if name.startswith(a)), name)
         tensors[new] = value.astype(ml_dtypes.bfloat16) if "vision_tower" in name else value
+    assert not set(tensors) & set(load_file(os.path.join(path, "model.safetensors")))
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst, tensors
 
 
-def test_multimodal_legacy_names_load_and_export_in_their_own_spelling(checkpoints, batch, tmp_path):
+def test_multimodal_names_in_either_spelling_load_and_export_in_their_own(checkpoints, batch, tmp_path):
     hf_model, path = checkpoints["gemma3_multimodal"]
-    legacy, stored = _legacy_copy(path, tmp_path)
+    legacy, stored = _respelled_copy(path, tmp_path)
     ids, mask, pos = batch
     model, config = from_pretrained(str(legacy))
     assert config.untrained_from == str(legacy) and os.path.isabs(config.untrained_from)

@@ -56,11 +56,21 @@ def batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk):
     return reference_step(reference, batch, loss=loss, graphdef=graphdef, vocab_chunk=vocab_chunk)
 
 
+# the same shape as Gemma 2 (soft-caps, a window shorter than the 11-token examples)
+GEMMA = MODEL.replace(architecture="Gemma2ForCausalLM", sliding_window=4, query_pre_attn_scalar=24,
+                      attn_logit_softcap=0.05, final_logit_softcap=0.3,
+                      layer_types=("sliding_attention", "full_attention"))
+
+
 @pytest.fixture(scope="module")
 def states():
+    return _states(MODEL)
+
+
+def _states(model_config):
     """Policy state for both sources; pi_ref = the policy with a 3x sharper head (z0 > 0)."""
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    model = Transformer(MODEL, rngs=nnx.Rngs(0))
+    model = Transformer(model_config, rngs=nnx.Rngs(0))
     cfg = make_config("model")
     tx, schedule = make_optimizer(cfg.optim, 10)
     graphdef, state = S.create_train_state(step_settings(cfg), model, tx)
@@ -81,6 +91,14 @@ def run_step(states, source, batch):
 
 def test_step_on_precomputed_reference_equals_the_on_the_fly_step(states):
     """Same loss, z0 (kl_sum), rewards and parameter update, to float32 rounding."""
+    _check_precomputed_equals_on_the_fly(states)
+
+
+def test_gemma_step_on_precomputed_reference_equals_the_on_the_fly_step():
+    _check_precomputed_equals_on_the_fly(_states(GEMMA))
+
+
+def _check_precomputed_equals_on_the_fly(states):
     batch = make_batch(0)
     stored = jax.jit(lambda ref, b: batch_reference_logps(
         get_loss("kto"), states["graphdef"], ref, b, 40))(states["state"].reference_params, batch)

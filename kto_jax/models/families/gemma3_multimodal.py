@@ -3,8 +3,9 @@ model is trained, the rest rides along.
 
 The language model is Gemma 3 text (gemma3.py), its config.json keys under `text_config`
 (which lists only what differs from transformers' Gemma3TextConfig defaults), its
-tensors under `model.language_model.` (transformers 5's spelling; the hub checkpoints'
-older `language_model.model.` is read the same and written back in that spelling).
+tensors under `language_model.model.` (the hub checkpoints' spelling, which transformers
+5 still writes) or `model.language_model.` (transformers 5's module names): the rows use
+the latter, a checkpoint in the former is read through the renaming and exported in it.
 The SigLIP vision tower and the multimodal projector are not trained: an export copies
 their tensors bit for bit from the checkpoint the run started from
 (`ModelConfig.untrained_from`), and writes config.json back with its vision_config and
