@@ -45,6 +45,8 @@ EXTRAS = {
         # tests/trl_harness.py runs TRL's own loss code to check ours (no torch/transformers change).
         "trl==1.16.*",
         "peft==0.21.2",  # tests/models/test_lora_peft.py loads our LoRA exports with the real peft
+        # tests/models/test_quantize.py checks the int8/NF4 quantiser against bitsandbytes' (CPU backend).
+        "bitsandbytes==0.50.2",
         # tests/perf/test_aot.py compiles for a TPU topology on the CPU host (same pin as "tpu").
         "libtpu==0.0.42.1; sys_platform == 'linux'",
         # tests/train/test_gcs.py trains against a local GCS server (STORAGE_EMULATOR_HOST):
