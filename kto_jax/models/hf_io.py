@@ -105,8 +105,8 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
         raise AssertionError(f"param table does not cover the model: {set(variables) ^ {r.path for r in rows}}")
     for row in rows:
         var = variables[row.path]
-        value = _read_param(row, source, var.get_value().shape, config)
-        var.set_value(_place(value, shardings[row.path].get_value()))
+        value = read_param(row, source, var.get_value().shape, config)
+        var.set_value(place(value, shardings[row.path].get_value()))
     return nnx.merge(graphdef, state), config
 
 
@@ -136,8 +136,8 @@ def check_tensor_names(rows: tuple[table.ParamRow, ...], names: set[str], config
                         + "; ".join(problems))
 
 
-def _read_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...],
-                config: ModelConfig) -> np.ndarray:
+def read_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...],
+               config: ModelConfig) -> np.ndarray:
     """Our array for one row: HF tensor(s) shape-checked, transformed, stacked, cast."""
     target = np.dtype(jnp.dtype(config.param_dtype))
     if not row.stacked:
@@ -158,7 +158,7 @@ def _convert(row: table.ParamRow, name: str, source: TensorSource, shape: tuple[
     return table.to_ours(row.transform, tensor, shape).astype(target)
 
 
-def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Put a host array onto its sharding; each device receives only its own shard."""
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

@@ -34,7 +34,7 @@ from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import lora as lora_lib
 from kto_jax.models.config import ModelConfig
-from kto_jax.models.hf_io import _place, _to_host, _write_json, save_pretrained
+from kto_jax.models.hf_io import _to_host, _write_json, place, save_pretrained
 from kto_jax.models.transformer import Transformer
 
 __all__ = ["save_peft", "save_merged", "read_peft", "read_peft_config", "to_peft_tensors", "peft_key", "frozen"]
@@ -175,7 +175,7 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
                 raise UserError(f"config.lora.init_from={directory!r}: tensor {name!r} has shape "
                                 f"{tuple(tensor.shape)} but the base model needs {want}")
             value[i] = tensor.T.reshape(shape[1:])
-        var.set_value(_place(value, shardings[path].get_value()))
+        var.set_value(place(value, shardings[path].get_value()))
     return nnx.merge(graphdef, state)
 
 

@@ -15,6 +15,7 @@ F = bnb.functional
 
 # (out, in) of HF weights: square, a long row (Llama-3-8B down_proj's in / 64 = 224 blocks,
 # so the 256-absmax blocks of double quantisation straddle rows), a short one.
+dequantize = jax.jit(qz.dequantize, static_argnums=1)
 HF_SHAPES = [(64, 128), (96, 64 * 7), (48, 64 * 37)]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -72,7 +73,7 @@ def test_nf4_equals_bitsandbytes(shape, dtype):
     # Ours in our layout (HF transposed) dequantises to bitsandbytes' dequantize_4bit, exactly.
     ours = qz.quantize_weight(_numpy(w), shape[::-1], 1, "nf4")
     assert ours.codes.shape == (shape[1] // 2, shape[0]) and ours.absmax.shape == (shape[1] // 64, shape[0])
-    got = qz.dequantize(ours, jnp.dtype(str(dtype).removeprefix("torch.")))
+    got = dequantize(ours, jnp.dtype(str(dtype).removeprefix("torch.")))
     want = F.dequantize_4bit(q, state)
     np.testing.assert_array_equal(np.asarray(got, np.float32), want.float().numpy().T)
 
@@ -93,7 +94,7 @@ def test_double_quantisation_dequantises_as_bitsandbytes(our_dynamic_map):
         want = F.dequantize_4bit(q, state).float().numpy().T
         with jax.disable_jit():
             np.testing.assert_array_equal(np.asarray(qz.dequantize(ours, jdtype), np.float32), want)
-        got = np.asarray(jax.jit(qz.dequantize, static_argnums=1)(ours, jdtype), np.float32)
+        got = np.asarray(dequantize(ours, jdtype), np.float32)
         absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).numpy()
         absmax = np.repeat(absmax.reshape(blocks), 64, axis=1).T                # each value's block absmax
         ulp = np.spacing(np.abs(want).astype(jdtype)).astype(np.float32)        # the output dtype's rounding
@@ -126,7 +127,7 @@ def test_double_quantised_weight_stays_within_a_step():
     plain = qz.quantize_weight(hf, hf.shape[::-1], 1, "nf4")
     double = qz.quantize_weight(hf, hf.shape[::-1], 1, "nf4", double_quant=True)
     np.testing.assert_array_equal(double.codes, plain.codes)          # the 4-bit codes do not change
-    exact, approx = plain.absmax, np.asarray(qz.block_absmax(double.absmax, 1))
+    exact, approx = plain.absmax, np.asarray(jax.jit(qz.block_absmax, static_argnums=1)(double.absmax, 1))
     # Each absmax within half the widest gap of the 8-bit map (0.9 / 64, near +-1) of its block's scale.
     half_gap = np.diff(qz.DYNAMIC_CODE).max() / 2
     assert np.all(np.abs(approx - exact) <= half_gap * double.absmax.absmax.max() * (1 + 1e-6))
@@ -146,7 +147,7 @@ def test_int8_equals_bitsandbytes_and_rounds_to_half_a_step(dtype):
     np.testing.assert_array_equal(codes, theirs.numpy())
     np.testing.assert_array_equal(absmax, stats.numpy())
     ours = qz.quantize_weight(_numpy(w), w.shape[::-1], 1, "int8")
-    got = np.asarray(qz.dequantize(ours, jnp.float32))
+    got = np.asarray(dequantize(ours, jnp.float32))
     np.testing.assert_array_equal(got, F.int8_vectorwise_dequant(theirs, stats).numpy().T)
     err = np.abs(got - w.float().numpy().T)
     assert np.all(err <= absmax / 254 + absmax * 2.0 ** -22) and err.max() > absmax.max() / 1000
@@ -157,7 +158,7 @@ def test_zero_rows_and_blocks_quantise_to_zero():
     hf[1, 64:] = 0.5
     for scheme in qz.SCHEMES:
         w = qz.quantize_weight(hf, (128, 2), 1, scheme, double_quant=scheme == "nf4")
-        np.testing.assert_array_equal(np.asarray(qz.dequantize(w, jnp.float32)), hf.T)
+        np.testing.assert_array_equal(np.asarray(dequantize(w, jnp.float32)), hf.T)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4", "nf4_double"])
@@ -171,8 +172,8 @@ def test_our_layout_per_transform(scheme):
         hf = (0.05 * rng.standard_normal((out_size, in_size))).astype(np.float32)
         w = qz.quantize_weight(hf, shape, n_in, scheme, double)
         flat = qz.quantize_weight(hf, (in_size, out_size), 1, scheme, double)  # a plain Linear
-        want = np.asarray(qz.dequantize(flat, jnp.float32)).reshape(shape)     # HF.T reshaped: ours
-        np.testing.assert_array_equal(np.asarray(qz.dequantize(w, jnp.float32)), want)
+        want = np.asarray(dequantize(flat, jnp.float32)).reshape(shape)     # HF.T reshaped: ours
+        np.testing.assert_array_equal(np.asarray(dequantize(w, jnp.float32)), want)
         abstract = qz.abstract_weight(shape, n_in, scheme, double)
         assert jax.tree.map(lambda x: (x.shape, x.dtype), w) == \
             jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
@@ -187,7 +188,7 @@ def test_one_layer_inside_a_scan_equals_the_stack(scheme):
     stacked = qz.stack([qz.quantize_weight((0.1 * rng.standard_normal((32, 320))).astype(np.float32),
                                            shape, 1, scheme, double) for _ in range(layers)])
     assert jax.tree.leaves(stacked)[0].shape[0] == layers
-    whole = np.asarray(qz.dequantize(stacked, jnp.bfloat16))        # [L, 320, 2, 16]
+    whole = np.asarray(dequantize(stacked, jnp.bfloat16))        # [L, 320, 2, 16]
     assert whole.shape == (layers, *shape)
 
     @jax.jit

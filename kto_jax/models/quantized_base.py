@@ -1,0 +1,172 @@
+"""A frozen base quantised on the way in: which weights, their stored form, and the loader.
+
+QLoRA keeps the base's layer projections (q/k/v/o, gate/up/down: every stacked HF matrix
+of the param table) in int8 or NF4 (kto_jax/models/quantize.py) and everything else
+(embedding, norms, biases, an untied lm_head) in `param_dtype`, as transformers'
+`BitsAndBytesConfig` does (it quantises the decoder's Linear layers only).
+
+`load_quantized` reads a checkpoint through a `TensorSource` one HF tensor at a time,
+quantises each projection on the host right after reading it, stacks the quantised layers
+and places every array on its sharding (each device receives only its own shard). The host
+therefore holds at most one checkpoint tensor in float32 pieces (`quantize._CHUNK` values at
+a time) plus one quantised stacked weight: never the model in bf16.
+
+The result is a `QuantizedBase`: the unquantised parameters under their NNX paths, and the
+quantised weights stacked [L, ...] under their layer names, each a `quantize.Int8Weight` or
+`quantize.Nf4Weight` whose arrays carry the weight's logical axes (`quantized_layer_axes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kto_jax import fs, hub
+from kto_jax import sharding as shd
+from kto_jax.errors import UserError
+from kto_jax.models import params as table
+from kto_jax.models import quantize as qz
+from kto_jax.models.config import ModelConfig
+from kto_jax.models.hf_io import check_tensor_names, in_our_spelling, place, read_hf_config, read_param
+from kto_jax.models.tensor_source import SafetensorsSource, TensorSource
+from kto_jax.models.transformer import abstract_model, layer_axes, layer_param_shapes
+
+# Row transforms of the HF matrices that are quantised -> how many of our leading axes are inputs.
+QUANTIZED_TRANSFORMS = {table.LINEAR: 1, table.HEADS_IN: 1, table.HEADS_OUT: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How the frozen base is stored: scheme "none", "int8" or "nf4"; `double_quant`
+    quantises NF4's block absmaxes to 8 bits too (bitsandbytes' compress_statistics)."""
+
+    scheme: str = "none"
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in ("none", *qz.SCHEMES):
+            raise UserError(f"base quantization {self.scheme!r}: choose none, {', '.join(qz.SCHEMES)}")
+        if self.double_quant and self.scheme != "nf4":
+            raise UserError(f"double quantisation quantises NF4's block absmaxes; base quantization "
+                            f"{self.scheme!r} has none: use nf4 or turn double quantisation off")
+
+
+@dataclasses.dataclass
+class QuantizedBase:
+    """A loaded quantised base: `params` {NNX path: array} of the unquantised parameters
+    (param_dtype), `layers` {layer weight name: stacked quantised weight}, and the config."""
+
+    config: ModelConfig
+    params: dict[tuple[str, ...], jax.Array]
+    layers: dict[str, qz.QuantizedWeight]
+    quantization: Quantization
+
+
+def quantized_rows(config: ModelConfig) -> dict[str, tuple[table.ParamRow, int]]:
+    """{layer weight name: (its param-table row, number of input axes)} of the weights a
+    quantised base stores quantised."""
+    return {row.path[-1]: (row, QUANTIZED_TRANSFORMS[row.transform]) for row in table.param_table(config)
+            if row.stacked and row.transform in QUANTIZED_TRANSFORMS}
+
+
+def abstract_quantized_layers(config: ModelConfig, quantization: Quantization) -> dict[str, qz.QuantizedWeight]:
+    """{name: stacked quantised weight with ShapeDtypeStruct leaves} (no data)."""
+    shapes = layer_param_shapes(config)
+    return {name: qz.abstract_weight(shapes[name], n_in, quantization.scheme, quantization.double_quant,
+                                     lead=(config.num_layers,))
+            for name, (_, n_in) in quantized_rows(config).items()}
+
+
+def quantized_layer_axes(config: ModelConfig, quantization: Quantization) -> dict[str, qz.QuantizedWeight]:
+    """{name: the quantised weight with each array replaced by its logical axes}."""
+    axes = layer_axes(config)
+    return {name: qz.quantized_axes(w, ("layers", *axes[name]))
+            for name, w in abstract_quantized_layers(config, quantization).items()}
+
+
+def check_quantizable(config: ModelConfig, quantization: Quantization) -> None:
+    """UserError when a weight cannot take the scheme (NF4: input size not a multiple of 64)."""
+    if quantization.scheme != "nf4":
+        return
+    shapes = layer_param_shapes(config)
+    bad = {name: math.prod(shapes[name][:n_in]) for name, (_, n_in) in quantized_rows(config).items()
+           if math.prod(shapes[name][:n_in]) % qz.NF4_BLOCK}
+    if bad:
+        listed = ", ".join(f"{name} (input size {size})" for name, size in bad.items())
+        raise UserError(f"NF4 quantises blocks of {qz.NF4_BLOCK} inputs of each weight, and this "
+                        f"{config.architecture}'s {listed} is not a multiple of {qz.NF4_BLOCK}: "
+                        "quantise its base to int8 instead")
+
+
+def load_quantized(path: str, quantization: Quantization, *, mesh: Mesh | None = None, rules: Any = None,
+                   **config_fields: Any) -> QuantizedBase:
+    """`load_quantized_from_source` of a local HF checkpoint directory or hub id (safetensors)."""
+    named = str(path) if hub.looks_like_hub_id(path) or fs.is_remote(path) else os.path.abspath(path)
+    path = hub.resolve_id(path)
+    return load_quantized_from_source(read_hf_config(path), SafetensorsSource(path), quantization,
+                                      mesh=mesh, rules=rules, untrained_from=named, **config_fields)
+
+
+def load_quantized_from_source(hf_config: dict[str, Any], source: TensorSource, quantization: Quantization,
+                               *, mesh: Mesh | None = None, rules: Any = None,
+                               untrained_from: str | None = None, **config_fields: Any) -> QuantizedBase:
+    """The base of `hf_config` from `source`, its projections quantised as each is read.
+
+    Args:
+      hf_config, source: the checkpoint's config.json and tensors (HF names and layout).
+      quantization: the scheme; "none" is refused here (load with hf_io.from_pretrained).
+      mesh, rules: target mesh (None: one device) and logical-axis rules (None: replicated).
+      untrained_from, config_fields: as `hf_io.load_from_source` (param_dtype, dtype, ...).
+    """
+    if quantization.scheme == "none":
+        raise ValueError("load_quantized: quantization 'none' is hf_io.from_pretrained's job")
+    config = ModelConfig.from_hf(hf_config, **config_fields)
+    if config.family.passthrough and untrained_from:
+        config = config.replace(untrained_from=untrained_from)
+    check_quantizable(config, quantization)
+    source = in_our_spelling(source, config.family)
+    check_tensor_names(table.param_table(config), source.names(), config)
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    rules = shd.rules_of(rules)
+    quantized = quantized_rows(config)
+    _, state = nnx.split(abstract_model(config))
+    variables = dict(nnx.to_flat_state(state))
+    shardings = dict(nnx.to_flat_state(shd.named_shardings(state, mesh, rules)))
+    params = {}
+    for row in table.param_table(config):
+        if row.stacked and row.path[-1] in quantized:
+            continue
+        value = read_param(row, source, variables[row.path].get_value().shape, config)
+        params[row.path] = place(value, shardings[row.path].get_value())
+    axes = quantized_layer_axes(config, quantization)
+    layers = {}
+    for name, abstract in abstract_quantized_layers(config, quantization).items():
+        row, n_in = quantized[name]
+        stacked = _read_quantized(row, n_in, source, abstract, config, quantization)
+        layers[name] = jax.tree.map(
+            lambda ax, value: place(value, shd.sharding_for(ax, value.shape, mesh, rules)),
+            axes[name], stacked, is_leaf=lambda x: isinstance(x, tuple))
+    return QuantizedBase(config, params, layers, quantization)
+
+
+def _read_quantized(row: table.ParamRow, n_in: int, source: TensorSource, abstract: qz.QuantizedWeight,
+                    config: ModelConfig, quantization: Quantization) -> qz.QuantizedWeight:
+    """One stacked quantised weight on the host, filled layer by layer (one HF tensor at a time)."""
+    stacked = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract)
+    want = table.hf_shape(row.transform, abstract.shape)
+    for i, name in enumerate(row.hf_names(config.num_layers)):
+        tensor = source.get(name)
+        if tuple(tensor.shape) != want:
+            raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the config "
+                            f"(config.json) implies {want}")
+        one = qz.quantize_weight(tensor, abstract.shape, n_in, quantization.scheme, quantization.double_quant)
+        del tensor
+        jax.tree.map(lambda whole, part: whole.__setitem__(i, part), stacked, one)
+    return stacked
