@@ -55,6 +55,17 @@ def test_code_tables_are_bitsandbytes():
     assert ulps.max() <= 1, ulps.max()
 
 
+def test_nf4_bounds_are_the_gpu_kernels_thresholds():
+    """bitsandbytes' CUDA kernel (csrc/kernels.cu, dQuantizeNF4) compares |x| > t with these
+    literal thresholds: as float32 they are our midpoints, so a GPU quantises as we do."""
+    cuda = [0.03979014977812767, 0.045525018125772476, 0.1202552504837513, 0.13791173323988914,
+            0.2035212516784668, 0.23460740596055984, 0.2920137718319893, 0.33967943489551544,
+            0.3893125355243683, 0.4599952697753906, 0.5016634166240692, 0.6106329262256622,
+            0.6427869200706482, 0.8480964004993439, 0.8614784181118011]
+    bounds = (qz.NF4_CODE[:-1] + qz.NF4_CODE[1:]) / np.float32(2)
+    np.testing.assert_array_equal(np.sort(np.abs(bounds)), np.asarray(cuda, np.float32))
+
+
 def test_nf4_packs_the_first_value_in_the_high_nibble():
     row = np.zeros(64, np.float32)
     row[:4] = [2.0, -2.0, 0.3, 1.0]   # absmax 2: codes 15 (1.0), 0 (-1.0), 9 (0.15 -> 0.1609), 12 (0.5 -> 0.4407)
