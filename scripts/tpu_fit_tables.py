@@ -51,6 +51,8 @@ def _mb(micro: int, accumulation: int = 2) -> tuple[str, ...]:
 
 
 KTO_8B = "--config=configs/llama3_8b_kto.py"
+GEMMA3_4B = "--config=configs/gemma3_4b_kto.py"     # full parameters, 1024 + 1024 tokens
+GEMMA3_27B = "--config=configs/gemma3_27b_kto.py"   # LoRA r16 on a bf16 base, 1024 + 1024 tokens
 ROWS = (
     Row("8b-v5p32-mb128", "full", "Llama-3 8B", (KTO_8B, "--topology=v5p-32", *_mb(128))),
     Row("8b-v5e32-mb32", "full", "Llama-3 8B", (KTO_8B, "--topology=v5e-32", *_mb(32))),
@@ -65,6 +67,15 @@ ROWS = (
     Row("8b-lora-v5p8", "lora", "Llama-3 8B, LoRA r16, bf16 base", (KTO_8B, "--topology=v5p-8", *LORA)),
     Row("70b-lora-v5p8", "lora", "Llama-3 70B, LoRA r16, bf16 base",
         (KTO_8B, "--model=llama3_70b", "--topology=v5p-8", *LORA)),
+    Row("gemma3-4b-full-v5e8-mb8", "gemma", "Gemma 3 4B, full parameters",
+        (GEMMA3_4B, "--topology=v5e-8", *_mb(8))),
+    Row("gemma3-4b-full-v5e8-mb16", "gemma", "Gemma 3 4B, full parameters",
+        (GEMMA3_4B, "--topology=v5e-8", *_mb(16))),
+    Row("gemma3-27b-lora-v5e8-mb8", "gemma", "Gemma 3 27B, LoRA r16, bf16 base",
+        (GEMMA3_27B, "--topology=v5e-8", *_mb(8))),
+    Row("gemma3-27b-full-v5e8-mb8", "gemma", "Gemma 3 27B, full parameters",
+        (GEMMA3_27B, "--topology=v5e-8", "--config.lora.rank=0", "--config.model.param_dtype=float32",
+         *_mb(8))),
 )
 BY_ID = {row.id: row for row in ROWS}
 

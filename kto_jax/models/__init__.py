@@ -1,5 +1,5 @@
 """Models: one Flax NNX decoder-only transformer for every family of kto_jax/models/families/
-(Llama, Mistral, Ministral, Qwen2, Qwen3), and HF import/export."""
+(Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma 2, Gemma 3), and HF import/export."""
 
 from kto_jax.models.config import PRESETS, ModelConfig, preset
 from kto_jax.models.transformer import Transformer, abstract_model, positions_from_mask

@@ -1,10 +1,12 @@
 """One Flax NNX decoder-only transformer for every supported model family.
 
 The families (kto_jax/models/families/) differ by the switches of their record and of
-the ModelConfig: grouped-query attention with RoPE (optionally llama3-scaled), the
-norm formula and where the norms sit, the MLP block (SwiGLU), optional q/k/v bias
-(Qwen2), optional q/k norm (Qwen3), sliding windows (Mistral: every layer; Ministral:
-the layers `layer_types` names), tied or untied lm_head.
+the ModelConfig: grouped-query attention with RoPE (optionally llama3-scaled; Gemma 3:
+a local and a global table), the norm formula and where the norms sit (Gemma's (1 + w)
+norms around attention and the MLP), the MLP block (SwiGLU, GeGLU), optional q/k/v bias
+(Qwen2), optional q/k norm (Qwen3, Gemma 3), sliding windows (Mistral: every layer;
+Ministral, Gemma: the layers `layer_types` names), Gemma's embedding scale, attention
+scale and soft-caps, tied or untied lm_head.
 
 The L decoder layers are stored stacked: every layer parameter has a leading
 'layers' axis of size L and the forward pass runs them with one `jax.lax.scan`, so

@@ -43,6 +43,20 @@ def test_unsupported_architecture_names_every_family():
         ModelConfig(architecture="GPT2LMHeadModel")
 
 
+@pytest.mark.parametrize("config_class", ["Gemma4TextConfig", "Gemma4Config"])
+def test_gemma4_is_refused_naming_what_is_missing(config_class):
+    """transformers' own Gemma 4 config.json (text and multimodal) gets one line that says
+    what the layer design lacks for it."""
+    import transformers
+    hf = getattr(transformers, config_class)().to_dict()
+    hf["architectures"] = ["Gemma4ForConditionalGeneration" if config_class == "Gemma4Config"
+                           else "Gemma4ForCausalLM"]
+    for config in (hf, {**hf, "architectures": None}):  # named, or known by model_type
+        with pytest.raises(UserError, match=r"Gemma4For\w+: Gemma 4 is not supported.*head_dim 512"
+                           r".*per-layer input embeddings.*mixture-of-experts.*Gemma 3"):
+            ModelConfig.from_hf(config)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"layer_types": ("sliding_attention", "full_attention")}, "layer_types.*MinistralForCausalLM"),
     ({"sliding_window": 4}, "sliding_window.*MistralForCausalLM"),

@@ -72,10 +72,17 @@ def test_ignorable_names():
     assert table.ignorable_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq", CONFIGS["llama2"])
 
 
-@pytest.mark.parametrize("name", ["llama31_70b", "qwen25_0_5b"])
+PUBLISHED = {  # parameters of the HF checkpoint (its model card / safetensors index)
+    "llama31_70b": 70.55e9, "qwen25_0_5b": 0.494e9,  # Qwen2.5-0.5B: tied head
+    "gemma2_2b": 2.614e9, "gemma2_9b": 9.242e9, "gemma2_27b": 27.227e9, "gemma3_1b": 1.000e9,
+    # the multimodal Gemma 3: its language model, the checkpoints' 4.30B / 12.19B / 27.43B less
+    # their ~0.42B SigLIP tower and projector (the same 0.42B each time: the tower is shared)
+    "gemma3_4b": 3.880e9, "gemma3_12b": 11.766e9, "gemma3_27b": 27.009e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_presets_build_abstractly_with_the_published_parameter_count(name):
     config = PRESETS[name]()
     total = sum(int(np.prod(x.shape)) for x in _flat_params(config).values())
-    # Llama-3.1-70B: 70.55B parameters; Qwen2.5-0.5B: 0.49B (tied head).
-    want = {"llama31_70b": 70.55e9, "qwen25_0_5b": 0.494e9}[name]
+    want = PUBLISHED[name]
     assert abs(total - want) / want < 0.01

@@ -17,8 +17,25 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     gemma3.FAMILY, gemma3_multimodal.FAMILY)}
 
 
+# Known architectures kto-jax refuses, with what its one layer design lacks for them.
+_GEMMA4 = (
+    "Gemma 4 is not supported: its text layers are not Gemma 3's. Its global layers have other "
+    "parameter shapes than its sliding ones (head_dim 512 against 256, their own KV-head count, "
+    "keys that double as values with no v_proj), which one stacked layer scan cannot hold; its "
+    "norms scale by w (not 1 + w), values get a norm of their own, attention is unscaled, the "
+    "global layers' RoPE is 'proportional' (rotating a quarter of head_dim) and each layer has a "
+    "learned output scalar. E2B/E4B add per-layer input embeddings and layers that reuse earlier "
+    "layers' keys and values, 26B-A4B a mixture-of-experts block beside the MLP. "
+    "Gemma 3 (Gemma3ForCausalLM, Gemma3ForConditionalGeneration) is supported")
+REFUSED = {"Gemma4ForCausalLM": _GEMMA4, "Gemma4ForConditionalGeneration": _GEMMA4}
+_REFUSED_MODEL_TYPES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_text": "Gemma4ForCausalLM"}
+
+
 def family_of(architecture: str) -> Family:
-    """The family of an HF architecture name; UserError naming the supported ones."""
+    """The family of an HF architecture name; UserError naming the supported ones (or, for an
+    architecture known and refused, what is missing)."""
+    if architecture in REFUSED:
+        raise UserError(f"{architecture}: {REFUSED[architecture]} (docs/models.md)")
     if architecture not in FAMILIES:
         raise UserError(f"unsupported model architecture {architecture!r}; supported: "
                         f"{', '.join(FAMILIES)} (docs/models.md says how to add one)")
@@ -27,4 +44,5 @@ def family_of(architecture: str) -> Family:
 
 def architecture_of_model_type(model_type: str | None) -> str | None:
     """The architecture of an HF `model_type` (config.json without `architectures`), or None."""
-    return next((f.architecture for f in FAMILIES.values() if f.model_type == model_type), None)
+    return next((f.architecture for f in FAMILIES.values() if f.model_type == model_type),
+                _REFUSED_MODEL_TYPES.get(model_type))
