@@ -44,7 +44,7 @@ def base_bytes_per_chip(config: ModelConfig, quantization: Quantization, mesh_si
     mesh = AbstractMesh(tuple(int(mesh_sizes.get(a, 1)) for a in shd.MESH_AXES), shd.MESH_AXES)
     rules = shd.rules_of(rules)
     quantized = set() if quantization.scheme == "none" else set(quantized_rows(config))
-    _, state = nnx.split(abstract_model(config))
+    _, state = nnx.split(abstract_model(config.replace(quantization=Quantization())))  # float layout
     dense = 0
     for path, var in nnx.to_flat_state(state):
         if path[0] == "layers" and path[-1] in quantized:

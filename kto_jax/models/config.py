@@ -23,6 +23,7 @@ from kto_jax.errors import UserError
 from kto_jax.models.families import FAMILIES, architecture_of_model_type, family_of
 from kto_jax.models.family import Family
 from kto_jax.models.layers import ACTIVATIONS
+from kto_jax.models.quantize import NO_QUANTIZATION, Quantization
 
 # HF `architectures[0]` -> HF `model_type`, one entry per family.
 SUPPORTED_ARCHITECTURES = {f.architecture: f.model_type for f in FAMILIES.values()}
@@ -108,6 +109,8 @@ class ModelConfig:
                                             # (JSON text), written back around the language model's
     untrained_from: str | None = None       # the checkpoint whose untrained tensors (Family.passthrough:
                                             # a vision tower) an export copies through; set on load
+    quantization: Quantization = NO_QUANTIZATION  # how the frozen base's layer projections are stored
+                                            # (QLoRA: config.lora.base_quantization); never in config.json
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):

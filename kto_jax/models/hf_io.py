@@ -62,16 +62,21 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: Any = None,
     Returns:
       (model, config) with every parameter on its NamedSharding.
     """
+    hf_config, source, named = open_checkpoint(path)
+    return load_from_source(hf_config, source, mesh=mesh, rules=rules, untrained_from=named,
+                            param_dtype=param_dtype, dtype=dtype, **overrides)
+
+
+def open_checkpoint(path: str) -> tuple[dict[str, Any], TensorSource, str]:
+    """(config.json dict, its tensors, the name an export records) of a checkpoint directory,
+    hub id or .gguf file (see `from_pretrained`); nothing is read but the config."""
     named = str(path) if hub.looks_like_hub_id(path) or fs.is_remote(path) else os.path.abspath(path)
     path = hub.resolve_id(path)
     if str(path).endswith(".gguf"):
         from kto_jax.models.gguf import open_gguf  # lazy: only GGUF users need the gguf package
         hf_config, source, _ = open_gguf(str(path))
-    else:
-        hf_config = read_hf_config(path)
-        source = SafetensorsSource(path)
-    return load_from_source(hf_config, source, mesh=mesh, rules=rules, untrained_from=named,
-                            param_dtype=param_dtype, dtype=dtype, **overrides)
+        return hf_config, source, named
+    return read_hf_config(path), SafetensorsSource(path), named
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
@@ -92,6 +97,8 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
     `untrained_from` names the checkpoint (directory or hub id) a multimodal model's
     untrained tensors are copied from on export (ModelConfig.untrained_from)."""
     config = ModelConfig.from_hf(hf_config, **config_fields)
+    if config.quantization.enabled:
+        raise ValueError("a quantised base loads through kto_jax.models.from_pretrained (quantized_base)")
     if config.family.passthrough and untrained_from:
         config = config.replace(untrained_from=untrained_from)
     source = in_our_spelling(source, config.family)

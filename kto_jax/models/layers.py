@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from kto_jax.models import quantize
 from kto_jax.sharding import constrain
 
 Array = jax.Array
@@ -117,8 +118,13 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # ---- weights and projections ----
 
 def layer_weight(p: dict[str, Array], name: str, dtype: Any) -> Array:
-    """The layer weight `name` of p in `dtype`: the one place a layer reads a stored weight."""
-    return p[name].astype(dtype)
+    """The layer weight `name` of p in `dtype`: the one place a layer reads a stored weight.
+    A quantised one (QLoRA: this layer's slice of its codes and scales) is dequantised here,
+    inside the layer scan, so only one layer's weights exist in `dtype` at a time."""
+    w = p[name]
+    if isinstance(w, (quantize.Int8Weight, quantize.Nf4Weight)):
+        return quantize.dequantize(w, dtype)
+    return w.astype(dtype)
 
 
 def dense(equation: str, x: Array, p: dict[str, Array], name: str) -> Array:

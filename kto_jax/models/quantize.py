@@ -39,6 +39,7 @@ the whole model never exists in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -46,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from kto_jax.errors import UserError
 
 SCHEMES = ("int8", "nf4")
 NF4_BLOCK = 64      # values per NF4 block (bitsandbytes' default blocksize)
@@ -80,6 +83,34 @@ def dynamic_map() -> np.ndarray:
 
 
 DYNAMIC_CODE = dynamic_map()
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How the frozen base is stored: scheme "none", "int8" or "nf4"; `double_quant`
+    quantises NF4's block absmaxes to 8 bits too (bitsandbytes' compress_statistics).
+    Hashable: a field of ModelConfig (kto_jax/models/config.py)."""
+
+    scheme: str = "none"
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in ("none", *SCHEMES):
+            raise UserError(f"base quantization {self.scheme!r}: choose none, {', '.join(SCHEMES)}")
+        if self.double_quant and self.scheme != "nf4":
+            raise UserError(f"double quantisation quantises NF4's block absmaxes; base quantization "
+                            f"{self.scheme!r} has none: use nf4 or turn double quantisation off")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+    def describe(self) -> str:
+        """"nf4 + double quantisation", "int8", "none": for log lines and tables."""
+        return self.scheme + (" + double quantisation" if self.double_quant else "")
+
+
+NO_QUANTIZATION = Quantization()
 
 
 # ---- the stored forms (pytrees: the layer scan slices every array, the static fields stay) ----

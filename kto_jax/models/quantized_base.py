@@ -33,29 +33,13 @@ from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
 from kto_jax.models import quantize as qz
+from kto_jax.models.quantize import Quantization  # noqa: F401  (re-exported)
+from kto_jax.models.quantized_layers import QUANTIZED_TRANSFORMS, quantized_rows  # noqa: F401  (re-exported)
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.hf_io import check_tensor_names, in_our_spelling, place, read_hf_config, read_param
 from kto_jax.models.tensor_source import SafetensorsSource, TensorSource
-from kto_jax.models.transformer import abstract_model, layer_axes, layer_param_shapes
-
-# Row transforms of the HF matrices that are quantised -> how many of our leading axes are inputs.
-QUANTIZED_TRANSFORMS = {table.LINEAR: 1, table.HEADS_IN: 1, table.HEADS_OUT: 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class Quantization:
-    """How the frozen base is stored: scheme "none", "int8" or "nf4"; `double_quant`
-    quantises NF4's block absmaxes to 8 bits too (bitsandbytes' compress_statistics)."""
-
-    scheme: str = "none"
-    double_quant: bool = False
-
-    def __post_init__(self):
-        if self.scheme not in ("none", *qz.SCHEMES):
-            raise UserError(f"base quantization {self.scheme!r}: choose none, {', '.join(qz.SCHEMES)}")
-        if self.double_quant and self.scheme != "nf4":
-            raise UserError(f"double quantisation quantises NF4's block absmaxes; base quantization "
-                            f"{self.scheme!r} has none: use nf4 or turn double quantisation off")
+from kto_jax.models.quantized_layers import leaf_names
+from kto_jax.models.transformer import Transformer, abstract_model, layer_axes, layer_param_shapes
 
 
 @dataclasses.dataclass
@@ -67,13 +51,6 @@ class QuantizedBase:
     params: dict[tuple[str, ...], jax.Array]
     layers: dict[str, qz.QuantizedWeight]
     quantization: Quantization
-
-
-def quantized_rows(config: ModelConfig) -> dict[str, tuple[table.ParamRow, int]]:
-    """{layer weight name: (its param-table row, number of input axes)} of the weights a
-    quantised base stores quantised."""
-    return {row.path[-1]: (row, QUANTIZED_TRANSFORMS[row.transform]) for row in table.param_table(config)
-            if row.stacked and row.transform in QUANTIZED_TRANSFORMS}
 
 
 def abstract_quantized_layers(config: ModelConfig, quantization: Quantization) -> dict[str, qz.QuantizedWeight]:
@@ -127,7 +104,7 @@ def load_quantized_from_source(hf_config: dict[str, Any], source: TensorSource, 
     """
     if quantization.scheme == "none":
         raise ValueError("load_quantized: quantization 'none' is hf_io.from_pretrained's job")
-    config = ModelConfig.from_hf(hf_config, **config_fields)
+    config = ModelConfig.from_hf(hf_config, **{**config_fields, "quantization": quantization})
     if config.family.passthrough and untrained_from:
         config = config.replace(untrained_from=untrained_from)
     check_quantizable(config, quantization)
@@ -136,7 +113,7 @@ def load_quantized_from_source(hf_config: dict[str, Any], source: TensorSource, 
     mesh = mesh if mesh is not None else shd.single_device_mesh()
     rules = shd.rules_of(rules)
     quantized = quantized_rows(config)
-    _, state = nnx.split(abstract_model(config))
+    _, state = nnx.split(abstract_model(config.replace(quantization=Quantization())))
     variables = dict(nnx.to_flat_state(state))
     shardings = dict(nnx.to_flat_state(shd.named_shardings(state, mesh, rules)))
     params = {}
@@ -170,3 +147,60 @@ def _read_quantized(row: table.ParamRow, n_in: int, source: TensorSource, abstra
         del tensor
         jax.tree.map(lambda whole, part: whole.__setitem__(i, part), stacked, one)
     return stacked
+
+
+def quantized_model(base: QuantizedBase) -> Transformer:
+    """The Transformer of a loaded base: its projections `QuantizedProjection`s holding the
+    loaded codes and scales, the rest its params (the same arrays, on their shardings)."""
+    config = base.config.replace(quantization=base.quantization)
+    graphdef, state = nnx.split(abstract_model(config))
+    variables = dict(nnx.to_flat_state(state))
+    for path, value in base.params.items():
+        variables[path].set_value(value)
+    for name, weight in base.layers.items():
+        for leaf, value in zip(leaf_names(weight), jax.tree.leaves(weight)):
+            variables[("layers", name, leaf)].set_value(value)
+    return nnx.merge(graphdef, state)
+
+
+def load_quantized_model(hf_config: dict[str, Any], source: TensorSource, quantization: Quantization,
+                         **options: Any) -> tuple[Transformer, ModelConfig]:
+    """(model, config) of `load_quantized_from_source` (options: mesh, rules, untrained_from,
+    ModelConfig fields): what `kto_jax.models.from_pretrained(..., quantization=...)` returns."""
+    model = quantized_model(load_quantized_from_source(hf_config, source, quantization, **options))
+    return model, model.config
+
+
+def quantize_model(model: Transformer, quantization: Quantization) -> Transformer:
+    """A float `model` with its projections quantised on the host, as `load_quantized` would
+    quantise the checkpoint `save_pretrained(model)` writes in its param_dtype (small models,
+    tests). Every other array is `model`'s own; the quantised ones land on the default device
+    (`kto_jax.sharding.shard_model` places them)."""
+    config = model.config
+    check_quantizable(config, quantization)
+    rows = quantized_rows(config)
+    flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {path: v for path, v in flat.items() if not (path[0] == "layers" and path[-1] in rows)}
+    layers = {}
+    for name, (row, n_in) in rows.items():
+        stacked = np.asarray(jax.device_get(flat[("layers", name)]))
+        layers[name] = qz.stack([
+            qz.quantize_weight(table.to_hf(row.transform, w), w.shape, n_in, quantization.scheme,
+                               quantization.double_quant) for w in stacked])
+    return quantized_model(QuantizedBase(config, params, layers, quantization))
+
+
+def dequantized_model(model: Transformer) -> Transformer:
+    """A float Transformer (config.param_dtype, no quantisation) whose projections are the
+    dequantised weights of a quantised `model`: what its forward computes with, as ordinary
+    weights (the reference of tests, and the base of a merged export)."""
+    config = model.config
+    graphdef, state = nnx.split(abstract_model(config.replace(quantization=Quantization())))
+    variables = dict(nnx.to_flat_state(state))
+    dtype = jax.numpy.dtype(config.param_dtype)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path in variables:
+            variables[path].set_value(var.get_value())
+    for name in quantized_rows(config):
+        variables[("layers", name)].set_value(qz.dequantize(getattr(model.layers, name)[...], dtype))
+    return nnx.merge(graphdef, state)

@@ -46,6 +46,7 @@ from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
     rope_cos_sin, rope_inv_freq, soft_cap)
 from kto_jax.models.packed_attention import PackedLayout
+from kto_jax.models.quantized_layers import quantized_rows, zero_projection
 from kto_jax.sharding import constrain
 
 Array = jax.Array
@@ -127,12 +128,19 @@ def _init_value(name: str, shape: tuple[int, ...], dtype, key: Array, norm_init:
 
 
 class DecoderLayers(nnx.Module):
-    """All L decoder layers' parameters, stacked along a leading 'layers' axis."""
+    """All L decoder layers' parameters, stacked along a leading 'layers' axis; under a
+    quantised base (config.quantization) the projections are `QuantizedProjection`s
+    (kto_jax/models/quantized_layers.py), dequantised one layer at a time in the scan."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.param_dtype)
         axes = layer_axes(config)
+        quantized = quantized_rows(config) if config.quantization.enabled else {}
         for name, shape in layer_param_shapes(config).items():
+            if name in quantized:  # QLoRA's frozen base: codes and scales, filled by its loader
+                setattr(self, name, zero_projection(shape, quantized[name][1], axes[name], config.num_layers,
+                                                    config.quantization))
+                continue
             value = _init_value(name, (config.num_layers, *shape), dtype, rngs.params(),
                                 config.family.norm_init)
             setattr(self, name, _param(value, ("layers", *axes[name])))

@@ -18,7 +18,7 @@ from kto_jax.models import from_pretrained
 from kto_jax.models import quantize as qz
 from kto_jax.models.hf_io import read_hf_config
 from kto_jax.models.quantized_base import (
-    Quantization, load_quantized, load_quantized_from_source, quantized_rows)
+    Quantization, dequantized_model, load_quantized, load_quantized_from_source, quantize_model, quantized_rows)
 from kto_jax.models.tensor_source import SafetensorsSource
 
 RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
@@ -99,3 +99,37 @@ def test_refusals(checkpoint, tmp_path):
     save_file(tensors, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"model.layers.1.mlp.up_proj.weight' has shape \(64, 64\)"):
         load_quantized(str(tmp_path / "bad"), Quantization("nf4"))
+
+
+@pytest.mark.parametrize("quantization", SCHEMES, ids=lambda q: q.scheme + ("_double" if q.double_quant else ""))
+def test_quantised_model_computes_with_its_dequantised_weights(checkpoint, quantization):
+    """from_pretrained(quantization=...) gives a Transformer whose projections stay quantised
+    (codes and scales as load_quantized reads them, on their shardings) and whose forward is
+    the forward of the same model with the dequantised weights as ordinary float32 weights;
+    quantize_model of the float model gives the same arrays."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    model, config = from_pretrained(checkpoint, mesh=mesh, rules=RULES, quantization=quantization)
+    assert config.quantization == quantization and model.config == config
+    base = load_quantized(checkpoint, quantization, mesh=mesh, rules=RULES)
+    for name, w in base.layers.items():
+        got = getattr(model.layers, name)[...]
+        assert type(got) is type(w)
+        for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(w)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(x))
+            assert g.sharding == x.sharding
+    float_model, _ = from_pretrained(checkpoint)
+    again = quantize_model(float_model, quantization)
+    for name in base.layers:
+        for g, x in zip(jax.tree.leaves(getattr(again.layers, name)[...]), jax.tree.leaves(base.layers[name])):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(x))
+    reference = dequantized_model(again)
+    assert reference.config.quantization == Quantization()
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 0, config.vocab_size)
+    mask = jnp.ones((2, 12), jnp.int32).at[1, :3].set(0)
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+    want = np.asarray(reference(ids, positions, mask))
+    for m in (model, again):
+        np.testing.assert_allclose(np.asarray(jax.jit(lambda m, *a: m(*a))(m, ids, positions, mask)), want,
+                                   rtol=2e-5, atol=2e-5)
+    # ... and not the float model's: the rounding is there.
+    assert np.abs(np.asarray(float_model(ids, positions, mask)) - want).max() > 1e-4
