@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.one_y_per_x = False        # paired data: keep one of chosen/rejected per prompt, at random
     c.data.score_threshold = 0.0      # scored data: desirable iff score > threshold
     c.data.score_weighting = False    # scored data: weight each example by |score - threshold|
-    c.data.bucket_lengths = (256, 512, 1024)  # padded lengths of the prompt axis P and the completion axis C (capped by max_prompt_length / max_length); multiples of 128 suit flash attention
+    c.data.bucket_lengths = ()        # padded lengths of the prompt axis P and the completion axis C (capped by max_prompt_length / max_length); (): chosen from the training data's lengths, at most 4 step shapes, multiples of 128 on TPU/GPU (docs/data.md "Shapes"); set them for fixed AOT-compiled shapes
     c.data.bucket_window = 1          # >1: sort each window of this many global batches by length bucket before cutting batches (less padding, less class mixing)
     c.data.drop_remainder = False     # train: drop each epoch's last partial batch instead of padding it with filler rows (valid=False)
     c.data.worker_count = 0           # grain worker processes (0: in the main process)
@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_epochs = 1             # passes over the training data
     c.data.reference_logps_path = ""  # reference.source="precomputed": directory written by `kto-jax precompute-ref` (docs/performance.md)
     c.data.packing = False            # pack whole [x | y | y_kl] examples (x once for both completions) into rows of pack_length tokens instead of padding (docs/data.md "Packing")
-    c.data.pack_length = 4096         # tokens per packed row: a multiple of 128, >= max_length + the longest completion
+    c.data.pack_length = 0            # tokens per packed row: 0 chooses it from the training data; else a multiple of 128 that holds the data's longest [x | y | y_kl] example
 
     # ---- optim: optax optimizer and schedule ----
     c.optim = ml_collections.ConfigDict()

@@ -22,7 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 5e-6
     c.data.max_length = 512
     c.data.max_prompt_length = 256
-    c.data.bucket_lengths = (128, 256, 512)
     c.train.global_batch_size = 16
     c.train.micro_batch_size = 4
     c.train.log_every = 5

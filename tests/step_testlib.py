@@ -90,11 +90,12 @@ def unpad(ids, mask):
     return [unpad(i, m) for i, m in zip(ids, mask)]
 
 
-def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
+def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0, num_rows=0):
     """The packed batch (kto_jax/data/packing.py) of the same examples as the padded `batch`:
     rows of `pack_length` tokens, the KL completions rolled within each microbatch (around
     its real rows: `packing.kl_completions` with `valid`, the step's rule), the
-    per-example arrays (labels, weights, validity, precomputed reference) unchanged."""
+    per-example arrays (labels, weights, validity, precomputed reference) unchanged;
+    `num_rows` rows per microbatch (0: the fewest that hold every microbatch)."""
     from kto_jax.data import packing  # pylint: disable=import-outside-toplevel
     names = packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES
     prompts = unpad(batch["prompt_ids"], batch["prompt_mask"])
@@ -107,7 +108,8 @@ def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0):
                         for mb in zip(prompts, firsts, seconds)])
     c = batch[f"{names[0]}_ids"].shape[-1]
     out = packing.pack_batch(prompts, firsts, seconds, names=names, pack_length=pack_length,
-                             num_rows=packing.microbatch_rows(lengths, pack_length, groups),
+                             num_rows=num_rows or packing.microbatch_rows(lengths, pack_length,
+                                                                          groups),
                              completion_length=c, pad_id=pad_id, groups=groups)
     per_example = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")
                    and not k.startswith(names)}

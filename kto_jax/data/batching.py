@@ -66,6 +66,8 @@ class BatchLayout:
     pack_length: int = dataclasses.field(default=0, repr=False)
     pack_groups: int = dataclasses.field(default=1, repr=False)   # packing groups, all processes
     pack_second: bool = dataclasses.field(default=True, repr=False)  # y_kl / y_l in the trees
+    # allowed row counts R of a packed microbatch (kto_jax/data/shapes.py), ascending; () any
+    row_buckets: tuple[int, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -264,6 +266,14 @@ def tree_lengths(lengths, planned: PlannedBatch, layout: BatchLayout) -> np.ndar
     return trees
 
 
+def batch_rows(trees: np.ndarray, layout: BatchLayout) -> int:
+    """R of a packed global batch whose trees [A, M] are `trees`: the rows its fullest
+    microbatch needs, rounded up to the layout's row buckets (one program per bucket)."""
+    return packing.bucket_rows(packing.microbatch_rows(trees, layout.pack_length,
+                                                       layout.pack_groups),
+                               layout.row_buckets, layout.pack_groups)
+
+
 def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
               layout: BatchLayout) -> dict:
     """The packed batch (kto_jax/batch.py) of this process's examples of one planned batch.
@@ -276,8 +286,7 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
     """
     paired = split.paired
     groups = layout.pack_groups // layout.process_count
-    num_rows = packing.microbatch_rows(tree_lengths(lengths, planned, layout), layout.pack_length,
-                                       layout.pack_groups) // layout.process_count
+    num_rows = batch_rows(tree_lengths(lengths, planned, layout), layout) // layout.process_count
     prompts = [[split.prompts[int(i)] for i in mb] for mb in rows]
     firsts = [[split.completions[0][int(i)] for i in mb] for mb in rows]
     empty = np.zeros(0, np.int32)
@@ -351,7 +360,11 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
     `split`: a `TokenizedSplit` or `shards.ShardedSplit` (lengths and `desirable` only).
 
     efficiency = real tokens / padded tokens, where a batch's padded tokens are
-    G * (P + C) (G * (P + 2C) for pairs) and filler rows count as padding.
+    G * (P + C) (G * (P + 2C) for pairs) and filler rows count as padding: the arrays'.
+    token_efficiency = real tokens / the positions the padded step computes per model pass,
+    G x (P + C) per (x, y) row, twice when a second completion (y_kl, y_l) is computed:
+    what `kto-jax data inspect` prints for both layouts (`packed_stats`' figures compare
+    with it), as `kto-jax bench --layout=padded` counts them.
     All of it is order-free, so it is summed over the stored chunks (numpy, no loop).
     """
     sides, g = len(split.side_lengths), layout.global_batch
@@ -369,7 +382,11 @@ def plan_stats(split, plan: EpochPlan, layout: BatchLayout) -> dict:
         sizes = np.full(len(plan), g)
         sizes[-1] = len(plan.indices) - g * (len(plan) - 1)
         single_class = int(((desirable == 0) | (desirable == sizes)).sum())
-    return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
+    passes = 2 if layout.pack_second else 1
+    computed = g * passes * int(plan.prompt_len.sum(dtype=np.int64)
+                                + plan.completion_len.sum(dtype=np.int64))
+    return {"efficiency": real / padded if padded else 0.0,
+            "token_efficiency": real / computed if computed else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
             "filler_rows": len(plan) * g - len(plan.indices),
             "remainder_dropped": len(split) - len(plan.indices),
@@ -389,9 +406,6 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
         own (x + y, or x + y_w + y_l), never padding, filler or y_kl copies;
       ceiling: the most token_efficiency can be with these trees, real / placed (below
         1 for the unpaired losses with z0: the y_kl copies are computed, not real);
-      padded_token_efficiency: real tokens / the positions the padded layout computes
-        for the same batches, G x (P + C) per (x, y) row, twice when a second completion
-        (y_kl, y_l) is computed, as `kto-jax bench --layout=padded` counts them.
     A Python loop over batches (first-fit decreasing per microbatch, as the pipeline
     packs): measured 0.86 s per 100k examples for the whole `plan_stats` (A = 4, M = 8,
     T = 2048, one idle CPU core).
@@ -401,15 +415,11 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
     for b in range(len(plan)):
         planned = plan[b]
         trees = tree_lengths(split, planned, layout)
-        r = packing.microbatch_rows(trees, layout.pack_length, layout.pack_groups)
+        r = batch_rows(trees, layout)
         rows[(planned.completion_len, r)] = rows.get((planned.completion_len, r), 0) + 1
         positions += layout.accumulation * r * layout.pack_length
         placed += int(trees.sum())
-    passes = 2 if layout.pack_second else 1
-    padded = layout.global_batch * passes * int(plan.prompt_len.sum(dtype=np.int64)
-                                                + plan.completion_len.sum(dtype=np.int64))
     return {"rows": dict(sorted(rows.items())), "positions": positions,
             "fill": placed / positions if positions else 0.0,
             "token_efficiency": real / positions if positions else 0.0,
-            "ceiling": real / placed if placed else 0.0,
-            "padded_token_efficiency": real / padded if padded else 0.0}
+            "ceiling": real / placed if placed else 0.0}

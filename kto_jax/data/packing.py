@@ -192,6 +192,16 @@ def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1)
                default=groups)
 
 
+def bucket_rows(rows: int, buckets: Sequence[int], groups: int = 1) -> int:
+    """R rounded up to the smallest of the row `buckets` (ascending) that holds it, so a run
+    compiles one step program per bucket; above them (or with none) R itself, rounded up
+    to a multiple of the packing groups."""
+    for b in buckets:
+        if b >= rows:
+            return int(b)
+    return -(-int(rows) // groups) * groups
+
+
 def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequence[np.ndarray]],
                seconds: Sequence[Sequence[np.ndarray]], *, names: tuple[str, str],
                **kwargs) -> dict[str, np.ndarray]:
@@ -239,14 +249,9 @@ def config_problems(data) -> list[str]:
         return [f"data.packing={enabled!r} must be True or False"]
     if not enabled:
         return []
-    if not isinstance(t, int) or t <= 0 or t % 128:
-        return [f"data.pack_length={t!r} must be a positive multiple of 128 (the splash "
-                "attention block; cuDNN wants multiples of 64)"]
-    longest = data.max_length + (data.max_completion_length or data.max_length)
-    if t < longest:
-        return [f"data.pack_length={t} cannot hold the longest [x | y | y_kl] example, "
-                f"data.max_length + the longest completion = {longest} tokens: raise "
-                "data.pack_length or lower data.max_length / data.max_completion_length"]
+    if not isinstance(t, int) or t < 0 or t % 128:
+        return [f"data.pack_length={t!r} must be 0 (chosen from the data) or a positive "
+                "multiple of 128 (the splash attention block; cuDNN wants multiples of 64)"]
     if not STEP_RUNS_PACKED:
         return ["data.packing=True is not run by the train step yet (the packer and packed "
                 "attention exist, the step integration does not): set data.packing=False"]

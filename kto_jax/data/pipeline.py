@@ -31,7 +31,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from kto_jax.data import batching, formats, imbalance, packing, prepared, shards, tokenize
+from kto_jax.data import (batching, formats, imbalance, packing, prepared, shapes, shards,
+                          tokenize)
 from kto_jax.data.iterator import (EVAL_STREAM, TRAIN_STREAM, EpochPlans, EvalBatches,
                                    FeedbackIterator, TrainFactory)
 from kto_jax.data.readers import RowSet, read_rows
@@ -90,14 +91,23 @@ def build_datasets(data: DataSettings, tokenizer, *, process_index: int | None =
         fmt, conversational, splits, eval_note = prepared.open_splits(d, tokenizer)
     else:
         fmt, conversational, splits, eval_note = read_splits(d, tokenizer, layout, allgather)
+    layout, chosen = shapes.choose(d, layout, splits["train"].split,
+                                   splits["eval"].split if "eval" in splits else None,
+                                   multiple=d.shape_multiple or _backend_multiple())
     plans = {name: _epoch_plans(split, layout, d.seed) for name, split in splits.items()}
     summaries = {name: _split_summary(split, plans[name]) for name, split in splits.items()}
     train, evaluation = splits["train"].split, splits.get("eval")
     summary = _summarize(d, fmt, conversational, summaries["train"], summaries.get("eval"),
                          eval_note, layout, _fingerprint(d, train, layout))
+    summary.shapes_line = chosen.line() if chosen is not None else ""
     return Datasets(TrainFactory(train, plans["train"], d, summary.fingerprint),
                     None if evaluation is None else EvalBatches(evaluation.split, plans["eval"], d),
                     summary)
+
+
+def _backend_multiple() -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    return shapes.backend_multiple(jax.default_backend())
 
 
 TokenizeSplit = Callable[[str, formats.Examples, tokenize.TokenSpec],
@@ -191,11 +201,10 @@ def batch_layout(d: DataSettings, tokenizer, process_index: int, process_count: 
                  ) -> batching.BatchLayout:
     """The batches' shapes; with data.packing, packed in `d.pack_groups` groups of rows (the
     batch shards of the run's mesh, as the step's)."""
-    packed = {}
+    packed = dict(pack_second=d.pack_second)
     if d.packing:
         d.batch.check(process_count=process_count, pack_groups=d.pack_groups)
-        packed = dict(pack_length=int(d.pack_length), pack_groups=int(d.pack_groups),
-                      pack_second=d.pack_second)
+        packed.update(pack_length=int(d.pack_length), pack_groups=int(d.pack_groups))
     max_completion = d.max_completion_length or d.max_length
     prompt_buckets, completion_buckets = batching.bucket_sizes(
         d.bucket_lengths, d.max_prompt_length, max_completion)
@@ -336,4 +345,6 @@ def _fingerprint(d: DataSettings, split: shards.ShardedSplit, layout: batching.B
     h.update(repr((shape, d.seed)).encode())
     if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
         h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
+        if layout.row_buckets:   # bucketed row counts change the batches' shapes
+            h.update(repr(("rows", layout.row_buckets)).encode())
     return h.hexdigest()[:16]

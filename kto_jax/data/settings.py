@@ -56,7 +56,7 @@ class DataSettings:
     one_y_per_x: bool = False
     score_threshold: float = 0.0
     score_weighting: bool = False
-    bucket_lengths: tuple[int, ...] = (256, 512, 1024)
+    bucket_lengths: tuple[int, ...] = ()   # (): chosen from the data (kto_jax/data/shapes.py)
     bucket_window: int = 1
     drop_remainder: bool = False
     worker_count: int = 0
@@ -64,7 +64,9 @@ class DataSettings:
     num_epochs: int = 1
     reference_logps_path: str = ""
     packing: bool = False
-    pack_length: int = 4096
+    pack_length: int = 0                   # 0: chosen from the data
+    # the rounding of shapes chosen from the data; 0: the backend's (shapes.backend_multiple)
+    shape_multiple: int = 0
 
     def replace(self, **changes) -> DataSettings:
         return dataclasses.replace(self, **changes)

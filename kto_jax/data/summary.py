@@ -83,10 +83,12 @@ class SplitSummary:
                    f"  packed rows: fill {100 * packed['fill']:.1f}%, token efficiency "
                    f"{100 * packed['token_efficiency']:.1f}% (real tokens / computed positions; at most "
                    f"{100 * packed['ceiling']:.1f}% with these examples); padded layout: "
-                   f"{100 * packed['padded_token_efficiency']:.1f}%"]
+                   f"{100 * plan['token_efficiency']:.1f}%"]
         else:
             out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; shapes PxC (batches): "
-                   f"{shapes}; padding efficiency {100 * plan['efficiency']:.1f}%"]
+                   f"{shapes}; padding efficiency {100 * plan['token_efficiency']:.1f}% (real "
+                   "tokens / positions the step computes, the KL or second completion's forward "
+                   "counted; data.packing=True computes fewer)"]
         if plan["remainder_dropped"]:
             out.append(f"  {plan['remainder_dropped']} examples of each epoch's last partial "
                        "batch are skipped (data.drop_remainder; a different set each epoch)")
@@ -120,6 +122,7 @@ class DataSummary:
     batch_shape: tuple[int, int, int]    # (A, M, M_local)
     fingerprint: str
     warnings: list[str] = dataclasses.field(default_factory=list)
+    shapes_line: str = ""                # the shapes chosen from the data (data/shapes.py), if any
     uses_lambda_weights: bool = True     # the loss weighs its classes by lambda_D / lambda_U
     auto_weights_applied: bool = False   # the weights above are eq. 9's (loss.auto_weights)
 
@@ -138,6 +141,8 @@ class DataSummary:
                f"{'paired' if self.paired else 'unpaired'} batches [A={a}, M={m}] "
                f"({local} rows of each microbatch per process)"]
         out += self.train.lines()
+        if self.shapes_line:
+            out.append(self.shapes_line)
         out += self.eval.lines() if self.eval is not None else [f"eval: {self.eval_note}"]
         out += self._lambda_lines()
         out += [f"warning: {w}" for w in self.warnings]

@@ -77,12 +77,21 @@ def packed_rows(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
     if not d.get("packing", False):
         return 0
     m, tree = int(config.train.micro_batch_size), prompt_len + 2 * completion_len
+    if not int(d.pack_length):   # chosen from the data at run time: the tree's, rounded
+        return packing.rows_needed(np.full(m, tree), pack_length(config, prompt_len, completion_len),
+                                   batch_shards(mesh, config.mesh.rules))
     if tree > int(d.pack_length):
         raise UserError(f"an example of {prompt_len} + 2 x {completion_len} tokens does not fit "
                         f"a packed row of data.pack_length={d.pack_length}: raise "
                         "data.pack_length or lower --prompt_len / --completion_len.")
     return packing.rows_needed(np.full(m, tree), int(d.pack_length),
                                batch_shards(mesh, config.mesh.rules))
+
+
+def pack_length(config: ml_collections.ConfigDict, prompt_len: int, completion_len: int) -> int:
+    """T of the compiled packed rows: data.pack_length, or (0: chosen from the data at run
+    time) the [x | y | y2] tree of P + 2C tokens rounded up to 128, as a TPU run chooses."""
+    return int(config.data.get("pack_length", 0)) or -(-(prompt_len + 2 * completion_len) // 128) * 128
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
@@ -96,7 +105,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: in
                           completion_len=completion_len,
                           precomputed=config.reference.source == "precomputed",
                           rows=packed_rows(config, mesh, prompt_len, completion_len),
-                          pack_length=int(config.data.get("pack_length", 0)))
+                          pack_length=pack_length(config, prompt_len, completion_len))
     sharding = batch_sharding(mesh, config.mesh.rules)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes.items()}

@@ -178,16 +178,19 @@ def reference_plan_epoch(prompt_lengths, completion_lengths, layout, *, seed, ep
 
 def reference_plan_stats(split, plan, layout):
     lengths = split.total_lengths
-    real = padded = single_class = 0
+    real = padded = computed = single_class = 0
     shapes = {}
     for b in plan:
         real += int(lengths[b.indices].sum())
         padded += layout.global_batch * (b.prompt_len + len(split.side_lengths) * b.completion_len)
+        # what the padded step computes: (x, y) and (x, y2) when a second completion runs
+        computed += layout.global_batch * (1 + layout.pack_second) * (b.prompt_len + b.completion_len)
         shapes[(b.prompt_len, b.completion_len)] = shapes.get((b.prompt_len, b.completion_len),
                                                               0) + 1
         labels = split.desirable[b.indices]
         single_class += int(not split.paired and (labels.all() or not labels.any()))
-    return {"efficiency": real / padded if padded else 0.0, "shapes": shapes,
+    return {"efficiency": real / padded if padded else 0.0,
+            "token_efficiency": real / computed if computed else 0.0, "shapes": shapes,
             "single_class_batches": single_class, "batches": len(plan),
             "filler_rows": sum(layout.global_batch - len(b.indices) for b in plan),
             "remainder_dropped": len(split) - sum(len(b.indices) for b in plan)}

@@ -75,6 +75,7 @@ def _data(**changes):
 def test_config_problems_name_the_field_and_the_fix():
     assert packing.config_problems(_data(packing=False, pack_length=7)) == []
     assert "multiple of 128" in packing.config_problems(_data(pack_length=1000))[0]
-    assert "2048 tokens" in packing.config_problems(_data(pack_length=1024))[0]
+    assert packing.config_problems(_data(pack_length=0)) == []  # chosen from the data
+    assert "must be 0 (chosen from the data)" in packing.config_problems(_data(pack_length=-128))[0]
     assert packing.config_problems(_data()) == []  # the step runs packed batches
     assert packing.config_problems(_data(packing="yes"))[0].startswith("data.packing='yes'")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kto_jax.batch import batch_fields
-from kto_jax.data import build_datasets
+from kto_jax.data import build_datasets, packing
 from kto_jax.train.settings import read_data_settings
 from kto_jax.errors import UserError
 
@@ -35,6 +35,19 @@ def _batches(config, tokenizer, index=0, count=1, allgather=None):
     return data, collect(data.train_iter_factory())
 
 
+def _tree_lengths(batch, paired, second=True):
+    """[A, M] tokens of each example's [x | y | y2] tree ([x | y] without `second`), from a
+    padded batch."""
+    prompt = batch["prompt_mask"].sum(-1)
+    if paired:
+        return prompt + batch["chosen_mask"].sum(-1) + batch["rejected_mask"].sum(-1)
+    y = batch["completion_mask"].sum(-1)
+    if not second:
+        return prompt + y
+    kl = np.take_along_axis(y, packing.kl_partners(batch["valid"]), axis=1)
+    return prompt + y + kl
+
+
 @pytest.mark.parametrize("loss", ["kto", "dpo", "kto_no_z0"])
 def test_packed_batches_hold_the_padded_batches_examples(tokenizer, tmp_path, loss):
     paired = loss == "dpo"
@@ -46,7 +59,10 @@ def test_packed_batches_hold_the_padded_batches_examples(tokenizer, tmp_path, lo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for p, b in zip(packed, padded):
         assert tuple(p) == tuple(f.name for f in batch_fields(paired, packed=True))
-        want = packed_like(b, paired, pack_length=128, groups=2, pad_id=pad_id)
+        rows = p["packed_ids"].shape[1]   # bucketed (data/shapes.py): at least the fewest rows
+        assert rows >= packing.microbatch_rows(_tree_lengths(b, paired, loss != "kto_no_z0"), 128, 2)
+        want = packed_like(b, paired, pack_length=128, groups=2, pad_id=pad_id,
+                           num_rows=0 if loss == "kto_no_z0" else rows)
         if loss == "kto_no_z0":  # no z0: the trees carry no y_kl, so other places in the rows
             assert not p["kl_mask"].any()
             assert (p["packed_segment_ids"] > 0).sum() == (b["prompt_mask"].sum()
@@ -135,7 +151,7 @@ def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, lo
     assert packed["fill"] == pytest.approx(placed / positions)
     assert packed["token_efficiency"] == pytest.approx(real / positions)
     assert packed["ceiling"] == pytest.approx(real / placed)
-    assert packed["padded_token_efficiency"] == pytest.approx(real / padded)
+    assert train.plan["token_efficiency"] == pytest.approx(real / padded)  # one figure for both
     assert packed["ceiling"] < 1  # y_kl copies (unpaired) and the last batch's filler rows are not real
     text = "\n".join(data.summary.lines())
     assert "packed, shapes CxR" in text and f"token efficiency {100 * real / positions:.1f}%" in text

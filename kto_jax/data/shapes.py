@@ -1,0 +1,274 @@
+"""Step shapes chosen from the training data's lengths (data.bucket_lengths=() and
+data.pack_length=0, the defaults).
+
+Every distinct batch shape compiles the train step once, and every padded position is
+computed like a real token, so the shapes decide both the compile count and the waste.
+Fixed buckets suit nobody: (256, 512, 1024) pads a file of 20-token rows to 256 + 256.
+So by default the shapes are read off the training split's length histogram, the
+figures `kto-jax data inspect` prints:
+
+- padded layout: each global batch is padded to its longest prompt and longest
+  completion, rounded up to a bucket. The buckets are chosen so the epoch's padded
+  positions, sum over batches of G x (P_b + C_b), are smallest, with at most
+  `MAX_SHAPES` distinct (P, C) programs: for every split kp x kc <= MAX_SHAPES, an
+  exact dynamic programme picks kp prompt and kc completion buckets among the
+  batches' rounded maxima (the prompt and completion costs are separable), and the
+  split with the fewest positions wins, each extra program having to save
+  `SHAPE_GAIN` of them.
+- packed layout: the row length T is chosen among multiples of the rounding from the
+  smallest that holds the data's longest [x | y | y2] tree, as the one that computes
+  the fewest row positions over the epoch's microbatches, and the row count R of a
+  batch is rounded up to at most `MAX_SHAPES` values (`row_buckets`), so a run
+  compiles at most that many programs.
+
+Lengths are rounded to what the backend's kernels like (`backend_multiple`): 128 on
+TPU (the splash attention block) and GPU (cuDNN), 8 on CPU, where nothing asks for
+more. Explicit data.bucket_lengths / data.pack_length win; TPU pods that compile ahead
+of time (`kto-jax compile`) should set them (docs/data.md, "Shapes").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from kto_jax.data import batching, packing
+
+MAX_SHAPES = 4          # distinct step programs a run compiles for its training batches
+SHAPE_GAIN = 0.02       # an extra program must save this share of the padded positions
+PLAN_SAMPLE = 256       # batches of epoch 0 that the packed choices are measured on
+PACK_CANDIDATES = 8     # row lengths tried, from the smallest legal one upwards
+
+
+def backend_multiple(backend: str) -> int:
+    """The rounding of chosen lengths for a JAX backend ("tpu", "gpu", "cuda", "cpu", ...)."""
+    return 8 if backend == "cpu" else 128
+
+
+def round_up(n, multiple: int):
+    """n (int or int array) rounded up to a multiple of `multiple`."""
+    return -(-np.asarray(n) // multiple) * multiple
+
+
+def _best_buckets(maxima: np.ndarray, k: int) -> tuple[tuple[int, ...], int]:
+    """The k values (or fewer) among `maxima` minimising sum_b min{bucket >= maxima[b]}.
+
+    An exact dynamic programme over the sorted distinct values u_1 < ... < u_n (u_n is
+    always a bucket): cost[j][i] = best cost of covering values <= u_i with j buckets,
+    the last at u_i. O(k n^2), n distinct batch maxima (a few hundred at most).
+    Returns (buckets ascending, cost).
+    """
+    values, counts = np.unique(np.asarray(maxima, np.int64), return_counts=True)
+    n = len(values)
+    below = np.concatenate([[0], np.cumsum(counts)])          # batches with value < u_i
+    inf = np.iinfo(np.int64).max // 4
+    cost = np.full((k + 1, n), inf, np.int64)
+    back = np.zeros((k + 1, n), np.int64)
+    cost[1] = values * below[1:]                              # one bucket at u_i covers all <= u_i
+    for j in range(2, k + 1):
+        for i in range(n):
+            for h in range(i):                                # previous bucket at u_h
+                c = cost[j - 1][h] + values[i] * (below[i + 1] - below[h + 1])
+                if c < cost[j][i]:
+                    cost[j][i], back[j][i] = c, h
+    j = int(np.argmin(cost[1:, n - 1])) + 1
+    total, i, picked = int(cost[j][n - 1]), n - 1, []
+    while j >= 1:
+        picked.append(int(values[i]))
+        i, j = int(back[j][i]), j - 1
+    return tuple(sorted(set(picked))), total
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Shapes chosen from the data, and what they cost (printed at start-up)."""
+    prompt_buckets: tuple[int, ...]
+    completion_buckets: tuple[int, ...]
+    multiple: int
+    pack_length: int = 0                    # packed layout: the chosen row length T
+    row_buckets: tuple[int, ...] = ()       # packed layout: allowed row counts R
+
+    def line(self) -> str:
+        if self.pack_length:
+            return (f"  shapes chosen from the data (multiples of {self.multiple}): rows of "
+                    f"T={self.pack_length} tokens, R in {list(self.row_buckets)} rows per "
+                    f"microbatch, completion buckets {list(self.completion_buckets)}")
+        return (f"  shapes chosen from the data (multiples of {self.multiple}): prompt buckets "
+                f"{list(self.prompt_buckets)}, completion buckets {list(self.completion_buckets)}")
+
+
+def padded_buckets(prompt_lengths: np.ndarray, completion_lengths: np.ndarray,
+                   layout: batching.BatchLayout, *, multiple: int, caps: tuple[int, int],
+                   seed: int, max_shapes: int = MAX_SHAPES) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Prompt and completion buckets for the padded layout (module docstring).
+
+    The batches are epoch 0's, planned with every multiple of `multiple` as a bucket
+    (lengths are capped by `caps` = (max_prompt_length, max completion) already).
+    """
+    fine = tuple(tuple(int(b) for b in np.arange(multiple, round_up(cap, multiple) + 1, multiple))
+                 for cap in caps)
+    fine_layout = dataclasses.replace(layout, prompt_buckets=fine[0], completion_buckets=fine[1],
+                                      pack_length=0)
+    plan = batching.plan_epoch(prompt_lengths, completion_lengths, fine_layout, seed=seed, epoch=0)
+    p_max = np.minimum(plan.prompt_len, caps[0])
+    c_max = np.minimum(plan.completion_len, caps[1])
+    best = None
+    for kp in range(1, max_shapes + 1):
+        for kc in range(1, max_shapes // kp + 1):
+            pb, pc = _best_buckets(p_max, kp)
+            cb, cc = _best_buckets(c_max, kc)
+            shapes = len(set(zip(pb_of(p_max, pb), pb_of(c_max, cb))))
+            score = (pc + cc) * (1 + SHAPE_GAIN * (shapes - 1))
+            if best is None or score < best[0]:
+                best = (score, pb, cb)
+    return best[1], best[2]
+
+
+def pb_of(maxima: np.ndarray, buckets: Sequence[int]) -> list[int]:
+    """The bucket each maximum falls in (the smallest >= it)."""
+    b = np.asarray(buckets)
+    return b[np.searchsorted(b, maxima, side="left")].tolist()
+
+
+def tree_bounds(split, pack_second: bool) -> np.ndarray:
+    """int [N]: at least the tokens of each example's [x | y | y2] tree, whichever its KL
+    partner: y2 is the example's own y_l for pairs; for an unpaired loss with z0 another
+    example's completion, so x + y + the longest y. Their max is the smallest legal T."""
+    first = np.asarray(split.prompt_lengths, np.int64) + split.side_lengths[0]
+    if not pack_second:
+        return first
+    if len(split.side_lengths) > 1:
+        return first + split.side_lengths[1]
+    return first + int(np.max(split.side_lengths[0]))
+
+
+def _sampled_trees(split, plan: batching.EpochPlan, layout: batching.BatchLayout) -> list[np.ndarray]:
+    """Tree lengths [A, M] of up to PLAN_SAMPLE batches of the plan, evenly spread."""
+    picks = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), PLAN_SAMPLE)).astype(int))
+    return [batching.tree_lengths(split, plan[int(b)], layout) for b in picks]
+
+
+def row_buckets(rows: np.ndarray, groups: int, max_shapes: int = MAX_SHAPES,
+                most: int = 0) -> tuple[int, ...]:
+    """At most `max_shapes` row counts covering `rows` (each batch's R) with the fewest rows,
+    multiples of the packing groups. With `most` (the rows no microbatch can exceed,
+    `most_rows`) above the largest of `rows`, it is the last bucket, so batches unseen
+    here (later epochs) find one too and the run never compiles more than `max_shapes`."""
+    rows = np.asarray(rows)
+    spare = most > int(rows.max())
+    buckets, _ = _best_buckets(rows, max_shapes - 1 if spare and max_shapes > 1 else max_shapes)
+    buckets = tuple(int(round_up(b, groups)) for b in buckets)
+    return buckets + ((int(round_up(most, groups)),) if spare else ())
+
+
+def most_rows(trees_bound: np.ndarray, pack_length: int, micro_batch: int, groups: int) -> int:
+    """Rows that no microbatch of `micro_batch` examples can need, given an upper bound on
+    each example's tree: per group, first-fit leaves at most one row half empty or less,
+    so it uses fewer than 2 S / T + 1 rows for trees of S tokens (and at most one a tree);
+    S is at most the group's share of the longest trees."""
+    per_group = micro_batch // groups
+    longest = np.sort(np.asarray(trees_bound, np.int64))[::-1][:per_group]
+    return groups * min(per_group, int(2 * int(longest.sum()) // pack_length) + 1)
+
+
+def packed_shapes(split, layout: batching.BatchLayout, *, multiple: int, seed: int,
+                  pack_length: int = 0, max_shapes: int = MAX_SHAPES
+                  ) -> tuple[int, tuple[int, ...]]:
+    """(T, row buckets) for the packed layout: T as given (pack_length > 0) or chosen from
+    PACK_CANDIDATES multiples of `multiple` from the smallest legal one (at least
+    `layout.pack_length`), as the one whose
+    epoch-0 batches (a sample of PLAN_SAMPLE) compute the fewest row positions once R is
+    bucketed."""
+    plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
+                               seed=seed, epoch=0)
+    trees = _sampled_trees(split, plan, layout)
+    if pack_length:
+        candidates = [pack_length]
+    else:
+        low = int(round_up(max(int(max(t.max() for t in trees)), layout.pack_length), multiple))
+        candidates = [low + multiple * i for i in range(PACK_CANDIDATES)]
+        # a row that holds a whole microbatch is the longest worth trying
+        whole = int(round_up(max(int(t.sum(1).max()) for t in trees), multiple))
+        candidates = [t for t in candidates if t <= max(whole, low)] + (
+            [whole] if whole > candidates[-1] else [])
+    bound = tree_bounds(split, layout.pack_second)
+    best = None
+    for t in candidates:
+        rows = np.array([packing.microbatch_rows(tr, t, layout.pack_groups) for tr in trees])
+        most = most_rows(bound, t, layout.micro_batch, layout.pack_groups)
+        buckets = row_buckets(rows, layout.pack_groups, max_shapes, most)
+        positions = t * sum(packing.bucket_rows(r, buckets, layout.pack_groups) for r in rows)
+        if best is None or positions < best[0]:
+            best = (positions, t, buckets)
+    t = best[1]
+    if len(plan) <= PLAN_SAMPLE:
+        return t, best[2]
+    rows = [packing.microbatch_rows(batching.tree_lengths(split, planned, layout), t,
+                                    layout.pack_groups) for planned in plan]
+    return t, row_buckets(np.array(rows), layout.pack_groups, max_shapes,
+                          most_rows(bound, t, layout.micro_batch, layout.pack_groups))
+
+
+def choose(d, layout: batching.BatchLayout, train, evaluation=None, *, multiple: int
+           ) -> tuple[batching.BatchLayout, Choice | None]:
+    """The layout with the shapes the data asks for (module docstring), and the choice made
+    (None when the config fixed every shape).
+
+    Args:
+      d: the run's DataSettings (bucket_lengths () and pack_length 0 ask for a choice).
+      layout: the layout of the configured shapes (`pipeline.batch_layout`).
+      train, evaluation: the splits' lengths (`SplitLengths`; evaluation may be None): the
+        choice is the train split's, its largest buckets also hold the eval split's lengths.
+      multiple: the rounding (`backend_multiple`).
+    Raises:
+      UserError: an explicit data.pack_length shorter than the data's longest tree.
+    """
+    caps = (d.max_prompt_length, d.max_completion_length or d.max_length)
+    chosen = None
+    if not d.bucket_lengths:
+        splits = [s for s in (train, evaluation) if s is not None]
+        top = tuple(min(int(round_up(max(int(np.max(lengths(s))) for s in splits), multiple)),
+                        cap) for lengths, cap in zip((_prompts, _completions), caps))
+        if d.packing:   # the rows decide the cost; C only sizes the gathers
+            prompt, completion = (top[0],), (top[1],)
+        else:
+            prompt, completion = padded_buckets(train.prompt_lengths, train.completion_lengths,
+                                                layout, multiple=multiple, caps=caps, seed=d.seed)
+            prompt, completion = (tuple(b for b in bs if b < t) + (t,)
+                                  for bs, t in ((prompt, top[0]), (completion, top[1])))
+        layout = dataclasses.replace(layout, prompt_buckets=prompt, completion_buckets=completion)
+        chosen = Choice(prompt, completion, multiple)
+    if d.packing:
+        layout = _packed(d, layout, train, evaluation, multiple)
+        chosen = Choice(layout.prompt_buckets, layout.completion_buckets, multiple,
+                        layout.pack_length, layout.row_buckets)
+    return layout, chosen
+
+
+def _prompts(split) -> np.ndarray:
+    return split.prompt_lengths
+
+
+def _completions(split) -> np.ndarray:
+    return split.completion_lengths
+
+
+def _packed(d, layout: batching.BatchLayout, train, evaluation, multiple: int
+            ) -> batching.BatchLayout:
+    """The packed layout's T (data.pack_length, or chosen) and row buckets."""
+    from kto_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+    longest = max(int(tree_bounds(s, layout.pack_second).max())
+                  for s in (train, evaluation) if s is not None)
+    if d.pack_length and d.pack_length < longest:
+        tree = ("[x | y_w | y_l]" if len(train.side_lengths) > 1 else
+                "[x | y | y_kl]" if layout.pack_second else "[x | y]")
+        raise UserError(f"data.pack_length={d.pack_length} cannot hold the data's longest "
+                        f"{tree} tree, {longest} tokens: raise data.pack_length to "
+                        f"{int(round_up(longest, 128))} or more, or set data.pack_length=0 to "
+                        "choose it from the data")
+    layout = dataclasses.replace(layout, pack_length=int(d.pack_length or round_up(longest, multiple)))
+    t, buckets = packed_shapes(train, layout, multiple=multiple, seed=d.seed,
+                               pack_length=int(d.pack_length))
+    return dataclasses.replace(layout, pack_length=t, row_buckets=buckets)
