@@ -24,6 +24,7 @@ from kto_jax.models.families import FAMILIES, architecture_of_model_type, family
 from kto_jax.models.family import Family
 from kto_jax.models.layers import ACTIVATIONS
 from kto_jax.models.quantize import NO_QUANTIZATION, Quantization
+from kto_jax.models.moe import MOE_IMPLS, MOE_MLP
 
 # HF `architectures[0]` -> HF `model_type`, one entry per family.
 SUPPORTED_ARCHITECTURES = {f.architecture: f.model_type for f in FAMILIES.values()}
@@ -36,7 +37,9 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # HF layer_types entries
 # checkpoint set some (Family.options); any other family keeps them off.
 FEATURES = {"attention_bias": False, "qk_norm": False, "sliding_window": None,
             "layer_types": None, "rope_local_theta": None, "query_pre_attn_scalar": None,
-            "attn_logit_softcap": None, "final_logit_softcap": None, "outer_config": None}
+            "attn_logit_softcap": None, "final_logit_softcap": None, "outer_config": None,
+            "num_experts": None, "num_experts_per_tok": None, "moe_intermediate_size": None,
+            "norm_topk_prob": False, "router_aux_loss_coef": 0.0}
 # config.json key of `ModelConfig.untrained_from` in a run's own copy of the config (WORKDIR/model);
 # an exported checkpoint's config.json never has it.
 UNTRAINED_FROM_KEY = "kto_jax_untrained_tensors_from"
@@ -111,6 +114,15 @@ class ModelConfig:
                                             # a vision tower) an export copies through; set on load
     quantization: Quantization = NO_QUANTIZATION  # how the frozen base's layer projections are stored
                                             # (QLoRA: config.lora.base_quantization); never in config.json
+    # mixture of experts (Qwen3-MoE, Mixtral: kto_jax/models/moe.py); None: a dense MLP
+    num_experts: int | None = None          # HF num_experts (Qwen3-MoE) / num_local_experts (Mixtral): E
+    num_experts_per_tok: int | None = None  # HF num_experts_per_tok: k experts per token
+    moe_intermediate_size: int | None = None  # an expert's gated-MLP width (Mixtral: intermediate_size)
+    norm_topk_prob: bool = False            # renormalise the k chosen probabilities (Mixtral: always)
+    router_aux_loss_coef: float = 0.0       # weight of the router's load-balancing loss in training
+                                            # (default the checkpoint's; 0: off)
+    moe_impl: str = "ragged"                # "ragged": grouped expert matmuls | "dense": every expert
+                                            # on every token (the reference formulation)
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):
@@ -138,9 +150,12 @@ class ModelConfig:
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("hidden_act", self.hidden_act, tuple(ACTIVATIONS))
+        _check_choice("moe_impl", self.moe_impl, MOE_IMPLS)
         _check_features(self, family)
         if self.layer_types is not None:
             _check_layer_types(self.layer_types, self.num_layers, self.sliding_window)
+        if self.num_experts is not None or family.mlp is MOE_MLP:
+            _check_experts(self)
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_kv_heads})")
@@ -315,6 +330,15 @@ def _check_features(config: ModelConfig, family: Family) -> None:
                             f"(it belongs to {', '.join(owners) or 'no supported architecture'})")
 
 
+def _check_experts(config: ModelConfig) -> None:
+    e, k, f = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    if not (e and k and f and 0 < k <= e):
+        raise UserError(f"{config.architecture}: num_experts_per_tok ({k}) must be between 1 and num_experts "
+                        f"({e}), and moe_intermediate_size ({f}) set")
+    if config.router_aux_loss_coef < 0:
+        raise UserError(f"router_aux_loss_coef={config.router_aux_loss_coef} must be >= 0 (0 turns it off)")
+
+
 def _check_layer_types(types: tuple[str, ...], num_layers: int, window: int | None) -> None:
     if len(types) != num_layers or not set(types) <= {FULL, SLIDING}:
         raise UserError(f"layer_types {list(types)} must list {num_layers} entries (num_hidden_layers), "
@@ -480,6 +504,38 @@ def qwen3_0_6b(**overrides: Any) -> ModelConfig:
         "bos_token_id": 151643, "eos_token_id": 151645, **overrides})
 
 
+def qwen3_30b_a3b(**overrides: Any) -> ModelConfig:
+    """Qwen/Qwen3-30B-A3B: 48 mixture-of-experts layers, 128 experts of width 768, top 8
+    (renormalised): 30.5B parameters, 3.3B active per token."""
+    return ModelConfig(**{
+        "architecture": "Qwen3MoeForCausalLM",
+        "vocab_size": 151936, "hidden_size": 2048,          # vocab_size, hidden_size
+        "intermediate_size": 6144, "num_layers": 48,        # intermediate_size (unused: no dense layer), num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 4, "head_dim": 128,  # num_attention_heads, num_key_value_heads, head_dim
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,      # rms_norm_eps, rope_theta
+        "max_position_embeddings": 40960, "qk_norm": True,  # max_position_embeddings
+        "num_experts": 128, "num_experts_per_tok": 8,       # num_experts, num_experts_per_tok
+        "moe_intermediate_size": 768, "norm_topk_prob": True,  # moe_intermediate_size, norm_topk_prob
+        "router_aux_loss_coef": 0.001,                      # router_aux_loss_coef
+        "bos_token_id": 151643, "eos_token_id": 151645, **overrides})
+
+
+def mixtral_8x7b(**overrides: Any) -> ModelConfig:
+    """mistralai/Mixtral-8x7B-v0.1: 32 layers of 8 experts (width 14336), top 2: 46.7B
+    parameters, 12.9B active per token."""
+    return ModelConfig(**{
+        "architecture": "MixtralForCausalLM",
+        "vocab_size": 32000, "hidden_size": 4096,           # vocab_size, hidden_size
+        "intermediate_size": 14336, "num_layers": 32,       # intermediate_size, num_hidden_layers
+        "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,  # num_attention_heads, num_key_value_heads
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,      # rms_norm_eps, rope_theta
+        "max_position_embeddings": 32768,                   # max_position_embeddings
+        "num_experts": 8, "num_experts_per_tok": 2,         # num_local_experts, num_experts_per_tok
+        "moe_intermediate_size": 14336, "norm_topk_prob": True,  # (intermediate_size: the experts')
+        "router_aux_loss_coef": 0.02,                       # router_aux_loss_coef
+        "bos_token_id": 1, "eos_token_id": 2, **overrides})
+
+
 # Gemma: values from each model's config.json (HF hub, not reachable offline: checked against
 # public copies of those files and google-deepmind/gemma's TransformerConfig). Unlisted
 # fields are the family's HF defaults (eps 1e-6, tied embeddings, GeGLU, bos 2 / eos 1 / pad 0).
@@ -581,7 +637,7 @@ def gemma3_27b(**overrides: Any) -> ModelConfig:
 
 PRESETS = {f.__name__: f for f in (tiny, llama2_7b, llama3_8b, llama31_8b, llama3_70b, llama31_70b,
                                    llama32_1b, llama32_3b, mistral_7b, ministral_8b, qwen25_0_5b,
-                                   qwen25_3b, qwen3_0_6b, gemma2_2b, gemma2_9b, gemma2_27b, gemma3_1b,
+                                   qwen25_3b, qwen3_0_6b, qwen3_30b_a3b, mixtral_8x7b, gemma2_2b, gemma2_9b, gemma2_27b, gemma3_1b,
                                    gemma3_4b, gemma3_12b, gemma3_27b)}
 
 

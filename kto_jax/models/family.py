@@ -33,6 +33,7 @@ LINEAR = "linear"       # HF [out, in] -> ours [in, out]
 HEADS_IN = "heads_in"   # HF [N*hd, D] -> ours [D, N, hd]   (q/k/v projections)
 HEADS_OUT = "heads_out"  # HF [D, H*hd] -> ours [H, hd, D]  (o_proj)
 HEADS_BIAS = "heads_bias"  # HF [N*hd] -> ours [N, hd]      (q/k/v bias)
+EXPERT_LINEAR = "expert_linear"  # one HF [out, in] per expert -> ours [E, in, out] (its slice [in, out])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,18 @@ class ParamRow:
         """True for decoder-layer parameters: HF has one tensor per layer, we stack them."""
         return "{i}" in self.hf_name
 
-    def hf_names(self, num_layers: int) -> list[str]:
-        return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+    @property
+    def per_expert(self) -> bool:
+        """True for an expert weight: HF has one tensor per layer and expert ('{e}'), we
+        stack them [L, E, ...]."""
+        return "{e}" in self.hf_name
+
+    def hf_names(self, num_layers: int, num_experts: int | None = None) -> list[str]:
+        """Every HF name of the row: layer-major, then expert ({e}: 0 .. num_experts - 1)."""
+        if not self.stacked:
+            return [self.hf_name]
+        experts = range(num_experts or 0) if self.per_expert else (0,)
+        return [self.hf_name.format(i=i, e=e) for i in range(num_layers) for e in experts]
 
 
 def layer_row(name: str, hf_suffix: str, transform: str, prefix: str = "model.layers.{i}.") -> ParamRow:
@@ -87,6 +98,18 @@ QK_NORM_ROWS = (  # config.qk_norm
     layer_row("k_norm", "self_attn.k_norm.weight", IDENTITY),
 )
 UNTIED_HEAD_ROWS = (ParamRow(("lm_head",), "lm_head.weight", LINEAR),)  # not config.tie_word_embeddings
+
+
+def moe_rows(block: str, gate: str, up: str, down: str) -> tuple[ParamRow, ...]:
+    """The router and expert rows of a mixture-of-experts layer whose HF module is `block`
+    (Qwen3-MoE "mlp", Mixtral "block_sparse_moe"), its experts' projections named gate, up, down."""
+    return (layer_row("router", f"{block}.gate.weight", LINEAR),
+            layer_row("expert_gate_proj", f"{block}.experts.{{e}}.{gate}.weight", EXPERT_LINEAR),
+            layer_row("expert_up_proj", f"{block}.experts.{{e}}.{up}.weight", EXPERT_LINEAR),
+            layer_row("expert_down_proj", f"{block}.experts.{{e}}.{down}.weight", EXPERT_LINEAR))
+
+
+ATTENTION_ROWS = tuple(r for r in BASE_ROWS if r.path[-1] not in ("gate_proj", "up_proj", "down_proj"))
 SANDWICH_NORM_ROWS = (  # Gemma 2 and 3: a norm after attention and before and after the MLP
     layer_row("pre_feedforward_layernorm", "pre_feedforward_layernorm.weight", IDENTITY),
     layer_row("post_feedforward_layernorm", "post_feedforward_layernorm.weight", IDENTITY),

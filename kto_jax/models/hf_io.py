@@ -128,7 +128,7 @@ def in_our_spelling(source: TensorSource, family: Family) -> TensorSource:
 def check_tensor_names(rows: tuple[table.ParamRow, ...], names: set[str], config: ModelConfig) -> None:
     """UserError naming missing or unexpected tensors before anything is read (the family's
     untrained `passthrough` tensors are expected extras)."""
-    expected = {n for row in rows for n in row.hf_names(config.num_layers)}
+    expected = {n for row in rows for n in row.hf_names(config.num_layers, config.num_experts)}
     missing = sorted(expected - names)
     extra = sorted(n for n in names - expected if not table.ignorable_hf_name(n, config)
                    and not n.startswith(config.family.passthrough or ("\0",)))
@@ -150,8 +150,10 @@ def read_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...]
     if not row.stacked:
         return _convert(row, row.hf_name, source, shape, target)
     out = np.empty(shape, target)
-    for i, name in enumerate(row.hf_names(config.num_layers)):
-        out[i] = _convert(row, name, source, shape[1:], target)
+    per = 2 if row.per_expert else 1  # leading axes one HF tensor spans: layer (and expert)
+    slots = out.reshape(-1, *shape[per:])
+    for j, name in enumerate(row.hf_names(config.num_layers, config.num_experts)):
+        slots[j] = _convert(row, name, source, shape[per:], target)
     return out
 
 
@@ -233,14 +235,16 @@ def _export_plan(config: ModelConfig, flat: dict, save_dtype: np.dtype, untraine
     spelling = getattr(untrained, "stored_name", lambda name: name)  # the source's own spelling
     itemsize = save_dtype.itemsize
 
-    def ours(row, layer):
-        return lambda: to_hf_tensor(flat[row.path], row, layer).astype(save_dtype)
+    def ours(row, layer, expert=None):
+        return lambda: to_hf_tensor(flat[row.path], row, layer, expert).astype(save_dtype)
 
     plan = [(spelling(row.hf_name), math.prod(flat[row.path].shape) * itemsize, ours(row, None))
             for row in rows if not row.stacked]
     for i in range(config.num_layers):
-        plan += [(spelling(row.hf_name.format(i=i)), math.prod(flat[row.path].shape[1:]) * itemsize,
-                  ours(row, i)) for row in rows if row.stacked]
+        for row in (r for r in rows if r.stacked):
+            experts = range(config.num_experts) if row.per_expert else (None,)
+            size = math.prod(flat[row.path].shape[2 if row.per_expert else 1:]) * itemsize
+            plan += [(spelling(row.hf_name.format(i=i, e=e)), size, ours(row, i, e)) for e in experts]
     if untrained is not None:
         for name in sorted(n for n in untrained.names() if n.startswith(config.family.passthrough)):
             fetch = functools.partial(untrained.get, name) if read else (lambda: np.zeros(0, np.uint8))
@@ -274,10 +278,14 @@ def _layer_slice(stacked: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
 
 
-def to_hf_tensor(value: jax.Array, row: table.ParamRow, layer: int | None) -> np.ndarray:
-    """One HF tensor (host numpy) from our parameter value; `layer` picks the stacked slice."""
+def to_hf_tensor(value: jax.Array, row: table.ParamRow, layer: int | None,
+                 expert: int | None = None) -> np.ndarray:
+    """One HF tensor (host numpy) from our parameter value; `layer` picks the stacked slice,
+    `expert` an expert weight's expert within it."""
     if layer is not None:
         value = _layer_slice(value, jnp.int32(layer))
+    if expert is not None:
+        value = _layer_slice(value, jnp.int32(expert))
     return table.to_hf(row.transform, _to_host(value))
 
 

@@ -9,7 +9,9 @@ transform between them (`kto_jax.models.family.ParamRow`). A family lists its ro
 so export is import run backwards.
 
 HF layouts: torch Linear weights are [out, in]; q/k/v rows are (head, head_dim);
-o_proj columns are (head, head_dim). Ours: [in, out], heads split out as axes.
+o_proj columns are (head, head_dim). Ours: [in, out], heads split out as axes. An
+expert weight is one HF tensor per layer and expert, ours one [L, E, in, out] array;
+the transforms see one expert's slice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.family import (  # noqa: F401  (the table's vocabulary, re-exported)
-    BASE_ROWS, HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, LINEAR, QK_NORM_ROWS, QKV_BIAS_ROWS,
+    BASE_ROWS, EXPERT_LINEAR, HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, LINEAR, QK_NORM_ROWS, QKV_BIAS_ROWS,
     UNTIED_HEAD_ROWS, ParamRow)
 
 # HF tensors that carry no parameters (old Llama checkpoints store RoPE tables); skipped on import.
@@ -42,7 +44,7 @@ def hf_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape for one (per-layer) parameter of our `shape`."""
     if transform == IDENTITY:
         return shape
-    if transform == LINEAR:
+    if transform in (LINEAR, EXPERT_LINEAR):  # an expert weight: per expert slice
         return shape[::-1]
     if transform == HEADS_IN:
         d, n, hd = shape
@@ -59,7 +61,7 @@ def to_ours(transform: str, tensor: np.ndarray, shape: tuple[int, ...]) -> np.nd
     """HF tensor -> our layout of `shape` (per layer)."""
     if transform == IDENTITY:
         return tensor
-    if transform == LINEAR:
+    if transform in (LINEAR, EXPERT_LINEAR):  # an expert weight: per expert slice
         return tensor.T
     if transform in (HEADS_IN, HEADS_OUT):
         return tensor.T.reshape(shape)
@@ -72,7 +74,7 @@ def to_hf(transform: str, array: np.ndarray) -> np.ndarray:
     """Our (per-layer) array -> the HF tensor; the inverse of `to_ours`."""
     if transform == IDENTITY:
         return array
-    if transform == LINEAR:
+    if transform in (LINEAR, EXPERT_LINEAR):  # an expert weight: per expert slice
         return array.T
     if transform == HEADS_IN:
         return array.reshape(array.shape[0], -1).T

@@ -44,6 +44,13 @@ HF_CASES = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
+    # Mixtures of experts: 8 experts of width 32, top 2, in every layer; Qwen3-MoE's chosen
+    # probabilities as the softmax gives them (norm_topk_prob false), Mixtral's renormalised.
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=False, tie_word_embeddings=False)),
+    "mixtral": (transformers.MixtralConfig, dict(
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)),
     # Gemma 3 multimodal (4B-27B): the same language model under text_config, plus a tiny
     # SigLIP vision tower and projector that kto-jax carries through untouched.
     "gemma3_multimodal": (transformers.Gemma3Config, dict(

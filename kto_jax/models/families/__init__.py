@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from kto_jax.errors import UserError
 from kto_jax.models.families import (
-    gemma2, gemma3, gemma3_multimodal, llama, ministral, mistral, qwen2, qwen3)
+    gemma2, gemma3, gemma3_multimodal, llama, ministral, mistral, mixtral, qwen2, qwen3, qwen3_moe)
 from kto_jax.models.family import Family
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     llama.FAMILY, mistral.FAMILY, ministral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma2.FAMILY,
-    gemma3.FAMILY, gemma3_multimodal.FAMILY)}
+    gemma3.FAMILY, gemma3_multimodal.FAMILY, qwen3_moe.FAMILY, mixtral.FAMILY)}
 
 
 # Known architectures kto-jax refuses, with what its one layer design lacks for them.

@@ -1,0 +1,122 @@
+"""A mixture-of-experts MLP block (Qwen3-MoE, Mixtral): router, top-k, SwiGLU experts.
+
+Every token goes to exactly its k experts, none is dropped (no capacity factor), so
+the block computes what transformers computes, up to float rounding:
+
+    probs   = softmax(x W_router)                     (float32, over all E experts)
+    w, e    = top_k(probs, k)                          the chosen experts and their probs
+    w       = w / sum(w)   where the family renormalises (Mixtral always, Qwen3-MoE with
+                           norm_topk_prob; this is the softmax over the chosen experts' logits)
+    y       = sum_j w_j * down_e_j(act(gate_e_j(x)) * up_e_j(x))
+
+The experts' matmuls are grouped (`moe_impl` "ragged", the default): the N*k
+(token, expert) assignments are sorted by expert, their tokens gathered into one
+[N*k, D] array, and each expert multiplies only its own contiguous rows with
+`jax.lax.ragged_dot` (on TPU a grouped matmul; elsewhere jax lowers it as a masked
+dense product). The outputs are gathered back to token order and summed with the
+router weights. `moe_impl` "dense" runs every expert on every token and zero-weights
+the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
+the tests and scripts/moe_benchmark.py compare the grouped form against.
+
+`router_stats` gives what the load-balancing loss needs of one layer (the share of
+assignments and the mean router probability of each expert, over real tokens);
+`load_balancing_loss` is transformers' `load_balancing_loss_func` (Switch Transformer
+eq. 4-6) over all layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kto_jax.models.layers import ACT_EMBED, ACTIVATIONS, MlpBlock, dense, layer_weight
+from kto_jax.sharding import constrain
+
+Array = jax.Array
+MOE_IMPLS = ("ragged", "dense")
+EXPERT_PARAMS = ("expert_gate_proj", "expert_up_proj", "expert_down_proj")
+
+
+def route(p: dict[str, Array], x: Array, cfg: Any) -> tuple[Array, Array, Array]:
+    """(router logits [N, E] in x's dtype, weights [N, k] in x's dtype, experts int32 [N, k])
+    of tokens x [N, D]: the top-k of the float32 softmax, renormalised where the family does."""
+    logits = dense("nd,de->ne", x, p, "router")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return logits, weights.astype(x.dtype), experts.astype(jnp.int32)
+
+
+def grouped_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Array, cfg: Any) -> Array:
+    """sum_j weights[:, j] * expert_{experts[:, j]}(x), [N, D]: assignments sorted by expert,
+    each expert's rows multiplied by its weights alone (`jax.lax.ragged_dot`)."""
+    n, k = experts.shape
+    flat = experts.reshape(-1)                                     # [N*k] expert of each assignment
+    order = jnp.argsort(flat, stable=True)                         # assignments grouped by expert
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    rows = jnp.take(x, order // k, axis=0)                         # [N*k, D] token of each assignment
+    dt = x.dtype
+    gate = jax.lax.ragged_dot(rows, layer_weight(p, "expert_gate_proj", dt), sizes)
+    up = jax.lax.ragged_dot(rows, layer_weight(p, "expert_up_proj", dt), sizes)
+    out = jax.lax.ragged_dot(ACTIVATIONS[cfg.hidden_act](gate) * up,
+                             layer_weight(p, "expert_down_proj", dt), sizes)   # [N*k, D]
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    out = jnp.take(out, unsort, axis=0).reshape(n, k, -1)         # back to (token, choice) order
+    return jnp.einsum("nkd,nk->nd", out, weights)
+
+
+def dense_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Array, cfg: Any) -> Array:
+    """The same as `grouped_outputs`, with every expert run on every token ([E, N, F])."""
+    dt = x.dtype
+    gate = jnp.einsum("nd,edf->enf", x, layer_weight(p, "expert_gate_proj", dt))
+    up = jnp.einsum("nd,edf->enf", x, layer_weight(p, "expert_up_proj", dt))
+    out = jnp.einsum("enf,efd->end", ACTIVATIONS[cfg.hidden_act](gate) * up,
+                     layer_weight(p, "expert_down_proj", dt))
+    combine = jnp.einsum("nke,nk->ne", jax.nn.one_hot(experts, cfg.num_experts, dtype=dt), weights)
+    return jnp.einsum("end,ne->nd", out, combine)
+
+
+def moe_mlp(p: dict[str, Array], x: Array, cfg: Any) -> Array:
+    """The mixture-of-experts MLP of x [B, T, D] -> [B, T, D] (see the module docstring)."""
+    b, t, d = x.shape
+    tokens = x.reshape(b * t, d)
+    _, weights, experts = route(p, tokens, cfg)
+    outputs = grouped_outputs if cfg.moe_impl == "ragged" else dense_outputs
+    return constrain(outputs(p, tokens, experts, weights, cfg).reshape(b, t, d), ACT_EMBED)
+
+
+MOE_MLP = MlpBlock(
+    shapes=lambda cfg: {"router": (cfg.hidden_size, cfg.num_experts),
+                        "expert_gate_proj": (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size),
+                        "expert_up_proj": (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size),
+                        "expert_down_proj": (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size)},
+    axes={"router": ("embed", None), "expert_gate_proj": ("expert", "embed", "mlp"),
+          "expert_up_proj": ("expert", "embed", "mlp"), "expert_down_proj": ("expert", "mlp", "embed")},
+    apply=moe_mlp,
+)
+
+
+# ---- the router's load-balancing loss ----
+
+def router_stats(p: dict[str, Array], x: Array, cfg: Any, token_weight: Array) -> Array:
+    """float32 [2, E] of one layer's MLP input x [B, T, D]: the sum over real tokens
+    (token_weight [B, T], 1 real, 0 padding) of each expert's top-k assignments, and of
+    its router probability; `load_balancing_loss` divides by the token count."""
+    b, t, d = x.shape
+    logits, _, experts = route(p, x.reshape(b * t, d), cfg)
+    w = token_weight.reshape(b * t).astype(jnp.float32)
+    chosen = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32).sum(1)   # [N, E]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.stack([w @ chosen, w @ probs])
+
+
+def load_balancing_loss(stats: Array, tokens: Array, num_experts: int) -> Array:
+    """E * sum_e f_e P_e (Switch Transformer eq. 4), as transformers' load_balancing_loss_func:
+    stats [L, 2, E] from `router_stats` summed over layers, f_e = assignments / (L * tokens),
+    P_e = probability mass / (L * tokens); tokens = the real tokens of the batch."""
+    total = stats.shape[0] * tokens
+    assigned, mass = stats.sum(0) / total
+    return num_experts * jnp.sum(assigned * mass)

@@ -1,0 +1,104 @@
+"""The mixture-of-experts block (kto_jax/models/moe.py) against hand computations; the
+checkpoints' layouts it reads or refuses. Parity with transformers: tests/models/test_hf_io.py
+(cases qwen3_moe, mixtral)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kto_jax.errors import UserError
+from kto_jax.models import moe
+from kto_jax.models.config import ModelConfig, preset
+
+
+def _config(**overrides) -> ModelConfig:
+    return ModelConfig(**{"architecture": "Qwen3MoeForCausalLM", "qk_norm": True, "num_experts": 8,
+                          "num_experts_per_tok": 2, "moe_intermediate_size": 16, **overrides})
+
+
+def _weights(cfg: ModelConfig, seed: int = 0) -> dict:
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    shapes = moe.MOE_MLP.shapes(cfg)
+    return {name: 0.3 * jax.random.normal(k, shapes[name]) for k, name in zip(keys, shapes)}
+
+
+def _by_hand(p: dict, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Token by token, expert by expert, in float64 numpy."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    out = np.zeros_like(x, dtype=np.float64)
+    for n, token in enumerate(np.asarray(x, np.float64)):
+        logits = token @ p["router"]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        chosen = np.argsort(-probs)[:cfg.num_experts_per_tok]
+        weights = probs[chosen] / (probs[chosen].sum() if cfg.norm_topk_prob else 1.0)
+        for e, w in zip(chosen, weights):
+            gate, up = token @ p["expert_gate_proj"][e], token @ p["expert_up_proj"][e]
+            out[n] += w * ((gate / (1 + np.exp(-gate))) * up) @ p["expert_down_proj"][e]
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+@pytest.mark.parametrize("impl", moe.MOE_IMPLS)
+def test_moe_mlp_equals_the_token_by_token_sum(norm_topk_prob, impl):
+    cfg = _config(norm_topk_prob=norm_topk_prob, moe_impl=impl)
+    p = _weights(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, cfg.hidden_size))
+    got = np.asarray(moe.moe_mlp(p, x, cfg)).reshape(15, -1)
+    np.testing.assert_allclose(got, _by_hand(p, np.asarray(x).reshape(15, -1), cfg), atol=2e-5, rtol=1e-5)
+
+
+def test_grouped_and_dense_experts_have_equal_gradients():
+    cfg = _config(norm_topk_prob=True)
+    p = _weights(cfg, seed=2)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 7, cfg.hidden_size))
+
+    def loss(p, x, impl):
+        return jnp.sum(jnp.sin(moe.moe_mlp(p, x, cfg.replace(moe_impl=impl))))
+
+    ragged = jax.grad(loss, argnums=(0, 1))(p, x, "ragged")
+    dense = jax.grad(loss, argnums=(0, 1))(p, x, "dense")
+    for a, b in zip(jax.tree.leaves(ragged), jax.tree.leaves(dense)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)  # float32 sums in other orders
+
+
+def test_grouped_experts_see_only_their_tokens():
+    """An expert no token chose gets a zero gradient; the others a non-zero one."""
+    cfg = _config()
+    p = _weights(cfg, seed=4)
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, 3, cfg.hidden_size))
+    _, _, experts = moe.route(p, x[0], cfg)
+    grads = jax.grad(lambda w: jnp.sum(moe.moe_mlp({**p, "expert_up_proj": w}, x, cfg)))(p["expert_up_proj"])
+    used = set(np.asarray(experts).ravel().tolist())
+    for e in range(cfg.num_experts):
+        assert (np.abs(np.asarray(grads[e])).sum() > 0) == (e in used), e
+
+
+def test_dense_layers_among_sparse_ones_are_refused_by_name():
+    hf = preset("qwen3_30b_a3b").to_hf()
+    assert ModelConfig.from_hf(hf).num_experts == 128
+    with pytest.raises(UserError, match=r"mlp_only_layers=\[3\].*every layer must be a mixture of experts"):
+        ModelConfig.from_hf({**hf, "mlp_only_layers": [3]})
+    with pytest.raises(UserError, match="decoder_sparse_step=2"):
+        ModelConfig.from_hf({**hf, "decoder_sparse_step": 2})
+
+
+def test_expert_counts_are_checked():
+    with pytest.raises(UserError, match="num_experts_per_tok"):
+        _config(num_experts_per_tok=9)
+    with pytest.raises(UserError, match="num_experts_per_tok"):
+        ModelConfig(architecture="MixtralForCausalLM", norm_topk_prob=True)
+    with pytest.raises(UserError, match="num_experts=8 does not match LlamaForCausalLM"):
+        ModelConfig(num_experts=8)
+
+
+def test_presets_read_back_and_count_their_parameters():
+    """Qwen3-30B-A3B: 30.5B parameters; Mixtral 8x7B: 46.7B (the model cards' figures)."""
+    from kto_jax.models.transformer import abstract_model
+    for name, billions in (("qwen3_30b_a3b", 30.5), ("mixtral_8x7b", 46.7)):
+        cfg = preset(name)
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+        count = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_model(cfg)))
+        assert round(count / 1e9, 1) == billions, (name, count)
