@@ -210,9 +210,13 @@ class ModelConfig:
     def flop_dims(self) -> dict[str, int]:
         """The sizes a FLOP count reads (kto_jax.step.flops.ModelDims' fields), from the config
         itself rather than from HF config.json names."""
-        return {"hidden": self.hidden_size, "intermediate": self.intermediate_size,
+        dims = {"hidden": self.hidden_size, "intermediate": self.intermediate_size,
                 "layers": self.num_layers, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "vocab": self.vocab_size}
+        if self.num_experts:  # the active experts count: k of E, each of the experts' width
+            dims.update(intermediate=self.moe_intermediate_size, experts=self.num_experts,
+                        experts_per_token=self.num_experts_per_tok)
+        return dims
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (e.g. dtypes, remat policy)."""

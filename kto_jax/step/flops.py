@@ -4,7 +4,8 @@ Conventions (those of the PaLM paper, App. B, which MaxText and most reports use
 - a multiply-add is 2 FLOPs;
 - a forward pass costs F(T) = T * (2 * N_matmul + 4 * L * H * hd * T) for a
   sequence of T tokens, where N_matmul counts the parameters of every matmul
-  (attention projections, SwiGLU MLP, lm_head; not the embedding lookup) and the
+  (attention projections, SwiGLU MLP, lm_head; not the embedding lookup; of a
+  mixture of experts only the active ones: k experts and the router) and the
   second term is QK^T plus AV over the full T x T score matrix (no causal
   discount, so MFU is comparable with other reports);
 - a backward pass costs two forwards; rematerialisation is not counted (model
@@ -53,6 +54,9 @@ class ModelDims:
     kv_heads: int        # num_key_value_heads
     head_dim: int        # head_dim (default hidden_size // num_attention_heads)
     vocab: int           # vocab_size
+    experts: int = 0     # num_experts of a mixture of experts (0: a dense MLP of width `intermediate`)
+    experts_per_token: int = 0  # num_experts_per_tok: the experts each token runs (each of width
+                                # `intermediate` = moe_intermediate_size)
 
     @classmethod
     def of(cls, model_config: Any) -> "ModelDims":
@@ -71,9 +75,12 @@ class ModelDims:
                    head_dim=int(head_dim), vocab=int(get("vocab_size")))
 
     def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: projections, MLP, lm_head."""
+        """Parameters that take part in a matmul per token: projections, MLP, lm_head. A
+        mixture of experts counts the active ones: k experts' MLPs plus the router."""
         attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         mlp = 3 * self.hidden * self.intermediate  # SwiGLU: gate, up, down
+        if self.experts:
+            mlp = self.experts_per_token * mlp + self.hidden * self.experts
         return self.layers * (attention + mlp) + self.hidden * self.vocab
 
 

@@ -4,6 +4,8 @@ checkpoints' layouts it reads or refuses. Parity with transformers: tests/models
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,19 @@ def test_presets_read_back_and_count_their_parameters():
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
         count = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_model(cfg)))
         assert round(count / 1e9, 1) == billions, (name, count)
+
+
+def test_flops_count_the_active_parameters():
+    """Qwen3-30B-A3B runs 3.3B parameters per token (the model card), Mixtral 8x7B 12.9B;
+    the FLOP count's matmul parameters are those without the embedding (lm_head counted)."""
+    from kto_jax.step.flops import ModelDims
+    for name, active in (("qwen3_30b_a3b", 3.3e9), ("mixtral_8x7b", 12.9e9)):
+        cfg = preset(name)
+        dims = ModelDims.of(cfg)
+        assert dims.experts == cfg.num_experts and dims.experts_per_token == cfg.num_experts_per_tok
+        norms = cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
+        embed = cfg.vocab_size * cfg.hidden_size
+        np.testing.assert_allclose(dims.matmul_params() + embed + norms, active, rtol=0.02)
+        # one expert of one layer more per token: exactly its three projections more
+        more = dataclasses.replace(dims, experts_per_token=dims.experts_per_token + 1)
+        assert more.matmul_params() - dims.matmul_params() == dims.layers * 3 * dims.hidden * dims.intermediate
