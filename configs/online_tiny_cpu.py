@@ -3,7 +3,7 @@
 Like configs/tiny_cpu.py it names no model, prompts or judge. `kto-jax online
 --example=DIR` writes a random tiny model and prompts to DIR and prints the command that
 runs this config on them with a judge that ships with kto-jax. The tests build a random
-2-layer Llama (tests/train/run_helpers.py), write a prompt file and pass a
+2-layer Llama (tests/tiny_models.py), write a prompt file and pass a
 `module:function` judge, e.g.
   kto-jax online --config=configs/online_tiny_cpu.py --workdir=/tmp/online \\
       --config.model.path=/path/to/tiny-llama --config.online.prompts_path=prompts.jsonl \\

@@ -6,7 +6,7 @@ a feedback file, e.g.
       --config.model.path=/path/to/tiny-llama --config.data.train_path=feedback.jsonl
 The tests build a random 2-layer Llama (hidden 32, vocab < 512) with transformers
 and torch, save it and its tokenizer to a temporary directory, and pass that
-directory as --config.model.path (tests/train/run_helpers.py). Everything is float32
+directory as --config.model.path (tests/tiny_models.py). Everything is float32
 so a resumed run reproduces an uninterrupted one bit for bit.
 """
 

@@ -49,6 +49,7 @@ def _sample(tiny_dir, tmp_path, *cli_flags):
         capture_output=True, text=True, cwd=tmp_path, env=_user_env(), timeout=300)
 
 
+@pytest.mark.slow
 @needs_libtpu_on_a_cpu_host
 def test_a_cli_run_on_a_cpu_host_prints_no_libtpu_or_torch_noise(tiny_dir, tmp_path):
     quiet = _sample(tiny_dir, tmp_path)

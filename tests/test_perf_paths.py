@@ -78,6 +78,7 @@ def test_completion_logps_run_the_model_without_an_attention_mask():
     assert seen == [None]
 
 
+@pytest.mark.slow
 def test_no_forward_of_the_step_materialises_full_vocab_logits():
     """The compiled KTO step (policy with gradient, policy KL, both reference forwards) holds
     no [rows, positions, vocab] tensor: every forward goes through the vocab-chunked head."""

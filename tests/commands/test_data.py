@@ -37,13 +37,12 @@ def test_inspect_prints_the_summary(capsys, tmp_path, tokenizer_dir):
 def test_inspect_renders_gemma_conversations_as_its_template_does(capsys, tmp_path):
     """Gemma 3's template folds a system message into the first user turn: every row is kept;
     Gemma 2's refuses system messages: those rows are dropped, with the template's words."""
-    from tiny_chat_model import GEMMA2_TEMPLATE, write_gemma_feedback, write_gemma_tokenizer
+    from tiny_models import tokenizer, write_gemma_feedback
     path = tmp_path / "gemma.jsonl"
     write_gemma_feedback(str(path), 40)
-    for name, template, kept in (("gemma3", None, "40 rows -> 40 examples -> 40 kept"),
-                                 ("gemma2", GEMMA2_TEMPLATE, "-> 20 kept")):
+    for name, kept in (("gemma3", "40 rows -> 40 examples -> 40 kept"), ("gemma2", "-> 20 kept")):
         tok_dir = tmp_path / name
-        write_gemma_tokenizer(str(tok_dir), **({"template": template} if template else {}))
+        tokenizer(name).save_pretrained(str(tok_dir))
         code, out, err = run(capsys, "inspect", f"--config={BASE}", f"--config.data.train_path={path}",
                              "--config.data.eval_fraction=0.0", f"--tokenizer={tok_dir}")
         assert code == 0, err

@@ -1,9 +1,9 @@
 """Fixtures for the data tests: a tiny local tokenizer with a chat template, configs, files.
 
-The tokenizer is a byte-level BPE trained here (vocab 320), wrapped as a
-transformers fast tokenizer that adds BOS like Llama does and carries a ChatML
-chat template; it is saved to a temporary directory so the CLI can load it.
-Nothing touches a hub.
+The tokenizer is tests/tiny_models.py's "llama_chat" kind: a byte-level BPE trained there
+(vocab 320), wrapped as a transformers fast tokenizer that adds BOS like Llama does and
+carries a ChatML chat template; it is saved to a temporary directory so the CLI can load
+it. Nothing touches a hub.
 """
 
 import importlib.util
@@ -13,39 +13,16 @@ import random
 
 import pytest
 
-WORDS = ("the cat dog sat ran on a mat log red blue big small happy sad tree house car "
-         "road sun moon star sky good bad fast slow yes no what why how when where who").split()
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+import tiny_models
+from tiny_models import CHATML, WORDS, sentence  # noqa: F401  (the data tests import them from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def sentence(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
-def _build_tokenizer():
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-    rng = random.Random(0)
-    corpus = [sentence(rng, 3, 12) for _ in range(300)] + ["user assistant system\n"] * 20
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1,
-                            special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
-    inner = bpe._tokenizer
-    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    tok.chat_template = CHATML
-    return tok
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("tokenizer"))
-    _build_tokenizer().save_pretrained(out)
+    tiny_models.tokenizer("llama_chat").save_pretrained(out)
     return out
 
 

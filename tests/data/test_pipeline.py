@@ -170,6 +170,7 @@ def test_iterator_state_resumes_at_the_next_batch(tokenizer, unpaired_file):
     assert_batches_equal(collect(it), reference[2:])
 
 
+@pytest.mark.slow
 def test_worker_processes_yield_the_same_batches_and_state(tokenizer, unpaired_file):
     overrides = {"data.num_epochs": 2}
     reference = collect(build(tokenizer, unpaired_file, **overrides)[0]())

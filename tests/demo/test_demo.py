@@ -1,10 +1,15 @@
-"""`kto-jax demo --size quick` on a tiny random chat model (the CI smoke test), and the rule."""
+"""`kto-jax demo --size quick` on a tiny random chat model (the CI smoke test), and the rule.
+
+The demos run as `kto-jax` subprocesses on 8 CPU devices (tests/cli_runs.py), so no trainer
+runs inside the pytest process; only the refusals, which stop before any model is loaded,
+run in-process."""
 
 import json
 import os
 
 import pytest
 
+from cli_runs import cli_env, kto_jax, run_cli
 from kto_jax import cli
 from kto_jax.demo import pipeline, rule
 
@@ -30,10 +35,11 @@ def test_bundled_prompts_are_disjoint():
     assert not set(train) & set(heldout)
 
 
-def test_demo_quick_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_quick_on_a_tiny_model(tiny_dir, compile_cache, tmp_path):
     workdir = str(tmp_path / "demo")
-    assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 0
-    printed = capsys.readouterr().out
+    printed = run_cli(kto_jax("demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir),
+                      cli_env(compile_cache, devices=8)).stdout
     for phase in ("== 0/4", "== 1/4", "== 2/4", "== 3/4", "== 4/4"):
         assert phase in printed
     assert "judge pass rate, held-out (90% CI)" in printed and "What it does not show" in printed
@@ -56,12 +62,13 @@ def test_demo_quick_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir]) == 2
 
 
-def test_demo_lora_trains_adapters_of_the_given_rank(tiny_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_lora_trains_adapters_of_the_given_rank(tiny_dir, compile_cache, tmp_path):
     """`kto-jax demo --lora=4` (quick size): the run trains rank-4 adapters at 10x the rate, its
     checkpointed config says so, and the aligned policy is the merged export."""
     workdir = str(tmp_path / "demo_lora")
-    assert cli.main(["demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir, "--lora=4"]) == 0
-    printed = capsys.readouterr().out
+    printed = run_cli(kto_jax("demo", "--size", "quick", "--model", tiny_dir, "--workdir", workdir,
+                              "--lora=4"), cli_env(compile_cache, devices=8)).stdout
     size = pipeline.SIZES["quick"]
     assert "(LoRA rank 4 adapters)" in printed and "--config.lora.rank=4" in printed
     assert f"--config.optim.lr={size.lr * pipeline.LORA_LR_FACTOR}" in printed

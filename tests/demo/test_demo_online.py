@@ -1,21 +1,22 @@
 """`kto-jax demo --online --size quick` on a tiny random chat model: the offline demo's
-judge-call and optimizer-step budget spent in online rounds."""
+judge-call and optimizer-step budget spent in online rounds. The demos run as `kto-jax`
+subprocesses on 8 CPU devices (tests/cli_runs.py), not in the pytest process."""
 
 import json
 import os
 
 import pytest
 
-from kto_jax import cli
+from cli_runs import cli_env, kto_jax, run_cli
 from kto_jax.demo import pipeline, rule
 from kto_jax.train.metrics import read_jsonl
 
 
-def test_demo_online_quick_keeps_the_offline_budget(tiny_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_online_quick_keeps_the_offline_budget(tiny_dir, compile_cache, tmp_path):
     workdir = str(tmp_path / "demo")
-    assert cli.main(["demo", "--online", "--size", "quick", "--model", tiny_dir,
-                     "--workdir", workdir]) == 0
-    printed = capsys.readouterr().out
+    printed = run_cli(kto_jax("demo", "--online", "--size", "quick", "--model", tiny_dir,
+                              "--workdir", workdir), cli_env(compile_cache, devices=8)).stdout
     assert "the same as: kto-jax online --config=" in printed
     size = pipeline.SIZES["quick"]
     offline_calls = (size.train_prompts * size.samples_per_prompt
@@ -33,12 +34,13 @@ def test_demo_online_quick_keeps_the_offline_budget(tiny_dir, tmp_path, capsys):
     assert all(s["score"] == float(rule.passes(s["completion"])) for s in after)
 
 
-def test_demo_online_lora_trains_adapters_in_the_rounds(tiny_dir, tmp_path):
+@pytest.mark.slow
+def test_demo_online_lora_trains_adapters_in_the_rounds(tiny_dir, compile_cache, tmp_path):
     """--online --lora: the rounds train rank-R adapters (checkpoints hold only them) and
     the results record the rank; the budget is the offline demo's as above."""
     workdir = str(tmp_path / "demo_lora")
-    assert cli.main(["demo", "--online", "--lora=4", "--size", "quick", "--model", tiny_dir,
-                     "--workdir", workdir]) == 0
+    run_cli(kto_jax("demo", "--online", "--lora=4", "--size", "quick", "--model", tiny_dir,
+                    "--workdir", workdir), cli_env(compile_cache, devices=8))
     results = json.load(open(os.path.join(workdir, "online_results.json")))
     assert results["lora_rank"] == 4 and results["steps"] == pipeline.SIZES["quick"].num_steps
     run = os.path.join(workdir, "online")

@@ -5,9 +5,11 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import pytest
 
+from cli_runs import cli_env, run_cli
 from kto_jax.demo import frontier, frontier_summary, reproduction
 from kto_jax.errors import UserError
 
@@ -246,13 +248,32 @@ def test_seed_mean_curve_averages_only_knobs_every_seed_holds():
     assert rate == pytest.approx([0.45, 0.80])
 
 
-def test_quick_sweep_on_a_tiny_model(tiny_dir, tmp_path):
+# The quick sweep of the test below, in a subprocess (tests/cli_runs.py): its trainer and
+# sampler runs stay out of the pytest process. Prints {"results", "logs"} as one JSON line.
+_QUICK_SWEEP = """
+import dataclasses, json, sys
+from kto_jax.demo import frontier, reproduction
+workdir, model = sys.argv[1:3]
+logs = []
+size = dataclasses.replace(reproduction.SIZES["quick"], steps=2)
+results = frontier.run_frontier(workdir, size, seeds=[0], methods=["KTO concave"], eval_every=1,
+                                model_path=model, log=logs.append)
+print(json.dumps({"results": results, "logs": logs}))
+"""
+
+
+def _quick_sweep(workdir, model, cache):
+    proc = run_cli([sys.executable, "-c", _QUICK_SWEEP, workdir, model], cli_env(cache, devices=8))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["results"], out["logs"]
+
+
+@pytest.mark.slow
+def test_quick_sweep_on_a_tiny_model(tiny_dir, compile_cache, tmp_path):
     """The real path end to end: reproduction's data, trainer and evaluation at 2 checkpoints."""
     workdir = str(tmp_path / "frontier")
     size = dataclasses.replace(reproduction.SIZES["quick"], steps=2)
-    logs = []
-    results = frontier.run_frontier(workdir, size, seeds=[0], methods=["KTO concave"], eval_every=1,
-                                    model_path=tiny_dir, log=logs.append)
+    results, logs = _quick_sweep(workdir, tiny_dir, compile_cache)
     n = size.heldout_prompts * size.heldout_samples
     points = results["points"]
     assert [(p["method"], p["step"]) for p in points] == [("KTO concave", 1), ("KTO concave", 2)]
@@ -268,17 +289,14 @@ def test_quick_sweep_on_a_tiny_model(tiny_dir, tmp_path):
     assert os.path.getsize(os.path.join(workdir, frontier.PLOT_FILE)) > 10_000
     saved = json.load(open(os.path.join(workdir, frontier.RESULTS_FILE)))
     assert saved["points"] == points and "summary" in saved
-    logs.clear()
-    again = frontier.run_frontier(workdir, size, seeds=[0], methods=["KTO concave"], eval_every=1,
-                                  model_path=tiny_dir, log=logs.append)
+    again, logs = _quick_sweep(workdir, tiny_dir, compile_cache)
     assert again["points"] == points and not any("==== seed" in line for line in logs)  # nothing re-run
 
     # A point lost after its run was pruned: the run is trained again, the same point comes back.
     saved["points"] = points[:1]
     frontier.save_results(os.path.join(workdir, frontier.RESULTS_FILE), saved)
-    logs.clear()
-    redone = frontier.run_frontier(workdir, size, seeds=[0], methods=["KTO concave"], eval_every=1,
-                                   model_path=tiny_dir, log=logs.append)["points"]
+    redone, logs = _quick_sweep(workdir, tiny_dir, compile_cache)
+    redone = redone["points"]
     assert any("KTO concave: steps [2]" in line for line in logs)
     # the seed's data came from its directory (data.json), not from sampling again
     assert any("(data.json)" in line for line in logs) and not any("sampling" in line for line in logs)

@@ -12,11 +12,12 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_cp
 
 
 def test_eval_cli_rewards_and_winrate(tiny_dir, tmp_path, capsys):
-    from tiny_chat_model import longer_wins, write_unpaired_feedback
+    from tiny_judges import longer_wins
+    from tiny_models import write_unpaired_feedback
     data = str(tmp_path / "heldout.jsonl")
     write_unpaired_feedback(data, 12, seed=4)
     out = str(tmp_path / "result.json")
-    code = cli.main(["eval", "--model", tiny_dir, "--data", data, "--judge", "tiny_chat_model:longer_wins",
+    code = cli.main(["eval", "--model", tiny_dir, "--data", data, "--judge", "tiny_judges:longer_wins",
                      "--max_new_tokens", "5", "--batch_size", "4", "--out", out,
                      f"--config={CONFIG}", f"--config.model.path={tiny_dir}",
                      "--config.data.max_length=96", "--config.data.max_prompt_length=48",
@@ -43,5 +44,5 @@ def test_eval_cli_errors(tiny_dir, tmp_path, capsys):
     assert cli.main(["eval", "--model", tiny_dir, "--data", "x.jsonl"]) == 2
     assert "--config" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(tmp_path), "--data", "x.jsonl", f"--config={CONFIG}",
-                     "--judge", "tiny_chat_model:longer_wins", "--no_rewards"]) == 2
+                     "--judge", "tiny_judges:longer_wins", "--no_rewards"]) == 2
     assert "neither a Hugging Face directory" in capsys.readouterr().err

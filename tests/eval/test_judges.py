@@ -18,16 +18,16 @@ REFERENCES = ["light scatters off the air so blue", "an animal", "the dog"]
 
 
 def test_function_judges_pointwise_and_pairwise():
-    score = judges.make_judge("tiny_chat_model:word_count_score")   # fewer words wins
+    score = judges.make_judge("tiny_judges:word_count_score")   # fewer words wins
     assert isinstance(score, judges.ScoreJudge)
     assert score.compare(PROMPTS, CANDIDATES, REFERENCES) == [1.0, 0.0, 0.5]
-    pairwise = judges.make_judge("tiny_chat_model:longer_wins")
+    pairwise = judges.make_judge("tiny_judges:longer_wins")
     assert isinstance(pairwise, judges.PairwiseFunctionJudge)
     assert pairwise.compare(PROMPTS, CANDIDATES, REFERENCES) == [0.0, 1.0, 0.5]
     with pytest.raises(UserError, match="cannot import"):
         judges.make_judge("no_such_module_xyz:f")
     with pytest.raises(UserError, match="no function"):
-        judges.make_judge("tiny_chat_model:nothing_here")
+        judges.make_judge("tiny_judges:nothing_here")
     with pytest.raises(UserError, match="unknown judge"):
         judges.make_judge("gpt4")
 
@@ -136,12 +136,12 @@ def test_http_judge_retries_then_succeeds_and_reports_errors(judge_server, monke
 
 # ---------------------------------------------------------------- reward models
 
-def test_sequence_classifier_reward_model(tmp_path):
+def test_sequence_classifier_reward_model(tiny_dir, tmp_path):
     torch = pytest.importorskip("torch")
+    import shutil
+
     import transformers
-    from tiny_chat_model import write_tiny_chat_model
-    d = str(tmp_path / "rm")
-    write_tiny_chat_model(d)
+    d = shutil.copytree(tiny_dir, str(tmp_path / "rm"))  # its tokenizer and config, a new head below
     tok = transformers.AutoTokenizer.from_pretrained(d)
     cfg = transformers.AutoConfig.from_pretrained(d)
     cfg.num_labels = 1
@@ -163,13 +163,12 @@ def test_sequence_classifier_reward_model(tmp_path):
     assert out == [judges.outcome_of_scores(c, r) for c, r in zip(scores, ref_scores)]
 
 
-def test_causal_lm_reward_model_is_mean_token_logprob(tmp_path):
+def test_causal_lm_reward_model_is_mean_token_logprob(tiny_dir, tmp_path):
     pytest.importorskip("torch")
     import jax
     import jax.numpy as jnp
     from kto_jax.models import from_pretrained, load_tokenizer
-    from tiny_chat_model import write_tiny_chat_model
-    d = write_tiny_chat_model(str(tmp_path / "lm"))
+    d = tiny_dir
     judge = judges.make_judge(f"reward-model:{d}")
     scores = judge.scores(PROMPTS[:2], CANDIDATES[:2])
     model, _ = from_pretrained(d)

@@ -67,7 +67,7 @@ def _logp(model, tok, prompt_msgs, completion_msgs) -> float:
 
 
 def test_unpaired_reward_metrics_match_row_by_row(tiny_dir, models, tmp_path):
-    from tiny_chat_model import write_unpaired_feedback
+    from tiny_models import write_unpaired_feedback
     policy, reference, tok, mesh = models
     path = str(tmp_path / "heldout.jsonl")
     write_unpaired_feedback(path, 14, seed=3)
@@ -87,7 +87,7 @@ def test_unpaired_reward_metrics_match_row_by_row(tiny_dir, models, tmp_path):
 
 
 def test_paired_reward_accuracy_matches_row_by_row(tiny_dir, models, tmp_path):
-    from tiny_chat_model import sentence
+    from tiny_models import sentence
     import random
     policy, reference, tok, mesh = models
     rng = random.Random(5)

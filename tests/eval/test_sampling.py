@@ -195,16 +195,15 @@ def test_temperature_sampling_follows_softmax_and_is_seeded():
     assert sampler.generate_ids(PROMPTS, top1, seed=5) == sampler.generate_ids(PROMPTS, greedy)
 
 
-def test_sample_cli_on_a_tiny_chat_model(tmp_path):
+def test_sample_cli_on_a_tiny_chat_model(tiny_dir, tmp_path):
     """`kto-jax sample` (8-device data mesh) writes the same greedy completions as a
     one-device Sampler; message lists go through the chat template, strings do not."""
-    pytest.importorskip("torch")
     import json
 
     from kto_jax import cli
     from kto_jax.models import from_pretrained, load_tokenizer
-    from tiny_chat_model import write_prompts, write_tiny_chat_model
-    model_dir = write_tiny_chat_model(str(tmp_path / "model"))
+    from tiny_models import write_prompts
+    model_dir = tiny_dir
     prompts = write_prompts(str(tmp_path / "p.jsonl"), 5)
     out = str(tmp_path / "out.jsonl")
     assert cli.main(["sample", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"),
@@ -222,17 +221,17 @@ def test_sample_cli_on_a_tiny_chat_model(tmp_path):
     assert gen.render_prompt(tok, "plain ?", chat=True).endswith("<|im_start|>assistant\n")
 
 
-def test_sample_cli_applies_the_chat_template_warns_without_one_and_reports_empty(tmp_path, capsys):
+def test_sample_cli_applies_the_chat_template_warns_without_one_and_reports_empty(tiny_dir, tmp_path,
+                                                                                   capsys):
     """Plain-string prompts on a chat model go through its template (as --chat would); a
     tokenizer without a template gets a warning; an empty completion is reported."""
-    pytest.importorskip("torch")
     import json
     import os
+    import shutil
 
     from kto_jax import cli
     from kto_jax.models import from_pretrained, load_tokenizer
-    from tiny_chat_model import write_tiny_chat_model
-    model_dir = write_tiny_chat_model(str(tmp_path / "model"))
+    model_dir = shutil.copytree(tiny_dir, str(tmp_path / "model"))  # its config is edited below
     prompts = ["the cat sat ?", "why is the sky blue ?"]
     with open(tmp_path / "p.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)

@@ -1,4 +1,5 @@
-"""Tiny random transformers models (float32, CPU) of every supported architecture."""
+"""Tiny random transformers models (float32, CPU) of every supported architecture: one case
+per architecture, built by tests/tiny_models.py's `hf_model`, and the models tests' batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import transformers
 
 from kto_jax.config import config_file
+from tiny_models import hf_model
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
@@ -75,18 +77,8 @@ def hf_config(name: str) -> transformers.PretrainedConfig:
 
 
 def make_hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A randomly initialised float32 model; norms and biases are randomised too."""
-    config = hf_config(name)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                          dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
-    return model.eval()
+    """A randomly initialised float32 model of case `name`; norms and biases are randomised too."""
+    return hf_model(hf_config(name), seed=seed)
 
 
 def padded_batch() -> tuple[np.ndarray, np.ndarray]:
@@ -113,13 +105,3 @@ def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.nda
 def base_config():
     """configs/base.py's get_config()."""
     return config_file("base")
-
-
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over 'w0'..'w252' plus <pad>/<s>/</s>/<unk>, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": 4 + i for i in range(252)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")

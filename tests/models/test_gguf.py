@@ -307,6 +307,7 @@ def smollm2():
     return path, kgguf.open_gguf(path), reference, transformers_gguf_tokenizer(path)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_tensors_equal_transformers_gguf_loader(smollm2):
     _, (config, source, _), reference, _ = smollm2
@@ -316,6 +317,7 @@ def test_smollm2_tensors_equal_transformers_gguf_loader(smollm2):
     assert_tensors_match(source, expected)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_config_matches_transformers(smollm2):
     _, (config, _, _), reference, _ = smollm2
@@ -330,6 +332,7 @@ def test_smollm2_config_matches_transformers(smollm2):
     assert {k: rebuilt[k] for k in compared} == {k: theirs[k] for k in compared}
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_tokenizer_matches_transformers(smollm2, tmp_path):
     _, (_, _, tokenizer), _, reference = smollm2
@@ -425,6 +428,7 @@ def greedy_ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[
     return [ids[row, len(prompt):].tolist() for row, prompt in enumerate(prompts)], first_logits
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_greedy_continuation_matches_transformers(smollm2):
     from kto_jax.models import from_pretrained

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_tiny_models import HF_CASES, base_config, hf_logits, make_hf_model, padded_batch, tiny_tokenizer
+from hf_tiny_models import HF_CASES, base_config, hf_logits, make_hf_model, padded_batch
 from safetensors.numpy import load_file, save_file
+from tiny_models import word_tokenizer
 
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
@@ -97,7 +98,7 @@ def test_bf16_params_load_as_rounded_fp32(checkpoints):
 
 def test_tokenizer_is_saved_alongside_and_reloads(checkpoints, tmp_path):
     model, _ = from_pretrained(checkpoints["llama2"][1])
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     save_pretrained(model, str(tmp_path), tokenizer=tokenizer)
     reloaded = load_tokenizer(str(tmp_path))
     text = "w5 w17 w250 unknown"

@@ -111,6 +111,7 @@ def test_lora_gradient_is_the_projection_of_the_full_gradient(model, zero_b):
             np.testing.assert_array_equal(got_a, 0.0)  # dL/dA = s G B^T = 0 while B = 0
 
 
+@pytest.mark.slow
 def test_adapters_shard_like_their_matrix_and_mesh_logits_match_one_device():
     rules = base_config().mesh.rules
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

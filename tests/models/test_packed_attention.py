@@ -32,6 +32,7 @@ def test_mask_follows_the_tree_rule_token_by_token():
                 assert got[b, q, k] == want, (b, q, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [None, 6])
 def test_splash_packed_attention_equals_masked_xla_values_and_grads(window):
     """The doubled-key splash form (Pallas interpret mode), sharded over rows and heads, equals

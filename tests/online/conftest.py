@@ -1,5 +1,5 @@
-"""Fixtures for online tests: the trainer tests' tiny random Llama, a prompt file, a
-shared compilation cache (tests/train/run_helpers.py builds the model)."""
+"""Fixtures for online tests: a prompt file and one uninterrupted online run (the tiny
+random Llama and the compilation cache come from tests/conftest.py)."""
 
 import json
 import os
@@ -12,13 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 sys.path.insert(0, HERE)
 
-from run_helpers import sentence, write_tiny_model_dir  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    pytest.importorskip("torch")
-    return write_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_llama")))
+from tiny_models import sentence  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +23,6 @@ def prompts_file(tmp_path_factory) -> str:
         for _ in range(8):
             f.write(json.dumps({"prompt": sentence(rng, 2, 5) + " ?"}) + "\n")
     return path
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE_CONFIG = os.path.join(REPO, "configs", "online_tiny_cpu.py")
 
 
-def online_env(cache_dir: str, **extra: str) -> dict:
+def online_env(cache_dir: str, devices: int = 2, **extra: str) -> dict:
     """cli_env with this folder on the path, so `online_judge:score` imports."""
-    return cli_env(cache_dir, devices=2, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}", **extra)
+    return cli_env(cache_dir, devices=devices, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}", **extra)
 
 
 def online_argv(workdir: str, model_dir: str, prompts: str, *extra: str) -> list[str]:

@@ -43,6 +43,7 @@ def write_eos_first_model(tiny_model_dir: str, out_dir: str) -> str:
     return out_dir
 
 
+@pytest.mark.slow
 def test_empty_cut_special_and_unjudged_samples_never_stop_a_run(
         tiny_model_dir, prompts_file, compile_cache, tmp_path):
     model = write_eos_first_model(tiny_model_dir, str(tmp_path / "eos-first"))

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from online_helpers import online_env
 from run_helpers import REPO
 from kto_jax.online.example import distinct_letters
@@ -18,6 +19,7 @@ def test_the_example_judge():
     assert distinct_letters("q", "the quick brown fox") == 1.0
 
 
+@pytest.mark.slow
 def test_the_printed_command_runs_the_tiny_online_config(compile_cache, tmp_path):
     env = online_env(compile_cache)
     made = subprocess.run([sys.executable, "-m", "kto_jax.cli", "online", f"--example={tmp_path}"],

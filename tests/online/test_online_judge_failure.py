@@ -6,11 +6,14 @@ finishes the run."""
 import os
 import subprocess
 
+import pytest
 from judge_server import JudgeServer, verdict_of
 from online_helpers import online_argv, online_env
 from run_helpers import run_cli
 
 from kto_jax.train.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
 
 
 def test_failing_judge_stops_after_saving_and_a_rerun_resumes(tmp_path, tiny_model_dir,

@@ -17,6 +17,8 @@ from test_online_run import _kill_when, _round_files, _rows, _weights
 
 from kto_jax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 LORA = ("--config.lora.rank=4", "--config.lora.alpha=8.0")
 STEPS_PER_ROUND = 2
 

@@ -17,11 +17,11 @@ MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=4",
         "--config.train.micro_batch_size=8", "--config.train.global_batch_size=16")
 
 
+@pytest.mark.slow
 def test_two_rounds_on_an_8_device_mesh_sample_what_2_devices_sample(
         online_run, tmp_path, tiny_model_dir, prompts_file, compile_cache):
     workdir = str(tmp_path / "mesh8")
-    env = dict(online_env(compile_cache),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = online_env(compile_cache, devices=8)
     run_cli(online_argv(workdir, tiny_model_dir, prompts_file, *MESH), env)
     # data x fsdp must fill the devices (kto_jax.sharding.make_mesh), so this ran on all 8
     import json

@@ -16,6 +16,8 @@ from run_helpers import run_cli
 
 from kto_jax.train.metrics import TIMING_KEYS, read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 ROUNDS, STEPS_PER_ROUND = 2, 2
 
 

@@ -84,6 +84,7 @@ def test_mesh_sizes_must_cover_the_slice():
             aot.topology_mesh(devices, bad)
 
 
+@pytest.mark.slow
 def test_small_train_step_fits_with_exact_argument_bytes():
     embed, hidden, batch, seq = 512, 2048, 8, 256
     report = aot.compile_for_topology("v5e-4", mlp_builder(embed, hidden, batch, seq), MESH)
@@ -116,6 +117,7 @@ def test_verdict_compares_total_with_chip_hbm():
     assert not tiny_chip.fits and "does not fit" in tiny_chip.verdict
 
 
+@pytest.mark.slow
 def test_find_max_microbatch_stops_at_the_hbm_boundary():
     # Activations grow by ~6.8 GiB per example per chip (seq 98304): 1 and 2 fit a v5e's
     # 16 GiB, 4 does not, and bisection finds that 3 does not either. 4 chips (data=2 x
@@ -143,6 +145,7 @@ def _tiny_cpu(**mesh):
     return config
 
 
+@pytest.mark.slow
 def test_fsdp_shards_the_real_train_state_across_chips():
     """Per-chip arguments of the KTO train step with fsdp=4: a quarter of the state.
 
@@ -168,6 +171,7 @@ def test_fsdp_shards_the_real_train_state_across_chips():
     assert 3 * shard_bytes // 4 <= report.alias_bytes <= report.argument_bytes  # params + moments donated
 
 
+@pytest.mark.slow
 def test_compile_command_finds_the_largest_microbatch(capsys):
     from kto_jax import cli
 
@@ -180,6 +184,7 @@ def test_compile_command_finds_the_largest_microbatch(capsys):
     assert "largest per-chip microbatch that fits: 2" in out
 
 
+@pytest.mark.slow
 def test_compile_command_reports_a_model_too_large_for_the_slice(capsys):
     from kto_jax import cli
 
@@ -217,6 +222,7 @@ def test_architecture_comes_from_flag_then_checkpoint_then_preset(tmp_path):
     assert from_path == checkpoint.replace(dtype="bfloat16", remat_policy="full")
 
 
+@pytest.mark.slow
 def test_compile_with_packing_lowers_packed_rows(capsys):
     """data.packing: the abstract batch is R rows of data.pack_length tokens per microbatch
     (each example a P + 2C tree, packed per batch shard) plus the per-example arrays, and

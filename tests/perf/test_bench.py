@@ -63,6 +63,7 @@ def test_bad_options_are_user_errors():
     assert cli_main(["bench", "--model", "tiny", "--loss", "nope"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["on_the_fly", "precomputed"])
 def test_bench_cli_prints_one_json_line_with_every_field(capsys, reference):
     """A real run on the 8 virtual CPU devices (data-parallel mesh), short sequences."""
@@ -87,6 +88,7 @@ def test_bench_cli_prints_one_json_line_with_every_field(capsys, reference):
     assert r["trainable_params"] == r["params"] and r["lora_rank"] == 0
 
 
+@pytest.mark.slow
 def test_bench_lora_rank_reports_the_adapters_as_trainable(capsys):
     """--lora-rank=8: the base is frozen; trainable = r (in + out) per target per layer."""
     argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "1", "--prompt-len", "16",
@@ -100,6 +102,7 @@ def test_bench_lora_rank_reports_the_adapters_as_trainable(capsys):
     assert np.isfinite(r["loss"]) and 0.3 < r["loss"] < 0.7
 
 
+@pytest.mark.slow
 def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
     """--topology: the same workload compiled for TPU chips on this host; per-chip memory."""
     pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed")
@@ -219,6 +222,7 @@ def test_packed_shared_layout_is_the_packers_microbatches_stacked():
     assert batch["desirable"].tolist() == [[True, False] * 2] * 2 and batch["valid"].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [1, 2])
 def test_packed_layout_equals_the_padded_forwards(groups):
     """`packed` ([x | y] and [x | y_kl] segments) through the packed log-probs equals the padded
@@ -272,6 +276,7 @@ def test_trl_flops_of_per_example_lengths_sum_the_examples():
     assert bench.trl_step_flops(cfg, 1000, 6, 4, 20) == pytest.approx(4 * one(20))
 
 
+@pytest.mark.slow
 def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(capsys, tmp_path):
     """The three layouts of the same examples through the real step (8 CPU devices: 8 packing
     groups): the first step's loss is the same (float32), the counts are the layouts'."""

@@ -70,6 +70,7 @@ def test_lora_state_holds_no_reference_copy_and_trains_only_adapters():
     assert sum(x.size for x in base_leaves) > adapter_n
 
 
+@pytest.mark.slow
 def test_step0_policy_equals_reference_exactly():
     """B = 0: the policy's forward (base + adapters) gives the reference's (base alone) log-probs
     bit for bit on the same rows, for the matched and the KL completions. In the step the
@@ -96,6 +97,7 @@ def test_step0_policy_equals_reference_exactly():
     assert float(metrics["grad_norm"]) > 0  # A != 0: B gets a gradient at step 0
 
 
+@pytest.mark.slow
 def test_lora_gradient_is_projection_of_full_gradient():
     """With B != 0 the adapter gradient is (s G B^T, s A^T G), G the full gradient at W + s A B."""
     cfg = lora_config()
@@ -128,6 +130,7 @@ def test_lora_gradient_is_projection_of_full_gradient():
         np.testing.assert_allclose(got_b.reshape(want_b.shape), want_b, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_eight_device_mesh_gives_the_one_device_lora_step(dropout):
     cfg = lora_config(dropout=dropout)
@@ -147,6 +150,7 @@ def test_eight_device_mesh_gives_the_one_device_lora_step(dropout):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_changes_the_policy_forward_but_not_the_reference():
     """With dropout, the policy logps at step 0 differ from the reference (x is dropped before
     A), the reference forward does not see the key."""
@@ -165,6 +169,7 @@ def test_dropout_changes_the_policy_forward_but_not_the_reference():
     assert not np.allclose(s0["policy_logps"], s1["policy_logps"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dpo", "ppo_offline", "kto_reference_free"])
 def test_every_kind_of_loss_trains_with_lora(loss):
     """Paired, reference-free, SFT and value-head losses run a finite LoRA step that changes the
@@ -185,6 +190,7 @@ def test_every_kind_of_loss_trains_with_lora(loss):
                    for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(after[1])))
 
 
+@pytest.mark.slow
 def test_precomputed_reference_with_lora_matches_the_model_reference():
     """reference.source=precomputed: the batch's stored logps (those of the base) give the step
     the model reference gives."""

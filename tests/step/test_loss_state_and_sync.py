@@ -47,6 +47,7 @@ def rewards(graphdef, state, batch, beta):
     return np.asarray(jnp.stack(out), np.float64)
 
 
+@pytest.mark.slow
 def test_bco_running_mean_is_carried_across_microbatches_and_steps():
     """Step 1 (2 microbatches, a filler row in the second): microbatch a trains against
     delta_a = the mean of every reward so far INCLUDING its own; the state after the step
@@ -77,6 +78,7 @@ def test_bco_running_mean_is_carried_across_microbatches_and_steps():
     assert np.isfinite(summarize_metrics(jax.device_get(metrics2))["loss"])
 
 
+@pytest.mark.slow
 def test_reference_sync_blends_the_policy_every_tau_steps():
     """sync_every=2, alpha=0.25: step 1 leaves pi_ref; step 2 sets pi_ref <- 0.25 pi_theta +
     0.75 pi_ref with pi_theta the policy step 2's forward used (the params after step 1)."""
@@ -94,6 +96,7 @@ def test_reference_sync_blends_the_policy_every_tau_steps():
         np.testing.assert_allclose(got, 0.25 * p + 0.75 * r, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_humanline_syncs_every_step_by_default():
     cfg = make_config("humanline")
     assert step_settings(cfg).reference_sync == (1, 1.0)
@@ -140,6 +143,7 @@ def test_kl_pairs_wrap_around_the_real_rows():
     np.testing.assert_array_equal(np.asarray(y_kl)[:, 0], [1, 2, 0, 0, 0])
 
 
+@pytest.mark.slow
 def test_z0_over_the_real_rows_and_a_single_row_microbatch_is_counted():
     """Microbatch 0: 3 real rows then filler -> z0 from pairs (0,1), (1,2), (2,0) by hand;
     microbatch 1: one real row -> z0 = 0 and count/kl_unpaired_microbatches = 1."""

@@ -66,11 +66,13 @@ GEMMA_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_packed_step_equals_padded_step(name):
     _check_packed_equals_padded(name, MODEL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, family", [("kto", "gemma2"), ("dpo", "gemma3")])
 def test_gemma_packed_step_equals_padded_step(name, family):
     _check_packed_equals_padded(name, GEMMA_MODELS[family])
@@ -104,6 +106,7 @@ def _check_packed_equals_padded(name, model):
     assert _max_abs_diff(p_grads, grads) <= TOL
 
 
+@pytest.mark.slow
 def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
     """data=4 x fsdp=2: each of the 8 batch shards packs its examples into rows of its own
     (8 packing groups); the jitted train step's update and metrics, and the eval step's

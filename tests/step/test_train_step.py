@@ -77,6 +77,7 @@ def setup():
                 mesh=mesh)
 
 
+@pytest.mark.slow
 def test_step_equals_count_weighted_per_microbatch_hand_computation(setup):
     """Accumulation over A=2 microbatches of unequal size (one filler row) with per-microbatch
     KL pairs and z0 gives exactly the gradient of sum_a n_a loss_a / sum_a n_a, and the update
@@ -208,6 +209,7 @@ def test_reference_source_mismatches_are_user_errors():
         step_settings(cfg)
 
 
+@pytest.mark.slow
 def test_step_on_an_8_device_mesh_matches_one_device(setup):
     """data=4 x fsdp=2: the batch split over 8 devices, params over fsdp; z0 is still the mean
     over the whole microbatch, so metrics (kl_sum = sum_a z0_a n_a) and the update match."""

@@ -31,6 +31,7 @@ def build(cfg, mesh, *, train=True):
     return graphdef, state, S.make_eval_step(step_settings(cfg), graphdef, mesh, shardings)
 
 
+@pytest.mark.slow
 def test_a_few_dpo_steps_lower_the_loss_and_widen_the_margin(mesh):
     cfg = make_config("dpo", micro=4, accum=2)
     _, state, step = build(cfg, mesh)
@@ -48,6 +49,7 @@ def test_a_few_dpo_steps_lower_the_loss_and_widen_the_margin(mesh):
     assert last["rewards/margins"] > 0.1 and last["rewards/accuracies"] == 1.0
 
 
+@pytest.mark.slow
 def test_offline_ppo_trains_the_value_head_and_never_the_reference(mesh):
     cfg = make_config("ppo_offline", micro=4, accum=1)
     _, state, step = build(cfg, mesh)
@@ -67,6 +69,7 @@ def test_offline_ppo_trains_the_value_head_and_never_the_reference(mesh):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_logps_give_the_model_reference_metrics(mesh):
     """KTO with pi_ref's log-probs carried in the batch (matched and KL pairs, rolled by one
     within each microbatch) gives the metrics of KTO with the frozen reference model."""
@@ -93,6 +96,7 @@ def test_precomputed_reference_logps_give_the_model_reference_metrics(mesh):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_reference_free_kto_runs_without_reference_params(mesh):
     cfg = make_config("kto_reference_free", micro=4, accum=1)
     cfg.reference.source = "none"

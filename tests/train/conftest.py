@@ -1,18 +1,11 @@
-"""Fixtures for trainer tests: a tiny random HF Llama with its tokenizer, feedback data,
-a shared compilation cache and one uninterrupted reference run (run_helpers.py builds them)."""
+"""Fixtures for trainer tests: feedback data and one uninterrupted reference run (the tiny
+model and the compilation cache come from tests/conftest.py, the plumbing from run_helpers.py)."""
 
 import os
 
 import pytest
 
-from run_helpers import cli_env, run_cli, train_argv, write_feedback, write_tiny_model_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """An HF directory (config.json, model.safetensors, tokenizer files) of a tiny Llama."""
-    pytest.importorskip("torch")
-    return write_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_llama")))
+from run_helpers import cli_env, run_cli, train_argv, write_feedback
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +13,6 @@ def feedback_file(tmp_path_factory) -> str:
     path = os.path.join(str(tmp_path_factory.mktemp("data")), "feedback.jsonl")
     write_feedback(path, n=80, seed=1)
     return path
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="session")

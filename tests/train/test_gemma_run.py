@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 def gemma(tmp_path_factory):
     """(model dir, conversational feedback file) of the tiny Gemma chat model."""
     pytest.importorskip("torch")
-    from tiny_chat_model import write_gemma_feedback, write_tiny_gemma_chat_model
+    from tiny_models import write_gemma_feedback, write_gemma_model_dir
     root = tmp_path_factory.mktemp("gemma")
-    model_dir = write_tiny_gemma_chat_model(str(root / "model"))
+    model_dir = write_gemma_model_dir(str(root / "model"))
     data = str(root / "feedback.jsonl")
     write_gemma_feedback(data, 80, seed=1)
     return model_dir, data

@@ -59,6 +59,7 @@ def test_a_local_base_is_named_by_its_absolute_path(tmp_path, monkeypatch):
     assert peft_base_name("gs://bucket/model") == "gs://bucket/model"
 
 
+@pytest.mark.slow
 def test_a_run_from_a_hub_id_exports_an_adapter_naming_the_id(tiny_model_dir, feedback_file,
                                                               compile_cache, tmp_path):
     pytest.importorskip("peft")
@@ -88,6 +89,7 @@ def _tiny_gguf(path: str) -> None:
     helpers.write_llama_gguf(path, config, helpers.to_gguf_tensors(config, state_dict))
 
 
+@pytest.mark.slow
 def test_a_gguf_base_is_written_as_an_hf_checkpoint_the_adapter_names(compile_cache, tmp_path):
     pytest.importorskip("peft")
     gguf_file, data = str(tmp_path / "tiny.gguf"), tmp_path / "feedback.jsonl"

@@ -18,6 +18,8 @@ from run_helpers import (NUM_STEPS, REPO, cli_env, kill_after_checkpoint, metric
                          train_argv)
 from kto_jax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 LORA = ("--config.lora.rank=4", "--config.lora.alpha=8.0")
 
 
@@ -27,6 +29,19 @@ def lora_run(tmp_path_factory, tiny_model_dir, feedback_file, compile_cache):
     workdir = str(tmp_path_factory.mktemp("lora_run"))
     run_cli(train_argv(workdir, tiny_model_dir, feedback_file, *LORA), cli_env(compile_cache))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def lora_exports(lora_run, compile_cache, tmp_path_factory):
+    """`kto-jax export` of the LoRA run, merged and as a PEFT adapter: {format: directory}."""
+    out = tmp_path_factory.mktemp("lora_exports")
+    exports = {"merged": str(out / "merged"), "peft": str(out / "peft")}
+    env = cli_env(compile_cache)
+    run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out",
+             exports["merged"]], env)
+    run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out",
+             exports["peft"], "--format=peft"], env)
+    return exports
 
 
 def test_lora_run_checkpoints_only_adapters_and_resumes_bit_for_bit(
@@ -52,15 +67,11 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_bit_for_bit(
 
 
 def test_peft_export_loads_onto_the_original_model_and_matches_the_merged_export(
-        lora_run, tiny_model_dir, compile_cache, tmp_path):
+        lora_run, lora_exports, tiny_model_dir):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import transformers
-    env = cli_env(compile_cache)
-    merged_dir, peft_dir = str(tmp_path / "merged"), str(tmp_path / "peft")
-    run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out", merged_dir], env)
-    run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out", peft_dir,
-             "--format=peft"], env)
+    merged_dir, peft_dir = lora_exports["merged"], lora_exports["peft"]
     a, b = tensors(merged_dir), tensors(os.path.join(lora_run, "hf"))  # end-of-run export = merged
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
     base = tensors(tiny_model_dir)
@@ -79,14 +90,12 @@ def test_peft_export_loads_onto_the_original_model_and_matches_the_merged_export
     assert np.abs(plain - merged).max() > 1e-4  # the adapters changed the model
 
 
-def test_init_from_a_peft_adapter_is_the_frozen_reference(lora_run, tiny_model_dir, feedback_file,
+def test_init_from_a_peft_adapter_is_the_frozen_reference(lora_exports, tiny_model_dir, feedback_file,
                                                            compile_cache, tmp_path):
     """Starting from an adapter (here the PEFT export of the LoRA run): the policy starts at
     base + adapter, which is also the reference, so the first step's rewards and KL are 0."""
     env = cli_env(compile_cache)
-    adapter = str(tmp_path / "sft_adapter")
-    run_cli([sys.executable, "-m", "kto_jax.cli", "export", "--workdir", lora_run, "--out", adapter,
-             "--format=peft"], env)
+    adapter = lora_exports["peft"]
     workdir = str(tmp_path / "from_adapter")
     argv = train_argv(workdir, tiny_model_dir, feedback_file, f"--config.lora.init_from={adapter}",
                       "--config.train.num_steps=2", "--config.train.eval_every=0")

@@ -20,6 +20,8 @@ import pytest
 from run_helpers import NUM_STEPS, PACKING, REPO, assert_metrics_like, cli_env, train_argv
 from kto_jax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -10,6 +10,8 @@ from run_helpers import (PACKING, assert_metrics_like, cli_env, kill_after_check
                          train_argv)
 from kto_jax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory, tiny_model_dir, feedback_file, compile_cache) -> str:

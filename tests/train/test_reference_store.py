@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs.base import get_config
-from run_helpers import PACKING, cli_env, metrics, run_cli
+from run_helpers import PACKING, cli_env, metrics, run_cli, write_feedback
 from step_testlib import make_batch as make_step_batch
 from step_testlib import sharper_reference
 
@@ -204,42 +204,17 @@ def test_store_round_trip_slices_rows_per_process_and_refuses_other_batches(tmp_
 
 # ---------------------------------------------------------------- end to end through the CLI
 
-WORDS = "the cat dog sat ran on a mat red blue big small happy sad good bad yes no why how".split()
-
-
-def _sentence(rng, lo, hi):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny random HF Llama (hidden 32, vocab < 320) with a BPE tokenizer, and feedback rows."""
-    torch = pytest.importorskip("torch")
-    import random
-    import transformers
-    from tokenizers import ByteLevelBPETokenizer
+def tiny_run(tmp_path_factory, tiny_model_dir, compile_cache):
+    """The suite's tiny random HF Llama on 40 feedback rows (both classes in every step's
+    batch, so every loss, KL and reward key is logged at every step), 5 steps on 8 devices."""
     root = tmp_path_factory.mktemp("precompute")
-    model_dir, data = str(root / "model"), str(root / "feedback.jsonl")
-    rng = random.Random(0)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([_sentence(rng, 3, 12) + " ?" for _ in range(300)], vocab_size=300,
-                            min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
-                                               eos_token="</s>", pad_token="<pad>")
-    tok.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(model_dir)
-    with open(data, "w", encoding="utf-8") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": _sentence(rng, 2, 6) + " ?",
-                                "completion": _sentence(rng, 2, 8), "label": bool(i % 3)}) + "\n")
-    argv = [f"--config={ROOT}/configs/tiny_cpu.py", f"--config.model.path={model_dir}",
+    data = str(root / "feedback.jsonl")
+    write_feedback(data, n=40, seed=0)
+    argv = [f"--config={ROOT}/configs/tiny_cpu.py", f"--config.model.path={tiny_model_dir}",
             f"--config.data.train_path={data}", "--config.train.num_steps=5",
             "--config.mesh.data=4", "--config.mesh.tensor=2"]
-    return dict(root=root, argv=argv)
+    return dict(root=root, argv=argv, cache=compile_cache)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +225,7 @@ def store_dir(tiny_run):
     return out
 
 
+@pytest.mark.slow
 def test_precompute_ref_cli_stores_what_the_step_would_compute(tiny_run, store_dir):
     """The store's values for every train batch the run reads equal the on-the-fly reference
     forward of that batch (same KL pairing), and the attached batches pass the row checks."""
@@ -290,7 +266,7 @@ def _cli(tiny_run, command, *extra):
     (SIGABRT) inside this file's in-process trainer at ~97% of the suite, never when the
     file ran alone; a fresh process does not carry the state the earlier tests left."""
     run_cli([sys.executable, "-m", "kto_jax.cli", command, *tiny_run["argv"], *extra],
-            cli_env(str(tiny_run["root"] / "jax-cache"), devices=8))
+            cli_env(tiny_run["cache"], devices=8))
 
 
 def _train(tiny_run, name, *extra):
@@ -334,6 +310,7 @@ def _assert_same_losses(fly, pre, first_step_accuracy=True, atol=1e-6):
         assert compared >= (3 if log == "metrics.jsonl" else 1)  # the policy moved: signs are compared
 
 
+@pytest.mark.slow
 def test_training_on_the_store_gives_the_on_the_fly_losses(tiny_run, store_dir, fly_run):
     """`kto-jax train` with reference.source=precomputed logs the same per-step losses, KL and
     rewards as the run that computes the reference on the fly (float32 tiny_cpu config)."""
@@ -342,6 +319,7 @@ def test_training_on_the_store_gives_the_on_the_fly_losses(tiny_run, store_dir, 
     _assert_same_losses(fly_run, pre)
 
 
+@pytest.mark.slow
 def test_packed_precompute_stores_the_padded_values_per_example(tiny_run, store_dir, fly_run):
     """`kto-jax precompute-ref` with data.packing stores, per example, the values of the
     padded store (same KL pairs, same row checksums: the prompts read back from the rows),

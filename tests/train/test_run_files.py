@@ -13,6 +13,7 @@ from kto_jax.train.trainer import run_session
 from run_helpers import TINY_CONFIG
 
 
+@pytest.mark.slow
 def test_export_files_get_the_mode_open_gives(reference_run, tmp_path):
     expected = fs.default_file_mode(str(tmp_path))
     assert expected == 0o666 & ~_umask()

@@ -18,6 +18,8 @@ from run_helpers import (NUM_STEPS, REPO, cli_env, committed_steps, kill_after_c
                          run_cli, tensors, train_argv, wait_for)
 from kto_jax.train.metrics import REQUIRED_KEYS, read_jsonl
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 
 def test_run_writes_metrics_tensorboard_checkpoints_and_export(reference_run):
     lines = read_jsonl(os.path.join(reference_run, "metrics.jsonl"))

@@ -17,6 +17,8 @@ from run_helpers import NUM_STEPS, REPO, cli_env, metrics, tensors, train_argv
 from kto_jax.train.metrics import read_jsonl
 from kto_jax.train.workdir import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
+
 
 def _run(argv, env, timeout=600):
     return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
