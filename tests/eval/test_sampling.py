@@ -111,6 +111,7 @@ def test_sliding_layers_keep_a_ring_of_their_window():
     assert wide.ring_k is None and wide.k.shape == (2, 3, 4, 2, 8)
 
 
+@pytest.mark.slow
 def test_eos_stops_each_row_and_pads_after_it():
     model = _model()
     refs = full_forward_greedy(model, PROMPTS, N_NEW, None)
@@ -166,6 +167,7 @@ def test_filter_logits_matches_numpy():
         np.testing.assert_allclose(o[list(keep)], row[list(keep)])
 
 
+@pytest.mark.slow
 def test_temperature_sampling_follows_softmax_and_is_seeded():
     """First tokens of 512 copies of one prompt: frequencies vs softmax(logits / T)."""
     model = _model()

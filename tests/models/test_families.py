@@ -121,6 +121,7 @@ SPLASH_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SPLASH_CASES))
 def test_interleaved_layers_with_splash_and_remat_equal_xla(case):
     """The splash kernel (Pallas interpret mode here) inside the per-layer switch, under
@@ -240,6 +241,7 @@ def test_toy_family_forward_equals_numpy_reference(toy):
         np.testing.assert_allclose(got[row, real], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_toy_family_kv_cache_equals_full_forward(toy):
     """The generation path runs the same per-layer kinds: prefill and one decode step."""
     model, config = toy

@@ -75,6 +75,7 @@ def test_attached_adapters_equal_the_merged_weights(model):
     assert np.abs(np.asarray(got - _logits(model, ids, pos, mask))).max() > 1e-2  # the adapters do change the logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_b", [True, False])
 def test_lora_gradient_is_the_projection_of_the_full_gradient(model, zero_b):
     """W_eff = W + s A B (A, B flattened to [in, r], [r, out]); with G = df/dW_eff,

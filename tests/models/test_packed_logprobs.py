@@ -103,6 +103,7 @@ def test_paired_packed_logps_equal_padded(impl):
     np.testing.assert_allclose(yl.logps, padded(*_padded(prompts, rejected)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2"])  # Gemma's gradients: tests/step/test_packed_step.py
 def test_gradients_of_packed_logps_equal_padded(name):
     """d/dparams of sum_i a_i log pi(y_i|x_i) + b_i log pi(y_kl_i|x_i), packed vs padded."""

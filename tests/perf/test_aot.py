@@ -243,6 +243,7 @@ def test_compile_with_packing_lowers_packed_rows(capsys):
     assert rc == 0 and "verdict: fits" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compile_names_the_reference_a_lora_run_uses(capsys):
     """Under LoRA the reference is the base with the adapters off, not a second model."""
     from kto_jax import cli

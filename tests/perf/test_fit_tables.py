@@ -54,6 +54,7 @@ def _without_compile_time(line: str) -> str:
     return line.rsplit("|", 2)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
 def test_the_tiny_row_compiled_afresh_gives_the_stored_figures():
     row = tables.BY_ID["tiny-v5e4"]

@@ -102,6 +102,7 @@ def test_step_equals_count_weighted_per_microbatch_hand_computation(setup):
     assert int(new_state.step) == 1 and int(new_state.skipped_updates) == 0
 
 
+@pytest.mark.slow
 def test_kl_pairs_roll_within_each_microbatch_for_policy_and_reference(setup):
     """The step's z0 per microbatch matches the within-microbatch roll, not a full-batch roll."""
     batch = make_batch(2)

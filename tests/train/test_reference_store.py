@@ -89,11 +89,13 @@ def run_step(states, source, batch):
     return step(jax.device_put(state, shardings), batch)
 
 
+@pytest.mark.slow
 def test_step_on_precomputed_reference_equals_the_on_the_fly_step(states):
     """Same loss, z0 (kl_sum), rewards and parameter update, to float32 rounding."""
     _check_precomputed_equals_on_the_fly(states)
 
 
+@pytest.mark.slow
 def test_gemma_step_on_precomputed_reference_equals_the_on_the_fly_step():
     _check_precomputed_equals_on_the_fly(_states(GEMMA))
 
