@@ -12,6 +12,10 @@ Planning one epoch:
      examples are stably sorted by their length bucket and cut into batches, and
      the full batches of the window are shuffled again (1 = no grouping);
   3. cut into global batches of G = A*M examples; the last one may be partial;
+     the examples of a full batch are spread over its A microbatches so each holds
+     about the same number of tokens (`balance_microbatches`: the packed layout gives
+     every microbatch of a batch the same row count, so uneven microbatches leave rows
+     empty; the padded layout is indifferent, and both use the same microbatches);
   4. each batch gets the smallest prompt bucket P >= its longest prompt and the
      smallest completion bucket C >= its longest completion.
 
@@ -105,6 +109,10 @@ class EpochPlan:
     global_batch: int
     window: int = 1
     order_key: tuple[int, ...] = ()    # (seed, stream + 1, epoch): the window shuffles' seed
+    # balancing (`balance_microbatches`): M, and each example's tokens as the step lays it
+    # out (x + y, + y2); micro_batch 0 or no tokens: example k goes to microbatch k // M
+    micro_batch: int = 0
+    tokens: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -113,8 +121,10 @@ class EpochPlan:
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} of an epoch of {len(self)}")
         c, g = self.chunk(b), self.global_batch
-        return PlannedBatch(self.indices[c * g:(c + 1) * g], int(self.prompt_len[c]),
-                            int(self.completion_len[c]))
+        indices = self.indices[c * g:(c + 1) * g]
+        if self.tokens is not None and self.micro_batch and len(indices) == g:
+            indices = balance_microbatches(indices, self.tokens[indices], self.micro_batch)
+        return PlannedBatch(indices, int(self.prompt_len[c]), int(self.completion_len[c]))
 
     def __iter__(self):
         return (self[b] for b in range(len(self)))
@@ -136,6 +146,33 @@ class EpochPlan:
     def chunk_reduce(self, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
         """`ufunc.reduce` of a per-slot array (aligned with `indices`) over each chunk."""
         return _chunk_reduce(values, self.global_batch, ufunc)
+
+
+def balance_microbatches(indices: np.ndarray, tokens: np.ndarray, micro_batch: int
+                         ) -> np.ndarray:
+    """The G example ids of a full global batch reordered so its G / M microbatches hold
+    about the same number of tokens (then packed rows of one R fit every microbatch);
+    `tokens` [G]: each id's tokens as the step lays it out (x + y, + y2), aligned with
+    `indices`.
+
+    Longest example first (ties in plan order), each into the microbatch with the fewest
+    tokens so far among those with room for it (ties: the first); within a microbatch
+    the examples keep their plan order. Deterministic: every process computes the same.
+    """
+    g = len(indices)
+    a = g // micro_batch
+    if a <= 1:
+        return indices
+    tokens = np.asarray(tokens, np.int64)
+    totals, counts = np.zeros(a, np.int64), np.zeros(a, np.int64)
+    full = np.iinfo(np.int64).max
+    where = np.empty(g, np.int64)
+    for i in np.argsort(-tokens, kind="stable"):
+        k = int(np.argmin(np.where(counts < micro_batch, totals, full)))
+        where[i] = k
+        totals[k] += tokens[i]
+        counts[k] += 1
+    return indices[np.lexsort((np.arange(g), where))]
 
 
 def _chunk_reduce(values: np.ndarray, g: int, ufunc: np.ufunc) -> np.ndarray:
@@ -196,7 +233,12 @@ def plan_epoch(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, layou
         _chunk_reduce(p_bucket[order], g, np.maximum)]
     completion_len = np.asarray(layout.completion_buckets, np.int32)[
         _chunk_reduce(c_bucket[order], g, np.maximum)]
-    return EpochPlan(order, prompt_len, completion_len, g, w, (seed, stream + 1, epoch))
+    tokens = None
+    if layout.accumulation > 1:   # microbatches of even tokens (`balance_microbatches`)
+        tokens = (np.asarray(prompt_lengths, np.int32)
+                  + np.asarray(completion_lengths, np.int32) * (2 if layout.pack_second else 1))
+    return EpochPlan(order, prompt_len, completion_len, g, w, (seed, stream + 1, epoch),
+                     layout.micro_batch, tokens)
 
 
 def batches_per_epoch(n: int, layout: BatchLayout) -> int:

@@ -39,7 +39,7 @@ from kto_jax.data import batching, packing
 MAX_SHAPES = 4          # distinct step programs a run compiles for its training batches
 SHAPE_GAIN = 0.02       # an extra program must save this share of the padded positions
 PLAN_SAMPLE = 256       # batches of epoch 0 that the packed choices are measured on
-PACK_CANDIDATES = 8     # row lengths tried, from the smallest legal one upwards
+PACK_CANDIDATES = 24    # row lengths tried, from the smallest legal one to a whole microbatch
 
 
 def backend_multiple(backend: str) -> int:
@@ -173,6 +173,23 @@ def most_rows(trees_bound: np.ndarray, pack_length: int, micro_batch: int, group
     return groups * min(per_group, int(2 * int(longest.sum()) // pack_length) + 1)
 
 
+def row_length_candidates(trees: Sequence[np.ndarray], low: int, multiple: int) -> list[int]:
+    """The row lengths T worth trying for batches of trees [A, M]: up to PACK_CANDIDATES
+    multiples of `multiple`, evenly spread from `low` (the longest tree) rounded up to a row
+    that holds the fullest microbatch whole (longer is never better)."""
+    low = int(round_up(low, multiple))
+    whole = max(int(round_up(max(int(t.sum(-1).max()) for t in trees), multiple)), low)
+    spread = round_up(np.linspace(low, whole, PACK_CANDIDATES), multiple)
+    return sorted({int(t) for t in spread})
+
+
+def best_row_length(trees: np.ndarray, low: int, multiple: int, groups: int = 1) -> int:
+    """The T among `row_length_candidates` whose rows hold one batch of trees [A, M] in the
+    fewest positions, R x T (`kto-jax bench` picks its rows so)."""
+    return min(row_length_candidates([trees], low, multiple),
+               key=lambda t: (packing.microbatch_rows(trees, t, groups) * t, t))
+
+
 def packed_shapes(split, layout: batching.BatchLayout, *, multiple: int, seed: int,
                   pack_length: int = 0, max_shapes: int = MAX_SHAPES
                   ) -> tuple[int, tuple[int, ...]]:
@@ -187,12 +204,8 @@ def packed_shapes(split, layout: batching.BatchLayout, *, multiple: int, seed: i
     if pack_length:
         candidates = [pack_length]
     else:
-        low = int(round_up(max(int(max(t.max() for t in trees)), layout.pack_length), multiple))
-        candidates = [low + multiple * i for i in range(PACK_CANDIDATES)]
-        # a row that holds a whole microbatch is the longest worth trying
-        whole = int(round_up(max(int(t.sum(1).max()) for t in trees), multiple))
-        candidates = [t for t in candidates if t <= max(whole, low)] + (
-            [whole] if whole > candidates[-1] else [])
+        low = max(int(max(t.max() for t in trees)), layout.pack_length)
+        candidates = row_length_candidates(trees, low, multiple)
     bound = tree_bounds(split, layout.pack_second)
     best = None
     for t in candidates:

@@ -107,7 +107,7 @@ class BenchOptions:
     lengths: str = ""              # "": every example prompt_len + completion_len; else a named
                                    # distribution or a file (kto_jax/perf/workload.py); the lens are then caps
     layout: str = "padded"         # padded | packed | packed_shared (workload.LAYOUTS)
-    pack_length: int = 0           # packed rows' length T; 0: the longest tree, rounded up to bucket
+    pack_length: int = 0           # packed rows' length T; 0: chosen (workload.packed_batch)
 
     def check(self) -> None:
         """UserError for an option the benchmark cannot run."""

@@ -29,8 +29,10 @@ y_kl_i = y_{i+1 mod M} as in the step):
   packed_shared  rows of T tokens, each example one [x | y | y_kl] tree (x computed once):
                  the step's packed path as the trainer runs it (data.packing=True).
 The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, by the
-pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the longest tree of the
-batch, rounded up to --bucket.
+pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the multiple of --bucket,
+from the longest tree up, whose rows hold the batch in the fewest positions (as the trainer
+chooses it from the data, kto_jax/data/shapes.py); the examples are spread over the
+microbatches with even tokens, as the pipeline plans them (`batching.balance_microbatches`).
 
 Token counts of one step (`TokenCount`), per model pass (the reference forward, when it runs,
 computes the same positions again):
@@ -57,7 +59,7 @@ from typing import Sequence
 import numpy as np
 
 from kto_jax.batch import as_batch, batch_shapes
-from kto_jax.data import packing
+from kto_jax.data import batching, packing, shapes
 from kto_jax.errors import UserError
 
 # --lengths NAME -> file under kto_jax/perf/data/ (scripts/length_histogram.py made it)
@@ -216,11 +218,16 @@ def make_examples(prompt_lengths: Sequence[int], completion_lengths: Sequence[in
 
 def sample_examples(dist: LengthDistribution, *, accum: int, micro_batch: int, max_prompt: int,
                     max_completion: int, vocab_size: int, seed: int) -> Examples:
-    """A x M examples with lengths drawn from `dist`, truncated to the caps."""
+    """A x M examples with lengths drawn from `dist`, truncated to the caps, spread over the
+    microbatches as the data pipeline spreads a global batch (even tokens per microbatch)."""
     rng = np.random.default_rng(seed)
     p, c = dist.sample(accum * micro_batch, rng)
     truncated = int(((p > max_prompt) | (c > max_completion)).sum())
-    return make_examples(np.minimum(p, max_prompt), np.minimum(c, max_completion), accum=accum,
+    p, c = np.minimum(p, max_prompt), np.minimum(c, max_completion)
+    # the microbatches of even tokens the data pipeline plans (batching.balance_microbatches)
+    order = batching.balance_microbatches(np.arange(len(p)), p + 2 * c, micro_batch)
+    p, c = p[order], c[order]
+    return make_examples(p, c, accum=accum,
                          micro_batch=micro_batch, vocab_size=vocab_size, seed=seed + 1,
                          truncated=truncated)
 
@@ -319,13 +326,13 @@ def packed_batch(ex: Examples, *, shared: bool, pack_length: int, groups: int, b
 
     Args:
       shared: [x | y | y_kl] trees (packed_shared) or [x | y] and [x | y_kl] segments (packed).
-      pack_length: T; 0 picks the longest tree rounded up to `bucket`.
+      pack_length: T; 0 picks it (`shapes.best_row_length`, multiples of `bucket`).
       groups: packing groups per microbatch (batch shards); divides M.
     """
     micro = [_trees(*ex.microbatch(a), shared, groups) for a in range(ex.accum)]
     tree_lengths = np.array([[len(x) + len(y) + len(z) for x, y, z in zip(*t[:3])] for t in micro])
     longest = int(tree_lengths.max())
-    t_len = pack_length or round_up(longest, bucket)
+    t_len = pack_length or shapes.best_row_length(tree_lengths, longest, bucket, groups)
     if longest > t_len:
         raise UserError(f"--pack-length {t_len} cannot hold the longest "
                         f"{'[x | y | y_kl]' if shared else '[x | y]'} example ({longest} tokens): "

@@ -141,6 +141,23 @@ def test_plan_stats_counts_padding_and_shapes():
     assert single["single_class_batches"] == 1                            # all undesirable
 
 
+def test_balanced_microbatches_by_hand():
+    """Longest first into the emptier microbatch with room (ties: the first), plan order
+    within each. Tokens 9, 1, 1, 1, 8, 2, 2, 2 (ids 0..7), 2 microbatches of 4: 9 -> mb0,
+    8 -> mb1, id 5 -> mb1 (10), id 6 -> mb0 (11), id 7 -> mb1 (12), id 1 -> mb0 (12),
+    id 2 -> mb0 (tie, 13, full), id 3 -> mb1 (13): 13 tokens each, against 12 and 14 in
+    plan order."""
+    tokens = np.array([9, 1, 1, 1, 8, 2, 2, 2])
+    got = batching.balance_microbatches(np.arange(8), tokens, 4)
+    np.testing.assert_array_equal(got, [0, 1, 2, 6, 3, 4, 5, 7])
+    # 9 -> mb0, 8 -> mb1, id 4 -> mb1 (10), id 5 -> mb0 (11), id 7 -> mb1 (12), id 2 -> mb0
+    # (12), id 3 -> mb0 (tie, 13, full), id 6 -> mb1 (13)
+    got = batching.balance_microbatches(np.arange(8) + 100, np.array([9, 8, 1, 1, 2, 2, 1, 2]), 4)
+    np.testing.assert_array_equal(got, np.array([0, 2, 3, 5, 1, 4, 6, 7]) + 100)
+    np.testing.assert_array_equal(batching.balance_microbatches(np.arange(8), tokens, 8),
+                                  np.arange(8))   # one microbatch: nothing to balance
+
+
 def test_plan_stats_reports_the_dropped_remainder():
     split, layout = make_split(21), make_layout(drop_remainder=True)
     plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout, seed=0,
@@ -172,8 +189,23 @@ def reference_plan_epoch(prompt_lengths, completion_lengths, layout, *, seed, ep
             full = [full[i] for i in perm]
         chunks.extend(full)
         chunks.extend(c for c in cut if len(c) < g and not layout.drop_remainder)
+    tokens = np.asarray(prompt_lengths) + np.asarray(completion_lengths) * (1 + layout.pack_second)
+    chunks = [reference_balance(c, tokens, layout.micro_batch) if len(c) == g else c
+              for c in chunks]
     return [batching.PlannedBatch(c, layout.prompt_buckets[p_bucket[c].max()],
                                   layout.completion_buckets[c_bucket[c].max()]) for c in chunks]
+
+
+def reference_balance(chunk, tokens, m):
+    """Longest first (ties: plan order) into the emptiest microbatch with room (ties: the
+    first); each microbatch's examples in plan order."""
+    a = len(chunk) // m
+    groups = [[] for _ in range(a)]
+    for pos in sorted(range(len(chunk)), key=lambda k: (-int(tokens[chunk[k]]), k)):
+        open_ = [j for j in range(a) if len(groups[j]) < m]
+        j = min(open_, key=lambda j: (sum(int(tokens[chunk[k]]) for k in groups[j]), j))
+        groups[j].append(pos)
+    return np.array([chunk[k] for grp in groups for k in sorted(grp)], dtype=chunk.dtype)
 
 
 def reference_plan_stats(split, plan, layout):
