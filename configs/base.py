@@ -145,10 +145,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                  # data-parallel replicas; -1 fills the devices left
     c.mesh.fsdp = 1                   # parameter/optimizer-state sharding (ZeRO-3 style)
     c.mesh.tensor = 1                 # tensor (model) parallelism over heads and mlp
+    c.mesh.expert = 1                 # expert parallelism (mixtures of experts): each layer's experts
+                                      # split over this axis, which also splits the batch like data
     # Logical axis name -> mesh axes. Layers name logical axes only; this table is the one place they meet the mesh.
     c.mesh.rules = (
-        ("batch", ("data", "fsdp")),
+        ("batch", ("data", "fsdp", "expert")),
         ("embed", "fsdp"),
+        ("expert", "expert"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),

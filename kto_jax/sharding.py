@@ -1,9 +1,12 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Layers name logical axes only ('vocab', 'embed', 'mlp', 'heads', 'kv_heads',
-'head_dim', 'layers', 'batch', 'length'); `config.mesh.rules` maps each to a mesh
-axis of ('data', 'fsdp', 'tensor'), a tuple of them, or None (replicated), as
-MaxText does. A one-device mesh is just a mesh whose axes all have size 1.
+'head_dim', 'layers', 'batch', 'length', and 'expert' for a mixture of experts'
+expert weights); `config.mesh.rules` maps each to a mesh axis of ('data', 'fsdp',
+'expert', 'tensor'), a tuple of them, or None (replicated), as MaxText does. A
+one-device mesh is just a mesh whose axes all have size 1; the 'expert' axis has size 1
+unless config.mesh.expert says otherwise (it shards the batch like 'data' and the
+experts of each layer: expert parallelism).
 
 Activations are named the same way: the model calls `constrain(x, ('batch',
 'length', 'embed'))`, which pins x to that layout on the mesh being traced for,
@@ -28,7 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kto_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -39,7 +42,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-    """Resolve ('data', 'fsdp', 'tensor') sizes; one -1 takes the devices left over.
+    """Resolve ('data', 'fsdp', 'expert', 'tensor') sizes; one -1 takes the devices left over.
 
     Raises UserError when the sizes do not multiply to `num_devices`.
     """
@@ -51,19 +54,20 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     if unknown:
         if num_devices % known:
             raise UserError(f"mesh sizes {dict(zip(MESH_AXES, shape))} do not divide the {num_devices} devices; "
-                            f"make config.mesh.fsdp * config.mesh.tensor a divisor of {num_devices}")
+                            f"make config.mesh.fsdp * config.mesh.expert * config.mesh.tensor a divisor of {num_devices}")
         shape[unknown[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise UserError(f"mesh sizes {dict(zip(MESH_AXES, shape))} need {math.prod(shape)} devices but "
-                        f"{num_devices} are present; set one of config.mesh.data/fsdp/tensor to -1")
+                        f"{num_devices} are present; set one of config.mesh.data/fsdp/expert/tensor to -1")
     return tuple(shape)
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes ('data', 'fsdp', 'tensor') of Auto type, sizes from `mesh_cfg`.
+    """Mesh with axes ('data', 'fsdp', 'expert', 'tensor') of Auto type, sizes from `mesh_cfg`.
 
     Args:
-      mesh_cfg: config.mesh (or any mapping/object with data, fsdp, tensor sizes).
+      mesh_cfg: config.mesh (or any mapping/object with data, fsdp, expert, tensor sizes;
+        absent ones 1, data -1).
       devices: devices to use; default all of `jax.devices()`.
     """
     devices = list(devices) if devices is not None else jax.devices()
@@ -73,7 +77,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
 
 
 def single_device_mesh() -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh of size 1 on the first device."""
+    """A ('data', 'fsdp', 'expert', 'tensor') mesh of size 1 on the first device."""
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
@@ -90,7 +94,8 @@ def logical_to_mesh(logical_axes: Iterable[str | None], rules: Rules,
     """PartitionSpec of an array whose dims carry `logical_axes`.
 
     A logical name without a rule, or mapped to None, is replicated. A mesh axis
-    is used by at most one dim (the first that asks). With `shape` and `mesh`, a
+    is used by at most one dim (the first that asks); with `mesh`, one the mesh lacks
+    (a mesh built without 'expert') is left out. With `shape` and `mesh`, a
     mesh axis whose size does not divide the dim is dropped (that dim is
     replicated) instead of failing, e.g. 2 kv_heads on tensor=4.
     """
@@ -100,7 +105,7 @@ def logical_to_mesh(logical_axes: Iterable[str | None], rules: Rules,
     for i, name in enumerate(logical_axes):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if a not in used)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.shape))
         if shape is not None and mesh is not None:
             axes = _dividing_axes(axes, shape[i], mesh)
         used.update(axes)
@@ -110,7 +115,7 @@ def logical_to_mesh(logical_axes: Iterable[str | None], rules: Rules,
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
     """How many ways the 'batch' logical rule splits a batch's example axis on `mesh`."""
-    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+    return math.prod(mesh.shape.get(a, 1) for a in batch_axes(rules))
 
 
 def configured_batch_shards(mesh_cfg: Any, num_devices: int) -> int:

@@ -38,7 +38,7 @@ def base_bytes_per_chip(config: ModelConfig, quantization: Quantization, mesh_si
     Args:
       config: the model (its param_dtype prices the unquantised arrays).
       quantization: Quantization("none" | "int8" | "nf4", double_quant).
-      mesh_sizes: {"data", "fsdp", "tensor"} sizes (as config.mesh; no -1).
+      mesh_sizes: {"data", "fsdp", "expert", "tensor"} sizes (as config.mesh; no -1).
       rules: the logical-axis rule table (config.mesh.rules).
     """
     mesh = AbstractMesh(tuple(int(mesh_sizes.get(a, 1)) for a in shd.MESH_AXES), shd.MESH_AXES)

@@ -62,7 +62,7 @@ def _specs(q: Array, k: Array) -> tuple[PartitionSpec, PartitionSpec] | None:
     if mesh.empty:
         return None
     rows = []
-    for axis in ("data", "fsdp"):
+    for axis in ("data", "fsdp", "expert"):  # the batch axes of the default rules
         size = mesh.shape.get(axis, 1)
         if size > 1 and q.shape[0] % (math.prod(mesh.shape[a] for a in rows) * size) == 0:
             rows.append(axis)

@@ -181,4 +181,4 @@ def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, m
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Sharding of every batch array [A, M, ...]: A unsharded, M over the 'batch' rule's axes
     (and the rows R of a packed batch's [A, R, T] arrays alike: one packing group per shard)."""
-    return NamedSharding(mesh, PartitionSpec(None, *logical_to_mesh(("batch",), rules)))
+    return NamedSharding(mesh, PartitionSpec(None, *logical_to_mesh(("batch",), rules, mesh=mesh)))

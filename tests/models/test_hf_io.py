@@ -78,7 +78,7 @@ def test_mesh_logits_equal_one_device_logits(checkpoints, batch):
     mesh_cfg = base_config().mesh
     mesh_cfg.fsdp, mesh_cfg.tensor = 4, 2
     mesh = shd.make_mesh(mesh_cfg)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     sharded, _ = from_pretrained(path, mesh=mesh, rules=mesh_cfg.rules)
     q = sharded.layers.q_proj[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)

@@ -120,3 +120,37 @@ def test_flops_count_the_active_parameters():
         # one expert of one layer more per token: exactly its three projections more
         more = dataclasses.replace(dims, experts_per_token=dims.experts_per_token + 1)
         assert more.matmul_params() - dims.matmul_params() == dims.layers * 3 * dims.hidden * dims.intermediate
+
+
+def test_expert_mesh_gives_the_one_device_loss_and_gradients():
+    """data=2 x expert=4 on 8 CPU devices: each layer's 8 experts split 2 per device, the batch
+    split over all 8; the loss and every gradient equal one device's up to float32 rounding."""
+    from flax import nnx
+    from hf_tiny_models import base_config
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kto_jax import sharding as shd
+    from kto_jax.models.transformer import Transformer
+
+    rules = base_config().mesh.rules
+    cfg = _config(norm_topk_prob=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12)), jnp.int32)
+
+    def loss(params, ids):  # next-token cross-entropy
+        logps = jax.nn.log_softmax(nnx.merge(graphdef, params)(ids)[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logps, ids[:, 1:, None], -1))
+
+    want_loss, want_grads = jax.jit(jax.value_and_grad(loss))(params, ids)
+    mesh = shd.make_mesh({"data": 2, "expert": 4})
+    p_sh = shd.named_shardings(params, mesh, rules)
+    assert p_sh["layers"]["expert_up_proj"].get_value().spec == P(None, "expert", "fsdp", "tensor")
+    step = jax.jit(shd.activation_sharding(jax.value_and_grad(loss), mesh, rules),
+                   in_shardings=(p_sh, NamedSharding(mesh, P(("data", "fsdp", "expert")))),
+                   out_shardings=(None, p_sh))
+    got_loss, got_grads = step(jax.device_put(params, p_sh), ids)
+    shard = got_grads["layers"]["expert_up_proj"].get_value().addressable_shards[0].data
+    assert shard.shape == (cfg.num_layers, 2, cfg.hidden_size, cfg.moe_intermediate_size)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)

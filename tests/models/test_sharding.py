@@ -15,9 +15,10 @@ RULES = base_config().mesh.rules
 
 
 @pytest.mark.parametrize("sizes,want", [
-    ({"data": -1, "fsdp": 4, "tensor": 2}, (1, 4, 2)),
-    ({"data": 2, "fsdp": -1, "tensor": 1}, (2, 4, 1)),
-    ({"data": 8, "fsdp": 1, "tensor": 1}, (8, 1, 1)),
+    ({"data": -1, "fsdp": 4, "tensor": 2}, (1, 4, 1, 2)),
+    ({"data": 2, "fsdp": -1, "tensor": 1}, (2, 4, 1, 1)),
+    ({"data": 8, "fsdp": 1, "tensor": 1}, (8, 1, 1, 1)),
+    ({"data": 2, "expert": 4}, (2, 1, 4, 1)),
 ])
 def test_mesh_shape(sizes, want):
     assert shd.mesh_shape(sizes, 8) == want
@@ -35,7 +36,8 @@ def test_mesh_shape_errors(sizes, match):
 
 def test_make_mesh_from_config_and_one_device():
     mesh = shd.make_mesh(base_config().mesh)
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     one = shd.make_mesh({"data": -1}, devices=jax.devices()[:1])
     assert one.size == 1
@@ -44,7 +46,8 @@ def test_make_mesh_from_config_and_one_device():
 def test_logical_to_mesh():
     assert shd.rules_of(base_config().mesh) == shd.rules_of(RULES)  # config.mesh or its rules
     assert shd.logical_to_mesh(("layers", "embed", "heads", "head_dim"), RULES) == P(None, "fsdp", "tensor", None)
-    assert shd.logical_to_mesh(("batch", "length"), RULES) == P(("data", "fsdp"), None)
+    assert shd.logical_to_mesh(("batch", "length"), RULES) == P(("data", "fsdp", "expert"), None)
+    assert shd.logical_to_mesh(("layers", "expert", "embed", "mlp"), RULES) == P(None, "expert", "fsdp", "tensor")
     assert shd.logical_to_mesh(("heads", "mlp"), RULES) == P("tensor", None)  # a mesh axis is used once
     assert shd.logical_to_mesh(("unknown", None), RULES) == P(None, None)
 
@@ -52,7 +55,7 @@ def test_logical_to_mesh():
 def test_non_dividing_mesh_axis_is_dropped():
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     assert shd.logical_to_mesh(("embed", "kv_heads", "head_dim"), RULES, (64, 2, 16), mesh) == P("fsdp", None, None)
-    assert shd.logical_to_mesh(("batch",), RULES, (3,), mesh) == P("data")
+    assert shd.logical_to_mesh(("batch",), RULES, (3,), mesh) == P(("data", "expert"))  # both of size 1
 
 
 def test_named_shardings_of_a_model_state():
