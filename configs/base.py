@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # HF names of the adapted projections
     c.lora.seed = 0                   # seed of the A initialiser (B starts at 0: the policy equals the reference at step 0)
     c.lora.init_from = ""             # PEFT adapter directory to start from (e.g. an SFT LoRA); the reference is base + this adapter, frozen
+    c.lora.base_quantization = "none"  # QLoRA: store the frozen base's projections as "int8" (per output channel) or "nf4" (blocks of 64, as bitsandbytes); needs rank > 0
+    c.lora.double_quant = False       # nf4 only: quantise the block scales to 8 bits too (bitsandbytes' compress_statistics)
 
     # ---- loss: which HALO and its hyperparameters (docs/losses.md) ----
     c.loss = ml_collections.ConfigDict()

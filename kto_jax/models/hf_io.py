@@ -34,7 +34,9 @@ from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models import params as table
 from kto_jax.models.config import UNTRAINED_FROM_KEY, ModelConfig, dtype_name
+from kto_jax.models import quantize as qz
 from kto_jax.models.family import Family
+from kto_jax.models.quantized_layers import quantized_rows
 from kto_jax.models.tensor_source import (
     SAFETENSORS_INDEX, RenamedSource, SafetensorsSource, TensorSource, rename)
 from kto_jax.models.transformer import Transformer, abstract_model
@@ -175,20 +177,33 @@ def place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 # ---- export ----
 
 def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None) -> None:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Any = None,
+                    adapters: Any = None) -> None:
     """Write config.json, model-0000k-of-0000n.safetensors and model.safetensors.index.json.
 
     Args:
-      model: a Transformer (any sharding; multi-host arrays are gathered).
+      model: a Transformer (any sharding; multi-host arrays are gathered). A quantised base
+        (QLoRA, config.quantization) is written dequantised, one layer at a time.
       out_dir: created if needed; only process 0 writes.
       tokenizer: a transformers tokenizer to save alongside, or None.
       max_shard_bytes: upper bound of one safetensors file (a larger tensor gets its own file).
       dtype: dtype of the saved weights ("bfloat16" or jnp.bfloat16); default the model's
         param_dtype. A multimodal model's untrained tensors keep their stored dtype.
+      adapters: LoRA adapters (kto_jax.models.lora.LoraAdapters) of a quantised `model`:
+        each of their targets is written merged, dequantised W + (alpha / r) A B per layer
+        in float32, then cast once to the saved dtype. (A float base merges with
+        `kto_jax.models.lora.merge` first.)
     """
     config: ModelConfig = model.config
     save_dtype = np.dtype(jnp.dtype(dtype_name(dtype or config.param_dtype, "export dtype")))
-    flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = stored_weights(model)
+    if adapters is not None:
+        if not config.quantization.enabled:
+            raise ValueError("save_pretrained(adapters=...) merges into a quantised base; merge a float "
+                             "base with kto_jax.models.lora.merge")
+        for target in adapters.targets:
+            a, b = adapters.factors(target)
+            flat[("layers", target)] = (flat[("layers", target)], a, b, jnp.float32(adapters.scale))
     writer = jax.process_index() == 0
     untrained = _untrained_source(config) if config.family.passthrough else None
     plan = _export_plan(config, flat, save_dtype, untrained, read=writer)
@@ -211,6 +226,17 @@ def save_pretrained(model: Transformer, out_dir: str, tokenizer: Any = None,
         _write_json(os.path.join(out_dir, "config.json"), hf)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
+
+
+def stored_weights(model: Transformer) -> dict[tuple[str, ...], Any]:
+    """{param-table path: value} of `model`: each parameter's array, or for a quantised
+    projection its stored form (`quantize.Int8Weight` / `Nf4Weight`, stacked [L, ...])."""
+    flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if not model.config.quantization.enabled:
+        return flat
+    names = set(quantized_rows(model.config))
+    flat = {path: v for path, v in flat.items() if not (path[0] == "layers" and path[1] in names)}
+    return {**flat, **{("layers", name): getattr(model.layers, name)[...] for name in names}}
 
 
 def _untrained_source(config: ModelConfig) -> TensorSource:
@@ -243,7 +269,8 @@ def _export_plan(config: ModelConfig, flat: dict, save_dtype: np.dtype, untraine
     for i in range(config.num_layers):
         for row in (r for r in rows if r.stacked):
             experts = range(config.num_experts) if row.per_expert else (None,)
-            size = math.prod(flat[row.path].shape[2 if row.per_expert else 1:]) * itemsize
+            shape = flat[row.path].shape[2:] if row.per_expert else _layer_shape(flat[row.path])
+            size = math.prod(shape) * itemsize
             plan += [(spelling(row.hf_name.format(i=i, e=e)), size, ours(row, i, e)) for e in experts]
     if untrained is not None:
         for name in sorted(n for n in untrained.names() if n.startswith(config.family.passthrough)):
@@ -273,15 +300,31 @@ def _group_into_shards(plan: list, max_shard_bytes: int) -> list[list]:
     return shards
 
 
+def _layer_shape(value: Any) -> tuple[int, ...]:
+    """One layer's weight shape of a stacked value (array, stored quantised form, or a
+    (quantised form, A, B, alpha / r) merge)."""
+    value = value[0] if isinstance(value, tuple) else value
+    return tuple(value.shape) if isinstance(value, (qz.Int8Weight, qz.Nf4Weight)) else tuple(value.shape[1:])
+
+
 @jax.jit
-def _layer_slice(stacked: jax.Array, i: jax.Array) -> jax.Array:
+def _layer_slice(stacked: Any, i: jax.Array) -> jax.Array:
+    """Layer i of a stacked weight; a quantised one dequantised to float32, and with LoRA
+    factors (w, A, B, alpha / r) merged: W + (alpha / r) A B in float32 (as lora.delta_weight)."""
+    if isinstance(stacked, tuple):
+        w, a, b = (qz.layer(x, i) for x in stacked[:3])
+        r = a.shape[-1]
+        delta = jnp.einsum("ir,ro->io", a.reshape(-1, r), b.reshape(r, -1), precision=jax.lax.Precision.HIGHEST)
+        return qz.dequantize(w, jnp.float32) + (stacked[3] * delta).reshape(w.shape)
+    if isinstance(stacked, (qz.Int8Weight, qz.Nf4Weight)):
+        return qz.dequantize(qz.layer(stacked, i), jnp.float32)
     return jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
 
 
-def to_hf_tensor(value: jax.Array, row: table.ParamRow, layer: int | None,
+def to_hf_tensor(value: Any, row: table.ParamRow, layer: int | None,
                  expert: int | None = None) -> np.ndarray:
-    """One HF tensor (host numpy) from our parameter value; `layer` picks the stacked slice,
-    `expert` an expert weight's expert within it."""
+    """One HF tensor (host numpy) from our parameter value; `layer` picks the stacked slice
+    (of a quantised value: dequantised, float32), `expert` an expert weight's expert within it."""
     if layer is not None:
         value = _layer_slice(value, jnp.int32(layer))
     if expert is not None:

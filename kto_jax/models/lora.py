@@ -244,7 +244,11 @@ def delta_weight(adapters: LoraAdapters, target: str) -> Array:
 
 
 def merge(model: Transformer, adapters: LoraAdapters) -> Transformer:
-    """A new Transformer whose target weights are W + (alpha / r) A B (in model.param_dtype)."""
+    """A new Transformer whose target weights are W + (alpha / r) A B (in model.param_dtype).
+    A quantised base has no float W to merge into: `lora_io.save_merged` writes it merged."""
+    if model.config.quantization.enabled:
+        raise ValueError("lora.merge: the base is quantised; write it merged with "
+                         "kto_jax.models.lora_io.save_merged (dequantised W + delta, layer by layer)")
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state, copy=True)  # new Variables: `model` keeps its weights
     if getattr(merged, "lora", None) is not None:

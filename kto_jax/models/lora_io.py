@@ -97,7 +97,11 @@ def save_peft(adapters: lora_lib.LoraAdapters, model_config: ModelConfig, out_di
 
 def save_merged(model: Transformer, adapters: lora_lib.LoraAdapters, out_dir: str, *,
                 tokenizer: Any = None, dtype: str | None = None) -> None:
-    """An HF checkpoint of W + (alpha / r) A B (`kto_jax.models.hf_io.save_pretrained`)."""
+    """An HF checkpoint of W + (alpha / r) A B (`kto_jax.models.hf_io.save_pretrained`); for a
+    quantised base, W dequantised and merged one layer at a time."""
+    if model.config.quantization.enabled:
+        save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, adapters=adapters)
+        return
     save_pretrained(lora_lib.merge(model, adapters), out_dir, tokenizer=tokenizer, dtype=dtype)
 
 

@@ -33,7 +33,7 @@ from kto_jax.sharding import batch_shards
 from kto_jax.step.optimizer import make_optimizer
 from kto_jax.step.state import abstract_train_state, batch_sharding, train_state_shardings
 from kto_jax.step.train_step import make_train_step
-from kto_jax.train.settings import read_settings
+from kto_jax.train.settings import base_quantization, read_settings
 
 
 def model_config_of(config: ml_collections.ConfigDict, preset_name: str | None) -> ModelConfig:
@@ -43,7 +43,7 @@ def model_config_of(config: ml_collections.ConfigDict, preset_name: str | None) 
     """
     m = config.model
     ours = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                attention_impl=m.attention_impl)
+                attention_impl=m.attention_impl, quantization=base_quantization(config))
     hf_config = os.path.join(m.path, "config.json") if m.path else ""
     if not preset_name and os.path.isfile(hf_config):
         with open(hf_config, encoding="utf-8") as f:

@@ -7,8 +7,9 @@ abstract model from that config, restores only the `params` of a checkpoint
 safetensors with an index, and the tokenizer through
 `kto_jax.models.save_pretrained`, which transformers loads unchanged.
 A LoRA run (docs/lora.md) checkpoints only its adapters: its export is the base of
-config.model.path with W + (alpha / r) A B merged in, or (--format=peft) the adapter
-directory that `peft` loads onto the original HF model.
+config.model.path with W + (alpha / r) A B merged in (a QLoRA run: the dequantised base,
+merged layer by layer), or (--format=peft) the adapter directory that `peft` loads onto
+the original, unquantised HF model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kto_jax import hub
 from kto_jax.errors import UserError
 from kto_jax.models import ModelConfig, abstract_model, load_tokenizer, save_pretrained
 from kto_jax.models import lora as lora_lib
+from kto_jax.models.quantize import Quantization
 from kto_jax.step import adapters as adapters_lib
 from kto_jax import fs as paths
 from kto_jax.train import workdir as layout
@@ -48,13 +50,15 @@ def export_params(graphdef: Any, params: Any, out_dir: str, tokenizer: Any,
     Every process takes part (the weights are gathered); process 0 writes.
     """
     model = adapters_lib.model_of(graphdef, params)
-    if getattr(model, "lora", None) is not None:
-        model = lora_lib.merge(model, model.lora)
+    adapters = getattr(model, "lora", None)
+    if adapters is not None and not model.config.quantization.enabled:
+        model, adapters = lora_lib.merge(model, adapters), None
+    # a quantised base (QLoRA) merges layer by layer while it is written: dequantised W + delta
     if jax.process_index() != 0:
-        save_pretrained(model, os.devnull, tokenizer=None, dtype=dtype or None)
+        save_pretrained(model, os.devnull, tokenizer=None, dtype=dtype or None, adapters=adapters)
         return
     with paths.staged_dir(out_dir) as local:
-        save_pretrained(model, local, tokenizer=tokenizer, dtype=dtype or None)
+        save_pretrained(model, local, tokenizer=tokenizer, dtype=dtype or None, adapters=adapters)
         paths.share_like_open(local)
 
 
@@ -99,8 +103,9 @@ def peft_base_name(model_path: str) -> str:
     return os.path.abspath(model_path)
 
 
-def _load_base(workdir: str, config: dict) -> Any:
-    """The run's base model (config.model.path: a directory, hub id or .gguf) on one device."""
+def _load_base(workdir: str, config: dict, quantized: bool = True) -> Any:
+    """The run's base model (config.model.path: a directory, hub id or .gguf) on one device,
+    stored as the run stored it (config.lora.base_quantization) unless not `quantized`."""
     from kto_jax.models import from_pretrained
     base_path = config["model"]["path"]
     if not (os.path.exists(base_path) or paths.is_remote(base_path) or hub.looks_like_hub_id(base_path)):
@@ -109,8 +114,15 @@ def _load_base(workdir: str, config: dict) -> Any:
                         "or export the adapters alone with --format=peft")
     one_device = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
     base, _ = from_pretrained(base_path, mesh=one_device, rules=config["mesh"],
-                              param_dtype=config["model"]["param_dtype"], dtype=config["model"]["dtype"])
+                              param_dtype=config["model"]["param_dtype"], dtype=config["model"]["dtype"],
+                              quantization=run_quantization(config) if quantized else None)
     return base
+
+
+def run_quantization(config: dict) -> Quantization:
+    """How a run stored its frozen base (its saved config.lora; none for older runs)."""
+    lora = config.get("lora") or {}
+    return Quantization(lora.get("base_quantization", "none") or "none", bool(lora.get("double_quant", False)))
 
 
 def export_peft(workdir: str, out_dir: str, config: dict, model_config: ModelConfig,
@@ -125,8 +137,8 @@ def export_peft(workdir: str, out_dir: str, config: dict, model_config: ModelCon
     base_name = peft_base_name(model_path)
     if str(model_path).endswith(".gguf"):
         base_dir = paths.join(out_dir, PEFT_BASE_DIR)
-        graphdef, params = nnx.split(_load_base(workdir, config), nnx.Param)
-        export_params(graphdef, params, base_dir, tokenizer, dtype)
+        graphdef, params = nnx.split(_load_base(workdir, config, quantized=False), nnx.Param)
+        export_params(graphdef, params, base_dir, tokenizer, dtype)  # the original, unquantised base
         base_name = paths.resolve(base_dir)
         log(f"the base {model_path} is a GGUF file, which transformers cannot load as a PEFT base: "
             f"wrote it as an HF checkpoint to {base_name} (adapter_config.json names it)")
@@ -140,7 +152,8 @@ def export_peft(workdir: str, out_dir: str, config: dict, model_config: ModelCon
 
 def export_merged_lora(workdir: str, out_dir: str, config: dict, adapters: lora_lib.LoraAdapters,
                        tokenizer: Any, dtype: str | None) -> None:
-    """W + (alpha / r) A B on the base weights of config.model.path, an ordinary HF checkpoint."""
+    """W + (alpha / r) A B on the base weights of config.model.path, an ordinary HF checkpoint;
+    a QLoRA run's W is its base dequantised (what it trained against), merged layer by layer."""
     graphdef, params = nnx.split(_load_base(workdir, config), nnx.Param)
     agraph, astate = nnx.split(adapters)
     export_params(adapters_lib.LoraGraph(graphdef, agraph), adapters_lib.LoraView(params, astate),

@@ -10,7 +10,8 @@ package that reads them (the model, the data pipeline, the batch, the loss and i
 hyperparameters, LoRA, the step, the optimizer, the run's loop and checkpoints), checks every setting they share
 once (the batch sizes against the loss; the reference source against the loss; the
 reference syncing) and resolves what needs resolving once: LoRA, with lora.init_from's
-adapter_config.json read here (the step opens no file), and the data's packing groups.
+adapter_config.json read here (the step opens no file), the base's quantisation
+(QLoRA: `ModelSettings.quantization`, which the loader takes), and the data's packing groups.
 The lambda weights are resolved by the data summary (eq. 9 when config.loss.auto_weights)
 and come in through `with_lambda_weights`; the user's config is never rewritten. Below
 the runtime nothing reads a ConfigDict (tests/test_architecture.py checks the imports).
@@ -29,6 +30,7 @@ from kto_jax.losses.hparams import LossHparams
 from kto_jax.losses.registry import HaloLoss, get_loss
 from kto_jax.models import lora as lora_lib
 from kto_jax.models import lora_io
+from kto_jax.models.quantize import NO_QUANTIZATION, SCHEMES, Quantization
 from kto_jax.sharding import configured_batch_shards, rules_of
 from kto_jax.step.optimizer import OptimSettings
 from kto_jax.step.settings import REFERENCE_SOURCES, StepSettings
@@ -43,11 +45,12 @@ class ModelSettings:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     preset: str = ""
+    quantization: Quantization = NO_QUANTIZATION  # config.lora.base_quantization / double_quant (QLoRA)
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments `kto_jax.models.from_pretrained` takes besides the path."""
-        return dict(param_dtype=self.param_dtype, dtype=self.dtype,
-                    remat_policy=self.remat_policy, attention_impl=self.attention_impl)
+        return dict(param_dtype=self.param_dtype, dtype=self.dtype, remat_policy=self.remat_policy,
+                    attention_impl=self.attention_impl, quantization=self.quantization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,8 @@ def read_settings(config: Any, *, device_count: int | None = None) -> RunSetting
         reference_sync=reference_sync(config, loss), batch=batch, rules=rules,
         reference_dtype=config.reference.param_dtype, lora=lora,
         seed=int(config.train.get("seed", 0)))
-    return RunSettings(model=_section(ModelSettings, config.model), loss=loss, batch=batch,
+    model = dataclasses.replace(_section(ModelSettings, config.model), quantization=base_quantization(config))
+    return RunSettings(model=model, loss=loss, batch=batch,
                        lora=lora, step=step, optim=_section(OptimSettings, config.optim),
                        data=data_settings(config, loss, batch, device_count), rules=rules,
                        train=train_settings(config))
@@ -215,6 +219,29 @@ def check_reference_sync(config: Any, loss: HaloLoss) -> None:
                         "adapters' A and B factors is not a blend of the weights, so kto-jax does "
                         "not sync a LoRA reference. Train all parameters (lora.rank=0) to sync"
                         + (", or set --config.reference.sync_every=0." if every > 0 else "."))
+
+
+def base_quantization(config: Any) -> Quantization:
+    """config.lora.base_quantization and double_quant: how a LoRA run stores its frozen base
+    (QLoRA, docs/lora.md). UserError for an unknown scheme, and for a quantised base without
+    LoRA (every weight would train, and integer codes have no gradient)."""
+    section = config.get("lora", None)
+    get = section.get if section else (lambda key, default: default)
+    scheme = str(get("base_quantization", "none") or "none")
+    double = bool(get("double_quant", False))
+    if scheme not in ("none", *SCHEMES):
+        raise UserError(f"config.lora.base_quantization={scheme!r}: choose none, {', '.join(SCHEMES)}")
+    if double and scheme != "nf4":
+        raise UserError(f"config.lora.double_quant=True quantises NF4's block scales, and "
+                        f"config.lora.base_quantization={scheme!r} has none: set "
+                        "--config.lora.base_quantization=nf4 or --config.lora.double_quant=False")
+    quantization = Quantization(scheme, double)
+    if quantization.enabled and not configured_lora(config).enabled:
+        raise UserError(f"config.lora.base_quantization={scheme!r} stores the frozen base of a LoRA run "
+                        "quantised (QLoRA), and LoRA is off (config.lora.rank=0): every weight would "
+                        "train. Set --config.lora.rank=16 (or another rank) for QLoRA, or "
+                        "--config.lora.base_quantization=none to train every weight")
+    return quantization
 
 
 def configured_lora(config: Any) -> lora_lib.LoraConfig:
