@@ -43,8 +43,9 @@ def _adapters(config):
     return adapters
 
 
-@pytest.mark.parametrize("quantization", [Quantization("nf4", double_quant=True), Quantization("int8")],
-                         ids=["nf4_double", "int8"])
+@pytest.mark.parametrize("quantization", [
+    Quantization("nf4", double_quant=True), pytest.param(Quantization("int8"), marks=pytest.mark.slow)],
+    ids=["nf4_double", "int8"])
 def test_merged_export_is_the_dequantised_base_plus_delta_per_layer(checkpoint, quantization, tmp_path):
     model, config = from_pretrained(checkpoint, quantization=quantization)
     adapters = _adapters(config)

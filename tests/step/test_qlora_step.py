@@ -67,8 +67,9 @@ def one_device():
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("loss, quantization", [("kto", NF4), ("dpo", NF4), ("kto", Quantization("int8"))],
-                         ids=["kto-nf4dq", "dpo-nf4dq", "kto-int8"])
+@pytest.mark.parametrize("loss, quantization", [
+    ("kto", NF4), pytest.param("dpo", NF4, marks=pytest.mark.slow),
+    pytest.param("kto", Quantization("int8"), marks=pytest.mark.slow)], ids=["kto-nf4dq", "dpo-nf4dq", "kto-int8"])
 def test_steps_on_a_quantised_base_equal_steps_on_its_dequantised_weights(loss, quantization):
     cfg = lora_config(loss)
     batch = make_batch(7, paired=get_loss(loss).paired)
@@ -92,6 +93,7 @@ def test_steps_on_a_quantised_base_equal_steps_on_its_dequantised_weights(loss, 
     assert diff(p_orig) > 10 * diff(p_f), (diff(p_orig), diff(p_f))
 
 
+@pytest.mark.slow
 def test_an_eight_device_mesh_gives_the_one_device_qlora_step():
     cfg = lora_config("kto")
     batch = make_batch(8)
