@@ -45,6 +45,7 @@ from kto_jax.models.config import LayerKind, ModelConfig
 from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported)
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
     rope_cos_sin, rope_inv_freq, soft_cap)
+from kto_jax.models import moe
 from kto_jax.models.packed_attention import PackedLayout
 from kto_jax.models.quantized_layers import quantized_rows, zero_projection
 from kto_jax.sharding import constrain
@@ -160,7 +161,8 @@ class Transformer(nnx.Module):
             self.lm_head = _param(_init_value("lm_head", (d, v), dtype, rngs.params()), ("embed", "vocab"))
 
     def hidden_states(self, input_ids: Array, positions: Array | None = None,
-                      attention_mask: Array | None = None, packed: PackedLayout | None = None) -> Array:
+                      attention_mask: Array | None = None, packed: PackedLayout | None = None,
+                      router_weight: Array | None = None) -> Array | tuple[Array, Array]:
         """Final-norm hidden states.
 
         Args:
@@ -175,8 +177,12 @@ class Transformer(nnx.Module):
           packed: packed rows of several [x | y | y2] examples instead (segment and
             branch ids, per-segment positions; kto_jax/models/packed_attention.py):
             attention then follows that layout and `attention_mask` must be None.
+          router_weight: float [B, T], 1 on the tokens a mixture of experts' load-balancing
+            loss counts (the real ones), or None.
         Returns:
-          [B, T, D] in the compute dtype; rows at padded positions are meaningless.
+          [B, T, D] in the compute dtype; rows at padded positions are meaningless. With
+          `router_weight` (a mixture of experts only), also the router statistics of every
+          layer, float32 [L, 2, E] (`kto_jax.models.moe.router_stats`).
         """
         cfg = self.config
         if positions is None:
@@ -203,11 +209,13 @@ class Transformer(nnx.Module):
                 q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
                 return project_out(p, by_kind(kind, kinds, attend_kind, q, k, v)), None
 
-            return decoder_layer(p, h, attention, cfg)[0], None
+            h, _, router = decoder_layer(p, h, attention, cfg, router_weight)
+            return h, router
 
         layer = _remat(layer, cfg.remat_policy)
-        h, _ = jax.lax.scan(layer, h, (self.layer_arrays(), scanned_kinds(kinds, kind_ids)))
-        return constrain(cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
+        h, router = jax.lax.scan(layer, h, (self.layer_arrays(), scanned_kinds(kinds, kind_ids)))
+        hidden = constrain(cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
+        return hidden if router_weight is None else (hidden, router)
 
     def embed(self, input_ids: Array) -> Array:
         """[B, T, D] token embeddings in the compute dtype (scaled by sqrt(D) where the family says)."""
@@ -302,7 +310,7 @@ class Transformer(nnx.Module):
                     ring_k, ring_v = write_ring(ring_k, ring_v, k, v, ri, index)
                 return project_out(p, out), (k_all, v_all, ring_k, ring_v)
 
-            return decoder_layer(p, h, attention, cfg), None
+            return decoder_layer(p, h, attention, cfg)[:2], None
 
         xs = (self.layer_arrays(), jnp.asarray(layout.global_index, jnp.int32),
               jnp.asarray(layout.ring_index, jnp.int32), scanned_kinds(kinds, kind_ids))
@@ -328,13 +336,16 @@ def abstract_model(config: ModelConfig) -> Transformer:
 
 # ---- one layer ----
 
-def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: ModelConfig) -> tuple[Array, object]:
+def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: ModelConfig,
+                  router_weight: Array | None = None) -> tuple[Array, object, Array | None]:
     """One decoder layer of h [B, T, D]: h + attention(norm(h)), then h + mlp(norm(h)), with
     the family's norm formula, norm placement and MLP block.
 
     `attention(p, x)` returns (the attention output [B, T, D], anything else), the
     second passed through (the updated KV cache of generation); one layer body for
-    training and generation, so the two cannot drift apart.
+    training and generation, so the two cannot drift apart. With `router_weight` [B, T] a
+    mixture of experts also returns its router statistics [2, E] (`moe.router_stats`),
+    else None third.
     """
     family, eps = cfg.family, cfg.rms_norm_eps
     norms = family.norms
@@ -343,10 +354,12 @@ def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: Model
     if norms.after_attention:
         out = family.norm(out, p[norms.after_attention], eps)
     h = constrain(h + out, ACT_EMBED)
-    out = family.mlp.apply(p, family.norm(h, p[norms.before_mlp], eps), cfg)
+    x = family.norm(h, p[norms.before_mlp], eps)
+    out = family.mlp.apply(p, x, cfg)
     if norms.after_mlp:
         out = family.norm(out, p[norms.after_mlp], eps)
-    return constrain(h + out, ACT_EMBED), aux
+    router = None if router_weight is None or not cfg.num_experts else moe.router_stats(p, x, cfg, router_weight)
+    return constrain(h + out, ACT_EMBED), aux, router
 
 
 def rope_tables(positions: Array, cfg: ModelConfig) -> tuple[tuple[Array, Array], ...]:

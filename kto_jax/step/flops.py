@@ -69,10 +69,13 @@ class ModelDims:
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         heads = int(get("num_attention_heads"))
         head_dim = get("head_dim", None) or int(get("hidden_size")) // heads
-        return cls(hidden=int(get("hidden_size")), intermediate=int(get("intermediate_size")),
+        experts = int(get("num_local_experts", None) or get("num_experts", None) or 0)
+        width = (experts and get("moe_intermediate_size", None)) or get("intermediate_size")
+        return cls(hidden=int(get("hidden_size")), intermediate=int(width),
                    layers=int(get("num_hidden_layers")), heads=heads,
                    kv_heads=int(get("num_key_value_heads", None) or heads),
-                   head_dim=int(head_dim), vocab=int(get("vocab_size")))
+                   head_dim=int(head_dim), vocab=int(get("vocab_size")), experts=experts,
+                   experts_per_token=int(get("num_experts_per_tok", None) or 0) if experts else 0)
 
     def matmul_params(self) -> int:
         """Parameters that take part in a matmul per token: projections, MLP, lm_head. A

@@ -235,3 +235,20 @@ def test_missing_files_are_user_errors(tmp_path):
         from_pretrained(str(tmp_path))
     with pytest.raises(UserError, match="tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_router_aux_loss_matches_transformers(checkpoints, batch, name):
+    """The load-balancing loss of our router statistics = transformers' load_balancing_loss_func
+    over its router logits (output_router_logits), padding left out by the attention mask."""
+    from kto_jax.models.moe import load_balancing_loss
+    hf_model, path = checkpoints[name]
+    ids, mask, pos = batch
+    model, config = from_pretrained(path)
+    assert config.router_aux_loss_coef == hf_model.config.router_aux_loss_coef == 0.001
+    _, stats = model.hidden_states(ids, pos, mask, router_weight=mask)
+    got = float(load_balancing_loss(stats, mask.sum(), config.num_experts))
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                       position_ids=torch.from_numpy(np.array(pos)).long(), output_router_logits=True)
+    np.testing.assert_allclose(got, float(out.aux_loss), rtol=1e-6)
