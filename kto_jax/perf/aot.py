@@ -414,8 +414,12 @@ def _reference_what(config: ml_collections.ConfigDict) -> str:
 
 
 def _training_what(config: ml_collections.ConfigDict, model_config: ModelConfig) -> str:
-    """'full parameters', or 'LoRA r16 (base bfloat16)': what the compiled step trains."""
+    """'full parameters', 'LoRA r16 (base bfloat16)' or 'QLoRA r16 (nf4 base, rest bfloat16)':
+    what the compiled step trains."""
     lora = configured_lora(config)
     if not lora.enabled:
         return "full parameters"
-    return f"LoRA r{lora.rank or 'from ' + lora.init_from} (base {model_config.param_dtype})"
+    quantization = model_config.quantization
+    base = (f"{quantization.describe()} base, rest {model_config.param_dtype}" if quantization.enabled
+            else f"base {model_config.param_dtype}")
+    return f"{'QLoRA' if quantization.enabled else 'LoRA'} r{lora.rank or 'from ' + lora.init_from} ({base})"
