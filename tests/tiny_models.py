@@ -226,3 +226,18 @@ def write_gemma_feedback(path: str, n: int, seed: int = 0) -> list:
             rows.append(row)
             f.write(json.dumps(row) + "\n")
     return rows
+
+
+def write_nf4_model_dir(out_dir: str, seed: int = 0) -> str:
+    """`write_model_dir`'s Llama ("llama" tokenizer) with hidden 64 and MLP 128: every
+    projection's input a whole number of NF4 blocks of 64 (QLoRA tests). Returns it."""
+    import torch
+    import transformers
+    tok = tokenizer("llama")
+    tok.save_pretrained(out_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **{**LLAMA, "hidden_size": 64, "intermediate_size": 128})
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir

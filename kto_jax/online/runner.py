@@ -169,7 +169,7 @@ def setup_online(config: ml_collections.ConfigDict, workdir: str) -> OnlineRun:
         run.changes,
         f"online: {len(prompts.train)} training prompts, {prompts.note}; judge {judge.name}; "
         f"reference {online.reference}",
-        lora_summary(state, lora_reference) if state.base_params is not None else None])
+        lora_summary(state, lora_reference, run.model_config) if state.base_params is not None else None])
     # the sampler reads the live policy of the train state (`sample`), never a copy
     sampler = Sampler(abstract_model(run.model_config), tokenizer, mesh=run.mesh,
                       rules=settings.rules, batch_size=online.sample_batch_size, chat=online.chat)

@@ -35,16 +35,18 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+from flax import nnx
 
 from kto_jax import hub
 from kto_jax import sharding as shd
 from kto_jax.config import config_to_json
 from kto_jax.data.pipeline import Datasets, build_datasets
 from kto_jax.errors import UserError
-from kto_jax.models import ModelConfig, from_pretrained, load_tokenizer
+from kto_jax.models import ModelConfig, abstract_model, from_pretrained, load_tokenizer
 from kto_jax.models import lora as lora_lib
 from kto_jax.models import lora_io
 from kto_jax.models.hf_io import read_hf_config
+from kto_jax.models.quantize import Quantization
 from kto_jax.step import flops as flops_lib
 from kto_jax.step import train_step as step_lib
 from kto_jax.step.optimizer import make_optimizer
@@ -214,17 +216,23 @@ def resume_state(checkpointer: Checkpointer, state: TrainState, train_iter: Any,
     return restored.replace(reference_params=reference, base_params=base), step, meta.get("window")
 
 
-def lora_summary(state: TrainState, reference: str | None = None) -> str:
-    """The log line of a LoRA run: trained adapter parameters against the frozen base's, and
-    what the reference is (`reference`, or what the state says: base + the frozen starting
-    adapter, or the base with the adapters off)."""
+def lora_summary(state: TrainState, reference: str | None = None,
+                 model_config: ModelConfig | None = None) -> str:
+    """The log line of a LoRA run: trained adapter parameters against the frozen base's (and
+    how the base is stored when `model_config` quantises it: QLoRA), and what the reference
+    is (`reference`, or what the state says: base + the frozen starting adapter, or the base
+    with the adapters off)."""
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     trained, base = count(state.params), count(state.base_params)
+    stored = ""
+    if model_config is not None and model_config.quantization.enabled:  # codes are not parameters
+        base = count(nnx.state(abstract_model(model_config.replace(quantization=Quantization()))))
+        stored = f", stored {model_config.quantization.describe()}"
     reference = reference or ("the base + the frozen starting adapter"
                               if state.reference_params is not None
                               else "the base with the adapters off")
     return (f"LoRA: training {trained:,} adapter parameters ({100 * trained / base:.2f}% of the "
-            f"{base:,} frozen base parameters); the reference is {reference}")
+            f"{base:,} frozen base parameters{stored}); the reference is {reference}")
 
 
 def check_config_changes(checkpointer: Checkpointer, settings: RunSettings, config_json: str,
@@ -267,7 +275,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     log_lines(run, [f"resuming from step {run.start_step} of {num_steps} in {workdir}"
                     if run.resuming else None,
                     run.changes, *data.summary.lines(),
-                    lora_summary(run.state) if run.state.base_params is not None else None])
+                    lora_summary(run.state, model_config=run.model_config)
+                    if run.state.base_params is not None else None])
     return run
 
 
