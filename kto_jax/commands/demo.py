@@ -1,4 +1,5 @@
-"""`kto-jax demo [--workdir DIR] [--size full|quick] [--model PATH] [--seed N] [--lora [R]] [--smoke] [--online]`.
+"""`kto-jax demo [--workdir DIR] [--size full|quick] [--model PATH] [--seed N] [--lora [R]]
+[--base-quantization none|int8|nf4] [--smoke] [--online]`.
 
 Runs the demo of kto_jax/demo: SmolLM2-135M-Instruct samples answers, a word-count
 rule labels them thumbs-up/down, the real trainer KTO-aligns the model on that
@@ -12,6 +13,7 @@ idle 2-core CPU for --size full. --smoke checks an install in under a minute.
 (kto_jax/demo/online.py) and prints its before/after pass rate and KL.
 --lora trains rank-16 (or --lora=R) LoRA adapters on the frozen model instead of
 every weight (docs/lora.md), at 10x the learning rate; with --online, in the rounds.
+--lora --base-quantization=nf4 trains them on an NF4 base (QLoRA; int8 likewise).
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def main(argv: list[str]) -> int:
                              "(kto-jax online) instead of one offline pass (docs/online.md)")
     parser.add_argument("--lora", type=int, nargs="?", const=16, default=0, metavar="R",
                         help="train LoRA adapters of rank R (default 16) instead of every weight")
+    parser.add_argument("--base-quantization", choices=("none", "int8", "nf4"), default="none",
+                        help="with --lora: store the frozen base int8 or NF4 (+ double quantisation): QLoRA")
     args = parser.parse_args(argv)
     if args.lora < 0:
         from kto_jax.errors import UserError
         raise UserError(f"--lora={args.lora}: the LoRA rank must be a positive integer")
+    if args.base_quantization != "none" and (args.lora <= 0 or args.online):
+        from kto_jax.errors import UserError
+        raise UserError(f"--base-quantization={args.base_quantization} quantises the frozen base of the "
+                        "offline LoRA demo: add --lora (and drop --online)")
     workdir = os.path.abspath(args.workdir or default_workdir())
     if os.path.isdir(os.path.join(workdir, "online" if args.online else "run")):
         from kto_jax.errors import UserError
@@ -63,5 +71,6 @@ def main(argv: list[str]) -> int:
         run_online_demo(workdir, size_name=size, model_path=model_path, seed=args.seed,
                         lora_rank=args.lora)
         return 0
-    run_demo(workdir, size_name=size, model_path=model_path, seed=args.seed, lora_rank=args.lora)
+    run_demo(workdir, size_name=size, model_path=model_path, seed=args.seed, lora_rank=args.lora,
+             base_quantization=args.base_quantization)
     return 0

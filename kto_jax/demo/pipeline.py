@@ -143,13 +143,19 @@ def train_overrides(size: DemoSize, model_path: str, train_path: str, eval_path:
 LORA_LR_FACTOR = 10.0  # LoRA adapters train at ~10x the full-parameter rate (PEFT/TRL practice)
 
 
-def lora_flags(size: DemoSize, rank: int) -> tuple[str, ...]:
+def lora_flags(size: DemoSize, rank: int, base_quantization: str = "none") -> tuple[str, ...]:
     """The --config flags of the demo's LoRA variant (`kto-jax demo --lora`): adapters of
-    `rank` on every projection, at LORA_LR_FACTOR times the size's learning rate."""
+    `rank` on every projection, at LORA_LR_FACTOR times the size's learning rate; with
+    `base_quantization` "nf4" (NF4 + double quantisation, QLoRA's) or "int8", on a quantised
+    frozen base (`kto-jax demo --lora --base-quantization=nf4`)."""
     if rank <= 0:
         return ()
+    quantized = ()
+    if base_quantization != "none":
+        quantized = (f"--config.lora.base_quantization={base_quantization}",
+                     f"--config.lora.double_quant={base_quantization == 'nf4'}")
     return (f"--config.lora.rank={rank}", f"--config.lora.alpha={2.0 * rank}",
-            f"--config.optim.lr={size.lr * LORA_LR_FACTOR}")
+            f"--config.optim.lr={size.lr * LORA_LR_FACTOR}", *quantized)
 
 
 def run_training(size: DemoSize, model_path: str, workdir: str, train_path: str, eval_path: str,

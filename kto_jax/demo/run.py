@@ -23,11 +23,14 @@ def default_model_path() -> str:
 
 
 def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = None,
-             seed: int = 0, lora_rank: int = 0, log: Callable[[str], None] = print) -> dict:
+             seed: int = 0, lora_rank: int = 0, base_quantization: str = "none",
+             log: Callable[[str], None] = print) -> dict:
     """Sample, label, KTO-align, re-sample held-out prompts; returns the results dict.
 
     `lora_rank` > 0 trains LoRA adapters on the frozen model instead of every weight
-    (`pipeline.lora_flags`); the aligned policy is the run's merged export either way."""
+    (`pipeline.lora_flags`), on a base stored `base_quantization` ("nf4", "int8": QLoRA);
+    the aligned policy is the run's merged export either way (a quantised base's: dequantised
+    + the adapters), and the KL is measured against the unquantised model."""
     from kto_jax.models import from_pretrained, load_tokenizer
     size = pipeline.SIZES[size_name]
     model_path = model_path or default_model_path()
@@ -52,9 +55,11 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
         pipeline.write_feedback(eval_path, before)
         log(f"   training feedback: {n_up} thumbs-up, {n_train - n_up} thumbs-down -> {train_path}")
     what = f"LoRA rank {lora_rank} adapters" if lora_rank > 0 else "every weight"
+    if lora_rank > 0 and base_quantization != "none":
+        what += f" on a {base_quantization} base"
     with phase(f"3/4 KTO-align on that feedback: {size.num_steps} steps of the real trainer ({what})"):
         run_dir = pipeline.run_training(size, model_path, workdir, train_path, eval_path, seed, log,
-                                        extra=pipeline.lora_flags(size, lora_rank))
+                                        extra=pipeline.lora_flags(size, lora_rank, base_quantization))
     with phase(f"4/4 re-sample the {len(heldout)} held-out prompts with the aligned policy (same seed)"):
         reference_params = nnx.state(model, nnx.Param)
         policy_params = pipeline.load_policy_params(run_dir)
@@ -64,7 +69,7 @@ def run_demo(workdir: str, *, size_name: str = "full", model_path: str | None = 
     name = "SmolLM2-135M-Instruct" if model_path.endswith(".gguf") and "SmolLM2" in model_path \
         else os.path.basename(model_path.rstrip("/"))
     return finish(workdir, run_dir, name, size_name, size, before, after, kl, n_train,
-                  time.perf_counter() - start, timings, log, lora_rank)
+                  time.perf_counter() - start, timings, log, lora_rank, base_quantization)
 
 
 def drop_training_state(workdir: str, run_dir: str) -> None:
@@ -100,7 +105,7 @@ def kl_estimate(model, tokenizer, generations, policy_params, reference_params) 
 
 
 def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_train, seconds,
-           timings, log, lora_rank: int = 0) -> dict:
+           timings, log, lora_rank: int = 0, base_quantization: str = "none") -> dict:
     """Prints the table, examples and caveats; writes results.json and the plot."""
     from kto_jax.train.metrics import read_jsonl
     from kto_jax.train.workdir import EVAL_METRICS_FILE
@@ -123,6 +128,7 @@ def finish(workdir, run_dir, model_name, size_name, size, before, after, kl, n_t
         "run/metrics.jsonl. The training checkpoints were deleted."])
     log("\n" + text)
     results = {"size": size_name, "rule": rule.DESCRIPTION, "steps": size.num_steps, "lora_rank": lora_rank,
+               "base_quantization": base_quantization if lora_rank > 0 else "none",
                "pass_rate_before": rate_before.as_dict(), "pass_rate_after": rate_after.as_dict(),
                "kl_after": kl, "heldout_eval": eval_metrics, "seconds": seconds, "phase_seconds": timings,
                "report": text, "heldout": [{"prompt": b.prompt, "before": b.text, "after": a.text}
