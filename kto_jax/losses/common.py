@@ -34,6 +34,8 @@ _MEANS = {
     "logps/undesirable": ("logps/undesirable_sum", "count/undesirable"),
     "rewards/accuracies": ("rewards/accuracies_sum", "num_examples"),
     "nll": ("nll_sum", "count/tokens"),
+    # a mixture of experts' load-balancing loss (kto_jax/models/moe.py), added by the train step
+    "router_aux_loss": ("router_aux_loss_sum", "loss_denominator"),
 }
 _COUNTS = ("num_examples", "loss_denominator")
 # the means TRL logs once per microbatch (KTOTrainer / DPOTrainer `_compute_loss`) and averages

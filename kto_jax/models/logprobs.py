@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kto_jax.models.layers import soft_cap
+from kto_jax.models.moe import router_loss
 from kto_jax.models.transformer import positions_from_mask
 
 DEFAULT_VOCAB_CHUNK = 8192
@@ -145,10 +146,15 @@ class CompletionLogps(NamedTuple):
     mask:        float32 [B, C], 1 on real completion tokens.
     hidden:      [B, C, D] hidden states that predicted each completion token (for
                  the offline-PPO value head).
+    router:      float32 [2] for a mixture of experts whose load-balancing loss is on
+                 (`router_aux_loss_coef` > 0): that loss over the whole forward's real
+                 tokens, and it times the coefficient (`kto_jax.models.moe.router_loss`);
+                 else None.
     """
     token_logps: jax.Array
     mask: jax.Array
     hidden: jax.Array
+    router: jax.Array | None = None
 
     @property
     def logps(self) -> jax.Array:
@@ -202,14 +208,26 @@ def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
     """
     c = completion_ids.shape[1]
     ids, mask, first = left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    hidden = model.hidden_states(ids, positions_from_mask(mask), None)  # causal only, no mask
+    hidden, router = hidden_and_router(model, ids, positions_from_mask(mask), mask)  # causal only
     # Completion token j is predicted by the hidden state at position first + j - 1.
     hidden = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, c, axis=0))(
         hidden, first - 1)  # [B, C, D]
     cmask = completion_mask.astype(jnp.float32)
     tok = token_logps_from_hidden(hidden, model.lm_head_weight(), completion_ids,
                                   vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
-    return CompletionLogps(jnp.where(cmask > 0, tok, 0.0), cmask, hidden)
+    return CompletionLogps(jnp.where(cmask > 0, tok, 0.0), cmask, hidden, router)
+
+
+def hidden_and_router(model, ids: jax.Array, positions: jax.Array, real: jax.Array,
+                      packed=None) -> tuple[jax.Array, jax.Array | None]:
+    """(hidden states, `moe.router_loss` [2] over the `real` tokens, or None): the router's
+    loss only for a mixture of experts with `router_aux_loss_coef` > 0. Attention is
+    causal alone (or follows `packed`): `real` marks the tokens the loss counts."""
+    cfg = model.config
+    if not (cfg.num_experts and cfg.router_aux_loss_coef > 0):
+        return model.hidden_states(ids, positions, None, packed=packed), None
+    hidden, stats = model.hidden_states(ids, positions, None, packed=packed, router_weight=real)
+    return hidden, router_loss(stats, cfg)
 
 
 def sequence_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,

@@ -120,3 +120,12 @@ def load_balancing_loss(stats: Array, tokens: Array, num_experts: int) -> Array:
     total = stats.shape[0] * tokens
     assigned, mass = stats.sum(0) / total
     return num_experts * jnp.sum(assigned * mass)
+
+
+def router_loss(stats: Array, cfg: Any) -> Array:
+    """float32 [2]: the load-balancing loss of one forward's router statistics [L, 2, E] (its
+    real tokens: each made k assignments), and that times `router_aux_loss_coef`, the term
+    a training loss adds."""
+    tokens = stats[0, 0].sum() / cfg.num_experts_per_tok
+    aux = load_balancing_loss(stats, jnp.maximum(tokens, 1.0), cfg.num_experts)
+    return jnp.stack([aux, cfg.router_aux_loss_coef * aux])

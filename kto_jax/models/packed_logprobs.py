@@ -21,7 +21,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from kto_jax.models.logprobs import DEFAULT_VOCAB_CHUNK, CompletionLogps, token_logps_from_hidden
+from kto_jax.models.logprobs import (
+    DEFAULT_VOCAB_CHUNK, CompletionLogps, hidden_and_router, token_logps_from_hidden)
 from kto_jax.models.packed_attention import PackedLayout
 
 Array = jax.Array
@@ -63,7 +64,8 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
       (CompletionLogps of y, CompletionLogps of y2), each [M, C] as in kto_jax/models/logprobs.py.
     """
     layout = packed_layout(batch)
-    hidden = model.hidden_states(batch["packed_ids"], layout.positions, None, packed=layout)
+    hidden, router = hidden_and_router(model, batch["packed_ids"], layout.positions,
+                                       layout.segment_ids > 0, packed=layout)
     m = batch[f"{names[0]}_index"].shape[0]
     index = jnp.concatenate([batch[f"{n}_index"] for n in names], axis=0)       # [2M, C]
     labels = jnp.concatenate([batch[f"{n}_ids"] for n in names], axis=0)
@@ -73,8 +75,9 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
     h = _by_group(h, groups, inverse=True)                                     # [2M, C, D]
     tok = token_logps_from_hidden(h, model.lm_head_weight(), labels, vocab_chunk=vocab_chunk,
                                   softcap=model.config.final_logit_softcap)
-    out = CompletionLogps(jnp.where(mask > 0, tok, 0.0), mask, h)
-    return (CompletionLogps(*(x[:m] for x in out)), CompletionLogps(*(x[m:] for x in out)))
+    out = (jnp.where(mask > 0, tok, 0.0), mask, h)
+    # the router statistics are the whole forward's: they ride with y
+    return CompletionLogps(*(x[:m] for x in out), router), CompletionLogps(*(x[m:] for x in out))
 
 
 def _by_group(x: Array, groups: int, inverse: bool = False) -> Array:

@@ -94,8 +94,10 @@ def forward_two(graphdef: nnx.GraphDef, params: Any, prompt_ids: Array, prompt_m
     out = forward(graphdef, params, _interleave(prompt_ids, prompt_ids),
                   _interleave(prompt_mask, prompt_mask), _interleave(ids_a, ids_b),
                   _interleave(mask_a, mask_b), vocab_chunk)
-    halves = [_deinterleave(x) for x in out]
-    return CompletionLogps(*[h[0] for h in halves]), CompletionLogps(*[h[1] for h in halves])
+    halves = [_deinterleave(x) for x in out[:3]]
+    # the router statistics (a mixture of experts) are the whole forward's: they ride with a
+    return (CompletionLogps(*[h[0] for h in halves], out.router),
+            CompletionLogps(*[h[1] for h in halves]))
 
 
 def forward_pair(graphdef: nnx.GraphDef, params: Any, mb: Batch, names: tuple[str, str],
@@ -232,7 +234,7 @@ def unpaired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, referenc
         stats["completion_mask"] = pol.mask
     if loss.uses_value_head:
         stats["values"] = loss.value_head.apply(value_head, pol.hidden)  # detached inside
-    return stats
+    return with_router(stats, pol)
 
 
 def paired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference: Any,
@@ -247,6 +249,17 @@ def paired_stats(loss: HaloLoss, graphdef: nnx.GraphDef, params: Any, reference:
     if loss.uses_reference:
         stats.update(_reference_stats(loss, graphdef, reference, mb, reference_source,
                                       vocab_chunk, groups=groups))
+    return with_router(stats, chosen)
+
+
+ROUTER_KEY = "router"  # the policy forward's router statistics, read by the step, not the loss
+
+
+def with_router(stats: dict[str, Array], policy: CompletionLogps) -> dict[str, Array]:
+    """`stats` plus the router statistics of the policy forward with gradient (a mixture of
+    experts with its load-balancing loss on; kto_jax/models/moe.py), when it has them."""
+    if policy.router is not None:
+        stats[ROUTER_KEY] = policy.router
     return stats
 
 

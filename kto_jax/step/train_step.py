@@ -103,10 +103,15 @@ def microbatch_loss(trainable: tuple[Any, Any], reference: Any, mb: Batch, *,
         stats = step_stats.paired_stats(loss, graphdef, params, reference, mb, **kw)
     else:
         stats = step_stats.unpaired_stats(loss, graphdef, params, reference, value_head, mb, **kw)
+    router = stats.pop(step_stats.ROUTER_KEY, None)
     if loss_state is not None:
         stats.update(loss_state, frozen_loss_state=frozen_loss_state)
     value, metrics = loss(stats, settings.hparams)
-    return value * jax.lax.stop_gradient(metrics["loss_denominator"]), metrics
+    denominator = jax.lax.stop_gradient(metrics["loss_denominator"])
+    if router is not None:  # a mixture of experts: + coef * load-balancing loss, logged apart
+        value = value + router[1]
+        metrics = {**metrics, "router_aux_loss_sum": jax.lax.stop_gradient(router[0]) * denominator}
+    return value * denominator, metrics
 
 
 def accumulate_gradients(trainable: tuple[Any, Any], reference: Any, batch: Batch, *,
