@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"        # compute dtype of activations and matmuls
     c.model.remat_policy = "none"     # "none" | "full" | "dots" | "dots_no_batch": what each layer's backward recomputes
     c.model.attention_impl = "auto"   # "auto" (cuDNN on GPU, splash on TPU, else XLA) | "xla" | "cudnn" | "splash" (Pallas, TPU)
+    c.model.router_aux_loss_coef = -1.0  # mixtures of experts: weight of the router's load-balancing loss in
+                                      # the training loss (logged as router_aux_loss); -1: the checkpoint's
+                                      # router_aux_loss_coef; 0: off
     c.model.preset = ""               # architecture preset (kto_jax.models.PRESETS) `kto-jax compile` uses when model.path has no config.json
 
     # ---- reference: pi_ref of the paper, frozen for the whole run ----

@@ -46,11 +46,13 @@ class ModelSettings:
     attention_impl: str = "auto"
     preset: str = ""
     quantization: Quantization = NO_QUANTIZATION  # config.lora.base_quantization / double_quant (QLoRA)
+    router_aux_loss_coef: float = -1.0  # a mixture of experts' load-balancing loss weight; < 0: the checkpoint's
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments `kto_jax.models.from_pretrained` takes besides the path."""
+        own = {} if self.router_aux_loss_coef < 0 else {"router_aux_loss_coef": float(self.router_aux_loss_coef)}
         return dict(param_dtype=self.param_dtype, dtype=self.dtype, remat_policy=self.remat_policy,
-                    attention_impl=self.attention_impl, quantization=self.quantization)
+                    attention_impl=self.attention_impl, quantization=self.quantization, **own)
 
 
 @dataclasses.dataclass(frozen=True)

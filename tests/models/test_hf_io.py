@@ -252,3 +252,15 @@ def test_router_aux_loss_matches_transformers(checkpoints, batch, name):
         out = hf_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
                        position_ids=torch.from_numpy(np.array(pos)).long(), output_router_logits=True)
     np.testing.assert_allclose(got, float(out.aux_loss), rtol=1e-6)
+
+
+def test_router_aux_loss_coef_is_the_checkpoints_unless_configured(checkpoints):
+    """config.model.router_aux_loss_coef: -1 (default) keeps config.json's, 0 turns the loss off;
+    on a dense model anything but 0 is refused by name."""
+    from kto_jax.train.settings import ModelSettings
+    mixtral = checkpoints["mixtral"][1]
+    assert from_pretrained(mixtral, **ModelSettings().load_options())[1].router_aux_loss_coef == 0.001
+    assert from_pretrained(mixtral, **ModelSettings(router_aux_loss_coef=0.0).load_options())[1] \
+        .router_aux_loss_coef == 0.0
+    with pytest.raises(UserError, match="router_aux_loss_coef=0.02 does not match LlamaForCausalLM"):
+        from_pretrained(checkpoints["llama2"][1], **ModelSettings(router_aux_loss_coef=0.02).load_options())
