@@ -124,7 +124,11 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
         present = layer_param_shapes(model_config)
         absent = [t for t in lora.target_modules if t not in present]
         if absent:
-            raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in {model_config.architecture}")
+            kept = " ".join(t for t in lora.target_modules if t in present) or "q_proj k_proj v_proj o_proj"
+            moe = (" (a mixture of experts has no dense MLP; its experts take no adapters: "
+                   f"set --config.lora.target_modules='{kept}')" if model_config.num_experts else "")
+            raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in "
+                            f"{model_config.architecture}{moe}")
     head = getattr(loss, "value_head", None)   # a HaloLoss's extra trained head, if any
     if head is not None and not head.beside_lora:
         raise UserError(f"config.lora.rank={lora.rank} with config.loss.name={loss.name!r}: the loss's extra "

@@ -95,6 +95,41 @@ def test_gemma_all_seven_projections_merged_and_peft_agree(name, batch, tmp_path
     np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_attention_adapters_merged_and_peft_agree(name, batch, tmp_path):
+    """LoRA on a mixture of experts' attention (q/k/v/o; its experts stay frozen): our logits =
+    the merged export's = peft's on the original HF model; the adapter reads back."""
+    path = str(tmp_path / "base")
+    make_hf_model(name).save_pretrained(path)
+    model, config = from_pretrained(path)
+    ids, mask, pos = batch
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    adapters = lora.LoraAdapters(config, lora.LoraConfig(rank=4, alpha=8.0, target_modules=targets),
+                                 rngs=nnx.Rngs(2))
+    for key, t in zip(jax.random.split(jax.random.key(6), 4), targets):
+        var = getattr(adapters, t + lora.B_SUFFIX)
+        var.set_value(0.1 * jax.random.normal(key, var[...].shape))
+    ours = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    lora_io.save_merged(model, adapters, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    lora_io.save_peft(adapters, config, str(tmp_path / "peft"), base_model_name_or_path=path)
+    peft_model = peft.PeftModel.from_pretrained(_hf_base(path), str(tmp_path / "peft")).eval()
+    assert len([n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]) == 4 * config.num_layers
+    real = mask.astype(bool)
+    for other in (hf_logits(merged.eval(), ids, mask, pos), hf_logits(peft_model, ids, mask, pos)):
+        np.testing.assert_allclose(ours[real], other[real], atol=1e-4, rtol=0)
+    assert np.abs(ours[real] - hf_logits(_hf_base(path), ids, mask, pos)[real]).max() > 1e-2
+    back = lora_io.read_peft(str(tmp_path / "peft"), config, lora.LoraConfig())
+    np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
+
+
+def test_moe_refuses_dense_mlp_targets_naming_the_attention_ones():
+    config = make_hf_model("mixtral").config.to_dict()
+    from kto_jax.models.config import ModelConfig
+    with pytest.raises(UserError, match="gate_proj, up_proj, down_proj not in MixtralForCausalLM.*q_proj k_proj v_proj o_proj"):
+        lora.validate(lora.LoraConfig(rank=4), ModelConfig.from_hf(config))
+
+
 def test_adapter_made_by_peft_imports_to_the_same_logits(base, batch, tmp_path):
     path, model, config = base
     ids, mask, pos = batch
