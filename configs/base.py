@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.one_y_per_x = False        # paired data: keep one of chosen/rejected per prompt, at random
     c.data.score_threshold = 0.0      # scored data: desirable iff score > threshold
     c.data.score_weighting = False    # scored data: weight each example by |score - threshold|
-    c.data.bucket_lengths = ()        # padded lengths of the prompt axis P and the completion axis C (capped by max_prompt_length / max_length); (): chosen from the training data's lengths, at most 4 step shapes, multiples of 128 on TPU/GPU (docs/data.md "Shapes"); set them for fixed AOT-compiled shapes
+    c.data.bucket_lengths = ()        # padded lengths of the prompt axis P and the completion axis C (capped by max_prompt_length / max_length); (): chosen from the training data's lengths, at most 4 step shapes, multiples of 128 on TPU/GPU (docs/data.md "Buckets"); set them for fixed AOT-compiled shapes
     c.data.bucket_window = 1          # >1: sort each window of this many global batches by length bucket before cutting batches (less padding, less class mixing)
     c.data.drop_remainder = False     # train: drop each epoch's last partial batch instead of padding it with filler rows (valid=False)
     c.data.worker_count = 0           # grain worker processes (0: in the main process)
@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.micro_batch_size = 8      # examples per microbatch; >= 2 (z0 and the KL pairs need two); accumulation = global / micro
     c.train.num_steps = 0             # optimizer steps; 0: data.num_epochs over the training set
     c.train.seed = 0                  # seed of parameter-free randomness (e.g. the value head of offline PPO)
-    c.train.logprob_vocab_chunk = 8192  # vocabulary columns per LM-head chunk when computing log-probs (memory vs speed)
+    c.train.logprob_vocab_chunk = 0   # vocabulary columns per LM-head chunk when computing log-probs (memory vs speed); 0: the whole vocabulary when a forward's float32 logits fit in 256 MiB, else 8192
     c.train.log_every = 10            # steps between metrics.jsonl lines
     c.train.metric_names = "kto_jax"  # "kto_jax" | "trl": TRL's KTO names (rewards/chosen, logps/rejected, ...) in metrics.jsonl and TensorBoard (docs/losses.md)
     c.train.eval_every = 100          # steps between evaluations on the held-out split; 0 disables

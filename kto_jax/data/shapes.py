@@ -22,9 +22,10 @@ figures `kto-jax data inspect` prints:
   compiles at most that many programs.
 
 Lengths are rounded to what the backend's kernels like (`backend_multiple`): 128 on
-TPU (the splash attention block) and GPU (cuDNN), 8 on CPU, where nothing asks for
-more. Explicit data.bucket_lengths / data.pack_length win; TPU pods that compile ahead
-of time (`kto-jax compile`) should set them (docs/data.md, "Shapes").
+TPU (the splash attention block) and GPU (cuDNN), 4 on CPU, where nothing asks for
+more (short rows: 10 tokens pad to 12, not 16). Explicit data.bucket_lengths /
+data.pack_length win; TPU pods that compile ahead of time (`kto-jax compile`) should set
+them (docs/data.md, "Buckets").
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ PACK_CANDIDATES = 24    # row lengths tried, from the smallest legal one to a wh
 
 def backend_multiple(backend: str) -> int:
     """The rounding of chosen lengths for a JAX backend ("tpu", "gpu", "cuda", "cpu", ...)."""
-    return 8 if backend == "cpu" else 128
+    return 4 if backend == "cpu" else 128
 
 
 def round_up(n, multiple: int):

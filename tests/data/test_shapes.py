@@ -39,7 +39,7 @@ def test_best_buckets_is_the_cheapest_subset(seed):
 
 
 def test_backend_rounding():
-    assert shapes.backend_multiple("cpu") == 8
+    assert shapes.backend_multiple("cpu") == 4
     assert shapes.backend_multiple("tpu") == shapes.backend_multiple("gpu") == 128
 
 
@@ -61,17 +61,17 @@ def _compilations(batches) -> int:
 
 
 def test_default_buckets_follow_the_data(tokenizer, tmp_path):
-    """Short rows under max_length=256: the chosen buckets are multiples of 8 (CPU) just above
+    """Short rows under max_length=256: the chosen buckets are multiples of 4 (CPU) just above
     the data's lengths, not 128 + 256; explicit buckets still win."""
     path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(64, seed=2))
     data = _data(path, tokenizer)
     plan = data.summary.train.plan
     longest_prompt = max(b["prompt_mask"].sum(-1).max() for b in _iterate(data, 8))
-    assert all(p_ % 8 == 0 and c_ % 8 == 0 for p_, c_ in plan["shapes"])
-    assert max(p_ for p_, _ in plan["shapes"]) < longest_prompt + 8
+    assert all(p_ % 4 == 0 and c_ % 4 == 0 for p_, c_ in plan["shapes"])
+    assert max(p_ for p_, _ in plan["shapes"]) < longest_prompt + 4
     assert len(plan["shapes"]) <= shapes.MAX_SHAPES
     text = "\n".join(data.summary.lines())
-    assert "shapes chosen from the data (multiples of 8): prompt buckets" in text
+    assert "shapes chosen from the data (multiples of 4): prompt buckets" in text
     assert f"padding efficiency {100 * plan['token_efficiency']:.1f}%" in text
     fixed = _data(path, tokenizer, **{"data.bucket_lengths": (128,)})
     assert set(fixed.summary.train.plan["shapes"]) == {(128, 128)}
@@ -105,14 +105,14 @@ def test_two_hundred_steps_compile_at_most_four_programs(tokenizer, tmp_path, pa
 
 
 def test_packed_row_length_from_the_longest_example(tokenizer, tmp_path):
-    """pack_length=0: T holds the data's longest [x | y | y_kl] tree, a multiple of 8 on CPU,
+    """pack_length=0: T holds the data's longest [x | y | y_kl] tree, a multiple of 4 on CPU,
     far below max_length + max completion; an explicit T below that tree is refused by name."""
     path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(40, seed=1))
     data = _data(path, tokenizer, **{"data.packing": True})
     batches = _iterate(data, 5)
     t = batches[0]["packed_ids"].shape[-1]
     trees = [(b["packed_segment_ids"] > 0).sum() for b in batches]
-    assert t % 8 == 0 and t < 256 + 256 and all(x > 0 for x in trees)
+    assert t % 4 == 0 and t < 256 + 256 and all(x > 0 for x in trees)
     longest = max(int(b["prompt_length"].max() + b["completion_mask"].sum(-1).max())
                   for b in batches)
     assert t >= longest
