@@ -84,6 +84,9 @@ VARIANTS = {
                     "rope_theta": 1e6, "rope_local_theta": 1e4, "tie_word_embeddings": True,
                     "rope_scaling": {"rope_type": "linear", "factor": 8.0},
                     "layer_types": ("sliding_attention", "full_attention")},
+    # a mixture of experts: every token of the prefill and of each decode step routed to its 2 of 4
+    "qwen3_moe": {"architecture": "Qwen3MoeForCausalLM", "qk_norm": True, "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True},
 }
 
 

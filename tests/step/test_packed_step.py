@@ -64,6 +64,10 @@ GEMMA_MODELS = {
                             rope_scaling={"rope_type": "linear", "factor": 8.0},
                             layer_types=("sliding_attention", "full_attention")),
 }
+# A mixture of experts (4 experts, top 2): the load-balancing loss off, since a packed forward
+# also routes the KL completions' tokens, which the padded policy forward does not see.
+MOE_MODEL = MODEL.replace(architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
 
 
 @pytest.mark.slow
@@ -76,6 +80,11 @@ def test_packed_step_equals_padded_step(name):
 @pytest.mark.parametrize("name, family", [("kto", "gemma2"), ("dpo", "gemma3")])
 def test_gemma_packed_step_equals_padded_step(name, family):
     _check_packed_equals_padded(name, GEMMA_MODELS[family])
+
+
+@pytest.mark.slow
+def test_moe_packed_kto_step_equals_padded_step():
+    _check_packed_equals_padded("kto", MOE_MODEL)
 
 
 def _check_packed_equals_padded(name, model):
