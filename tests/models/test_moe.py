@@ -154,3 +154,12 @@ def test_expert_mesh_gives_the_one_device_loss_and_gradients():
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_gpt_oss_is_refused_naming_what_is_missing():
+    """transformers' own gpt-oss config.json gets one line naming what the MoE layer lacks."""
+    import transformers
+    hf = transformers.GptOssConfig(num_hidden_layers=2).to_dict()
+    for config in (hf, {k: v for k, v in hf.items() if k != "architectures"}):  # by model_type too
+        with pytest.raises(UserError, match="GptOssForCausalLM: gpt-oss is not supported.*sink.*MXFP4"):
+            ModelConfig.from_hf({**config, "architectures": ["GptOssForCausalLM"]} if config is hf else config)

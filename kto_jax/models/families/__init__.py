@@ -27,8 +27,18 @@ _GEMMA4 = (
     "learned output scalar. E2B/E4B add per-layer input embeddings and layers that reuse earlier "
     "layers' keys and values, 26B-A4B a mixture-of-experts block beside the MLP. "
     "Gemma 3 (Gemma3ForCausalLM, Gemma3ForConditionalGeneration) is supported")
-REFUSED = {"Gemma4ForCausalLM": _GEMMA4, "Gemma4ForConditionalGeneration": _GEMMA4}
-_REFUSED_MODEL_TYPES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_text": "Gemma4ForCausalLM"}
+_GPT_OSS = (
+    "gpt-oss is not supported: its layers need what the mixture-of-experts layer of Qwen3-MoE and "
+    "Mixtral lacks. Attention has a learned sink logit per head in every softmax and biases on "
+    "q/k/v/o (our o_proj has no bias); the router and the experts have biases; its experts' SwiGLU is "
+    "clamped (limit 7) and gated as (up + 1) * gate * sigmoid(1.702 gate) with gate and up interleaved in "
+    "one tensor; the released checkpoints store the experts in MXFP4 (blocks and scales, not float "
+    "tensors); RoPE is YaRN-scaled; sliding (128) and global layers alternate. "
+    "Qwen3MoeForCausalLM and MixtralForCausalLM are supported")
+REFUSED = {"Gemma4ForCausalLM": _GEMMA4, "Gemma4ForConditionalGeneration": _GEMMA4,
+           "GptOssForCausalLM": _GPT_OSS}
+_REFUSED_MODEL_TYPES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_text": "Gemma4ForCausalLM",
+                        "gpt_oss": "GptOssForCausalLM"}
 
 
 def family_of(architecture: str) -> Family:
