@@ -1,4 +1,4 @@
-"""docs/tpu.md's fit tables, regenerated from `kto-jax compile`, so they cannot drift.
+"""docs/tpu.md's (and docs/lora.md's QLoRA) fit tables, regenerated from `kto-jax compile`, so they cannot drift.
 
 Usage:
   PYTHONPATH=. python scripts/tpu_fit_tables.py              # compile every row, rewrite the tables
@@ -32,8 +32,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "tpu.md")
+LORA_DOC = os.path.join(REPO, "docs", "lora.md")
 RESULTS = os.path.join(REPO, "docs", "results", "tpu_fit.json")
 LORA = ("--config.lora.rank=16", "--config.model.param_dtype=bfloat16")
+QLORA = (*LORA, "--config.lora.base_quantization=nf4", "--config.lora.double_quant=True")
+TABLE_DOCS = {"qlora": LORA_DOC}   # the document of each table; every other table is docs/tpu.md's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,18 @@ ROWS = (
     Row("gemma3-27b-full-v5e8-mb8", "gemma", "Gemma 3 27B, full parameters",
         (GEMMA3_27B, "--topology=v5e-8", "--config.lora.rank=0", "--config.model.param_dtype=float32",
          *_mb(8))),
+    # QLoRA (docs/lora.md): an NF4 base on ONE v5e chip (8B) and on a v5e-8 (70B), beside bf16
+    # LoRA and full parameters for the same model, slice and microbatch
+    Row("8b-qlora-v5e1-mb2", "qlora", "Llama-3 8B, QLoRA r16, NF4 + DQ base",
+        (KTO_8B, "--topology=v5e-1", *QLORA, *_mb(2))),
+    Row("8b-lora-v5e1-mb2", "qlora", "Llama-3 8B, LoRA r16, bf16 base", (KTO_8B, "--topology=v5e-1", *LORA, *_mb(2))),
+    Row("8b-full-v5e1-mb2", "qlora", "Llama-3 8B, full parameters", (KTO_8B, "--topology=v5e-1", *_mb(2))),
+    Row("70b-qlora-v5e8-mb8", "qlora", "Llama-3 70B, QLoRA r16, NF4 + DQ base",
+        (KTO_8B, "--model=llama3_70b", "--topology=v5e-8", *QLORA, *_mb(8))),
+    Row("70b-lora-v5e8-mb8", "qlora", "Llama-3 70B, LoRA r16, bf16 base",
+        (KTO_8B, "--model=llama3_70b", "--topology=v5e-8", *LORA, *_mb(8))),
+    Row("70b-full-v5e8-mb8", "qlora", "Llama-3 70B, full parameters",
+        (KTO_8B, "--model=llama3_70b", "--topology=v5e-8", *_mb(8))),
 )
 BY_ID = {row.id: row for row in ROWS}
 
@@ -161,9 +176,10 @@ def render_table(table: str, results: dict) -> str:
 
 
 def rewrite_doc(results: dict, doc_path: str = DOC) -> str:
-    """docs/tpu.md with every fit table replaced by its rendering of `results`."""
+    """The document (docs/tpu.md, or docs/lora.md) with each of its fit tables (TABLE_DOCS)
+    replaced by its rendering of `results`."""
     text = open(doc_path, encoding="utf-8").read()
-    for table in sorted({row.table for row in ROWS}):
+    for table in sorted({row.table for row in ROWS if TABLE_DOCS.get(row.table, DOC) == doc_path}):
         begin, end = f"<!-- fit-table:{table} -->", f"<!-- /fit-table:{table} -->"
         if begin not in text or end not in text:
             raise ValueError(f"{doc_path} has no {begin} ... {end} markers")
@@ -204,9 +220,10 @@ def main() -> None:
             with open(RESULTS, "w", encoding="utf-8") as f:   # after each row: a long run keeps its rows
                 json.dump(results, f, indent=1, sort_keys=True)
                 f.write("\n")
-    text = rewrite_doc(results)   # read whole before the file is opened for writing
-    with open(DOC, "w", encoding="utf-8") as f:
-        f.write(text)
+    for doc in sorted({DOC, *TABLE_DOCS.values()}):
+        text = rewrite_doc(results, doc)   # read whole before the file is opened for writing
+        with open(doc, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""docs/tpu.md's fit tables are what `kto-jax compile` prints (scripts/tpu_fit_tables.py):
+"""docs/tpu.md's (and docs/lora.md's QLoRA) fit tables are what `kto-jax compile` prints (scripts/tpu_fit_tables.py):
 the tables are the rendering of the stored results, every row has one, and the tiny row
 compiled afresh gives the stored figures."""
 
@@ -45,9 +45,10 @@ def test_report_is_read_as_printed():
 def test_the_doc_is_the_rendering_of_the_results_and_every_row_is_measured():
     results = tables.load_results()
     assert set(results["rows"]) == set(tables.BY_ID)
-    with open(tables.DOC, encoding="utf-8") as f:
-        assert f.read() == tables.rewrite_doc(results), \
-            "docs/tpu.md differs from its tables: run python scripts/tpu_fit_tables.py --render"
+    for doc in (tables.DOC, tables.LORA_DOC):   # docs/tpu.md's tables and docs/lora.md's QLoRA one
+        with open(doc, encoding="utf-8") as f:
+            assert f.read() == tables.rewrite_doc(results, doc), \
+                f"{doc} differs from its tables: run python scripts/tpu_fit_tables.py --render"
 
 
 def _without_compile_time(line: str) -> str:
