@@ -21,6 +21,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def run_trl(model_dir: str, data: str, work: str) -> dict:
 def child(side: str, out: str, index: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")   # TRL runs on the CPU too
     work = os.path.join(out, f"{side}_{index}")
+    shutil.rmtree(work, ignore_errors=True)   # a fresh run, never a resumed one
     data, model = os.path.join(out, "rows.jsonl"), os.path.join(out, "model")
     result = (run_kto_jax if side == "kto-jax" else run_trl)(model, data, work)
     result.update(peak_rss_gib=round(peak_rss_gib(), 3), run=index)

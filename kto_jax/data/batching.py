@@ -70,8 +70,9 @@ class BatchLayout:
     pack_length: int = dataclasses.field(default=0, repr=False)
     pack_groups: int = dataclasses.field(default=1, repr=False)   # packing groups, all processes
     pack_second: bool = dataclasses.field(default=True, repr=False)  # y_kl / y_l in the trees
-    # allowed row counts R of a packed microbatch (kto_jax/data/shapes.py), ascending; () any
-    row_buckets: tuple[int, ...] = dataclasses.field(default=(), repr=False)
+    # allowed packed shapes (T, R) of a microbatch, cheapest first (kto_jax/data/shapes.py);
+    # (): rows of pack_length, as many as the batch needs
+    pack_shapes: tuple[tuple[int, int], ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -308,12 +309,16 @@ def tree_lengths(lengths, planned: PlannedBatch, layout: BatchLayout) -> np.ndar
     return trees
 
 
-def batch_rows(trees: np.ndarray, layout: BatchLayout) -> int:
-    """R of a packed global batch whose trees [A, M] are `trees`: the rows its fullest
-    microbatch needs, rounded up to the layout's row buckets (one program per bucket)."""
-    return packing.bucket_rows(packing.microbatch_rows(trees, layout.pack_length,
-                                                       layout.pack_groups),
-                               layout.row_buckets, layout.pack_groups)
+def batch_shape(trees: np.ndarray, layout: BatchLayout) -> tuple[int, int]:
+    """(T, R) of a packed global batch whose trees [A, M] are `trees`: the cheapest of the
+    layout's shapes that holds its fullest microbatch (one program per shape), or rows of
+    `layout.pack_length`, as many as it needs."""
+    longest = int(np.max(trees))
+    for t, r in layout.pack_shapes:
+        if longest <= t and packing.microbatch_rows(trees, t, layout.pack_groups) <= r:
+            return int(t), int(r)
+    return layout.pack_length, packing.microbatch_rows(trees, layout.pack_length,
+                                                       layout.pack_groups)
 
 
 def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: PlannedBatch,
@@ -328,7 +333,8 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
     """
     paired = split.paired
     groups = layout.pack_groups // layout.process_count
-    num_rows = batch_rows(tree_lengths(lengths, planned, layout), layout) // layout.process_count
+    pack_length, num_rows = batch_shape(tree_lengths(lengths, planned, layout), layout)
+    num_rows //= layout.process_count
     prompts = [[split.prompts[int(i)] for i in mb] for mb in rows]
     firsts = [[split.completions[0][int(i)] for i in mb] for mb in rows]
     empty = np.zeros(0, np.int32)
@@ -340,7 +346,7 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
         seconds = [[split.completions[0][int(i)] for i in mb] for mb in kl_rows(planned, layout)]
     batch = packing.pack_batch(
         prompts, firsts, seconds, names=packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES,
-        pack_length=layout.pack_length, num_rows=num_rows, completion_length=planned.completion_len,
+        pack_length=pack_length, num_rows=num_rows, completion_length=planned.completion_len,
         pad_id=layout.pad_id, groups=groups)
     if not paired:
         batch["desirable"] = split.desirable[rows]
@@ -440,8 +446,8 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
     hold `real` tokens (`plan_stats`).
 
     Returns:
-      rows: {(C, R): batches}: each distinct completion bucket C and row count R
-        compiles the step once; positions: rows x pack_length over every microbatch;
+      rows: {(C, T, R): batches}: each distinct completion bucket C and row shape (T
+        tokens, R rows) compiles the step once; positions: rows x T over every microbatch;
       fill = tokens placed in the rows / positions (filler rows' copies and the y_kl
         copies count as placed);
       token_efficiency = real tokens / positions, where real tokens are the examples'
@@ -457,9 +463,9 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
     for b in range(len(plan)):
         planned = plan[b]
         trees = tree_lengths(split, planned, layout)
-        r = batch_rows(trees, layout)
-        rows[(planned.completion_len, r)] = rows.get((planned.completion_len, r), 0) + 1
-        positions += layout.accumulation * r * layout.pack_length
+        t, r = batch_shape(trees, layout)
+        rows[(planned.completion_len, t, r)] = rows.get((planned.completion_len, t, r), 0) + 1
+        positions += layout.accumulation * r * t
         placed += int(trees.sum())
     return {"rows": dict(sorted(rows.items())), "positions": positions,
             "fill": placed / positions if positions else 0.0,

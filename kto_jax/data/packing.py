@@ -192,16 +192,6 @@ def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1)
                default=groups)
 
 
-def bucket_rows(rows: int, buckets: Sequence[int], groups: int = 1) -> int:
-    """R rounded up to the smallest of the row `buckets` (ascending) that holds it, so a run
-    compiles one step program per bucket; above them (or with none) R itself, rounded up
-    to a multiple of the packing groups."""
-    for b in buckets:
-        if b >= rows:
-            return int(b)
-    return -(-int(rows) // groups) * groups
-
-
 def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequence[np.ndarray]],
                seconds: Sequence[Sequence[np.ndarray]], *, names: tuple[str, str],
                **kwargs) -> dict[str, np.ndarray]:

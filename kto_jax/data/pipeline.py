@@ -345,6 +345,6 @@ def _fingerprint(d: DataSettings, split: shards.ShardedSplit, layout: batching.B
     h.update(repr((shape, d.seed)).encode())
     if layout.pack_length:  # packed batches differ from padded ones (fields kept out of repr)
         h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
-        if layout.row_buckets:   # bucketed row counts change the batches' shapes
-            h.update(repr(("rows", layout.row_buckets)).encode())
+        if layout.pack_shapes:   # the row shapes change the batches
+            h.update(repr(("shapes", layout.pack_shapes)).encode())
     return h.hexdigest()[:16]

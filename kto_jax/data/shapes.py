@@ -15,11 +15,12 @@ figures `kto-jax data inspect` prints:
   batches' rounded maxima (the prompt and completion costs are separable), and the
   split with the fewest positions wins, each extra program having to save
   `SHAPE_GAIN` of them.
-- packed layout: the row length T is chosen among multiples of the rounding from the
-  smallest that holds the data's longest [x | y | y2] tree, as the one that computes
-  the fewest row positions over the epoch's microbatches, and the row count R of a
-  batch is rounded up to at most `MAX_SHAPES` values (`row_buckets`), so a run
-  compiles at most that many programs.
+- packed layout: at most `MAX_SHAPES` row shapes (T, R), R rows of T tokens per
+  microbatch, chosen greedily for the fewest row positions over epoch 0's batches (T
+  among multiples of the rounding from the smallest that holds the data's longest
+  [x | y | y2] tree), one of them a catch-all no microbatch can exceed; each batch
+  takes the cheapest shape that holds it (`packed_shapes`), so a run compiles at most
+  that many programs.
 
 Lengths are rounded to what the backend's kernels like (`backend_multiple`): 128 on
 TPU (the splash attention block) and GPU (cuDNN), 4 on CPU, where nothing asks for
@@ -88,14 +89,14 @@ class Choice:
     prompt_buckets: tuple[int, ...]
     completion_buckets: tuple[int, ...]
     multiple: int
-    pack_length: int = 0                    # packed layout: the chosen row length T
-    row_buckets: tuple[int, ...] = ()       # packed layout: allowed row counts R
+    pack_shapes: tuple[tuple[int, int], ...] = ()   # packed layout: (T, R) per microbatch
 
     def line(self) -> str:
-        if self.pack_length:
-            return (f"  shapes chosen from the data (multiples of {self.multiple}): rows of "
-                    f"T={self.pack_length} tokens, R in {list(self.row_buckets)} rows per "
-                    f"microbatch, completion buckets {list(self.completion_buckets)}")
+        if self.pack_shapes:
+            rows = ", ".join(f"{t}x{r}" for t, r in self.pack_shapes)
+            return (f"  shapes chosen from the data (multiples of {self.multiple}): packed rows "
+                    f"TxR per microbatch {rows}; completion buckets "
+                    f"{list(self.completion_buckets)}")
         return (f"  shapes chosen from the data (multiples of {self.multiple}): prompt buckets "
                 f"{list(self.prompt_buckets)}, completion buckets {list(self.completion_buckets)}")
 
@@ -151,19 +152,6 @@ def _sampled_trees(split, plan: batching.EpochPlan, layout: batching.BatchLayout
     return [batching.tree_lengths(split, plan[int(b)], layout) for b in picks]
 
 
-def row_buckets(rows: np.ndarray, groups: int, max_shapes: int = MAX_SHAPES,
-                most: int = 0) -> tuple[int, ...]:
-    """At most `max_shapes` row counts covering `rows` (each batch's R) with the fewest rows,
-    multiples of the packing groups. With `most` (the rows no microbatch can exceed,
-    `most_rows`) above the largest of `rows`, it is the last bucket, so batches unseen
-    here (later epochs) find one too and the run never compiles more than `max_shapes`."""
-    rows = np.asarray(rows)
-    spare = most > int(rows.max())
-    buckets, _ = _best_buckets(rows, max_shapes - 1 if spare and max_shapes > 1 else max_shapes)
-    buckets = tuple(int(round_up(b, groups)) for b in buckets)
-    return buckets + ((int(round_up(most, groups)),) if spare else ())
-
-
 def most_rows(trees_bound: np.ndarray, pack_length: int, micro_batch: int, groups: int) -> int:
     """Rows that no microbatch of `micro_batch` examples can need, given an upper bound on
     each example's tree: per group, first-fit leaves at most one row half empty or less,
@@ -193,36 +181,42 @@ def best_row_length(trees: np.ndarray, low: int, multiple: int, groups: int = 1)
 
 def packed_shapes(split, layout: batching.BatchLayout, *, multiple: int, seed: int,
                   pack_length: int = 0, max_shapes: int = MAX_SHAPES
-                  ) -> tuple[int, tuple[int, ...]]:
-    """(T, row buckets) for the packed layout: T as given (pack_length > 0) or chosen from
-    PACK_CANDIDATES multiples of `multiple` from the smallest legal one (at least
-    `layout.pack_length`), as the one whose
-    epoch-0 batches (a sample of PLAN_SAMPLE) compute the fewest row positions once R is
-    bucketed."""
+                  ) -> tuple[tuple[int, int], ...]:
+    """At most `max_shapes` packed shapes (T, R), cheapest first: each batch takes the
+    cheapest that holds it (`batching.batch_shape`).
+
+    The first is a catch-all: the smallest legal T (`layout.pack_length`, or the given
+    pack_length) with the rows no microbatch can exceed (`most_rows`), so batches unseen
+    here (later epochs) find a shape too and a run never compiles more than `max_shapes`
+    programs. The others are added greedily, each the (T, R) that most lowers the row
+    positions of epoch 0's batches (a sample of PLAN_SAMPLE), T among
+    `row_length_candidates` (or the given pack_length alone), R among the rows those
+    batches need at that T.
+    """
     plan = batching.plan_epoch(split.prompt_lengths, split.completion_lengths, layout,
                                seed=seed, epoch=0)
     trees = _sampled_trees(split, plan, layout)
-    if pack_length:
-        candidates = [pack_length]
-    else:
-        low = max(int(max(t.max() for t in trees)), layout.pack_length)
-        candidates = row_length_candidates(trees, low, multiple)
-    bound = tree_bounds(split, layout.pack_second)
-    best = None
-    for t in candidates:
-        rows = np.array([packing.microbatch_rows(tr, t, layout.pack_groups) for tr in trees])
-        most = most_rows(bound, t, layout.micro_batch, layout.pack_groups)
-        buckets = row_buckets(rows, layout.pack_groups, max_shapes, most)
-        positions = t * sum(packing.bucket_rows(r, buckets, layout.pack_groups) for r in rows)
-        if best is None or positions < best[0]:
-            best = (positions, t, buckets)
-    t = best[1]
-    if len(plan) <= PLAN_SAMPLE:
-        return t, best[2]
-    rows = [packing.microbatch_rows(batching.tree_lengths(split, planned, layout), t,
-                                    layout.pack_groups) for planned in plan]
-    return t, row_buckets(np.array(rows), layout.pack_groups, max_shapes,
-                          most_rows(bound, t, layout.micro_batch, layout.pack_groups))
+    groups = layout.pack_groups
+    low = int(pack_length or layout.pack_length)
+    candidates = [low] if pack_length else row_length_candidates(trees, low, multiple)
+    need = np.array([[packing.microbatch_rows(t, c, groups) for c in candidates] for t in trees])
+    most = most_rows(tree_bounds(split, layout.pack_second), low, layout.micro_batch, groups)
+    chosen = [(low, max(most, int(need[:, 0].max())))]
+    cost = np.full(len(trees), chosen[0][0] * chosen[0][1], np.int64)
+    for _ in range(max_shapes - 1):
+        best = None
+        for k, t in enumerate(candidates):
+            for r in np.unique(need[:, k]):
+                if (t, int(r)) in chosen:
+                    continue
+                new = np.where(need[:, k] <= r, np.minimum(cost, t * int(r)), cost)
+                if best is None or new.sum() < best[0]:
+                    best = (int(new.sum()), (t, int(r)), new)
+        if best is None or best[0] >= int(cost.sum()):
+            break
+        cost = best[2]
+        chosen.append(best[1])
+    return tuple(sorted(chosen, key=lambda s: (s[0] * s[1], s[0])))
 
 
 def choose(d, layout: batching.BatchLayout, train, evaluation=None, *, multiple: int
@@ -257,7 +251,7 @@ def choose(d, layout: batching.BatchLayout, train, evaluation=None, *, multiple:
     if d.packing:
         layout = _packed(d, layout, train, evaluation, multiple)
         chosen = Choice(layout.prompt_buckets, layout.completion_buckets, multiple,
-                        layout.pack_length, layout.row_buckets)
+                        layout.pack_shapes)
     return layout, chosen
 
 
@@ -271,7 +265,7 @@ def _completions(split) -> np.ndarray:
 
 def _packed(d, layout: batching.BatchLayout, train, evaluation, multiple: int
             ) -> batching.BatchLayout:
-    """The packed layout's T (data.pack_length, or chosen) and row buckets."""
+    """The packed layout's shapes (T, R): T data.pack_length, or chosen (`packed_shapes`)."""
     from kto_jax.errors import UserError  # pylint: disable=import-outside-toplevel
     longest = max(int(tree_bounds(s, layout.pack_second).max())
                   for s in (train, evaluation) if s is not None)
@@ -283,6 +277,6 @@ def _packed(d, layout: batching.BatchLayout, train, evaluation, multiple: int
                         f"{int(round_up(longest, 128))} or more, or set data.pack_length=0 to "
                         "choose it from the data")
     layout = dataclasses.replace(layout, pack_length=int(d.pack_length or round_up(longest, multiple)))
-    t, buckets = packed_shapes(train, layout, multiple=multiple, seed=d.seed,
-                               pack_length=int(d.pack_length))
-    return dataclasses.replace(layout, pack_length=t, row_buckets=buckets)
+    pack_shapes = packed_shapes(train, layout, multiple=multiple, seed=d.seed,
+                                pack_length=int(d.pack_length))
+    return dataclasses.replace(layout, pack_shapes=pack_shapes)

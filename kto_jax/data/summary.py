@@ -77,9 +77,9 @@ class SplitSummary:
         plural = "es" * (self.batches_per_epoch != 1)
         packed = plan.get("packed")
         if packed:
-            rows = ", ".join(f"{c}x{r}: {n}" for (c, r), n in packed["rows"].items())
-            out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; packed, shapes CxR "
-                   f"(completion bucket x rows per microbatch, batches): {rows}",
+            rows = ", ".join(f"{c}x{t}x{r}: {n}" for (c, t, r), n in packed["rows"].items())
+            out = [f"  {self.batches_per_epoch} global batch{plural} per epoch; packed, shapes "
+                   f"CxTxR (completion bucket x row length x rows per microbatch, batches): {rows}",
                    f"  packed rows: fill {100 * packed['fill']:.1f}%, token efficiency "
                    f"{100 * packed['token_efficiency']:.1f}% (real tokens / computed positions; at most "
                    f"{100 * packed['ceiling']:.1f}% with these examples); padded layout: "

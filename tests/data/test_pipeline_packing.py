@@ -126,7 +126,7 @@ def test_packing_groups_must_divide_the_micro_batch(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])
 def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, loss):
-    """`data inspect`'s packed line against the batches themselves: every (C, R) shape,
+    """`data inspect`'s packed line against the batches themselves: every (C, T, R) shape,
     fill, token efficiency (real tokens: valid examples' own, no y_kl copies) and its ceiling."""
     paired = loss == "dpo"
     rows = paired_rows(30, seed=3) if paired else unpaired_rows(45, seed=1)
@@ -140,7 +140,7 @@ def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, lo
         padded += 2 * int(np.prod(p["prompt_ids"].shape[:2])) * (p["prompt_ids"].shape[-1]
                                                                  + p[f"{sides[0]}_ids"].shape[-1])
         a, r, t = b["packed_ids"].shape
-        key = (b[f"{sides[0]}_ids"].shape[-1], r)
+        key = (b[f"{sides[0]}_ids"].shape[-1], t, r)
         shapes[key] = shapes.get(key, 0) + 1
         positions += a * r * t
         placed += int((b["packed_segment_ids"] > 0).sum())
@@ -154,4 +154,4 @@ def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, lo
     assert train.plan["token_efficiency"] == pytest.approx(real / padded)  # one figure for both
     assert packed["ceiling"] < 1  # y_kl copies (unpaired) and the last batch's filler rows are not real
     text = "\n".join(data.summary.lines())
-    assert "packed, shapes CxR" in text and f"token efficiency {100 * real / positions:.1f}%" in text
+    assert "packed, shapes CxTxR" in text and f"token efficiency {100 * real / positions:.1f}%" in text

@@ -97,11 +97,12 @@ def test_two_hundred_steps_compile_at_most_four_programs(tokenizer, tmp_path, pa
     assert len(batches) == 200
     programs = _compilations(batches)
     assert 1 <= programs <= shapes.MAX_SHAPES
-    if packed:   # every R is one of the chosen row buckets
+    if packed:   # every batch has one of the chosen row shapes (T, R)
         line = data.summary.shapes_line
-        assert "rows of T=" in line and "R in" in line
-        assert {b["packed_ids"].shape[1] for b in batches} <= set(
-            eval(line.split("R in ")[1].split(" rows")[0]))  # pylint: disable=eval-used
+        assert "packed rows TxR per microbatch" in line
+        for b in batches:
+            r, t = b["packed_ids"].shape[1:]
+            assert f"{t}x{r}" in line
 
 
 def test_packed_row_length_from_the_longest_example(tokenizer, tmp_path):
@@ -134,3 +135,27 @@ def test_row_bound_holds_every_microbatch():
         most = shapes.most_rows(bounds, t, micro_batch=8, groups=2)
         trees = rng.permutation(bounds)[:8]
         assert packing.microbatch_rows(trees[None], t, 2) <= most
+
+
+def test_packed_shapes_fill_the_rows_of_hh_rlhf_lengths():
+    """4000 examples drawn from the hh-rlhf histogram, 8 x 4, TPU rounding: the chosen row
+    shapes hold every batch, at most 4 of them, and fill 85% of the row positions or more
+    over the epoch (80% with one T for every batch)."""
+    import dataclasses   # pylint: disable=import-outside-toplevel
+    from kto_jax.data import batching   # pylint: disable=import-outside-toplevel
+    from kto_jax.perf import workload   # pylint: disable=import-outside-toplevel
+    from test_batching import LengthsOnly, make_layout   # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    p, c = workload.load_lengths("hh-rlhf").sample(4000, rng)
+    p, c = np.minimum(p, 512).astype(np.int32), np.minimum(c, 511).astype(np.int32)
+    split = LengthsOnly(p, (c,), rng.random(4000) < 0.5)
+    low = int(shapes.round_up(shapes.tree_bounds(split, True).max(), 128))
+    layout = dataclasses.replace(make_layout(4, 8), prompt_buckets=(512,),
+                                 completion_buckets=(512,), pack_length=low)
+    layout = dataclasses.replace(layout, pack_shapes=shapes.packed_shapes(
+        split, layout, multiple=128, seed=0))
+    assert 1 < len(layout.pack_shapes) <= shapes.MAX_SHAPES
+    plan = batching.plan_epoch(p, c, layout, seed=0, epoch=0)
+    packed = batching.plan_stats(split, plan, layout)["packed"]
+    assert {(t, r) for _, t, r in packed["rows"]} <= set(layout.pack_shapes)
+    assert packed["fill"] >= 0.85, packed
