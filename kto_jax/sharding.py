@@ -209,6 +209,16 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, rules, x.shape, mesh))
 
 
+def current_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec `constrain` pins an array of `shape` to on the mesh being traced for;
+    None outside `activation_rules` or without a mesh (what a shard_map inside the model reads)."""
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return None
+    return logical_to_mesh(logical_axes, rules, shape, mesh)
+
+
 def activation_sharding(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
     """`fn` that, when traced, runs under `rules` and (if none is set) `mesh`'s abstract mesh.
 

@@ -14,7 +14,9 @@ The experts' matmuls are grouped (`moe_impl` "ragged", the default): the N*k
 [N*k, D] array, and each expert multiplies only its own contiguous rows with
 `jax.lax.ragged_dot` (on TPU a grouped matmul; elsewhere jax lowers it as a masked
 dense product). The outputs are gathered back to token order and summed with the
-router weights. `moe_impl` "dense" runs every expert on every token and zero-weights
+router weights. On a mesh each batch shard does this for its own tokens (a shard_map over
+the batch axes; the layer's expert weights are gathered, as fsdp gathers a dense layer's
+weights). `moe_impl` "dense" runs every expert on every token and zero-weights
 the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
 the tests and scripts/moe_benchmark.py compare the grouped form against.
 
@@ -30,9 +32,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from kto_jax.models.layers import ACT_EMBED, ACTIVATIONS, MlpBlock, dense, layer_weight
-from kto_jax.sharding import constrain
+from kto_jax.sharding import constrain, current_spec
 
 Array = jax.Array
 MOE_IMPLS = ("ragged", "dense")
@@ -84,8 +87,25 @@ def moe_mlp(p: dict[str, Array], x: Array, cfg: Any) -> Array:
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
     _, weights, experts = route(p, tokens, cfg)
-    outputs = grouped_outputs if cfg.moe_impl == "ragged" else dense_outputs
-    return constrain(outputs(p, tokens, experts, weights, cfg).reshape(b, t, d), ACT_EMBED)
+    if cfg.moe_impl == "dense":
+        out = dense_outputs(p, tokens, experts, weights, cfg)
+    else:
+        out = per_batch_shard(p, tokens, experts, weights, cfg)
+    return constrain(out.reshape(b, t, d), ACT_EMBED)
+
+
+def per_batch_shard(p: dict[str, Array], tokens: Array, experts: Array, weights: Array, cfg: Any) -> Array:
+    """`grouped_outputs` of each batch shard's own tokens: on a mesh (the model traced under
+    sharding rules), a shard_map over the batch axes, so every device sorts and multiplies
+    its own assignments (no global sort of the batch's tokens) with the layer's expert
+    weights gathered (as fsdp gathers a dense layer's); without a mesh, the plain call."""
+    spec = current_spec(("batch",), tokens.shape[:1])
+    if spec is None or spec == PartitionSpec(None):
+        return grouped_outputs(p, tokens, experts, weights, cfg)
+    w = {name: layer_weight(p, name, tokens.dtype) for name in EXPERT_PARAMS}
+    local = jax.shard_map(lambda w, *rows: grouped_outputs(w, *rows, cfg), check_vma=False,
+                          in_specs=(PartitionSpec(), spec, spec, spec), out_specs=spec)
+    return local(w, tokens, experts, weights)
 
 
 MOE_MLP = MlpBlock(
