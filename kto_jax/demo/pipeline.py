@@ -124,13 +124,12 @@ def train_overrides(size: DemoSize, model_path: str, train_path: str, eval_path:
                     seed: int) -> list[str]:
     """The --config.* flags the demo adds to configs/smollm2_135m_kto.py."""
     completion = size.max_new_tokens  # a completion cut at max_new_tokens keeps no end token
-    prompt_bucket = 64
+    max_prompt = 64   # the shapes are chosen from the sampled data (kto_jax/data/shapes.py)
     return [f"--config.model.path={model_path}", f"--config.data.train_path={train_path}",
             f"--config.data.eval_path={eval_path}", f"--config.data.seed={seed}",
-            f"--config.data.max_prompt_length={prompt_bucket}",
+            f"--config.data.max_prompt_length={max_prompt}",
             f"--config.data.max_completion_length={completion}",
-            f"--config.data.max_length={prompt_bucket + completion}",
-            "--config.data.bucket_lengths=(" + ",".join(map(str, sorted({completion, prompt_bucket}))) + ",)",
+            f"--config.data.max_length={max_prompt + completion}",
             f"--config.train.num_steps={size.num_steps}",
             f"--config.train.global_batch_size={size.batch_size}",
             f"--config.train.micro_batch_size={size.batch_size}",
