@@ -233,7 +233,8 @@ class CompileReport:
 
     def __str__(self) -> str:
         t = self.tpu
-        mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items()
+                        if not (k == "expert" and v == 1))  # an expert axis only where it is used
         lines = [f"AOT compile for {t.name}: {t.num_slices} x {t.num_chips} chips, {t.generation} "
                  f"topology {t.topology_str}, mesh {mesh}"]
         if self.error is None:
