@@ -1,7 +1,7 @@
 """XLA cost-analysis FLOPs of ONE train step (policy forward + backward, KL forward, reference),
 padded vs packed (data.packing), on the same examples: the figures of docs/performance.md.
 
-Usage: PYTHONPATH=. python scripts/packing_step_flops.py [--model llama-1b] [--lengths fixed|lognormal]
+Usage: PYTHONPATH=. python scripts/packing_step_flops.py [--model llama-1b] [--lengths fixed|lognormal|hh-rlhf]
 
 The program is the trainer's own jitted train step (kto_jax/perf/program.py) compiled
 for this host's CPU on abstract inputs (nothing allocated), with the bench's model,
@@ -14,6 +14,10 @@ here to count what runs. Examples:
   lognormal  skewed lengths (median prompt 256, completion 128, capped at 1024 / 512),
              padded to the longest prompt / completion rounded up to 128, as the bucketed
              pipeline does; packed rows hold the real [x | y | y_kl] trees.
+  hh-rlhf    lengths drawn from the shipped hh-rlhf histogram (kto_jax/perf/data/, as
+             `kto-jax bench --lengths hh-rlhf`: caps 512 / 511), padded as lognormal;
+             with --pack-length 0 the rows' T is chosen as the trainer chooses it
+             (multiples of 128, `shapes.best_row_length`).
 The attention backend is XLA's masked dense attention (CPU), so packed attention is
 counted over whole rows.
 """
@@ -27,7 +31,8 @@ import numpy as np
 
 from kto_jax.perf import bench
 from kto_jax.batch import batch_shapes
-from kto_jax.data import packing
+from kto_jax.data import packing, shapes
+from kto_jax.perf import workload
 from kto_jax.sharding import single_device_mesh
 from kto_jax.perf import program
 from kto_jax.step.state import batch_sharding
@@ -37,6 +42,9 @@ def lengths(kind: str, m: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """(prompt lengths, completion lengths) of m examples."""
     if kind == "fixed":
         return np.full(m, 512), np.full(m, 511)
+    if kind == "hh-rlhf":
+        prompt, completion = workload.load_lengths("hh-rlhf").sample(m, rng)
+        return np.minimum(prompt, 512), np.minimum(completion, 511)
     prompt = np.clip(rng.lognormal(np.log(256), 0.8, m).astype(int), 8, 1024)
     completion = np.clip(rng.lognormal(np.log(128), 0.8, m).astype(int), 4, 512)
     return prompt, completion
@@ -53,8 +61,8 @@ def main() -> None:
     jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)  # count every iteration
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-1b")
-    ap.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal"))
-    ap.add_argument("--pack-length", type=int, default=1536)
+    ap.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal", "hh-rlhf"))
+    ap.add_argument("--pack-length", type=int, default=1536, help="0: chosen from the trees")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -68,15 +76,16 @@ def main() -> None:
     p, c = (int(-(-int(x.max()) // 128) * 128) for x in (prompt, completion))
     padded = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c)
     trees = prompt + completion + np.roll(completion, -1)
-    rows = packing.rows_needed(trees, a.pack_length)
+    t = a.pack_length or shapes.best_row_length(trees[None], int(trees.max()), 128)
+    rows = packing.rows_needed(trees, t)
     packed = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c,
-                          rows=rows, pack_length=a.pack_length)
+                          rows=rows, pack_length=t)
     f_pad = step_flops(config, model_config, mesh, padded)
     f_pack = step_flops(config, model_config, mesh, packed)
     real = int((prompt + completion).sum())
     print(json.dumps({"model": a.model, "lengths": a.lengths, "examples": m,
                       "real_tokens": real, "padded_shape": [m, p + c],
-                      "packed_shape": [rows, a.pack_length],
+                      "packed_shape": [rows, t],
                       "padded_flops": f_pad, "packed_flops": f_pack,
                       "ratio": round(f_pack / f_pad, 3)}))
 
