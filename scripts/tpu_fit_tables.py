@@ -56,6 +56,7 @@ def _mb(micro: int, accumulation: int = 2) -> tuple[str, ...]:
 KTO_8B = "--config=configs/llama3_8b_kto.py"
 GEMMA3_4B = "--config=configs/gemma3_4b_kto.py"     # full parameters, 1024 + 1024 tokens
 GEMMA3_27B = "--config=configs/gemma3_27b_kto.py"   # LoRA r16 on a bf16 base, 1024 + 1024 tokens
+QWEN3_MOE = "--config=configs/qwen3_30b_a3b_kto.py"  # LoRA r16 (attention) on a bf16 base, 1024 + 1024
 ROWS = (
     Row("8b-v5p32-mb128", "full", "Llama-3 8B", (KTO_8B, "--topology=v5p-32", *_mb(128))),
     Row("8b-v5e32-mb32", "full", "Llama-3 8B", (KTO_8B, "--topology=v5e-32", *_mb(32))),
@@ -91,6 +92,14 @@ ROWS = (
         (KTO_8B, "--model=llama3_70b", "--topology=v5e-8", *LORA, *_mb(8))),
     Row("70b-full-v5e8-mb8", "qlora", "Llama-3 70B, full parameters",
         (KTO_8B, "--model=llama3_70b", "--topology=v5e-8", *_mb(8))),
+    Row("qwen3moe-lora-v5e8-mb8", "moe", "Qwen3-30B-A3B, LoRA r16 (attention), bf16 base",
+        (QWEN3_MOE, "--topology=v5e-8", *_mb(8))),
+    Row("qwen3moe-full-v5p16-mb8", "moe", "Qwen3-30B-A3B, full parameters",
+        (QWEN3_MOE, "--topology=v5p-16", "--config.lora.rank=0", "--config.model.param_dtype=float32",
+         *_mb(8))),
+    Row("qwen3moe-full-precomputed-v5p16-mb8", "moe", "Qwen3-30B-A3B, full parameters, precomputed reference",
+        (QWEN3_MOE, "--topology=v5p-16", "--config.lora.rank=0", "--config.model.param_dtype=float32",
+         "--config.reference.source=precomputed", *_mb(8))),
 )
 BY_ID = {row.id: row for row in ROWS}
 

@@ -60,6 +60,9 @@ def batch_reference_logps(loss, graphdef, reference, batch, vocab_chunk):
 GEMMA = MODEL.replace(architecture="Gemma2ForCausalLM", sliding_window=4, query_pre_attn_scalar=24,
                       attn_logit_softcap=0.05, final_logit_softcap=0.3,
                       layer_types=("sliding_attention", "full_attention"))
+# a mixture of experts with its load-balancing loss on (the policy's forward, either source)
+MOE = MODEL.replace(architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=16, norm_topk_prob=True, router_aux_loss_coef=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,12 @@ def test_gemma_step_on_precomputed_reference_equals_the_on_the_fly_step():
     _check_precomputed_equals_on_the_fly(_states(GEMMA))
 
 
-def _check_precomputed_equals_on_the_fly(states):
+@pytest.mark.slow
+def test_moe_step_on_precomputed_reference_equals_the_on_the_fly_step():
+    _check_precomputed_equals_on_the_fly(_states(MOE), router=True)
+
+
+def _check_precomputed_equals_on_the_fly(states, router: bool = False):
     batch = make_batch(0)
     stored = jax.jit(lambda ref, b: batch_reference_logps(
         get_loss("kto"), states["graphdef"], ref, b, 40))(states["state"].reference_params, batch)
@@ -109,7 +117,8 @@ def _check_precomputed_equals_on_the_fly(states):
     new_fly, m_fly = run_step(states, "model", batch)
     new_pre, m_pre = run_step(states, "precomputed", dict(batch, **stored))
     assert float(m_fly["kl_sum"]) > 0.01  # z0 > 0: the KL pairs take part in the loss
-    for key in ("loss_sum", "kl_sum", "loss_denominator", "grad_norm"):
+    assert ("router_aux_loss_sum" in m_fly) == router  # a mixture of experts' load-balancing loss
+    for key in ("loss_sum", "kl_sum", "loss_denominator", "grad_norm") + (("router_aux_loss_sum",) * router):
         np.testing.assert_allclose(m_pre[key], m_fly[key], rtol=2e-6, atol=1e-7, err_msg=key)
     for a, b in zip(jax.tree.leaves(new_pre.params), jax.tree.leaves(new_fly.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
