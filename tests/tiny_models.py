@@ -15,6 +15,7 @@ session fixtures of tests/conftest.py (each directory is built once per pytest r
 - `hf_model(config)`: a random float32 transformers model of any supported architecture,
   norms randomised too (the cases and their configs: tests/models/hf_tiny_models.py).
 - `write_gemma_model_dir(out)`: a tiny Gemma 3 multimodal checkpoint with the "gemma3" tokenizer.
+- `write_moe_model_dir(out)`: a tiny Qwen3-MoE (4 experts, top 2) with the "llama" tokenizer.
 - `write_prompts`, `write_unpaired_feedback`, `write_gemma_feedback`: prompt and feedback files
   for the chat models.
 """
@@ -154,6 +155,22 @@ def write_gemma_model_dir(out_dir: str, seed: int = 0) -> str:
             if name.endswith("norm.weight"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_moe_model_dir(out_dir: str, seed: int = 0) -> str:
+    """A tiny random Qwen3-MoE (2 layers, 4 experts of width 32, top 2, its load-balancing
+    loss at 0.01) with the "llama" tokenizer. Returns it."""
+    import torch
+    import transformers
+    tok = tokenizer("llama")
+    tok.save_pretrained(out_dir)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(tok), head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **LLAMA)
+    torch.manual_seed(seed)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(out_dir)
     return out_dir
 
 
