@@ -5,8 +5,9 @@ Usage:
 
 Builds a Qwen3-MoE-shaped model (2 layers, hidden 256, 8 experts of width 512, top 2) and
 times one training step (forward and backward of a next-token loss, jitted) with
-`moe_impl="ragged"` (assignments sorted by expert, `jax.lax.ragged_dot`) and
-`moe_impl="dense"` (every expert on every token), the two programs interleaved in one
+`moe_impl="ragged"` (assignments sorted by expert, `jax.lax.ragged_dot`), `"blocks"` (the
+same sorted rows, padded per expert to blocks of 128, one batched matmul) and `"dense"`
+(every expert on every token), the three programs interleaved in one
 process so that a shared machine's load hits both alike. Prints the medians of wall
 and CPU seconds per step, their ratio, and whether the two steps' losses agree; the
 figures in docs/models.md ("Mixtures of experts") come from this script.
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kto_jax.models import moe
 from kto_jax.models.config import ModelConfig
 from kto_jax.models.transformer import Transformer
 
@@ -45,6 +47,8 @@ def make_step(impl: str):
 def expert_flops(tokens: int, impl: str) -> float:
     """Forward matmul FLOPs of the experts of one layer as the formulation states them."""
     rows = tokens * (MODEL.num_experts if impl == "dense" else MODEL.num_experts_per_tok)
+    if impl == "blocks":  # at most block - 1 padded rows per expert
+        rows += MODEL.num_experts * (moe.BLOCK_ROWS - 1)
     return 2.0 * 3 * rows * MODEL.hidden_size * MODEL.moe_intermediate_size
 
 
@@ -55,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, MODEL.vocab_size, (args.tokens // 128, 128)),
                       jnp.int32)
-    steps = {impl: make_step(impl) for impl in ("ragged", "dense")}
+    steps = {impl: make_step(impl) for impl in ("ragged", "blocks", "dense")}
     losses = {impl: float(step(params, ids)[0]) for impl, (step, params) in steps.items()}  # compile
     wall = {impl: [] for impl in steps}
     cpu = {impl: [] for impl in steps}
@@ -71,10 +75,11 @@ def main() -> None:
         print(f"  {impl:6s}: wall {statistics.median(wall[impl]) * 1e3:8.1f} ms, cpu "
               f"{statistics.median(cpu[impl]) * 1e3:8.1f} ms, expert FLOPs per layer (forward) "
               f"{expert_flops(args.tokens, impl) / 1e9:.2f} G, loss {losses[impl]:.6f}")
-    ratio = statistics.median(wall["ragged"]) / statistics.median(wall["dense"])
-    cpu_ratio = statistics.median(cpu["ragged"]) / statistics.median(cpu["dense"])
-    print(f"  ragged / dense: wall {ratio:.2f}, cpu {cpu_ratio:.2f}; "
-          f"losses agree to {abs(losses['ragged'] - losses['dense']):.1e}")
+    for impl in ("ragged", "blocks"):
+        ratio = statistics.median(wall[impl]) / statistics.median(wall["dense"])
+        cpu_ratio = statistics.median(cpu[impl]) / statistics.median(cpu["dense"])
+        print(f"  {impl} / dense: wall {ratio:.2f}, cpu {cpu_ratio:.2f}; "
+              f"losses agree to {abs(losses[impl] - losses['dense']):.1e}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ The experts' matmuls are grouped (`moe_impl` "ragged", the default): the N*k
 [N*k, D] array, and each expert multiplies only its own contiguous rows with
 `jax.lax.ragged_dot` (on TPU a grouped matmul; elsewhere jax lowers it as a masked
 dense product). The outputs are gathered back to token order and summed with the
-router weights. On a mesh each batch shard does this for its own tokens (a shard_map over
-the batch axes; the layer's expert weights are gathered, as fsdp gathers a dense layer's
-weights). `moe_impl` "dense" runs every expert on every token and zero-weights
+router weights. `moe_impl` "blocks" does the same with `blocked_matmul` (each expert's
+rows padded to blocks of 128, one batched matmul), which off TPU, where jax lowers
+ragged_dot as a masked dense product, is the faster grouped form. On a mesh each batch
+shard does this for its own tokens (a shard_map over the batch axes; the layer's expert
+weights are gathered, as fsdp gathers a dense layer's). `moe_impl` "dense" runs every
+expert on every token and zero-weights
 the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
 the tests and scripts/moe_benchmark.py compare the grouped form against.
 
@@ -38,7 +41,7 @@ from kto_jax.models.layers import ACT_EMBED, ACTIVATIONS, MlpBlock, dense, layer
 from kto_jax.sharding import constrain, current_spec
 
 Array = jax.Array
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("ragged", "blocks", "dense")
 EXPERT_PARAMS = ("expert_gate_proj", "expert_up_proj", "expert_down_proj")
 
 
@@ -62,13 +65,35 @@ def grouped_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Arra
     sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)                         # [N*k, D] token of each assignment
     dt = x.dtype
-    gate = jax.lax.ragged_dot(rows, layer_weight(p, "expert_gate_proj", dt), sizes)
-    up = jax.lax.ragged_dot(rows, layer_weight(p, "expert_up_proj", dt), sizes)
-    out = jax.lax.ragged_dot(ACTIVATIONS[cfg.hidden_act](gate) * up,
-                             layer_weight(p, "expert_down_proj", dt), sizes)   # [N*k, D]
+    matmul = blocked_matmul if cfg.moe_impl == "blocks" else jax.lax.ragged_dot
+    gate = matmul(rows, layer_weight(p, "expert_gate_proj", dt), sizes)
+    up = matmul(rows, layer_weight(p, "expert_up_proj", dt), sizes)
+    out = matmul(ACTIVATIONS[cfg.hidden_act](gate) * up, layer_weight(p, "expert_down_proj", dt), sizes)
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     out = jnp.take(out, unsort, axis=0).reshape(n, k, -1)         # back to (token, choice) order
     return jnp.einsum("nkd,nk->nd", out, weights)
+
+
+BLOCK_ROWS = 128  # rows per block of `blocked_matmul`
+
+
+def blocked_matmul(rows: Array, w: Array, sizes: Array, block: int = BLOCK_ROWS) -> Array:
+    """`jax.lax.ragged_dot(rows, w, sizes)` as a batched matmul of fixed-size blocks: each
+    expert's rows are padded to a multiple of `block`, every block multiplied by its one
+    expert's weight, the padding dropped. At most E * (block - 1) padded rows of work
+    besides the real ones, whatever the platform (off TPU, jax lowers ragged_dot as a
+    masked product of every group against every row)."""
+    m, e = rows.shape[0], w.shape[0]
+    num_blocks = -(-(m + e * (block - 1)) // block)                      # a static bound
+    padded = -(-sizes // block) * block
+    padded_start, start = jnp.cumsum(padded) - padded, jnp.cumsum(sizes) - sizes
+    expert = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=m)     # of each sorted row
+    dest = padded_start[expert] + jnp.arange(m) - start[expert]          # its slot among the blocks
+    slots = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[dest].set(rows)
+    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block,
+                                                side="right"), e - 1)
+    out = jnp.einsum("bmd,bdf->bmf", slots.reshape(num_blocks, block, -1), jnp.take(w, block_expert, axis=0))
+    return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0)
 
 
 def dense_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Array, cfg: Any) -> Array:

@@ -60,10 +60,20 @@ def test_grouped_and_dense_experts_have_equal_gradients():
     def loss(p, x, impl):
         return jnp.sum(jnp.sin(moe.moe_mlp(p, x, cfg.replace(moe_impl=impl))))
 
-    ragged = jax.grad(loss, argnums=(0, 1))(p, x, "ragged")
     dense = jax.grad(loss, argnums=(0, 1))(p, x, "dense")
-    for a, b in zip(jax.tree.leaves(ragged), jax.tree.leaves(dense)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)  # float32 sums in other orders
+    for impl in ("ragged", "blocks"):
+        grouped = jax.grad(loss, argnums=(0, 1))(p, x, impl)
+        for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(dense)):  # float32 sums in other orders
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=impl)
+
+
+def test_blocked_matmul_equals_ragged_dot_with_empty_and_full_groups():
+    rows = jax.random.normal(jax.random.PRNGKey(0), (10, 6))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 5))
+    for sizes in ([3, 0, 5, 2], [10, 0, 0, 0], [0, 0, 0, 10], [4, 4, 1, 1]):
+        sizes = jnp.asarray(sizes, jnp.int32)
+        np.testing.assert_allclose(np.asarray(moe.blocked_matmul(rows, w, sizes, block=4)),
+                                   np.asarray(jax.lax.ragged_dot(rows, w, sizes)), rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_experts_see_only_their_tokens():
