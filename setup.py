@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "ml-collections==1.1.0",
     "transformers>=5.24,<6",
+    # hub ids as model paths (kto_jax/hub.py); transformers brings it too, but we import it
+    "huggingface-hub>=1.0",
     "safetensors>=0.8",
     "gguf==0.19.0",
     "numpy>=2.0",

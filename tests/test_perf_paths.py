@@ -66,9 +66,9 @@ def test_completion_logps_run_the_model_without_an_attention_mask():
     seen = []
     original = T.Transformer.hidden_states
 
-    def spy(self, ids, pos, mask):
+    def spy(self, ids, pos, mask, **kwargs):
         seen.append(mask)
-        return original(self, ids, pos, mask)
+        return original(self, ids, pos, mask, **kwargs)
 
     x = np.array([[0, 3, 4], [5, 6, 7]], np.int32)
     y = np.array([[8, 9], [10, 0]], np.int32)
