@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -118,3 +119,33 @@ def kill_after_checkpoint(argv: list[str], env: dict, workdir: str, min_step: in
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def run_two_processes(argv: list[str], compile_cache: str, timeout: float = 900) -> None:
+    """Runs `argv` (a `kto-jax train`) as two processes of 2 CPU devices each, joined over
+    localhost (a free port): the multi-host run the 2-processes-equal-1 tests compare."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True,
+                              env=cli_env(compile_cache, devices=2,
+                                          KTO_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                          KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(rank)))
+             for rank in range(2)]
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
+
+
+def assert_resume_is_bitwise(argv: list[str], env: dict, workdir: str, reference_run: str) -> None:
+    """SIGKILLs `argv` after its first checkpoint, reruns it, and checks that the resumed run
+    logs the uninterrupted `reference_run`'s metrics and exports the same tensors, bit for bit."""
+    import numpy as np
+    from kto_jax.train.metrics import read_jsonl
+    kill_after_checkpoint(argv, env, workdir)
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < len(metrics(reference_run))
+    assert "resuming from step" in run_cli(argv, env).stderr
+    assert metrics(workdir) == metrics(reference_run)
+    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(reference_run, "hf"))
+    assert all(np.array_equal(a[k], b[k]) for k in b)

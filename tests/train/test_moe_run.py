@@ -8,14 +8,12 @@ and test_hf_io.py's.
 
 import json
 import os
-import socket
-import subprocess
 
 import numpy as np
 import pytest
 
-from run_helpers import (PACKING, REPO, assert_metrics_like, cli_env, kill_after_checkpoint, metrics,
-                         run_cli, tensors, train_argv, write_feedback)
+from run_helpers import (PACKING, assert_metrics_like, assert_resume_is_bitwise, cli_env, run_cli,
+                         run_two_processes, tensors, train_argv, write_feedback)
 from kto_jax.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -56,27 +54,11 @@ def test_moe_run_logs_the_router_loss_and_exports_the_architecture(moe, moe_run)
 
 def test_moe_sigkill_then_resume_is_bitwise(moe, moe_run, compile_cache, tmp_path):
     workdir = str(tmp_path / "killed")
-    argv, env = train_argv(workdir, *moe, *PACKING), cli_env(compile_cache)
-    kill_after_checkpoint(argv, env, workdir)
-    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < len(metrics(moe_run))
-    assert "resuming from step" in run_cli(argv, env).stderr
-    assert metrics(workdir) == metrics(moe_run)
-    a, b = tensors(os.path.join(workdir, "hf")), tensors(os.path.join(moe_run, "hf"))
-    assert all(np.array_equal(a[k], b[k]) for k in b)
+    assert_resume_is_bitwise(train_argv(workdir, *moe, *PACKING), cli_env(compile_cache), workdir,
+                             moe_run)
 
 
 def test_two_moe_processes_match_one(moe, moe_run, compile_cache, tmp_path):
     workdir = str(tmp_path / "two")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(train_argv(workdir, *moe, *PACKING), cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True,
-                              env=cli_env(compile_cache, devices=2,
-                                          KTO_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                          KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(rank)))
-             for rank in range(2)]
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
+    run_two_processes(train_argv(workdir, *moe, *PACKING), compile_cache)
     assert_metrics_like(workdir, moe_run)

@@ -12,21 +12,13 @@ processes log the padded single-process run's metrics, train and eval.
 """
 
 import os
-import socket
-import subprocess
 
 import pytest
 
-from run_helpers import NUM_STEPS, PACKING, REPO, assert_metrics_like, cli_env, train_argv
+from run_helpers import NUM_STEPS, PACKING, assert_metrics_like, run_two_processes, train_argv
 from kto_jax.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow  # `kto-jax` subprocess runs: the integration tier
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -34,17 +26,7 @@ def test_two_processes_match_one_process(reference_run, tiny_model_dir, feedback
                                          compile_cache, tmp_path, packed):
     workdir = str(tmp_path / "two_processes")
     extra = PACKING if packed else ()
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = cli_env(compile_cache, devices=2, KTO_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                      KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(rank))
-        procs.append(subprocess.Popen(train_argv(workdir, tiny_model_dir, feedback_file, *extra), env=env,
-                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
+    run_two_processes(train_argv(workdir, tiny_model_dir, feedback_file, *extra), compile_cache)
 
     assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == list(
         range(1, NUM_STEPS + 1))
