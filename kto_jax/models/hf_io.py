@@ -3,7 +3,10 @@
 Import reads the checkpoint tensor by tensor through a `TensorSource` (safetensors
 directory, or a .gguf file via `kto_jax.models.gguf`), fills an abstract
 (`nnx.eval_shape`) model, and places each tensor straight onto its target
-NamedSharding, so the whole model never sits on one device. Export writes
+NamedSharding, so the whole model never sits on one device. From safetensors each
+process reads only the slices of each tensor its own devices hold, one device block at a
+time (kto_jax/models/shard_read.py); a source that cannot read slices (GGUF) is read one
+whole tensor at a time and each device receives its shard. Export writes
 config.json, sharded safetensors and their index in the layout
 `transformers.AutoModelForCausalLM.from_pretrained` loads unchanged.
 
@@ -37,8 +40,9 @@ from kto_jax.models.config import UNTRAINED_FROM_KEY, ModelConfig, dtype_name
 from kto_jax.models import quantize as qz
 from kto_jax.models.family import Family
 from kto_jax.models.quantized_layers import quantized_rows
+from kto_jax.models.shard_read import check_shape, read_sharded
 from kto_jax.models.tensor_source import (
-    SAFETENSORS_INDEX, RenamedSource, SafetensorsSource, TensorSource, rename)
+    SAFETENSORS_INDEX, RenamedSource, SafetensorsSource, TensorSource, rename, sliceable)
 from kto_jax.models.transformer import Transformer, abstract_model
 
 __all__ = ["TensorSource", "from_pretrained", "load_from_source", "save_pretrained", "load_tokenizer"]
@@ -114,9 +118,17 @@ def load_from_source(hf_config: dict[str, Any], source: TensorSource, *, mesh: M
         raise AssertionError(f"param table does not cover the model: {set(variables) ^ {r.path for r in rows}}")
     for row in rows:
         var = variables[row.path]
-        value = read_param(row, source, var.get_value().shape, config)
-        var.set_value(place(value, shardings[row.path].get_value()))
+        var.set_value(load_param(row, source, var.get_value().shape, shardings[row.path].get_value(), config))
     return nnx.merge(graphdef, state), config
+
+
+def load_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...], sharding: NamedSharding,
+               config: ModelConfig) -> jax.Array:
+    """One parameter on its sharding: from a slicing source each process reads only its
+    devices' blocks (shard_read.read_sharded), from any other the whole tensor(s) (`read_param`)."""
+    if sliceable(source):
+        return read_sharded(row, source, shape, sharding, config)
+    return place(read_param(row, source, shape, config), sharding)
 
 
 def in_our_spelling(source: TensorSource, family: Family) -> TensorSource:
@@ -162,10 +174,7 @@ def read_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...]
 def _convert(row: table.ParamRow, name: str, source: TensorSource, shape: tuple[int, ...],
              target: np.dtype) -> np.ndarray:
     tensor = np.asarray(source.get(name))
-    want = table.hf_shape(row.transform, shape)
-    if tuple(tensor.shape) != want:
-        raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the config "
-                        f"(config.json) implies {want}")
+    check_shape(name, tensor.shape, table.hf_shape(row.transform, shape))
     return table.to_ours(row.transform, tensor, shape).astype(target)
 
 

@@ -154,18 +154,32 @@ def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     An all-zero row gets absmax 0 and codes 0 (bitsandbytes' codes are undefined there).
     """
+    absmax = int8_absmax(weight)
+    return int8_codes(weight, absmax), absmax
+
+
+def int8_absmax(weight: np.ndarray) -> np.ndarray:
+    """float32 [rows] max |W[o, i]| over the columns of an HF weight (or of a column slice of
+    it: the max over slices is the max over the row, exactly)."""
     w = np.asarray(weight)
-    out_dim, in_dim = w.shape
-    absmax = np.empty(out_dim, np.float32)
-    codes = np.empty((out_dim, in_dim), np.int8)
-    for rows in _row_slices(out_dim, in_dim):
-        x = w[rows].astype(np.float32)
-        a = np.abs(x).max(axis=1)
+    absmax = np.empty(w.shape[0], np.float32)
+    for rows in _row_slices(*w.shape):
+        absmax[rows] = np.abs(w[rows].astype(np.float32)).max(axis=1, initial=np.float32(0))
+    return absmax
+
+
+def int8_codes(weight: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """int8 codes [rows, cols] of an HF weight (or a column slice of it) given each row's
+    whole-row `absmax`: round(W * (127 / absmax)), elementwise, so a slice's codes are the
+    whole weight's codes of that slice."""
+    w = np.asarray(weight)
+    codes = np.empty(w.shape, np.int8)
+    for rows in _row_slices(*w.shape):
+        a = absmax[rows]
         # bitsandbytes' 127.0 / absmax is torch's reciprocal(absmax) * 127: two roundings.
         factor = (np.float32(1) / np.where(a > 0, a, np.float32(1))) * np.float32(INT8_MAX)
-        codes[rows] = np.round(x * factor[:, None]).astype(np.int8)
-        absmax[rows] = a
-    return codes, absmax
+        codes[rows] = np.round(w[rows].astype(np.float32) * factor[:, None]).astype(np.int8)
+    return codes
 
 
 def quantize_nf4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

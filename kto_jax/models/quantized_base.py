@@ -5,11 +5,16 @@ of the param table) in int8 or NF4 (kto_jax/models/quantize.py) and everything e
 (embedding, norms, biases, an untied lm_head) in `param_dtype`, as transformers'
 `BitsAndBytesConfig` does (it quantises the decoder's Linear layers only).
 
-`load_quantized` reads a checkpoint through a `TensorSource` one HF tensor at a time,
-quantises each projection on the host right after reading it, stacks the quantised layers
-and places every array on its sharding (each device receives only its own shard). The host
-therefore holds at most one checkpoint tensor in float32 pieces (`quantize._CHUNK` values at
-a time) plus one quantised stacked weight: never the model in bf16.
+`load_quantized` reads a checkpoint through a `TensorSource` one HF tensor at a time and
+quantises each projection on the host right after reading it. From safetensors each
+process reads only the rectangles of each tensor that its own devices' shards of the codes
+need, and quantises them with exactly the codes and scales the whole tensor gets
+(kto_jax/models/shard_read.py: NF4 rectangles in whole blocks of 64, int8's per-channel
+absmax and double quantisation's statistics max-reduced over the rectangles and
+processes). The host therefore holds at most its share of one checkpoint tensor (in float32
+pieces of `quantize._CHUNK` values) plus its share of one quantised stacked weight: never
+the model in bf16. A source that cannot read slices (GGUF) is read one whole tensor at a
+time, quantised, stacked and placed (each device receives only its own shard).
 
 The result is a `QuantizedBase`: the unquantised parameters under their NNX paths, and the
 quantised weights stacked [L, ...] under their layer names, each a `quantize.Int8Weight` or
@@ -36,8 +41,9 @@ from kto_jax.models import quantize as qz
 from kto_jax.models.quantize import Quantization  # noqa: F401  (re-exported)
 from kto_jax.models.quantized_layers import QUANTIZED_TRANSFORMS, quantized_rows  # noqa: F401  (re-exported)
 from kto_jax.models.config import ModelConfig
-from kto_jax.models.hf_io import check_tensor_names, in_our_spelling, place, read_hf_config, read_param
-from kto_jax.models.tensor_source import SafetensorsSource, TensorSource
+from kto_jax.models.hf_io import check_tensor_names, in_our_spelling, load_param, place, read_hf_config
+from kto_jax.models.shard_read import check_shape, read_quantized_sharded
+from kto_jax.models.tensor_source import SafetensorsSource, TensorSource, sliceable
 from kto_jax.models.quantized_layers import leaf_names
 from kto_jax.models.transformer import Transformer, abstract_model, layer_axes, layer_param_shapes
 
@@ -120,16 +126,19 @@ def load_quantized_from_source(hf_config: dict[str, Any], source: TensorSource, 
     for row in table.param_table(config):
         if row.stacked and row.path[-1] in quantized:
             continue
-        value = read_param(row, source, variables[row.path].get_value().shape, config)
-        params[row.path] = place(value, shardings[row.path].get_value())
+        params[row.path] = load_param(row, source, variables[row.path].get_value().shape,
+                                      shardings[row.path].get_value(), config)
     axes = quantized_layer_axes(config, quantization)
     layers = {}
     for name, abstract in abstract_quantized_layers(config, quantization).items():
         row, n_in = quantized[name]
+        leaf_shardings = jax.tree.map(lambda ax, x: shd.sharding_for(ax, x.shape, mesh, rules),
+                                      axes[name], abstract, is_leaf=lambda x: isinstance(x, tuple))
+        if sliceable(source):
+            layers[name] = read_quantized_sharded(row, n_in, source, abstract, leaf_shardings, config, quantization)
+            continue
         stacked = _read_quantized(row, n_in, source, abstract, config, quantization)
-        layers[name] = jax.tree.map(
-            lambda ax, value: place(value, shd.sharding_for(ax, value.shape, mesh, rules)),
-            axes[name], stacked, is_leaf=lambda x: isinstance(x, tuple))
+        layers[name] = jax.tree.map(place, stacked, leaf_shardings)
     return QuantizedBase(config, params, layers, quantization)
 
 
@@ -140,9 +149,7 @@ def _read_quantized(row: table.ParamRow, n_in: int, source: TensorSource, abstra
     want = table.hf_shape(row.transform, abstract.shape)
     for i, name in enumerate(row.hf_names(config.num_layers)):
         tensor = source.get(name)
-        if tuple(tensor.shape) != want:
-            raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the config "
-                            f"(config.json) implies {want}")
+        check_shape(name, tensor.shape, want)
         one = qz.quantize_weight(tensor, abstract.shape, n_in, quantization.scheme, quantization.double_quant)
         del tensor
         jax.tree.map(lambda whole, part: whole.__setitem__(i, part), stacked, one)

@@ -7,6 +7,11 @@ reads every checkpoint through this protocol, so any format that can present its
 tensors this way (safetensors here, GGUF in `kto_jax.models.gguf`) loads through
 the same name table, shape checks and sharded placement. A checkpoint directory in
 a bucket (gs://...) is read the same way, each tensor by one ranged read.
+
+A source that can also read part of a tensor (`SlicingSource`: `shape(name)` and
+`get_slice(name, index)`, as safetensors' `safe_open(...).get_slice(name)[index]`) lets each
+process read only the rectangles its devices hold (kto_jax/models/shard_read.py);
+`read_slices` reads through either kind.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from safetensors import safe_open
@@ -39,6 +44,33 @@ class TensorSource(Protocol):
         ...
 
 
+@runtime_checkable
+class SlicingSource(TensorSource, Protocol):
+    """A TensorSource that also reads part of a tensor, and tells a tensor's shape unread."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """HF shape of one tensor, without reading its data."""
+        ...
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`get(name)[index]` (contiguous slices), reading only (about) those bytes."""
+        ...
+
+
+def read_slices(source: TensorSource, name: str, indices: Sequence[tuple[slice, ...]]) -> list[np.ndarray]:
+    """`source.get(name)[index]` for each index: read slice by slice from a SlicingSource,
+    else (one whole read) from the tensor."""
+    if sliceable(source):
+        return [source.get_slice(name, index) for index in indices]
+    whole = np.asarray(source.get(name))
+    return [whole[index] for index in indices]
+
+
+def sliceable(source: TensorSource) -> bool:
+    """Whether `source` reads parts of tensors (a RenamedSource: whether the one it wraps does)."""
+    return isinstance(source.source if isinstance(source, RenamedSource) else source, SlicingSource)
+
+
 class SafetensorsSource:
     """TensorSource over `model.safetensors` or a sharded `model.safetensors.index.json` in one directory.
 
@@ -60,6 +92,11 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of one tensor without reading its data."""
         return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Part of one tensor; a local file reads only those bytes (memory-mapped), a bucket
+        file one ranged read of the slice's rows (whole rows along the first axis)."""
+        return self._handle(name).get_slice(name)[tuple(index)]
 
     def nbytes(self, name: str) -> int:
         """Size of one tensor in the file, without reading its data."""
@@ -91,6 +128,12 @@ class RenamedSource:
 
     def get(self, name: str) -> np.ndarray:
         return self.source.get(self._stored[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self._stored[name])
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.source.get_slice(self._stored[name], index)
 
     def stored_name(self, name: str) -> str:
         """The name the wrapped source stores `name` under."""
@@ -134,11 +177,12 @@ class _RangedSafetensors:
         return list(self._header)
 
     def get_slice(self, name: str) -> "_RangedSafetensors._Slice":
-        return self._Slice(self._header[name]["shape"], self._header[name]["dtype"])
+        return self._Slice(self, name)
 
     class _Slice:
-        def __init__(self, shape: list[int], dtype: str):
-            self.shape, self.dtype = shape, dtype
+        def __init__(self, file: "_RangedSafetensors", name: str):
+            self.file, self.name = file, name
+            self.shape, self.dtype = file._header[name]["shape"], file._header[name]["dtype"]
 
         def get_shape(self) -> list[int]:
             return list(self.shape)
@@ -146,15 +190,29 @@ class _RangedSafetensors:
         def get_dtype(self) -> str:
             return self.dtype
 
+        def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+            """The slice, from one ranged read of its rows (the first axis's slice, whole rows)."""
+            index = tuple(index) if isinstance(index, tuple) else (index,)
+            if not self.shape:
+                return self.file.get_tensor(self.name)[index]
+            lo, hi, _ = index[0].indices(self.shape[0]) if index else (0, self.shape[0], 1)
+            row = math.prod(self.shape[1:]) * _ITEMSIZE[self.dtype]
+            rows = self.file.read_bytes(self.name, lo * row, max(hi - lo, 0) * row)
+            return rows.reshape(max(hi - lo, 0), *self.shape[1:])[(slice(None), *index[1:])]
+
     def get_tensor(self, name: str) -> np.ndarray:
-        import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers bfloat16)
         entry = self._header[name]
         start, end = entry["data_offsets"]
+        return self.read_bytes(name, 0, end - start).reshape(entry["shape"])
+
+    def read_bytes(self, name: str, offset: int, size: int) -> np.ndarray:
+        """`size` bytes of tensor `name` from `offset` (within its data), as a flat array of its dtype."""
+        import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers bfloat16)
+        entry = self._header[name]
         with fs.open_file(self.path, "rb") as f:
-            f.seek(self._base + start)
-            data = f.read(end - start)
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        return np.frombuffer(data, dtype).reshape(entry["shape"]).copy()
+            f.seek(self._base + entry["data_offsets"][0] + offset)
+            data = f.read(size)
+        return np.frombuffer(data, np.dtype(_DTYPES[entry["dtype"]])).copy()
 
     def __enter__(self):
         return self

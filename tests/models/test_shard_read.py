@@ -1,0 +1,218 @@
+"""Each process reads from safetensors only the slices its devices hold: the loaded params
+(float, int8, NF4, NF4 + double quantisation) are bit for bit what reading every tensor whole
+gives, and the bytes read per tensor are each device block's, not the tensor's."""
+
+import collections
+import math
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from tiny_models import hf_model
+
+from kto_jax import sharding as shd
+from kto_jax.models import from_pretrained, shard_read
+from kto_jax.models import params as table
+from kto_jax.models import tensor_source
+from kto_jax.models.hf_io import load_from_source, read_hf_config
+from kto_jax.models.quantized_base import Quantization, load_quantized, load_quantized_from_source, quantized_rows
+from kto_jax.models.tensor_source import SafetensorsSource
+
+RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+         ("vocab", "tensor"), ("layers", None), ("head_dim", None))
+# head_dim sharded too: q_proj's HF rows (head, head_dim) are cut inside each head.
+HEAD_DIM_RULES = (("embed", "fsdp"), ("head_dim", "tensor"), ("vocab", "tensor"))
+MESHES = {"fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2}, "fsdp8": {"data": 1, "fsdp": 8},
+          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+SCHEMES = [Quantization("int8"), Quantization("nf4"), Quantization("nf4", double_quant=True)]
+
+
+def _write(path, dtype="float32", **sizes):
+    """A random Qwen2 (q/k/v biases, untied lm_head, GQA) of `sizes`, saved in `dtype`."""
+    import torch
+    config = transformers.Qwen2Config(**{
+        "vocab_size": 256, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False, **sizes})
+    hf_model(config).to(getattr(torch, dtype)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """'aligned': D = F = H * hd = 256, so on fsdp 4 x tensor 2 every NF4 shard is whole blocks;
+    'small': D 64 (one NF4 block per row: the codes shards cut blocks); 'bf16': stored bfloat16."""
+    root = tmp_path_factory.mktemp("shard_read")
+    return {"aligned": _write(root / "aligned"), "bf16": _write(root / "bf16", "bfloat16"),
+            "small": _write(root / "small", hidden_size=64, intermediate_size=128)}
+
+
+class WholeTensors:
+    """A TensorSource that reads tensors whole only: the loader's path before slicing."""
+
+    def __init__(self, path):
+        self.source = SafetensorsSource(path)
+
+    def names(self):
+        return self.source.names()
+
+    def get(self, name):
+        return self.source.get(name)
+
+
+class SpyHandle:
+    """A safe_open handle that logs (tensor name, bytes) of every read it serves."""
+
+    def __init__(self, handle, log):
+        self.handle, self.log = handle, log
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, name):
+        value = self.handle.get_tensor(name)
+        self.log.append((name, value.nbytes))
+        return value
+
+    def get_slice(self, name):
+        piece, log = self.handle.get_slice(name), self.log
+
+        class Slice:
+            get_shape, get_dtype = piece.get_shape, piece.get_dtype
+
+            def __getitem__(self, index):
+                value = piece[index]
+                log.append((name, value.nbytes))
+                return value
+        return Slice()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The (name, bytes) of every safetensors read while the test runs."""
+    log = []
+    real = tensor_source.safe_open
+    monkeypatch.setattr(tensor_source, "safe_open", lambda *a, **k: SpyHandle(real(*a, **k), log))
+    return log
+
+
+def _flat(model):
+    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _assert_same(got, want):
+    """Same values, bit for bit, on the same shardings (every leaf of two pytrees)."""
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.sharding == w.sharding and g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _block_bytes(x, lead, itemsize, unit=1):
+    """{HF tensor slot: [bytes of each distinct device block's slice of it]} of array `x`
+    whose first `lead` axes pick the HF tensor (unit: checkpoint values per element)."""
+    out = collections.defaultdict(list)
+    blocks = {tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+              for index in x.sharding.addressable_devices_indices_map(x.shape).values()}
+    for b in blocks:
+        size = math.prod(hi - lo for lo, hi in b[lead:]) * itemsize * unit
+        for slot in np.ndindex(*[hi - lo for lo, hi in b[:lead]]):
+            out[tuple(lo + s for (lo, _), s in zip(b[:lead], slot))].append(size)
+    return out
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_float_load_equals_whole_tensor_load_and_reads_only_the_blocks(checkpoints, reads, mesh_name):
+    path = checkpoints["aligned"]
+    mesh = shd.make_mesh(MESHES[mesh_name])
+    model, config = from_pretrained(path, mesh=mesh, rules=RULES)
+    sliced = list(reads)
+    reads.clear()
+    today, _ = load_from_source(read_hf_config(path), WholeTensors(path), mesh=mesh, rules=RULES)
+    _assert_same(_flat(model), _flat(today))
+    source = SafetensorsSource(path)
+    whole = sorted((n, source.nbytes(n)) for n in source.names())
+    assert sorted(reads) == whole                           # before: every tensor read whole
+    assert sum(b for _, b in sliced) == sum(b for _, b in whole)  # now: every byte once, in slices
+    # What slicing read: per HF tensor, each distinct device block's bytes, once.
+    want = collections.Counter()
+    flat = _flat(model)
+    for row in table.param_table(config):
+        lead = (2 if row.per_expert else 1) if row.stacked else 0
+        names = list(row.hf_names(config.num_layers, config.num_experts)) if row.stacked else [row.hf_name]
+        for slot, sizes in _block_bytes(flat[row.path], lead, 4).items():
+            name = names[int(np.ravel_multi_index(slot, flat[row.path].shape[:lead]))] if lead else names[0]
+            want.update((name, s) for s in sizes)
+    assert collections.Counter(sliced) == want
+    q = "model.layers.0.self_attn.q_proj.weight"  # [H * hd, D]: its fsdp x tensor block only
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    assert {b for n, b in sliced if n == q} == {256 * 256 * 4 // shards}
+
+
+def test_head_dim_sharded_and_bf16_checkpoints_load_as_whole_tensors_do(checkpoints, reads):
+    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    for path, rules, dtype in ((checkpoints["aligned"], HEAD_DIM_RULES, "float32"),
+                               (checkpoints["bf16"], RULES, "bfloat16"), (checkpoints["bf16"], RULES, "float32")):
+        model, _ = from_pretrained(path, mesh=mesh, rules=rules, param_dtype=dtype)
+        today, _ = load_from_source(read_hf_config(path), WholeTensors(path), mesh=mesh, rules=rules,
+                                    param_dtype=dtype)
+        _assert_same(_flat(model), _flat(today))
+    assert model.layers.q_proj[...].sharding.spec == shd.logical_to_mesh(
+        ("layers", "embed", "heads", "head_dim"), RULES, model.layers.q_proj[...].shape, mesh)
+
+
+@pytest.mark.parametrize("quantization", SCHEMES, ids=lambda q: q.scheme + ("_double" if q.double_quant else ""))
+@pytest.mark.parametrize("case", ["aligned", "small"])
+def test_quantised_load_equals_whole_tensor_quantiser(checkpoints, reads, quantization, case):
+    """Each codes shard quantised from its slice (NF4: widened to whole blocks) with the whole
+    tensor's absmaxes is the whole-tensor quantiser's, bit for bit, scales included."""
+    path = checkpoints[case]
+    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    base = load_quantized(path, quantization, mesh=mesh, rules=RULES)
+    sliced = list(reads)
+    today = load_quantized_from_source(read_hf_config(path), WholeTensors(path), quantization, mesh=mesh,
+                                       rules=RULES)
+    _assert_same(base.layers, today.layers)
+    _assert_same(base.params, today.params)
+    assert not [n for n, b in sliced if b == SafetensorsSource(path).nbytes(n) and ".layers." in n
+                and n.endswith("proj.weight")]  # no projection was read whole
+    if case == "aligned" or quantization.scheme == "int8":
+        # Each projection's reads are its codes blocks' slices: the weight's shard, per layer.
+        unit = 2 if quantization.scheme == "nf4" else 1
+        for name, (row, _) in quantized_rows(base.config).items():
+            for (layer,), sizes in _block_bytes(base.layers[name].codes, 1, 4, unit).items():
+                hf = row.hf_name.format(i=layer)
+                assert sorted(b for n, b in sliced if n == hf) == sorted(sizes), hf
+
+
+def test_quantised_shards_are_bitwise_with_head_dim_sharded(checkpoints):
+    path = checkpoints["aligned"]
+    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    for quantization in (Quantization("int8"), Quantization("nf4", double_quant=True)):
+        base = load_quantized(path, quantization, mesh=mesh, rules=HEAD_DIM_RULES)
+        today = load_quantized_from_source(read_hf_config(path), WholeTensors(path), quantization, mesh=mesh,
+                                           rules=HEAD_DIM_RULES)
+        _assert_same(base.layers, today.layers)
+
+
+def test_layout_round_trips_every_transform():
+    """hf_request + to_block of any block equals to_ours of the whole tensor, sliced."""
+    rng = np.random.default_rng(0)
+    for transform, shape in ((table.IDENTITY, (6, 4)), (table.LINEAR, (6, 4)), (table.HEADS_IN, (8, 2, 4)),
+                             (table.HEADS_OUT, (2, 4, 8)), (table.HEADS_BIAS, (2, 4))):
+        hf = rng.standard_normal(table.hf_shape(transform, shape)).astype(np.float32)
+        ours = table.to_ours(transform, hf, shape)
+        groups = shard_read.layout(transform, len(shape))
+        for _ in range(20):
+            bounds = tuple(tuple(sorted(rng.choice(n + 1, 2, replace=False))) for n in shape)
+            cover, picks = shard_read.hf_request(groups, shape, bounds)
+            got = shard_read.to_block(hf[cover], groups, bounds, picks)
+            np.testing.assert_array_equal(got, ours[tuple(slice(*b) for b in bounds)])
