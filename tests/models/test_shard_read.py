@@ -216,3 +216,36 @@ def test_layout_round_trips_every_transform():
             cover, picks = shard_read.hf_request(groups, shape, bounds)
             got = shard_read.to_block(hf[cover], groups, bounds, picks)
             np.testing.assert_array_equal(got, ours[tuple(slice(*b) for b in bounds)])
+
+
+@pytest.mark.slow  # two processes, three loads each: ~40 s on 2 busy cores
+def test_two_processes_each_read_half_of_every_fsdp_sharded_tensor(checkpoints, tmp_path, compile_cache):
+    """fsdp 2 (one process each) x tensor 2: every tensor with an embed axis is read half by
+    each process; the q/k/v biases (heads on tensor, inside a process) whole by both. The
+    worker checks each process's shards, float and quantised, against the whole tensors."""
+    import socket
+    import subprocess
+    import sys
+    import json
+    from cli_runs import REPO, cli_env
+    path = checkpoints["aligned"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = f"{REPO}/tests/models/two_process_load.py"
+    procs = [subprocess.Popen([sys.executable, worker, path, str(tmp_path / f"{rank}.json")], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(compile_cache, devices=2, KTO_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                          KTO_JAX_NUM_PROCESSES="2", KTO_JAX_PROCESS_ID=str(rank)))
+             for rank in range(2)]
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
+    source = SafetensorsSource(path)
+    for rank in range(2):
+        loads = json.loads((tmp_path / f"{rank}.json").read_text())
+        for load, reads in loads.items():
+            assert set(reads) == source.names(), load
+            for name, got in reads.items():
+                size = source.nbytes(name)
+                assert got == (size if name.endswith("bias") else size // 2), (rank, load, name)
