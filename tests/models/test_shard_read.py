@@ -249,3 +249,15 @@ def test_two_processes_each_read_half_of_every_fsdp_sharded_tensor(checkpoints, 
             for name, got in reads.items():
                 size = source.nbytes(name)
                 assert got == (size if name.endswith("bias") else size // 2), (rank, load, name)
+
+
+def test_bucket_reader_slices_by_ranged_reads_of_whole_rows(checkpoints):
+    """The gs:// reader's slices (one ranged read of the rows) equal safetensors' own."""
+    path = f"{checkpoints['bf16']}/model.safetensors"
+    ranged, local = tensor_source._RangedSafetensors(path), tensor_source.safe_open(path, framework="numpy")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        shape = local.get_slice(name).get_shape()
+        for index in ((slice(0, 2),), tuple(slice(1, n // 2) for n in shape), tuple(slice(n // 3, n) for n in shape)):
+            got, want = ranged.get_slice(name)[index], local.get_slice(name)[index]
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
