@@ -283,7 +283,9 @@ def unpermute_qk_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class GGUFTensorSource:
-    """TensorSource over a GGUF file: HF names, float32 HF-layout arrays, dequantised on `get`."""
+    """TensorSource over a GGUF file: HF names, float32 HF-layout arrays, dequantised on `get`;
+    a SlicingSource (`get_slice` reads the rows of a slice only), so each process of a sharded
+    load reads the rows its devices hold (kto_jax/models/shard_read.py)."""
 
     def __init__(self, tensors: dict[str, Any], config: dict[str, Any], path):
         self._path = path
@@ -308,8 +310,32 @@ class GGUFTensorSource:
 
         tensor = self._tensor(name)
         weight = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(self.shape(name))
-        n_heads = self._heads.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
+        n_heads = self._qk_heads(name)
         return unpermute_qk_rows(weight, n_heads) if n_heads else weight
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`get(name)[index]`, reading and dequantising only the rows `index` spans: llama.cpp
+        quantises along rows (a row is whole blocks), and a q/k tensor's rows are permuted
+        within each head, so its rows are read in whole heads. Every column of those rows is read."""
+        from gguf.quants import dequantize
+
+        tensor, shape = self._tensor(name), self.shape(name)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if not shape:
+            return self.get(name)
+        lo, hi, _ = index[0].indices(shape[0])
+        n_heads = self._qk_heads(name)
+        per = shape[0] // n_heads if n_heads else 1
+        start, stop = lo // per * per, max(-(-hi // per) * per, lo // per * per)
+        rows = np.array(dequantize(tensor.data[start:stop], tensor.tensor_type),
+                        dtype=np.float32).reshape(stop - start, *shape[1:])
+        if n_heads:
+            rows = unpermute_qk_rows(rows, (stop - start) // per)
+        return rows[(slice(lo - start, hi - start), *index[1:])]
+
+    def _qk_heads(self, name: str) -> int | None:
+        """The head count whose rows llama.cpp permuted in tensor `name` (q/k weights), else None."""
+        return self._heads.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
 
     def _tensor(self, name: str):
         if name not in self._by_hf_name:

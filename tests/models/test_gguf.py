@@ -455,3 +455,30 @@ def test_smollm2_greedy_continuation_matches_transformers(smollm2):
         # transformers stops at eos; up to there the continuations must agree token for token.
         assert len(want) == GREEDY_NEW_TOKENS or want[-1] == tokenizer.eos_token_id, want
         assert ours[:len(want)] == want, (prompt, tokenizer.decode(want), tokenizer.decode(ours))
+
+
+def test_tiny_slices_equal_the_whole_tensors_sliced(tiny):
+    """get_slice (only the rows it spans, q/k in whole heads) is get()[index], and a sharded
+    load reads through it: the same model as one-device loading."""
+    import jax
+    from flax import nnx
+
+    from kto_jax import sharding as shd
+    from kto_jax.models import from_pretrained
+    from kto_jax.models.tensor_source import sliceable
+
+    _, _, path = tiny
+    _, source, _ = kgguf.open_gguf(path)
+    assert sliceable(source)
+    rng = np.random.default_rng(0)
+    for name in sorted(source.names()):
+        whole, shape = source.get(name), source.shape(name)
+        for _ in range(4):
+            index = tuple(slice(*sorted(rng.choice(n + 1, 2, replace=False))) for n in shape)
+            np.testing.assert_array_equal(source.get_slice(name, index), whole[index], err_msg=name)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"))
+    sharded, _ = from_pretrained(str(path), mesh=mesh, rules=rules)
+    single, _ = from_pretrained(str(path))
+    for got, want in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
