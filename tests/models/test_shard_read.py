@@ -3,12 +3,17 @@
 gives, and the bytes read per tensor are each device block's, not the tensor's."""
 
 import collections
+import json
 import math
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import transformers
+from cli_runs import REPO, cli_env
 from flax import nnx
 from tiny_models import hf_model
 
@@ -223,11 +228,6 @@ def test_two_processes_each_read_half_of_every_fsdp_sharded_tensor(checkpoints, 
     """fsdp 2 (one process each) x tensor 2: every tensor with an embed axis is read half by
     each process; the q/k/v biases (heads on tensor, inside a process) whole by both. The
     worker checks each process's shards, float and quantised, against the whole tensors."""
-    import socket
-    import subprocess
-    import sys
-    import json
-    from cli_runs import REPO, cli_env
     path = checkpoints["aligned"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
