@@ -32,7 +32,7 @@ the sharding rules shard it like the weight; `quantized_axes`). For a weight of 
            (flat, in bitsandbytes' order), offset f32 []
 
 A stacked weight has a leading [L] on every array. Quantising runs on the host in numpy
-(once, while loading: kto_jax/models/quantized_load.py); `dequantize` is jnp and reads any
+(once, while loading: kto_jax/models/quantized_base.py, kto_jax/models/shard_read.py); `dequantize` is jnp and reads any
 number of leading axes, so the layer scan dequantises one layer's slice in its body and
 the whole model never exists in the compute dtype.
 """
