@@ -22,6 +22,18 @@ One set of base weights serves both forwards:
     reference = model                                       # base alone
     reference = attach(model, frozen_initial_adapters)      # base + a starting (SFT) adapter
 
+A mixture of experts' experts take adapters as an option (targets `expert_gate_up_proj`,
+`expert_down_proj`; `EXPERT_TARGETS`): one adapter per expert on the fused parameter
+transformers and PEFT hold (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), so
+
+    A: [L, E, in, r]    ('layers', 'expert', <in axis>, None)
+    B: [L, E, r, out]   ('layers', 'expert', None, <out axis>)
+
+where gate_up's out is gate's and up's columns side by side (gate and up share their A,
+as in PEFT's adapter of the fused weight). kto_jax.models.moe applies them inside the
+grouped expert matmul: each assignment's rows times its own expert's A, then B (two
+more grouped matmuls of width r), never a dense per-expert delta.
+
 Which adapters exist is `LoraConfig` (config.lora, read once by the runtime:
 kto_jax/train/settings.py, `resolve_lora`), checked by `validate(...)` before anything is
 compiled.
@@ -42,6 +54,7 @@ from jax.sharding import Mesh
 from kto_jax import sharding as shd
 from kto_jax.errors import UserError
 from kto_jax.models.config import ModelConfig
+from kto_jax.models.moe import EXPERT_ADAPTERS, MOE_MLP
 from kto_jax.models.transformer import LAYER_AXES, Transformer, layer_param_shapes
 
 Array = jax.Array
@@ -58,6 +71,12 @@ TARGET_MODULES = tuple(TARGET_IN_AXES)
 TARGET_HF_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
                    "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
                    "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+# A mixture of experts' per-expert adapters (module docstring): target -> the expert
+# parameters (kto_jax.models.moe.EXPERT_PARAMS) whose output columns its B spans, side by side.
+EXPERT_TARGETS: dict[str, tuple[str, ...]] = EXPERT_ADAPTERS
+# The parameter of transformers' experts module each adapts (PEFT `target_parameters`).
+EXPERT_HF_PATHS = {"expert_gate_up_proj": "mlp.experts.gate_up_proj", "expert_down_proj": "mlp.experts.down_proj"}
+KNOWN_TARGETS = TARGET_MODULES + tuple(EXPERT_TARGETS)
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 DROPOUT_KEY = "lora_dropout_key"
 
@@ -113,22 +132,32 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
     if not 0.0 <= lora.dropout < 1.0:
         raise UserError(f"config.lora.dropout={lora.dropout}: must be in [0, 1)")
     if not lora.target_modules:
-        raise UserError("config.lora.target_modules is empty; name at least one of " + " ".join(TARGET_MODULES))
-    unknown = [t for t in lora.target_modules if t not in TARGET_IN_AXES]
+        raise UserError("config.lora.target_modules is empty; name at least one of " + " ".join(KNOWN_TARGETS))
+    unknown = [t for t in lora.target_modules if t not in KNOWN_TARGETS]
     if unknown:
         raise UserError(f"config.lora.target_modules: unknown module(s) {', '.join(unknown)}; "
-                        f"choose among {' '.join(TARGET_MODULES)}")
+                        f"choose among {' '.join(KNOWN_TARGETS)}")
     if len(set(lora.target_modules)) != len(lora.target_modules):
         raise UserError(f"config.lora.target_modules lists a module twice: {' '.join(lora.target_modules)}")
+    experts = [t for t in lora.target_modules if t in EXPERT_TARGETS]
+    if experts and lora.dropout:
+        raise UserError(f"config.lora.dropout={lora.dropout} with expert adapters ({' '.join(experts)}): "
+                        "PEFT's adapters of expert parameters have no dropout, nor do ours; "
+                        "set --config.lora.dropout=0")
     if model_config is not None:
         present = layer_param_shapes(model_config)
-        absent = [t for t in lora.target_modules if t not in present]
+        absent = [t for t in lora.target_modules if not set(EXPERT_TARGETS.get(t, (t,))) <= set(present)]
         if absent:
-            kept = " ".join(t for t in lora.target_modules if t in present) or "q_proj k_proj v_proj o_proj"
-            moe = (" (a mixture of experts has no dense MLP; its experts take no adapters: "
-                   f"set --config.lora.target_modules='{kept}')" if model_config.num_experts else "")
+            kept = " ".join(t for t in lora.target_modules if t not in absent) or "q_proj k_proj v_proj o_proj"
+            moe = (" (a mixture of experts has no dense MLP; adapt its experts with expert_gate_up_proj "
+                   f"expert_down_proj, or set --config.lora.target_modules='{kept}')" if model_config.num_experts
+                   else " (expert_* targets are for mixtures of experts)" if experts else "")
             raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in "
                             f"{model_config.architecture}{moe}")
+        if experts and model_config.quantization.enabled:
+            raise UserError(f"config.lora.target_modules: expert adapters ({' '.join(experts)}) on a quantised "
+                            "base are not supported; set --config.lora.base_quantization=none or adapt the "
+                            "attention only")
     head = getattr(loss, "value_head", None)   # a HaloLoss's extra trained head, if any
     if head is not None and not head.beside_lora:
         raise UserError(f"config.lora.rank={lora.rank} with config.loss.name={loss.name!r}: the loss's extra "
@@ -137,14 +166,25 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
 
 
 def factor_shapes(model_config: ModelConfig, rank: int, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(A shape, B shape) of one target, both with the leading L axis."""
-    w = layer_param_shapes(model_config)[target]
+    """(A shape, B shape) of one target, both with the leading L axis (an expert target's
+    next the E axis: [L, E, in, r], [L, E, r, out summed over its parameters])."""
+    shapes = layer_param_shapes(model_config)
+    n = model_config.num_layers
+    if target in EXPERT_TARGETS:
+        ws = [shapes[name] for name in EXPERT_TARGETS[target]]     # each [E, in, out]
+        e, d_in = ws[0][:2]
+        return (n, e, d_in, rank), (n, e, rank, sum(w[2] for w in ws))
+    w = shapes[target]
     n_in = TARGET_IN_AXES[target]
-    return (model_config.num_layers, *w[:n_in], rank), (model_config.num_layers, rank, *w[n_in:])
+    return (n, *w[:n_in], rank), (n, rank, *w[n_in:])
 
 
 def factor_axes(target: str) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
-    """Logical axes of (A, B): A follows W's input axes, B W's output axes; r is replicated."""
+    """Logical axes of (A, B): A follows W's input axes, B W's output axes; r is replicated
+    (an expert target's A and B keep W's 'expert' axis)."""
+    if target in EXPERT_TARGETS:
+        expert, d_in, d_out = MOE_MLP.axes[EXPERT_TARGETS[target][0]]
+        return ("layers", expert, d_in, None), ("layers", expert, None, d_out)
     axes = LAYER_AXES[target]
     n_in = TARGET_IN_AXES[target]
     return ("layers", *axes[:n_in], None), ("layers", None, *axes[n_in:])
@@ -164,7 +204,8 @@ class LoraAdapters(nnx.Module):
         for target in self.targets:
             a_shape, b_shape = factor_shapes(model_config, lora.rank, target)
             a_axes, b_axes = factor_axes(target)
-            bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
+            fan_in = a_shape[2:-1] if target in EXPERT_TARGETS else a_shape[1:-1]
+            bound = 1.0 / math.sqrt(math.prod(fan_in))
             a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
             setattr(self, target + A_SUFFIX, _lora_param(a, a_axes))
             setattr(self, target + B_SUFFIX, _lora_param(jnp.zeros(b_shape, jnp.float32), b_axes))
@@ -239,12 +280,27 @@ def trainable_count(adapters: LoraAdapters) -> int:
 
 
 def delta_weight(adapters: LoraAdapters, target: str) -> Array:
-    """(alpha / r) A B: [L, *W shape], float32; W + this is the merged weight."""
+    """(alpha / r) A B: [L, *W shape], float32; W + this is the merged weight (an expert
+    target's: [L, E, in, out], each expert's own A_e B_e, out spanning its parameters)."""
     a, b = adapters.factors(target)
+    if target in EXPERT_TARGETS:
+        return adapters.scale * jnp.einsum("leir,lero->leio", a, b, precision=jax.lax.Precision.HIGHEST)
     n = a.shape[0]
     flat = jnp.einsum("lir,lro->lio", a.reshape(n, -1, a.shape[-1]), b.reshape(n, b.shape[1], -1),
                       precision=jax.lax.Precision.HIGHEST)
     return (adapters.scale * flat).reshape(n, *a.shape[1:-1], *b.shape[2:])
+
+
+def param_deltas(adapters: LoraAdapters) -> dict[str, Array]:
+    """{layer parameter name: its float32 delta [L, *W shape]} of every target (an expert
+    target's delta split into its parameters' columns: gate_up into gate and up)."""
+    deltas = {}
+    for target in adapters.targets:
+        delta = delta_weight(adapters, target)
+        names = EXPERT_TARGETS.get(target, (target,))
+        for name, part in zip(names, jnp.split(delta, len(names), axis=-1) if len(names) > 1 else (delta,)):
+            deltas[name] = part
+    return deltas
 
 
 def merge(model: Transformer, adapters: LoraAdapters) -> Transformer:
@@ -257,8 +313,8 @@ def merge(model: Transformer, adapters: LoraAdapters) -> Transformer:
     merged = nnx.merge(graphdef, state, copy=True)  # new Variables: `model` keeps its weights
     if getattr(merged, "lora", None) is not None:
         del merged.lora
-    for target in adapters.targets:
-        var = getattr(merged.layers, target)
+    for name, delta in param_deltas(adapters).items():
+        var = getattr(merged.layers, name)
         w = var[...]
-        var.set_value((w.astype(jnp.float32) + delta_weight(adapters, target)).astype(w.dtype))
+        var.set_value((w.astype(jnp.float32) + delta).astype(w.dtype))
     return merged

@@ -11,6 +11,15 @@ the delta is (alpha / r) A B with A [*in, r], B [r, *out], so per layer
 lora_A = A.reshape(-1, r).T and lora_B = B.reshape(r, -1).T: the same flattening of
 heads (head, head_dim) as the base weights' HEADS_IN / HEADS_OUT transforms.
 
+Expert adapters (a mixture of experts' `expert_gate_up_proj` / `expert_down_proj`,
+kto_jax.models.lora) go to PEFT's `target_parameters` (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`: transformers' fused [E, out, in] expert parameters), where PEFT
+nests one wrapper per parameter (gate_up innermost, as transformers defines them):
+  base_model.model.model.layers.{i}.mlp.experts[.base_layer].lora_A.weight   [E * r, in]   row e*r + j
+  base_model.model.model.layers.{i}.mlp.experts.lora_B.weight               [out, r * E]  column j*E + e
+so lora_A = A[l].transpose(0, 2, 1).reshape(E * r, in), lora_B = B[l].transpose(2, 1, 0).reshape(out, r * E)
+(gate_up's out: gate's rows, then up's, as transformers' chunk(2) reads them).
+
 Merged export writes W + (alpha / r) A B through the ordinary HF export
 (`kto_jax.models.hf_io.save_pretrained`).
 """
@@ -45,7 +54,7 @@ _KEY = "base_model.model.{layer}{path}.lora_{factor}.weight"
 # PEFT features our adapters do not have: config key -> the value meaning "not used".
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
                 "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
-                "alpha_pattern": {}, "target_parameters": None, "layer_replication": None}
+                "alpha_pattern": {}, "layer_replication": None}
 
 
 def layer_prefix(config: ModelConfig | None) -> str:
@@ -57,11 +66,17 @@ def layer_prefix(config: ModelConfig | None) -> str:
     return q_proj.hf_name.removesuffix(lora_lib.TARGET_HF_PATHS["q_proj"] + ".weight")
 
 
-def peft_key(layer: int, target: str, factor: str, config: ModelConfig | None = None) -> str:
+def peft_key(layer: int, target: str, factor: str, config: ModelConfig | None = None,
+             targets: tuple[str, ...] = ()) -> str:
     """The PEFT tensor name of one factor ('A' or 'B') of `target` in decoder layer `layer`
-    (of a model of `config`'s family; None: Llama's layout)."""
-    return _KEY.format(layer=layer_prefix(config).format(i=layer), path=lora_lib.TARGET_HF_PATHS[target],
-                       factor=factor)
+    (of a model of `config`'s family; None: Llama's layout). An expert target's name
+    depends on the other expert targets of the adapter (`targets`): PEFT nests them."""
+    path = lora_lib.TARGET_HF_PATHS.get(target)
+    if path is None:  # an expert parameter: its wrapper, one base_layer. per wrapper around it
+        nested = [t for t in lora_lib.EXPERT_TARGETS if t in targets or t == target]
+        path = lora_lib.EXPERT_HF_PATHS[target].rsplit(".", 1)[0] + ".base_layer" * (
+            len(nested) - 1 - nested.index(target))
+    return _KEY.format(layer=layer_prefix(config).format(i=layer), path=path, factor=factor)
 
 
 def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int,
@@ -72,9 +87,33 @@ def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int,
         a, b = (_to_host(x).astype(np.float32) for x in adapters.factors(target))
         r = a.shape[-1]
         for i in range(num_layers):
-            tensors[peft_key(i, target, "A", config)] = np.ascontiguousarray(a[i].reshape(-1, r).T)
-            tensors[peft_key(i, target, "B", config)] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+            if target in lora_lib.EXPERT_TARGETS:   # A [E, in, r], B [E, r, out] (module docstring)
+                peft_a = a[i].transpose(0, 2, 1).reshape(-1, a.shape[2])
+                peft_b = b[i].transpose(2, 1, 0).reshape(b.shape[-1], -1)
+            else:
+                peft_a, peft_b = a[i].reshape(-1, r).T, b[i].reshape(r, -1).T
+            tensors[peft_key(i, target, "A", config, adapters.targets)] = np.ascontiguousarray(peft_a)
+            tensors[peft_key(i, target, "B", config, adapters.targets)] = np.ascontiguousarray(peft_b)
     return tensors
+
+
+def from_peft_tensor(tensor: np.ndarray, target: str, factor: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One layer's factor in our layout (`shape`, without L) from its PEFT tensor (the
+    inverse of `to_peft_tensors`)."""
+    if target not in lora_lib.EXPERT_TARGETS:
+        return tensor.T.reshape(shape)
+    e, x, y = shape                                     # A: [E, in, r]; B: [E, r, out]
+    if factor == "a":
+        return tensor.reshape(e, y, x).transpose(0, 2, 1)
+    return tensor.reshape(y, x, e).transpose(2, 1, 0)
+
+
+def _peft_shape(target: str, factor: str, shape: tuple[int, ...], rank: int) -> tuple[int, int]:
+    """The PEFT tensor shape of one layer's factor of our `shape` (with L)."""
+    if target in lora_lib.EXPERT_TARGETS:
+        e = shape[1]
+        return (e * rank, shape[2]) if factor == "a" else (shape[3], rank * e)
+    return (rank, int(np.prod(shape[1:-1]))) if factor == "a" else (int(np.prod(shape[2:])), rank)
 
 
 def save_peft(adapters: lora_lib.LoraAdapters, model_config: ModelConfig, out_dir: str, *,
@@ -83,9 +122,12 @@ def save_peft(adapters: lora_lib.LoraAdapters, model_config: ModelConfig, out_di
     onto the original HF model. Only process 0 writes."""
     tensors = to_peft_tensors(adapters, model_config.num_layers, model_config)
     rank = adapters.factors(adapters.targets[0])[0].shape[-1]
+    experts = [lora_lib.EXPERT_HF_PATHS[t] for t in lora_lib.EXPERT_TARGETS if t in adapters.targets]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank),
               "lora_alpha": float(adapters.scale * rank), "lora_dropout": float(adapters.dropout),
-              "target_modules": list(adapters.targets), "base_model_name_or_path": base_model_name_or_path or None,
+              "target_modules": [t for t in adapters.targets if t not in lora_lib.EXPERT_TARGETS],
+              "target_parameters": experts or None,
+              "base_model_name_or_path": base_model_name_or_path or None,
               "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED}
     if model_config.family.passthrough:  # e.g. a vision tower whose q/k/v_proj share our targets' names
         config["exclude_modules"] = "(" + "|".join(re.escape(p) for p in model_config.family.passthrough) + ").*"
@@ -124,15 +166,18 @@ def read_peft_config(directory: str, lora: lora_lib.LoraConfig | None = None) ->
         if hf.get(key, off) not in (off, None, {}, False):
             raise UserError(f"{where}: {key}={hf[key]!r} in {ADAPTER_CONFIG} is not supported "
                             "(kto-jax reads plain LoRA adapters)")
-    targets = hf.get("target_modules")
-    if not isinstance(targets, list):
+    targets, parameters = hf.get("target_modules"), hf.get("target_parameters") or []
+    if not isinstance(targets, list) or not isinstance(parameters, list):
         raise UserError(f"{where}: target_modules {targets!r} must be a list of module names "
-                        f"among {' '.join(lora_lib.TARGET_MODULES)}")
-    unknown = [t for t in targets if t not in lora_lib.TARGET_MODULES]
+                        f"among {' '.join(lora_lib.TARGET_MODULES)} (target_parameters a list among "
+                        f"{' '.join(lora_lib.EXPERT_HF_PATHS.values())})")
+    experts = {path: t for t, path in lora_lib.EXPERT_HF_PATHS.items()}
+    unknown = [t for t in targets if t not in lora_lib.TARGET_MODULES] + [p for p in parameters if p not in experts]
     if unknown:
         raise UserError(f"{where}: the adapter targets {', '.join(map(str, unknown))}; kto-jax adapts only "
-                        f"{' '.join(lora_lib.TARGET_MODULES)}")
-    targets = tuple(t for t in lora_lib.TARGET_MODULES if t in targets)
+                        f"{' '.join(lora_lib.TARGET_MODULES)} and the experts' "
+                        f"{' '.join(lora_lib.EXPERT_HF_PATHS.values())}")
+    targets = tuple(t for t in lora_lib.KNOWN_TARGETS if t in targets or lora_lib.EXPERT_HF_PATHS.get(t) in parameters)
     lora = lora or lora_lib.LoraConfig()
     found = lora_lib.LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=lora.dropout,
                                 target_modules=targets, seed=lora.seed, init_from=directory)
@@ -157,7 +202,7 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
     except (FileNotFoundError, SafetensorError) as e:
         raise UserError(f"config.lora.init_from={directory!r}: cannot read {ADAPTER_WEIGHTS}: {e}") from e
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
-    expected = {peft_key(i, t, f, model_config) for i in range(model_config.num_layers)
+    expected = {peft_key(i, t, f, model_config, found.target_modules) for i in range(model_config.num_layers)
                 for t in found.target_modules for f in "AB"}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
@@ -171,14 +216,14 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
         target, factor = path[-1].rsplit("_lora_", 1)
         shape = var.get_value().shape
         value = np.empty(shape, np.float32)
+        want = _peft_shape(target, factor, shape, found.rank)
         for i in range(model_config.num_layers):
-            name = peft_key(i, target, factor.upper(), model_config)
+            name = peft_key(i, target, factor.upper(), model_config, found.target_modules)
             tensor = tensors[name]
-            want = (found.rank, int(np.prod(shape[1:-1]))) if factor == "a" else (int(np.prod(shape[2:])), found.rank)
             if tuple(tensor.shape) != want:
                 raise UserError(f"config.lora.init_from={directory!r}: tensor {name!r} has shape "
                                 f"{tuple(tensor.shape)} but the base model needs {want}")
-            value[i] = tensor.T.reshape(shape[1:])
+            value[i] = from_peft_tensor(tensor, target, factor, shape[1:])
         var.set_value(place(value, shardings[path].get_value()))
     return nnx.merge(graphdef, state)
 

@@ -43,6 +43,11 @@ from kto_jax.sharding import constrain, current_spec
 Array = jax.Array
 MOE_IMPLS = ("ragged", "blocks", "dense")
 EXPERT_PARAMS = ("expert_gate_proj", "expert_up_proj", "expert_down_proj")
+# LoRA on the experts (kto_jax.models.lora, EXPERT_TARGETS): adapter -> the parameters whose
+# output columns its B spans (gate and up share one A, as PEFT's adapter of the fused
+# gate_up_proj). A layer's p then holds `{adapter}_lora_a` [E, in, r], `_lora_b` [E, r, out].
+EXPERT_ADAPTERS = {"expert_gate_up_proj": ("expert_gate_proj", "expert_up_proj"),
+                   "expert_down_proj": ("expert_down_proj",)}
 
 
 def route(p: dict[str, Array], x: Array, cfg: Any) -> tuple[Array, Array, Array]:
@@ -68,10 +73,26 @@ def grouped_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Arra
     matmul = blocked_matmul if cfg.moe_impl == "blocks" else jax.lax.ragged_dot
     gate = matmul(rows, layer_weight(p, "expert_gate_proj", dt), sizes)
     up = matmul(rows, layer_weight(p, "expert_up_proj", dt), sizes)
-    out = matmul(ACTIVATIONS[cfg.hidden_act](gate) * up, layer_weight(p, "expert_down_proj", dt), sizes)
+    delta = _adapter_term(lambda x, w: matmul(x, w, sizes), rows, p, "expert_gate_up_proj")
+    if delta is not None:
+        gate, up = gate + delta[:, :gate.shape[-1]], up + delta[:, gate.shape[-1]:]
+    hidden = ACTIVATIONS[cfg.hidden_act](gate) * up
+    out = matmul(hidden, layer_weight(p, "expert_down_proj", dt), sizes)
+    delta = _adapter_term(lambda x, w: matmul(x, w, sizes), hidden, p, "expert_down_proj")
+    out = out if delta is None else out + delta
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     out = jnp.take(out, unsort, axis=0).reshape(n, k, -1)         # back to (token, choice) order
     return jnp.einsum("nkd,nk->nd", out, weights)
+
+
+def _adapter_term(matmul: Any, x: Array, p: dict[str, Array], adapter: str) -> Array | None:
+    """(x A_e) (scale B_e) with each row's (or each expert's) own factors, in x's dtype, by
+    `matmul(x, w [E, ...])`, the same grouped/per-expert product as the base weights'
+    (two more of width r: no per-expert delta is formed); None without the adapter."""
+    if adapter + "_lora_a" not in p:
+        return None
+    a, b = (p[adapter + suffix].astype(x.dtype) for suffix in ("_lora_a", "_lora_b"))
+    return matmul(matmul(x, a), b)
 
 
 BLOCK_ROWS = 128  # rows per block of `blocked_matmul`
@@ -101,8 +122,14 @@ def dense_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Array,
     dt = x.dtype
     gate = jnp.einsum("nd,edf->enf", x, layer_weight(p, "expert_gate_proj", dt))
     up = jnp.einsum("nd,edf->enf", x, layer_weight(p, "expert_up_proj", dt))
-    out = jnp.einsum("enf,efd->end", ACTIVATIONS[cfg.hidden_act](gate) * up,
-                     layer_weight(p, "expert_down_proj", dt))
+    per_expert = lambda h, w: jnp.einsum("nd,edf->enf" if h.ndim == 2 else "end,edf->enf", h, w)
+    delta = _adapter_term(per_expert, x, p, "expert_gate_up_proj")
+    if delta is not None:
+        gate, up = gate + delta[..., :gate.shape[-1]], up + delta[..., gate.shape[-1]:]
+    hidden = ACTIVATIONS[cfg.hidden_act](gate) * up
+    out = jnp.einsum("enf,efd->end", hidden, layer_weight(p, "expert_down_proj", dt))
+    delta = _adapter_term(per_expert, hidden, p, "expert_down_proj")
+    out = out if delta is None else out + delta
     combine = jnp.einsum("nke,nk->ne", jax.nn.one_hot(experts, cfg.num_experts, dtype=dt), weights)
     return jnp.einsum("end,ne->nd", out, combine)
 
@@ -128,6 +155,7 @@ def per_batch_shard(p: dict[str, Array], tokens: Array, experts: Array, weights:
     if spec is None or spec == PartitionSpec(None):
         return grouped_outputs(p, tokens, experts, weights, cfg)
     w = {name: layer_weight(p, name, tokens.dtype) for name in EXPERT_PARAMS}
+    w.update({name: p[name] for name in p if name.startswith(tuple(EXPERT_ADAPTERS)) and "_lora_" in name})
     local = jax.shard_map(lambda w, *rows: grouped_outputs(w, *rows, cfg), check_vma=False,
                           in_specs=(PartitionSpec(), spec, spec, spec), out_specs=spec)
     return local(w, tokens, experts, weights)

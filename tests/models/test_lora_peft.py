@@ -123,10 +123,93 @@ def test_moe_attention_adapters_merged_and_peft_agree(name, batch, tmp_path):
     np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
 
 
+EXPERT_TARGETS = ("q_proj", "v_proj", "expert_gate_up_proj", "expert_down_proj")
+
+
+def _expert_adapters(config, targets=EXPERT_TARGETS, seed=7):
+    adapters = lora.LoraAdapters(config, lora.LoraConfig(rank=3, alpha=6.0, target_modules=targets),
+                                 rngs=nnx.Rngs(2))
+    for key, t in zip(jax.random.split(jax.random.key(seed), len(targets)), targets):
+        var = getattr(adapters, t + lora.B_SUFFIX)
+        var.set_value(0.1 * jax.random.normal(key, var[...].shape))
+    return adapters
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_expert_adapters_merged_and_peft_agree(name, batch, tmp_path):
+    """LoRA on every expert's gate/up/down (and q, v): our logits = the merged export's =
+    the real peft's (target_parameters on transformers' fused expert weights) on the
+    original HF model, float32 within 1e-4; the merged expert weights are W + (alpha / r)
+    A_e B_e by hand; the PEFT adapter reads back bit for bit."""
+    path = str(tmp_path / "base")
+    make_hf_model(name).save_pretrained(path)
+    model, config = from_pretrained(path)
+    ids, mask, pos = batch
+    adapters = _expert_adapters(config)
+    lora.validate(lora.LoraConfig(rank=3, target_modules=EXPERT_TARGETS), config)
+    ours = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    lora_io.save_merged(model, adapters, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    lora_io.save_peft(adapters, config, str(tmp_path / "peft"), base_model_name_or_path=path)
+    peft_model = peft.PeftModel.from_pretrained(_hf_base(path), str(tmp_path / "peft")).eval()
+    wrapped = [n for n, m in peft_model.named_modules() if type(m).__name__ == "ParamWrapper"]
+    assert len(wrapped) == 2 * config.num_layers  # gate_up and down of every layer's experts
+    real = mask.astype(bool)
+    base = _hf_base(path)
+    for other in (hf_logits(merged.eval(), ids, mask, pos), hf_logits(peft_model, ids, mask, pos)):
+        np.testing.assert_allclose(ours[real], other[real], atol=1e-4, rtol=0)
+    assert np.abs(ours[real] - hf_logits(base, ids, mask, pos)[real]).max() > 1e-2
+    a, b = (np.asarray(x, np.float64) for x in adapters.factors("expert_gate_up_proj"))
+    d, e = (np.asarray(x, np.float64) for x in adapters.factors("expert_down_proj"))
+    for i in range(config.num_layers):  # HF layout: gate_up [E, 2F, D], down [E, D, F]
+        want_gate_up = base.model.layers[i].mlp.experts.gate_up_proj.detach().double().numpy() + 2.0 * np.einsum(
+            "edr,erf->efd", a[i], b[i])
+        want_down = base.model.layers[i].mlp.experts.down_proj.detach().double().numpy() + 2.0 * np.einsum(
+            "efr,erd->edf", d[i], e[i])
+        got = merged.model.layers[i].mlp.experts
+        np.testing.assert_allclose(got.gate_up_proj.detach().numpy(), want_gate_up, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(got.down_proj.detach().numpy(), want_down, atol=1e-6, rtol=1e-6)
+    back = lora_io.read_peft(str(tmp_path / "peft"), config, lora.LoraConfig())
+    assert back.targets == EXPERT_TARGETS
+    np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
+
+
+def test_peft_made_expert_adapter_imports_to_the_same_logits(batch, tmp_path):
+    """An adapter peft itself creates on the experts' down_proj alone (its own nesting and
+    factor layout) reads back to peft's logits."""
+    path = str(tmp_path / "base")
+    make_hf_model("qwen3_moe").save_pretrained(path)
+    model, config = from_pretrained(path)
+    ids, mask, pos = batch
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(_hf_base(path), peft.LoraConfig(
+        r=2, lora_alpha=5, target_modules=["k_proj"], target_parameters=["mlp.experts.down_proj"]))
+    for n, prm in peft_model.named_parameters():
+        if "lora_B" in n:
+            prm.data.normal_(0, 0.1)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    back = lora_io.read_peft(str(tmp_path / "peft"), config, lora.LoraConfig())
+    assert back.targets == ("k_proj", "expert_down_proj")
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(lora.attach(model, back)(ids, pos, mask))[real],
+                               hf_logits(peft_model.eval(), ids, mask, pos)[real], atol=1e-4, rtol=0)
+
+
+def test_expert_targets_are_checked():
+    from kto_jax.models.config import ModelConfig
+    moe_config = ModelConfig.from_hf(make_hf_model("mixtral").config.to_dict())
+    with pytest.raises(UserError, match="dropout=0.1 with expert adapters.*--config.lora.dropout=0"):
+        lora.validate(lora.LoraConfig(rank=4, dropout=0.1, target_modules=("expert_down_proj",)), moe_config)
+    with pytest.raises(UserError, match="expert_gate_up_proj not in LlamaForCausalLM.*for mixtures of experts"):
+        lora.validate(lora.LoraConfig(rank=4, target_modules=("q_proj", "expert_gate_up_proj")),
+                      ModelConfig.from_hf(make_hf_model("llama2").config.to_dict()))
+
+
 def test_moe_refuses_dense_mlp_targets_naming_the_attention_ones():
     config = make_hf_model("mixtral").config.to_dict()
     from kto_jax.models.config import ModelConfig
-    with pytest.raises(UserError, match="gate_proj, up_proj, down_proj not in MixtralForCausalLM.*q_proj k_proj v_proj o_proj"):
+    with pytest.raises(UserError, match="gate_proj, up_proj, down_proj not in MixtralForCausalLM.*"
+                       "expert_gate_up_proj expert_down_proj.*q_proj k_proj v_proj o_proj"):
         lora.validate(lora.LoraConfig(rank=4), ModelConfig.from_hf(config))
 
 

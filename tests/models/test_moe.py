@@ -67,6 +67,62 @@ def test_grouped_and_dense_experts_have_equal_gradients():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=impl)
 
 
+def _expert_adapters(cfg: ModelConfig, rank: int = 3, seed: int = 7) -> dict:
+    """Per-expert LoRA factors as a layer's p holds them (B already scaled)."""
+    e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"expert_gate_up_proj_lora_a": (e, d, rank), "expert_gate_up_proj_lora_b": (e, rank, 2 * f),
+              "expert_down_proj_lora_a": (e, f, rank), "expert_down_proj_lora_b": (e, rank, d)}
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return {name: 0.3 * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
+
+
+def _merged_by_hand(p: dict, factors: dict) -> dict:
+    """The expert weights W + A_e B_e, expert by expert (gate_up's B: gate's columns, then up's)."""
+    delta = {t: np.einsum("edr,erf->edf", np.asarray(factors[t + "_lora_a"], np.float64),
+                          np.asarray(factors[t + "_lora_b"], np.float64))
+             for t in ("expert_gate_up_proj", "expert_down_proj")}
+    f = p["expert_gate_proj"].shape[-1]
+    return {**p, "expert_gate_proj": p["expert_gate_proj"] + delta["expert_gate_up_proj"][..., :f],
+            "expert_up_proj": p["expert_up_proj"] + delta["expert_gate_up_proj"][..., f:],
+            "expert_down_proj": p["expert_down_proj"] + delta["expert_down_proj"]}
+
+
+@pytest.mark.parametrize("impl", moe.MOE_IMPLS)
+def test_expert_adapters_equal_the_merged_experts_by_hand(impl):
+    """LoRA on every expert's gate/up/down through the grouped (and dense) matmuls = the
+    token-by-token sum with the hand-merged weights W_e + A_e B_e."""
+    cfg = _config(norm_topk_prob=True, moe_impl=impl)
+    p, factors = _weights(cfg, seed=8), _expert_adapters(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(9), (3, 5, cfg.hidden_size))
+    got = np.asarray(moe.moe_mlp({**p, **factors}, x, cfg)).reshape(15, -1)
+    want = _by_hand(_merged_by_hand(p, factors), np.asarray(x).reshape(15, -1), cfg)
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+    assert np.abs(want - _by_hand(p, np.asarray(x).reshape(15, -1), cfg)).max() > 1e-2  # the adapters matter
+
+
+def test_expert_adapter_gradients_equal_the_merged_weights_gradients():
+    """d/dA, d/dB through the grouped matmuls (ragged, blocks) = through W + A B merged and
+    run densely."""
+    cfg = _config(norm_topk_prob=True)
+    p, factors = _weights(cfg, seed=10), _expert_adapters(cfg, seed=11)
+    x = jax.random.normal(jax.random.PRNGKey(12), (2, 7, cfg.hidden_size))
+    f = cfg.moe_intermediate_size
+
+    def merged(factors):
+        d = {t: jnp.einsum("edr,erf->edf", factors[t + "_lora_a"], factors[t + "_lora_b"],
+                           precision=jax.lax.Precision.HIGHEST) for t in ("expert_gate_up_proj", "expert_down_proj")}
+        return {**p, "expert_gate_proj": p["expert_gate_proj"] + d["expert_gate_up_proj"][..., :f],
+                "expert_up_proj": p["expert_up_proj"] + d["expert_gate_up_proj"][..., f:],
+                "expert_down_proj": p["expert_down_proj"] + d["expert_down_proj"]}
+
+    want = jax.grad(lambda fs: jnp.sum(jnp.sin(moe.moe_mlp(merged(fs), x, cfg.replace(moe_impl="dense")))))(factors)
+    for impl in ("ragged", "blocks"):
+        got = jax.grad(lambda fs: jnp.sum(jnp.sin(moe.moe_mlp({**p, **fs}, x, cfg.replace(moe_impl=impl)))))(factors)
+        for name in factors:
+            np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), atol=1e-4, rtol=1e-4,
+                                       err_msg=f"{impl} {name}")
+
+
 def test_blocked_matmul_equals_ragged_dot_with_empty_and_full_groups():
     rows = jax.random.normal(jax.random.PRNGKey(0), (10, 6))
     w = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 5))
