@@ -10,7 +10,9 @@ the reference (no second copy); the router's load-balancing loss is the checkpoi
 --config.data.train_path to the feedback. Base sharded over every chip (fsdp), bf16
 compute, full rematerialisation, prompts and completions up to 1024 tokens each, a
 microbatch of 8 (1 per chip) x 4 accumulation steps. Every parameter (full KTO) needs a
-bigger slice: --config.lora.rank=0 --config.model.param_dtype=float32 on a v5p-16
+bigger slice, and one microbatch per step (a float32 gradient accumulator does not fit
+next to the gradient): --config.lora.rank=0 --config.model.param_dtype=float32
+--config.train.micro_batch_size=16 --config.train.global_batch_size=16 on a v5p-16
 (docs/tpu.md lists both).
 """
 

@@ -100,6 +100,10 @@ ROWS = (
     Row("qwen3moe-full-precomputed-v5p16-mb8", "moe", "Qwen3-30B-A3B, full parameters, precomputed reference",
         (QWEN3_MOE, "--topology=v5p-16", "--config.lora.rank=0", "--config.model.param_dtype=float32",
          "--config.reference.source=precomputed", *_mb(8))),
+    # the same 16 examples per step in one microbatch: no accumulation scan, no float32 accumulator
+    Row("qwen3moe-full-v5p16-mb16x1", "moe", "Qwen3-30B-A3B, full parameters, one microbatch",
+        (QWEN3_MOE, "--topology=v5p-16", "--config.lora.rank=0", "--config.model.param_dtype=float32",
+         *_mb(16, accumulation=1))),
 )
 BY_ID = {row.id: row for row in ROWS}
 
