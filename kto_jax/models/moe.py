@@ -23,6 +23,10 @@ expert on every token and zero-weights
 the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
 the tests and scripts/moe_benchmark.py compare the grouped form against.
 
+LoRA on the experts (`EXPERT_ADAPTERS`, kto_jax.models.lora) is applied in the same
+products: each assignment's rows times its expert's A, then B, two more grouped matmuls
+of width r beside each projection's (no per-expert dense delta W_e + A_e B_e is formed).
+
 `router_stats` gives what the load-balancing loss needs of one layer (the share of
 assignments and the mean router probability of each expert, over real tokens);
 `load_balancing_loss` is transformers' `load_balancing_loss_func` (Switch Transformer

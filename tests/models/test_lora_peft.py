@@ -261,6 +261,7 @@ def _write_adapter(directory, adapters, config, edit_config=None, edit_tensors=N
     ("layers", r"does not match the base model .*2 layers.*1 unexpected"),
     ("shape", r"has shape \(4, 32\) but the base model needs \(4, 64\)"),
     ("module", "init_from=.*the adapter targets lm_head"),
+    ("parameter", "init_from=.*the adapter targets mlp.experts.gate_proj.*mlp.experts.gate_up_proj"),
 ])
 def test_bad_adapter_directories_are_named(base, tmp_path, case, needle):
     _, _, config = base
@@ -273,6 +274,7 @@ def test_bad_adapter_directories_are_named(base, tmp_path, case, needle):
         "layers": dict(edit_tensors=lambda t: t.update({lora_io.peft_key(2, "q_proj", "A"): t[key]})),
         "shape": dict(edit_tensors=lambda t: t.update({key: t[key][:, :32].copy()})),
         "module": dict(edit_config=lambda c: c.update(target_modules=c["target_modules"] + ["lm_head"])),
+        "parameter": dict(edit_config=lambda c: c.update(target_parameters=["mlp.experts.gate_proj"])),
     }
     directory = tmp_path / "adapter"
     if case != "no_dir":

@@ -62,3 +62,26 @@ def test_two_moe_processes_match_one(moe, moe_run, compile_cache, tmp_path):
     workdir = str(tmp_path / "two")
     run_two_processes(train_argv(workdir, *moe, *PACKING), compile_cache)
     assert_metrics_like(workdir, moe_run)
+
+
+EXPERT_LORA = ("--config.lora.rank=4", "--config.lora.target_modules=q_proj,expert_gate_up_proj,expert_down_proj")
+
+
+@pytest.fixture(scope="module")
+def expert_lora_run(moe, compile_cache, tmp_path_factory) -> str:
+    """One uninterrupted run with LoRA on q and every expert's gate/up/down."""
+    workdir = str(tmp_path_factory.mktemp("expert_lora_run"))
+    run_cli(train_argv(workdir, *moe, *EXPERT_LORA), cli_env(compile_cache))
+    return workdir
+
+
+def test_expert_lora_trains_the_experts_and_resumes_bitwise(moe, expert_lora_run, compile_cache, tmp_path):
+    """The merged export's expert tensors moved (the adapters trained), the router's did not;
+    a SIGKILLed run resumes to the same metrics and export, bit for bit."""
+    exported, original = tensors(os.path.join(expert_lora_run, "hf")), tensors(moe[0])
+    assert any(not np.array_equal(exported[k], original[k]) for k in original if ".experts." in k)
+    routers = [k for k in original if k.endswith("mlp.gate.weight")]
+    assert routers and all(np.array_equal(exported[k], original[k]) for k in routers)
+    workdir = str(tmp_path / "killed")
+    assert_resume_is_bitwise(train_argv(workdir, *moe, *EXPERT_LORA), cli_env(compile_cache), workdir,
+                             expert_lora_run)
