@@ -98,8 +98,8 @@ class LoraConfig:
         be a list or a comma/space separated string (as given on the command line)."""
         get = lora.get if hasattr(lora, "get") else lambda k, d=None: getattr(lora, k, d)
         targets = get("target_modules", TARGET_MODULES)
-        if isinstance(targets, str):
-            targets = targets.replace(",", " ").split()
+        items = [targets] if isinstance(targets, str) else targets   # the command line gives ('a,b',)
+        targets = [t for item in items for t in str(item).replace(",", " ").split()]
         return cls(rank=int(get("rank", 0)), alpha=float(get("alpha", 16.0)),
                    dropout=float(get("dropout", 0.0)), target_modules=tuple(targets),
                    seed=int(get("seed", 0)), init_from=str(get("init_from", "") or ""))

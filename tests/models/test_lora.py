@@ -174,6 +174,9 @@ def test_config_lora_is_off_by_default_and_read_from_the_config():
     assert got.enabled and got.scale == 2.0 and got.target_modules == lora.TARGET_MODULES
     assert lora.LoraConfig.from_config({"rank": 2, "target_modules": "q_proj, v_proj"}).target_modules == (
         "q_proj", "v_proj")
+    # the command line's --config.lora.target_modules=a,b overrides the tuple with ('a,b',)
+    assert lora.LoraConfig.from_config({"rank": 2, "target_modules": ("q_proj,expert_down_proj",)}
+                                       ).target_modules == ("q_proj", "expert_down_proj")
     for name in ("kto", "dpo", "sft", "ppo_offline"):  # every registry loss trains with LoRA
         lora.validate(got, CONFIG, get_loss(name))
 
