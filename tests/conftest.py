@@ -6,7 +6,8 @@ inherit the environment; tests/train/run_helpers.py `cli_env` passes the same di
 read and write one persistent cache, so a program compiled once in a run (the tiny train
 step, the sampler, the export) is loaded, not compiled again, by every later process. A
 JAX_COMPILATION_CACHE_DIR already set is used and kept; otherwise the run makes a
-temporary one and removes it at the end.
+temporary one and removes it at the end. Under pytest-xdist (`-n 2`) the controller
+process reads this file first and its workers inherit the variable: one cache for all.
 """
 
 import os

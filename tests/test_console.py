@@ -50,6 +50,7 @@ def _sample(tiny_dir, tmp_path, *cli_flags):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("libtpu")  # probes libtpu: never beside a TPU compile (pytest.ini)
 @needs_libtpu_on_a_cpu_host
 def test_a_cli_run_on_a_cpu_host_prints_no_libtpu_or_torch_noise(tiny_dir, tmp_path):
     quiet = _sample(tiny_dir, tmp_path)

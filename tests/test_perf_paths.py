@@ -162,6 +162,7 @@ def test_transformer_with_splash_attention_equals_xla():
     np.testing.assert_allclose(out["auto"], out["xla"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.xdist_group("libtpu")  # libtpu (pytest.ini)
 def test_auto_attention_compiled_for_a_tpu_slice_runs_the_splash_kernel():
     """An AOT compile for TPU chips on this CPU host lowers 'auto' to the Mosaic kernel (what
     a TPU would run), so `kto-jax compile` memory figures include flash attention."""

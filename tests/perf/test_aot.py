@@ -16,6 +16,8 @@ from kto_jax.perf import aot
 from kto_jax.errors import UserError
 
 pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed: pip install 'kto-jax[tpu]'")
+# every test here loads libtpu: one xdist worker runs them all (pytest.ini)
+pytestmark = pytest.mark.xdist_group("libtpu")
 
 MESH = {"data": 2, "fsdp": 2}
 

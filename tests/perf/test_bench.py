@@ -103,6 +103,7 @@ def test_bench_lora_rank_reports_the_adapters_as_trainable(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("libtpu")  # libtpu (pytest.ini)
 def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
     """--topology: the same workload compiled for TPU chips on this host; per-chip memory."""
     pytest.importorskip("libtpu", reason="libtpu (the tpu/test extra) is not installed")

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+# libtpu (TPU compiles on this host): one xdist worker runs these tests (pytest.ini)
+pytestmark = pytest.mark.xdist_group("libtpu")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("tpu_fit_tables",
                                                os.path.join(REPO, "scripts", "tpu_fit_tables.py"))

@@ -9,6 +9,9 @@ from kto_jax.models.base_memory import base_bytes_per_chip
 from kto_jax.models.quantize import Quantization
 from kto_jax.perf import aot, program
 
+# libtpu (TPU compiles on this host): one xdist worker runs these tests (pytest.ini)
+pytestmark = pytest.mark.xdist_group("libtpu")
+
 
 def _config(*flags):
     config, _, _ = load_config(["--config=configs/tiny_cpu.py", "--config.lora.rank=4",
