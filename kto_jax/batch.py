@@ -37,6 +37,17 @@ plus per-example gathers into those rows:
   reference log-probs, per example [A, M] as above.
 R is sharded like M (the packer packs each batch shard's examples into its own rows).
 
+Packed unpaired batches of a loss with z0 (loss.uses_kl) put the KL completions in a
+SECOND stream instead (`packing.pack_streams`): main rows [R, T] hold whole examples
+[x | y] only (branch ids 0 and 1), and kl rows parallel to them
+  kl_row_ids, kl_row_positions, kl_row_segment_ids   int32 [A, R, Tk]
+hold, in kl row r, the KL completions y_kl of main row r's examples, each with its
+example's segment id and positions continuing len(x). They run without gradient and
+attend the x keys of their example in main row r (kto_jax/models/transformer.py), so
+y_kl rides no backward. Tk = kl_share * T rounded up to 8 (`packing.kl_row_length`).
+kl_index then points, for token 0, at x's last token in the main rows and, for token
+j > 0, past the group's main rows into its kl rows (`packing.pack_streams`).
+
 The data pipeline (kto_jax/data/batching.py) puts its arrays through `as_batch`; the
 AOT compiler, the benchmark and the tests build their batches from `batch_shapes`.
 """
@@ -57,7 +68,8 @@ class BatchField:
     "row": a packed row [A, R, T] instead of [A, M, ...])."""
     name: str
     dtype: type
-    length: str | None = None   # None: shape [A, M]; else [A, M, P], [A, M, C] or [A, R, T]
+    length: str | None = None   # None: shape [A, M]; else [A, M, P], [A, M, C], [A, R, T] or
+                                # [A, R, Tk] ("kl_row")
 
 
 _PROMPT = (BatchField("prompt_ids", np.int32, "prompt"), BatchField("prompt_mask", np.int32, "prompt"))
@@ -78,7 +90,9 @@ PRECOMPUTED_PAIRED_FIELDS = (BatchField("reference_chosen_logps", np.float32),
 ROW_KEYS = ("packed_ids", "packed_positions", "packed_segment_ids", "packed_branch_ids")
 UNPAIRED_NAMES = ("completion", "kl")     # key prefixes of y and y_kl = y_{i+1 mod M}
 PAIRED_NAMES = ("chosen", "rejected")     # key prefixes of y_w and y_l
+KL_ROW_KEYS = ("kl_row_ids", "kl_row_positions", "kl_row_segment_ids")   # the kl stream
 _ROWS = tuple(BatchField(n, np.int32, "row") for n in ROW_KEYS)
+_KL_ROWS = tuple(BatchField(n, np.int32, "kl_row") for n in KL_ROW_KEYS)
 
 
 def _packed_side(name: str) -> tuple[BatchField, ...]:
@@ -87,6 +101,8 @@ def _packed_side(name: str) -> tuple[BatchField, ...]:
 
 PACKED_UNPAIRED_FIELDS = _ROWS + _packed_side(UNPAIRED_NAMES[0]) + _packed_side(UNPAIRED_NAMES[1]) + (
     BatchField("prompt_length", np.int32),) + UNPAIRED_FIELDS[-3:]
+PACKED_STREAM_FIELDS = PACKED_UNPAIRED_FIELDS[:len(_ROWS)] + _KL_ROWS + PACKED_UNPAIRED_FIELDS[
+    len(_ROWS):]
 PACKED_PAIRED_FIELDS = _ROWS + _packed_side(PAIRED_NAMES[0]) + _packed_side(PAIRED_NAMES[1]) + (
     BatchField("prompt_length", np.int32), BatchField("valid", np.bool_))
 
@@ -149,12 +165,14 @@ class BatchSize:
             raise UserError("; ".join(problems))
 
 
-def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False
-                 ) -> tuple[BatchField, ...]:
-    """The fields of a paired or unpaired batch, padded or `packed`; `precomputed` adds the
+def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False,
+                 kl_stream: bool = False) -> tuple[BatchField, ...]:
+    """The fields of a paired or unpaired batch, padded or `packed` (unpaired: with the
+    `kl_stream` of KL completions, or with them in the trees); `precomputed` adds the
     reference log-probs."""
     if packed:
-        fields = PACKED_PAIRED_FIELDS if paired else PACKED_UNPAIRED_FIELDS
+        fields = (PACKED_PAIRED_FIELDS if paired else
+                  PACKED_STREAM_FIELDS if kl_stream else PACKED_UNPAIRED_FIELDS)
     else:
         fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS
     if precomputed:
@@ -162,9 +180,9 @@ def batch_fields(paired: bool, precomputed: bool = False, packed: bool = False
     return fields
 
 
-def step_keys(paired: bool, packed: bool = False) -> tuple[str, ...]:
+def step_keys(paired: bool, packed: bool = False, kl_stream: bool = False) -> tuple[str, ...]:
     """The keys the train step reads from a batch of that layout (no precomputed ones)."""
-    return tuple(f.name for f in batch_fields(paired, packed=packed))
+    return tuple(f.name for f in batch_fields(paired, packed=packed, kl_stream=kl_stream))
 
 
 def kl_partners(valid, xp=np):
@@ -200,16 +218,24 @@ def is_packed(batch: Mapping[str, object]) -> bool:
     return "packed_ids" in batch
 
 
+def has_kl_stream(batch: Mapping[str, object]) -> bool:
+    """Whether a packed batch carries its KL completions in kl rows (`packing.pack_streams`)."""
+    return KL_ROW_KEYS[0] in batch
+
+
 def batch_shapes(paired: bool, *, accumulation: int, micro_batch: int, prompt_len: int,
                  completion_len: int, precomputed: bool = False, rows: int = 0,
-                 pack_length: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                 pack_length: int = 0, kl_length: int = 0
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of one batch [A, M, ...] with prompts of P and completions of C tokens;
-    with `rows` R > 0 the packed layout, R rows of `pack_length` T tokens per microbatch."""
-    lengths = {None: (), "prompt": (int(prompt_len),), "completion": (int(completion_len),)}
+    with `rows` R > 0 the packed layout, R rows of `pack_length` T tokens per microbatch, and
+    with `kl_length` Tk > 0 (unpaired) R kl rows of Tk tokens too."""
+    lengths = {None: (), "prompt": (int(prompt_len),), "completion": (int(completion_len),),
+               "row": (int(pack_length),), "kl_row": (int(kl_length),)}
     out = {}
-    for f in batch_fields(paired, precomputed, packed=rows > 0):
-        lead = (int(accumulation), int(rows if f.length == "row" else micro_batch))
-        trail = (int(pack_length),) if f.length == "row" else lengths[f.length]
+    for f in batch_fields(paired, precomputed, packed=rows > 0, kl_stream=kl_length > 0):
+        lead = (int(accumulation), int(rows if f.length in ("row", "kl_row") else micro_batch))
+        trail = lengths[f.length]
         out[f.name] = (lead + trail, np.dtype(f.dtype))
     return out
 
@@ -220,9 +246,10 @@ def as_batch(arrays: Mapping[str, np.ndarray], paired: bool) -> dict[str, np.nda
     The layout's keys (padded, or packed when `packed_ids` is there) must all be there;
     its precomputed reference keys may be. Raises KeyError naming a missing or unknown key.
     """
-    packed = is_packed(arrays)
-    fields = batch_fields(paired, precomputed=True, packed=packed)
-    missing = [f.name for f in batch_fields(paired, packed=packed) if f.name not in arrays]
+    packed, stream = is_packed(arrays), has_kl_stream(arrays)
+    fields = batch_fields(paired, precomputed=True, packed=packed, kl_stream=stream)
+    missing = [f.name for f in batch_fields(paired, packed=packed, kl_stream=stream)
+               if f.name not in arrays]
     unknown = [k for k in arrays if k not in {f.name for f in fields}]
     if missing or unknown:
         raise KeyError(f"{'paired' if paired else 'unpaired'} batch: missing {missing}, "

@@ -62,7 +62,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal", "hh-rlhf"))
-    ap.add_argument("--pack-length", type=int, default=1536, help="0: chosen from the trees")
+    ap.add_argument("--pack-length", type=int, default=0, help="0: chosen from the trees")
+    ap.add_argument("--layout", default="streams", choices=("streams", "trees"),
+                    help="streams: main rows [x | y] + kl rows (the trainer's, losses with z0); "
+                         "trees: [x | y | y_kl] rows (before the kl stream)")
+    ap.add_argument("--kl-share", type=float, default=0.0, help="0: chosen from the lengths")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -75,17 +79,23 @@ def main() -> None:
     prompt, completion = lengths(a.lengths, m, np.random.default_rng(a.seed))
     p, c = (int(-(-int(x.max()) // 128) * 128) for x in (prompt, completion))
     padded = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c)
-    trees = prompt + completion + np.roll(completion, -1)
+    kl = np.roll(completion, -1)
+    if a.layout == "trees":      # [x | y | y_kl] rows, y_kl riding the policy's backward
+        trees, share = prompt + completion + kl, 0.0
+    else:                        # main rows [x | y] and kl rows of y_kl (packing.pack_streams)
+        share = a.kl_share or packing.kl_share_for(prompt + completion, kl)
+        trees = packing.stream_lengths(prompt + completion, kl, share)
     t = a.pack_length or shapes.best_row_length(trees[None], int(trees.max()), 128)
     rows = packing.rows_needed(trees, t)
+    tk = packing.kl_row_length(t, share) if share else 0
     packed = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c,
-                          rows=rows, pack_length=t)
+                          rows=rows, pack_length=t, kl_length=tk)
     f_pad = step_flops(config, model_config, mesh, padded)
     f_pack = step_flops(config, model_config, mesh, packed)
     real = int((prompt + completion).sum())
     print(json.dumps({"model": a.model, "lengths": a.lengths, "examples": m,
                       "real_tokens": real, "padded_shape": [m, p + c],
-                      "packed_shape": [rows, t],
+                      "layout": a.layout, "packed_shape": [rows, t], "kl_rows": [rows, tk],
                       "padded_flops": f_pad, "packed_flops": f_pack,
                       "ratio": round(f_pack / f_pad, 3)}))
 

@@ -90,12 +90,14 @@ def unpad(ids, mask):
     return [unpad(i, m) for i, m in zip(ids, mask)]
 
 
-def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0, num_rows=0):
+def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0, num_rows=0,
+                kl_share=0.0):
     """The packed batch (kto_jax/data/packing.py) of the same examples as the padded `batch`:
     rows of `pack_length` tokens, the KL completions rolled within each microbatch (around
     its real rows: `packing.kl_completions` with `valid`, the step's rule), the
     per-example arrays (labels, weights, validity, precomputed reference) unchanged;
-    `num_rows` rows per microbatch (0: the fewest that hold every microbatch)."""
+    `num_rows` rows per microbatch (0: the fewest that hold every microbatch). With
+    `kl_share` > 0 (unpaired) the KL completions go to kl rows (`packing.pack_streams`)."""
     from kto_jax.data import packing  # pylint: disable=import-outside-toplevel
     names = packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES
     prompts = unpad(batch["prompt_ids"], batch["prompt_mask"])
@@ -106,11 +108,15 @@ def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0, num_row
         seconds = [packing.kl_completions(f, v) for f, v in zip(firsts, batch["valid"])]
     lengths = np.array([[len(a) + len(b) + len(c) for a, b, c in zip(*mb)]
                         for mb in zip(prompts, firsts, seconds)])
+    if kl_share:
+        lengths = np.array([[packing.stream_lengths(len(a) + len(b), len(c), kl_share)
+                             for a, b, c in zip(*mb)] for mb in zip(prompts, firsts, seconds)])
     c = batch[f"{names[0]}_ids"].shape[-1]
     out = packing.pack_batch(prompts, firsts, seconds, names=names, pack_length=pack_length,
                              num_rows=num_rows or packing.microbatch_rows(lengths, pack_length,
                                                                           groups),
-                             completion_length=c, pad_id=pad_id, groups=groups)
+                             completion_length=c, pad_id=pad_id, groups=groups,
+                             kl_share=kl_share)
     per_example = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")
                    and not k.startswith(names)}
     return as_batch(dict(out, **per_example), paired)

@@ -70,6 +70,9 @@ class BatchLayout:
     pack_length: int = dataclasses.field(default=0, repr=False)
     pack_groups: int = dataclasses.field(default=1, repr=False)   # packing groups, all processes
     pack_second: bool = dataclasses.field(default=True, repr=False)  # y_kl / y_l in the trees
+    # > 0: an unpaired loss with z0 packs y_kl in kl rows of kl_share * T tokens beside the
+    # main rows [x | y] (packing.pack_streams; chosen from the data, kto_jax/data/shapes.py)
+    kl_share: float = dataclasses.field(default=0.0, repr=False)
     # allowed packed shapes (T, R) of a microbatch, cheapest first (kto_jax/data/shapes.py);
     # (): rows of pack_length, as many as the batch needs
     pack_shapes: tuple[tuple[int, int], ...] = dataclasses.field(default=(), repr=False)
@@ -296,13 +299,18 @@ def kl_rows(planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
     return partners[:, lo:lo + layout.local_micro_batch]
 
 
-def tree_lengths(lengths, planned: PlannedBatch, layout: BatchLayout) -> np.ndarray:
+def tree_lengths(lengths, planned: PlannedBatch, layout: BatchLayout, placed: bool = False
+                 ) -> np.ndarray:
     """int [A, M]: tokens of every global slot's packed tree, len(x) + len(y) (+ len(y_kl) or
-    len(y_l) when `layout.pack_second`); `lengths` holds the split's global prompt_lengths
-    and side_lengths."""
+    len(y_l) when `layout.pack_second`); with the kl stream, the share of a row that the
+    rows are packed by (`packing.stream_lengths`), unless `placed` (the tokens placed, main
+    and kl rows together). `lengths` holds the split's global prompt_lengths and side_lengths."""
     slots = global_slots(planned, layout)
     sides = lengths.side_lengths
     trees = lengths.prompt_lengths[slots].astype(np.int64) + sides[0][slots]
+    if layout.kl_share and not placed:   # main rows [x | y] and kl rows: the larger share
+        kl = np.take_along_axis(sides[0][slots], kl_slots(planned, layout), axis=1)
+        return packing.stream_lengths(trees, kl, layout.kl_share)
     if layout.pack_second:
         trees += sides[1][slots] if len(sides) > 1 else np.take_along_axis(
             sides[0][slots], kl_slots(planned, layout), axis=1)
@@ -347,7 +355,7 @@ def pack_rows(split, lengths, rows: np.ndarray, valid: np.ndarray, planned: Plan
     batch = packing.pack_batch(
         prompts, firsts, seconds, names=packing.PAIRED_NAMES if paired else packing.UNPAIRED_NAMES,
         pack_length=pack_length, num_rows=num_rows, completion_length=planned.completion_len,
-        pad_id=layout.pad_id, groups=groups)
+        pad_id=layout.pad_id, groups=groups, kl_share=0.0 if paired else layout.kl_share)
     if not paired:
         batch["desirable"] = split.desirable[rows]
         batch["weight"] = np.where(valid, split.weight[rows], 0.0).astype(np.float32)
@@ -447,7 +455,8 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
 
     Returns:
       rows: {(C, T, R): batches}: each distinct completion bucket C and row shape (T
-        tokens, R rows) compiles the step once; positions: rows x T over every microbatch;
+        tokens, R rows) compiles the step once; positions: rows x T over every microbatch
+        (+ rows x Tk of the kl rows, `layout.kl_share`);
       fill = tokens placed in the rows / positions (filler rows' copies and the y_kl
         copies count as placed);
       token_efficiency = real tokens / positions, where real tokens are the examples'
@@ -462,11 +471,11 @@ def packed_stats(split, plan: EpochPlan, layout: BatchLayout, real: int) -> dict
     rows: dict[tuple[int, int], int] = {}
     for b in range(len(plan)):
         planned = plan[b]
-        trees = tree_lengths(split, planned, layout)
-        t, r = batch_shape(trees, layout)
+        t, r = batch_shape(tree_lengths(split, planned, layout), layout)
         rows[(planned.completion_len, t, r)] = rows.get((planned.completion_len, t, r), 0) + 1
-        positions += layout.accumulation * r * t
-        placed += int(trees.sum())
+        kl_rows = packing.kl_row_length(t, layout.kl_share) if layout.kl_share else 0
+        positions += layout.accumulation * r * (t + kl_rows)
+        placed += int(tree_lengths(split, planned, layout, placed=True).sum())
     return {"rows": dict(sorted(rows.items())), "positions": positions,
             "fill": placed / positions if positions else 0.0,
             "token_efficiency": real / positions if positions else 0.0,

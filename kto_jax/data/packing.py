@@ -33,9 +33,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import numpy as np
 
-from kto_jax.batch import PAIRED_NAMES, ROW_KEYS, UNPAIRED_NAMES, kl_partners
+from kto_jax.batch import KL_ROW_KEYS, PAIRED_NAMES, ROW_KEYS, UNPAIRED_NAMES, kl_partners
 
 BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2  # as kto_jax/models/packed_attention.py
 STEP_RUNS_PACKED = True  # the train step runs packed batches (kto_jax/step/stats.py)
@@ -182,6 +184,103 @@ def pack_paired(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray],
     return pack_trees(prompts, chosen, rejected, names=PAIRED_NAMES, **kwargs)
 
 
+def kl_row_length(pack_length: int, kl_share: float) -> int:
+    """Tk, tokens per kl row of rows of T = `pack_length` tokens: kl_share * T rounded up to 8."""
+    return int(-(-int(math.ceil(kl_share * pack_length)) // 8) * 8)
+
+
+KL_SHARE_STEP = 16   # kl_share is a multiple of 1/16
+
+
+def kl_share_for(main: np.ndarray, kl: np.ndarray) -> float:
+    """The kl rows' share of the main rows' length for examples of these [x | y] and y_kl
+    lengths: their token ratio, rounded up to a multiple of 1/KL_SHARE_STEP (at most 1)."""
+    ratio = float(np.sum(kl)) / max(float(np.sum(main)), 1.0)
+    return min(1.0, max(1, math.ceil(ratio * KL_SHARE_STEP - 1e-9)) / KL_SHARE_STEP)
+
+
+def stream_lengths(main: np.ndarray, kl: np.ndarray, kl_share: float) -> np.ndarray:
+    """int [...]: the share of a row of T tokens an example of the two-stream layout takes,
+    in tokens of T: max(len(x) + len(y), ceil(len(y_kl) / kl_share)).
+
+    First-fit of these in rows of T keeps both streams within their rows: the main
+    parts sum to at most T, the KL parts to at most kl_share * T <= Tk (`kl_row_length`).
+    """
+    main, kl = np.asarray(main, np.int64), np.asarray(kl, np.int64)
+    return np.maximum(main, np.ceil(kl / kl_share - 1e-9).astype(np.int64))
+
+
+def pack_streams(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
+                 kl: Sequence[np.ndarray], *, pack_length: int, kl_share: float, num_rows: int,
+                 completion_length: int, pad_id: int, groups: int = 1) -> dict[str, np.ndarray]:
+    """One microbatch of M unpaired examples as main rows [x | y] and parallel kl rows.
+
+    The layout of the losses that read the KL completions (loss.uses_kl): main row r
+    [T] holds whole examples [x | y] (branch ids 0 on x, 1 on y: plain segments, no
+    tree); kl row r [Tk] (Tk = `kl_row_length(T, kl_share)`) holds the KL completions
+    y_kl of the same examples, each with its example's segment id and positions
+    len(x) .. (they continue x). The kl rows run without gradient and attend the main
+    row's x keys (kto_jax/models/transformer.py), so y_kl never rides the backward.
+    Which examples share a row: `assign_rows` of `stream_lengths`.
+
+    Args and the per-example gathers as `pack_trees`, with `kl` the KL completions
+    (`kl_completions`). kl_index: token 0 is predicted by x's last token in the main
+    row (index into the main rows, group-local); token j > 0 by the kl row token
+    before it, at (R / groups) * T + kl_row_in_group * Tk + column (the group's main
+    rows then its kl rows, flattened: `kto_jax.models.packed_logprobs.gather_hidden`).
+    Returns pack_trees' keys (no branch 2) plus kl_row_ids, kl_row_positions,
+    kl_row_segment_ids int32 [R, Tk].
+    """
+    m = len(prompts)
+    lp, l1, l2 = (np.array([len(s) for s in seqs], np.int64) for seqs in (prompts, firsts, kl))
+    if m and lp.min() < 1:
+        raise ValueError(f"example {int(lp.argmin())} has an empty prompt")
+    if m and max(l1.max(), l2.max()) > completion_length:
+        raise ValueError(f"a completion of {int(max(l1.max(), l2.max()))} tokens exceeds "
+                         f"completion_length={completion_length}")
+    t, tk = pack_length, kl_row_length(pack_length, kl_share)
+    row, _, used = assign_rows(stream_lengths(lp + l1, l2, kl_share), t, groups)
+    if num_rows % groups or used > num_rows // groups:
+        raise ValueError(f"the microbatch needs {used * groups} rows of {t} tokens "
+                         f"({groups} group(s)), got num_rows={num_rows}")
+    per_group = num_rows // groups
+    out = {"packed_ids": np.full((num_rows, t), pad_id, np.int32),
+           "kl_row_ids": np.full((num_rows, tk), pad_id, np.int32)}
+    for key in ROW_KEYS[1:]:
+        out[key] = np.zeros((num_rows, t), np.int32)
+    for key in KL_ROW_KEYS[1:]:
+        out[key] = np.zeros((num_rows, tk), np.int32)
+    for n in UNPAIRED_NAMES:
+        for k in ("ids", "mask", "index"):
+            out[f"{n}_{k}"] = np.full((m, completion_length), pad_id if k == "ids" else 0, np.int32)
+    fill = np.zeros((num_rows, 2), np.int64)       # columns used per row: main, kl
+    segments = np.zeros(num_rows, np.int64)        # examples placed so far per row
+    for i in range(m):   # plan order within each row (segment ids 1, 2, ... in that order)
+        g = i // (m // groups)
+        r = int(row[i] + g * per_group)
+        s, sk, p, c, k = int(fill[r, 0]), int(fill[r, 1]), int(lp[i]), int(l1[i]), int(l2[i])
+        segments[r] += 1
+        seg = int(segments[r])
+        out["packed_ids"][r, s:s + p + c] = np.concatenate([prompts[i], firsts[i]])
+        out["packed_positions"][r, s:s + p + c] = np.arange(p + c)
+        out["packed_segment_ids"][r, s:s + p + c] = seg
+        out["packed_branch_ids"][r, s + p:s + p + c] = BRANCH_FIRST
+        out["kl_row_ids"][r, sk:sk + k] = kl[i]
+        out["kl_row_positions"][r, sk:sk + k] = p + np.arange(k)
+        out["kl_row_segment_ids"][r, sk:sk + k] = seg
+        fill[r] += (p + c, k)
+        base = int(row[i]) * t + s + p - 1        # group-local index of the last prompt token
+        kl_base = per_group * t + int(row[i]) * tk + sk
+        for n, tokens, start in ((UNPAIRED_NAMES[0], firsts[i], base + 1),
+                                 (UNPAIRED_NAMES[1], kl[i], kl_base)):
+            j = np.arange(len(tokens))
+            out[f"{n}_ids"][i, :len(tokens)] = tokens
+            out[f"{n}_mask"][i, :len(tokens)] = 1
+            out[f"{n}_index"][i, :len(tokens)] = np.where(j == 0, base, start + j - 1)
+    out["prompt_length"] = lp.astype(np.int32)
+    return out
+
+
 def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1) -> int:
     """R for a batch [A, M]: the rows its fullest microbatch needs (all groups together).
 
@@ -194,15 +293,21 @@ def microbatch_rows(tree_lengths: np.ndarray, pack_length: int, groups: int = 1)
 
 def pack_batch(prompts: Sequence[Sequence[np.ndarray]], firsts: Sequence[Sequence[np.ndarray]],
                seconds: Sequence[Sequence[np.ndarray]], *, names: tuple[str, str],
-               **kwargs) -> dict[str, np.ndarray]:
-    """`pack_trees` of each of A microbatches ([A][M] token sequences each), stacked [A, ...].
+               kl_share: float = 0.0, **kwargs) -> dict[str, np.ndarray]:
+    """`pack_trees` of each of A microbatches ([A][M] token sequences each), stacked [A, ...];
+    with `kl_share` > 0 (unpaired losses with z0) `pack_streams` instead.
 
     kwargs are `pack_trees`'s (pack_length, num_rows, completion_length, pad_id, groups);
     num_rows must hold every microbatch (`microbatch_rows`). For the unpaired losses
     `seconds` are the KL completions, paired within each GLOBAL microbatch
     (`kto_jax.data.batching.kl_rows`: the next real example, as the padded step).
     """
-    per = [pack_trees(p, f, s, names=names, **kwargs) for p, f, s in zip(prompts, firsts, seconds)]
+    if kl_share > 0:
+        assert names == UNPAIRED_NAMES, "the kl stream holds the KL completions of unpaired losses"
+        per = [pack_streams(p, f, s, kl_share=kl_share, **kwargs)
+               for p, f, s in zip(prompts, firsts, seconds)]
+    else:
+        per = [pack_trees(p, f, s, names=names, **kwargs) for p, f, s in zip(prompts, firsts, seconds)]
     return {k: np.stack([b[k] for b in per]) for k in per[0]}
 
 

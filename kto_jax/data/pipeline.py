@@ -347,4 +347,6 @@ def _fingerprint(d: DataSettings, split: shards.ShardedSplit, layout: batching.B
         h.update(repr(("packed", layout.pack_length, layout.pack_groups)).encode())
         if layout.pack_shapes:   # the row shapes change the batches
             h.update(repr(("shapes", layout.pack_shapes)).encode())
+        if layout.kl_share:      # so does the kl stream
+            h.update(repr(("kl_share", layout.kl_share)).encode())
     return h.hexdigest()[:16]

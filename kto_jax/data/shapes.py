@@ -134,11 +134,14 @@ def pb_of(maxima: np.ndarray, buckets: Sequence[int]) -> list[int]:
     return b[np.searchsorted(b, maxima, side="left")].tolist()
 
 
-def tree_bounds(split, pack_second: bool) -> np.ndarray:
+def tree_bounds(split, pack_second: bool, kl_share: float = 0.0) -> np.ndarray:
     """int [N]: at least the tokens of each example's [x | y | y2] tree, whichever its KL
     partner: y2 is the example's own y_l for pairs; for an unpaired loss with z0 another
-    example's completion, so x + y + the longest y. Their max is the smallest legal T."""
+    example's completion, so x + y + the longest y (with the kl stream, `kl_share` > 0:
+    its `packing.stream_lengths` with the longest y). Their max is the smallest legal T."""
     first = np.asarray(split.prompt_lengths, np.int64) + split.side_lengths[0]
+    if kl_share:
+        return packing.stream_lengths(first, int(np.max(split.side_lengths[0])), kl_share)
     if not pack_second:
         return first
     if len(split.side_lengths) > 1:
@@ -200,7 +203,8 @@ def packed_shapes(split, layout: batching.BatchLayout, *, multiple: int, seed: i
     low = int(pack_length or layout.pack_length)
     candidates = [low] if pack_length else row_length_candidates(trees, low, multiple)
     need = np.array([[packing.microbatch_rows(t, c, groups) for c in candidates] for t in trees])
-    most = most_rows(tree_bounds(split, layout.pack_second), low, layout.micro_batch, groups)
+    most = most_rows(tree_bounds(split, layout.pack_second, layout.kl_share), low,
+                     layout.micro_batch, groups)
     chosen = [(low, max(most, int(need[:, 0].max())))]
     cost = np.full(len(trees), chosen[0][0] * chosen[0][1], np.int64)
     for _ in range(max_shapes - 1):
@@ -267,11 +271,16 @@ def _packed(d, layout: batching.BatchLayout, train, evaluation, multiple: int
             ) -> batching.BatchLayout:
     """The packed layout's shapes (T, R): T data.pack_length, or chosen (`packed_shapes`)."""
     from kto_jax.errors import UserError  # pylint: disable=import-outside-toplevel
-    longest = max(int(tree_bounds(s, layout.pack_second).max())
+    paired = len(train.side_lengths) > 1
+    if layout.pack_second and not paired:   # y_kl in kl rows (packing.pack_streams)
+        main = np.asarray(train.prompt_lengths, np.int64) + train.side_lengths[0]
+        layout = dataclasses.replace(layout, kl_share=packing.kl_share_for(main, train.side_lengths[0]))
+    longest = max(int(tree_bounds(s, layout.pack_second, layout.kl_share).max())
                   for s in (train, evaluation) if s is not None)
     if d.pack_length and d.pack_length < longest:
-        tree = ("[x | y_w | y_l]" if len(train.side_lengths) > 1 else
-                "[x | y | y_kl]" if layout.pack_second else "[x | y]")
+        tree = ("[x | y_w | y_l]" if paired else
+                f"[x | y] beside y_kl in kl rows of {layout.kl_share:g} T" if layout.kl_share
+                else "[x | y]")
         raise UserError(f"data.pack_length={d.pack_length} cannot hold the data's longest "
                         f"{tree} tree, {longest} tokens: raise data.pack_length to "
                         f"{int(round_up(longest, 128))} or more, or set data.pack_length=0 to "

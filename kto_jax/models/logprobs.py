@@ -219,14 +219,17 @@ def completion_logps(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
 
 
 def hidden_and_router(model, ids: jax.Array, positions: jax.Array, real: jax.Array,
-                      packed=None) -> tuple[jax.Array, jax.Array | None]:
+                      packed=None, kl_rows=None) -> tuple[jax.Array, jax.Array | None]:
     """(hidden states, `moe.router_loss` [2] over the `real` tokens, or None): the router's
     loss only for a mixture of experts with `router_aux_loss_coef` > 0. Attention is
-    causal alone (or follows `packed`): `real` marks the tokens the loss counts."""
+    causal alone (or follows `packed`, with its `kl_rows` stream: hidden is then the pair
+    of `Transformer.hidden_states`): `real` weighs the tokens the loss counts."""
     cfg = model.config
+    kw = {} if kl_rows is None else {"kl_rows": kl_rows}
     if not (cfg.num_experts and cfg.router_aux_loss_coef > 0):
-        return model.hidden_states(ids, positions, None, packed=packed), None
-    hidden, stats = model.hidden_states(ids, positions, None, packed=packed, router_weight=real)
+        return model.hidden_states(ids, positions, None, packed=packed, **kw), None
+    hidden, stats = model.hidden_states(ids, positions, None, packed=packed, router_weight=real,
+                                        **kw)
     return hidden, router_loss(stats, cfg)
 
 

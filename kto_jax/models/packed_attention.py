@@ -35,6 +35,16 @@ Backends:
   y2 id 2s+1; K carries 2s on x and y, 2s+1 on y2; K2 carries 2s+1 on the copied
   x and -1 elsewhere. Cost: attention over 2T keys (about twice the attention
   FLOPs of the row; the projections and MLP are unchanged).
+
+The kl stream (losses with z0, kto_jax/data/packing.py `pack_streams`): main rows hold
+[x | y] only (no tree: branch ids 0 and 1, so the rule above is segments + causal) and
+parallel kl rows [B, Tk] hold the KL completions y_kl, each with its example's segment
+id and positions continuing x. A kl query sees the x keys of its segment in the main
+row (`attend_kl`: [K_main | K_kl], key x's position < the query's always) and the kl
+keys of its segment at or before it, within the window in position space: exactly the
+keys of the padded row (x, y_kl). Main queries never see kl keys. The kl queries use
+the explicit [B, 1, Tk, T + Tk] mask with XLA's attention (Tk x (T + Tk) scores per
+head and row, forward only: the kl stream has no backward).
 """
 
 from __future__ import annotations
@@ -55,6 +65,43 @@ class PackedLayout(NamedTuple):
     segment_ids: Array
     branch_ids: Array
     positions: Array
+
+
+class KlRows(NamedTuple):
+    """The kl stream of packed rows (module docstring): int32 [B, Tk] each."""
+    ids: Array
+    positions: Array
+    segment_ids: Array
+
+
+def kl_mask(layout: PackedLayout, kl: KlRows, sliding_window: int | None) -> Array:
+    """bool [B, 1, Tk, T + Tk]: kl query q may see main key k (x of its segment) or kl key k
+    (its segment, at or before it); the diagonal of the kl part always (padding queries)."""
+    seg, branch, pos = layout
+    kseg, kpos = kl.segment_ids, kl.positions
+    tk = kseg.shape[-1]
+    main = ((kseg[:, :, None] == seg[:, None, :]) & (kseg[:, :, None] > 0)
+            & (branch[:, None, :] == BRANCH_PROMPT))
+    col = jnp.arange(tk)
+    own = ((kseg[:, :, None] == kseg[:, None, :]) & (kseg[:, :, None] > 0)
+           & (col[None, :, None] >= col[None, None, :]))
+    if sliding_window:
+        main &= (kpos[:, :, None] - pos[:, None, :]) < sliding_window
+        own &= (kpos[:, :, None] - kpos[:, None, :]) < sliding_window
+    own |= jnp.eye(tk, dtype=bool)[None]
+    return jnp.concatenate([main, own], axis=-1)[:, None]
+
+
+def attend_kl(q: Array, k: Array, v: Array, k_main: Array, v_main: Array, layout: PackedLayout,
+              kl: KlRows, *, scale: float, sliding_window: int | None,
+              softcap: float | None = None) -> Array:
+    """Attention of the kl stream: q, k, v [B, Tk, ., hd] of the kl rows over the keys
+    [k_main | k] ([B, T + Tk, K, hd]; the caller passes the main keys and values under
+    stop_gradient) -> [B, Tk, H, hd]."""
+    keys = jnp.concatenate([k_main.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([v_main.astype(v.dtype), v], axis=1)
+    return masked_attention(q, keys, values, kl_mask(layout, kl, sliding_window), scale=scale,
+                            softcap=softcap)
 
 
 def packed_mask(layout: PackedLayout, sliding_window: int | None) -> Array:

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from kto_jax.models.logprobs import (
     DEFAULT_VOCAB_CHUNK, CompletionLogps, hidden_and_router, token_logps_from_hidden)
-from kto_jax.models.packed_attention import PackedLayout
+from kto_jax.batch import KL_ROW_KEYS, PAIRED_NAMES, UNPAIRED_NAMES
+from kto_jax.models.packed_attention import BRANCH_PROMPT, BRANCH_SECOND, KlRows, PackedLayout
 
 Array = jax.Array
 
@@ -48,6 +49,24 @@ def gather_hidden(hidden: Array, index: Array, groups: int) -> Array:
     return picked.reshape(m, c, d)
 
 
+def kl_rows_of(batch: Mapping[str, Array]) -> KlRows | None:
+    """The kl stream of a packed microbatch (kto_jax/data/packing.py `pack_streams`), or None."""
+    if KL_ROW_KEYS[0] not in batch:
+        return None
+    return KlRows(*(batch[k] for k in KL_ROW_KEYS))
+
+
+def router_weights(layout: PackedLayout, names: tuple[str, ...]) -> Array:
+    """float32 [R, T]: each token's weight in the load-balancing loss, the count of the padded
+    forwards (kto_jax/step/stats.py): unpaired, the policy forward of (x, y) with gradient
+    (y2 = y_kl not counted); paired, the rows (x, y_w) and (x, y_l), so x counts twice."""
+    seg, branch, _ = layout
+    real = (seg > 0).astype(jnp.float32)
+    if names == PAIRED_NAMES:
+        return real * (1.0 + (branch == BRANCH_PROMPT))
+    return real * (branch != BRANCH_SECOND)
+
+
 def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str, str], *,
                             groups: int = 1, vocab_chunk: int = DEFAULT_VOCAB_CHUNK
                             ) -> tuple[CompletionLogps, CompletionLogps]:
@@ -56,16 +75,23 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
     Args:
       model: a kto_jax Transformer (`hidden_states(..., packed=layout)`, `lm_head_weight()`).
       batch: one packed microbatch: packed_ids, packed_positions, packed_segment_ids,
-        packed_branch_ids [R, T]; {name}_ids, {name}_mask, {name}_index [M, C] per name.
+        packed_branch_ids [R, T]; {name}_ids, {name}_mask, {name}_index [M, C] per name;
+        with the kl stream (unpaired, `pack_streams`) kl_row_ids, kl_row_positions,
+        kl_row_segment_ids [R, Tk] too: y_kl is then computed without gradient (its
+        log-probs are constants for autodiff; the losses never differentiate them).
       names: ("completion", "kl") for unpaired losses, ("chosen", "rejected") for pairs.
       groups: packing groups of the batch (kto_jax/data/packing.py).
       vocab_chunk: vocabulary columns per LM-head chunk.
     Returns:
-      (CompletionLogps of y, CompletionLogps of y2), each [M, C] as in kto_jax/models/logprobs.py.
+      (CompletionLogps of y, CompletionLogps of y2), each [M, C] as in kto_jax/models/logprobs.py;
+      the router statistics (a mixture of experts) ride with y.
     """
-    layout = packed_layout(batch)
+    layout, kl = packed_layout(batch), kl_rows_of(batch)
     hidden, router = hidden_and_router(model, batch["packed_ids"], layout.positions,
-                                       layout.segment_ids > 0, packed=layout)
+                                       router_weights(layout, names), packed=layout,
+                                       kl_rows=kl)
+    if kl is not None:
+        return _stream_logps(model, hidden, batch, groups, vocab_chunk, router)
     m = batch[f"{names[0]}_index"].shape[0]
     index = jnp.concatenate([batch[f"{n}_index"] for n in names], axis=0)       # [2M, C]
     labels = jnp.concatenate([batch[f"{n}_ids"] for n in names], axis=0)
@@ -76,8 +102,35 @@ def packed_completion_logps(model, batch: Mapping[str, Array], names: tuple[str,
     tok = token_logps_from_hidden(h, model.lm_head_weight(), labels, vocab_chunk=vocab_chunk,
                                   softcap=model.config.final_logit_softcap)
     out = (jnp.where(mask > 0, tok, 0.0), mask, h)
-    # the router statistics are the whole forward's: they ride with y
     return CompletionLogps(*(x[:m] for x in out), router), CompletionLogps(*(x[m:] for x in out))
+
+
+def _stream_logps(model, hidden: tuple[Array, Array], batch: Mapping[str, Array], groups: int,
+                  vocab_chunk: int, router) -> tuple[CompletionLogps, CompletionLogps]:
+    """y's log-probs from the main rows; y_kl's, without gradient, from the group's main rows
+    then kl rows (kl_index: `pack_streams`)."""
+    main, kl = hidden
+    softcap = model.config.final_logit_softcap
+    w = model.lm_head_weight()
+    out = []
+    for name, rows, weight in (
+            (UNPAIRED_NAMES[0], main, w),
+            (UNPAIRED_NAMES[1], _main_then_kl(jax.lax.stop_gradient(main), kl, groups),
+             jax.lax.stop_gradient(w))):
+        h = gather_hidden(rows, batch[f"{name}_index"], groups)                # [M, C, D]
+        mask = batch[f"{name}_mask"].astype(jnp.float32)
+        tok = token_logps_from_hidden(h, weight, batch[f"{name}_ids"], vocab_chunk=vocab_chunk,
+                                      softcap=softcap)
+        out.append((jnp.where(mask > 0, tok, 0.0), mask, h))
+    return CompletionLogps(*out[0], router), CompletionLogps(*out[1])
+
+
+def _main_then_kl(main: Array, kl: Array, groups: int) -> Array:
+    """[R, T, D] and [R, Tk, D] -> [G, 1, (R/G) (T + Tk), D]-shaped rows for `gather_hidden`:
+    each group's main rows flattened, then its kl rows."""
+    r, t, d = main.shape
+    both = jnp.concatenate([main.reshape(groups, -1, d), kl.reshape(groups, -1, d)], axis=1)
+    return both.reshape(r, -1, d)
 
 
 def _by_group(x: Array, groups: int, inverse: bool = False) -> Array:

@@ -46,7 +46,7 @@ from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
     rope_cos_sin, rope_inv_freq, soft_cap)
 from kto_jax.models import moe
-from kto_jax.models.packed_attention import PackedLayout
+from kto_jax.models.packed_attention import KlRows, PackedLayout, attend_kl
 from kto_jax.models.quantized_layers import quantized_rows, zero_projection
 from kto_jax.sharding import constrain
 
@@ -162,7 +162,8 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, input_ids: Array, positions: Array | None = None,
                       attention_mask: Array | None = None, packed: PackedLayout | None = None,
-                      router_weight: Array | None = None) -> Array | tuple[Array, Array]:
+                      router_weight: Array | None = None, kl_rows: KlRows | None = None
+                      ) -> Array | tuple[Array, Array]:
         """Final-norm hidden states.
 
         Args:
@@ -177,12 +178,17 @@ class Transformer(nnx.Module):
           packed: packed rows of several [x | y | y2] examples instead (segment and
             branch ids, per-segment positions; kto_jax/models/packed_attention.py):
             attention then follows that layout and `attention_mask` must be None.
-          router_weight: float [B, T], 1 on the tokens a mixture of experts' load-balancing
-            loss counts (the real ones), or None.
+          router_weight: float [B, T], the weight of each token in a mixture of experts'
+            load-balancing loss (1 on the real ones, 0 on padding), or None.
+          kl_rows: with `packed`, the kl stream [B, Tk] (KL completions; packed_attention.py):
+            run in the same layer scan with every parameter under stop_gradient, its
+            queries attending the main rows' x keys (under stop_gradient) and its own, so
+            autodiff sees it as a constant: no backward, nothing recomputed under remat.
         Returns:
           [B, T, D] in the compute dtype; rows at padded positions are meaningless. With
-          `router_weight` (a mixture of experts only), also the router statistics of every
-          layer, float32 [L, 2, E] (`kto_jax.models.moe.router_stats`).
+          `kl_rows`, the pair ([B, T, D], [B, Tk, D]) instead. With `router_weight` (a
+          mixture of experts only), also the router statistics of every layer of the main
+          rows, float32 [L, 2, E] (`kto_jax.models.moe.router_stats`).
         """
         cfg = self.config
         if positions is None:
@@ -197,24 +203,57 @@ class Transformer(nnx.Module):
         kinds, kind_ids = cfg.layer_kinds()
         scale = cfg.attention_scale
 
-        def attend_kind(kind: LayerKind, q: Array, k: Array, v: Array) -> Array:
+        def attend_kind(kind: LayerKind, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
             q, k, v = rotate(kind, q, k, v, ropes=ropes)
             return attend(q, k, v, mask, scale=scale, window=kind.window, impl=impl,
-                          softcap=cfg.attn_logit_softcap)
+                          softcap=cfg.attn_logit_softcap), k, v
 
-        def layer(h: Array, xs) -> tuple[Array, None]:
-            p, kind = xs
+        def attention(kind, p, x):
+            q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
+            out, k, v = by_kind(kind, kinds, attend_kind, q, k, v)
+            return project_out(p, out), (k, v)
 
-            def attention(p, x):
-                q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
-                return project_out(p, by_kind(kind, kinds, attend_kind, q, k, v)), None
+        if kl_rows is None:
+            def layer(h: Array, xs) -> tuple[Array, None]:
+                p, kind = xs
+                h, _, router = decoder_layer(p, h, functools.partial(attention, kind), cfg,
+                                             router_weight)
+                return h, router
+        else:
+            assert packed is not None, "a kl stream needs the packed main rows"
+            kl_ropes = rope_tables(kl_rows.positions, cfg)
 
-            h, _, router = decoder_layer(p, h, attention, cfg, router_weight)
-            return h, router
+            def attend_kl_kind(kind: LayerKind, q: Array, k: Array, v: Array, k_main: Array,
+                               v_main: Array) -> Array:
+                q, k, v = rotate(kind, q, k, v, ropes=kl_ropes)
+                return attend_kl(q, k, v, k_main, v_main, packed, kl_rows, scale=scale,
+                                 sliding_window=kind.window, softcap=cfg.attn_logit_softcap)
 
+            def layer(carry: tuple[Array, Array], xs) -> tuple[tuple[Array, Array], None]:
+                (h, hk), (p, kind) = carry, xs
+                h, (k, v), router = decoder_layer(p, h, functools.partial(attention, kind), cfg,
+                                                  router_weight)
+                main_kv = jax.lax.stop_gradient((k, v))
+                frozen = constant(p)
+
+                def kl_attention(p, x):
+                    q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
+                    return project_out(p, by_kind(kind, kinds, attend_kl_kind, q, k, v, *main_kv)), None
+
+                hk = decoder_layer(frozen, hk, kl_attention, cfg)[0]
+                return (h, hk), router
+
+            h = (h, constrain(jax.lax.stop_gradient(self.embed(kl_rows.ids)), ACT_EMBED))
         layer = _remat(layer, cfg.remat_policy)
         h, router = jax.lax.scan(layer, h, (self.layer_arrays(), scanned_kinds(kinds, kind_ids)))
-        hidden = constrain(cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps), ACT_EMBED)  # [B, T, D]
+        def final(x, w):
+            return cfg.family.norm(x, w, cfg.rms_norm_eps)
+
+        if kl_rows is None:
+            hidden = constrain(final(h, self.norm[...]), ACT_EMBED)            # [B, T, D]
+        else:
+            hidden = (constrain(final(h[0], self.norm[...]), ACT_EMBED),
+                      constrain(final(h[1], jax.lax.stop_gradient(self.norm[...])), ACT_EMBED))
         return hidden if router_weight is None else (hidden, router)
 
     def embed(self, input_ids: Array) -> Array:
@@ -360,6 +399,15 @@ def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: Model
         out = family.norm(out, p[norms.after_mlp], eps)
     router = None if router_weight is None or not cfg.num_experts else moe.router_stats(p, x, cfg, router_weight)
     return constrain(h + out, ACT_EMBED), aux, router
+
+
+def constant(p: dict[str, Array]) -> dict[str, Array]:
+    """A layer's weights (stored, LoRA, quantised) under stop_gradient: autodiff sees
+    constants. Integer and key leaves (quantisation codes, dropout keys) pass as they are."""
+    def stop(x):
+        dtype = getattr(x, "dtype", None)
+        return jax.lax.stop_gradient(x) if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) else x
+    return jax.tree.map(stop, p)
 
 
 def rope_tables(positions: Array, cfg: ModelConfig) -> tuple[tuple[Array, Array], ...]:

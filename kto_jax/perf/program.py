@@ -68,30 +68,54 @@ def sequence_lengths(config: ml_collections.ConfigDict, prompt_len: int | None,
     return lengths
 
 
+def packed_example(config: ml_collections.ConfigDict, prompt_len: int, completion_len: int
+                   ) -> tuple[int, float]:
+    """(tokens of a row it takes, kl_share) of an example with a P-token prompt and C-token
+    completions, as the trainer packs it (kto_jax/data/packing.py): an unpaired loss with z0
+    [x | y] in main rows beside y_kl in kl rows of kl_share * T tokens (`stream_lengths`),
+    a paired loss [x | y_w | y_l], any other [x | y]; kl_share 0 without a kl stream."""
+    loss = get_loss(config.loss.name)
+    if loss.uses_kl and not loss.paired:
+        share = packing.kl_share_for(prompt_len + completion_len, completion_len)
+        return int(packing.stream_lengths(prompt_len + completion_len, completion_len, share)), share
+    return prompt_len + completion_len * (2 if loss.paired else 1), 0.0
+
+
 def packed_rows(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
                 completion_len: int) -> int:
     """R of a packed microbatch (data.packing) whose every example has a P-token prompt and
-    two C-token completions: [x | y | y_kl] or [x | y_w | y_l], packed per batch shard as
-    kto_jax/data/packing.py does. 0 when data.packing is off (the padded layout)."""
+    C-token completions (`packed_example`), packed per batch shard as kto_jax/data/packing.py
+    does. 0 when data.packing is off (the padded layout)."""
     d = config.data
     if not d.get("packing", False):
         return 0
-    m, tree = int(config.train.micro_batch_size), prompt_len + 2 * completion_len
+    m, tree = int(config.train.micro_batch_size), packed_example(config, prompt_len, completion_len)[0]
     if not int(d.pack_length):   # chosen from the data at run time: the tree's, rounded
         return packing.rows_needed(np.full(m, tree), pack_length(config, prompt_len, completion_len),
                                    batch_shards(mesh, config.mesh.rules))
     if tree > int(d.pack_length):
-        raise UserError(f"an example of {prompt_len} + 2 x {completion_len} tokens does not fit "
-                        f"a packed row of data.pack_length={d.pack_length}: raise "
-                        "data.pack_length or lower --prompt_len / --completion_len.")
+        raise UserError(f"an example of {prompt_len} + {completion_len} (+ {completion_len}) "
+                        f"tokens needs {tree} tokens of a packed row, more than "
+                        f"data.pack_length={d.pack_length}: raise data.pack_length or lower "
+                        "--prompt_len / --completion_len.")
     return packing.rows_needed(np.full(m, tree), int(d.pack_length),
                                batch_shards(mesh, config.mesh.rules))
 
 
 def pack_length(config: ml_collections.ConfigDict, prompt_len: int, completion_len: int) -> int:
     """T of the compiled packed rows: data.pack_length, or (0: chosen from the data at run
-    time) the [x | y | y2] tree of P + 2C tokens rounded up to 128, as a TPU run chooses."""
-    return int(config.data.get("pack_length", 0)) or -(-(prompt_len + 2 * completion_len) // 128) * 128
+    time) the example's share of a row (`packed_example`) rounded up to 128, as a TPU run
+    chooses."""
+    tree = packed_example(config, prompt_len, completion_len)[0]
+    return int(config.data.get("pack_length", 0)) or -(-tree // 128) * 128
+
+
+def kl_length(config: ml_collections.ConfigDict, prompt_len: int, completion_len: int) -> int:
+    """Tk of the compiled kl rows (0: none): `packing.kl_row_length` of T and the share."""
+    share = packed_example(config, prompt_len, completion_len)[1]
+    if not (share and config.data.get("packing", False)):
+        return 0
+    return packing.kl_row_length(pack_length(config, prompt_len, completion_len), share)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: int,
@@ -105,7 +129,8 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, prompt_len: in
                           completion_len=completion_len,
                           precomputed=config.reference.source == "precomputed",
                           rows=packed_rows(config, mesh, prompt_len, completion_len),
-                          pack_length=pack_length(config, prompt_len, completion_len))
+                          pack_length=pack_length(config, prompt_len, completion_len),
+                          kl_length=kl_length(config, prompt_len, completion_len))
     sharding = batch_sharding(mesh, config.mesh.rules)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes.items()}

@@ -14,6 +14,15 @@ Conventions (those of the PaLM paper, App. B, which MaxText and most reports use
 A step's FLOPs add up, per example, the forwards each loss needs: the policy on
 (x, y) with its backward, the policy's KL forward on (x, y_{i+1}) without one,
 and the reference forwards (none when the reference is precomputed or absent).
+
+Per example of a KTO step with a reference, in forward-token units (one forward of
+one token; a backward is two), for a prompt of P and completions of C tokens:
+  padded              policy 3(P + C) + KL (P + C), reference 2(P + C):   6P + 6C
+  packed trees        [x | y | y_kl] rows: policy 3(P + 2C), reference P + 2C:
+                      4P + 8C (y_kl rides the policy's backward)
+  packed + kl stream  main rows [x | y] with backward 3(P + C), kl rows y_kl forward
+                      only C (x's keys reused), reference P + 2C:  4P + 6C
+(plus the attention's T x T term per row and the rows' padding).
 """
 
 from __future__ import annotations
@@ -115,15 +124,22 @@ def forward_passes(loss: Any, reference_source: str, packed: bool = False) -> tu
 
 
 def step_flops(dims: ModelDims, *, loss: Any, reference_source: str,
-               global_batch: int, seq_len: int, packed: bool = False) -> float:
+               global_batch: int, seq_len: int, packed: bool = False, kl_len: int = 0) -> float:
     """Model FLOPs of one optimizer step over `global_batch` examples of `seq_len` tokens.
 
     `seq_len` is the padded prompt + completion length, the shape the step runs on;
     `packed`: `global_batch` rows of `seq_len` = data.pack_length tokens instead
-    (attention counted over the whole row, as the masked dense kernel computes it).
+    (attention counted over the whole row, as the masked dense kernel computes it);
+    `kl_len` > 0: each row has a kl row of that many tokens beside it (the KL completions,
+    kto_jax/data/packing.py `pack_streams`), run forward only by the policy and the
+    reference, its queries attending the main row's keys and its own.
     """
     grad_passes, fwd_passes = forward_passes(loss, reference_source, packed)
     per_example = forward_flops(dims, seq_len) * (3 * grad_passes + fwd_passes)
+    if packed and kl_len:
+        kl = (2.0 * dims.matmul_params() * kl_len
+              + 4.0 * dims.layers * dims.heads * dims.head_dim * kl_len * (seq_len + kl_len))
+        per_example += kl * (1 + int(loss.uses_reference and reference_source == "model"))
     return per_example * global_batch
 
 

@@ -55,7 +55,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kto_jax.batch import BatchSize, is_packed, step_keys
+from kto_jax.batch import BatchSize, has_kl_stream, is_packed, step_keys
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss
 from kto_jax.sharding import activation_sharding, batch_axes, batch_shards
@@ -71,7 +71,7 @@ Batch = Mapping[str, Array]
 def check_batch(batch: Batch, loss: HaloLoss) -> None:
     """UserError (at trace time) for a batch whose layout or microbatch size the loss cannot use."""
     packed = is_packed(batch)
-    missing = [k for k in step_keys(loss.paired, packed) if k not in batch]
+    missing = [k for k in step_keys(loss.paired, packed, has_kl_stream(batch)) if k not in batch]
     if missing:
         layout = "paired (chosen/rejected)" if loss.paired else "unpaired (completion + label)"
         raise UserError(f"loss {loss.name!r} trains on {layout} batches"
@@ -228,7 +228,7 @@ def reference_step(reference: Any, batch: Batch, *, loss: HaloLoss | step_stats.
     """float32 [A, M] per key of `stats.reference_keys(loss)` for a batch [A, M, ...]: the step's
     own reference forward (`stats.reference_logps`), a `lax.scan` over its microbatches.
     Packed batches give the same per-example arrays (`pack_groups`: their packing groups)."""
-    inputs = {k: batch[k] for k in step_keys(loss.paired, is_packed(batch))}
+    inputs = {k: batch[k] for k in step_keys(loss.paired, is_packed(batch), has_kl_stream(batch))}
 
     def body(_, mb):
         return None, step_stats.reference_logps(loss, graphdef, reference, mb, vocab_chunk,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kto_jax.batch import is_packed
+from kto_jax.batch import KL_ROW_KEYS, has_kl_stream, is_packed
 from kto_jax.losses.common import summarize_metrics
 from kto_jax.step import flops as flops_lib
 from kto_jax.train import batches as batches_lib
@@ -93,7 +93,8 @@ class Throughput:
         self._flops += flops_lib.step_flops(
             self._run.flop_dims, loss=self._loss, reference_source=self._run.config.reference.source,
             global_batch=batches_lib.global_sequences(batch),
-            seq_len=batches_lib.sequence_length(batch), packed=is_packed(batch))
+            seq_len=batches_lib.sequence_length(batch), packed=is_packed(batch),
+            kl_len=int(batch[KL_ROW_KEYS[0]].shape[-1]) if has_kl_stream(batch) else 0)
 
     def exclude(self, seconds: float) -> None:
         """Leaves `seconds` (an evaluation) out of the current window's time."""

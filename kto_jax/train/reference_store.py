@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from kto_jax.batch import is_packed, step_keys
+from kto_jax.batch import has_kl_stream, is_packed, step_keys
 from kto_jax.data import packing
 from kto_jax.errors import UserError
 from kto_jax.losses.registry import HaloLoss, get_loss
@@ -267,7 +267,7 @@ def compute_split(batches: Iterator[dict], num_batches: int, fn, reference, shar
     for k in range(num_batches):
         local = next(batches)
         inputs = {key: v for key, v in local.items()
-                  if key in step_keys("chosen_ids" in local, is_packed(local))}
+                  if key in step_keys("chosen_ids" in local, is_packed(local), has_kl_stream(local))}
         result = fn(reference, to_global(inputs, sharding))
         for key in keys:
             out[key].append(np.asarray(result[key], np.float32))

@@ -35,8 +35,9 @@ def _batches(config, tokenizer, index=0, count=1, allgather=None):
     return data, collect(data.train_iter_factory())
 
 
-def _tree_lengths(batch, paired, second=True):
-    """[A, M] tokens of each example's [x | y | y2] tree ([x | y] without `second`), from a
+def _tree_lengths(batch, paired, second=True, kl_share=0.0):
+    """[A, M] tokens of each example's [x | y | y2] tree ([x | y] without `second`; with
+    `kl_share`, its share of a row beside a kl row, `packing.stream_lengths`), from a
     padded batch."""
     prompt = batch["prompt_mask"].sum(-1)
     if paired:
@@ -45,7 +46,19 @@ def _tree_lengths(batch, paired, second=True):
     if not second:
         return prompt + y
     kl = np.take_along_axis(y, packing.kl_partners(batch["valid"]), axis=1)
+    if kl_share:
+        return packing.stream_lengths(prompt + y, kl, kl_share)
     return prompt + y + kl
+
+
+def _kl_share(padded):
+    """The kl rows' share the pipeline chooses for the examples of these padded batches (a loss
+    with z0: `packing.kl_share_for` of the train split's lengths)."""
+    valid = [b["valid"].astype(bool) for b in padded]
+    main = sum((b["prompt_mask"].sum(-1) + b["completion_mask"].sum(-1))[v].sum()
+               for b, v in zip(padded, valid))
+    return packing.kl_share_for(main, sum(b["completion_mask"].sum(-1)[v].sum()
+                                          for b, v in zip(padded, valid)))
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo", "kto_no_z0"])
@@ -57,12 +70,15 @@ def test_packed_batches_hold_the_padded_batches_examples(tokenizer, tmp_path, lo
     data, packed = _batches(_config(path, loss, **PACKING), tokenizer)
     assert len(packed) == len(padded) > 2
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    share = _kl_share(padded) if loss == "kto" else 0.0   # z0: y_kl in kl rows
     for p, b in zip(packed, padded):
-        assert tuple(p) == tuple(f.name for f in batch_fields(paired, packed=True))
+        assert tuple(p) == tuple(f.name for f in batch_fields(paired, packed=True,
+                                                              kl_stream=share > 0))
         rows = p["packed_ids"].shape[1]   # bucketed (data/shapes.py): at least the fewest rows
-        assert rows >= packing.microbatch_rows(_tree_lengths(b, paired, loss != "kto_no_z0"), 128, 2)
+        assert rows >= packing.microbatch_rows(_tree_lengths(b, paired, loss != "kto_no_z0", share),
+                                               128, 2)
         want = packed_like(b, paired, pack_length=128, groups=2, pad_id=pad_id,
-                           num_rows=0 if loss == "kto_no_z0" else rows)
+                           num_rows=0 if loss == "kto_no_z0" else rows, kl_share=share)
         if loss == "kto_no_z0":  # no z0: the trees carry no y_kl, so other places in the rows
             assert not p["kl_mask"].any()
             assert (p["packed_segment_ids"] > 0).sum() == (b["prompt_mask"].sum()
@@ -144,6 +160,9 @@ def test_summary_reports_what_the_packed_batches_compute(tokenizer, tmp_path, lo
         shapes[key] = shapes.get(key, 0) + 1
         positions += a * r * t
         placed += int((b["packed_segment_ids"] > 0).sum())
+        if "kl_row_ids" in b:   # z0: the KL completions in kl rows beside the main rows
+            positions += int(np.prod(b["kl_row_ids"].shape))
+            placed += int((b["kl_row_segment_ids"] > 0).sum())
         valid = b["valid"].astype(bool)
         real += int(b["prompt_length"][valid].sum()) + sum(int(b[f"{s}_mask"][valid].sum()) for s in sides)
     packed = train.plan["packed"]

@@ -68,6 +68,10 @@ GEMMA_MODELS = {
 # also routes the KL completions' tokens, which the padded policy forward does not see.
 MOE_MODEL = MODEL.replace(architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=4,
                           num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+# ... and with it on: the packed forward weighs each token as the padded forwards count it
+# (packed_logprobs.router_weights), so the aux loss, its metric and gradients agree too.
+MOE_AUX_MODEL = MOE_MODEL.replace(router_aux_loss_coef=0.01)
+KL_SHARE = 0.5  # the kl rows of the two-stream layout: 16 tokens beside main rows of 32
 
 
 @pytest.mark.slow
@@ -87,7 +91,26 @@ def test_moe_packed_kto_step_equals_padded_step():
     _check_packed_equals_padded("kto", MOE_MODEL)
 
 
-def _check_packed_equals_padded(name, model):
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in LOSS_NAMES if not get_loss(n).paired])
+def test_kl_stream_packed_step_equals_padded_step(name):
+    """Main rows [x | y] and kl rows of y_kl (packing.pack_streams): every unpaired loss."""
+    _check_packed_equals_padded(name, MODEL, kl_share=KL_SHARE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, family", [("kto", "gemma2"), ("kto", "gemma3")])
+def test_gemma_kl_stream_packed_step_equals_padded_step(name, family):
+    _check_packed_equals_padded(name, GEMMA_MODELS[family], kl_share=KL_SHARE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kl_share", [("kto", KL_SHARE), ("dpo", 0.0)])
+def test_moe_router_loss_packed_step_equals_padded_step(name, kl_share):
+    _check_packed_equals_padded(name, MOE_AUX_MODEL, kl_share=kl_share)
+
+
+def _check_packed_equals_padded(name, model, kl_share=0.0):
     paired = get_loss(name).paired
     cfg = make_config(name)
     if name == "kto_reference_free" or not get_loss(name).uses_reference:
@@ -97,8 +120,9 @@ def _check_packed_equals_padded(name, model):
     batch["valid"][1, 5] = False
     if not paired:
         batch["weight"][1, 5] = 0.0
-    packed = packed_like(batch, paired)
+    packed = packed_like(batch, paired, kl_share=kl_share)
     assert packed["packed_ids"].shape[1] < batch["valid"].shape[1]  # several examples per row
+    assert ("kl_row_ids" in packed) == (kl_share > 0)
     grads, loss, metrics, tokens, loss_state = _gradients(cfg, graphdef, state, batch)
     p_grads, p_loss, p_metrics, p_tokens, p_loss_state = _gradients(cfg, graphdef, state, packed)
     for key in loss_state or {}:  # bco's running mean after both microbatches
