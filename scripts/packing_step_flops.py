@@ -20,6 +20,11 @@ here to count what runs. Examples:
              (multiples of 128, `shapes.best_row_length`).
 The attention backend is XLA's masked dense attention (CPU), so packed attention is
 counted over whole rows.
+
+With --topology (e.g. v5p-8; libtpu, `kto_jax/perf/aot.py`) the same two steps are
+compiled ahead of time for that TPU slice instead (mesh fsdp over every chip, the
+attention the trainer picks there: splash), and the per-chip memory of each is printed
+(`kto-jax compile`'s figures), the rows packed per batch shard as the pipeline packs them.
 """
 
 import argparse
@@ -29,7 +34,7 @@ import json
 import jax
 import numpy as np
 
-from kto_jax.perf import bench
+from kto_jax.perf import aot, bench
 from kto_jax.batch import batch_shapes
 from kto_jax.data import packing, shapes
 from kto_jax.perf import workload
@@ -50,14 +55,30 @@ def lengths(kind: str, m: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return prompt, completion
 
 
-def step_flops(config, model_config, mesh, shapes) -> float:
+def _program(config, model_config, mesh, shapes):
     fn, (state, _) = program.train_step_program(config, model_config, mesh, 8, 8)
     sharding = batch_sharding(mesh, config.mesh.rules)
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
-    return float(fn.lower(state, batch).compile().cost_analysis()["flops"])
+    return fn, (state, batch)
+
+
+def step_flops(config, model_config, mesh, shapes) -> float:
+    fn, args = _program(config, model_config, mesh, shapes)
+    return float(fn.lower(*args).compile().cost_analysis()["flops"])
+
+
+def step_memory(config, model_config, topology: str, shapes) -> dict:
+    """Per-chip GiB of the step AOT-compiled for a TPU slice (`kto-jax compile`'s report)."""
+    tpu = aot.parse_topology(topology)
+    mesh = aot.topology_mesh(aot.topology_devices(tpu), {"data": 1, "fsdp": -1})
+    report = aot.compile_on_mesh(tpu, mesh, lambda m: _program(config, model_config, m, shapes))
+    return {"total_gib": round(report.total_bytes / 2**30, 2),
+            "temporaries_gib": round(report.temp_bytes / 2**30, 2),
+            "peak_gib": round(report.peak_bytes / 2**30, 2), "verdict": report.verdict}
 
 
 def main() -> None:
+    scan = jax.lax.scan
     jax.lax.scan = functools.partial(jax.lax.scan, unroll=True)  # count every iteration
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-1b")
@@ -69,30 +90,45 @@ def main() -> None:
     ap.add_argument("--kl-share", type=float, default=0.0, help="0: chosen from the lengths")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--topology", default="", help="a TPU slice (v5p-8): per-chip memory, not FLOPs")
+    ap.add_argument("--accum", type=int, default=1, help="microbatches per step (--topology)")
     a = ap.parse_args()
-    opts = bench.BenchOptions(model=a.model, micro_batch=a.micro_batch, accum=1,
-                              attention="xla")
+    opts = bench.BenchOptions(model=a.model, micro_batch=a.micro_batch, accum=a.accum,
+                              attention="auto" if a.topology else "xla")
     config, model_config = bench.run_config(opts), bench.model_config(opts)
     config.mesh.data = 1
+    if a.topology:
+        jax.lax.scan = scan     # memory: the program as the trainer runs it
+        config.mesh.fsdp = aot.parse_topology(a.topology).num_chips * aot.parse_topology(
+            a.topology).num_slices
+    groups = config.mesh.fsdp if a.topology else 1
     mesh = single_device_mesh()
     m = a.micro_batch
     prompt, completion = lengths(a.lengths, m, np.random.default_rng(a.seed))
     p, c = (int(-(-int(x.max()) // 128) * 128) for x in (prompt, completion))
-    padded = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c)
     kl = np.roll(completion, -1)
     if a.layout == "trees":      # [x | y | y_kl] rows, y_kl riding the policy's backward
         trees, share = prompt + completion + kl, 0.0
     else:                        # main rows [x | y] and kl rows of y_kl (packing.pack_streams)
         share = a.kl_share or packing.kl_share_for(prompt + completion, kl)
         trees = packing.stream_lengths(prompt + completion, kl, share)
-    t = a.pack_length or shapes.best_row_length(trees[None], int(trees.max()), 128)
-    rows = packing.rows_needed(trees, t)
+    t = a.pack_length or shapes.best_row_length(trees[None], int(trees.max()), 128, groups)
+    rows = packing.rows_needed(trees, t, groups)
     tk = packing.kl_row_length(t, share) if share else 0
-    packed = batch_shapes(False, accumulation=1, micro_batch=m, prompt_len=p, completion_len=c,
-                          rows=rows, pack_length=t, kl_length=tk)
+    packed = batch_shapes(False, accumulation=a.accum, micro_batch=m, prompt_len=p,
+                          completion_len=c, rows=rows, pack_length=t, kl_length=tk)
+    padded = batch_shapes(False, accumulation=a.accum, micro_batch=m, prompt_len=p,
+                          completion_len=c)
+    real = int((prompt + completion).sum())
+    if a.topology:
+        print(json.dumps({"model": a.model, "lengths": a.lengths, "topology": a.topology,
+                          "examples": m, "accum": a.accum, "padded_shape": [m, p + c],
+                          "layout": a.layout, "packed_shape": [rows, t], "kl_rows": [rows, tk],
+                          "padded": step_memory(config, model_config, a.topology, padded),
+                          "packed": step_memory(config, model_config, a.topology, packed)}))
+        return
     f_pad = step_flops(config, model_config, mesh, padded)
     f_pack = step_flops(config, model_config, mesh, packed)
-    real = int((prompt + completion).sum())
     print(json.dumps({"model": a.model, "lengths": a.lengths, "examples": m,
                       "real_tokens": real, "padded_shape": [m, p + c],
                       "layout": a.layout, "packed_shape": [rows, t], "kl_rows": [rows, tk],

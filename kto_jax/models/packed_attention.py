@@ -61,10 +61,18 @@ BRANCH_PROMPT, BRANCH_FIRST, BRANCH_SECOND = 0, 1, 2
 
 
 class PackedLayout(NamedTuple):
-    """Where each token of packed rows sits; see the module docstring. All int32 [B, T]."""
+    """Where each token of packed rows sits; see the module docstring. All int32 [B, T];
+    branch_ids None for rows of contiguous segments without a tree (`chains`)."""
     segment_ids: Array
-    branch_ids: Array
+    branch_ids: Array | None
     positions: Array
+
+
+def chains(layout: PackedLayout) -> PackedLayout:
+    """The layout of rows whose segments hold no second completion (the kl stream's main
+    rows [x | y]): attention is segments + causal, no tree, so the branch ids are dropped
+    and the kernels take the plain segment form (no doubled keys)."""
+    return layout._replace(branch_ids=None)
 
 
 class KlRows(NamedTuple):
@@ -115,8 +123,9 @@ def packed_mask(layout: PackedLayout, sliding_window: int | None) -> Array:
     col = jnp.arange(t)
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
     causal = col[None, :, None] >= col[None, None, :]
-    tree = (branch[:, None, :] == BRANCH_PROMPT) | (branch[:, :, None] == branch[:, None, :])
-    allowed = same & causal & tree
+    allowed = same & causal
+    if branch is not None:   # the tree: y2 sees x, not y
+        allowed &= (branch[:, None, :] == BRANCH_PROMPT) | (branch[:, :, None] == branch[:, None, :])
     if sliding_window:
         allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
     return (allowed | jnp.eye(t, dtype=bool)[None])[:, None]
@@ -160,7 +169,7 @@ def attend(q: Array, k: Array, v: Array, layout: PackedLayout, *, scale: float,
     explicit-mask form computes with the logits (kto_jax/models/attention.py).
     """
     from kto_jax.models.splash_attention import (  # pylint: disable=import-outside-toplevel
-        BLOCK, splash_packed_attention)
+        BLOCK, splash_packed_attention, splash_segment_attention)
 
     def dense(q, k, v, implementation=None):
         mask = packed_mask(layout, sliding_window)
@@ -171,6 +180,10 @@ def attend(q: Array, k: Array, v: Array, layout: PackedLayout, *, scale: float,
 
     if impl in ("xla", "cudnn"):
         return dense(q, k, v, impl)
+    if impl in ("splash", "auto") and q.shape[1] % BLOCK == 0 and layout.branch_ids is None:
+        return splash_segment_attention(q, k, v, layout.segment_ids, scale=scale,
+                                        sliding_window=sliding_window, softcap=softcap,
+                                        fallback=dense if impl == "auto" else None)
     if impl in ("splash", "auto") and q.shape[1] % BLOCK == 0:
         return splash_packed_attention(q, k, v, *splash_key_layout(layout), scale=scale,
                                        sliding_window=sliding_window, softcap=softcap,

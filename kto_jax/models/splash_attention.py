@@ -150,3 +150,31 @@ def splash_packed_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: 
     default = run(True) if fallback is None else (lambda q, k, v, *_: fallback(q, k, v))
     return jax.lax.platform_dependent(q, k, v, q_ids, kv_ids, copy_source, tpu=run(False),
                                       default=default)
+
+
+def splash_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float,
+                             sliding_window: int | None = None, softcap: float | None = None,
+                             fallback: Callable[[Array, Array, Array], Array] | None = None
+                             ) -> Array:
+    """Causal attention of packed rows of contiguous segments (no tree: the main rows of the
+    kl-stream layout, kto_jax/models/packed_attention.py): a query sees the keys of its own
+    segment id at or before it, within the window (columns = positions in a segment).
+
+    q [B, T, H, hd], k and v [B, T, K, hd], segment_ids int32 [B, T] (0 on padding, which
+    then sees padding). Lowered for a TPU: the Mosaic kernel; elsewhere `fallback(q, k, v)`
+    when given, else the kernel in Pallas interpret mode.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+        splash_attention_kernel as sk)
+
+    def run(interpret: bool):
+        def fn(q, k, v, seg):
+            q = q * jax.numpy.asarray(scale, q.dtype)
+            kernel = _kernel(q.shape[2], q.shape[1], sliding_window, softcap, interpret)
+            out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
+                q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), seg)
+            return out.swapaxes(1, 2)
+        return _sharded(fn, q, k, extra=1)
+
+    default = run(True) if fallback is None else (lambda q, k, v, *_: fallback(q, k, v))
+    return jax.lax.platform_dependent(q, k, v, segment_ids, tpu=run(False), default=default)

@@ -46,7 +46,7 @@ from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported
     ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
     rope_cos_sin, rope_inv_freq, soft_cap)
 from kto_jax.models import moe
-from kto_jax.models.packed_attention import KlRows, PackedLayout, attend_kl
+from kto_jax.models.packed_attention import KlRows, PackedLayout, attend_kl, chains
 from kto_jax.models.quantized_layers import quantized_rows, zero_projection
 from kto_jax.sharding import constrain
 
@@ -198,7 +198,7 @@ class Transformer(nnx.Module):
         mask = None if attention_mask is None else attention_mask_4d(attention_mask)  # [B, 1, T, T]
         if packed is not None:
             assert attention_mask is None, "packed rows carry their own mask"
-            mask = packed
+            mask = packed if kl_rows is None else chains(packed)   # main rows [x | y]: no tree
         impl = cfg.attention_impl  # "auto" is resolved per layer call: resolve_attention_impl
         kinds, kind_ids = cfg.layer_kinds()
         scale = cfg.attention_scale

@@ -140,7 +140,8 @@ def _check_packed_equals_padded(name, model, kl_share=0.0):
 
 
 @pytest.mark.slow
-def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
+@pytest.mark.parametrize("kl_share", [0.0, KL_SHARE], ids=["trees", "kl_stream"])
+def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded(kl_share):
     """data=4 x fsdp=2: each of the 8 batch shards packs its examples into rows of its own
     (8 packing groups); the jitted train step's update and metrics, and the eval step's
     metrics, equal the padded step on one device."""
@@ -149,7 +150,7 @@ def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
     one = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     eight = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     batch = make_batch(22, micro=16)  # 2 examples per batch shard
-    packed = packed_like(batch, groups=(micro_groups := 8))
+    packed = packed_like(batch, groups=(micro_groups := 8), kl_share=kl_share)
     assert packed["packed_ids"].shape[1] % micro_groups == 0
     results = []
     for mesh, b in ((one, batch), (eight, packed)):
@@ -171,7 +172,8 @@ def test_packed_train_and_eval_steps_on_an_8_device_mesh_equal_padded():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_packed_reference_step_gives_the_padded_per_example_values():
+@pytest.mark.parametrize("kl_share", [0.0, KL_SHARE], ids=["trees", "kl_stream"])
+def test_packed_reference_step_gives_the_padded_per_example_values(kl_share):
     """`make_reference_step` (what `kto-jax precompute-ref` stores) on a packed batch returns
     the padded batch's [A, M] reference log-probs, KL pairs included."""
     cfg = make_config()
@@ -182,7 +184,7 @@ def test_packed_reference_step_gives_the_padded_per_example_values():
                                cfg.mesh.rules)
     batch = make_batch(23)
     want = fn(state.reference_params, batch)
-    got = fn(state.reference_params, packed_like(batch, groups=8))
+    got = fn(state.reference_params, packed_like(batch, groups=8, kl_share=kl_share))
     assert set(got) == {"reference_logps", "reference_kl_logps"}
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=TOL, atol=TOL, err_msg=key)
