@@ -90,12 +90,15 @@ class Choice:
     completion_buckets: tuple[int, ...]
     multiple: int
     pack_shapes: tuple[tuple[int, int], ...] = ()   # packed layout: (T, R) per microbatch
+    kl_share: float = 0.0   # kl rows of kl_share * T beside the rows (losses with z0)
 
     def line(self) -> str:
         if self.pack_shapes:
             rows = ", ".join(f"{t}x{r}" for t, r in self.pack_shapes)
+            kl = (f" (each beside a kl row of {self.kl_share:g} T: the KL completions, run "
+                  "without a backward)" if self.kl_share else "")
             return (f"  shapes chosen from the data (multiples of {self.multiple}): packed rows "
-                    f"TxR per microbatch {rows}; completion buckets "
+                    f"TxR per microbatch {rows}{kl}; completion buckets "
                     f"{list(self.completion_buckets)}")
         return (f"  shapes chosen from the data (multiples of {self.multiple}): prompt buckets "
                 f"{list(self.prompt_buckets)}, completion buckets {list(self.completion_buckets)}")
@@ -255,7 +258,7 @@ def choose(d, layout: batching.BatchLayout, train, evaluation=None, *, multiple:
     if d.packing:
         layout = _packed(d, layout, train, evaluation, multiple)
         chosen = Choice(layout.prompt_buckets, layout.completion_buckets, multiple,
-                        layout.pack_shapes)
+                        layout.pack_shapes, layout.kl_share)
     return layout, chosen
 
 

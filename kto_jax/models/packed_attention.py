@@ -34,7 +34,9 @@ Backends:
   and the sliding window stay exact). Queries of x and y carry id 2s, queries of
   y2 id 2s+1; K carries 2s on x and y, 2s+1 on y2; K2 carries 2s+1 on the copied
   x and -1 elsewhere. Cost: attention over 2T keys (about twice the attention
-  FLOPs of the row; the projections and MLP are unchanged).
+  FLOPs of the row; the projections and MLP are unchanged). Rows without trees
+  (`chains`: the kl stream's main rows [x | y]) take the plain form instead: segment
+  ids over T keys (`splash_segment_attention`), and the explicit mask has no tree term.
 
 The kl stream (losses with z0, kto_jax/data/packing.py `pack_streams`): main rows hold
 [x | y] only (no tree: branch ids 0 and 1, so the rule above is segments + causal) and

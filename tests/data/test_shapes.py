@@ -100,6 +100,9 @@ def test_two_hundred_steps_compile_at_most_four_programs(tokenizer, tmp_path, pa
     if packed:   # every batch has one of the chosen row shapes (T, R)
         line = data.summary.shapes_line
         assert "packed rows TxR per microbatch" in line
+        assert "beside a kl row of" in line   # KTO: the KL completions in kl rows, Tk from T
+        kl_rows = {(b["packed_ids"].shape[-1], b["kl_row_ids"].shape[-1]) for b in batches}
+        assert len({tk for _, tk in kl_rows}) == len({t for t, _ in kl_rows})
         for b in batches:
             r, t = b["packed_ids"].shape[1:]
             assert f"{t}x{r}" in line

@@ -61,6 +61,15 @@ def test_step_flops_and_mfu():
                             seq_len=128, packed=True)
     assert rows == 3 * flops.forward_flops(DIMS, 128) * (3 + 1)
     assert flops.forward_passes(get_loss("dpo"), "precomputed", packed=True) == (1, 0)
+    # + kl rows of 64 tokens beside each row: forward only, for the policy and the reference;
+    # their queries attend the row's 128 keys and their own 64
+    kl = 2.0 * DIMS.matmul_params() * 64 + 4.0 * DIMS.layers * DIMS.heads * DIMS.head_dim * 64 * 192
+    with_kl = flops.step_flops(DIMS, loss=get_loss("kto"), reference_source="model",
+                               global_batch=3, seq_len=128, packed=True, kl_len=64)
+    assert with_kl == pytest.approx(rows + 3 * 2 * kl)
+    assert flops.step_flops(DIMS, loss=get_loss("kto"), reference_source="precomputed",
+                            global_batch=3, seq_len=128, packed=True, kl_len=64) == pytest.approx(
+        3 * (3 * flops.forward_flops(DIMS, 128) + kl))
 
 
 def test_peak_lookup():
