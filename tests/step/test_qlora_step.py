@@ -107,12 +107,17 @@ def test_an_eight_device_mesh_gives_the_one_device_qlora_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_packed_qlora_step_equals_the_padded_one():
+@pytest.mark.parametrize("base", ["nf4", "float"])
+@pytest.mark.parametrize("kl_share", [0.0, 0.5], ids=["trees", "kl_stream"])
+def test_packed_qlora_step_equals_the_padded_one(kl_share, base):
+    """QLoRA (NF4 base) and LoRA (its dequantised float base): packed [x | y | y_kl] trees and
+    main + kl rows (the KL completions run without a backward) = the padded step."""
     cfg = lora_config("kto")
-    quantized, _ = models(NF4)
-    _, graphdef, state = build(cfg, quantized, one_device())
+    quantized, dequantized = models(NF4)
+    _, graphdef, state = build(cfg, quantized if base == "nf4" else dequantized, one_device())
     batch = make_batch(21)
-    packed = packed_like(batch)
+    packed = packed_like(batch, kl_share=kl_share)
+    assert ("kl_row_ids" in packed) == (kl_share > 0)
     settings = step_settings(cfg)
     fn = jax.jit(lambda b: accumulate_gradients((state.params, None), adapters.frozen_inputs(graphdef, state), b,
                                                 graphdef=graphdef, settings=settings))
