@@ -27,7 +27,10 @@ y_kl_i = y_{i+1 mod M} as in the step):
                  the step's packed path, which reads the per-example gather indices and does
                  not care that y and y_kl of one example sit in different segments.
   packed_shared  rows of T tokens, each example one [x | y | y_kl] tree (x computed once):
-                 the step's packed path as the trainer runs it (data.packing=True).
+                 the step's packed path as the trainer runs it for paired losses; for the
+                 losses with z0 the trainer now packs [x | y] beside kl rows of y_kl
+                 (kto_jax/data/packing.py `pack_streams`), which this benchmark does not
+                 lay out yet (scripts/packing_step_flops.py compares them).
 The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, by the
 pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the multiple of --bucket,
 from the longest tree up, whose rows hold the batch in the fewest positions (as the trainer
