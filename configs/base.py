@@ -90,8 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 2               # batches prepared ahead
     c.data.num_epochs = 1             # passes over the training data
     c.data.reference_logps_path = ""  # reference.source="precomputed": directory written by `kto-jax precompute-ref` (docs/performance.md)
-    c.data.packing = False            # pack whole [x | y | y_kl] examples (x once for both completions) into rows of pack_length tokens instead of padding (docs/data.md "Packing")
-    c.data.pack_length = 0            # tokens per packed row: 0 chooses it from the training data; else a multiple of 128 that holds the data's longest [x | y | y_kl] example
+    # pack whole examples into rows of pack_length tokens instead of padding: [x | y] rows with
+    # the KL completions in rows beside them (no backward), [x | y_w | y_l] for pairs (docs/data.md)
+    c.data.packing = False
+    c.data.pack_length = 0            # tokens per packed row: 0 chooses it from the training data; else a multiple of 128 that holds the data's longest example
 
     # ---- optim: optax optimizer and schedule ----
     c.optim = ml_collections.ConfigDict()
