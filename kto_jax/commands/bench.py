@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and --completion-len then cap them (truncation). Empty: fixed lengths")
     p.add_argument("--layout", default=d.layout, choices=("padded", "packed", "packed_shared"),
                    help="padded rows (x twice per model: (x, y) and (x, y_kl)); packed rows of "
-                        "[x | y] and [x | y_kl] segments; packed rows of [x | y | y_kl] trees "
-                        "(x once, as data.packing=True trains)")
+                        "[x | y] and [x | y_kl] segments; packed_shared: the packed layout "
+                        "data.packing=True trains for the loss (x once: [x | y] rows beside kl "
+                        "rows of y_kl for a loss with z0, [x | y] rows without z0)")
     p.add_argument("--pack-length", type=int, default=d.pack_length,
                    help="tokens per packed row; 0: the longest example tree, rounded up to --bucket")
     p.add_argument("--topology", default=None,

@@ -8,8 +8,9 @@ Workload (the one TRL's KTO trainer is timed on, so the figures compare; docs/pe
     (right-padded likewise), labels alternate desirable / undesirable;
   - global batch = micro_batch x accum (8 x 4 = 32), the KTO loss, AdamW.
 With --lengths the examples' lengths are drawn from a real distribution instead, and
---layout picks how the step lays them out (padded rows, or packed rows with or without the
-prompt shared by y and y_kl): kto_jax/perf/workload.py.
+--layout picks how the step lays them out (padded rows; packed_shared, the packed layout the
+trainer runs for the loss: kl rows beside [x | y] for a loss with z0; or packed segments that
+compute x twice): kto_jax/perf/workload.py.
 
 The parameters and optimizer state are created by one jitted initialiser whose
 outputs carry the train state's shardings (`kto_jax.step.state.init_sharded_state`),
@@ -191,7 +192,8 @@ def workload_batch(opts: BenchOptions, vocab_size: int, groups: int = 1
     packing groups per microbatch, the batch shards of the mesh."""
     ex = examples(opts, vocab_size)
     batch, count = workload.layout_batch(ex, opts.layout, bucket=opts.bucket,
-                                         pack_length=opts.pack_length, groups=groups)
+                                         pack_length=opts.pack_length, groups=groups,
+                                         uses_kl=get_loss(opts.loss).uses_kl)
     return batch, count, ex
 
 
@@ -260,11 +262,14 @@ def computed_step_flops(dims: flops_lib.ModelDims, loss_obj, reference_source: s
                         count: workload.TokenCount) -> float:
     """Model FLOPs (PaLM convention, `flops.step_flops`) of the rows the step computes in
     `count`'s layout: the global batch at the padded length, or A x R packed rows of T (one
-    policy forward with its backward over the rows, one reference forward)."""
+    policy forward with its backward over the rows, one reference forward), each with its kl
+    row of Tk run forward only (packed_shared with z0)."""
     packed = count.layout != "padded"
-    rows = count.accum * (count.rows if packed else count.rows // 2)
+    rows = count.accum * count.rows if packed else count.accum * count.rows // (
+        2 if loss_obj.uses_kl else 1)
     return flops_lib.step_flops(dims, loss=loss_obj, reference_source=reference_source,
-                                global_batch=rows, seq_len=count.row_length, packed=packed)
+                                global_batch=rows, seq_len=count.row_length, packed=packed,
+                                kl_len=count.kl_row_length)
 
 
 def time_steps(step, state, batch, opts: BenchOptions) -> tuple[Any, list[float], list[float], float]:
@@ -375,6 +380,7 @@ def summarize(opts: BenchOptions, model_cfg: ModelConfig, config, state, times: 
         "seq": seq, "padded_seq": count.row_length, "global_batch": opts.global_batch,
         "layout": count.layout, "lengths": opts.lengths or None,
         "truncated_examples": ex.truncated, "rows_per_microbatch": count.rows,
+        "kl_row_length": count.kl_row_length,
         "real_tokens": count.real_tokens, "computed_positions": count.computed_positions,
         "token_efficiency": round(count.token_efficiency, 4), "fill": round(count.fill, 4),
         "token_efficiency_ceiling": round(count.token_efficiency_ceiling, 4),

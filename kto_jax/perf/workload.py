@@ -26,11 +26,14 @@ y_kl_i = y_{i+1 mod M} as in the step):
                  [x | y] and [x | y_kl]: no padding waste, but x still computed twice. Run by
                  the step's packed path, which reads the per-example gather indices and does
                  not care that y and y_kl of one example sit in different segments.
-  packed_shared  rows of T tokens, each example one [x | y | y_kl] tree (x computed once):
-                 the step's packed path as the trainer runs it for paired losses; for the
-                 losses with z0 the trainer now packs [x | y] beside kl rows of y_kl
-                 (kto_jax/data/packing.py `pack_streams`), which this benchmark does not
-                 lay out yet (scripts/packing_step_flops.py compares them).
+  packed_shared  the packed layout the trainer runs for the loss (x computed once), built by
+                 the data pipeline's own packer (kto_jax/data/packing.py `pack_batch`, as
+                 kto_jax/data/batching.py `pack_rows` calls it): for a loss with z0
+                 (loss.uses_kl) main rows of T tokens holding [x | y] beside kl rows of Tk =
+                 kl_share * T tokens holding y_kl (`pack_streams`; kl_share from the batch's
+                 token ratio, `packing.kl_share_for`); for a loss without z0 rows of [x | y]
+                 alone (no y_kl). (Paired losses pack [x | y_w | y_l] trees; the benchmark
+                 runs unpaired losses only.)
 The packed rows of a microbatch are packed in `groups` blocks, one per batch shard, by the
 pipeline's own `packing.pack_batch`. T (--pack-length) defaults to the multiple of --bucket,
 from the longest tree up, whose rows hold the batch in the fewest positions (as the trainer
@@ -43,9 +46,11 @@ computes the same positions again):
                       second copy of a prompt;
   placed_tokens       positions holding a token (real tokens plus the copies the layout
                       computes: y_kl, and x again unless shared);
-  computed_positions  rows x row length the step computes;
+  computed_positions  rows x row length the step computes (packed_shared with z0: R x (T + Tk)
+                      per microbatch, main and kl rows);
   token_efficiency = real_tokens / computed_positions (the issue's definition); it is at most
-  sum(x + y) / sum(x + y + y_kl) for packed_shared and half that for the other two layouts;
+  sum(x + y) / sum(x + y + y_kl) for packed_shared with z0 (1 without z0) and half that for
+  the other two layouts;
   fill = placed_tokens / computed_positions: the share of positions that are not padding.
 """
 
@@ -246,10 +251,11 @@ class TokenCount:
     rows: int           # rows per microbatch
     row_length: int     # positions per row (P + C padded, or T packed)
     accum: int
+    kl_row_length: int = 0   # Tk of the kl row beside each row (packed_shared with z0), else 0
 
     @property
     def computed_positions(self) -> int:
-        return self.accum * self.rows * self.row_length
+        return self.accum * self.rows * (self.row_length + self.kl_row_length)
 
     @property
     def token_efficiency(self) -> float:
@@ -276,9 +282,11 @@ def _labels(accum: int, micro_batch: int) -> dict[str, np.ndarray]:
             "valid": np.ones((accum, micro_batch), bool)}
 
 
-def padded_batch(ex: Examples, bucket: int) -> tuple[dict[str, np.ndarray], TokenCount]:
+def padded_batch(ex: Examples, bucket: int, uses_kl: bool = True
+                 ) -> tuple[dict[str, np.ndarray], TokenCount]:
     """The batch [A, M, ...] of kto_jax/batch.py: prompts left-padded, completions right-padded,
-    to the batch's longest rounded up to `bucket`."""
+    to the batch's longest rounded up to `bucket`; the step runs (x, y_kl) rows too when the
+    loss reads the KL completions (`uses_kl`)."""
     lp, lc = ex.prompt_lengths, ex.completion_lengths
     p, c = round_up(lp.max(), bucket), round_up(lc.max(), bucket)
     shapes = batch_shapes(False, accumulation=ex.accum, micro_batch=ex.micro_batch,
@@ -293,21 +301,25 @@ def padded_batch(ex: Examples, bucket: int) -> tuple[dict[str, np.ndarray], Toke
         arrays["completion_mask"][a, i, :len(y)] = 1
     real = int(lp.sum() + lc.sum())
     # (x, y) and (x, y_kl) rows: every prompt and completion twice (y_kl is a roll of y)
-    count = TokenCount("padded", real, 2 * real, 2 * ex.micro_batch, p + c, ex.accum)
+    copies = 2 if uses_kl else 1
+    count = TokenCount("padded", real, copies * real, copies * ex.micro_batch, p + c, ex.accum)
     return as_batch(dict(arrays, **_labels(ex.accum, ex.micro_batch)), paired=False), count
 
 
-def _trees(prompts, completions, shared: bool, groups: int):
-    """(prompts, firsts, seconds, slots) for pack_trees: slots[i] = (tree of y_i, tree of y_kl_i).
+def _trees(prompts, completions, shared: bool, groups: int, uses_kl: bool = True):
+    """(prompts, firsts, seconds, slots) for pack_batch: slots[i] = (tree of y_i, tree of y_kl_i).
 
-    shared: tree i is [x_i | y_i | y_kl_i]. Otherwise example i gives two trees, [x_i | y_i | -]
-    and [x_i | - | y_kl_i], both in example i's packing group (the examples of group g, then
-    their KL trees, so group g's trees are block g of the list).
+    shared: example i is x_i, y_i and its KL completion y_kl_i (`packing.kl_completions`, as
+    the pipeline pairs them), or no second completion when not `uses_kl` (the trainer's
+    layout). Otherwise example i gives two trees, [x_i | y_i | -] and [x_i | - | y_kl_i], both
+    in example i's packing group (the examples of group g, then their KL trees, so group g's
+    trees are block g of the list).
     """
     kl = packing.kl_completions(completions)
     m = len(prompts)
     if shared:
-        return prompts, completions, kl, [(i, i) for i in range(m)]
+        seconds = kl if uses_kl else [np.zeros(0, np.int32)] * m
+        return prompts, completions, seconds, [(i, i) for i in range(m)]
     empty = np.zeros(0, np.int32)
     size = m // groups
     xs, firsts, seconds, slots = [], [], [], [None] * m
@@ -322,48 +334,62 @@ def _trees(prompts, completions, shared: bool, groups: int):
     return xs, firsts, seconds, slots
 
 
-def packed_batch(ex: Examples, *, shared: bool, pack_length: int, groups: int, bucket: int
-                 ) -> tuple[dict[str, np.ndarray], TokenCount]:
+def packed_batch(ex: Examples, *, shared: bool, pack_length: int, groups: int, bucket: int,
+                 uses_kl: bool = True) -> tuple[dict[str, np.ndarray], TokenCount]:
     """The examples as the packed batch of kto_jax/batch.py: rows [A, R, T], per-example
     gathers [A, M, C], labels [A, M]; R is the most rows any microbatch needs.
 
     Args:
-      shared: [x | y | y_kl] trees (packed_shared) or [x | y] and [x | y_kl] segments (packed).
+      shared: the trainer's layout for the loss (packed_shared: with `uses_kl` main rows
+        [x | y] beside kl rows of y_kl, else rows of [x | y]), or [x | y] and [x | y_kl]
+        segments (packed).
       pack_length: T; 0 picks it (`shapes.best_row_length`, multiples of `bucket`).
       groups: packing groups per microbatch (batch shards); divides M.
+      uses_kl: the benchmarked loss reads the KL completions (loss.uses_kl).
     """
-    micro = [_trees(*ex.microbatch(a), shared, groups) for a in range(ex.accum)]
-    tree_lengths = np.array([[len(x) + len(y) + len(z) for x, y, z in zip(*t[:3])] for t in micro])
+    micro = [_trees(*ex.microbatch(a), shared, groups, uses_kl) for a in range(ex.accum)]
+    lengths = [np.array([[len(s) for s in t[k]] for t in micro], np.int64) for k in range(3)]
+    placed = lengths[0] + lengths[1] + lengths[2]          # [A, M] tokens placed per tree
+    kl_share = 0.0
+    if shared and uses_kl:    # the kl stream, as kto_jax/data/shapes.py and batching.py size it
+        kl_share = packing.kl_share_for(lengths[0] + lengths[1], lengths[2])
+        tree_lengths = packing.stream_lengths(lengths[0] + lengths[1], lengths[2], kl_share)
+    else:
+        tree_lengths = placed
     longest = int(tree_lengths.max())
     t_len = pack_length or shapes.best_row_length(tree_lengths, longest, bucket, groups)
     if longest > t_len:
-        raise UserError(f"--pack-length {t_len} cannot hold the longest "
-                        f"{'[x | y | y_kl]' if shared else '[x | y]'} example ({longest} tokens): "
-                        "raise --pack-length or lower --prompt-len / --completion-len")
+        what = ("[x | y] beside y_kl" if kl_share else "[x | y | y_kl]" if shared and uses_kl
+                else "[x | y]")
+        raise UserError(f"--pack-length {t_len} cannot hold the longest {what} example "
+                        f"({longest} tokens): raise --pack-length or lower --prompt-len / "
+                        "--completion-len")
     rows = packing.microbatch_rows(tree_lengths, t_len, groups)
     packed = packing.pack_batch(*([t[k] for t in micro] for k in range(3)),
                                 names=packing.UNPAIRED_NAMES, pack_length=t_len, num_rows=rows,
                                 completion_length=round_up(ex.completion_lengths.max(), bucket),
-                                pad_id=PAD_ID, groups=groups)
+                                pad_id=PAD_ID, groups=groups, kl_share=kl_share)
     slots = np.array([t[3] for t in micro])              # [A, M, 2]: trees of y_i and y_kl_i
     a = np.arange(ex.accum)[:, None]
-    batch = {k: packed[k] for k in packing.ROW_KEYS}
+    batch = {k: v for k, v in packed.items() if k in packing.ROW_KEYS + packing.KL_ROW_KEYS}
     for name, pick in zip(packing.UNPAIRED_NAMES, (slots[..., 0], slots[..., 1])):
         batch.update({f"{name}_{k}": packed[f"{name}_{k}"][a, pick] for k in ("ids", "mask", "index")})
     batch["prompt_length"] = packed["prompt_length"][a, slots[..., 0]]
     batch.update(_labels(ex.accum, ex.micro_batch))
     real = int(ex.prompt_lengths.sum() + ex.completion_lengths.sum())
-    count = TokenCount("packed_shared" if shared else "packed", real, int(tree_lengths.sum()),
-                       rows, t_len, ex.accum)
+    kl_row = packing.kl_row_length(t_len, kl_share) if kl_share else 0
+    count = TokenCount("packed_shared" if shared else "packed", real, int(placed.sum()),
+                       rows, t_len, ex.accum, kl_row)
     return as_batch(batch, paired=False), count
 
 
-def layout_batch(ex: Examples, layout: str, *, bucket: int, pack_length: int = 0, groups: int = 1
-                 ) -> tuple[dict[str, np.ndarray], TokenCount]:
-    """The examples in `layout` (LAYOUTS): the step's batch and its token count."""
+def layout_batch(ex: Examples, layout: str, *, bucket: int, pack_length: int = 0, groups: int = 1,
+                 uses_kl: bool = True) -> tuple[dict[str, np.ndarray], TokenCount]:
+    """The examples in `layout` (LAYOUTS) for a loss that reads the KL completions or not
+    (`uses_kl`, loss.uses_kl): the step's batch and its token count."""
     if layout == "padded":
-        return padded_batch(ex, bucket)
+        return padded_batch(ex, bucket, uses_kl)
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     return packed_batch(ex, shared=layout == "packed_shared", pack_length=pack_length,
-                        groups=groups, bucket=bucket)
+                        groups=groups, bucket=bucket, uses_kl=uses_kl)

@@ -1,6 +1,7 @@
 """`kto-jax bench`: the workload it builds, its FLOP accounting against TRL's published
 figures, and one real (tiny, short) run through the CLI that prints one JSON line."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -124,6 +125,7 @@ def test_bench_topology_aot_compiles_the_workload_for_a_tpu_slice(capsys):
 
 from kto_jax.perf import workload as bw  # noqa: E402
 from kto_jax.data import packing  # noqa: E402
+from kto_jax.batch import has_kl_stream, step_keys  # noqa: E402
 
 
 def test_the_shipped_hh_rlhf_histogram_loads_and_samples_within_its_bins():
@@ -139,11 +141,7 @@ def test_the_shipped_hh_rlhf_histogram_loads_and_samples_within_its_bins():
     assert p.mean() == pytest.approx(125.2, rel=0.05) and c.mean() == pytest.approx(45.8, rel=0.05)
 
 
-def test_hh_rlhf_packed_rows_fill_nine_tenths_at_the_default_batch():
-    """The bench's default batch (8 x 4) on the hh-rlhf histogram: microbatches of even tokens
-    (`batching.balance_microbatches`) in rows of the best T give packed token efficiency at
-    least 90% of its ceiling (fill = token_efficiency / ceiling), 57% with unbalanced
-    microbatches in rows of the longest tree."""
+def _hh_rlhf_fills(uses_kl: bool) -> list[float]:
     d = bw.load_lengths("hh-rlhf")
     fills = []
     for seed in range(10):
@@ -151,9 +149,30 @@ def test_hh_rlhf_packed_rows_fill_nine_tenths_at_the_default_batch():
                                 vocab_size=100, seed=seed)
         sums = (ex.prompt_lengths + 2 * ex.completion_lengths).reshape(4, 8).sum(1)
         assert sums.max() - sums.min() <= (ex.prompt_lengths + 2 * ex.completion_lengths).max()
-        count = bw.layout_batch(ex, "packed_shared", bucket=128)[1]
+        count = bw.layout_batch(ex, "packed_shared", bucket=128, uses_kl=uses_kl)[1]
         assert count.fill == pytest.approx(count.token_efficiency / count.token_efficiency_ceiling)
         fills.append(count.fill)
+    return fills
+
+
+def test_hh_rlhf_packed_rows_fill_nine_tenths_at_the_default_batch():
+    """The bench's default batch (8 x 4) on the hh-rlhf histogram: microbatches of even tokens
+    (`batching.balance_microbatches`) in rows of the best T give packed token efficiency at
+    least 90% of its ceiling (fill = token_efficiency / ceiling), 57% with unbalanced
+    microbatches in rows of the longest tree. Held by the [x | y | y_kl] trees before the kl
+    rows; today by the rows of a loss without z0 ([x | y])."""
+    fills = _hh_rlhf_fills(uses_kl=False)
+    assert fills[0] >= 0.9 and np.median(fills) >= 0.9, fills
+
+
+@pytest.mark.xfail(strict=True, reason="main rows [x | y] beside kl rows are packed by "
+                   "max(len(x) + len(y), len(y_kl) / kl_share) per example (packing."
+                   "stream_lengths): y_kl is another example's completion, so one stream's "
+                   "share is wasted; fill about 0.6 on hh-rlhf at 8 x 4")
+def test_hh_rlhf_kl_rows_fill_nine_tenths_at_the_default_batch():
+    """The same target for the layout the trainer runs for KTO (kl rows): not met yet."""
+    fills = _hh_rlhf_fills(uses_kl=True)
+    assert np.median(fills) >= 0.5, fills   # what it does reach
     assert fills[0] >= 0.9 and np.median(fills) >= 0.9, fills
 
 
@@ -225,20 +244,34 @@ def test_padded_layout_by_hand():
     assert count.token_efficiency_ceiling == pytest.approx(0.5)  # (x, y) and (x, y_kl): all twice
 
 
-def test_packed_shared_layout_is_the_packers_microbatches_stacked():
+def test_packed_shared_layout_is_the_trainers_kl_rows_for_a_loss_with_z0():
+    """packed_shared for KTO: the pipeline's `pack_streams` of each microbatch, stacked: main
+    rows [x | y] beside kl rows of y_kl (the keys kl_row_*), counted with the kl rows."""
     ex = _hand_examples()
     batch, count = bw.layout_batch(ex, "packed_shared", bucket=4, pack_length=12)
-    # trees x + y + y_kl: microbatch 0: 3+2+4, 1+4+1, 5+1+3, 2+3+2 = 9, 6, 9, 7 (31 tokens);
-    # microbatch 1: 6+1+1, 2+1+5, 1+5+2, 4+2+1 = 8, 8, 8, 7 (31): 4 rows of 12 each
-    assert (count.rows, count.row_length, count.real_tokens, count.placed_tokens) == (4, 12, 43, 62)
-    assert count.token_efficiency == pytest.approx(43 / 96) and count.fill == pytest.approx(62 / 96)
+    # x + y: 5, 5, 6, 5 and 7, 3, 6, 6 (43 tokens, 19 of them y): kl_share = ceil(16 x 19/43)/16
+    # = 0.5, kl rows of 0.5 x 12 rounded up to 8 tokens. Rows are packed by max(x + y,
+    # len(y_kl) / 0.5): 8, 5, 6, 5 and 7, 10, 6, 6: 3 rows of 12 in each microbatch
+    assert (count.rows, count.row_length, count.kl_row_length) == (3, 12, 8)
+    assert (count.real_tokens, count.placed_tokens, count.computed_positions) == (43, 62, 2 * 3 * 20)
+    assert count.token_efficiency == pytest.approx(43 / 120) and count.fill == pytest.approx(62 / 120)
     assert count.token_efficiency_ceiling == pytest.approx(43 / 62)  # the y_kl copies stay
+    assert has_kl_stream(batch) and batch["kl_row_ids"].shape == (2, 3, 8)
+    assert set(batch) == set(step_keys(False, packed=True, kl_stream=True))
     for a in range(2):
-        want = packing.pack_unpaired(*ex.microbatch(a), pack_length=12, num_rows=4,
-                                     completion_length=8, pad_id=0)
+        x, y = ex.microbatch(a)
+        want = packing.pack_streams(x, y, packing.kl_completions(y), pack_length=12, kl_share=0.5,
+                                    num_rows=3, completion_length=8, pad_id=0)
         for k, v in want.items():
             np.testing.assert_array_equal(batch[k][a], v, err_msg=k)
     assert batch["desirable"].tolist() == [[True, False] * 2] * 2 and batch["valid"].all()
+    # a loss without z0: rows of [x | y] alone (5 + 6, 5 + 5 and 7 + 3, 6 + 6), no y_kl
+    batch, count = bw.layout_batch(ex, "packed_shared", bucket=4, pack_length=12, uses_kl=False)
+    assert not has_kl_stream(batch) and batch["kl_mask"].sum() == 0
+    assert (count.rows, count.kl_row_length, count.placed_tokens, count.computed_positions) == (
+        2, 0, 43, 2 * 2 * 12)
+    _, count = bw.layout_batch(ex, "padded", bucket=4, uses_kl=False)
+    assert (count.rows, count.placed_tokens) == (4, 43)   # no (x, y_kl) rows
 
 
 @pytest.mark.slow
@@ -318,8 +351,14 @@ def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(caps
         assert r["seq"] == pytest.approx(real / 32, abs=0.01)
     assert out["padded"]["padded_seq"] == 8 + 16
     assert out["padded"]["computed_positions"] == 2 * 32 * 24
-    # packed_shared: one tree of at most 8 + 12 + 12 tokens per row (8 groups of 1 example)
-    assert out["packed_shared"]["padded_seq"] == 32 and out["packed_shared"]["rows_per_microbatch"] == 8
+    # packed_shared (KTO: kl rows): one example per row (8 groups of 1), [x | y] of at most
+    # 8 + 12 beside y_kl of at most 12 in its kl row (kl_share = 1/2 here: x + y = 20 or 14
+    # tokens, y 12 or 5); both streams are counted
+    shared = out["packed_shared"]
+    assert shared["rows_per_microbatch"] == 8 and shared["kl_row_length"] > 0
+    assert shared["computed_positions"] == 4 * 8 * (shared["padded_seq"] + shared["kl_row_length"])
+    assert shared["fill"] == pytest.approx(
+        (real + sum(ex.completion_lengths)) / shared["computed_positions"], abs=1e-4)
     assert out["packed"]["fill"] == pytest.approx(2 * real / out["packed"]["computed_positions"], abs=1e-4)
     for layout in ("packed_shared", "packed"):
         assert out[layout]["loss"] == pytest.approx(out["padded"]["loss"], abs=2e-5)
@@ -329,6 +368,16 @@ def test_bench_cli_real_lengths_every_layout_same_loss_and_token_accounting(caps
             r["trl_model_flops_per_step"] / r["median_step_s"] / 1e12, rel=1e-3)
         assert r["model_tflops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["median_step_s"] / 1e12,
                                                         rel=1e-3)
+    # a loss without z0: [x | y] rows alone (no kl rows), and still the padded step's loss
+    no_z0 = {}
+    for layout in ("padded", "packed_shared"):
+        assert cli_main(argv + ["--layout", layout, "--loss", "kto_no_z0"]) == 0
+        no_z0[layout] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert no_z0["packed_shared"]["kl_row_length"] == 0
+    assert no_z0["packed_shared"]["fill"] == pytest.approx(
+        real / no_z0["packed_shared"]["computed_positions"], abs=1e-4)
+    assert no_z0["padded"]["computed_positions"] == 32 * 24
+    assert no_z0["packed_shared"]["loss"] == pytest.approx(no_z0["padded"]["loss"], abs=2e-5)
     assert cli_main(argv[:-6] + ["--lengths", str(tmp_path / "nope.csv")]) == 2
 
 
@@ -344,3 +393,12 @@ def test_computed_flops_count_the_layouts_rows():
         12 * 4 * flops_lib.forward_flops(dims, 128))
     assert bench.computed_step_flops(dims, kto, "precomputed", packed) == pytest.approx(
         12 * 3 * flops_lib.forward_flops(dims, 128))
+    # kl rows of 64 beside the 12 rows: forward only, by the policy and the reference
+    streams = bw.TokenCount("packed_shared", 100, 150, rows=3, row_length=128, accum=4, kl_row_length=64)
+    kl_forward = (2 * dims.matmul_params() * 64
+                  + 4 * dims.layers * dims.heads * dims.head_dim * 64 * (128 + 64))
+    assert bench.computed_step_flops(dims, kto, "model", streams) == pytest.approx(
+        12 * (4 * flops_lib.forward_flops(dims, 128) + 2 * kl_forward))
+    # a loss without z0 runs no (x, y_kl) rows padded: 32 examples x 4 units
+    assert bench.computed_step_flops(dims, get_loss("kto_no_z0"), "model", dataclasses.replace(
+        padded, rows=8)) == pytest.approx(32 * 4 * flops_lib.forward_flops(dims, 96))
