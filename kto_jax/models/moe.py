@@ -17,10 +17,12 @@ dense product). The outputs are gathered back to token order and summed with the
 router weights. `moe_impl` "blocks" does the same with `blocked_matmul` (each expert's
 rows padded to blocks of 128, one batched matmul), which off TPU, where jax lowers
 ragged_dot as a masked dense product, is the faster grouped form. On a mesh each batch
-shard does this for its own tokens (a shard_map over the batch axes; the layer's expert
-weights are gathered, as fsdp gathers a dense layer's). `moe_impl` "dense" runs every
-expert on every token and zero-weights
-the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
+shard does this for its own tokens (a shard_map over the batch axes). With the experts
+sharded over a mesh axis that also splits the batch (config.mesh.expert > 1), each
+device keeps its experts and the assignments travel to the experts' devices and back
+by all-to-alls (`expert_parallel`); otherwise the layer's expert weights are gathered,
+as fsdp gathers a dense layer's. `moe_impl` "dense" runs every expert on every token and
+zero-weights the unchosen ones: the same result, E/k times the expert FLOPs; it is the reference
 the tests and scripts/moe_benchmark.py compare the grouped form against.
 
 LoRA on the experts (`EXPERT_ADAPTERS`, kto_jax.models.lora) is applied in the same
@@ -35,6 +37,7 @@ eq. 4-6) over all layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -73,7 +76,14 @@ def grouped_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Arra
     order = jnp.argsort(flat, stable=True)                         # assignments grouped by expert
     sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)                         # [N*k, D] token of each assignment
-    dt = x.dtype
+    return _combine(expert_rows(p, rows, sizes, cfg), order, weights)
+
+
+def expert_rows(p: dict[str, Array], rows: Array, sizes: Array, cfg: Any) -> Array:
+    """The SwiGLU experts (and their LoRA adapters) of rows [M, D] sorted by expert: the
+    first sizes[0] rows through p's expert 0, the next sizes[1] through expert 1, ...;
+    rows past sum(sizes) give zeros ("ragged") or values to be dropped ("blocks")."""
+    dt = rows.dtype
     matmul = blocked_matmul if cfg.moe_impl == "blocks" else jax.lax.ragged_dot
     gate = matmul(rows, layer_weight(p, "expert_gate_proj", dt), sizes)
     up = matmul(rows, layer_weight(p, "expert_up_proj", dt), sizes)
@@ -83,9 +93,19 @@ def grouped_outputs(p: dict[str, Array], x: Array, experts: Array, weights: Arra
     hidden = ACTIVATIONS[cfg.hidden_act](gate) * up
     out = matmul(hidden, layer_weight(p, "expert_down_proj", dt), sizes)
     delta = _adapter_term(lambda x, w: matmul(x, w, sizes), hidden, p, "expert_down_proj")
-    out = out if delta is None else out + delta
-    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-    out = jnp.take(out, unsort, axis=0).reshape(n, k, -1)         # back to (token, choice) order
+    return out if delta is None else out + delta
+
+
+def _unsort(order: Array) -> Array:
+    """The inverse permutation of `order`."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def _combine(out: Array, order: Array, weights: Array) -> Array:
+    """Outputs [N*k, D] of the assignments in `order` back to (token, choice) order, summed
+    with the router weights [N, k] -> [N, D]."""
+    n, k = weights.shape
+    out = jnp.take(out, _unsort(order), axis=0).reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", out, weights)
 
 
@@ -151,18 +171,66 @@ def moe_mlp(p: dict[str, Array], x: Array, cfg: Any) -> Array:
 
 
 def per_batch_shard(p: dict[str, Array], tokens: Array, experts: Array, weights: Array, cfg: Any) -> Array:
-    """`grouped_outputs` of each batch shard's own tokens: on a mesh (the model traced under
-    sharding rules), a shard_map over the batch axes, so every device sorts and multiplies
-    its own assignments (no global sort of the batch's tokens) with the layer's expert
-    weights gathered (as fsdp gathers a dense layer's); without a mesh, the plain call."""
+    """The experts' outputs of each batch shard's own tokens: on a mesh (the model traced under
+    sharding rules), a shard_map over the batch axes, so no device sorts the whole batch.
+    When the experts are sharded over a mesh axis that also splits the batch (config.mesh.expert
+    > 1), each device keeps its E / ep experts and the tokens travel (`expert_parallel`);
+    otherwise every device multiplies its own assignments with the layer's expert weights
+    gathered (as fsdp gathers a dense layer's). Without a mesh, the plain call."""
     spec = current_spec(("batch",), tokens.shape[:1])
     if spec is None or spec == PartitionSpec(None):
         return grouped_outputs(p, tokens, experts, weights, cfg)
     w = {name: layer_weight(p, name, tokens.dtype) for name in EXPERT_PARAMS}
     w.update({name: p[name] for name in p if name.startswith(tuple(EXPERT_ADAPTERS)) and "_lora_" in name})
-    local = jax.shard_map(lambda w, *rows: grouped_outputs(w, *rows, cfg), check_vma=False,
-                          in_specs=(PartitionSpec(), spec, spec, spec), out_specs=spec)
+    axis = _expert_axis(spec, cfg)
+    if axis is None:
+        fn, w_spec = grouped_outputs, PartitionSpec()
+    else:
+        fn, w_spec = functools.partial(expert_parallel, axis=axis), PartitionSpec(axis)
+    local = jax.shard_map(lambda w, *rows: fn(w, *rows, cfg), check_vma=False,
+                          in_specs=(w_spec, spec, spec, spec), out_specs=spec)
     return local(w, tokens, experts, weights)
+
+
+def _expert_axis(batch_spec: PartitionSpec, cfg: Any) -> str | None:
+    """The mesh axis (of size > 1) that shards the experts and also splits the batch, or None."""
+    spec = current_spec(("expert",), (cfg.num_experts,))
+    axis = None if spec is None else spec[0]
+    batch = batch_spec[0] if isinstance(batch_spec[0], tuple) else (batch_spec[0],)
+    if not isinstance(axis, str) or axis not in batch:
+        return None
+    return axis if jax.sharding.get_abstract_mesh().shape[axis] > 1 else None
+
+
+def expert_parallel(w: dict[str, Array], x: Array, experts: Array, weights: Array, cfg: Any,
+                    axis: str) -> Array:
+    """`grouped_outputs` with the experts split over the mesh axis `axis` (inside a shard_map:
+    w holds this device's E / ep experts, x [n, D] its tokens). The n k assignments are
+    sorted by expert, so by owner device; each goes in its owner's slot of a send buffer
+    [ep, n k, D] (dropless: all n k could go to one device), an all-to-all over `axis`
+    delivers them, the owner runs its experts on the [ep n k, D] rows it received (sorted
+    again by local expert; empty slots fall past the groups), the inverse all-to-all
+    returns the results, and they are combined with the router weights here."""
+    n, k = experts.shape
+    ep = jax.lax.axis_size(axis)
+    local = cfg.num_experts // ep
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)                         # assignments grouped by expert
+    expert = jnp.take(flat, order)
+    rows = jnp.take(x, order // k, axis=0)                         # [n k, D]
+    dest = expert // local                                         # the device owning each expert
+    counts = jnp.bincount(dest, length=ep)
+    slot = jnp.arange(n * k) - (jnp.cumsum(counts) - counts)[dest]  # its place in dest's buffer
+    send = jnp.zeros((ep, n * k, x.shape[1]), x.dtype).at[dest, slot].set(rows)
+    send_expert = jnp.full((ep, n * k), local, jnp.int32).at[dest, slot].set(expert % local)
+    recv = jax.lax.all_to_all(send, axis, 0, 0).reshape(ep * n * k, -1)   # [sender, slot] rows
+    recv_expert = jax.lax.all_to_all(send_expert, axis, 0, 0).reshape(-1)  # `local`: an empty slot
+    by_expert = jnp.argsort(recv_expert, stable=True)
+    sizes = jnp.bincount(recv_expert, length=local + 1)[:local].astype(jnp.int32)
+    out = expert_rows(w, jnp.take(recv, by_expert, axis=0), sizes, cfg)
+    out = jnp.take(out, _unsort(by_expert), axis=0).reshape(ep, n * k, -1)
+    back = jax.lax.all_to_all(out, axis, 0, 0)                     # [owner, slot]: our rows' outputs
+    return _combine(back[dest, slot], order, weights)
 
 
 MOE_MLP = MlpBlock(
