@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from kto_jax.errors import UserError
 from kto_jax.models.families import FAMILIES, architecture_of_model_type, family_of
 from kto_jax.models.family import Family
-from kto_jax.models.layers import ACTIVATIONS
+from kto_jax.models.layers import ACTIVATIONS, GATED_MLP
 from kto_jax.models.quantize import NO_QUANTIZATION, Quantization
 from kto_jax.models.moe import MOE_IMPLS, MOE_MLP
 
@@ -39,7 +39,7 @@ FEATURES = {"attention_bias": False, "qk_norm": False, "sliding_window": None,
             "layer_types": None, "rope_local_theta": None, "query_pre_attn_scalar": None,
             "attn_logit_softcap": None, "final_logit_softcap": None, "outer_config": None,
             "num_experts": None, "num_experts_per_tok": None, "moe_intermediate_size": None,
-            "norm_topk_prob": False, "router_aux_loss_coef": 0.0}
+            "norm_topk_prob": False, "router_aux_loss_coef": 0.0, "dense_mlp_layers": ()}
 # config.json key of `ModelConfig.untrained_from` in a run's own copy of the config (WORKDIR/model);
 # an exported checkpoint's config.json never has it.
 UNTRAINED_FROM_KEY = "kto_jax_untrained_tensors_from"
@@ -121,6 +121,9 @@ class ModelConfig:
     norm_topk_prob: bool = False            # renormalise the k chosen probabilities (Mixtral: always)
     router_aux_loss_coef: float = 0.0       # weight of the router's load-balancing loss in training
                                             # (default the checkpoint's; 0: off)
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of a mixture of experts whose MLP is a dense gated MLP
+                                            # of width intermediate_size (Qwen3-MoE's mlp_only_layers and
+                                            # decoder_sparse_step); (): every layer sparse
     moe_impl: str = "ragged"                # "ragged": grouped expert matmuls (ragged_dot) | "blocks": grouped
                                             # in blocks of 128 rows (faster off TPU) | "dense": every expert
                                             # on every token (the reference formulation)
@@ -132,6 +135,7 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "dense_mlp_layers", tuple(sorted(set(self.dense_mlp_layers))))
         if self.layer_types is not None:
             types = tuple(self.layer_types)
             default = (SLIDING if self.sliding_window else FULL,) * self.num_layers
@@ -157,6 +161,8 @@ class ModelConfig:
             _check_layer_types(self.layer_types, self.num_layers, self.sliding_window)
         if self.num_experts is not None or family.mlp is MOE_MLP:
             _check_experts(self)
+        if self.dense_mlp_layers:
+            _check_dense_mlp_layers(self)
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_kv_heads})")
@@ -208,6 +214,31 @@ class ModelConfig:
         kinds = tuple(dict.fromkeys(each))
         return kinds, tuple(kinds.index(k) for k in each)
 
+    def stack_layers(self, name: str) -> tuple[int, ...]:
+        """The layers (HF indices, in order) whose weights the stacked layer parameter `name`
+        holds along its leading axis: every layer, except in a mixture of experts with dense
+        layers (`dense_mlp_layers`), where the dense MLP's weights stack the dense layers
+        and the router's and experts' the sparse ones."""
+        layers = tuple(range(self.num_layers))
+        if not self.dense_mlp_layers:
+            return layers
+        if name in GATED_MLP.axes:
+            return self.dense_mlp_layers
+        if name in MOE_MLP.axes:
+            return tuple(i for i in layers if i not in self.dense_mlp_layers)
+        return layers
+
+    def mlp_rows(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(kind, row) of each layer's MLP, for a mixture of experts with dense layers: kind 1
+        sparse (router and experts), 0 dense; row = the layer's index in its kind's stack.
+        None when every layer has the family's MLP."""
+        if not self.dense_mlp_layers:
+            return None
+        dense, sparse = self.stack_layers("gate_proj"), self.stack_layers("router")
+        kinds = tuple(0 if i in dense else 1 for i in range(self.num_layers))
+        rows = tuple(dense.index(i) if i in dense else sparse.index(i) for i in range(self.num_layers))
+        return kinds, rows
+
     def flop_dims(self) -> dict[str, int]:
         """The sizes a FLOP count reads (kto_jax.step.flops.ModelDims' fields), from the config
         itself rather than from HF config.json names."""
@@ -217,6 +248,8 @@ class ModelConfig:
         if self.num_experts:  # the active experts count: k of E, each of the experts' width
             dims.update(intermediate=self.moe_intermediate_size, experts=self.num_experts,
                         experts_per_token=self.num_experts_per_tok)
+            if self.dense_mlp_layers:  # the dense layers' MLP: intermediate_size wide
+                dims.update(dense_layers=len(self.dense_mlp_layers), dense_intermediate=self.intermediate_size)
         return dims
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -342,6 +375,16 @@ def _check_experts(config: ModelConfig) -> None:
                         f"({e}), and moe_intermediate_size ({f}) set")
     if config.router_aux_loss_coef < 0:
         raise UserError(f"router_aux_loss_coef={config.router_aux_loss_coef} must be >= 0 (0 turns it off)")
+
+
+def _check_dense_mlp_layers(config: ModelConfig) -> None:
+    dense, n = config.dense_mlp_layers, config.num_layers
+    if dense[0] < 0 or dense[-1] >= n or len(dense) == n:
+        raise UserError(f"{config.architecture}: dense MLP layers {list(dense)} must be some (not all) of the "
+                        f"{n} layers 0..{n - 1} (mlp_only_layers / decoder_sparse_step in config.json)")
+    if config.quantization.enabled:
+        raise UserError(f"{config.architecture} with dense MLP layers among the sparse ones ({list(dense)}) "
+                        "on a quantised base is not supported; set --config.lora.base_quantization=none")
 
 
 def _check_layer_types(types: tuple[str, ...], num_layers: int, window: int | None) -> None:

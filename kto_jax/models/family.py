@@ -55,12 +55,15 @@ class ParamRow:
         stack them [L, E, ...]."""
         return "{e}" in self.hf_name
 
-    def hf_names(self, num_layers: int, num_experts: int | None = None) -> list[str]:
-        """Every HF name of the row: layer-major, then expert ({e}: 0 .. num_experts - 1)."""
+    def hf_names(self, num_layers: int, num_experts: int | None = None,
+                 layers: tuple[int, ...] | None = None) -> list[str]:
+        """Every HF name of the row: layer-major, then expert ({e}: 0 .. num_experts - 1);
+        `layers`: the layers the row stacks (ModelConfig.stack_layers), default all."""
         if not self.stacked:
             return [self.hf_name]
         experts = range(num_experts or 0) if self.per_expert else (0,)
-        return [self.hf_name.format(i=i, e=e) for i in range(num_layers) for e in experts]
+        layers = range(num_layers) if layers is None else layers
+        return [self.hf_name.format(i=i, e=e) for i in layers for e in experts]
 
 
 def layer_row(name: str, hf_suffix: str, transform: str, prefix: str = "model.layers.{i}.") -> ParamRow:
@@ -180,6 +183,8 @@ class Family:
     text_model_type: str | None = None     # config ("text_config") and that config's model_type
     passthrough: tuple[str, ...] = ()      # HF tensor-name prefixes not trained, copied through on
                                            # export bit for bit (a vision tower, a projector)
+    dense_mlp_rows: tuple[ParamRow, ...] = ()  # a mixture of experts with dense layers
+    # (ModelConfig.dense_mlp_layers): the rows of their MLP, added to `rows` (params.param_table)
     legacy_prefixes: tuple[tuple[str, str], ...] = ()
     # ^ (older spelling, ours) of tensor-name prefixes: a checkpoint written in the older
     #   spelling is read through the renaming, and exported in its own spelling again

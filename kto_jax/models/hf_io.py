@@ -142,7 +142,8 @@ def in_our_spelling(source: TensorSource, family: Family) -> TensorSource:
 def check_tensor_names(rows: tuple[table.ParamRow, ...], names: set[str], config: ModelConfig) -> None:
     """UserError naming missing or unexpected tensors before anything is read (the family's
     untrained `passthrough` tensors are expected extras)."""
-    expected = {n for row in rows for n in row.hf_names(config.num_layers, config.num_experts)}
+    expected = {n for row in rows
+                for n in row.hf_names(config.num_layers, config.num_experts, config.stack_layers(row.path[-1]))}
     missing = sorted(expected - names)
     extra = sorted(n for n in names - expected if not table.ignorable_hf_name(n, config)
                    and not n.startswith(config.family.passthrough or ("\0",)))
@@ -166,7 +167,7 @@ def read_param(row: table.ParamRow, source: TensorSource, shape: tuple[int, ...]
     out = np.empty(shape, target)
     per = 2 if row.per_expert else 1  # leading axes one HF tensor spans: layer (and expert)
     slots = out.reshape(-1, *shape[per:])
-    for j, name in enumerate(row.hf_names(config.num_layers, config.num_experts)):
+    for j, name in enumerate(row.hf_names(config.num_layers, config.num_experts, config.stack_layers(row.path[-1]))):
         slots[j] = _convert(row, name, source, shape[per:], target)
     return out
 
@@ -275,12 +276,16 @@ def _export_plan(config: ModelConfig, flat: dict, save_dtype: np.dtype, untraine
 
     plan = [(spelling(row.hf_name), math.prod(flat[row.path].shape) * itemsize, ours(row, None))
             for row in rows if not row.stacked]
+    stacked = [(r, config.stack_layers(r.path[-1])) for r in rows if r.stacked]
     for i in range(config.num_layers):
-        for row in (r for r in rows if r.stacked):
+        for row, layers in stacked:
+            if i not in layers:  # a dense layer's experts, a sparse layer's dense MLP
+                continue
             experts = range(config.num_experts) if row.per_expert else (None,)
             shape = flat[row.path].shape[2:] if row.per_expert else _layer_shape(flat[row.path])
             size = math.prod(shape) * itemsize
-            plan += [(spelling(row.hf_name.format(i=i, e=e)), size, ours(row, i, e)) for e in experts]
+            j = layers.index(i)  # the layer's row in its stack
+            plan += [(spelling(row.hf_name.format(i=i, e=e)), size, ours(row, j, e)) for e in experts]
     if untrained is not None:
         for name in sorted(n for n in untrained.names() if n.startswith(config.family.passthrough)):
             fetch = functools.partial(untrained.get, name) if read else (lambda: np.zeros(0, np.uint8))

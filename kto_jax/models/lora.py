@@ -154,6 +154,12 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
                    else " (expert_* targets are for mixtures of experts)" if experts else "")
             raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in "
                             f"{model_config.architecture}{moe}")
+        split = [t for t in lora.target_modules if any(len(model_config.stack_layers(n)) != model_config.num_layers
+                                                       for n in EXPERT_TARGETS.get(t, (t,)))]
+        if split:
+            raise UserError(f"config.lora.target_modules: {', '.join(split)} on {model_config.architecture} with "
+                            f"dense MLP layers among the sparse ones ({list(model_config.dense_mlp_layers)}) "
+                            "is not supported; adapt the attention (q_proj k_proj v_proj o_proj)")
         if experts and model_config.quantization.enabled:
             raise UserError(f"config.lora.target_modules: expert adapters ({' '.join(experts)}) on a quantised "
                             "base are not supported; set --config.lora.base_quantization=none or adapt the "

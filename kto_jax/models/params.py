@@ -30,6 +30,8 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 def param_table(config: ModelConfig) -> tuple[ParamRow, ...]:
     """The rows a config's parameters need, in checkpoint order."""
     rows = config.family.rows
+    if config.dense_mlp_layers:
+        rows += config.family.dense_mlp_rows
     if not config.tie_word_embeddings:
         rows += UNTIED_HEAD_ROWS
     return rows

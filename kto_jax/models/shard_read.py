@@ -112,7 +112,8 @@ def read_sharded(row: table.ParamRow, source: TensorSource, shape: tuple[int, ..
     one device block at a time (the host holds one block, in `param_dtype`)."""
     target = np.dtype(jnp.dtype(config.param_dtype))
     lead = (2 if row.per_expert else 1) if row.stacked else 0  # leading axes one HF tensor spans
-    names = list(row.hf_names(config.num_layers, config.num_experts)) if row.stacked else [row.hf_name]
+    names = (list(row.hf_names(config.num_layers, config.num_experts, config.stack_layers(row.path[-1])))
+             if row.stacked else [row.hf_name])
     want = table.hf_shape(row.transform, shape[lead:])
     for name in names:
         check_shape(name, source.shape(name), want)

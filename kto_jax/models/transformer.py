@@ -15,7 +15,10 @@ changing their parameters (a sliding window or global attention, a local or glob
 RoPE table: `ModelConfig.layer_kinds`) still share that one scan: the scan carries
 each layer's kind index, and the attention runs the branch of its kind through
 `jax.lax.switch` (each branch static, so every kernel sees a fixed window). A model
-whose layers are all alike has no switch at all. Each parameter carries its logical
+whose layers are all alike has no switch at all. A mixture of experts with dense layers
+among its sparse ones (`ModelConfig.dense_mlp_layers`) has two MLP stacks, [L_dense]
+and [L_sparse], which the scan closes over: each layer takes its row of its kind's stack
+(`mixed_mlp`, a `jax.lax.cond`). Each parameter carries its logical
 axis names in the `out_sharding` metadata (never mesh axis names);
 `kto_jax.sharding` maps them to the mesh.
 
@@ -43,7 +46,7 @@ from kto_jax.models.kv_cache import (  # noqa: F401  (KVCache, init_kv_cache: re
     write_kv_cache, write_ring)
 from kto_jax.models.config import LayerKind, ModelConfig
 from kto_jax.models.layers import (  # noqa: F401  (rms_norm, dense: re-exported)
-    ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, apply_rope, dense, project_out, project_qkv, rms_norm,
+    ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, GATED_MLP, apply_rope, dense, project_out, project_qkv, rms_norm,
     rope_cos_sin, rope_inv_freq, soft_cap)
 from kto_jax.models import moe
 from kto_jax.models.packed_attention import KlRows, PackedLayout, attend_kl, chains
@@ -99,6 +102,8 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {norms.before_attention: (d,),
               "q_proj": (d, h, hd), "k_proj": (d, k, hd), "v_proj": (d, k, hd), "o_proj": (h, hd, d),
               norms.before_mlp: (d,), **config.family.mlp.shapes(config)}
+    if config.dense_mlp_layers:  # a mixture of experts' dense layers: a gated MLP beside the experts
+        shapes.update(GATED_MLP.shapes(config))
     if config.attention_bias:
         shapes.update(q_bias=(h, hd), k_bias=(k, hd), v_bias=(k, hd))
     if config.qk_norm:
@@ -111,7 +116,7 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def layer_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Logical axes of each present layer parameter (after the 'layers' axis)."""
-    axes = {**ATTENTION_AXES, **config.family.mlp.axes, **{n: NORM_AXES for n in config.family.norms.names()}}
+    axes = {**ATTENTION_AXES, **GATED_MLP.axes, **config.family.mlp.axes, **{n: NORM_AXES for n in config.family.norms.names()}}
     return {name: axes[name] for name in layer_param_shapes(config)}
 
 
@@ -142,7 +147,8 @@ class DecoderLayers(nnx.Module):
                 setattr(self, name, zero_projection(shape, quantized[name][1], axes[name], config.num_layers,
                                                     config.quantization))
                 continue
-            value = _init_value(name, (config.num_layers, *shape), dtype, rngs.params(),
+            stack = len(config.stack_layers(name))  # L, or a dense / sparse MLP's layers (mlp_rows)
+            value = _init_value(name, (stack, *shape), dtype, rngs.params(),
                                 config.family.norm_init)
             setattr(self, name, _param(value, ("layers", *axes[name])))
 
@@ -213,11 +219,12 @@ class Transformer(nnx.Module):
             out, k, v = by_kind(kind, kinds, attend_kind, q, k, v)
             return project_out(p, out), (k, v)
 
+        stacks = self.mlp_stacks()
         if kl_rows is None:
             def layer(h: Array, xs) -> tuple[Array, None]:
                 p, kind = xs
                 h, _, router = decoder_layer(p, h, functools.partial(attention, kind), cfg,
-                                             router_weight)
+                                             router_weight, stacks)
                 return h, router
         else:
             assert packed is not None, "a kl stream needs the packed main rows"
@@ -232,7 +239,7 @@ class Transformer(nnx.Module):
             def layer(carry: tuple[Array, Array], xs) -> tuple[tuple[Array, Array], None]:
                 (h, hk), (p, kind) = carry, xs
                 h, (k, v), router = decoder_layer(p, h, functools.partial(attention, kind), cfg,
-                                                  router_weight)
+                                                  router_weight, stacks)
                 main_kv = jax.lax.stop_gradient((k, v))
                 frozen = constant(p)
 
@@ -240,12 +247,14 @@ class Transformer(nnx.Module):
                     q, k, v = project_qkv(p, x, cfg, cfg.family.norm)
                     return project_out(p, by_kind(kind, kinds, attend_kl_kind, q, k, v, *main_kv)), None
 
-                hk = decoder_layer(frozen, hk, kl_attention, cfg)[0]
+                hk = decoder_layer(frozen, hk, kl_attention, cfg, None, constant(stacks))[0]
                 return (h, hk), router
 
             h = (h, constrain(jax.lax.stop_gradient(self.embed(kl_rows.ids)), ACT_EMBED))
         layer = _remat(layer, cfg.remat_policy)
         h, router = jax.lax.scan(layer, h, (self.layer_arrays(), scanned_kinds(kinds, kind_ids)))
+        if router is not None and stacks:  # the load-balancing loss counts the sparse layers only
+            router = router[jnp.asarray(cfg.stack_layers("router"))]
         def final(x, w):
             return cfg.family.norm(x, w, cfg.rms_norm_eps)
 
@@ -268,9 +277,22 @@ class Transformer(nnx.Module):
     def layer_arrays(self) -> dict[str, Array]:
         """The layer scan's xs: the stacked weights, plus LoRA factors when adapters are attached
         (`kto_jax.models.lora.attach` sets `self.lora`; `dense` applies them)."""
+        cfg = self.config
         lora = getattr(self, "lora", None)
-        arrays = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
-        return arrays if lora is None else {**arrays, **lora.scan_inputs(self.config.num_layers)}
+        arrays = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)
+                  if len(cfg.stack_layers(name)) == cfg.num_layers}
+        rows = cfg.mlp_rows()
+        if rows is not None:  # each layer's MLP kind and its row in that kind's stack (`mlp_stacks`)
+            arrays.update(mlp_kind=jnp.asarray(rows[0], jnp.int32), mlp_row=jnp.asarray(rows[1], jnp.int32))
+        return arrays if lora is None else {**arrays, **lora.scan_inputs(cfg.num_layers)}
+
+    def mlp_stacks(self) -> dict[str, Array]:
+        """A mixture of experts with dense layers (ModelConfig.dense_mlp_layers): the dense
+        MLP's weights [L_dense, ...] and the router's and experts' [L_sparse, ...], which the
+        layer scan closes over (each layer takes its row, `mixed_mlp`); else {}."""
+        cfg = self.config
+        return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)
+                if len(cfg.stack_layers(name)) != cfg.num_layers}
 
     def lm_head_weight(self) -> Array:
         """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
@@ -349,7 +371,9 @@ class Transformer(nnx.Module):
                     ring_k, ring_v = write_ring(ring_k, ring_v, k, v, ri, index)
                 return project_out(p, out), (k_all, v_all, ring_k, ring_v)
 
-            return decoder_layer(p, h, attention, cfg)[:2], None
+            return decoder_layer(p, h, attention, cfg, None, mlp_stacks)[:2], None
+
+        mlp_stacks = self.mlp_stacks()
 
         xs = (self.layer_arrays(), jnp.asarray(layout.global_index, jnp.int32),
               jnp.asarray(layout.ring_index, jnp.int32), scanned_kinds(kinds, kind_ids))
@@ -376,7 +400,8 @@ def abstract_model(config: ModelConfig) -> Transformer:
 # ---- one layer ----
 
 def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: ModelConfig,
-                  router_weight: Array | None = None) -> tuple[Array, object, Array | None]:
+                  router_weight: Array | None = None, stacks: dict[str, Array] | None = None
+                  ) -> tuple[Array, object, Array | None]:
     """One decoder layer of h [B, T, D]: h + attention(norm(h)), then h + mlp(norm(h)), with
     the family's norm formula, norm placement and MLP block.
 
@@ -384,7 +409,8 @@ def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: Model
     second passed through (the updated KV cache of generation); one layer body for
     training and generation, so the two cannot drift apart. With `router_weight` [B, T] a
     mixture of experts also returns its router statistics [2, E] (`moe.router_stats`),
-    else None third.
+    else None third. `stacks`: the MLP stacks of a mixture of experts with dense layers
+    (`Transformer.mlp_stacks`; then the MLP is `mixed_mlp`).
     """
     family, eps = cfg.family, cfg.rms_norm_eps
     norms = family.norms
@@ -394,11 +420,39 @@ def decoder_layer(p: dict[str, Array], h: Array, attention: Callable, cfg: Model
         out = family.norm(out, p[norms.after_attention], eps)
     h = constrain(h + out, ACT_EMBED)
     x = family.norm(h, p[norms.before_mlp], eps)
-    out = family.mlp.apply(p, x, cfg)
+    if stacks:
+        out, router = mixed_mlp(p, stacks, x, cfg, router_weight)
+    else:
+        out = family.mlp.apply(p, x, cfg)
+        router = None if router_weight is None or not cfg.num_experts else moe.router_stats(p, x, cfg, router_weight)
     if norms.after_mlp:
         out = family.norm(out, p[norms.after_mlp], eps)
-    router = None if router_weight is None or not cfg.num_experts else moe.router_stats(p, x, cfg, router_weight)
     return constrain(h + out, ACT_EMBED), aux, router
+
+
+def mixed_mlp(p: dict[str, Array], stacks: dict[str, Array], x: Array, cfg: ModelConfig,
+              router_weight: Array | None) -> tuple[Array, Array | None]:
+    """The MLP of one layer of a mixture of experts with dense layers: `jax.lax.cond` on the
+    layer's p["mlp_kind"] between the dense gated MLP and the family's experts, each taking
+    row p["mlp_row"] of its stacks. With `router_weight`, the router statistics [2, E]
+    (zeros in a dense layer; the scan's caller keeps the sparse layers' only)."""
+    def row(names) -> dict[str, Array]:
+        return {n: _layer(stacks[n], p["mlp_row"]) for n in names}
+
+    def stats(q: dict[str, Array] | None) -> Array:
+        if q is None or router_weight is None:
+            return jnp.zeros((2, cfg.num_experts), jnp.float32)
+        return moe.router_stats(q, x, cfg, router_weight)
+
+    def dense_layer(x: Array) -> tuple[Array, Array]:
+        return GATED_MLP.apply(row(GATED_MLP.axes), x, cfg), stats(None)
+
+    def sparse_layer(x: Array) -> tuple[Array, Array]:
+        q = row(cfg.family.mlp.axes)
+        return cfg.family.mlp.apply(q, x, cfg), stats(q)
+
+    out, router = jax.lax.cond(p["mlp_kind"] == 1, sparse_layer, dense_layer, x)
+    return out, None if router_weight is None else router
 
 
 def constant(p: dict[str, Array]) -> dict[str, Array]:

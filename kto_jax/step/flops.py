@@ -66,6 +66,8 @@ class ModelDims:
     experts: int = 0     # num_experts of a mixture of experts (0: a dense MLP of width `intermediate`)
     experts_per_token: int = 0  # num_experts_per_tok: the experts each token runs (each of width
                                 # `intermediate` = moe_intermediate_size)
+    dense_layers: int = 0        # of a mixture of experts' `layers`, those with a dense MLP instead
+    dense_intermediate: int = 0  # (Qwen3-MoE mlp_only_layers / decoder_sparse_step), of this width
 
     @classmethod
     def of(cls, model_config: Any) -> "ModelDims":
@@ -80,7 +82,11 @@ class ModelDims:
         head_dim = get("head_dim", None) or int(get("hidden_size")) // heads
         experts = int(get("num_local_experts", None) or get("num_experts", None) or 0)
         width = (experts and get("moe_intermediate_size", None)) or get("intermediate_size")
-        return cls(hidden=int(get("hidden_size")), intermediate=int(width),
+        layers, step = int(get("num_hidden_layers")), int(get("decoder_sparse_step", None) or 1)
+        only = set(get("mlp_only_layers", None) or ())
+        dense = sum(i in only or (i + 1) % step != 0 for i in range(layers)) if experts else 0
+        extra = dict(dense_layers=dense, dense_intermediate=int(get("intermediate_size"))) if dense else {}
+        return cls(**extra,hidden=int(get("hidden_size")), intermediate=int(width),
                    layers=int(get("num_hidden_layers")), heads=heads,
                    kv_heads=int(get("num_key_value_heads", None) or heads),
                    head_dim=int(head_dim), vocab=int(get("vocab_size")), experts=experts,
@@ -93,7 +99,8 @@ class ModelDims:
         mlp = 3 * self.hidden * self.intermediate  # SwiGLU: gate, up, down
         if self.experts:
             mlp = self.experts_per_token * mlp + self.hidden * self.experts
-        return self.layers * (attention + mlp) + self.hidden * self.vocab
+        dense = self.dense_layers * (3 * self.hidden * self.dense_intermediate - mlp)  # their MLP instead
+        return self.layers * (attention + mlp) + dense + self.hidden * self.vocab
 
 
 def forward_flops(dims: ModelDims, seq_len: int) -> float:

@@ -87,6 +87,10 @@ VARIANTS = {
     # a mixture of experts: every token of the prefill and of each decode step routed to its 2 of 4
     "qwen3_moe": {"architecture": "Qwen3MoeForCausalLM", "qk_norm": True, "num_experts": 4,
                   "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True},
+    # with a dense layer among the sparse ones (mlp_only_layers=[0]): the decode scan's MLP cond
+    "qwen3_moe_dense0": {"architecture": "Qwen3MoeForCausalLM", "qk_norm": True, "num_experts": 4,
+                         "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
+                         "dense_mlp_layers": (0,)},
 }
 
 

@@ -51,6 +51,14 @@ HF_CASES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
         head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         norm_topk_prob=False, tie_word_embeddings=False)),
+    # Qwen3-MoE with dense layers among the sparse ones: layer 0 dense (mlp_only_layers), and
+    # every other layer dense (decoder_sparse_step 2 of 4 layers: 0 and 2 dense, 1 and 3 sparse).
+    "qwen3_moe_dense0": (transformers.Qwen3MoeConfig, dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, tie_word_embeddings=False, mlp_only_layers=[0])),
+    "qwen3_moe_step2": (transformers.Qwen3MoeConfig, dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hidden_layers=4,
+        norm_topk_prob=False, tie_word_embeddings=False, decoder_sparse_step=2)),
     "mixtral": (transformers.MixtralConfig, dict(
         head_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)),
     # Gemma 3 multimodal (4B-27B): the same language model under text_config, plus a tiny

@@ -237,7 +237,7 @@ def test_missing_files_are_user_errors(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen3_moe_dense0", "qwen3_moe_step2"])
 def test_router_aux_loss_matches_transformers(checkpoints, batch, name):
     """The load-balancing loss of our router statistics = transformers' load_balancing_loss_func
     over its router logits (output_router_logits), padding left out by the attention mask."""

@@ -144,13 +144,29 @@ def test_grouped_experts_see_only_their_tokens():
         assert (np.abs(np.asarray(grads[e])).sum() > 0) == (e in used), e
 
 
-def test_dense_layers_among_sparse_ones_are_refused_by_name():
+def test_dense_layers_among_sparse_ones_follow_transformers_rule():
+    """Layer i is dense when i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0
+    (transformers' Qwen3MoeDecoderLayer); its MLP weights stack the dense layers, the router
+    and experts the sparse ones; a config with no sparse layer, or with dense layers on a
+    quantised base, is refused by name."""
+    from kto_jax.models.quantize import Quantization
     hf = preset("qwen3_30b_a3b").to_hf()
-    assert ModelConfig.from_hf(hf).num_experts == 128
-    with pytest.raises(UserError, match=r"mlp_only_layers=\[3\].*every layer must be a mixture of experts"):
-        ModelConfig.from_hf({**hf, "mlp_only_layers": [3]})
-    with pytest.raises(UserError, match="decoder_sparse_step=2"):
-        ModelConfig.from_hf({**hf, "decoder_sparse_step": 2})
+    assert ModelConfig.from_hf(hf).dense_mlp_layers == ()
+    assert ModelConfig.from_hf(hf).mlp_rows() is None
+    cfg = ModelConfig.from_hf({**hf, "mlp_only_layers": [3, 0]})
+    assert cfg.dense_mlp_layers == (0, 3)
+    assert cfg.stack_layers("gate_proj") == (0, 3) and cfg.stack_layers("q_proj") == tuple(range(48))
+    assert cfg.stack_layers("expert_up_proj") == tuple(i for i in range(48) if i not in (0, 3))
+    step = ModelConfig.from_hf({**hf, "num_hidden_layers": 6, "decoder_sparse_step": 3, "mlp_only_layers": [2]})
+    assert step.dense_mlp_layers == (0, 1, 2, 3, 4)
+    assert step.mlp_rows() == ((0, 0, 0, 0, 0, 1), (0, 1, 2, 3, 4, 0))
+    assert ModelConfig.from_hf(step.to_hf()) == step
+    with pytest.raises(UserError, match=r"no sparse layer.*decoder_sparse_step=2.*Qwen3ForCausalLM"):
+        ModelConfig.from_hf({**hf, "num_hidden_layers": 1, "decoder_sparse_step": 2})
+    with pytest.raises(UserError, match="no sparse layer"):
+        ModelConfig.from_hf({**hf, "num_experts": 0})
+    with pytest.raises(UserError, match=r"dense MLP layers among the sparse ones \(\[0, 3\]\) on a quantised base"):
+        cfg.replace(quantization=Quantization(scheme="nf4"))
 
 
 def test_expert_counts_are_checked():
@@ -186,6 +202,20 @@ def test_flops_count_the_active_parameters():
         # one expert of one layer more per token: exactly its three projections more
         more = dataclasses.replace(dims, experts_per_token=dims.experts_per_token + 1)
         assert more.matmul_params() - dims.matmul_params() == dims.layers * 3 * dims.hidden * dims.intermediate
+
+
+def test_flops_count_dense_layers_at_their_width():
+    """A dense layer among the sparse ones counts its gated MLP (3 D F) instead of k experts
+    plus the router; the count from config.json (decoder_sparse_step 2) is the config's."""
+    from kto_jax.step.flops import ModelDims
+    hf = {**preset("qwen3_30b_a3b").to_hf(), "num_hidden_layers": 4, "decoder_sparse_step": 2}
+    cfg = ModelConfig.from_hf(hf)
+    dims, sparse = ModelDims.of(cfg), ModelDims.of(preset("qwen3_30b_a3b", num_layers=4))
+    assert dims == ModelDims.from_hf_config(hf) and dims.dense_layers == 2
+    d, f, fe = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
+    per_sparse = 3 * d * fe * cfg.num_experts_per_tok + d * cfg.num_experts
+    assert sparse.matmul_params() - dims.matmul_params() == 2 * (per_sparse - 3 * d * f)
+
 
 
 def test_expert_mesh_gives_the_one_device_loss_and_gradients():
@@ -229,3 +259,28 @@ def test_gpt_oss_is_refused_naming_what_is_missing():
     for config in (hf, {k: v for k, v in hf.items() if k != "architectures"}):  # by model_type too
         with pytest.raises(UserError, match="GptOssForCausalLM: gpt-oss is not supported.*sink.*MXFP4"):
             ModelConfig.from_hf({**config, "architectures": ["GptOssForCausalLM"]} if config is hf else config)
+
+
+def test_lora_on_dense_and_sparse_layers_adapts_the_attention_and_refuses_the_mlps():
+    """With dense layers among the sparse ones, attention adapters run in every layer (the
+    attached forward = the merged model's); MLP and expert targets are refused by name."""
+    from flax import nnx
+    from kto_jax.models import lora
+    from kto_jax.models.transformer import Transformer
+    cfg = _config(num_layers=3, dense_mlp_layers=(1,), hidden_size=32, vocab_size=64)
+    targets = ("q_proj", "v_proj", "o_proj")
+    settings = lora.LoraConfig(rank=2, alpha=4.0, target_modules=targets)
+    lora.validate(settings, cfg)
+    for bad in ("expert_down_proj", "gate_proj"):
+        with pytest.raises(UserError, match=rf"{bad} on Qwen3MoeForCausalLM with dense MLP layers .*\[1\]"):
+            lora.validate(lora.LoraConfig(rank=2, target_modules=(bad,)), cfg)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    adapters = lora.LoraAdapters(cfg, settings, rngs=nnx.Rngs(1))
+    for i, t in enumerate(targets):
+        b = getattr(adapters, t + lora.B_SUFFIX)
+        b.set_value(0.1 * jax.random.normal(jax.random.key(i), b[...].shape))
+    ids = jax.random.randint(jax.random.key(5), (2, 7), 0, 64)
+    got = lora.attach(model, adapters)(ids)
+    want = lora.merge(model, adapters)(ids)
+    assert np.abs(np.asarray(got - model(ids))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

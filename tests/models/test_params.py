@@ -25,12 +25,17 @@ def test_table_covers_the_abstract_state_one_to_one(name):
     paths = [row.path for row in rows]
     assert len(paths) == len(set(paths))
     assert set(paths) == set(flat)
-    hf_names = [n for row in rows for n in row.hf_names(config.num_layers)]
+    hf_names = [n for row in rows
+                for n in row.hf_names(config.num_layers, config.num_experts, config.stack_layers(row.path[-1]))]
     assert len(hf_names) == len(set(hf_names))
     for row in rows:  # stacked rows are exactly the params with a leading 'layers' axis
         assert row.stacked == (row.path[0] == "layers")
-        if row.stacked:
-            assert flat[row.path].shape[0] == config.num_layers
+        if row.stacked:  # of size L; a mixture of experts' dense / sparse MLP: its layers
+            layers = config.stack_layers(row.path[-1])
+            assert flat[row.path].shape[0] == len(layers)
+            assert len(layers) == config.num_layers or (config.dense_mlp_layers and row.path[-1] in (
+                "gate_proj", "up_proj", "down_proj", "router", "expert_gate_proj", "expert_up_proj",
+                "expert_down_proj"))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

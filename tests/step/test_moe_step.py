@@ -139,3 +139,75 @@ def test_expert_lora_step_on_an_expert_mesh_equals_one_device():
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# Qwen3-MoE with a dense layer among the sparse ones (mlp_only_layers=[1]): its dense MLP
+# weights [1, ...] and the sparse layers' router and experts [2, ...] are two stacks.
+MIXED = MOE.replace(num_layers=3, dense_mlp_layers=(1,), intermediate_size=48)
+
+
+def _layer_by_layer_hidden_states(self, input_ids, positions=None, attention_mask=None, packed=None,
+                                  router_weight=None, kl_rows=None):
+    """`Transformer.hidden_states` of a model with dense and sparse layers assembled by hand: a
+    Python loop over the layers, each taking its own weights out of its stacks and running as
+    the plain model of its kind (a dense Qwen3 layer or an all-sparse Qwen3-MoE layer); no
+    scan, no cond. Causal attention only (the padded step's rows)."""
+    from kto_jax.models.config import LayerKind
+    from kto_jax.models.transformer import (attend, decoder_layer, project_out, project_qkv, rope_tables,
+                                            rotate)
+    assert packed is None and kl_rows is None and attention_mask is None
+    cfg = self.config
+    sparse_cfg = cfg.replace(dense_mlp_layers=())
+    dense_cfg = sparse_cfg.replace(architecture="Qwen3ForCausalLM", num_experts=None, num_experts_per_tok=None,
+                                   moe_intermediate_size=None, norm_topk_prob=False, router_aux_loss_coef=0.0)
+    ropes = rope_tables(positions, cfg)
+
+    def attention(p, x):
+        q, k, v = rotate(LayerKind(), *project_qkv(p, x, cfg, cfg.family.norm), ropes=ropes)
+        out = attend(q, k, v, None, scale=cfg.attention_scale, window=None, impl=cfg.attention_impl)
+        return project_out(p, out), None
+
+    h, stats = self.embed(input_ids), []
+    dense_row = sparse_row = 0
+    for i in range(cfg.num_layers):
+        dense = i in cfg.dense_mlp_layers
+        mine = dense_cfg if dense else sparse_cfg
+        p = {}
+        for row in mine.family.rows:  # this layer's weights: row i, or its row of its MLP stack
+            if row.stacked:
+                name = row.path[-1]
+                stack = getattr(self.layers, name)[...]
+                mlp = len(cfg.stack_layers(name)) != cfg.num_layers
+                p[name] = stack[(dense_row if dense else sparse_row) if mlp else i]
+        h, _, router = decoder_layer(p, h, attention, mine, None if dense else router_weight)
+        stats += [] if router is None else [router]
+        dense_row, sparse_row = dense_row + dense, sparse_row + (not dense)
+    hidden = cfg.family.norm(h, self.norm[...], cfg.rms_norm_eps)
+    return hidden if router_weight is None else (hidden, jnp.stack(stats))
+
+
+def test_dense_and_sparse_layers_train_like_a_layer_by_layer_forward(monkeypatch):
+    """A KTO microbatch (with the load-balancing loss over the two sparse layers) on the model
+    with a dense layer gives the loss and gradients of the same weights run layer by layer by
+    hand; every stack (attention [3], dense MLP [1], router and experts [2]) gets a gradient."""
+    graphdef, params = _graphdef(MIXED)
+    assert params["layers"]["gate_proj"][...].shape[0] == 1 and params["layers"]["router"][...].shape[0] == 2
+    reference = sharper_reference(params)
+    settings = step_settings(make_config())
+    mb = {k: jnp.asarray(v[0]) for k, v in make_batch(3).items()}
+
+    def scaled(p):
+        return microbatch_loss((p, None), reference, mb, graphdef=graphdef, settings=settings)
+
+    (loss, metrics), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    monkeypatch.setattr(Transformer, "hidden_states", _layer_by_layer_hidden_states)
+    (want_loss, want_metrics), want_grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    assert float(metrics["router_aux_loss_sum"]) > 0
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["router_aux_loss_sum"]), float(want_metrics["router_aux_loss_sum"]),
+                               rtol=1e-6)
+    for name in ("q_proj", "gate_proj", "down_proj", "router", "expert_gate_proj", "expert_down_proj"):
+        got, want = np.asarray(grads["layers"][name][...]), np.asarray(want_grads["layers"][name][...])
+        for row in range(got.shape[0]):
+            assert np.abs(got[row]).max() > 0, (name, row)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
