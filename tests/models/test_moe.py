@@ -218,9 +218,11 @@ def test_flops_count_dense_layers_at_their_width():
 
 
 
-def test_expert_mesh_gives_the_one_device_loss_and_gradients():
+@pytest.mark.parametrize("dense_mlp_layers", [(), (1,)])
+def test_expert_mesh_gives_the_one_device_loss_and_gradients(dense_mlp_layers):
     """data=2 x expert=4 on 8 CPU devices: each layer's 8 experts split 2 per device, the batch
-    split over all 8; the loss and every gradient equal one device's up to float32 rounding."""
+    split over all 8; the loss and every gradient equal one device's up to float32 rounding
+    (also with a dense layer between two sparse ones: the experts' exchange inside the cond)."""
     from flax import nnx
     from hf_tiny_models import base_config
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -229,7 +231,7 @@ def test_expert_mesh_gives_the_one_device_loss_and_gradients():
     from kto_jax.models.transformer import Transformer
 
     rules = base_config().mesh.rules
-    cfg = _config(norm_topk_prob=True)
+    cfg = _config(norm_topk_prob=True, num_layers=2 + len(dense_mlp_layers), dense_mlp_layers=dense_mlp_layers)
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12)), jnp.int32)
 
@@ -246,7 +248,7 @@ def test_expert_mesh_gives_the_one_device_loss_and_gradients():
                    out_shardings=(None, p_sh))
     got_loss, got_grads = step(jax.device_put(params, p_sh), ids)
     shard = got_grads["layers"]["expert_up_proj"].get_value().addressable_shards[0].data
-    assert shard.shape == (cfg.num_layers, 2, cfg.hidden_size, cfg.moe_intermediate_size)
+    assert shard.shape == (2, 2, cfg.hidden_size, cfg.moe_intermediate_size)  # the 2 sparse layers
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
