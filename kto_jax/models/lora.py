@@ -154,12 +154,6 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
                    else " (expert_* targets are for mixtures of experts)" if experts else "")
             raise UserError(f"config.lora.target_modules: {', '.join(absent)} not in "
                             f"{model_config.architecture}{moe}")
-        split = [t for t in lora.target_modules if any(len(model_config.stack_layers(n)) != model_config.num_layers
-                                                       for n in EXPERT_TARGETS.get(t, (t,)))]
-        if split:
-            raise UserError(f"config.lora.target_modules: {', '.join(split)} on {model_config.architecture} with "
-                            f"dense MLP layers among the sparse ones ({list(model_config.dense_mlp_layers)}) "
-                            "is not supported; adapt the attention (q_proj k_proj v_proj o_proj)")
         if experts and model_config.quantization.enabled:
             raise UserError(f"config.lora.target_modules: expert adapters ({' '.join(experts)}) on a quantised "
                             "base are not supported; set --config.lora.base_quantization=none or adapt the "
@@ -171,11 +165,19 @@ def validate(lora: LoraConfig, model_config: ModelConfig | None = None, loss: An
                         "set --config.lora.rank=0 for this loss")
 
 
+def target_layers(model_config: ModelConfig, target: str) -> tuple[int, ...]:
+    """The layers (HF indices, in order) a target's stacked factors hold: those of its
+    parameters' stack (ModelConfig.stack_layers; in a mixture of experts with dense layers
+    an expert target's are the sparse layers, a dense MLP target's the dense ones)."""
+    return model_config.stack_layers(EXPERT_TARGETS.get(target, (target,))[0])
+
+
 def factor_shapes(model_config: ModelConfig, rank: int, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(A shape, B shape) of one target, both with the leading L axis (an expert target's
-    next the E axis: [L, E, in, r], [L, E, r, out summed over its parameters])."""
+    next the E axis: [L, E, in, r], [L, E, r, out summed over its parameters]); L = the
+    layers of its stack (`target_layers`)."""
     shapes = layer_param_shapes(model_config)
-    n = model_config.num_layers
+    n = len(target_layers(model_config, target))
     if target in EXPERT_TARGETS:
         ws = [shapes[name] for name in EXPERT_TARGETS[target]]     # each [E, in, out]
         e, d_in = ws[0][:2]

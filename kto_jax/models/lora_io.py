@@ -86,12 +86,13 @@ def to_peft_tensors(adapters: lora_lib.LoraAdapters, num_layers: int,
     for target in adapters.targets:
         a, b = (_to_host(x).astype(np.float32) for x in adapters.factors(target))
         r = a.shape[-1]
-        for i in range(num_layers):
+        layers = range(num_layers) if config is None else lora_lib.target_layers(config, target)
+        for j, i in enumerate(layers):                # row j of the stack: layer i
             if target in lora_lib.EXPERT_TARGETS:   # A [E, in, r], B [E, r, out] (module docstring)
-                peft_a = a[i].transpose(0, 2, 1).reshape(-1, a.shape[2])
-                peft_b = b[i].transpose(2, 1, 0).reshape(b.shape[-1], -1)
+                peft_a = a[j].transpose(0, 2, 1).reshape(-1, a.shape[2])
+                peft_b = b[j].transpose(2, 1, 0).reshape(b.shape[-1], -1)
             else:
-                peft_a, peft_b = a[i].reshape(-1, r).T, b[i].reshape(r, -1).T
+                peft_a, peft_b = a[j].reshape(-1, r).T, b[j].reshape(r, -1).T
             tensors[peft_key(i, target, "A", config, adapters.targets)] = np.ascontiguousarray(peft_a)
             tensors[peft_key(i, target, "B", config, adapters.targets)] = np.ascontiguousarray(peft_b)
     return tensors
@@ -202,8 +203,8 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
     except (FileNotFoundError, SafetensorError) as e:
         raise UserError(f"config.lora.init_from={directory!r}: cannot read {ADAPTER_WEIGHTS}: {e}") from e
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
-    expected = {peft_key(i, t, f, model_config, found.target_modules) for i in range(model_config.num_layers)
-                for t in found.target_modules for f in "AB"}
+    expected = {peft_key(i, t, f, model_config, found.target_modules) for t in found.target_modules
+                for i in lora_lib.target_layers(model_config, t) for f in "AB"}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise UserError(f"config.lora.init_from={directory!r} does not match the base model "
@@ -217,13 +218,13 @@ def read_peft(directory: str, model_config: ModelConfig, lora: lora_lib.LoraConf
         shape = var.get_value().shape
         value = np.empty(shape, np.float32)
         want = _peft_shape(target, factor, shape, found.rank)
-        for i in range(model_config.num_layers):
+        for j, i in enumerate(lora_lib.target_layers(model_config, target)):  # row j: layer i
             name = peft_key(i, target, factor.upper(), model_config, found.target_modules)
             tensor = tensors[name]
             if tuple(tensor.shape) != want:
                 raise UserError(f"config.lora.init_from={directory!r}: tensor {name!r} has shape "
                                 f"{tuple(tensor.shape)} but the base model needs {want}")
-            value[i] = from_peft_tensor(tensor, target, factor, shape[1:])
+            value[j] = from_peft_tensor(tensor, target, factor, shape[1:])
         var.set_value(place(value, shardings[path].get_value()))
     return nnx.merge(graphdef, state)
 

@@ -278,21 +278,32 @@ class Transformer(nnx.Module):
         """The layer scan's xs: the stacked weights, plus LoRA factors when adapters are attached
         (`kto_jax.models.lora.attach` sets `self.lora`; `dense` applies them)."""
         cfg = self.config
-        lora = getattr(self, "lora", None)
         arrays = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)
                   if len(cfg.stack_layers(name)) == cfg.num_layers}
         rows = cfg.mlp_rows()
         if rows is not None:  # each layer's MLP kind and its row in that kind's stack (`mlp_stacks`)
             arrays.update(mlp_kind=jnp.asarray(rows[0], jnp.int32), mlp_row=jnp.asarray(rows[1], jnp.int32))
-        return arrays if lora is None else {**arrays, **lora.scan_inputs(cfg.num_layers)}
+        return {**arrays, **self._lora_inputs(stacked=False)}
 
     def mlp_stacks(self) -> dict[str, Array]:
         """A mixture of experts with dense layers (ModelConfig.dense_mlp_layers): the dense
-        MLP's weights [L_dense, ...] and the router's and experts' [L_sparse, ...], which the
-        layer scan closes over (each layer takes its row, `mixed_mlp`); else {}."""
+        MLP's weights [L_dense, ...] and the router's and experts' [L_sparse, ...], with the
+        LoRA factors of their targets, which the layer scan closes over (each layer takes
+        its row, `mixed_mlp`); else {}."""
         cfg = self.config
-        return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)
-                if len(cfg.stack_layers(name)) != cfg.num_layers}
+        stacks = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)
+                  if len(cfg.stack_layers(name)) != cfg.num_layers}
+        return {**stacks, **self._lora_inputs(stacked=True)} if stacks else stacks
+
+    def _lora_inputs(self, stacked: bool) -> dict[str, Array]:
+        """The attached adapters' scan inputs (`LoraAdapters.scan_inputs`): those of the
+        targets in an MLP stack of their own (`stacked`), or the others."""
+        lora, cfg = getattr(self, "lora", None), self.config
+        if lora is None:
+            return {}
+        own = {t for t in lora.targets if len(_target_layers(cfg, t)) != cfg.num_layers}
+        return {k: v for k, v in lora.scan_inputs(cfg.num_layers).items()
+                if (k.rsplit("_lora_", 1)[0] in own) == stacked}
 
     def lm_head_weight(self) -> Array:
         """[D, V] output projection in the compute dtype; the embedding transposed when tied."""
@@ -392,6 +403,11 @@ def _layer(stack: Array, i: Array) -> Array:
     return jax.lax.dynamic_index_in_dim(stack, i, axis=0, keepdims=False)
 
 
+def _target_layers(config: ModelConfig, target: str) -> tuple[int, ...]:
+    """`kto_jax.models.lora.target_layers` (lora imports this module: no import back)."""
+    return config.stack_layers(moe.EXPERT_ADAPTERS.get(target, (target,))[0])
+
+
 def abstract_model(config: ModelConfig) -> Transformer:
     """The model with ShapeDtypeStruct leaves and no allocation (for loaders and AOT)."""
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -436,8 +452,11 @@ def mixed_mlp(p: dict[str, Array], stacks: dict[str, Array], x: Array, cfg: Mode
     layer's p["mlp_kind"] between the dense gated MLP and the family's experts, each taking
     row p["mlp_row"] of its stacks. With `router_weight`, the router statistics [2, E]
     (zeros in a dense layer; the scan's caller keeps the sparse layers' only)."""
+    dense_names = [n for n in stacks if n.startswith(tuple(GATED_MLP.axes))]  # weights, LoRA factors
+    dropout = {k: p[k] for k in ("lora_dropout_key", "lora_dropout_rate") if k in p}
+
     def row(names) -> dict[str, Array]:
-        return {n: _layer(stacks[n], p["mlp_row"]) for n in names}
+        return {**dropout, **{n: _layer(stacks[n], p["mlp_row"]) for n in names}}
 
     def stats(q: dict[str, Array] | None) -> Array:
         if q is None or router_weight is None:
@@ -445,10 +464,10 @@ def mixed_mlp(p: dict[str, Array], stacks: dict[str, Array], x: Array, cfg: Mode
         return moe.router_stats(q, x, cfg, router_weight)
 
     def dense_layer(x: Array) -> tuple[Array, Array]:
-        return GATED_MLP.apply(row(GATED_MLP.axes), x, cfg), stats(None)
+        return GATED_MLP.apply(row(dense_names), x, cfg), stats(None)
 
     def sparse_layer(x: Array) -> tuple[Array, Array]:
-        q = row(cfg.family.mlp.axes)
+        q = row([n for n in stacks if n not in dense_names])
         return cfg.family.mlp.apply(q, x, cfg), stats(q)
 
     out, router = jax.lax.cond(p["mlp_kind"] == 1, sparse_layer, dense_layer, x)

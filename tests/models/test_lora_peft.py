@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -172,6 +173,40 @@ def test_moe_expert_adapters_merged_and_peft_agree(name, batch, tmp_path):
     back = lora_io.read_peft(str(tmp_path / "peft"), config, lora.LoraConfig())
     assert back.targets == EXPERT_TARGETS
     np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
+
+
+def test_dense_and_sparse_layers_adapters_merged_and_peft_agree(batch, tmp_path):
+    """Qwen3-MoE with a dense layer 0 (mlp_only_layers=[0]): LoRA on q, the sparse layers'
+    experts and (not for peft) the dense layer's gate_proj, each target's factors stacked over
+    its own layers: our logits = the merged export's = the real peft's (q and the experts:
+    peft reads a gate_proj target of a Qwen3-MoE as the experts' fused gate_up); our PEFT
+    files read back bit for bit."""
+    path = str(tmp_path / "base")
+    make_hf_model("qwen3_moe_dense0").save_pretrained(path)
+    model, config = from_pretrained(path)
+    assert config.dense_mlp_layers == (0,)
+    ids, mask, pos = batch
+    real = mask.astype(bool)
+    for targets in (("q_proj", "expert_gate_up_proj", "expert_down_proj"),
+                    ("q_proj", "gate_proj", "expert_gate_up_proj", "expert_down_proj")):
+        out = tmp_path / str(len(targets))
+        adapters = _expert_adapters(config, targets)
+        assert adapters.factors("expert_down_proj")[0].shape[0] == 1
+        ours = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+        lora_io.save_merged(model, adapters, str(out / "merged"))
+        merged = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
+        np.testing.assert_allclose(ours[real], hf_logits(merged.eval(), ids, mask, pos)[real], atol=1e-4, rtol=0)
+        lora_io.save_peft(adapters, config, str(out / "peft"), base_model_name_or_path=path)
+        back = lora_io.read_peft(str(out / "peft"), config, lora.LoraConfig())
+        np.testing.assert_array_equal(np.asarray(lora.attach(model, back)(ids, pos, mask)), ours)
+        if "gate_proj" not in targets:
+            peft_model = peft.PeftModel.from_pretrained(_hf_base(path), str(out / "peft")).eval()
+            np.testing.assert_allclose(ours[real], hf_logits(peft_model, ids, mask, pos)[real], atol=1e-4, rtol=0)
+    assert adapters.factors("gate_proj")[0].shape[0] == 1
+    b = getattr(adapters, "gate_proj" + lora.B_SUFFIX)
+    b.set_value(jnp.zeros_like(b[...]))
+    without = np.asarray(lora.attach(model, adapters)(ids, pos, mask))
+    assert np.abs(ours[real] - without[real]).max() > 1e-3  # the dense layer's adapter acts
 
 
 def test_peft_made_expert_adapter_imports_to_the_same_logits(batch, tmp_path):

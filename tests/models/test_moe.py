@@ -263,21 +263,20 @@ def test_gpt_oss_is_refused_naming_what_is_missing():
             ModelConfig.from_hf({**config, "architectures": ["GptOssForCausalLM"]} if config is hf else config)
 
 
-def test_lora_on_dense_and_sparse_layers_adapts_the_attention_and_refuses_the_mlps():
-    """With dense layers among the sparse ones, attention adapters run in every layer (the
-    attached forward = the merged model's); MLP and expert targets are refused by name."""
+def test_lora_on_dense_and_sparse_layers_follows_each_stack():
+    """With dense layers among the sparse ones, each target's factors stack its own layers
+    (attention: all 3, the dense MLP's: 1, the experts': 2) and the attached forward (the
+    scan's MLP cond taking each layer's row of the factors) = the merged model's."""
     from flax import nnx
     from kto_jax.models import lora
     from kto_jax.models.transformer import Transformer
     cfg = _config(num_layers=3, dense_mlp_layers=(1,), hidden_size=32, vocab_size=64)
-    targets = ("q_proj", "v_proj", "o_proj")
+    targets = ("q_proj", "o_proj", "up_proj", "down_proj", "expert_gate_up_proj", "expert_down_proj")
     settings = lora.LoraConfig(rank=2, alpha=4.0, target_modules=targets)
     lora.validate(settings, cfg)
-    for bad in ("expert_down_proj", "gate_proj"):
-        with pytest.raises(UserError, match=rf"{bad} on Qwen3MoeForCausalLM with dense MLP layers .*\[1\]"):
-            lora.validate(lora.LoraConfig(rank=2, target_modules=(bad,)), cfg)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     adapters = lora.LoraAdapters(cfg, settings, rngs=nnx.Rngs(1))
+    assert [adapters.factors(t)[0].shape[0] for t in targets] == [3, 3, 1, 1, 2, 2]
     for i, t in enumerate(targets):
         b = getattr(adapters, t + lora.B_SUFFIX)
         b.set_value(0.1 * jax.random.normal(jax.random.key(i), b[...].shape))

@@ -20,6 +20,9 @@ MOE = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=128, hidden_siz
                   num_heads=2, num_kv_heads=1, head_dim=16, qk_norm=True, num_experts=4,
                   num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
                   router_aux_loss_coef=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# Qwen3-MoE with a dense layer among the sparse ones (mlp_only_layers=[1]): its dense MLP
+# weights [1, ...] and the sparse layers' router and experts [2, ...] are two stacks.
+MIXED = MOE.replace(num_layers=3, dense_mlp_layers=(1,), intermediate_size=48)
 
 
 def _graphdef(config):
@@ -63,7 +66,7 @@ def test_router_aux_loss_is_added_to_the_loss_and_logged_apart():
 EXPERT_LORA = ("q_proj", "expert_gate_up_proj", "expert_down_proj")
 
 
-def _expert_lora_run(mesh, targets=EXPERT_LORA):
+def _expert_lora_run(mesh, targets=EXPERT_LORA, model_config=MOE):
     """(graphdef, state, shardings, tx, schedule, cfg) of a KTO run of MOE with LoRA on its
     attention's q and every expert's gate/up/down; B random so every gradient is non-zero."""
     from kto_jax import step as S
@@ -74,28 +77,32 @@ def _expert_lora_run(mesh, targets=EXPERT_LORA):
 
     cfg = make_config()
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules = 3, 6.0, targets
-    lcfg = resolved_lora(cfg, MOE, get_loss(cfg.loss.name))
-    ad = lora_lib.LoraAdapters(MOE, lcfg, rngs=nnx.Rngs(1))
+    lcfg = resolved_lora(cfg, model_config, get_loss(cfg.loss.name))
+    ad = lora_lib.LoraAdapters(model_config, lcfg, rngs=nnx.Rngs(1))
     for i, t in enumerate(ad.targets):
         b = getattr(ad, t + lora_lib.B_SUFFIX)
         b.set_value(0.05 * jax.random.normal(jax.random.key(10 + i), b[...].shape))
     tx, schedule = make_optimizer(cfg.optim, 100)
-    graphdef, view = S.split_lora(Transformer(MOE, rngs=nnx.Rngs(0)), ad, lcfg)
-    state, shardings = S.init_sharded_state(step_settings(cfg), tx, mesh, MOE.hidden_size, lambda v: v, view)
+    graphdef, view = S.split_lora(Transformer(model_config, rngs=nnx.Rngs(0)), ad, lcfg)
+    state, shardings = S.init_sharded_state(step_settings(cfg), tx, mesh, model_config.hidden_size, lambda v: v,
+                                            view)
     return graphdef, state, shardings, tx, schedule, cfg
 
 
-def test_expert_lora_gradient_is_the_projection_of_the_merged_models_gradient():
+@pytest.mark.parametrize("model_config", [MOE, MIXED], ids=["sparse", "dense_layer"])
+def test_expert_lora_gradient_is_the_projection_of_the_merged_models_gradient(model_config):
     """A KTO step's gradient with LoRA on the experts (grouped matmuls) = the full-parameter
     gradient G at the merged weights W_e + s A_e B_e projected: dA_e = s G_e B_e^T,
-    dB_e = s A_e^T G_e (gate_up: G = [G_gate | G_up]); the losses agree."""
+    dB_e = s A_e^T G_e (gate_up: G = [G_gate | G_up]); the losses agree. Also with a dense
+    layer among the sparse ones (the factors stack the sparse layers, as the experts)."""
     from kto_jax import step as S
     from kto_jax.models import lora as lora_lib
     from kto_jax.sharding import make_mesh
     from kto_jax.step import adapters
     from kto_jax.step.train_step import accumulate_gradients
 
-    graphdef, state, _, _, _, cfg = _expert_lora_run(make_mesh({"data": 1}, jax.devices()[:1]))
+    graphdef, state, _, _, _, cfg = _expert_lora_run(make_mesh({"data": 1}, jax.devices()[:1]),
+                                                     model_config=model_config)
     settings = step_settings(cfg)
     batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
     lora_grads, lora_loss, _, _, _ = accumulate_gradients(
@@ -139,11 +146,6 @@ def test_expert_lora_step_on_an_expert_mesh_equals_one_device():
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-# Qwen3-MoE with a dense layer among the sparse ones (mlp_only_layers=[1]): its dense MLP
-# weights [1, ...] and the sparse layers' router and experts [2, ...] are two stacks.
-MIXED = MOE.replace(num_layers=3, dense_mlp_layers=(1,), intermediate_size=48)
 
 
 def _layer_by_layer_hidden_states(self, input_ids, positions=None, attention_mask=None, packed=None,
