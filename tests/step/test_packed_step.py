@@ -110,6 +110,13 @@ def test_moe_router_loss_packed_step_equals_padded_step(name, kl_share):
     _check_packed_equals_padded(name, MOE_AUX_MODEL, kl_share=kl_share)
 
 
+@pytest.mark.slow
+def test_moe_with_a_dense_layer_kl_stream_packed_step_equals_padded_step():
+    """Layer 0 dense, layer 1 sparse (two MLP stacks, the scan's cond), the router loss on:
+    the kl stream runs the same cond under stop_gradient."""
+    _check_packed_equals_padded("kto", MOE_AUX_MODEL.replace(dense_mlp_layers=(0,)), kl_share=KL_SHARE)
+
+
 def _check_packed_equals_padded(name, model, kl_share=0.0):
     paired = get_loss(name).paired
     cfg = make_config(name)
