@@ -120,3 +120,26 @@ def packed_like(batch, paired=False, pack_length=32, groups=1, pad_id=0, num_row
     per_example = {k: v for k, v in batch.items() if k not in ("prompt_ids", "prompt_mask")
                    and not k.startswith(names)}
     return as_batch(dict(out, **per_example), paired)
+
+
+def assert_mesh_steps_equal_one_device(build, cfg, mesh_axes: dict, batch, steps: int = 2):
+    """`steps` train steps on one CPU device and on a mesh of `mesh_axes` (the first 8 devices)
+    give the same gradient norms and parameters (float32 rounding: rtol 1e-4, atol 1e-6).
+    build(mesh) -> (graphdef, state, shardings, tx, schedule) of the run on that mesh."""
+    from kto_jax import step as S
+    from kto_jax.sharding import make_mesh
+    from kto_jax.train.settings import step_settings
+
+    out = {}
+    for name, mesh in (("one", make_mesh({axis: 1 for axis in mesh_axes}, jax.devices()[:1])),
+                       ("mesh", make_mesh(mesh_axes, jax.devices()[:8]))):
+        graphdef, state, shardings, tx, schedule = build(mesh)
+        step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
+        with jax.set_mesh(mesh):
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+        out[name] = (jax.device_get(state.params), jax.device_get(metrics))
+    (p1, m1), (p8, m8) = out["one"], out["mesh"]
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

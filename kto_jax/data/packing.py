@@ -120,12 +120,7 @@ def pack_trees(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
       ValueError: a tree or completion that does not fit, or too few rows.
     """
     m = len(prompts)
-    lp, l1, l2 = (np.array([len(s) for s in seqs], np.int64) for seqs in (prompts, firsts, seconds))
-    if m and lp.min() < 1:
-        raise ValueError(f"example {int(lp.argmin())} has an empty prompt")
-    if m and max(l1.max(), l2.max()) > completion_length:
-        raise ValueError(f"a completion of {int(max(l1.max(), l2.max()))} tokens exceeds "
-                         f"completion_length={completion_length}")
+    lp, l1, l2 = _checked_lengths(prompts, firsts, seconds, completion_length)
     row, offset, used = assign_rows(lp + l1 + l2, pack_length, groups)
     if num_rows % groups or used > num_rows // groups:
         raise ValueError(f"the microbatch needs {used * groups} rows of {pack_length} tokens "
@@ -141,7 +136,7 @@ def pack_trees(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
     segments = np.zeros(num_rows, np.int64)  # segments placed so far per row
     for i in np.lexsort((offset, row + (np.arange(m) // (m // groups)) * per_group)):
         r = int(row[i] + (i // (m // groups)) * per_group)   # row in the microbatch
-        s, p, c, k = int(offset[i]), int(lp[i]), int(l1[i]), int(l2[i])
+        s, p, c = int(offset[i]), int(lp[i]), int(l1[i])
         segments[r] += 1
         spans = ((prompts[i], 0, BRANCH_PROMPT), (firsts[i], p, BRANCH_FIRST),
                  (seconds[i], p, BRANCH_SECOND))
@@ -232,12 +227,7 @@ def pack_streams(prompts: Sequence[np.ndarray], firsts: Sequence[np.ndarray],
     kl_row_segment_ids int32 [R, Tk].
     """
     m = len(prompts)
-    lp, l1, l2 = (np.array([len(s) for s in seqs], np.int64) for seqs in (prompts, firsts, kl))
-    if m and lp.min() < 1:
-        raise ValueError(f"example {int(lp.argmin())} has an empty prompt")
-    if m and max(l1.max(), l2.max()) > completion_length:
-        raise ValueError(f"a completion of {int(max(l1.max(), l2.max()))} tokens exceeds "
-                         f"completion_length={completion_length}")
+    lp, l1, l2 = _checked_lengths(prompts, firsts, kl, completion_length)
     t, tk = pack_length, kl_row_length(pack_length, kl_share)
     row, _, used = assign_rows(stream_lengths(lp + l1, l2, kl_share), t, groups)
     if num_rows % groups or used > num_rows // groups:
@@ -351,3 +341,16 @@ def config_problems(data) -> list[str]:
         return ["data.packing=True is not run by the train step yet (the packer and packed "
                 "attention exist, the step integration does not): set data.packing=False"]
     return []
+
+
+def _checked_lengths(prompts, firsts, seconds, completion_length: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int64 [M] x 3: the lengths of x, y and y2; ValueError on an empty prompt or a completion
+    longer than `completion_length`."""
+    lp, l1, l2 = (np.array([len(s) for s in seqs], np.int64) for seqs in (prompts, firsts, seconds))
+    if len(lp) and lp.min() < 1:
+        raise ValueError(f"example {int(lp.argmin())} has an empty prompt")
+    if len(lp) and max(l1.max(), l2.max()) > completion_length:
+        raise ValueError(f"a completion of {int(max(l1.max(), l2.max()))} tokens exceeds "
+                         f"completion_length={completion_length}")
+    return lp, l1, l2

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from step_testlib import A, M, MODEL, make_batch, make_config
+from step_testlib import A, MODEL, assert_mesh_steps_equal_one_device, make_batch, make_config
 
 from kto_jax import step as S
 from kto_jax.losses import get_loss, summarize_metrics
@@ -134,20 +134,8 @@ def test_lora_gradient_is_projection_of_full_gradient():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_eight_device_mesh_gives_the_one_device_lora_step(dropout):
     cfg = lora_config(dropout=dropout)
-    batch = make_batch(7)
-    out = {}
-    for name, mesh in (("one", one_device()),
-                       ("eight", make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8]))):
-        graphdef, state, shardings, tx, schedule = build(cfg, mesh, b_scale=0.02)
-        step = S.make_train_step(step_settings(cfg), graphdef, tx, schedule, mesh, shardings)
-        with jax.set_mesh(mesh):
-            for _ in range(2):
-                state, metrics = step(state, batch)
-        out[name] = (jax.device_get(state.params), jax.device_get(metrics))
-    (p1, m1), (p8, m8) = out["one"], out["eight"]
-    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_mesh_steps_equal_one_device(lambda mesh: build(cfg, mesh, b_scale=0.02), cfg,
+                                       {"data": 2, "fsdp": 2, "tensor": 2}, make_batch(7))
 
 
 @pytest.mark.slow
