@@ -70,7 +70,8 @@ def test_a_judge_that_keeps_failing_stops_with_the_verdicts_it_got():
     with JudgeServer(faults) as server:
         judge = _judge(server.url, workers=2, retries=2)
         start = time.perf_counter()
-        with pytest.raises(JudgeFailed, match="keeps failing: request 1-1 failed 3 times") as err:
+        # an odd request: which one exhausts its retries first depends on the 2 workers' timing
+        with pytest.raises(JudgeFailed, match=r"keeps failing: request 1-\d*[13579] failed 3 times") as err:
             judge.scores(prompts, completions)
         assert time.perf_counter() - start < 10
         attempts = sum(server.attempts.values())
