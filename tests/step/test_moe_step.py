@@ -30,6 +30,7 @@ def _graphdef(config):
     return nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
 
 
+@pytest.mark.slow
 def test_router_aux_loss_is_added_to_the_loss_and_logged_apart():
     graphdef, params = _graphdef(MOE)
     off, _ = _graphdef(MOE.replace(router_aux_loss_coef=0.0))
@@ -90,6 +91,7 @@ def _expert_lora_run(mesh, targets=EXPERT_LORA, model_config=MOE):
     return graphdef, state, shardings, tx, schedule, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_config", [MOE, MIXED], ids=["sparse", "dense_layer"])
 def test_expert_lora_gradient_is_the_projection_of_the_merged_models_gradient(model_config):
     """A KTO step's gradient with LoRA on the experts (grouped matmuls) = the full-parameter
@@ -175,6 +177,7 @@ def _layer_by_layer_hidden_states(self, input_ids, positions=None, attention_mas
     return hidden if router_weight is None else (hidden, jnp.stack(stats))
 
 
+@pytest.mark.slow
 def test_dense_and_sparse_layers_train_like_a_layer_by_layer_forward(monkeypatch):
     """A KTO microbatch (with the load-balancing loss over the two sparse layers) on the model
     with a dense layer gives the loss and gradients of the same weights run layer by layer by
