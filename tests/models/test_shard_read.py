@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import transformers
 from cli_runs import REPO, cli_env
+from read_spy import SpyHandle
 from flax import nnx
 from tiny_models import hf_model
 
@@ -64,39 +65,6 @@ class WholeTensors:
 
     def get(self, name):
         return self.source.get(name)
-
-
-class SpyHandle:
-    """A safe_open handle that logs (tensor name, bytes) of every read it serves."""
-
-    def __init__(self, handle, log):
-        self.handle, self.log = handle, log
-
-    def keys(self):
-        return self.handle.keys()
-
-    def get_tensor(self, name):
-        value = self.handle.get_tensor(name)
-        self.log.append((name, value.nbytes))
-        return value
-
-    def get_slice(self, name):
-        piece, log = self.handle.get_slice(name), self.log
-
-        class Slice:
-            get_shape, get_dtype = piece.get_shape, piece.get_dtype
-
-            def __getitem__(self, index):
-                value = piece[index]
-                log.append((name, value.nbytes))
-                return value
-        return Slice()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.fixture

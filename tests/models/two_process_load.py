@@ -22,48 +22,26 @@ from kto_jax.models import params as table
 from kto_jax.models import quantize as qz
 from kto_jax.models.quantized_base import Quantization, load_quantized, quantized_rows
 from kto_jax.train.distributed import initialize
+from read_spy import SpyHandle
 
 RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
          ("vocab", "tensor"), ("layers", None), ("head_dim", None))
 
 
-def spy_on_reads() -> dict:
-    """{tensor name: bytes read through safetensors' slices or whole tensors} from now on."""
-    reads: dict = {}
+def spy_on_reads() -> list:
+    """[(tensor name, bytes)] of every safetensors read (whole tensors or slices) from now on."""
+    log: list = []
     real = tensor_source.safe_open
+    tensor_source.safe_open = lambda *a, **k: SpyHandle(real(*a, **k), log)
+    return log
 
-    class Handle:
-        def __init__(self, *args, **kwargs):
-            self.handle = real(*args, **kwargs)
 
-        def keys(self):
-            return self.handle.keys()
-
-        def get_tensor(self, name):
-            value = self.handle.get_tensor(name)
-            reads[name] = reads.get(name, 0) + value.nbytes
-            return value
-
-        def get_slice(self, name):
-            handle = self.handle.get_slice(name)
-
-            class Slice:
-                get_shape, get_dtype = handle.get_shape, handle.get_dtype
-
-                def __getitem__(self, index):
-                    value = handle[index]
-                    reads[name] = reads.get(name, 0) + value.nbytes
-                    return value
-            return Slice()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    tensor_source.safe_open = Handle
-    return reads
+def bytes_by_tensor(log: list) -> dict:
+    """{tensor name: bytes read} of a spy's log."""
+    out: dict = {}
+    for name, nbytes in log:
+        out[name] = out.get(name, 0) + nbytes
+    return out
 
 
 def check_shards(got: jax.Array, want: np.ndarray) -> None:
@@ -87,11 +65,11 @@ def main(path: str, out: str) -> None:
         else:
             want = table.to_ours(row.transform, whole[row.hf_name], shape)
         check_shards(flat[row.path], want)
-    loads = {"float32": dict(reads)}
+    loads = {"float32": bytes_by_tensor(reads)}
     for quantization in (Quantization("int8"), Quantization("nf4", double_quant=True)):
         reads.clear()
         base = load_quantized(path, quantization, mesh=mesh, rules=RULES)
-        loads[quantization.scheme] = dict(reads)
+        loads[quantization.scheme] = bytes_by_tensor(reads)
         for name, (row, n_in) in quantized_rows(base.config).items():
             got = base.layers[name]
             want = qz.stack([qz.quantize_weight(whole[row.hf_name.format(i=i)], got.shape, n_in, quantization.scheme,
